@@ -1,0 +1,38 @@
+# rekey: `make demo` and `make test` are the two commands a fresh clone needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench soak constraints
+
+venv: $(STAMP)
+
+# Idempotent: re-installs only when pyproject.toml or the constraints change.
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rekey needs Python >= 3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+test: venv
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python -m loadtest.bench_sealing
+
+soak: venv
+	$(BIN)/python -m pytest -m soak
+
+# Refresh the constraints file from the current venv (after changing dependencies).
+constraints: venv
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^rekey' > constraints.txt

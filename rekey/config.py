@@ -1,0 +1,129 @@
+"""Settings: one state directory, endpoints from ``rekey.toml`` or ``REKEY_*`` variables.
+
+Precedence, highest first: explicit overrides (CLI flags), ``REKEY_<FIELD>`` environment
+variables, ``<home>/rekey.toml``, built-in defaults that point at the dev stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOME = Path(".rekey")
+CONFIG_FILE = "rekey.toml"
+
+
+class ConfigError(Exception):
+    """The settings file or an environment variable holds a value rekey cannot use."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = DEFAULT_HOME
+    # Dev-stack ports. Endpoints below derive from them unless set explicitly.
+    temporal_port: int = 7233
+    temporal_ui_port: int = 8233
+    openbao_port: int = 8200
+    moto_port: int = 5000
+    temporal_address: str = ""
+    temporal_namespace: str = "default"
+    vault_addr: str = ""
+    vault_token: str = ""
+    transit_mount: str = "transit"
+    aws_endpoint: str = ""
+    aws_region: str = "us-east-1"
+    store_url: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        home = Path(self.home)
+        object.__setattr__(self, "home", home)
+        if not self.temporal_address:
+            object.__setattr__(self, "temporal_address", f"127.0.0.1:{self.temporal_port}")
+        if not self.vault_addr:
+            object.__setattr__(self, "vault_addr", f"http://127.0.0.1:{self.openbao_port}")
+        if not self.aws_endpoint:
+            object.__setattr__(self, "aws_endpoint", f"http://127.0.0.1:{self.moto_port}")
+        if not self.store_url:
+            object.__setattr__(self, "store_url", f"sqlite:///{home.resolve() / 'state.db'}")
+
+    @property
+    def openbao_dir(self) -> Path:
+        return self.home / "openbao"
+
+    @property
+    def openbao_init_file(self) -> Path:
+        """Unseal key and root token of the dev OpenBao (mode 0600, development only)."""
+        return self.openbao_dir / "init.json"
+
+    def resolved_vault_token(self) -> str:
+        """The configured token, else the dev stack's root token, else empty."""
+        if self.vault_token:
+            return self.vault_token
+        try:
+            data = json.loads(self.openbao_init_file.read_text())
+        except (OSError, ValueError):
+            return ""
+        token = data.get("root_token", "")
+        return token if isinstance(token, str) else ""
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(Settings) if f.name not in ("extra",)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = _FIELD_TYPES[name]
+    if kind == "int":
+        try:
+            port = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {name} must be an integer, got {value!r}") from None
+        if name.endswith("_port") and not 0 < port < 65536:
+            raise ConfigError(f"{source}: {name} must be a port number (1-65535), got {port}")
+        return port
+    if kind == "Path":
+        return Path(str(value))
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
+    return value
+
+
+def load_settings(
+    home: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build settings for ``home`` (else ``REKEY_HOME``, else ``./.rekey``)."""
+    env = os.environ if environ is None else environ
+    home_path = Path(home) if home is not None else Path(env.get("REKEY_HOME", str(DEFAULT_HOME)))
+    values: dict[str, Any] = {}
+    config_path = home_path / CONFIG_FILE
+    if config_path.exists():
+        try:
+            document = tomllib.loads(config_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{config_path}: cannot read settings: {exc}") from None
+        extra = {}
+        for key, value in document.items():
+            if key in _FIELD_TYPES and key != "home":
+                values[key] = _coerce(key, value, str(config_path))
+            else:
+                extra[key] = value
+        values["extra"] = extra
+    for name in _FIELD_TYPES:
+        if name == "home":
+            continue
+        env_name = f"REKEY_{name.upper()}"
+        if env_name in env:
+            values[name] = _coerce(name, env[env_name], env_name)
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    return Settings(home=home_path, **values)

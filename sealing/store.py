@@ -1,0 +1,939 @@
+"""The sealed-state store: sealed blobs and generation manifests in SQLite or PostgreSQL.
+
+Design
+======
+
+Each sealed blob is one row of ``sealed_blobs``: who owns it (``namespace``, ``name``),
+which KMS key wraps its data key (``key_ref``, ``key_version``), which rotation
+generation last wrote it, the sealed bytes themselves, and a ``row_version`` counter.
+
+**Every update is a compare-and-swap on ``row_version``.** A re-wrap sweep reads a blob,
+asks the KMS to re-wrap its data key under the new key version, and writes the result
+back. Meanwhile the workload owning the blob may write a new value. If the sweep wrote
+unconditionally it would silently overwrite the workload's fresh data with a re-wrapped
+copy of the *old* data, a lost update that no later check could detect. So a write is a
+single ``UPDATE ... WHERE blob_id = :id AND row_version = :expected`` that also sets
+``row_version = expected + 1``: exactly one of two racing writers wins, and the loser gets
+`StaleRecord` and must re-read and redo its work. The database performs the check and
+the write atomically; no lock is held across the KMS round trip.
+
+Other choices:
+
+* **SQLAlchemy Core**, not the ORM: the store is a handful of explicit statements, and
+  records are returned as frozen dataclasses that carry no session state.
+* **SQLite and PostgreSQL** behave the same. SQLite runs in WAL mode with a busy timeout;
+  write transactions start with ``BEGIN IMMEDIATE`` (the SQLAlchemy event recipe for
+  pysqlite), so concurrent writers queue for the write lock instead of failing with
+  "database is locked" half-way through a transaction. Reads use a plain ``BEGIN``, and
+  WAL lets them run alongside a writer.
+* **Timestamps** are timezone-aware UTC datetimes with microsecond precision. PostgreSQL
+  stores them as ``timestamptz``; SQLite as naive UTC text. Both come back as aware UTC.
+* **Versioned schema.** ``rekey_schema`` holds one row with the schema version, and
+  `MIGRATIONS` lists the steps that lead to `SCHEMA_VERSION`. Opening a store applies the
+  pending steps, each in its own transaction that also bumps the version, under a lock
+  (``BEGIN IMMEDIATE`` on SQLite, ``pg_advisory_xact_lock`` on PostgreSQL) so that two
+  processes opening a new database at once do not trip over each other. A database
+  written by a newer rekey raises `SchemaTooNew` and is left untouched. Each migration
+  defines its tables as they were at that step, so old steps never change meaning.
+* **Errors** are `StoreError` subclasses with one-line messages. No SQLAlchemy exception
+  leaves a public method, no message contains sealed bytes (statement parameters are also
+  hidden from SQLAlchemy's own error text), and the database is named without password.
+* **Listing** is keyset pagination on ``blob_id``: a page's cursor is its last blob id,
+  so walking all records stays cheap and consistent while writers keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "BlobRecord",
+    "BlobSummary",
+    "DuplicateRecord",
+    "Page",
+    "RecordNotFound",
+    "SchemaTooNew",
+    "SealedStateStore",
+    "StaleRecord",
+    "StoreError",
+    "StoreUnavailable",
+    "migrate",
+]
+
+SQLITE_BUSY_TIMEOUT_S: Final = 30.0
+"""How long an SQLite connection waits for another writer's lock before giving up."""
+
+POSTGRES_CONNECT_TIMEOUT_S: Final = 10
+"""Connect timeout for PostgreSQL unless the URL sets ``connect_timeout`` itself."""
+
+MAX_PAGE: Final = 10_000
+"""Largest ``limit`` that `SealedStateStore.page` accepts."""
+
+_WRITE: Final = "rekey_write"  # execution option: this transaction will write
+_PG_LOCK_KEY: Final = 0x72656B65795F7363  # "rekey_sc": advisory lock serialising migrations
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """Base class of every sealed-state store error."""
+
+    exit_code = 1
+
+
+class RecordNotFound(StoreError):
+    """No record with that blob id, name or generation id."""
+
+
+class DuplicateRecord(StoreError):
+    """The blob id or (namespace, name) is taken, or a generation id holds another document."""
+
+
+class StaleRecord(StoreError):
+    """Compare-and-swap lost: the record's row version moved on since it was read."""
+
+    def __init__(self, blob_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"blob {blob_id} was changed concurrently: expected row_version {expected}, "
+            f"found {actual}; re-read it and retry"
+        )
+        self.blob_id = blob_id
+        self.expected = expected
+        self.actual = actual
+
+    def __reduce__(self) -> tuple[type[StaleRecord], tuple[str, int, int]]:
+        return (type(self), (self.blob_id, self.expected, self.actual))
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer rekey whose schema this code does not know."""
+
+    def __init__(self, found: int, supported: int) -> None:
+        super().__init__(
+            f"database schema version {found} is newer than the newest this rekey knows "
+            f"({supported}); upgrade rekey"
+        )
+        self.found = found
+        self.supported = supported
+
+    def __reduce__(self) -> tuple[type[SchemaTooNew], tuple[int, int]]:
+        return (type(self), (self.found, self.supported))
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached, or refused the operation (locked, disconnected)."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, repr=False)
+class BlobRecord:
+    """One sealed blob and its bookkeeping. ``repr`` shows the blob's length, never its bytes."""
+
+    blob_id: str
+    namespace: str
+    name: str
+    key_ref: str
+    key_version: int
+    generation: str
+    blob: bytes
+    row_version: int
+    created_at: datetime
+    updated_at: datetime
+
+    def __repr__(self) -> str:
+        return (
+            f"BlobRecord(blob_id={self.blob_id!r}, namespace={self.namespace!r}, "
+            f"name={self.name!r}, key_ref={self.key_ref!r}, key_version={self.key_version}, "
+            f"generation={self.generation!r}, blob=<{len(self.blob)} bytes>, "
+            f"row_version={self.row_version}, created_at={self.created_at.isoformat()}, "
+            f"updated_at={self.updated_at.isoformat()})"
+        )
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class BlobSummary:
+    """A sealed blob's bookkeeping without the blob: ``size`` is its length in bytes."""
+
+    blob_id: str
+    namespace: str
+    name: str
+    key_ref: str
+    key_version: int
+    generation: str
+    size: int
+    row_version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of records in ``blob_id`` order; pass ``next_cursor`` as ``after`` for the
+    next page. ``next_cursor`` is None on the last page."""
+
+    records: list[BlobRecord]
+    next_cursor: str | None
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every dialect: ``timestamptz`` on PostgreSQL, naive-UTC
+    text on SQLite (which would otherwise drop the offset without converting)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetime; the store only takes timezone-aware datetimes")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# The current schema, used by the queries. Migrations below define their own snapshots.
+metadata = MetaData()
+
+rekey_schema = Table(
+    "rekey_schema",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+sealed_blobs = Table(
+    "sealed_blobs",
+    metadata,
+    Column("blob_id", String, primary_key=True),
+    Column("namespace", String, nullable=False),
+    Column("name", String, nullable=False),
+    Column("key_ref", String, nullable=False),
+    Column("key_version", Integer, nullable=False),
+    Column("generation", String, nullable=False),
+    Column("blob", LargeBinary, nullable=False),
+    Column("row_version", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("namespace", "name", name="uq_sealed_blobs_namespace_name"),
+    Index("ix_sealed_blobs_key", "key_ref", "key_version", "blob_id"),
+    Index("ix_sealed_blobs_generation", "generation", "blob_id"),
+)
+
+generations = Table(
+    "generations",
+    metadata,
+    Column("generation_id", String, primary_key=True),
+    Column("document", Text, nullable=False),
+    Column("registered_at", UTCDateTime, nullable=False),
+)
+
+
+def _migration_1_sealed_blobs(conn: Connection) -> None:
+    """Create ``sealed_blobs`` with its unique name and its two sweep indexes."""
+    snapshot = MetaData()
+    Table(
+        "sealed_blobs",
+        snapshot,
+        Column("blob_id", String, primary_key=True),
+        Column("namespace", String, nullable=False),
+        Column("name", String, nullable=False),
+        Column("key_ref", String, nullable=False),
+        Column("key_version", Integer, nullable=False),
+        Column("generation", String, nullable=False),
+        Column("blob", LargeBinary, nullable=False),
+        Column("row_version", Integer, nullable=False),
+        Column("created_at", UTCDateTime, nullable=False),
+        Column("updated_at", UTCDateTime, nullable=False),
+        UniqueConstraint("namespace", "name", name="uq_sealed_blobs_namespace_name"),
+        Index("ix_sealed_blobs_key", "key_ref", "key_version", "blob_id"),
+        Index("ix_sealed_blobs_generation", "generation", "blob_id"),
+    ).create(conn)
+
+
+def _migration_2_generations(conn: Connection) -> None:
+    """Create ``generations``: registered generation manifests (JSON documents)."""
+    snapshot = MetaData()
+    Table(
+        "generations",
+        snapshot,
+        Column("generation_id", String, primary_key=True),
+        Column("document", Text, nullable=False),
+        Column("registered_at", UTCDateTime, nullable=False),
+    ).create(conn)
+
+
+MIGRATIONS: Final[Sequence[Callable[[Connection], None]]] = (
+    _migration_1_sealed_blobs,
+    _migration_2_generations,
+)
+"""Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
+``i + 1``. Append new steps; never edit or reorder old ones."""
+
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+"""The schema version this code reads and writes."""
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control away from the sqlite3 module (it would skip BEGIN for
+    # SELECT and DDL); _sqlite_on_begin emits BEGIN itself.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        # WAL is persistent, so only the first connection to a new file switches it. That
+        # switch needs an exclusive lock and SQLite answers "database is locked" at once,
+        # without its busy handler, when another connection is opening the file too.
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+        while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # A write transaction takes the write lock up front (waiting up to the busy timeout),
+    # rather than upgrading a read lock later, which SQLite answers with an immediate
+    # "database is locked" when another writer got there first.
+    if conn.get_execution_options().get(_WRITE):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")
+
+
+@dataclass(frozen=True)
+class _Database:
+    engine: Engine
+    writer: Engine  # same pool, marks transactions as writes
+    display: str  # URL without password, for messages
+    serialize: bool  # one shared connection (in-memory SQLite): serialise all access
+
+
+def _open_database(url: str) -> _Database:
+    try:
+        parsed = make_url(url)
+    except (sa_exc.ArgumentError, ValueError):
+        raise ValueError("invalid database URL (expected e.g. sqlite:///path/state.db)") from None
+    if parsed.drivername == "postgresql":
+        # psycopg 3 is the driver rekey ships with; plain postgresql:// means psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    display = _display_url(parsed)
+    backend = parsed.get_backend_name()
+    kwargs: dict[str, Any] = {"hide_parameters": True}
+    serialize = False
+    if backend == "sqlite":
+        database = parsed.database or ""
+        in_memory = database in ("", ":memory:") or parsed.query.get("mode") == "memory"
+        if in_memory:
+            kwargs["poolclass"] = StaticPool
+            serialize = True
+        elif not database.startswith("file:"):
+            try:
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create the directory for {display}: {exc.strerror}") from exc
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
+    elif backend == "postgresql":
+        if "connect_timeout" not in parsed.query:
+            kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        kwargs["pool_pre_ping"] = True
+    else:
+        raise ValueError(
+            f"unsupported database {display}: the store runs on sqlite:// or postgresql+psycopg://"
+        )
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (sa_exc.SQLAlchemyError, ImportError) as exc:
+        raise ValueError(f"cannot use database {display}: {type(exc).__name__}") from exc
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+    return _Database(
+        engine=engine,
+        writer=engine.execution_options(**{_WRITE: True}),
+        display=display,
+        serialize=serialize,
+    )
+
+
+def _display_url(url: URL) -> str:
+    return url.render_as_string(hide_password=True)  # password shown as ***
+
+
+def _reason(exc: sa_exc.SQLAlchemyError) -> str:
+    """The driver's first line of explanation (never statement parameters)."""
+    orig = getattr(exc, "orig", None)
+    source: BaseException = orig if isinstance(orig, BaseException) else exc
+    lines = str(source).strip().splitlines()
+    first = lines[0].strip() if lines else type(source).__name__
+    if isinstance(exc, sa_exc.StatementError) and source is exc:
+        first = type(exc).__name__  # SQLAlchemy's own text embeds the statement
+    return first[:200]
+
+
+@contextmanager
+def _translated(display: str, what: str) -> Iterator[None]:
+    """Map SQLAlchemy exceptions raised inside onto `StoreError` subclasses."""
+    try:
+        yield
+    except sa_exc.IntegrityError as exc:
+        raise DuplicateRecord(f"{what} conflicts with an existing record") from exc
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        raise StoreUnavailable(f"database {display} unavailable ({what}): {_reason(exc)}") from exc
+    except sa_exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailable(f"database {display} connection lost ({what}): {_reason(exc)}") from exc
+        raise StoreError(f"{what} failed in {display}: {_reason(exc)}") from exc
+    except sa_exc.SQLAlchemyError as exc:
+        raise StoreError(f"{what} failed in {display}: {_reason(exc)}") from exc
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def _read_schema_version(conn: Connection) -> int | None:
+    versions = conn.execute(select(rekey_schema.c.version)).scalars().all()
+    if len(versions) > 1:
+        raise StoreError(f"rekey_schema holds {len(versions)} rows; expected exactly one")
+    return int(versions[0]) if versions else None
+
+
+def _migrate(db: _Database, target: int) -> int:
+    """Apply pending migrations up to ``target``, one transaction per step."""
+    while True:
+        with _translated(db.display, "schema migration"), db.writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(_PG_LOCK_KEY)))
+            conn.execute(text("CREATE TABLE IF NOT EXISTS rekey_schema (version INTEGER NOT NULL)"))
+            current = _read_schema_version(conn)
+            if current is None:
+                conn.execute(insert(rekey_schema).values(version=0))
+                current = 0
+            if current > SCHEMA_VERSION:
+                raise SchemaTooNew(current, SCHEMA_VERSION)
+            if current >= target:
+                return current
+            MIGRATIONS[current](conn)
+            conn.execute(update(rekey_schema).values(version=current + 1))
+
+
+def migrate(url: str, target: int = SCHEMA_VERSION) -> int:
+    """Bring the database at ``url`` to schema version ``target`` (no further) and return
+    its version afterwards. Never downgrades: a database already past ``target`` is left
+    alone. Raises `SchemaTooNew` for a database newer than `SCHEMA_VERSION`.
+
+    `SealedStateStore` does this itself on open; this is for tooling and tests that need a
+    database at an older version.
+    """
+    if not 0 <= target <= SCHEMA_VERSION:
+        raise ValueError(f"target schema version must be 0..{SCHEMA_VERSION}, got {target}")
+    db = _open_database(url)
+    try:
+        return _migrate(db, target)
+    finally:
+        db.engine.dispose()
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _record(row: Row[Any]) -> BlobRecord:
+    m = row._mapping
+    return BlobRecord(
+        blob_id=m["blob_id"],
+        namespace=m["namespace"],
+        name=m["name"],
+        key_ref=m["key_ref"],
+        key_version=int(m["key_version"]),
+        generation=m["generation"],
+        blob=bytes(m["blob"]),
+        row_version=int(m["row_version"]),
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+    )
+
+
+def _require_str(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+def _require_int(name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _require_bytes(value: object) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"blob must be bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+class SealedStateStore:
+    """Sealed blobs and generation manifests in a SQLite or PostgreSQL database.
+
+    ``url`` is an SQLAlchemy URL: ``sqlite:///<home>/state.db`` (the parent directory is
+    created) or ``postgresql+psycopg://user:pass@host/db``. Opening applies pending schema
+    migrations. All methods are synchronous and safe to call from several threads; each
+    call is its own transaction. Close the store (or use it as a context manager) to
+    release its connections.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._db = _open_database(url)
+        self._lock: AbstractContextManager[Any] = threading.RLock() if self._db.serialize else nullcontext()
+        self._closed = False
+        try:
+            with self._lock:
+                self._schema_version = _migrate(self._db, SCHEMA_VERSION)
+        except BaseException:
+            self._db.engine.dispose()
+            raise
+
+    # ----------------------------------------------------------------- plumbing
+
+    @property
+    def schema_version(self) -> int:
+        """The database's schema version (always `SCHEMA_VERSION` once opened)."""
+        return self._schema_version
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password masked."""
+        return self._db.display
+
+    def __repr__(self) -> str:
+        return f"SealedStateStore({self._db.display!r})"
+
+    @contextmanager
+    def _tx(self, what: str, *, write: bool = False) -> Iterator[Connection]:
+        if self._closed:
+            raise StoreError(f"{what}: the store for {self._db.display} is closed")
+        engine = self._db.writer if write else self._db.engine
+        with self._lock, _translated(self._db.display, what), engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        """Release all connections. Further calls raise `StoreError`."""
+        self._closed = True
+        self._db.engine.dispose()
+
+    def __enter__(self) -> SealedStateStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- blobs
+
+    def insert(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        key_ref: str,
+        key_version: int,
+        generation: str,
+        blob: bytes,
+        blob_id: str | None = None,
+    ) -> BlobRecord:
+        """Store a new blob at row version 1. ``blob_id`` defaults to a fresh uuid4.
+
+        Raises `DuplicateRecord` if the blob id or (namespace, name) is taken.
+        """
+        if blob_id is None:
+            blob_id = str(uuid.uuid4())
+        now = _utcnow()
+        record = BlobRecord(
+            blob_id=_require_str("blob_id", blob_id),
+            namespace=_require_str("namespace", namespace),
+            name=_require_str("name", name),
+            key_ref=_require_str("key_ref", key_ref),
+            key_version=_require_int("key_version", key_version, 0),
+            generation=_require_str("generation", generation),
+            blob=_require_bytes(blob),
+            row_version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        values = {col.key: getattr(record, col.key) for col in sealed_blobs.columns}
+        try:
+            with self._tx(f"insert of blob {blob_id}", write=True) as conn:
+                conn.execute(insert(sealed_blobs).values(**values))
+        except DuplicateRecord as exc:
+            raise self._which_duplicate(blob_id, namespace, name) from exc
+        return record
+
+    def _which_duplicate(self, blob_id: str, namespace: str, name: str) -> DuplicateRecord:
+        with self._tx(f"insert of blob {blob_id}") as conn:
+            by_id = conn.execute(
+                select(sealed_blobs.c.blob_id).where(sealed_blobs.c.blob_id == blob_id)
+            ).first()
+            by_name = conn.execute(
+                select(sealed_blobs.c.blob_id).where(
+                    sealed_blobs.c.namespace == namespace, sealed_blobs.c.name == name
+                )
+            ).first()
+        if by_id is not None:
+            return DuplicateRecord(f"blob {blob_id} already exists")
+        if by_name is not None:
+            return DuplicateRecord(f"{namespace}/{name} already exists as blob {by_name.blob_id}")
+        return DuplicateRecord(f"insert of blob {blob_id} conflicts with an existing record")
+
+    def get(self, blob_id: str) -> BlobRecord:
+        """The blob with this id, or `RecordNotFound`."""
+        with self._tx(f"read of blob {blob_id}") as conn:
+            row = conn.execute(select(sealed_blobs).where(sealed_blobs.c.blob_id == blob_id)).first()
+        if row is None:
+            raise RecordNotFound(f"no sealed blob with id {blob_id}")
+        return _record(row)
+
+    def get_by_name(self, namespace: str, name: str) -> BlobRecord:
+        """The blob named ``namespace``/``name``, or `RecordNotFound`."""
+        with self._tx(f"read of {namespace}/{name}") as conn:
+            row = conn.execute(
+                select(sealed_blobs).where(sealed_blobs.c.namespace == namespace, sealed_blobs.c.name == name)
+            ).first()
+        if row is None:
+            raise RecordNotFound(f"no sealed blob named {namespace}/{name}")
+        return _record(row)
+
+    def _current_row_version(self, conn: Connection, blob_id: str) -> int | None:
+        version = conn.execute(
+            select(sealed_blobs.c.row_version).where(sealed_blobs.c.blob_id == blob_id)
+        ).scalar_one_or_none()
+        return None if version is None else int(version)
+
+    def compare_and_swap(
+        self,
+        blob_id: str,
+        expected_row_version: int,
+        *,
+        blob: bytes,
+        key_version: int,
+        key_ref: str | None = None,
+        generation: str | None = None,
+    ) -> BlobRecord:
+        """Replace the blob (and key version, optionally key ref and generation) only if
+        its row version is still ``expected_row_version``; the new row version is one more.
+
+        Raises `RecordNotFound` if there is no such blob, `StaleRecord` if someone else
+        wrote it since it was read. Returns the record as written.
+        """
+        expected = _require_int("expected_row_version", expected_row_version, 1)
+        values: dict[str, Any] = {
+            "blob": _require_bytes(blob),
+            "key_version": _require_int("key_version", key_version, 0),
+            "row_version": expected + 1,
+            "updated_at": _utcnow(),
+        }
+        if key_ref is not None:
+            values["key_ref"] = _require_str("key_ref", key_ref)
+        if generation is not None:
+            values["generation"] = _require_str("generation", generation)
+        with self._tx(f"update of blob {blob_id}", write=True) as conn:
+            result = conn.execute(
+                update(sealed_blobs)
+                .where(
+                    sealed_blobs.c.blob_id == blob_id,
+                    sealed_blobs.c.row_version == expected,
+                )
+                .values(**values)
+            )
+            if result.rowcount == 0:
+                self._raise_cas_failure(conn, blob_id, expected)
+            # Our uncommitted write holds the row (PostgreSQL row lock, SQLite write
+            # lock), so this reads back exactly what we wrote.
+            row = conn.execute(select(sealed_blobs).where(sealed_blobs.c.blob_id == blob_id)).one()
+        return _record(row)
+
+    def delete(self, blob_id: str, expected_row_version: int) -> None:
+        """Delete the blob only if its row version is still ``expected_row_version``.
+
+        Raises `RecordNotFound` if there is no such blob, `StaleRecord` if it changed.
+        """
+        expected = _require_int("expected_row_version", expected_row_version, 1)
+        with self._tx(f"delete of blob {blob_id}", write=True) as conn:
+            result = conn.execute(
+                delete(sealed_blobs).where(
+                    sealed_blobs.c.blob_id == blob_id,
+                    sealed_blobs.c.row_version == expected,
+                )
+            )
+            if result.rowcount == 0:
+                self._raise_cas_failure(conn, blob_id, expected)
+
+    def _raise_cas_failure(self, conn: Connection, blob_id: str, expected: int) -> None:
+        actual = self._current_row_version(conn, blob_id)
+        if actual is None:
+            raise RecordNotFound(f"no sealed blob with id {blob_id}")
+        raise StaleRecord(blob_id, expected, actual)
+
+    # ----------------------------------------------------------------- listings
+
+    def page(
+        self,
+        *,
+        key_ref: str | None = None,
+        below_version: int | None = None,
+        generation: str | None = None,
+        after: str | None = None,
+        limit: int = 500,
+    ) -> Page:
+        """Up to ``limit`` records in ``blob_id`` order, starting after cursor ``after``.
+
+        Filters (all optional, combined with AND): ``key_ref`` equal; ``below_version``:
+        key version < N (needs ``key_ref``); ``generation`` equal.
+        """
+        _check_filters(key_ref, below_version, generation, after)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be an integer in 1..{MAX_PAGE}, got {limit!r}")
+        query = select(sealed_blobs)
+        if key_ref is not None:
+            query = query.where(sealed_blobs.c.key_ref == key_ref)
+        if below_version is not None:
+            query = query.where(sealed_blobs.c.key_version < below_version)
+        if generation is not None:
+            query = query.where(sealed_blobs.c.generation == generation)
+        if after is not None:
+            query = query.where(sealed_blobs.c.blob_id > after)
+        query = query.order_by(sealed_blobs.c.blob_id).limit(limit + 1)
+        with self._tx("listing of sealed blobs") as conn:
+            rows = conn.execute(query).all()
+        records = [_record(row) for row in rows[:limit]]
+        next_cursor = records[-1].blob_id if len(rows) > limit else None
+        return Page(records=records, next_cursor=next_cursor)
+
+    def iter_records(
+        self,
+        *,
+        key_ref: str | None = None,
+        below_version: int | None = None,
+        generation: str | None = None,
+        after: str | None = None,
+        batch: int = 500,
+    ) -> Iterator[BlobRecord]:
+        """Every matching record in ``blob_id`` order, fetched ``batch`` at a time.
+
+        Arguments are checked now, not at the first ``next()``. Each batch is its own
+        read, so records written during the walk may or may not be seen.
+        """
+        _check_filters(key_ref, below_version, generation, after)
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_PAGE:
+            raise ValueError(f"batch must be an integer in 1..{MAX_PAGE}, got {batch!r}")
+
+        def walk() -> Iterator[BlobRecord]:
+            cursor = after
+            while True:
+                page = self.page(
+                    key_ref=key_ref,
+                    below_version=below_version,
+                    generation=generation,
+                    after=cursor,
+                    limit=batch,
+                )
+                yield from page.records
+                if page.next_cursor is None:
+                    return
+                cursor = page.next_cursor
+
+        return walk()
+
+    def count_by_key_version(self, key_ref: str) -> dict[int, int]:
+        """How many blobs of ``key_ref`` are wrapped under each key version."""
+        query = (
+            select(sealed_blobs.c.key_version, func.count())
+            .where(sealed_blobs.c.key_ref == key_ref)
+            .group_by(sealed_blobs.c.key_version)
+        )
+        with self._tx(f"count of {key_ref} blobs") as conn:
+            rows = conn.execute(query).all()
+        return {int(version): int(count) for version, count in rows}
+
+    def count_by_generation(self) -> dict[str, int]:
+        """How many blobs each generation last wrote."""
+        query = select(sealed_blobs.c.generation, func.count()).group_by(sealed_blobs.c.generation)
+        with self._tx("count of blobs by generation") as conn:
+            rows = conn.execute(query).all()
+        return {str(gen): int(count) for gen, count in rows}
+
+    def summaries(self, namespace: str | None = None) -> list[BlobSummary]:
+        """Every blob (or every blob in ``namespace``) without its bytes, ordered by
+        namespace and name."""
+        c = sealed_blobs.c
+        query = select(
+            c.blob_id,
+            c.namespace,
+            c.name,
+            c.key_ref,
+            c.key_version,
+            c.generation,
+            func.length(c.blob, type_=Integer).label("size"),
+            c.row_version,
+            c.created_at,
+            c.updated_at,
+        ).order_by(c.namespace, c.name)
+        if namespace is not None:
+            query = query.where(c.namespace == namespace)
+        with self._tx("listing of blob summaries") as conn:
+            rows = conn.execute(query).all()
+        return [
+            BlobSummary(
+                blob_id=r.blob_id,
+                namespace=r.namespace,
+                name=r.name,
+                key_ref=r.key_ref,
+                key_version=int(r.key_version),
+                generation=r.generation,
+                size=int(r.size),
+                row_version=int(r.row_version),
+                created_at=r.created_at,
+                updated_at=r.updated_at,
+            )
+            for r in rows
+        ]
+
+    # ----------------------------------------------------------------- generations
+
+    def put_generation(self, generation_id: str, document: str) -> bool:
+        """Register a generation manifest (a JSON document). Idempotent: True if newly
+        stored, False if the id already holds this exact document; `DuplicateRecord` if it
+        holds a different one."""
+        _require_str("generation_id", generation_id)
+        if not isinstance(document, str):
+            raise TypeError(f"document must be a JSON string, got {type(document).__name__}")
+        try:
+            json.loads(document)
+        except ValueError:
+            raise ValueError(f"document of generation {generation_id} is not valid JSON") from None
+        what = f"registration of generation {generation_id}"
+        for _attempt in range(2):
+            try:
+                with self._tx(what, write=True) as conn:
+                    existing = conn.execute(
+                        select(generations.c.document).where(generations.c.generation_id == generation_id)
+                    ).scalar_one_or_none()
+                    if existing is None:
+                        conn.execute(
+                            insert(generations).values(
+                                generation_id=generation_id,
+                                document=document,
+                                registered_at=_utcnow(),
+                            )
+                        )
+                        return True
+            except DuplicateRecord:
+                continue  # a concurrent registration won the insert; compare with it
+            if existing == document:
+                return False
+            raise DuplicateRecord(
+                f"generation {generation_id} is already registered with a different document"
+            )
+        raise DuplicateRecord(f"{what} kept conflicting with concurrent registrations")
+
+    def get_generation(self, generation_id: str) -> str:
+        """The manifest document of a generation, or `RecordNotFound`."""
+        with self._tx(f"read of generation {generation_id}") as conn:
+            document = conn.execute(
+                select(generations.c.document).where(generations.c.generation_id == generation_id)
+            ).scalar_one_or_none()
+        if document is None:
+            raise RecordNotFound(f"no generation {generation_id}")
+        return str(document)
+
+    def list_generations(self) -> list[tuple[str, str, datetime]]:
+        """All generations as (generation_id, document, registered_at), oldest first."""
+        query = select(
+            generations.c.generation_id, generations.c.document, generations.c.registered_at
+        ).order_by(generations.c.registered_at, generations.c.generation_id)
+        with self._tx("listing of generations") as conn:
+            rows = conn.execute(query).all()
+        return [(str(gid), str(doc), at) for gid, doc, at in rows]
+
+
+def _check_filters(
+    key_ref: str | None, below_version: int | None, generation: str | None, after: str | None
+) -> None:
+    if key_ref is not None:
+        _require_str("key_ref", key_ref)
+    if below_version is not None:
+        if key_ref is None:
+            raise ValueError("below_version needs key_ref: key versions only compare within a key")
+        _require_int("below_version", below_version, 0)
+    if generation is not None:
+        _require_str("generation", generation)
+    if after is not None and not isinstance(after, str):
+        raise ValueError("after must be a cursor string from a previous page")

@@ -1,0 +1,273 @@
+"""The `rekey` CLI end to end against a real OpenBao and a real SQLite store.
+
+Every bad input ends in one line on stderr, a non-zero exit, and no stored change.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rekey.cli import main
+from tests.fixtures.openbao import OpenBao
+from tests.fixtures.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+MANIFEST = {
+    "id": "app-v1",
+    "platform": "sim",
+    "measurement": "11" * 32,
+    "signer": "22" * 32,
+    "product_id": 1,
+    "svn": 2,
+    "debug": False,
+    "tcb": "UpToDate",
+}
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def home(tmp_path: Path, openbao: OpenBao, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("REKEY_HOME", str(home))
+    monkeypatch.setenv("REKEY_VAULT_ADDR", openbao.addr)
+    monkeypatch.setenv("REKEY_VAULT_TOKEN", openbao.token)
+    monkeypatch.setenv("COLUMNS", "200")
+    return home
+
+
+@pytest.fixture
+def rekey(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    def run(*args: str) -> Result:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        print(captured.err, file=sys.__stderr__)
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def write_manifest(path: Path, **changes: object) -> Path:
+    path.write_text(yaml.safe_dump(MANIFEST | changes))
+    return path
+
+
+def assert_one_line_error(result: Result, code: int, text: str) -> None:
+    assert result.code == code, (result.code, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert text in lines[0]
+    assert "Traceback" not in result.err
+
+
+def blob_rows(home: Path) -> list[tuple[object, ...]]:
+    db = home / "state.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT blob_id, row_version, blob FROM sealed_blobs ORDER BY name").fetchall()
+
+
+def test_key_create_and_show(home: Path, rekey: Callable[..., Result]) -> None:
+    first = rekey("key", "create", "vault:cli-orders", "--json")
+    assert first.code == 0 and first.json()["created"] is True
+    again = rekey("key", "create", "vault:cli-orders", "--json")
+    assert again.json()["created"] is False
+    shown = rekey("key", "show", "vault:cli-orders", "--json").json()
+    assert shown["primary_version"] == 1 and shown["versions"] == [{"version": 1, "state": "enabled"}]
+    assert_one_line_error(rekey("key", "show", "vault:absent"), 1, "does not exist")
+    assert_one_line_error(rekey("key", "create", "orders"), 2, "backend:name")
+    assert_one_line_error(rekey("key", "create", "aws:orders"), 2, "not available yet")
+
+
+def test_generation_register_list_diff(home: Path, tmp_path: Path, rekey: Callable[..., Result]) -> None:
+    v1 = write_manifest(tmp_path / "v1.yaml")
+    v2 = write_manifest(tmp_path / "v2.yaml", id="app-v2", measurement="33" * 32, svn=3)
+    v0 = write_manifest(tmp_path / "v0.yaml", id="app-v0", svn=1, debug=True)
+    for path in (v1, v2, v0):
+        assert rekey("generation", "register", str(path)).code == 0
+    assert "already registered" in rekey("generation", "register", str(v1)).out
+    clash = write_manifest(tmp_path / "clash.yaml", svn=9)
+    assert_one_line_error(rekey("generation", "register", str(clash)), 1, "app-v1")
+    listed = rekey("generation", "list", "--json").json()
+    assert sorted(g["id"] for g in listed) == ["app-v0", "app-v1", "app-v2"]
+    assert next(g for g in listed if g["id"] == "app-v1")["svn"] == 2
+
+    upgrade = rekey("generation", "diff", "app-v1", "app-v2", "--json")
+    assert upgrade.code == 0
+    data = upgrade.json()
+    assert data["measurement_changed"] and not data["svn_lowered"]
+    assert {f["field"] for f in data["fields"] if f["changed"]} == {"measurement", "svn"}
+
+    downgrade = rekey("generation", "diff", "app-v1", "app-v0", "--markdown")
+    assert downgrade.code == 4
+    assert "SVN lowered 2 -> 1" in downgrade.out and "debug switched on" in downgrade.out
+    assert_one_line_error(rekey("generation", "diff", "app-v1", "nope"), 2, "'nope' is not registered")
+
+
+def test_invalid_manifests(home: Path, tmp_path: Path, rekey: Callable[..., Result]) -> None:
+    bad = write_manifest(tmp_path / "bad.yaml", svn="high")
+    assert_one_line_error(rekey("generation", "register", str(bad)), 2, "field 'svn'")
+    assert_one_line_error(rekey("generation", "register", str(tmp_path / "missing.yaml")), 2, "no such file")
+    assert rekey("generation", "list", "--json").json() == []
+
+
+def test_state_put_get_list_round_trip(home: Path, tmp_path: Path, rekey: Callable[..., Result]) -> None:
+    assert rekey("key", "create", "vault:cli-state").code == 0
+    assert rekey("generation", "register", str(write_manifest(tmp_path / "v1.yaml"))).code == 0
+    payload = bytes(range(256)) * 64
+    source = tmp_path / "payload.bin"
+    source.write_bytes(payload)
+    put = rekey(
+        "state",
+        "put",
+        "--key",
+        "vault:cli-state",
+        "--generation",
+        "app-v1",
+        "--name",
+        "db",
+        "--in",
+        str(source),
+        "--json",
+    )
+    assert put.code == 0, put.err
+    assert put.json()["key_version"] == 1
+    target = tmp_path / "out.bin"
+    got = rekey("state", "get", "--name", "db", "--out", str(target))
+    assert got.code == 0, got.err
+    assert target.read_bytes() == payload
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    # An update keeps the blob id and bumps the row version.
+    source.write_bytes(b"v2")
+    assert (
+        rekey(
+            "state",
+            "put",
+            "--key",
+            "vault:cli-state",
+            "--generation",
+            "app-v1",
+            "--name",
+            "db",
+            "--in",
+            str(source),
+        ).code
+        == 0
+    )
+    listed = rekey("state", "list", "--json").json()
+    (row,) = blob_rows(home)
+    assert listed == [
+        {
+            "namespace": "default",
+            "name": "db",
+            "key_ref": "vault:cli-state",
+            "key_version": 1,
+            "generation": "app-v1",
+            "sealed_size": len(row[2]),
+            "updated_at": listed[0]["updated_at"],
+        }
+    ]
+    assert row[1] == 2
+    assert payload not in row[2] and b"v2" not in row[2]
+
+
+def test_state_bad_input_changes_nothing(home: Path, tmp_path: Path, rekey: Callable[..., Result]) -> None:
+    assert rekey("key", "create", "vault:cli-bad").code == 0
+    assert rekey("generation", "register", str(write_manifest(tmp_path / "v1.yaml"))).code == 0
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"original")
+    assert (
+        rekey(
+            "state",
+            "put",
+            "--key",
+            "vault:cli-bad",
+            "--generation",
+            "app-v1",
+            "--name",
+            "item",
+            "--in",
+            str(source),
+        ).code
+        == 0
+    )
+    before = blob_rows(home)
+
+    def put(*args: str) -> Result:
+        return rekey("state", "put", "--name", "item", *args)
+
+    source.write_bytes(b"replacement")
+    assert_one_line_error(
+        put("--key", "vault:cli-bad", "--generation", "ghost", "--in", str(source)),
+        2,
+        "not registered",
+    )
+    assert_one_line_error(
+        put("--key", "vault:no-such", "--generation", "app-v1", "--in", str(source)),
+        1,
+        "does not exist",
+    )
+    assert_one_line_error(
+        put("--key", "vault:cli-bad", "--generation", "app-v1", "--in", str(tmp_path / "nope")),
+        2,
+        "no such file",
+    )
+    assert_one_line_error(
+        rekey("state", "get", "--name", "absent", "--out", str(tmp_path / "x")), 1, "absent"
+    )
+    assert blob_rows(home) == before
+
+    # Tamper with one byte of the stored blob's body: a typed one-line error, no output file.
+    blob_id, _, blob = before[0]
+    tampered = bytearray(blob)
+    tampered[-1] ^= 0x01
+    with sqlite3.connect(home / "state.db") as conn:
+        conn.execute("UPDATE sealed_blobs SET blob = ? WHERE blob_id = ?", (bytes(tampered), blob_id))
+    target = tmp_path / "tampered.out"
+    assert_one_line_error(
+        rekey("state", "get", "--name", "item", "--out", str(target)), 1, "failed authentication"
+    )
+    assert not target.exists()
+    # Truncated blob.
+    with sqlite3.connect(home / "state.db") as conn:
+        conn.execute("UPDATE sealed_blobs SET blob = ? WHERE blob_id = ?", (bytes(blob)[:40], blob_id))
+    assert_one_line_error(rekey("state", "get", "--name", "item", "--out", str(target)), 1, "truncated")
+
+
+def test_unreachable_server_is_one_line(
+    home: Path, tmp_path: Path, rekey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REKEY_VAULT_ADDR", f"http://127.0.0.1:{free_port()}")
+    assert_one_line_error(rekey("key", "create", "vault:x"), 1, "cannot reach OpenBao/Vault")
+
+
+def test_bad_settings_file_is_one_line(home: Path, rekey: Callable[..., Result]) -> None:
+    home.mkdir(parents=True)
+    (home / "rekey.toml").write_text("openbao_port = 'eighty'\n")
+    assert_one_line_error(rekey("state", "list"), 2, "openbao_port must be an integer")
+
+
+def test_usage_errors_exit_2(home: Path, rekey: Callable[..., Result]) -> None:
+    result = rekey("state", "put", "--name", "x")
+    assert result.code == 2 and "Missing option" in result.err

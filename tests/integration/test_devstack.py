@@ -1,0 +1,317 @@
+"""`rekey dev up | down | status` against the real servers, on private ports and home.
+
+One stack is shared by the module (cold start of OpenBao with raft takes several
+seconds); the port-conflict and nothing-running tests use homes of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import socket
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import boto3
+import httpx
+import pytest
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
+
+from rekey import devstack
+from rekey.config import Settings, load_settings
+from tests.fixtures.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+NAMES = ["temporal", "openbao", "moto"]
+T = TypeVar("T")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _private_settings(home: Path) -> Settings:
+    """Settings with distinct free ports (and OpenBao's cluster port free as well)."""
+    taken: set[int] = set()
+
+    def pick(pair: bool = False) -> int:
+        while True:
+            port = free_port()
+            wanted = {port, port + 1} if pair else {port}
+            if not wanted & taken and all(_port_free(p) for p in wanted) and port < 65535:
+                taken.update(wanted)
+                return port
+
+    env = {
+        "REKEY_TEMPORAL_PORT": str(pick()),
+        "REKEY_TEMPORAL_UI_PORT": str(pick()),
+        "REKEY_OPENBAO_PORT": str(pick(pair=True)),
+        "REKEY_MOTO_PORT": str(pick()),
+    }
+    return load_settings(home, environ=env)
+
+
+def _all_ports(settings: Settings) -> list[int]:
+    return [
+        settings.temporal_port,
+        settings.temporal_ui_port,
+        settings.openbao_port,
+        settings.openbao_port + 1,
+        settings.moto_port,
+    ]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _pid_files(settings: Settings) -> dict[str, dict[str, object]]:
+    run = settings.home / "run"
+    return {name: json.loads((run / f"{name}.json").read_text()) for name in NAMES}
+
+
+def _processes_running(args: list[str]) -> list[int]:
+    """Pids of live processes whose command line ends with ``args``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parts = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        cmdline = [part.decode(errors="replace") for part in parts]
+        if cmdline[-len(args) :] == args and _pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _run_temporal(settings: Settings, use: Callable[[Client], Awaitable[T]]) -> T:
+    async def main() -> T:
+        client = await Client.connect(settings.temporal_address)
+        return await use(client)
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    settings = _private_settings(tmp_path_factory.mktemp("devstack") / "home")
+    try:
+        devstack.up(settings, echo=lambda _line: None)
+        yield settings
+    finally:
+        devstack.down(settings, echo=lambda _line: None)
+
+
+def test_up_brings_everything_up(stack: Settings) -> None:
+    by_name = {s.name: s for s in devstack.status(stack)}
+    assert list(by_name) == NAMES
+    for name in NAMES:
+        assert by_name[name].state == "running", by_name[name]
+        assert isinstance(by_name[name].pid, int)
+        assert by_name[name].to_dict()["state"] == "running"
+    temporal = by_name["temporal"].endpoints
+    assert temporal["grpc"] == f"127.0.0.1:{stack.temporal_port}"
+    assert temporal["ui"] == f"http://127.0.0.1:{stack.temporal_ui_port}"
+    assert by_name["openbao"].endpoints["api"] == stack.vault_addr
+    assert by_name["moto"].endpoints["kms"] == stack.aws_endpoint
+    assert "memory" in by_name["moto"].note
+
+    # Temporal: UI answers, and the frontend serves the namespace.
+    assert httpx.get(temporal["ui"], timeout=10).status_code == 200
+    namespace = _run_temporal(
+        stack,
+        lambda c: c.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace="default")),
+    )
+    assert namespace.namespace_info.name == "default"
+
+    # OpenBao: unsealed, root token from init.json authenticates, transit mounted.
+    client = devstack.openbao_client(stack)
+    assert client.is_authenticated()
+    assert not client.sys.is_sealed()
+    mounts = client.sys.list_mounted_secrets_engines()
+    mounts = mounts.get("data", mounts)
+    assert mounts[f"{stack.transit_mount}/"]["type"] == "transit"
+
+    # moto: KMS works.
+    kms = boto3.client(
+        "kms",
+        endpoint_url=stack.aws_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        aws_session_token="testing",
+    )
+    key = kms.create_key(Description="devstack test")["KeyMetadata"]
+    assert key["KeyId"]
+    assert kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["Enabled"]
+
+
+def test_second_up_starts_no_second_copy(stack: Settings) -> None:
+    before = _pid_files(stack)
+    lines: list[str] = []
+    result = devstack.up(stack, echo=lines.append)
+    assert _pid_files(stack) == before
+    assert {s.name: s.pid for s in result} == {n: before[n]["pid"] for n in NAMES}
+    assert all("already running" in s.note for s in result)
+    assert len(lines) == 3 and all("already running" in line for line in lines)
+    for name in NAMES:
+        cmdline = before[name]["cmdline"]
+        assert isinstance(cmdline, list)
+        assert _processes_running(cmdline[1:]) == [before[name]["pid"]], name
+
+
+def test_init_file_is_private(stack: Settings) -> None:
+    mode = stat.S_IMODE(os.stat(stack.openbao_init_file).st_mode)
+    assert mode == 0o600
+    data = json.loads(stack.openbao_init_file.read_text())
+    assert set(data) == {"unseal_key", "root_token"}
+
+
+def test_state_survives_down_and_up(stack: Settings) -> None:
+    client = devstack.openbao_client(stack)
+    mount = stack.transit_mount
+    client.secrets.transit.create_key("persist-check", mount_point=mount)
+    plaintext = base64.b64encode(b"sealed state survives restarts").decode()
+    ciphertext = client.secrets.transit.encrypt_data("persist-check", plaintext=plaintext, mount_point=mount)[
+        "data"
+    ]["ciphertext"]
+
+    async def start(c: Client) -> str:
+        handle = await c.start_workflow(
+            "NoSuchWorkflow", id="persist-check", task_queue="rekey-devstack-test-nobody-polls"
+        )
+        return handle.result_run_id or ""
+
+    run_id = _run_temporal(stack, start)
+    old_pids = {s.name: s.pid for s in devstack.status(stack)}
+
+    stopped = devstack.down(stack, echo=lambda _line: None)
+    assert [s.name for s in stopped] == NAMES
+    assert all(s.state == "stopped" and "stopped" in s.note for s in stopped)
+    for name, pid in old_pids.items():
+        assert pid is not None and not _pid_alive(pid), name
+    assert all(_port_free(port) for port in _all_ports(stack))
+    assert not list((stack.home / "run").glob("*.json"))
+    assert all(s.state == "stopped" for s in devstack.status(stack))
+
+    restarted = devstack.up(stack, echo=lambda _line: None)
+    assert all(s.state == "running" and "started" in s.note for s in restarted)
+
+    client = devstack.openbao_client(stack)
+    decrypted = client.secrets.transit.decrypt_data(
+        "persist-check", ciphertext=ciphertext, mount_point=mount
+    )["data"]["plaintext"]
+    assert decrypted == plaintext
+
+    async def describe(c: Client) -> WorkflowExecutionDescription:
+        return await c.get_workflow_handle("persist-check").describe()
+
+    description = _run_temporal(stack, describe)
+    assert description.run_id == run_id
+    assert description.status == WorkflowExecutionStatus.RUNNING
+
+
+def test_port_in_use_stops_what_this_call_started(tmp_path: Path) -> None:
+    settings = _private_settings(tmp_path / "home")
+    lines: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", settings.openbao_port))
+        blocker.listen()
+        try:
+            with pytest.raises(devstack.PortInUse) as excinfo:
+                devstack.up(settings, echo=lines.append)
+        finally:
+            devstack.down(settings, echo=lambda _line: None)
+    message = str(excinfo.value)
+    assert f"127.0.0.1:{settings.openbao_port}" in message
+    assert "openbao" in message and "REKEY_OPENBAO_PORT" in message
+    assert "\n" not in message
+    assert excinfo.value.exit_code == 1
+
+    # Temporal was started by that call and has been stopped again.
+    assert len(lines) == 1 and lines[0].startswith("temporal: started")
+    match = re.search(r"\(pid (\d+)\)", lines[0])
+    assert match
+    assert not _pid_alive(int(match.group(1)))
+    assert not list((settings.home / "run").glob("*.json"))
+    assert _port_free(settings.temporal_port) and _port_free(settings.temporal_ui_port)
+    assert all(s.state == "stopped" for s in devstack.status(settings))
+
+
+def test_down_when_nothing_runs(tmp_path: Path) -> None:
+    settings = _private_settings(tmp_path / "home")
+    lines: list[str] = []
+    result = devstack.down(settings, echo=lines.append)
+    assert [s.name for s in result] == NAMES
+    assert all(s.state == "stopped" and s.note == "not running" for s in result)
+    assert lines == [f"{name}: not running" for name in reversed(NAMES)]
+
+    # A pid file naming a live process that is not ours (pid reuse) is not signalled.
+    run = settings.home / "run"
+    (run / "moto.json").write_text(
+        json.dumps({"pid": os.getpid(), "cmdline": ["moto_server", "-H", "127.0.0.1"]})
+    )
+    result = devstack.down(settings, echo=lambda _line: None)
+    assert {s.name: s.note for s in result}["moto"] == "not running (removed stale pid file)"
+    assert not (run / "moto.json").exists()
+
+
+class _Doomed(devstack.Component):
+    """A stand-in that prints to its log and then exits, or never becomes ready."""
+
+    name = "doomed"
+    binary = "python"
+    port_fields = ("moto_port",)
+    start_timeout = 1.5
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+
+    def command(self, settings: Settings) -> list[str]:
+        return [sys.executable, "-c", self.script]
+
+    def probe(self, settings: Settings) -> str | None:
+        return "never ready"
+
+    def endpoints(self, settings: Settings) -> dict[str, str]:
+        return {}
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("print('line one'); print('boom: bad config'); raise SystemExit(3)", "exited"),
+        ("import time; print('waiting forever', flush=True); time.sleep(60)", "not ready"),
+    ],
+)
+def test_component_failure_reports_log_and_cleans_up(tmp_path: Path, script: str, expected: str) -> None:
+    settings = _private_settings(tmp_path / "home")
+    component = _Doomed(script)
+    with pytest.raises(devstack.ComponentFailed) as excinfo:
+        devstack.up(settings, echo=lambda _line: None, components=[component])
+    message = str(excinfo.value)
+    assert message.startswith("doomed failed to start:") and expected in message
+    assert ("boom: bad config" if "boom" in script else "waiting forever") in message
+    assert "\n" not in message
+    assert not (settings.home / "run" / "doomed.json").exists()
+    assert _processes_running(["-c", script]) == []

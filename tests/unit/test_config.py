@@ -1,0 +1,73 @@
+"""Settings precedence: overrides > REKEY_* variables > rekey.toml > defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kms_adapters.keyref import InvalidKeyRef, KeyRef
+from rekey.config import ConfigError, load_settings
+
+
+def test_defaults_point_at_the_dev_stack(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path, environ={})
+    assert settings.temporal_address == "127.0.0.1:7233"
+    assert settings.vault_addr == "http://127.0.0.1:8200"
+    assert settings.aws_endpoint == "http://127.0.0.1:5000"
+    assert settings.store_url == f"sqlite:///{tmp_path.resolve() / 'state.db'}"
+
+
+def test_home_from_environment(tmp_path: Path) -> None:
+    assert load_settings(environ={"REKEY_HOME": str(tmp_path)}).home == tmp_path
+
+
+def test_precedence(tmp_path: Path) -> None:
+    (tmp_path / "rekey.toml").write_text('openbao_port = 9100\ntransit_mount = "kek"\nmoto_port = 6000\n')
+    settings = load_settings(tmp_path, environ={"REKEY_MOTO_PORT": "6001"})
+    assert settings.vault_addr == "http://127.0.0.1:9100"  # derived from the file's port
+    assert settings.transit_mount == "kek"
+    assert settings.aws_endpoint == "http://127.0.0.1:6001"  # environment beats file
+    explicit = load_settings(tmp_path, environ={"REKEY_VAULT_ADDR": "http://vault.internal:8200"})
+    assert explicit.vault_addr == "http://vault.internal:8200"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("openbao_port = 'x'", "openbao_port must be an integer"),
+        ("openbao_port = 70000", "port number"),
+        ("vault_addr = 5", "vault_addr must be a string"),
+        ("this is not toml", "cannot read settings"),
+    ],
+)
+def test_bad_settings_file(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "rekey.toml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(tmp_path, environ={})
+
+
+def test_bad_environment_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="REKEY_TEMPORAL_PORT"):
+        load_settings(tmp_path, environ={"REKEY_TEMPORAL_PORT": "abc"})
+
+
+def test_vault_token_from_dev_stack_init_file(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path, environ={})
+    assert settings.resolved_vault_token() == ""
+    settings.openbao_dir.mkdir()
+    fd = os.open(settings.openbao_init_file, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, json.dumps({"root_token": "s.dev", "unseal_key": "k"}).encode())
+    os.close(fd)
+    assert settings.resolved_vault_token() == "s.dev"
+    assert load_settings(tmp_path, environ={"REKEY_VAULT_TOKEN": "s.env"}).resolved_vault_token() == "s.env"
+
+
+def test_key_refs() -> None:
+    assert KeyRef.parse("vault:orders") == KeyRef("vault", "orders")
+    assert str(KeyRef.parse("aws:alias/orders")) == "aws:alias/orders"
+    for bad in ("orders", "gcp:orders", "vault:", "vault:a b"):
+        with pytest.raises(InvalidKeyRef):
+            KeyRef.parse(bad)

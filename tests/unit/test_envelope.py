@@ -1,0 +1,210 @@
+"""Sealed-blob envelope v1: round trips, canonical layout, and typed errors on every bad byte."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sealing import envelope
+from sealing.envelope import SealingPolicy, open_blob, parse, rewrap, seal
+from sealing.errors import (
+    SealedBlobError,
+    TamperedBlob,
+    TruncatedBlob,
+    UnknownKeyVersion,
+    UnsupportedFormat,
+)
+from sealing.keywrap import LocalKeyWrapper
+
+FIXED_TIME = datetime(2026, 11, 27, 12, 30, 45, 123000, tzinfo=UTC)
+FIXED_ID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
+
+
+@pytest.fixture(scope="module")
+def wrapper() -> LocalKeyWrapper:
+    return LocalKeyWrapper("vault:orders")
+
+
+def _seal(wrapper: LocalKeyWrapper, data: bytes = b"enclave state") -> bytes:
+    return seal(
+        data,
+        wrapper,
+        namespace="payments",
+        name="ledger-key",
+        generation="gen-1",
+        blob_id=FIXED_ID,
+        now=FIXED_TIME,
+    )
+
+
+def test_round_trip_and_header_fields(wrapper: LocalKeyWrapper) -> None:
+    blob = _seal(wrapper)
+    assert open_blob(blob, wrapper) == b"enclave state"
+    parsed = parse(blob)
+    assert parsed.header.blob_id == FIXED_ID
+    assert parsed.header.namespace == "payments"
+    assert parsed.header.name == "ledger-key"
+    assert parsed.header.key_ref == "vault:orders"
+    assert parsed.header.generation == "gen-1"
+    assert parsed.header.policy is SealingPolicy.KMS
+    assert parsed.header.created_at == FIXED_TIME
+    assert parsed.key_version == wrapper.primary_version
+    assert b"enclave state" not in blob
+
+
+def test_layout_matches_the_documented_offsets(wrapper: LocalKeyWrapper) -> None:
+    blob = _seal(wrapper, b"x" * 10)
+    magic, version, flags, header_len = struct.unpack(">4sBBH", blob[:8])
+    assert (magic, version, flags) == (b"RKSB", 1, 0)
+    header = blob[8 : 8 + header_len]
+    # First field: tag 0x01, length 16, the blob id.
+    assert header[:3] == b"\x01\x00\x10" and header[3:19] == FIXED_ID.bytes
+    slot = 8 + header_len
+    key_version, wrapped_len = struct.unpack(">IH", blob[slot : slot + 6])
+    assert key_version == wrapper.primary_version
+    wrapped = blob[slot + 6 : slot + 6 + wrapped_len]
+    assert wrapped.startswith(b"local:v%d:" % key_version)
+    body = slot + 6 + wrapped_len
+    (body_len,) = struct.unpack(">I", blob[body + 12 : body + 16])
+    assert body_len == 10 + 16  # plaintext + GCM tag
+    assert len(blob) == body + 16 + body_len
+
+
+def test_empty_and_large_bodies(wrapper: LocalKeyWrapper) -> None:
+    for data in (b"", bytes(range(256)) * 4096):
+        assert open_blob(_seal(wrapper, data), wrapper) == data
+
+
+def test_every_header_byte_is_authenticated(wrapper: LocalKeyWrapper) -> None:
+    blob = _seal(wrapper)
+    header_end = 8 + struct.unpack(">H", blob[6:8])[0]
+    for offset in range(header_end):
+        tampered = bytearray(blob)
+        tampered[offset] ^= 0x01
+        with pytest.raises(SealedBlobError):
+            open_blob(bytes(tampered), wrapper)
+
+
+def test_header_rewritten_consistently_still_fails(wrapper: LocalKeyWrapper) -> None:
+    """Re-encoding a valid header with another name (lengths all consistent) fails the tag."""
+    blob = _seal(wrapper)
+    forged = blob.replace(b"ledger-key", b"ledger-kez")
+    assert len(forged) == len(blob)
+    with pytest.raises(TamperedBlob, match="failed authentication"):
+        open_blob(forged, wrapper)
+
+
+def test_rewrap_changes_only_the_key_slot() -> None:
+    wrapper = LocalKeyWrapper("vault:orders")
+    blob = _seal(wrapper)
+    wrapper.rotate()
+    moved = rewrap(blob, wrapper)
+    before, after = parse(blob), parse(moved)
+    assert (before.key_version, after.key_version) == (1, 2)
+    assert before.aad == after.aad and bytes(before.ciphertext) == bytes(after.ciphertext)
+    assert open_blob(moved, wrapper) == b"enclave state"
+    wrapper.disable_below(2)
+    with pytest.raises(UnknownKeyVersion):
+        open_blob(blob, wrapper)
+    assert open_blob(moved, wrapper) == b"enclave state"
+
+
+def test_key_slot_version_must_match_the_wrapped_dek() -> None:
+    wrapper = LocalKeyWrapper("vault:orders")
+    wrapper.rotate()
+    blob = bytearray(_seal(wrapper))
+    slot = 8 + struct.unpack(">H", blob[6:8])[0]
+    struct.pack_into(">I", blob, slot, 1)  # claim version 1; wrapped DEK says 2
+    with pytest.raises(TamperedBlob, match="key slot says version 1"):
+        open_blob(bytes(blob), wrapper)
+
+
+def test_wrong_magic_version_and_flags(wrapper: LocalKeyWrapper) -> None:
+    blob = _seal(wrapper)
+    with pytest.raises(UnsupportedFormat, match="bad magic"):
+        open_blob(b"PK\x03\x04" + blob[4:], wrapper)
+    with pytest.raises(UnsupportedFormat, match="version 2"):
+        open_blob(blob[:4] + b"\x02" + blob[5:], wrapper)
+    with pytest.raises(UnsupportedFormat, match="flags"):
+        open_blob(blob[:5] + b"\x80" + blob[6:], wrapper)
+    with pytest.raises(TruncatedBlob):
+        open_blob(b"", wrapper)
+    with pytest.raises(TruncatedBlob):
+        open_blob(b"RK", wrapper)
+
+
+def test_unknown_critical_field_is_unsupported_but_extension_is_skipped(
+    wrapper: LocalKeyWrapper,
+) -> None:
+    """A newer writer's extension field (tag >= 0x80) is authenticated and ignored."""
+    dek_blob = parse(_seal(wrapper))
+    for tag, expected in ((0x08, UnsupportedFormat), (0x90, TamperedBlob)):
+        header = dek_blob.aad[8:] + struct.pack(">BH", tag, 3) + b"abc"
+        aad = struct.pack(">4sBBH", b"RKSB", 1, 0, len(header)) + header
+        forged = envelope.SealedBlob(
+            dek_blob.header,
+            dek_blob.key_version,
+            dek_blob.wrapped_dek,
+            dek_blob.nonce,
+            dek_blob.ciphertext,
+            aad,
+        ).to_bytes()
+        # The extension parses; only the tag check (AAD changed) fails it.
+        with pytest.raises(expected):
+            open_blob(forged, wrapper)
+
+
+def test_trailing_bytes_are_refused(wrapper: LocalKeyWrapper) -> None:
+    with pytest.raises(TamperedBlob, match="trailing"):
+        open_blob(_seal(wrapper) + b"\x00", wrapper)
+
+
+def test_repr_shows_no_body(wrapper: LocalKeyWrapper) -> None:
+    text = repr(parse(_seal(wrapper, b"S3CRET-PAYLOAD")))
+    assert "S3CRET" not in text and "body bytes" in text
+
+
+def test_seal_refuses_empty_names(wrapper: LocalKeyWrapper) -> None:
+    with pytest.raises(ValueError, match="name must not be empty"):
+        seal(b"x", wrapper, namespace="ns", name="", generation="g")
+
+
+TYPED = (TruncatedBlob, UnsupportedFormat, TamperedBlob, UnknownKeyVersion)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_truncation_or_byte_change_raises_a_typed_error(data: st.DataObject) -> None:
+    wrapper = _HYPO_WRAPPER
+    plaintext = data.draw(st.binary(max_size=64), label="plaintext")
+    blob = seal(plaintext, wrapper, namespace="ns", name="state", generation="gen-1")
+    mutation = data.draw(st.sampled_from(["truncate", "flip", "set", "insert", "delete"]))
+    mutated = bytearray(blob)
+    if mutation == "truncate":
+        mutated = mutated[: data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        offset = data.draw(st.integers(0, len(blob) - 1), label="offset")
+        if mutation == "flip":
+            mutated[offset] ^= data.draw(st.integers(1, 255), label="mask")
+        elif mutation == "set":
+            value = data.draw(st.integers(0, 255).filter(lambda v: v != blob[offset]), label="value")
+            mutated[offset] = value
+        elif mutation == "insert":
+            mutated.insert(offset, data.draw(st.integers(0, 255), label="value"))
+        else:
+            del mutated[offset]
+    assert bytes(mutated) != blob
+    try:
+        result = open_blob(bytes(mutated), wrapper)
+    except TYPED:
+        return
+    pytest.fail(f"a {mutation} of a valid blob returned {len(result)} bytes instead of an error")
+
+
+_HYPO_WRAPPER = LocalKeyWrapper("vault:hypothesis")
+_HYPO_WRAPPER.rotate()

@@ -1,0 +1,539 @@
+"""The sealed-state store on SQLite and on a real PostgreSQL (every test runs on both)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, insert, inspect, select, text, update
+from sqlalchemy.engine import Engine
+
+from sealing.store import (
+    SCHEMA_VERSION,
+    BlobRecord,
+    DuplicateRecord,
+    RecordNotFound,
+    SchemaTooNew,
+    SealedStateStore,
+    StaleRecord,
+    StoreError,
+    StoreUnavailable,
+    migrate,
+    rekey_schema,
+    sealed_blobs,
+)
+
+SECRET = b"\x00TOP-SECRET-SEALED-BYTES\xff"
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[SealedStateStore]:
+    with SealedStateStore(store_url) as s:
+        yield s
+
+
+@pytest.fixture
+def raw(store_url: str) -> Iterator[Engine]:
+    """A plain SQLAlchemy engine on the same database, to look behind the store's back."""
+    engine = create_engine(store_url)
+    yield engine
+    engine.dispose()
+
+
+def add(store: SealedStateStore, name: str, **overrides: object) -> BlobRecord:
+    fields: dict[str, object] = {
+        "namespace": "orders",
+        "name": name,
+        "key_ref": "vault:orders",
+        "key_version": 1,
+        "generation": "g1",
+        "blob": SECRET,
+    }
+    fields.update(overrides)
+    return store.insert(**fields)  # type: ignore[arg-type]
+
+
+def schema_rows(raw: Engine) -> list[int]:
+    with raw.connect() as conn:
+        return [int(v) for v in conn.execute(select(rekey_schema.c.version)).scalars()]
+
+
+# ---------------------------------------------------------------------- basics
+
+
+def test_insert_then_get_and_get_by_name_round_trip_exactly(store: SealedStateStore) -> None:
+    before = datetime.now(UTC)
+    rec = add(store, "invoice-1")
+    after = datetime.now(UTC)
+
+    assert str(uuid.UUID(rec.blob_id)) == rec.blob_id
+    assert uuid.UUID(rec.blob_id).version == 4
+    assert rec.row_version == 1
+    assert rec.blob == SECRET
+    assert rec.created_at == rec.updated_at
+    assert before <= rec.created_at <= after
+    assert rec.created_at.tzinfo is UTC
+
+    got = store.get(rec.blob_id)
+    assert got == rec  # timestamps round-trip to the microsecond, as aware UTC
+    assert got.created_at.utcoffset() == timedelta(0)
+    assert store.get_by_name("orders", "invoice-1") == rec
+
+
+def test_insert_with_explicit_blob_id(store: SealedStateStore) -> None:
+    blob_id = str(uuid.uuid4())
+    rec = add(store, "x", blob_id=blob_id)
+    assert rec.blob_id == blob_id
+    assert store.get(blob_id).name == "x"
+
+
+def test_missing_records_raise_record_not_found(store: SealedStateStore) -> None:
+    with pytest.raises(RecordNotFound, match="no sealed blob with id nope"):
+        store.get("nope")
+    with pytest.raises(RecordNotFound, match="orders/none"):
+        store.get_by_name("orders", "none")
+
+
+def test_duplicate_insert_raises_and_changes_nothing(store: SealedStateStore) -> None:
+    first = add(store, "a")
+    add(store, "b")
+    snapshot = store.summaries()
+
+    with pytest.raises(DuplicateRecord, match=f"blob {first.blob_id} already exists") as by_id:
+        add(store, "c", blob_id=first.blob_id, blob=b"other")
+    with pytest.raises(DuplicateRecord, match=f"orders/a already exists as blob {first.blob_id}"):
+        add(store, "a", blob=b"other")
+
+    assert store.summaries() == snapshot
+    assert store.get(first.blob_id) == first
+    # Neither the message nor the chained SQLAlchemy/driver errors carry sealed bytes.
+    chain: list[BaseException] = []
+    exc: BaseException | None = by_id.value
+    while exc is not None:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert len(chain) >= 2
+    for e in chain:
+        assert "TOP-SECRET" not in str(e)
+        assert "other" not in str(e)
+
+
+def test_insert_validates_arguments(store: SealedStateStore) -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        add(store, "x", namespace="")
+    with pytest.raises(ValueError, match="key_version"):
+        add(store, "x", key_version=-1)
+    with pytest.raises(TypeError, match="blob must be bytes"):
+        add(store, "x", blob="text")
+    assert store.summaries() == []
+
+
+# ---------------------------------------------------------------------- compare-and-swap
+
+
+def test_cas_success_bumps_row_version_and_updated_at(store: SealedStateStore) -> None:
+    rec = add(store, "a")
+    new = store.compare_and_swap(rec.blob_id, 1, blob=b"rewrapped", key_version=2, generation="g2")
+    assert new.row_version == 2
+    assert new.blob == b"rewrapped"
+    assert new.key_version == 2
+    assert new.generation == "g2"
+    assert new.key_ref == rec.key_ref  # not given: unchanged
+    assert new.created_at == rec.created_at
+    assert new.updated_at > rec.updated_at
+    assert store.get(rec.blob_id) == new
+
+    newer = store.compare_and_swap(rec.blob_id, 2, blob=b"moved", key_version=1, key_ref="kms:x")
+    assert (newer.row_version, newer.key_ref, newer.generation) == (3, "kms:x", "g2")
+
+
+def test_cas_with_stale_version_raises_and_leaves_row(store: SealedStateStore) -> None:
+    rec = add(store, "a")
+    current = store.compare_and_swap(rec.blob_id, 1, blob=b"v2", key_version=1)
+
+    with pytest.raises(StaleRecord) as info:
+        store.compare_and_swap(rec.blob_id, 1, blob=b"lost-update", key_version=9)
+    err = info.value
+    assert (err.blob_id, err.expected, err.actual) == (rec.blob_id, 1, 2)
+    assert str(err) == (
+        f"blob {rec.blob_id} was changed concurrently: expected row_version 1, found 2; re-read it and retry"
+    )
+    assert store.get(rec.blob_id) == current
+
+
+def test_cas_and_delete_on_missing_id_raise_record_not_found(store: SealedStateStore) -> None:
+    with pytest.raises(RecordNotFound, match="missing-id"):
+        store.compare_and_swap("missing-id", 1, blob=b"x", key_version=1)
+    with pytest.raises(RecordNotFound, match="missing-id"):
+        store.delete("missing-id", 1)
+
+
+def test_delete_is_compare_and_swap(store: SealedStateStore) -> None:
+    rec = add(store, "a")
+    store.compare_and_swap(rec.blob_id, 1, blob=b"v2", key_version=1)
+    with pytest.raises(StaleRecord, match="expected row_version 1, found 2"):
+        store.delete(rec.blob_id, 1)
+    assert store.get(rec.blob_id).row_version == 2
+    store.delete(rec.blob_id, 2)
+    with pytest.raises(RecordNotFound):
+        store.get(rec.blob_id)
+
+
+def test_stale_read_by_one_store_loses_to_write_by_another(store_url: str) -> None:
+    """Deterministic version of the race: A reads, B writes, A's write must fail."""
+    with SealedStateStore(store_url) as a, SealedStateStore(store_url) as b:
+        rec = add(a, "shared", blob=b"0")
+        seen_by_a = a.get(rec.blob_id)
+        b.compare_and_swap(rec.blob_id, seen_by_a.row_version, blob=b"from-b", key_version=1)
+        with pytest.raises(StaleRecord):
+            a.compare_and_swap(rec.blob_id, seen_by_a.row_version, blob=b"from-a", key_version=2)
+        assert a.get(rec.blob_id).blob == b"from-b"
+
+
+def test_two_writers_lose_no_update(store_url: str) -> None:
+    """Two stores (as two processes would have) increment one counter 200 times each."""
+    per_thread = 200
+    with SealedStateStore(store_url) as setup:
+        rec = add(setup, "counter", blob=b"0")
+
+    barrier = threading.Barrier(2)
+    stale = [0, 0]
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            with SealedStateStore(store_url) as s:
+                barrier.wait(timeout=30)
+                done = 0
+                while done < per_thread:
+                    current = s.get(rec.blob_id)
+                    time.sleep(0.0002)  # widen the read-to-write window so writers collide
+                    try:
+                        s.compare_and_swap(
+                            rec.blob_id,
+                            current.row_version,
+                            blob=str(int(current.blob) + 1).encode(),
+                            key_version=current.key_version,
+                        )
+                    except StaleRecord:
+                        stale[index] += 1
+                        continue
+                    done += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+
+    with SealedStateStore(store_url) as check:
+        final = check.get(rec.blob_id)
+    assert int(final.blob) == 2 * per_thread
+    assert final.row_version == 2 * per_thread + 1
+    assert sum(stale) >= 1, "no StaleRecord: the writers never actually contended"
+
+
+def test_one_store_shared_by_threads(store: SealedStateStore) -> None:
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for i in range(25):
+                add(store, f"t{index}-{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert len(store.summaries()) == 100
+
+
+# ---------------------------------------------------------------------- listings
+
+
+def test_pages_and_iteration_return_each_match_exactly_once(store: SealedStateStore) -> None:
+    expected_old_orders: set[str] = set()
+    expected_g2: set[str] = set()
+    all_ids: set[str] = set()
+    for i in range(1234):
+        key_ref = "vault:orders" if i % 3 else "vault:users"
+        key_version = 1 + i % 4
+        generation = "g2" if i % 5 == 0 else "g1"
+        rec = add(
+            store,
+            f"r{i}",
+            key_ref=key_ref,
+            key_version=key_version,
+            generation=generation,
+            blob=i.to_bytes(2, "big"),
+        )
+        all_ids.add(rec.blob_id)
+        if key_ref == "vault:orders" and key_version < 3:
+            expected_old_orders.add(rec.blob_id)
+        if generation == "g2":
+            expected_g2.add(rec.blob_id)
+
+    # key_ref + below_version, walked page by page through the cursor
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        page = store.page(key_ref="vault:orders", below_version=3, after=cursor, limit=100)
+        pages += 1
+        assert len(page.records) <= 100
+        for r in page.records:
+            assert r.key_ref == "vault:orders"
+            assert r.key_version < 3
+        seen.extend(r.blob_id for r in page.records)
+        if page.next_cursor is None:
+            break
+        assert page.next_cursor == page.records[-1].blob_id
+        cursor = page.next_cursor
+    assert len(seen) == len(set(seen))
+    assert set(seen) == expected_old_orders
+    assert seen == sorted(seen)
+    assert pages == -(-len(expected_old_orders) // 100)
+
+    # generation filter through iter_records, with an odd batch size
+    g2 = [r.blob_id for r in store.iter_records(generation="g2", batch=77)]
+    assert len(g2) == len(set(g2))
+    assert set(g2) == expected_g2
+
+    # no filter: everything, once
+    everything = [r.blob_id for r in store.iter_records(batch=500)]
+    assert len(everything) == 1234
+    assert set(everything) == all_ids
+
+    # exact fit: a page that ends on the last record has no next cursor
+    exact = store.page(generation="g2", limit=len(expected_g2))
+    assert len(exact.records) == len(expected_g2)
+    assert exact.next_cursor is None
+    assert store.page(key_ref="nobody").records == []
+
+
+def test_page_argument_validation(store: SealedStateStore) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        store.page(limit=0)
+    with pytest.raises(ValueError, match="limit"):
+        store.page(limit=10_001)
+    with pytest.raises(ValueError, match="below_version needs key_ref"):
+        store.page(below_version=3)
+    with pytest.raises(ValueError, match="below_version needs key_ref"):
+        store.iter_records(below_version=3)  # checked eagerly, not on first next()
+    with pytest.raises(ValueError, match="batch"):
+        store.iter_records(batch=0)
+    assert store.page(limit=10_000).records == []
+
+
+def test_counts(store: SealedStateStore) -> None:
+    for i in range(7):
+        add(store, f"o{i}", key_version=1 + i % 3, generation="g1" if i < 4 else "g2")
+    add(store, "u", key_ref="vault:users", key_version=5, generation="g3")
+    assert store.count_by_key_version("vault:orders") == {1: 3, 2: 2, 3: 2}
+    assert store.count_by_key_version("vault:users") == {5: 1}
+    assert store.count_by_key_version("vault:none") == {}
+    assert store.count_by_generation() == {"g1": 4, "g2": 3, "g3": 1}
+
+
+def test_summaries_report_sizes_in_name_order(store: SealedStateStore) -> None:
+    add(store, "zeta", blob=b"")
+    add(store, "alpha", blob=b"\x00" * 1000)
+    b = add(store, "beta", namespace="billing", blob=bytes(range(256)) * 3)
+
+    summaries = store.summaries()
+    assert [(s.namespace, s.name, s.size) for s in summaries] == [
+        ("billing", "beta", 768),
+        ("orders", "alpha", 1000),
+        ("orders", "zeta", 0),
+    ]
+    assert summaries[0].blob_id == b.blob_id
+    assert summaries[0].created_at == b.created_at
+    assert [s.name for s in store.summaries("orders")] == ["alpha", "zeta"]
+    assert store.summaries("nobody") == []
+
+
+# ---------------------------------------------------------------------- generations
+
+
+def test_generations_are_idempotent_and_conflict_on_change(store: SealedStateStore) -> None:
+    doc = json.dumps({"generation": "g1", "keys": {"vault:orders": 2}}, sort_keys=True)
+    assert store.put_generation("g1", doc) is True
+    assert store.put_generation("g1", doc) is False
+    with pytest.raises(DuplicateRecord, match="generation g1 is already registered"):
+        store.put_generation("g1", json.dumps({"generation": "g1", "keys": {}}))
+    assert store.get_generation("g1") == doc
+
+    assert store.put_generation("g2", "{}") is True
+    listed = store.list_generations()
+    assert [(gid, d) for gid, d, _ in listed] == [("g1", doc), ("g2", "{}")]
+    assert all(at.tzinfo is UTC for _, _, at in listed)
+
+    with pytest.raises(RecordNotFound, match="no generation g9"):
+        store.get_generation("g9")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        store.put_generation("g3", "{not json")
+
+
+# ---------------------------------------------------------------------- schema
+
+
+def test_fresh_database_is_at_current_version_and_reopen_is_noop(store_url: str, raw: Engine) -> None:
+    with SealedStateStore(store_url) as s:
+        assert s.schema_version == SCHEMA_VERSION == 2
+        rec = add(s, "keep")
+    tables = set(inspect(raw).get_table_names())
+    assert {"rekey_schema", "sealed_blobs", "generations"} <= tables
+    indexes = {ix["name"] for ix in inspect(raw).get_indexes("sealed_blobs")}
+    assert {"ix_sealed_blobs_key", "ix_sealed_blobs_generation"} <= indexes
+    assert schema_rows(raw) == [SCHEMA_VERSION]
+
+    with SealedStateStore(store_url) as again:
+        assert again.schema_version == SCHEMA_VERSION
+        assert again.get(rec.blob_id) == rec
+    assert schema_rows(raw) == [SCHEMA_VERSION]
+    assert migrate(store_url) == SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused_and_left_untouched(store_url: str, raw: Engine) -> None:
+    with SealedStateStore(store_url) as s:
+        add(s, "keep")
+    with raw.begin() as conn:
+        conn.execute(update(rekey_schema).values(version=SCHEMA_VERSION + 1))
+    tables = sorted(inspect(raw).get_table_names())
+
+    with pytest.raises(SchemaTooNew) as info:
+        SealedStateStore(store_url)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"version {SCHEMA_VERSION + 1}" in message
+    assert f"({SCHEMA_VERSION})" in message
+    with pytest.raises(SchemaTooNew):
+        migrate(store_url)
+
+    raw.dispose()  # fresh connections see the current catalog
+    assert sorted(inspect(raw).get_table_names()) == tables
+    assert schema_rows(raw) == [SCHEMA_VERSION + 1]
+    with raw.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(sealed_blobs)).scalar_one() == 1
+
+
+def test_version_1_database_upgrades_keeping_data(store_url: str, raw: Engine) -> None:
+    assert migrate(store_url, target=1) == 1
+    assert schema_rows(raw) == [1]
+    assert "generations" not in inspect(raw).get_table_names()
+    now = datetime.now(UTC)
+    with raw.begin() as conn:
+        conn.execute(
+            insert(sealed_blobs).values(
+                blob_id="old-1",
+                namespace="orders",
+                name="legacy",
+                key_ref="vault:orders",
+                key_version=1,
+                generation="g0",
+                blob=b"legacy-bytes",
+                row_version=4,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    raw.dispose()
+
+    with SealedStateStore(store_url) as s:
+        assert s.schema_version == 2
+        old = s.get("old-1")
+        assert (old.blob, old.row_version, old.created_at) == (b"legacy-bytes", 4, now)
+        assert s.put_generation("g1", "{}") is True
+    assert schema_rows(raw) == [2]
+
+
+def test_concurrent_first_open_does_not_fail(store_url: str, raw: Engine) -> None:
+    barrier = threading.Barrier(4)
+    versions: list[int] = []
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            barrier.wait(timeout=30)
+            with SealedStateStore(store_url) as s:
+                versions.append(s.schema_version)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert versions == [SCHEMA_VERSION] * 4
+    assert schema_rows(raw) == [SCHEMA_VERSION]
+
+
+# ---------------------------------------------------------------------- hygiene
+
+
+def test_repr_never_shows_blob_bytes(store: SealedStateStore) -> None:
+    rec = add(store, "secret", blob=SECRET)
+    for text_form in (repr(rec), str(rec), f"{rec}", repr([rec])):
+        assert "TOP-SECRET" not in text_form
+        assert repr(SECRET) not in text_form
+        assert f"blob=<{len(SECRET)} bytes>" in text_form
+    assert "TOP-SECRET" not in repr(store.page().records)
+
+
+def test_closed_store_refuses_work(store_url: str) -> None:
+    s = SealedStateStore(store_url)
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.get("x")
+
+
+def test_unreachable_postgres_is_store_unavailable() -> None:
+    url = "postgresql+psycopg://rekey:hunter2@127.0.0.1:1/rekey?connect_timeout=2"
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as info:
+        SealedStateStore(url)
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert "127.0.0.1:1/rekey" in message
+    assert "hunter2" not in message
+    assert "\n" not in message
+
+
+def test_unusable_sqlite_path_is_store_unavailable(tmp_path: Path) -> None:
+    blocker = f"{tmp_path}/a-file"
+    with open(blocker, "w") as f:
+        f.write("not a directory")
+    with pytest.raises(StoreUnavailable):
+        SealedStateStore(f"sqlite:///{blocker}/state.db")
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/deep/er/state.db"
+    with SealedStateStore(url):
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+        engine.dispose()
+
+
+def test_unsupported_url_is_value_error() -> None:
+    with pytest.raises(ValueError, match="unsupported database"):
+        SealedStateStore("mysql://u:pw@host/db")
+    with pytest.raises(ValueError, match="invalid database URL"):
+        SealedStateStore("not a url")
