@@ -24,8 +24,12 @@ import pytest
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
 
+from kms_adapters.vault_transit import TransitAdmin
 from rekey import devstack
+from rekey.backends import wrapper_for
 from rekey.config import Settings, load_settings
+from sealing.state import SealedState
+from sealing.store import SealedStateStore
 from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -203,6 +207,17 @@ def test_state_survives_down_and_up(stack: Settings) -> None:
         return handle.result_run_id or ""
 
     run_id = _run_temporal(stack, start)
+    # A sealed blob in the store, its DEK wrapped by a Transit key of this OpenBao.
+    with SealedStateStore(stack.store_url) as store:
+        store.put_generation("gen-persist", '{"id":"gen-persist"}')
+        TransitAdmin(client, mount_point=mount).create("persist-blob")
+        SealedState(store, lambda ref: wrapper_for(stack, ref)).put(
+            namespace="ns",
+            name="kept",
+            data=b"blob survives restarts",
+            key_ref="vault:persist-blob",
+            generation="gen-persist",
+        )
     old_pids = {s.name: s.pid for s in devstack.status(stack)}
 
     stopped = devstack.down(stack, echo=lambda _line: None)
@@ -229,6 +244,10 @@ def test_state_survives_down_and_up(stack: Settings) -> None:
     description = _run_temporal(stack, describe)
     assert description.run_id == run_id
     assert description.status == WorkflowExecutionStatus.RUNNING
+
+    with SealedStateStore(stack.store_url) as store:
+        reopened = SealedState(store, lambda ref: wrapper_for(stack, ref)).get(namespace="ns", name="kept")
+    assert reopened == b"blob survives restarts"
 
 
 def test_port_in_use_stops_what_this_call_started(tmp_path: Path) -> None:
