@@ -90,6 +90,7 @@ class Tag(enum.IntEnum):
     GENERATION = 0x05
     POLICY = 0x06
     CREATED_AT = 0x07
+    KEY_REQUEST = 0x08  # present exactly when the policy is a TEE policy
 
 
 _FIRST_EXTENSION_TAG = 0x80
@@ -108,6 +109,7 @@ class BlobHeader(NamedTuple):
     generation: str
     policy: SealingPolicy
     created_at: datetime
+    key_request: bytes = b""  # TEE sealing: how to re-derive the sealing key (opaque here)
 
     def encode(self) -> bytes:
         """Canonical encoding: every field once, in ascending tag order."""
@@ -121,6 +123,10 @@ class BlobHeader(NamedTuple):
             _field(Tag.POLICY, bytes([int(self.policy)])),
             _field(Tag.CREATED_AT, _U64.pack(millis)),
         ]
+        if (self.policy is SealingPolicy.KMS) == bool(self.key_request):
+            raise ValueError("a key request goes with a TEE sealing policy, and only with one")
+        if self.key_request:
+            parts.append(_field(Tag.KEY_REQUEST, self.key_request))
         return b"".join(parts)
 
 
@@ -222,8 +228,10 @@ def parse(blob: bytes | bytearray | memoryview) -> SealedBlob:
 
 
 _CRITICAL_TAGS = frozenset(int(t) for t in Tag)
+_REQUIRED_TAGS = _CRITICAL_TAGS - {int(Tag.KEY_REQUEST)}
 _POLICIES = {int(p): p for p in SealingPolicy}
 _BLOB_ID, _POLICY, _CREATED_AT = int(Tag.BLOB_ID), int(Tag.POLICY), int(Tag.CREATED_AT)
+_KEY_REQUEST = int(Tag.KEY_REQUEST)
 _TEXT_TAG_IDS = (int(Tag.NAMESPACE), int(Tag.NAME), int(Tag.KEY_REF), int(Tag.GENERATION))
 
 
@@ -248,8 +256,8 @@ def _decode_header(data: bytes) -> BlobHeader:
                 raise UnsupportedFormat(f"sealed blob header has unknown critical field 0x{tag:02x}")
             values[tag] = data[pos : pos + length]
         pos += length
-    if len(values) != len(critical):
-        missing = sorted(Tag(t).name.lower() for t in critical - values.keys())
+    if not _REQUIRED_TAGS <= values.keys():
+        missing = sorted(Tag(t).name.lower() for t in _REQUIRED_TAGS - values.keys())
         raise TamperedBlob(f"sealed blob header lacks {', '.join(missing)}")
     try:
         namespace, name, key_ref, generation = (values[t].decode("utf-8") for t in _TEXT_TAG_IDS)
@@ -264,11 +272,16 @@ def _decode_header(data: bytes) -> BlobHeader:
     policy = _POLICIES.get(policy_byte[0])
     if policy is None:
         raise UnsupportedFormat(f"sealing policy {policy_byte[0]} is not supported")
+    key_request = values.get(_KEY_REQUEST, b"")
+    if (policy is SealingPolicy.KMS) == bool(key_request):
+        raise TamperedBlob("sealed blob key request does not match its sealing policy")
     try:
         created_at = datetime.fromtimestamp(int.from_bytes(created) / 1000, UTC)
     except (OverflowError, OSError, ValueError):
         raise TamperedBlob("sealed blob creation time is out of range") from None
-    return BlobHeader(uuid.UUID(bytes=blob_id), namespace, name, key_ref, generation, policy, created_at)
+    return BlobHeader(
+        uuid.UUID(bytes=blob_id), namespace, name, key_ref, generation, policy, created_at, key_request
+    )
 
 
 def seal(
@@ -280,6 +293,7 @@ def seal(
     generation: str,
     blob_id: uuid.UUID | None = None,
     policy: SealingPolicy = SealingPolicy.KMS,
+    key_request: bytes = b"",
     now: datetime | None = None,
 ) -> bytearray:
     """Encrypt ``data`` under a fresh DEK wrapped by ``wrapper``; return the blob (a new buffer)."""
@@ -294,6 +308,7 @@ def seal(
         generation=generation,
         policy=policy,
         created_at=created.replace(microsecond=created.microsecond // 1000 * 1000),
+        key_request=key_request,
     )
     header_bytes = header.encode()
     if len(header_bytes) > 0xFFFF:

@@ -143,7 +143,7 @@ def test_unknown_critical_field_is_unsupported_but_extension_is_skipped(
 ) -> None:
     """A newer writer's extension field (tag >= 0x80) is authenticated and ignored."""
     dek_blob = parse(_seal(wrapper))
-    for tag, expected in ((0x08, UnsupportedFormat), (0x90, TamperedBlob)):
+    for tag, expected in ((0x09, UnsupportedFormat), (0x90, TamperedBlob)):
         header = dek_blob.aad[8:] + struct.pack(">BH", tag, 3) + b"abc"
         aad = struct.pack(">4sBBH", b"RKSB", 1, 0, len(header)) + header
         forged = envelope.SealedBlob(
@@ -208,3 +208,22 @@ def test_any_truncation_or_byte_change_raises_a_typed_error(data: st.DataObject)
 
 _HYPO_WRAPPER = LocalKeyWrapper("vault:hypothesis")
 _HYPO_WRAPPER.rotate()
+
+
+def test_tee_policy_carries_a_key_request(wrapper: LocalKeyWrapper) -> None:
+    blob = seal(
+        b"x",
+        wrapper,
+        namespace="ns",
+        name="n",
+        generation="g",
+        policy=SealingPolicy.TEE_MRSIGNER,
+        key_request=b"\x03\x00\x02" + b"\x00" * 16,
+    )
+    header = parse(blob).header
+    assert header.policy is SealingPolicy.TEE_MRSIGNER and header.key_request.startswith(b"\x03\x00\x02")
+    assert open_blob(blob, wrapper) == b"x"
+    with pytest.raises(ValueError, match="key request"):
+        seal(b"x", wrapper, namespace="ns", name="n", generation="g", policy=SealingPolicy.TEE_MRENCLAVE)
+    with pytest.raises(ValueError, match="key request"):
+        seal(b"x", wrapper, namespace="ns", name="n", generation="g", key_request=b"\x01")

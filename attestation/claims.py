@@ -1,0 +1,30 @@
+"""Platform-neutral claims: what a verifier learned from one piece of evidence."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Claims extracted from verified evidence. Binary values are lowercase hex."""
+
+    platform: str  # sim | sgx | sev-snp | tdx | nitro
+    measurement: str  # MRENCLAVE / launch digest / MRTD / PCR0
+    signer: str  # MRSIGNER / ID-key digest / PCR8
+    product_id: int
+    svn: int
+    debug: bool
+    tcb_status: str  # e.g. UpToDate, OutOfDate, SWHardeningNeeded
+    report_data: str  # 64 bytes the enclave bound into its evidence
+    evidence_digest: str  # SHA-256 of the raw evidence
+    evidence_time: datetime | None  # when the evidence was produced, if the platform says
+    nonce: str | None = None  # the verifier's nonce, once checked against report data
+    cpu_svn: str = ""  # platform TCB component (SGX CPUSVN), where the platform has one
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["evidence_time"] = self.evidence_time.isoformat() if self.evidence_time else None
+        return data
