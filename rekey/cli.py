@@ -6,6 +6,7 @@ operation, 4 for a generation downgrade); ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from attestation.errors import AttestationError
 from kms_adapters.keyref import InvalidKeyRef
 from rekey import devstack
 from rekey.backends import BackendNotAvailable, transit_admin, wrapper_for
@@ -35,6 +37,7 @@ from sealing.keywrap import KeyWrapper
 from sealing.state import SealedState
 from sealing.store import RecordNotFound, SealedStateStore, StoreError
 
+EXIT_DENIED = 3
 EXIT_DOWNGRADE = 4
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 json_option = click.option("--json", "json_out", is_flag=True, help="Print JSON.")
@@ -55,6 +58,7 @@ class InputFileError(Exception):
 
 
 _KNOWN_ERRORS = (
+    AttestationError,
     ConfigError,
     ManifestError,
     InvalidKeyRef,
@@ -126,6 +130,16 @@ def state_app() -> None:
 @app.group("generation")
 def generation_app() -> None:
     """Enclave generations (measured builds)."""
+
+
+@app.group("agent")
+def agent_app() -> None:
+    """The enclave agent that runs inside a workload's TEE."""
+
+
+@app.group("attest")
+def attest_app() -> None:
+    """Attestation evidence and results."""
 
 
 # ---------------------------------------------------------------------------------------- dev
@@ -444,6 +458,197 @@ def generation_diff(old: str, new: str, json_out: bool, markdown: bool) -> None:
             out.print(f"[bold yellow]! {flag}[/]")
     if result.svn_lowered:
         raise click.exceptions.Exit(EXIT_DOWNGRADE)
+
+
+# ------------------------------------------------------------------------------ agent, attest
+
+
+def _sim_host_dir(host_dir: Path | None) -> Path:
+    return host_dir if host_dir is not None else _settings().home / "sim-host"
+
+
+@agent_app.command("serve")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="GEN_MANIFEST",
+    help="Generation manifest of the build this agent runs in.",
+)
+@click.option(
+    "--platform",
+    type=click.Choice(["sim"]),
+    default="sim",
+    show_default=True,
+    help="TEE platform (real hardware platforms come later).",
+)
+@click.option(
+    "--host-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Simulated host: root secret, attestation key, CA (default <home>/sim-host).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Port on 127.0.0.1 (0 picks a free one and prints it).",
+)
+def agent_serve(manifest_path: Path, platform: str, host_dir: Path | None, port: int) -> None:
+    """Serve the agent API on 127.0.0.1 until stopped (SIGINT/SIGTERM)."""
+    import signal
+
+    from attestation.sim import SimVerifier
+    from rekey.agent_server import make_server
+    from sealing.agent import EnclaveAgent
+    from sealing.sim_tee import EnclaveIdentity, SimHost
+
+    manifest = load_manifest(manifest_path)
+    if manifest.platform != platform:
+        raise ManifestError(f"{manifest_path}: field 'platform': {manifest.platform} is not {platform}")
+    host = SimHost.load_or_create(_sim_host_dir(host_dir))
+    enclave = host.enclave(EnclaveIdentity.from_manifest(manifest))
+    agent = EnclaveAgent(manifest, enclave, SimVerifier(host.root_ca_pem()))
+    try:
+        server = make_server(agent, port)
+    except OSError as exc:
+        raise InputFileError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    bound = server.server_address[1]
+    out.print(f"rekey agent for generation {manifest.id} listening on http://127.0.0.1:{bound}")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def _read_evidence(path: Path) -> tuple[bytes, bytes]:
+    """Raw evidence, or the JSON an agent's /v1/attest returns (evidence + public key)."""
+    raw = _read_input(path)
+    if raw[:1] == b"{":
+        try:
+            document = json.loads(raw)
+            return base64.b64decode(document["evidence"], validate=True), base64.b64decode(
+                document.get("public_key", ""), validate=True
+            )
+        except (ValueError, KeyError, TypeError):
+            raise InputFileError(
+                f"{path}: JSON evidence needs base64 'evidence' (and 'public_key')"
+            ) from None
+    return raw, b""
+
+
+@attest_app.command("verify")
+@click.argument("evidence_path", metavar="EVIDENCE", type=click.Path(path_type=Path))
+@click.option("--platform", type=click.Choice(["sim"]), required=True, help="Evidence platform.")
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Policy (YAML/JSON); with it, a signed attestation result is issued.",
+)
+@click.option("--nonce", "nonce_hex", default=None, metavar="HEX", help="Nonce the evidence must bind.")
+@click.option(
+    "--at", "at_text", default=None, metavar="TIME", help="Verify as of this ISO 8601 time (default now)."
+)
+@click.option(
+    "--host-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Simulated host whose root CA is trusted (default <home>/sim-host).",
+)
+@json_option
+def attest_verify(
+    evidence_path: Path,
+    platform: str,
+    policy_path: Path | None,
+    nonce_hex: str | None,
+    at_text: str | None,
+    host_dir: Path | None,
+    json_out: bool,
+) -> None:
+    """Verify evidence; exit 0 allowed, 3 denied by policy, 2 malformed or unverifiable."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from attestation.errors import NonceMismatch, PolicyDenied
+    from attestation.policy import load_policy
+    from attestation.sim import SimVerifier
+    from attestation.token import ResultSigner, verify_result
+    from attestation.verifier import Verifier
+    from sealing.handoff import report_data_for
+    from sealing.sim_tee import SimHost
+
+    try:
+        at = datetime.fromisoformat(at_text) if at_text else datetime.now(UTC)
+    except ValueError:
+        raise InputFileError(f"--at {at_text!r} is not an ISO 8601 time") from None
+    at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    try:
+        nonce = bytes.fromhex(nonce_hex) if nonce_hex is not None else None
+    except ValueError:
+        raise InputFileError("--nonce must be hex") from None
+    evidence, public_key = _read_evidence(evidence_path)
+    root = SimHost.load_or_create(_sim_host_dir(host_dir)).root_ca_pem()
+    platform_verifier = SimVerifier(root)
+    result: dict[str, Any] = {}
+    try:
+        if policy_path is None:
+            claims = platform_verifier.verify(evidence, at=at)
+            if nonce is not None and bytes.fromhex(claims.report_data) != report_data_for(nonce, public_key):
+                raise NonceMismatch("evidence does not bind the nonce (and public key)")
+            result = {"allowed": True, "claims": claims.to_dict(), "token": None}
+        else:
+            policy = load_policy(policy_path)
+            signer = ResultSigner.load_or_create(_settings().home / "verifier" / "es256.pem")
+            verifier = Verifier({platform: platform_verifier}, signer, clock=lambda: at)
+            token = asyncio.run(
+                verifier.verify(
+                    evidence,
+                    platform=platform,
+                    expected_nonce=nonce,
+                    policy=policy,
+                    audience="rekey",
+                    cnf_public_key=public_key,
+                )
+            )
+            verified = verify_result(
+                token, public_key=signer.public_key, audience="rekey", policy_id=policy.id, now=at
+            )
+            result = {
+                "allowed": True,
+                "policy": policy.id,
+                "claims": verified.claims.to_dict(),
+                "token": token,
+            }
+    except PolicyDenied as exc:
+        if json_out:
+            _emit_json({"allowed": False, "reasons": exc.reasons})
+        else:
+            err.print("denied by policy:", markup=False)
+            for reason in exc.reasons:
+                err.print(f"  - {reason}", markup=False)
+        sys.exit(EXIT_DENIED)
+    if json_out:
+        _emit_json(result)
+        return
+    table = _table("claim", "value")
+    for key, value in result["claims"].items():
+        table.add_row(key, str(value))
+    out.print(table)
+    if result.get("token"):
+        out.print(f"attestation result (ES256 JWT, policy {result['policy']}):")
+        out.print(result["token"], markup=False)
 
 
 # --------------------------------------------------------------------------------- entry point

@@ -256,7 +256,7 @@ def _decode_header(data: bytes) -> BlobHeader:
                 raise UnsupportedFormat(f"sealed blob header has unknown critical field 0x{tag:02x}")
             values[tag] = data[pos : pos + length]
         pos += length
-    if not _REQUIRED_TAGS <= values.keys():
+    if not values.keys() >= _REQUIRED_TAGS:
         missing = sorted(Tag(t).name.lower() for t in _REQUIRED_TAGS - values.keys())
         raise TamperedBlob(f"sealed blob header lacks {', '.join(missing)}")
     try:

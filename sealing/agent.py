@@ -1,0 +1,251 @@
+"""The enclave agent: the part of rekey that runs inside a workload's TEE.
+
+It attests (evidence binding a verifier's nonce and the agent's HPKE public key), seals and
+unseals with the platform's sealing keys, and hands hardware-sealed secrets to the next
+generation: ``export`` checks the new enclave's evidence against the migration policy (same
+signer and product, SVN not lower, not debug, TCB up to date), unseals, and encrypts each
+secret to the new enclave's attested key; ``import`` decrypts such a package inside the new
+enclave and reseals under its own identity. No answer carries a plaintext secret except
+``unseal``, which the transport restricts to the local caller.
+
+This module is transport-free; ``rekey/agent_server.py`` puts it on HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from attestation.claims import Claims
+from attestation.errors import NonceMismatch, PolicyDenied
+from attestation.platform import PlatformVerifier
+from sealing import envelope
+from sealing.envelope import SealingPolicy
+from sealing.generation import GenerationManifest
+from sealing.handoff import (
+    PROTOCOL,
+    SUITE_NAME,
+    HandoffError,
+    HandoffKeyPair,
+    ItemLabel,
+    fingerprint,
+    report_data_for,
+    seal_to,
+)
+from sealing.sim_tee import SimEnclave
+
+SealPolicyName = Literal["mrenclave", "mrsigner"]
+_POLICY_NAMES: dict[SealingPolicy, SealPolicyName] = {
+    SealingPolicy.TEE_MRENCLAVE: "mrenclave",
+    SealingPolicy.TEE_MRSIGNER: "mrsigner",
+}
+EXPORT_CONTEXT = b"rekey-export-v1"
+PACKAGE_VERSION = 1
+NONCE_TTL = timedelta(minutes=5)
+MAX_OUTSTANDING_NONCES = 10_000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise HandoffError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise HandoffError(f"{what} is not valid base64") from None
+
+
+@dataclass(frozen=True)
+class Attestation:
+    evidence: bytes
+    public_key: bytes
+
+
+def migration_reasons(own: GenerationManifest, peer: Claims, *, peer_is_newer: bool) -> list[str]:
+    """Why ``peer`` may not take (or give) this agent's sealed state; empty when it may.
+
+    Export (``peer_is_newer``): the peer must not have a lower SVN. Import: the exporter must
+    not have a higher one (state only moves forward)."""
+    reasons = []
+    if peer.platform != own.platform:
+        reasons.append(f"platform {peer.platform} is not {own.platform}")
+    if peer.signer != own.signer:
+        reasons.append(f"signer {peer.signer[:16]}… is not this enclave's signer {own.signer[:16]}…")
+    if peer.product_id != own.product_id:
+        reasons.append(f"product id {peer.product_id} is not {own.product_id}")
+    if peer_is_newer and peer.svn < own.svn:
+        reasons.append(f"svn {peer.svn} is below this enclave's svn {own.svn}")
+    if not peer_is_newer and peer.svn > own.svn:
+        reasons.append(f"exporter svn {peer.svn} is above this enclave's svn {own.svn}")
+    if peer.debug:
+        reasons.append("debug enclave not allowed")
+    if peer.tcb_status != "UpToDate":
+        reasons.append(f"TCB status {peer.tcb_status} is not allowed (allowed: UpToDate)")
+    return reasons
+
+
+def _items_digest(items: list[dict[str, str]]) -> bytes:
+    canonical = json.dumps(items, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(EXPORT_CONTEXT + canonical).digest()
+
+
+class EnclaveAgent:
+    def __init__(
+        self,
+        manifest: GenerationManifest,
+        enclave: SimEnclave,
+        verifier: PlatformVerifier,
+        *,
+        clock: Callable[[], datetime] = _now,
+        max_evidence_age: timedelta = timedelta(minutes=5),
+    ) -> None:
+        self.manifest = manifest
+        self._enclave = enclave
+        self._verifier = verifier
+        self._clock = clock
+        self._max_age = max_evidence_age
+        self._keys = HandoffKeyPair()
+        self._nonces: dict[bytes, datetime] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def public_key(self) -> bytes:
+        return self._keys.public_bytes
+
+    def identity(self) -> dict[str, Any]:
+        return self.manifest.model_dump() | {
+            "handoff_key_sha256": fingerprint(self.public_key),
+            "handoff_suite": SUITE_NAME,
+        }
+
+    # ------------------------------------------------------------------------- attestation
+
+    def new_nonce(self) -> bytes:
+        """A single-use challenge for a peer that wants this agent's state."""
+        now = self._clock()
+        nonce = secrets.token_bytes(32)
+        with self._lock:
+            for old in [n for n, expiry in self._nonces.items() if expiry <= now]:
+                del self._nonces[old]
+            if len(self._nonces) >= MAX_OUTSTANDING_NONCES:
+                raise HandoffError("too many outstanding nonces; try again later")
+            self._nonces[nonce] = now + NONCE_TTL
+        return nonce
+
+    def _consume_nonce(self, nonce: bytes) -> None:
+        with self._lock:
+            expiry = self._nonces.pop(nonce, None)
+        if expiry is None or expiry <= self._clock():
+            raise NonceMismatch("nonce was not issued by this agent, has expired, or was already used")
+
+    def attest(self, nonce: bytes) -> Attestation:
+        if not 1 <= len(nonce) <= 64:
+            raise HandoffError("nonce must be 1-64 bytes")
+        return Attestation(self._enclave.report(report_data_for(nonce, self.public_key)), self.public_key)
+
+    def _verify_peer(self, evidence: bytes, expected_report_data: bytes) -> Claims:
+        now = self._clock()
+        claims = self._verifier.verify(evidence, at=now)
+        if not hmac.compare_digest(bytes.fromhex(claims.report_data), expected_report_data):
+            raise NonceMismatch("peer evidence does not bind the expected nonce and public key")
+        if claims.evidence_time is not None and now - claims.evidence_time > self._max_age:
+            raise PolicyDenied([f"evidence is older than {int(self._max_age.total_seconds())}s"])
+        return claims
+
+    # ------------------------------------------------------------------------------ sealing
+
+    def seal(self, *, namespace: str, name: str, data: bytes, policy: SealPolicyName) -> bytes:
+        return self._enclave.seal(data, policy, namespace=namespace, name=name, generation=self.manifest.id)
+
+    def unseal(self, blob: bytes) -> bytes:
+        return self._enclave.unseal(blob)
+
+    # ------------------------------------------------------------------------------ handoff
+
+    def export(
+        self, *, peer_evidence: bytes, peer_public_key: bytes, nonce: bytes, blobs: list[bytes]
+    ) -> dict[str, Any]:
+        """Hand ``blobs`` to an attested newer generation, encrypted to its key."""
+        self._consume_nonce(nonce)
+        claims = self._verify_peer(peer_evidence, report_data_for(nonce, peer_public_key))
+        reasons = migration_reasons(self.manifest, claims, peer_is_newer=True)
+        if reasons:
+            raise PolicyDenied(reasons)
+        items = []
+        for blob in blobs:
+            secret = self.unseal(blob)
+            header = envelope.parse(blob).header
+            label = ItemLabel(header.namespace, header.name, _POLICY_NAMES[header.policy])
+            items.append(
+                {
+                    "namespace": label.namespace,
+                    "name": label.name,
+                    "policy": label.policy,
+                    "ciphertext": _b64(seal_to(peer_public_key, label, secret)),
+                }
+            )
+        # The exporter attests to the package too, so the importer knows who sent it.
+        evidence = self._enclave.report(_items_digest(items) + bytes(32))
+        return {
+            "version": PACKAGE_VERSION,
+            "suite": SUITE_NAME,
+            "recipient_key_sha256": fingerprint(peer_public_key),
+            "exporter_generation": self.manifest.id,
+            "exporter_evidence": _b64(evidence),
+            "items": items,
+        }
+
+    def import_package(self, package: Any) -> list[tuple[str, str, bytes]]:
+        """Decrypt a package sealed for this agent and reseal every item under this identity.
+
+        Returns (namespace, name, new blob) per item. Nothing is returned unless every item
+        decrypted: a package is taken whole or not at all."""
+        if not isinstance(package, dict) or package.get("version") != PACKAGE_VERSION:
+            raise HandoffError(f"not a version {PACKAGE_VERSION} handoff package")
+        if package.get("recipient_key_sha256") != fingerprint(self.public_key):
+            raise HandoffError("handoff package is sealed for another agent")
+        items = package.get("items")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise HandoffError("handoff package has no item list")
+        exporter = self._verify_peer(
+            _unb64(package.get("exporter_evidence"), "exporter evidence"), _items_digest(items) + bytes(32)
+        )
+        reasons = migration_reasons(self.manifest, exporter, peer_is_newer=False)
+        if reasons:
+            raise PolicyDenied(reasons)
+        opened = []
+        for item in items:
+            policy = item.get("policy")
+            if policy not in ("mrenclave", "mrsigner"):
+                raise HandoffError("handoff item has an unknown sealing policy")
+            label = ItemLabel(str(item.get("namespace", "")), str(item.get("name", "")), policy)
+            if not label.namespace or not label.name:
+                raise HandoffError("handoff item lacks a namespace or name")
+            secret = self._keys.open(_unb64(item.get("ciphertext"), "item ciphertext"), label.info())
+            opened.append((label, secret))
+        return [
+            (
+                label.namespace,
+                label.name,
+                self.seal(namespace=label.namespace, name=label.name, data=secret, policy=label.policy),
+            )
+            for label, secret in opened
+        ]
+
+
+__all__ = ["PROTOCOL", "Attestation", "EnclaveAgent", "migration_reasons"]

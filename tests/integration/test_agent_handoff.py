@@ -1,0 +1,272 @@
+"""The patch scenario from operators' reports, with real agent processes over HTTP.
+
+Generation v1 (svn 1) seals state; a patched v2 (new measurement, svn 2) cannot unseal the
+MRENCLAVE-sealed part, can unseal the MRSIGNER-sealed part, and receives the MRENCLAVE part
+through an attested export/import. Exports to a debug enclave, another signer or a lower SVN
+are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+SIGNER = "83" * 32
+BASE = {"platform": "sim", "signer": SIGNER, "product_id": 1, "debug": False, "tcb": "UpToDate"}
+GENERATIONS = {
+    "v1": BASE | {"id": "v1", "measurement": "a1" * 32, "svn": 1},
+    "v2": BASE | {"id": "v2", "measurement": "b2" * 32, "svn": 2},
+    "v2-debug": BASE | {"id": "v2-debug", "measurement": "c3" * 32, "svn": 2, "debug": True},
+    "v2-other-signer": BASE
+    | {"id": "v2-other-signer", "measurement": "d4" * 32, "svn": 2, "signer": "99" * 32},
+    "v0": BASE | {"id": "v0", "measurement": "e5" * 32, "svn": 0},
+}
+
+
+class AgentError(Exception):
+    def __init__(self, status: int, error: dict[str, Any]) -> None:
+        super().__init__(f"{status} {error}")
+        self.status, self.type, self.message = status, error["type"], error["message"]
+        self.reasons: list[str] = error.get("reasons", [])
+
+
+@dataclass
+class Agent:
+    url: str
+    process: subprocess.Popen[str]
+
+    def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                result: dict[str, Any] = json.loads(response.read())
+                return result
+        except urllib.error.HTTPError as exc:
+            raise AgentError(exc.code, json.loads(exc.read())["error"]) from None
+
+    def seal(self, name: str, data: bytes, policy: str) -> str:
+        return str(self.call("/v1/seal", {"name": name, "data": b64(data), "policy": policy})["blob"])
+
+    def unseal(self, blob: str) -> bytes:
+        return base64.b64decode(self.call("/v1/unseal", {"blob": blob})["data"])
+
+    def nonce(self) -> str:
+        return str(self.call("/v1/nonce", {})["nonce"])
+
+    def attest(self, nonce: str) -> dict[str, Any]:
+        return self.call("/v1/attest", {"nonce": nonce})
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Agent]]:
+    root = tmp_path_factory.mktemp("agents")
+    started: dict[str, Agent] = {}
+    try:
+        for name, manifest in GENERATIONS.items():
+            path = root / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(manifest))
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "rekey.cli",
+                    "--home",
+                    str(root / "home"),
+                    "agent",
+                    "serve",
+                    "--manifest",
+                    str(path),
+                    "--platform",
+                    "sim",
+                    "--host-dir",
+                    str(root / "host"),
+                    "--port",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            started[name] = Agent("", process)
+        for name, agent in started.items():
+            assert agent.process.stdout is not None
+            line = agent.process.stdout.readline()
+            if "listening on" not in line:
+                stderr = agent.process.stderr.read() if agent.process.stderr else ""
+                raise RuntimeError(f"agent {name} did not start: {line}{stderr}")
+            agent.url = line.strip().rsplit(" ", 1)[-1]
+        yield started
+    finally:
+        for agent in started.values():
+            agent.process.terminate()
+        for agent in started.values():
+            try:
+                agent.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                agent.process.kill()
+
+
+def test_identity(agents: dict[str, Agent]) -> None:
+    identity = agents["v2"].call("/v1/identity")
+    assert identity["id"] == "v2" and identity["svn"] == 2
+    assert identity["handoff_suite"].startswith("MLKEM768-X25519")
+
+
+def test_patched_enclave_cannot_unseal_mrenclave_state(agents: dict[str, Agent]) -> None:
+    blob = agents["v1"].seal("db-key", b"v1 mrenclave secret", "mrenclave")
+    assert agents["v1"].unseal(blob) == b"v1 mrenclave secret"
+    with pytest.raises(AgentError) as info:
+        agents["v2"].unseal(blob)
+    assert info.value.status == 422
+    assert info.value.type in ("SealKeyMismatch", "TamperedBlob")
+    assert "secret" not in info.value.message
+
+
+def test_mrsigner_state_moves_up_not_down(agents: dict[str, Agent]) -> None:
+    v1_blob = agents["v1"].seal("config", b"signer-bound secret", "mrsigner")
+    assert agents["v2"].unseal(v1_blob) == b"signer-bound secret"
+    v2_blob = agents["v2"].seal("config", b"v2 signer-bound secret", "mrsigner")
+    with pytest.raises(AgentError) as info:
+        agents["v1"].unseal(v2_blob)
+    assert info.value.status == 422 and info.value.type == "SealKeyRefused"
+    assert "svn 2" in info.value.message
+
+
+def test_handoff_moves_mrenclave_state_to_the_patched_generation(agents: dict[str, Agent]) -> None:
+    v1, v2 = agents["v1"], agents["v2"]
+    secrets_ = {"db-key": b"\x00\x01 sealed by v1", "tls-key": b"-----BEGIN KEY----- v1"}
+    blobs = [v1.seal(name, data, "mrenclave") for name, data in secrets_.items()]
+    nonce = v1.nonce()
+    attestation = v2.attest(nonce)
+    package = v1.call(
+        "/v1/export",
+        {
+            "peer_evidence": attestation["evidence"],
+            "peer_public_key": attestation["public_key"],
+            "nonce": nonce,
+            "blobs": blobs,
+        },
+    )
+    text = json.dumps(package)
+    for data in secrets_.values():
+        assert b64(data) not in text and data.decode(errors="ignore") not in text
+    imported = v2.call("/v1/import", {"package": package})["blobs"]
+    assert [item["name"] for item in imported] == list(secrets_)
+    for item, data in zip(imported, secrets_.values(), strict=True):
+        assert v2.unseal(item["blob"]) == data
+        with pytest.raises(AgentError):
+            v1.unseal(item["blob"])  # resealed under v2's MRENCLAVE
+
+    # The nonce was single use: replaying the same evidence is refused.
+    with pytest.raises(AgentError) as info:
+        v1.call(
+            "/v1/export",
+            {
+                "peer_evidence": attestation["evidence"],
+                "peer_public_key": attestation["public_key"],
+                "nonce": nonce,
+                "blobs": blobs,
+            },
+        )
+    assert info.value.status == 403 and info.value.type == "NonceMismatch"
+
+
+@pytest.mark.parametrize(
+    ("peer", "reason"),
+    [
+        ("v2-debug", "debug enclave not allowed"),
+        ("v2-other-signer", "signer"),
+        ("v0", "svn 0 is below this enclave's svn 1"),
+    ],
+)
+def test_export_refused_with_reason(agents: dict[str, Agent], peer: str, reason: str) -> None:
+    v1 = agents["v1"]
+    blob = v1.seal("db-key", b"never leaves", "mrenclave")
+    nonce = v1.nonce()
+    attestation = agents[peer].attest(nonce)
+    with pytest.raises(AgentError) as info:
+        v1.call(
+            "/v1/export",
+            {
+                "peer_evidence": attestation["evidence"],
+                "peer_public_key": attestation["public_key"],
+                "nonce": nonce,
+                "blobs": [blob],
+            },
+        )
+    assert info.value.status == 403 and info.value.type == "PolicyDenied"
+    assert any(reason in r for r in info.value.reasons), info.value.reasons
+
+
+def test_evidence_bound_to_another_key_is_refused(agents: dict[str, Agent]) -> None:
+    v1, v2 = agents["v1"], agents["v2"]
+    nonce = v1.nonce()
+    attestation = v2.attest(nonce)
+    impostor_key = agents["v2-debug"].attest(v1.nonce())["public_key"]
+    with pytest.raises(AgentError) as info:
+        v1.call(
+            "/v1/export",
+            {
+                "peer_evidence": attestation["evidence"],
+                "peer_public_key": impostor_key,
+                "nonce": nonce,
+                "blobs": [],
+            },
+        )
+    assert info.value.status == 403 and info.value.type == "NonceMismatch"
+
+
+def test_import_refuses_a_package_for_another_agent(agents: dict[str, Agent]) -> None:
+    v1, v2 = agents["v1"], agents["v2"]
+    nonce = v1.nonce()
+    attestation = v2.attest(nonce)
+    package = v1.call(
+        "/v1/export",
+        {
+            "peer_evidence": attestation["evidence"],
+            "peer_public_key": attestation["public_key"],
+            "nonce": nonce,
+            "blobs": [v1.seal("x", b"y", "mrenclave")],
+        },
+    )
+    with pytest.raises(AgentError) as info:
+        agents["v2-other-signer"].call("/v1/import", {"package": package})
+    assert info.value.status == 422 and "another agent" in info.value.message
+    tampered = json.loads(json.dumps(package))
+    tampered["items"][0]["name"] = "renamed"
+    with pytest.raises(AgentError) as info:
+        v2.call("/v1/import", {"package": tampered})
+    assert info.value.status in (403, 422)
+
+
+def test_bad_requests_are_typed(agents: dict[str, Agent]) -> None:
+    v1 = agents["v1"]
+    with pytest.raises(AgentError) as info:
+        v1.call("/v1/unseal", {"blob": "not base64!"})
+    assert info.value.status == 400
+    with pytest.raises(AgentError) as info:
+        v1.call("/v1/unseal", {"blob": b64(b"RKSB\x01")})
+    assert info.value.status == 422 and info.value.type == "TruncatedBlob"
+    with pytest.raises(AgentError) as info:
+        v1.call("/v1/seal", {"name": "x", "data": b64(b"d"), "policy": "none"})
+    assert info.value.status == 400
+    with pytest.raises(AgentError) as info:
+        v1.call("/v1/nowhere", {})
+    assert info.value.status == 404
