@@ -1,0 +1,128 @@
+"""The adapter contract every KMS backend implements (Vault/OpenBao Transit, AWS KMS, Azure
+Managed HSM). An adapter is bound to one key (``backend:name``); it is a ``KeyWrapper`` for
+the sealing code and adds key management, batch re-wrap and the attestation-gated release.
+
+Key versions are integers from 1 on every backend. Backends that name versions otherwise
+(AWS key-per-version: one KMS key per version; Azure: opaque version ids) keep the mapping
+themselves and record it where the key lives, so any worker can rebuild it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol, runtime_checkable
+
+from kms_adapters.errors import KmsError
+from kms_adapters.release import ReleasePolicy
+from sealing.keywrap import WrappedKey
+
+VersionState = Literal["enabled", "disabled", "pending_deletion", "destroyed"]
+RotationMode = Literal["native", "key-per-version"]
+
+
+@dataclass(frozen=True)
+class KeyVersionInfo:
+    version: int
+    state: VersionState
+    primary: bool
+    created_at: datetime | None = None
+    native_id: str = ""  # the backend's own name for it (AWS key id, Azure version id)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_ref: str
+    key_type: str
+    rotation_mode: RotationMode
+    versions: tuple[KeyVersionInfo, ...]
+    notes: tuple[str, ...] = ()  # e.g. "native rotation cannot retire old key material"
+    release_policy_id: str | None = None
+
+    @property
+    def primary_version(self) -> int:
+        return next(v.version for v in self.versions if v.primary)
+
+    def state_of(self, version: int) -> VersionState | None:
+        return next((v.state for v in self.versions if v.version == version), None)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "key_ref": self.key_ref,
+            "type": self.key_type,
+            "rotation_mode": self.rotation_mode,
+            "primary_version": self.primary_version,
+            "versions": [
+                {
+                    "version": v.version,
+                    "state": v.state,
+                    "primary": v.primary,
+                    "created_at": v.created_at.isoformat() if v.created_at else None,
+                    "native_id": v.native_id,
+                }
+                for v in self.versions
+            ],
+            "notes": list(self.notes),
+            "release_policy": self.release_policy_id,
+        }
+
+
+@dataclass(frozen=True)
+class RewrapOutcome:
+    """Result for one item of a batch re-wrap: exactly one of ``wrapped`` and ``error``."""
+
+    index: int
+    wrapped: WrappedKey | None = None
+    error: KmsError | None = field(default=None)
+
+
+@runtime_checkable
+class KmsAdapter(Protocol):
+    """One key on one backend. All methods raise ``kms_adapters.errors`` types only."""
+
+    backend: str
+
+    @property
+    def key_ref(self) -> str: ...
+
+    # --- KeyWrapper (the sealing code's view) ---
+    def wrap(self, dek: bytes) -> WrappedKey: ...
+    def unwrap(self, wrapped: bytes) -> bytes: ...
+    def rewrap(self, wrapped: bytes) -> WrappedKey: ...
+    def version_of(self, wrapped: bytes) -> int: ...
+
+    # --- key management ---
+    def create(self, *, rotation_mode: RotationMode | None = None) -> tuple[KeyInfo, bool]:
+        """Create the key if missing (idempotent). Returns its description and whether it was created."""
+        ...
+
+    def describe(self) -> KeyInfo: ...
+
+    def rotate(self) -> KeyInfo:
+        """Add a version and make it primary; new wraps use it."""
+        ...
+
+    def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
+        """Re-wrap each item to the primary version, splitting into requests the backend
+        accepts; one outcome per item, in order. A failed item never fails the others."""
+        ...
+
+    def disable_version(self, version: int) -> KeyInfo:
+        """Refuse unwraps under ``version`` from now on (reversible)."""
+        ...
+
+    def destroy_below(self, version: int) -> KeyInfo:
+        """Destroy (or schedule deletion of) every version below ``version``."""
+        ...
+
+    # --- the attestation gate ---
+    def set_release_policy(self, policy: ReleasePolicy) -> None:
+        """Record the key's release policy (where the backend keeps one, natively too)."""
+        ...
+
+    def release(self, wrapped: bytes, attestation_result: str, recipient_public_key: bytes) -> bytes:
+        """Unwrap for an attested workload: verify the result token against the key's release
+        policy, then return the DEK encrypted to ``recipient_public_key`` (HPKE), whose SHA-256
+        must be the token's ``cnf``. Never returns the DEK in plaintext."""
+        ...
