@@ -39,7 +39,7 @@ MIN_SIGNATURE_BYTES = 8
 ATTRIBUTE_DEBUG = 0x02  # attributes byte 0, bit 1 (SGX ATTRIBUTES.DEBUG)
 
 # Errors raised while reading a certificate that a tampered or hostile DER can provoke.
-_CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension)
+_CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion)
 
 
 class _Evidence(NamedTuple):

@@ -1,55 +1,50 @@
-"""Vault / OpenBao Transit as a ``KeyWrapper`` (hvac).
+"""Vault / OpenBao Transit as a ``KmsAdapter`` (hvac).
 
 Wrapped DEKs are Transit ciphertexts (``vault:v<N>:<base64>``) stored as ASCII bytes; the
-version prefix tells which key version wraps a DEK without a server call. ``rewrap`` uses
-Transit's server-side rewrap, so a rotation never holds plaintext DEKs.
+prefix names the key version, so ``version_of`` needs no server call. Re-wrap is Transit's
+server-side ``rewrap``: a rotation never holds plaintext DEKs. Batch re-wrap sends at most
+``BATCH_ITEMS`` items per request (OpenBao >= 2.5 refuses request bodies of more than 1,000
+JSON strings) and reads each item's error, because a batch answers HTTP 200 even when items
+fail.
 
-hvac has no retries of its own; retries and throttling belong to the governor (issue 4).
-Every hvac/requests failure is mapped onto the ``sealing.errors`` taxonomy here, with a
-message of our own (hvac's messages embed URLs and sometimes request data).
+Version states come from the key's metadata: below ``min_available_version`` a version is
+destroyed (trimmed), below ``min_decryption_version`` disabled. Transit disables by raising
+that minimum, so disabling version N disables every version up to N.
+
+hvac has no retries and drops response headers (so a 429's Retry-After is not visible);
+every call goes through the endpoint's governor, which owns retries. Errors are mapped onto
+``kms_adapters.errors`` with messages of our own (hvac's embed URLs).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions
 import requests
 
-from sealing.errors import (
-    InvalidWrappedKey,
-    KeyServiceUnavailable,
-    KeyWrapError,
-    SealingError,
-    UnknownKey,
-    UnknownKeyVersion,
+from kms_adapters.contract import KeyInfo, KeyVersionInfo, RewrapOutcome, RotationMode, VersionState
+from kms_adapters.errors import (
+    InvalidCiphertext,
+    InvalidRequest,
+    KmsError,
+    NotFound,
+    PermissionDenied,
+    Throttled,
+    Unavailable,
+    VersionDisabled,
 )
+from kms_adapters.governor import Governor, governor_for
+from kms_adapters.release import ReleaseGate, ReleasePolicyStore
 from sealing.keywrap import WrappedKey, parse_versioned_prefix
 
-
-class KeyPermissionDenied(KeyWrapError):
-    """The KMS refused the request for lack of permission (wrong or expired token)."""
-
-
-@dataclass(frozen=True)
-class TransitKeyInfo:
-    """What ``rekey key show`` reports about a Transit key."""
-
-    name: str
-    key_type: str
-    versions: tuple[int, ...]
-    latest_version: int
-    min_decryption_version: int
-    min_encryption_version: int
-
-    def version_state(self, version: int) -> str:
-        return "enabled" if version >= self.min_decryption_version else "disabled"
+BATCH_ITEMS = 490
+T = TypeVar("T")
 
 
 def _message(exc: hvac.exceptions.VaultError) -> str:
@@ -59,144 +54,268 @@ def _message(exc: hvac.exceptions.VaultError) -> str:
     return str(exc).split(", on ")[0]
 
 
-@contextmanager
-def _mapped(addr: str, key: str, action: str) -> Iterator[None]:
-    """Translate hvac/requests exceptions into typed sealing errors."""
+def classify(message: str, key: str, action: str) -> KmsError:
+    """Map a Transit error text (request error or batch item error) onto the taxonomy."""
+    if "encryption key not found" in message or "key not found" in message:
+        return NotFound(f"transit key {key!r} does not exist")
+    if "disallowed by policy" in message:
+        return VersionDisabled(
+            f"that version of transit key {key!r} is disabled (below its minimum decryption version)"
+        )
+    if "version is too new" in message:
+        return InvalidCiphertext(f"wrapped key names a version transit key {key!r} never had")
+    if "ciphertext" in message or "authentication failed" in message or "decode" in message:
+        return InvalidCiphertext(f"wrapped key is not a valid ciphertext of transit key {key!r}")
+    if "rate limit" in message:
+        return Throttled(f"OpenBao/Vault throttled {action} on transit key {key!r}")
+    return InvalidRequest(f"OpenBao/Vault refused to {action} with key {key!r}: {message}")
+
+
+def _mapped(addr: str, key: str, action: str, fn: Callable[[], T]) -> T:
     try:
-        yield
+        return fn()
     except requests.exceptions.RequestException:
-        raise KeyServiceUnavailable(f"cannot reach OpenBao/Vault at {addr} to {action}") from None
+        raise Unavailable(f"cannot reach OpenBao/Vault at {addr} to {action}") from None
     except hvac.exceptions.Forbidden:
-        raise KeyPermissionDenied(
+        raise PermissionDenied(
             f"OpenBao/Vault denied {action} on transit key {key!r} (check the token)"
         ) from None
     except hvac.exceptions.InvalidPath:
-        raise UnknownKey(f"transit key {key!r} does not exist") from None
+        raise NotFound(f"transit key {key!r} does not exist") from None
+    except hvac.exceptions.RateLimitExceeded:
+        raise Throttled(f"OpenBao/Vault throttled {action} on transit key {key!r}") from None
     except (
-        hvac.exceptions.RateLimitExceeded,
         hvac.exceptions.VaultDown,
         hvac.exceptions.InternalServerError,
         hvac.exceptions.BadGateway,
     ) as exc:
-        raise KeyServiceUnavailable(f"OpenBao/Vault could not {action}: {type(exc).__name__}") from None
+        raise Unavailable(f"OpenBao/Vault could not {action}: {type(exc).__name__}") from None
     except hvac.exceptions.InvalidRequest as exc:
-        raise _classify(_message(exc), key, action) from None
+        raise classify(_message(exc), key, action) from None
     except hvac.exceptions.VaultError as exc:
-        raise KeyWrapError(
+        raise InvalidRequest(
             f"OpenBao/Vault could not {action} with key {key!r}: {type(exc).__name__}"
         ) from None
 
 
-def _classify(message: str, key: str, action: str) -> SealingError:
-    if "encryption key not found" in message:
-        return UnknownKey(f"transit key {key!r} does not exist")
-    if "version is too new" in message:
-        return UnknownKeyVersion(f"transit key {key!r} has no such version")
-    if "disallowed by policy" in message:
-        return UnknownKeyVersion(
-            f"that version of transit key {key!r} is disabled (below its minimum decryption version)"
-        )
-    if "ciphertext" in message or "authentication failed" in message or "decode" in message:
-        return InvalidWrappedKey(f"wrapped key is not a valid ciphertext of transit key {key!r}")
-    return KeyWrapError(f"OpenBao/Vault refused to {action} with key {key!r}: {message}")
+class VaultTransitAdapter(ReleaseGate):
+    """``KmsAdapter`` over one Transit key (``vault:NAME``)."""
 
+    backend = "vault"
 
-class TransitKeyWrapper:
-    """``KeyWrapper`` over one Transit key."""
-
-    scheme = "vault"
-
-    def __init__(self, client: hvac.Client, name: str, *, mount_point: str = "transit") -> None:
+    def __init__(
+        self,
+        client: hvac.Client,
+        name: str,
+        *,
+        mount_point: str = "transit",
+        release_store: ReleasePolicyStore,
+        governor: Governor | None = None,
+    ) -> None:
         self._client = client
-        self._name = name
+        self.name = name
+        self.key_ref = f"vault:{name}"
         self._mount = mount_point
+        self.release_store = release_store
+        self._governor = governor or governor_for(str(client.url))
         self._checked = False
 
-    @property
-    def key_ref(self) -> str:
-        return f"vault:{self._name}"
+    # ----------------------------------------------------------------------------- plumbing
 
-    def _call(self, action: str, fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
-        with _mapped(self._client.url, self._name, action):
-            response = fn(name=self._name, mount_point=self._mount, **kwargs)
+    def _call(self, action: str, fn: Callable[[], T]) -> T:
+        return self._governor.call(lambda: _mapped(self._client.url, self.name, action, fn), op=action)
+
+    def _data(self, action: str, fn: Callable[[], Any]) -> dict[str, Any]:
+        response = self._call(action, fn)
         data = response.get("data") if isinstance(response, dict) else None
         if not isinstance(data, dict):
-            raise KeyWrapError(f"OpenBao/Vault gave an unexpected answer to {action}")
+            raise Unavailable(f"OpenBao/Vault gave an unexpected answer to {action}")
         return data
+
+    @property
+    def _transit(self) -> Any:
+        return self._client.secrets.transit
 
     def _ensure_exists(self) -> None:
         # Transit's encrypt endpoint creates missing keys on the fly; a typo in a key ref
         # must be an error, not a new key.
         if not self._checked:
-            self._call("read key", self._client.secrets.transit.read_key)
+            self.describe()
             self._checked = True
 
-    def _wrapped(self, data: dict[str, Any]) -> WrappedKey:
-        ciphertext = str(data["ciphertext"]).encode("ascii")
-        return WrappedKey(ciphertext, self.version_of(ciphertext))
+    def _wrapped(self, ciphertext: Any) -> WrappedKey:
+        raw = str(ciphertext).encode("ascii")
+        return WrappedKey(raw, self.version_of(raw))
+
+    # ---------------------------------------------------------------------------- KeyWrapper
+
+    def version_of(self, wrapped: bytes) -> int:
+        try:
+            return parse_versioned_prefix(wrapped, "vault")[0]
+        except Exception:
+            raise InvalidCiphertext("wrapped key is not a 'vault:v<N>:' ciphertext") from None
 
     def wrap(self, dek: bytes) -> WrappedKey:
         self._ensure_exists()
         plaintext = base64.b64encode(dek).decode("ascii")
-        return self._wrapped(
-            self._call("wrap", self._client.secrets.transit.encrypt_data, plaintext=plaintext)
+        data = self._data(
+            "wrap",
+            lambda: self._transit.encrypt_data(name=self.name, plaintext=plaintext, mount_point=self._mount),
         )
+        return self._wrapped(data["ciphertext"])
 
     def unwrap(self, wrapped: bytes) -> bytes:
         self.version_of(wrapped)
-        data = self._call(
-            "unwrap", self._client.secrets.transit.decrypt_data, ciphertext=wrapped.decode("ascii")
+        text = wrapped.decode("ascii", errors="replace")
+        data = self._data(
+            "unwrap",
+            lambda: self._transit.decrypt_data(name=self.name, ciphertext=text, mount_point=self._mount),
         )
         try:
             return base64.b64decode(str(data["plaintext"]), validate=True)
         except (KeyError, binascii.Error):
-            raise KeyWrapError("OpenBao/Vault returned a malformed plaintext") from None
+            raise Unavailable("OpenBao/Vault returned a malformed plaintext") from None
 
     def rewrap(self, wrapped: bytes) -> WrappedKey:
         self.version_of(wrapped)
-        return self._wrapped(
-            self._call(
-                "rewrap",
-                self._client.secrets.transit.rewrap_data,
-                ciphertext=wrapped.decode("ascii"),
+        text = wrapped.decode("ascii", errors="replace")
+        data = self._data(
+            "rewrap",
+            lambda: self._transit.rewrap_data(name=self.name, ciphertext=text, mount_point=self._mount),
+        )
+        return self._wrapped(data["ciphertext"])
+
+    def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
+        outcomes: list[RewrapOutcome] = []
+        for start in range(0, len(wrapped), BATCH_ITEMS):
+            chunk = wrapped[start : start + BATCH_ITEMS]
+            batch, positions = [], []
+            for offset, item in enumerate(chunk):
+                try:
+                    self.version_of(item)
+                except InvalidCiphertext as exc:
+                    outcomes.append(RewrapOutcome(start + offset, error=exc))
+                    continue
+                batch.append({"ciphertext": item.decode("ascii", errors="replace")})
+                positions.append(start + offset)
+            if not batch:
+                continue
+            data = self._data(
+                "rewrap batch",
+                lambda batch=batch: self._transit.rewrap_data(  # type: ignore[misc]
+                    name=self.name, ciphertext="", batch_input=batch, mount_point=self._mount
+                ),
             )
-        )
+            results = data.get("batch_results")
+            if not isinstance(results, list) or len(results) != len(batch):
+                raise Unavailable("OpenBao/Vault answered a batch rewrap with the wrong number of results")
+            for index, result in zip(positions, results, strict=True):
+                if isinstance(result, dict) and result.get("ciphertext"):
+                    outcomes.append(RewrapOutcome(index, wrapped=self._wrapped(result["ciphertext"])))
+                else:
+                    message = (
+                        str(result.get("error", "unknown error")) if isinstance(result, dict) else "bad item"
+                    )
+                    outcomes.append(RewrapOutcome(index, error=classify(message, self.name, "rewrap")))
+        outcomes.sort(key=lambda o: o.index)
+        return outcomes
 
-    def version_of(self, wrapped: bytes) -> int:
-        return parse_versioned_prefix(wrapped, self.scheme)[0]
+    # ------------------------------------------------------------------------ key management
 
-
-class TransitAdmin:
-    """Key management on a Transit mount: what ``rekey key create|show`` needs."""
-
-    def __init__(self, client: hvac.Client, *, mount_point: str = "transit") -> None:
-        self._client = client
-        self._mount = mount_point
-
-    def describe(self, name: str) -> TransitKeyInfo:
-        with _mapped(self._client.url, name, "read key"):
-            data = self._client.secrets.transit.read_key(name=name, mount_point=self._mount)["data"]
-        versions = tuple(sorted(int(v) for v in data.get("keys", {})))
-        return TransitKeyInfo(
-            name=name,
-            key_type=str(data.get("type", "")),
-            versions=versions,
-            latest_version=int(data["latest_version"]),
-            min_decryption_version=int(data["min_decryption_version"]),
-            min_encryption_version=int(data.get("min_encryption_version", 0)),
-        )
-
-    def create(self, name: str, key_type: str = "aes256-gcm96") -> tuple[TransitKeyInfo, bool]:
-        """Create the key if missing. Returns its description and whether it was created."""
+    def list_names(self) -> list[str]:
+        """Names of every Transit key on this mount (not only this adapter's)."""
         try:
-            return self.describe(name), False
-        except UnknownKey:
-            pass
-        with _mapped(self._client.url, name, "create key"):
-            self._client.secrets.transit.create_key(name=name, key_type=key_type, mount_point=self._mount)
-        return self.describe(name), True
+            data = self._data("list keys", lambda: self._transit.list_keys(mount_point=self._mount))
+        except NotFound:  # Transit answers 404 when the mount holds no keys
+            return []
+        return sorted(str(k) for k in data.get("keys", []))
 
-    def rotate(self, name: str) -> TransitKeyInfo:
-        with _mapped(self._client.url, name, "rotate key"):
-            self._client.secrets.transit.rotate_key(name=name, mount_point=self._mount)
-        return self.describe(name)
+    def describe(self) -> KeyInfo:
+        data = self._data("read key", lambda: self._transit.read_key(name=self.name, mount_point=self._mount))
+        latest = int(data["latest_version"])
+        min_decrypt = int(data.get("min_decryption_version") or 1)
+        min_available = int(data.get("min_available_version") or 0)
+        created = data.get("keys", {})
+        versions = []
+        for version in range(1, latest + 1):
+            state: VersionState
+            if version < min_available:
+                state = "destroyed"
+            elif version < min_decrypt:
+                state = "disabled"
+            else:
+                state = "enabled"
+            stamp = created.get(str(version))
+            # Symmetric keys report Unix seconds, asymmetric ones an RFC 3339 time.
+            created_at = (
+                datetime.fromtimestamp(stamp, UTC)
+                if isinstance(stamp, int)
+                else datetime.fromisoformat(stamp)
+                if isinstance(stamp, str)
+                else None
+            )
+            versions.append(KeyVersionInfo(version, state, version == latest, created_at))
+        policy = self.release_store.get(self.key_ref)
+        return KeyInfo(
+            key_ref=self.key_ref,
+            key_type=str(data.get("type", "")),
+            rotation_mode="native",
+            versions=tuple(versions),
+            notes=("disabling version N disables every version up to N (min_decryption_version)",),
+            release_policy_id=policy.id if policy else None,
+        )
+
+    def create(self, *, rotation_mode: RotationMode | None = None) -> tuple[KeyInfo, bool]:
+        if rotation_mode not in (None, "native"):
+            raise InvalidRequest("Transit keys rotate natively; rotation mode key-per-version is for AWS KMS")
+        try:
+            return self.describe(), False
+        except NotFound:
+            pass
+        self._call(
+            "create key",
+            lambda: self._transit.create_key(
+                name=self.name, key_type="aes256-gcm96", mount_point=self._mount
+            ),
+        )
+        return self.describe(), True
+
+    def rotate(self) -> KeyInfo:
+        self._call("rotate key", lambda: self._transit.rotate_key(name=self.name, mount_point=self._mount))
+        return self.describe()
+
+    def _configure(self, action: str, **settings: int) -> None:
+        self._call(
+            action,
+            lambda: self._transit.update_key_configuration(
+                name=self.name, mount_point=self._mount, **settings
+            ),
+        )
+
+    def disable_version(self, version: int) -> KeyInfo:
+        info = self.describe()
+        if version >= info.primary_version:
+            raise InvalidRequest(
+                f"cannot disable the primary version {info.primary_version} of {self.key_ref}"
+            )
+        current = min((v.version for v in info.versions if v.state == "enabled"), default=version + 1)
+        if version + 1 > current:
+            self._configure("disable version", min_decryption_version=version + 1)
+        return self.describe()
+
+    def destroy_below(self, version: int) -> KeyInfo:
+        info = self.describe()
+        if version > info.primary_version:
+            raise InvalidRequest(
+                f"cannot destroy the primary version {info.primary_version} of {self.key_ref}"
+            )
+        # trim needs both minimums set and at or above the trim point. Two calls: hvac refuses
+        # min_encryption_version == min_decryption_version in one call, which the server allows.
+        first_enabled = next(v.version for v in info.versions if v.state == "enabled")
+        self._configure("disable versions", min_decryption_version=max(version, first_enabled))
+        self._configure("pin encryption version", min_encryption_version=info.primary_version)
+        self._call(
+            "trim key",
+            lambda: self._transit.trim_key(name=self.name, min_version=version, mount_point=self._mount),
+        )
+        return self.describe()

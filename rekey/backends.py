@@ -1,19 +1,42 @@
-"""Resolve key references to key wrappers and admin clients, using the configured endpoints."""
+"""Resolve key references to KMS adapters, using the configured endpoints.
+
+Against the dev stack (loopback endpoints) the AWS and Azure credentials default to the
+emulators' dummy ones; elsewhere AWS uses boto3's usual credential chain, and Azure needs a
+bearer token in ``azure_token`` (a credential from azure-identity can be wired in here).
+"""
 
 from __future__ import annotations
 
+import ipaddress
+from urllib.parse import urlparse
+
 import hvac
 
+from kms_adapters.aws_kms import AwsKmsAdapter
+from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
+from kms_adapters.contract import KmsAdapter
 from kms_adapters.keyref import KeyRef
-from kms_adapters.vault_transit import TransitAdmin, TransitKeyWrapper
+from kms_adapters.release import FileReleasePolicyStore
+from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.config import ConfigError, Settings
-from sealing.keywrap import KeyWrapper
+
+DEV_AWS_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 class BackendNotAvailable(Exception):
-    """The key reference names a backend this build cannot use yet."""
+    """The key reference names a backend this build cannot use."""
 
     exit_code = 2
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def vault_client(settings: Settings) -> hvac.Client:
@@ -26,20 +49,35 @@ def vault_client(settings: Settings) -> hvac.Client:
     return hvac.Client(url=settings.vault_addr, token=token, timeout=30)
 
 
-def _require_vault(ref: KeyRef) -> None:
-    if ref.backend != "vault":
-        raise BackendNotAvailable(
-            f"{ref}: the {ref.backend} backend is not available yet; use a vault: key reference"
+def release_store(settings: Settings) -> FileReleasePolicyStore:
+    return FileReleasePolicyStore(settings.home / "release-policies")
+
+
+def adapter_for(settings: Settings, key_ref: str) -> KmsAdapter:
+    ref = KeyRef.parse(key_ref)
+    store = release_store(settings)
+    if ref.backend == "vault":
+        client = vault_client(settings)
+        return VaultTransitAdapter(client, ref.name, mount_point=settings.transit_mount, release_store=store)
+    if ref.backend == "aws":
+        credentials = DEV_AWS_CREDENTIALS if _is_loopback(settings.aws_endpoint) else None
+        return AwsKmsAdapter(
+            ref.name,
+            endpoint_url=settings.aws_endpoint,
+            region=settings.aws_region,
+            release_store=store,
+            credentials=credentials,
         )
-
-
-def wrapper_for(settings: Settings, key_ref: str) -> KeyWrapper:
-    ref = KeyRef.parse(key_ref)
-    _require_vault(ref)
-    return TransitKeyWrapper(vault_client(settings), ref.name, mount_point=settings.transit_mount)
-
-
-def transit_admin(settings: Settings, key_ref: str) -> tuple[TransitAdmin, str]:
-    ref = KeyRef.parse(key_ref)
-    _require_vault(ref)
-    return TransitAdmin(vault_client(settings), mount_point=settings.transit_mount), ref.name
+    if ref.backend == "azure":
+        token = settings.azure_token or ("rekey-dev-token" if _is_loopback(settings.azure_vault_url) else "")
+        if not token:
+            raise ConfigError("no Azure token: set REKEY_AZURE_TOKEN (or azure_token in rekey.toml)")
+        verify: str | bool = settings.azure_ca_file if _is_loopback(settings.azure_vault_url) else True
+        return AzureHsmAdapter(
+            ref.name,
+            vault_url=settings.azure_vault_url,
+            credential=StaticTokenCredential(token),
+            connection_verify=verify,
+            release_store=store,
+        )
+    raise BackendNotAvailable(f"{ref}: unknown backend")

@@ -23,7 +23,7 @@ from rich.table import Table
 from attestation.errors import AttestationError
 from kms_adapters.keyref import InvalidKeyRef
 from rekey import devstack
-from rekey.backends import BackendNotAvailable, transit_admin, wrapper_for
+from rekey.backends import BackendNotAvailable, adapter_for
 from rekey.config import ConfigError, Settings, load_settings
 from sealing.errors import SealingError
 from sealing.generation import (
@@ -196,33 +196,33 @@ def dev_status(json_out: bool) -> None:
 # ---------------------------------------------------------------------------------------- key
 
 
-def _key_dict(key_ref: str, info: Any) -> dict[str, Any]:
-    return {
-        "key_ref": key_ref,
-        "type": info.key_type,
-        "primary_version": info.latest_version,
-        "min_decryption_version": info.min_decryption_version,
-        "versions": [{"version": v, "state": info.version_state(v)} for v in info.versions],
-    }
-
-
 def _print_key(data: dict[str, Any]) -> None:
-    out.print(f"{data['key_ref']}  type {data['type']}  primary version {data['primary_version']}")
-    table = _table("version", "state")
+    out.print(
+        f"{data['key_ref']}  type {data['type']}  rotation {data['rotation_mode']}"
+        f"  primary version {data['primary_version']}  release policy {data['release_policy'] or '-'}"
+    )
+    table = _table("version", "state", "created")
     for v in data["versions"]:
-        primary = " (primary)" if v["version"] == data["primary_version"] else ""
-        table.add_row(str(v["version"]), v["state"] + primary)
+        primary = " (primary)" if v["primary"] else ""
+        table.add_row(str(v["version"]), v["state"] + primary, (v["created_at"] or "")[:19])
     out.print(table)
+    for note in data["notes"]:
+        out.print(f"note: {note}")
 
 
 @key_app.command("create")
 @click.argument("key_ref", metavar="KEYREF")
+@click.option(
+    "--rotation-mode",
+    type=click.Choice(["native", "key-per-version"]),
+    default=None,
+    help="AWS only: one KMS key per version (default, retirable) or RotateKeyOnDemand.",
+)
 @json_option
-def key_create(key_ref: str, json_out: bool) -> None:
-    """Create a key (a no-op if it exists)."""
-    admin, name = transit_admin(_settings(), key_ref)
-    info, created = admin.create(name)
-    data = _key_dict(key_ref, info) | {"created": created}
+def key_create(key_ref: str, rotation_mode: str | None, json_out: bool) -> None:
+    """Create a key (a no-op if it exists): vault:NAME, aws:NAME, azure:NAME."""
+    info, created = adapter_for(_settings(), key_ref).create(rotation_mode=rotation_mode)  # type: ignore[arg-type]
+    data = info.to_dict() | {"created": created}
     if json_out:
         _emit_json(data)
         return
@@ -234,10 +234,38 @@ def key_create(key_ref: str, json_out: bool) -> None:
 @click.argument("key_ref", metavar="KEYREF")
 @json_option
 def key_show(key_ref: str, json_out: bool) -> None:
-    """Show a key's versions and which one is primary."""
-    admin, name = transit_admin(_settings(), key_ref)
-    data = _key_dict(key_ref, admin.describe(name))
+    """Show a key's versions, their state, the primary and the rotation mode."""
+    data = adapter_for(_settings(), key_ref).describe().to_dict()
     _emit_json(data) if json_out else _print_key(data)
+
+
+@key_app.command("list")
+@click.argument("backends", nargs=-1, type=click.Choice(["vault", "aws", "azure"]))
+@json_option
+def key_list(backends: tuple[str, ...], json_out: bool) -> None:
+    """List the keys on each backend (default: all three) with primary version and rotation mode."""
+    from kms_adapters.errors import KmsError
+
+    settings = _settings()
+    rows: list[dict[str, Any]] = []
+    for backend in backends or ("vault", "aws", "azure"):
+        try:
+            lister = adapter_for(settings, f"{backend}:rekey-list")
+            for name in lister.list_names():  # type: ignore[attr-defined]
+                rows.append(adapter_for(settings, f"{backend}:{name}").describe().to_dict())
+        except (KmsError, ConfigError) as exc:  # one unreachable backend does not hide the others
+            rows.append({"key_ref": f"{backend}:", "error": str(exc)})
+    if json_out:
+        _emit_json(rows)
+        return
+    table = _table("key", "type", "rotation", "primary", "versions")
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["key_ref"], "", "", "", f"unavailable: {row['error']}")
+            continue
+        states = ", ".join(f"v{v['version']} {v['state']}" for v in row["versions"])
+        table.add_row(row["key_ref"], row["type"], row["rotation_mode"], str(row["primary_version"]), states)
+    out.print(table if rows else "no keys")
 
 
 # -------------------------------------------------------------------------------------- state
@@ -249,7 +277,7 @@ def _sealed_state(store: SealedStateStore) -> SealedState:
 
     def resolve(key_ref: str) -> KeyWrapper:
         if key_ref not in wrappers:
-            wrappers[key_ref] = wrapper_for(settings, key_ref)
+            wrappers[key_ref] = adapter_for(settings, key_ref)
         return wrappers[key_ref]
 
     return SealedState(store, resolve)

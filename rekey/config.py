@@ -32,6 +32,7 @@ class Settings:
     temporal_ui_port: int = 8233
     openbao_port: int = 8200
     moto_port: int = 5000
+    azure_port: int = 8443
     temporal_address: str = ""
     temporal_namespace: str = "default"
     vault_addr: str = ""
@@ -39,6 +40,9 @@ class Settings:
     transit_mount: str = "transit"
     aws_endpoint: str = ""
     aws_region: str = "us-east-1"
+    azure_vault_url: str = ""
+    azure_ca_file: str = ""
+    azure_token: str = ""
     store_url: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -51,6 +55,10 @@ class Settings:
             object.__setattr__(self, "vault_addr", f"http://127.0.0.1:{self.openbao_port}")
         if not self.aws_endpoint:
             object.__setattr__(self, "aws_endpoint", f"http://127.0.0.1:{self.moto_port}")
+        if not self.azure_vault_url:
+            object.__setattr__(self, "azure_vault_url", f"https://127.0.0.1:{self.azure_port}")
+        if not self.azure_ca_file:
+            object.__setattr__(self, "azure_ca_file", str(home / "azure" / "ca.pem"))
         if not self.store_url:
             object.__setattr__(self, "store_url", f"sqlite:///{home.resolve() / 'state.db'}")
 

@@ -26,7 +26,9 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import sys
 import sysconfig
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -395,9 +397,46 @@ class MotoServer(Component):
         return {"kms": f"http://{HOST}:{settings.moto_port}", "region": settings.aws_region}
 
 
-#: Start order; ``down`` stops in reverse. The Azure Key Vault emulator will be added
-#: here (after moto) and the rekey worker last, both started the same way.
-COMPONENTS: list[Component] = [TemporalDevServer(), OpenBaoServer(), MotoServer()]
+class AzureKeyVaultEmulator(Component):
+    """The project's Azure Key Vault / Managed HSM emulator (HTTPS, keys persisted)."""
+
+    name = "azure"
+    binary = "python"
+    port_fields = ("azure_port",)
+    note = "emulator: keys (material included) persisted in the state directory"
+
+    def command(self, settings: Settings) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "loadtest.emulators.azure_keyvault",
+            "--port",
+            str(settings.azure_port),
+            "--state-dir",
+            str(_abs(self.data_dir(settings))),
+        ]
+
+    def probe(self, settings: Settings) -> str | None:
+        ca_file = Path(settings.azure_ca_file)
+        if not ca_file.exists():
+            return "has not written its CA yet"
+        try:
+            httpx.get(
+                f"https://{HOST}:{settings.azure_port}/_emulator/health",
+                timeout=2.0,
+                verify=ssl.create_default_context(cafile=str(ca_file)),
+            )
+        except httpx.HTTPError as exc:
+            return f"does not answer: {exc.__class__.__name__}"
+        return None
+
+    def endpoints(self, settings: Settings) -> dict[str, str]:
+        return {"vault": settings.azure_vault_url, "ca_file": str(_abs(Path(settings.azure_ca_file)))}
+
+
+#: Start order; ``down`` stops in reverse. The rekey worker will be added last, started the
+#: same way.
+COMPONENTS: list[Component] = [TemporalDevServer(), OpenBaoServer(), MotoServer(), AzureKeyVaultEmulator()]
 
 
 # --------------------------------------------------------------------------- operations

@@ -3,4 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.openbao",
+    "tests.fixtures.moto",
+    "tests.fixtures.azure",
+    "tests.fixtures.adapters",  # last: it builds on the server fixtures above
 ]

@@ -94,10 +94,14 @@ def test_key_create_and_show(home: Path, rekey: Callable[..., Result]) -> None:
     again = rekey("key", "create", "vault:cli-orders", "--json")
     assert again.json()["created"] is False
     shown = rekey("key", "show", "vault:cli-orders", "--json").json()
-    assert shown["primary_version"] == 1 and shown["versions"] == [{"version": 1, "state": "enabled"}]
+    assert shown["primary_version"] == 1 and shown["rotation_mode"] == "native"
+    assert [(v["version"], v["state"], v["primary"]) for v in shown["versions"]] == [(1, "enabled", True)]
+    assert shown["versions"][0]["created_at"].startswith("20")
     assert_one_line_error(rekey("key", "show", "vault:absent"), 1, "does not exist")
     assert_one_line_error(rekey("key", "create", "orders"), 2, "backend:name")
-    assert_one_line_error(rekey("key", "create", "aws:orders"), 2, "not available yet")
+    assert_one_line_error(rekey("key", "create", "gcp:orders"), 2, "unknown backend 'gcp'")
+    listed = rekey("key", "list", "vault", "--json").json()
+    assert "vault:cli-orders" in [row["key_ref"] for row in listed]
 
 
 def test_generation_register_list_diff(home: Path, tmp_path: Path, rekey: Callable[..., Result]) -> None:

@@ -21,12 +21,13 @@ from typing import TypeVar
 import boto3
 import httpx
 import pytest
+from azure.keyvault.keys import KeyClient
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
 
-from kms_adapters.vault_transit import TransitAdmin
+from kms_adapters.azure_hsm import StaticTokenCredential
 from rekey import devstack
-from rekey.backends import wrapper_for
+from rekey.backends import adapter_for
 from rekey.config import Settings, load_settings
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
@@ -34,7 +35,7 @@ from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
 
-NAMES = ["temporal", "openbao", "moto"]
+NAMES = ["temporal", "openbao", "moto", "azure"]
 T = TypeVar("T")
 
 
@@ -65,6 +66,7 @@ def _private_settings(home: Path) -> Settings:
         "REKEY_TEMPORAL_UI_PORT": str(pick()),
         "REKEY_OPENBAO_PORT": str(pick(pair=True)),
         "REKEY_MOTO_PORT": str(pick()),
+        "REKEY_AZURE_PORT": str(pick()),
     }
     return load_settings(home, environ=env)
 
@@ -76,6 +78,7 @@ def _all_ports(settings: Settings) -> list[int]:
         settings.openbao_port,
         settings.openbao_port + 1,
         settings.moto_port,
+        settings.azure_port,
     ]
 
 
@@ -169,6 +172,18 @@ def test_up_brings_everything_up(stack: Settings) -> None:
     assert key["KeyId"]
     assert kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["Enabled"]
 
+    # Azure emulator: the real SDK creates a key through the 401 challenge.
+    azure = by_name["azure"].endpoints
+    assert azure["vault"] == stack.azure_vault_url
+    keys = KeyClient(
+        azure["vault"],
+        StaticTokenCredential(),
+        verify_challenge_resource=False,
+        connection_verify=azure["ca_file"],
+        retry_total=0,
+    )
+    assert keys.create_oct_key("devstack-check", size=256, hardware_protected=True).name == "devstack-check"
+
 
 def test_second_up_starts_no_second_copy(stack: Settings) -> None:
     before = _pid_files(stack)
@@ -177,7 +192,7 @@ def test_second_up_starts_no_second_copy(stack: Settings) -> None:
     assert _pid_files(stack) == before
     assert {s.name: s.pid for s in result} == {n: before[n]["pid"] for n in NAMES}
     assert all("already running" in s.note for s in result)
-    assert len(lines) == 3 and all("already running" in line for line in lines)
+    assert len(lines) == len(NAMES) and all("already running" in line for line in lines)
     for name in NAMES:
         cmdline = before[name]["cmdline"]
         assert isinstance(cmdline, list)
@@ -210,8 +225,8 @@ def test_state_survives_down_and_up(stack: Settings) -> None:
     # A sealed blob in the store, its DEK wrapped by a Transit key of this OpenBao.
     with SealedStateStore(stack.store_url) as store:
         store.put_generation("gen-persist", '{"id":"gen-persist"}')
-        TransitAdmin(client, mount_point=mount).create("persist-blob")
-        SealedState(store, lambda ref: wrapper_for(stack, ref)).put(
+        adapter_for(stack, "vault:persist-blob").create()
+        SealedState(store, lambda ref: adapter_for(stack, ref)).put(
             namespace="ns",
             name="kept",
             data=b"blob survives restarts",
@@ -246,7 +261,7 @@ def test_state_survives_down_and_up(stack: Settings) -> None:
     assert description.status == WorkflowExecutionStatus.RUNNING
 
     with SealedStateStore(stack.store_url) as store:
-        reopened = SealedState(store, lambda ref: wrapper_for(stack, ref)).get(namespace="ns", name="kept")
+        reopened = SealedState(store, lambda ref: adapter_for(stack, ref)).get(namespace="ns", name="kept")
     assert reopened == b"blob survives restarts"
 
 

@@ -1,0 +1,99 @@
+"""Start the real servers the benchmarks and tests need, on free 127.0.0.1 ports.
+
+Each is a context manager that stops what it started, even on error.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import hvac
+
+BIN = Path(sysconfig.get_path("scripts"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing answered on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+@contextmanager
+def _process(args: list[str], port: int, log_name: str) -> Iterator[subprocess.Popen[bytes]]:
+    log = Path(tempfile.mkdtemp(prefix="rekey-server-")) / log_name
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        try:
+            wait_for_port(port)
+        except TimeoutError:
+            raise RuntimeError(f"{args[0]} did not start: {log.read_text()[-2000:]}") from None
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True)
+class OpenBao:
+    addr: str
+    token: str
+
+    def client(self) -> hvac.Client:
+        return hvac.Client(url=self.addr, token=self.token, timeout=30)
+
+
+@contextmanager
+def openbao_dev() -> Iterator[OpenBao]:
+    """OpenBao in dev mode (in memory) with Transit mounted at transit/."""
+    port, token = free_port(), secrets.token_hex(16)
+    args = [
+        str(BIN / "bao"),
+        "server",
+        "-dev",
+        f"-dev-root-token-id={token}",
+        f"-dev-listen-address=127.0.0.1:{port}",
+        "-dev-no-store-token",
+    ]
+    with _process(args, port, "bao.log"):
+        server = OpenBao(f"http://127.0.0.1:{port}", token)
+        client = server.client()
+        deadline = time.monotonic() + 30
+        while not (client.sys.is_initialized() and not client.sys.is_sealed()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("OpenBao dev server did not unseal")
+            time.sleep(0.05)
+        client.sys.enable_secrets_engine("transit", path="transit")
+        yield server
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """moto in server mode; yields its base URL."""
+    port = free_port()
+    with _process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, "moto.log"):
+        yield f"http://127.0.0.1:{port}"

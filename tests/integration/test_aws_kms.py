@@ -1,0 +1,356 @@
+"""The AWS KMS adapter against a real moto server process (both rotation modes)."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import subprocess
+import sysconfig
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from attestation.claims import Claims
+from attestation.policy import parse_policy
+from attestation.token import ResultSigner
+from kms_adapters.aws_kms import NATIVE_NOTE, AwsKmsAdapter, map_aws_error
+from kms_adapters.contract import KmsAdapter, RotationMode
+from kms_adapters.errors import (
+    InvalidCiphertext,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    PolicyDenied,
+    Throttled,
+    Unavailable,
+    VersionDisabled,
+)
+from kms_adapters.governor import Governor
+from kms_adapters.release import MemoryReleasePolicyStore, ReleasePolicy, open_released
+from sealing.handoff import HandoffKeyPair, fingerprint
+from tests.fixtures.ports import free_port, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+REGION = "us-east-1"
+SIGNER = "83" * 32
+
+
+@pytest.fixture(scope="module")
+def moto_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The shared session ``moto_server`` fixture if one is registered, else a private server."""
+    try:
+        yield str(request.getfixturevalue("moto_server"))
+        return
+    except pytest.FixtureLookupError:
+        pass
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    binary = Path(sysconfig.get_path("scripts")) / "moto_server"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def store() -> MemoryReleasePolicyStore:
+    return MemoryReleasePolicyStore()
+
+
+@pytest.fixture
+def make(moto_url: str, store: MemoryReleasePolicyStore) -> Callable[..., AwsKmsAdapter]:
+    governor = Governor(f"moto-{secrets.token_hex(4)}")
+
+    def factory(name: str, **kwargs: object) -> AwsKmsAdapter:
+        return AwsKmsAdapter(
+            name,
+            endpoint_url=moto_url,
+            region=REGION,
+            release_store=store,
+            credentials=CREDENTIALS,
+            governor=governor,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    return factory
+
+
+def _name() -> str:
+    return f"t-{secrets.token_hex(4)}"
+
+
+@pytest.mark.parametrize("mode", ["key-per-version", "native"])
+def test_create_is_idempotent_and_recorded_on_the_key(
+    make: Callable[..., AwsKmsAdapter], mode: RotationMode
+) -> None:
+    name = _name()
+    adapter = make(name)
+    assert isinstance(adapter, KmsAdapter)
+    info, created = adapter.create(rotation_mode=mode)
+    assert created and info.rotation_mode == mode and info.primary_version == 1
+    assert info.key_type == "SYMMETRIC_DEFAULT" and info.key_ref == f"aws:{name}"
+    again, created_again = adapter.create()
+    assert not created_again and again.versions == info.versions
+    # another worker reads the mode back from the key's tags
+    other = make(name)
+    assert other.describe().rotation_mode == mode
+    with pytest.raises(InvalidRequest, match="rotation mode"):
+        other.create(rotation_mode="native" if mode == "key-per-version" else "key-per-version")
+
+
+def test_default_mode_is_key_per_version(make: Callable[..., AwsKmsAdapter]) -> None:
+    info, _ = make(_name()).create()
+    assert info.rotation_mode == "key-per-version" and info.notes == ()
+
+
+def test_key_per_version_lifecycle(make: Callable[..., AwsKmsAdapter]) -> None:
+    name = _name()
+    key = make(name)
+    key.create()
+    dek = secrets.token_bytes(32)
+    old = key.wrap(dek)
+    assert old.key_version == 1 and old.ciphertext.startswith(b"aws:v1:")
+    assert key.version_of(old.ciphertext) == 1 and key.unwrap(old.ciphertext) == dek
+
+    info = key.rotate()
+    assert info.primary_version == 2 and [v.version for v in info.versions] == [1, 2]
+    assert info.versions[0].native_id != info.versions[1].native_id  # one KMS key per version
+    assert key.unwrap(old.ciphertext) == dek  # the old version still unwraps
+    new = key.wrap(dek)
+    assert new.key_version == 2
+
+    moved = key.rewrap(old.ciphertext)
+    assert moved.key_version == 2 and key.version_of(moved.ciphertext) == 2
+    assert key.unwrap(moved.ciphertext) == dek
+
+    relabeled = new.ciphertext.replace(b"aws:v2:", b"aws:v1:", 1)  # a v2 ciphertext posing as v1
+    outcomes = key.rewrap_batch([old.ciphertext, b"garbage", new.ciphertext, relabeled])
+    assert [o.index for o in outcomes] == [0, 1, 2, 3]
+    assert outcomes[0].wrapped is not None and outcomes[0].wrapped.key_version == 2
+    assert isinstance(outcomes[1].error, InvalidCiphertext) and outcomes[1].wrapped is None
+    assert outcomes[2].wrapped is not None and outcomes[2].wrapped.key_version == 2
+    assert isinstance(outcomes[3].error, InvalidCiphertext)
+
+    with pytest.raises(InvalidRequest, match="primary"):
+        key.disable_version(2)
+    info = key.disable_version(1)
+    assert info.state_of(1) == "disabled" and info.state_of(2) == "enabled"
+    with pytest.raises(VersionDisabled, match="disabled"):
+        key.unwrap(old.ciphertext)
+    with pytest.raises(VersionDisabled):
+        key.rewrap(old.ciphertext)
+    assert key.unwrap(moved.ciphertext) == dek
+    # a second worker (no cache) reads the state from KMS
+    with pytest.raises(VersionDisabled):
+        make(name).unwrap(old.ciphertext)
+    assert key.enable_version(1).state_of(1) == "enabled"
+    assert key.unwrap(old.ciphertext) == dek
+
+    with pytest.raises(InvalidRequest, match="primary"):
+        key.destroy_below(3)
+    info = key.destroy_below(2)
+    assert info.state_of(1) == "pending_deletion" and info.state_of(2) == "enabled"
+    with pytest.raises(VersionDisabled, match="scheduled for deletion"):
+        key.unwrap(old.ciphertext)
+    assert key.destroy_below(2).state_of(1) == "pending_deletion"  # idempotent
+    assert key.unwrap(moved.ciphertext) == dek
+
+    info = key.cancel_destroy(1)
+    assert info.state_of(1) == "enabled"
+    assert key.unwrap(old.ciphertext) == dek
+
+
+def test_native_lifecycle(make: Callable[..., AwsKmsAdapter]) -> None:
+    key = make(_name())
+    info, _ = key.create(rotation_mode="native")
+    assert info.notes == (NATIVE_NOTE,)
+    dek = secrets.token_bytes(32)
+    old = key.wrap(dek)
+    assert old.ciphertext.startswith(b"aws:v1:")
+
+    info = key.rotate()
+    assert info.primary_version == 2 and [v.state for v in info.versions] == ["enabled", "enabled"]
+    assert len({v.native_id for v in info.versions}) == 1  # one KMS key for every version
+    assert any("cannot retire old key material" in note for note in info.notes)
+    assert key.unwrap(old.ciphertext) == dek
+    new = key.wrap(dek)
+    assert new.key_version == 2
+    moved = key.rewrap(old.ciphertext)
+    assert moved.key_version == 2 and key.unwrap(moved.ciphertext) == dek
+    outcomes = key.rewrap_batch([old.ciphertext, b"aws:v1:Zm9v", new.ciphertext])
+    assert outcomes[0].wrapped is not None and outcomes[0].wrapped.key_version == 2
+    assert isinstance(outcomes[1].error, InvalidCiphertext)
+    assert outcomes[2].wrapped is not None
+
+    with pytest.raises(InvalidRequest, match="native rotation cannot retire old key material"):
+        key.disable_version(1)
+    with pytest.raises(InvalidRequest, match="native rotation cannot retire old key material"):
+        key.destroy_below(2)
+    with pytest.raises(InvalidCiphertext, match="never had"):
+        key.unwrap(old.ciphertext.replace(b"aws:v1:", b"aws:v3:", 1))
+
+
+def test_garbage_and_foreign_ciphertexts(make: Callable[..., AwsKmsAdapter]) -> None:
+    key, other = make(_name()), make(_name())
+    key.create()
+    other.create()
+    good = key.wrap(b"\x01" * 32).ciphertext
+    blob = base64.b64decode(good[len(b"aws:v1:") :])
+    garbage = [
+        b"garbage",
+        b"",
+        b"vault:v1:" + good[len(b"aws:v1:") :],
+        b"aws:v1:!!not-base64!!",
+        b"aws:v1:",
+        b"aws:v1:" + base64.b64encode(b"short"),
+        good[:-8] + b"AAAAAAAA",  # altered
+        b"aws:v1:" + base64.b64encode(blob[:-1] + bytes([blob[-1] ^ 1])),  # flipped bit
+        good.replace(b"aws:v1:", b"aws:v7:", 1),  # a version that never existed
+        other.wrap(b"\x02" * 32).ciphertext,  # another key's ciphertext
+    ]
+    for item in garbage:
+        with pytest.raises(InvalidCiphertext):
+            key.unwrap(item)
+    assert all(isinstance(o.error, InvalidCiphertext) for o in key.rewrap_batch(garbage))
+
+
+def test_unknown_key(make: Callable[..., AwsKmsAdapter]) -> None:
+    missing = make(_name())
+    with pytest.raises(NotFound):
+        missing.describe()
+    with pytest.raises(NotFound):
+        missing.wrap(b"\x00" * 32)
+    with pytest.raises(NotFound):
+        missing.rotate()
+    with pytest.raises(NotFound):
+        missing.unwrap(b"aws:v1:" + base64.b64encode(b"x" * 64))
+
+
+def test_invalid_names_are_refused(moto_url: str, store: MemoryReleasePolicyStore) -> None:
+    with pytest.raises(InvalidRequest, match="alias characters"):
+        AwsKmsAdapter("orders.v2", endpoint_url=moto_url, region=REGION, release_store=store)
+
+
+def test_endpoint_down_is_unavailable(store: MemoryReleasePolicyStore) -> None:
+    down = AwsKmsAdapter(
+        "anything",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        region=REGION,
+        release_store=store,
+        credentials=CREDENTIALS,
+        governor=Governor("down", max_attempts=1),
+    )
+    with pytest.raises(Unavailable) as caught:
+        down.describe()
+    assert caught.value.retryable
+    with pytest.raises(Unavailable):
+        down.wrap(b"\x00" * 32)
+
+
+def _client_error(code: str, status: int = 400, message: str = "x") -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "Decrypt",
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "op", "expected"),
+    [
+        (_client_error("ThrottlingException"), "decrypt", Throttled),
+        (_client_error("LimitExceededException", message="Rate exceeded"), "encrypt", Throttled),
+        (_client_error("LimitExceededException", message="too many keys"), "create_key", InvalidRequest),
+        (_client_error("NotFoundException"), "describe_key", NotFound),
+        (_client_error("DisabledException"), "decrypt", VersionDisabled),
+        (_client_error("KMSInvalidStateException"), "decrypt", VersionDisabled),
+        (_client_error("KMSInvalidStateException"), "cancel_key_deletion", InvalidRequest),
+        (_client_error("InvalidCiphertextException"), "decrypt", InvalidCiphertext),
+        (_client_error("IncorrectKeyException"), "re_encrypt", InvalidCiphertext),
+        (
+            _client_error("AccessDeniedException", message="User is not authorized"),
+            "decrypt",
+            PermissionDenied,
+        ),
+        (_client_error("AccessDeniedException", message=""), "decrypt", InvalidCiphertext),
+        (_client_error("AccessDeniedException", message=""), "describe_key", PermissionDenied),
+        (_client_error("KMSInternalException", 500), "encrypt", Unavailable),
+        (_client_error("Whatever", 503), "encrypt", Unavailable),
+        (_client_error("ValidationException"), "create_alias", InvalidRequest),
+        (EndpointConnectionError(endpoint_url="http://x"), "encrypt", Unavailable),
+        (ReadTimeoutError(endpoint_url="http://x"), "encrypt", Unavailable),
+    ],
+)
+def test_error_mapping(exc: Exception, op: str, expected: type[Exception]) -> None:
+    mapped = map_aws_error(exc, op, "aws:k")
+    assert type(mapped) is expected
+    assert "http://x" not in str(mapped)
+
+
+def _claims(svn: int) -> Claims:
+    return Claims(
+        platform="sim",
+        measurement="aa" * 32,
+        signer=SIGNER,
+        product_id=1,
+        svn=svn,
+        debug=False,
+        tcb_status="UpToDate",
+        report_data="00" * 64,
+        evidence_digest="00" * 32,
+        evidence_time=datetime.now(UTC),
+        nonce="01",
+    )
+
+
+def test_release_and_release_for_nitro(make: Callable[..., AwsKmsAdapter]) -> None:
+    key = make(_name())
+    key.create()
+    verifier = ResultSigner.generate()
+    policy = parse_policy(
+        {"id": "release", "rules": [{"platform": "sim", "signer": SIGNER, "product_id": 1, "min_svn": 2}]}
+    )
+    key.set_release_policy(ReleasePolicy(policy, verifier.public_pem()))
+    assert key.describe().release_policy_id == "release"
+    dek = secrets.token_bytes(32)
+    wrapped = key.wrap(dek).ciphertext
+    recipient = HandoffKeyPair()
+
+    def token(svn: int) -> str:
+        return verifier.issue(
+            _claims(svn),
+            policy_id="release",
+            policy_digest=policy.digest,
+            cnf_key_hash=fingerprint(recipient.public_bytes),
+            audience="rekey-kms",
+            now=datetime.now(UTC),
+        )
+
+    released = key.release(wrapped, token(2), recipient.public_bytes)
+    assert dek not in released and open_released(released, recipient, key.key_ref) == dek
+
+    nitro = key.release_for_nitro(wrapped, token(2), recipient.public_bytes, b"attestation-document")
+    assert nitro.scheme == "hpke"  # moto ignores Recipient and returns plaintext
+    assert dek not in nitro.ciphertext and open_released(nitro.ciphertext, recipient, key.key_ref) == dek
+
+    with pytest.raises(PolicyDenied):
+        key.release_for_nitro(wrapped, token(1), recipient.public_bytes, b"attestation-document")
+    with pytest.raises(InvalidRequest, match="attestation document"):
+        key.release_for_nitro(wrapped, token(2), recipient.public_bytes, b"")
