@@ -31,6 +31,13 @@ Two refinements over botocore:
   cut needs just one more throttle of a request paced at the new rate. Growth is capped at
   ``max(2 * measured, w_max)``: an idle client does not "grow" towards an unbounded rate, yet
   after a pause it resumes at the last known-good level.
+* Until a request paced at the new rate has succeeded, further throttles do not cut again:
+  quotas count per interval (OpenBao per second), so requests sent at the new rate into the
+  interval that was already exhausted fail too, and cutting for each collapsed the rate to half
+  the limit against OpenBao (measured: 25/s goodput at a 50/s quota).
+* When sends far outrun what the server accepts (over 1.5x the accepted rate, once a full
+  window of successes has been seen), the cut starts from the accepted rate: an unpaced start
+  of 16 callers converges in one cut instead of a cascade.
 
 The limiter is a GCRA (virtual-scheduling token bucket, burst ``max(1, rate * burst_seconds)``,
 50 ms worth): under the lock a caller reserves the next send slot, then sleeps until it without
@@ -45,10 +52,13 @@ queueing past its deadline. The rate never falls below ``min_rate`` (0.5/s).
 ``sleep = min(cap, uniform(base, 3 * previous))`` (base 50 ms, cap 5 s), and at least the
 error's ``retry_after`` when the server gave one.
 
-**Retry budget.** An endpoint-wide token bucket (capacity 100, starts full): each success
+**Retry budget.** An endpoint-wide token bucket (capacity 500, starts full): each success
 deposits 0.1, each retry spends 1. With the budget empty a retryable error goes straight to the
-caller, so retries cannot amplify an outage beyond ~10 % extra load. Per call there is also a
-maximum number of attempts (20) and a maximum total time (60 s); then the last error is raised.
+caller, so retries cannot amplify an outage beyond ~10 % extra load once the start-up
+allowance is spent. 500 covers the throttles of an unpaced start (16 callers against a 50/s OpenBao quota
+spent ~160 before the rate settled); outages are bounded sooner by the circuit breaker. Per
+call there is also a maximum number of attempts (20) and a maximum total time (60 s); then the
+last error is raised.
 
 **Circuit breaker.** ``failure_threshold`` (5) consecutive ``Unavailable`` answers within
 ``failure_window`` (10 s) open the circuit; ``Throttled`` does not count (a throttling server is
@@ -116,6 +126,10 @@ class _RateMeter:
         self._value = self._value * math.exp(-dt / self._tau) + 1.0 / self._tau
         self._last = max(self._last, t)
 
+    def span(self, now: float) -> float:
+        """How long this meter has been observing."""
+        return 0.0 if self._first is None else now - self._first
+
     def rate(self, now: float) -> float:
         if self._first is None:
             return 0.0
@@ -149,7 +163,7 @@ class Governor:
         rate_window: float = 1.0,
         backoff_base: float = 0.05,
         backoff_cap: float = 5.0,
-        budget_capacity: float = 100.0,
+        budget_capacity: float = 500.0,
         budget_deposit: float = 0.1,
         budget_retry_cost: float = 1.0,
         max_attempts: int = 20,
@@ -205,6 +219,11 @@ class Governor:
         self._k = 0.0
         self._last_cut = 0.0
         self._meter = _RateMeter(rate_window, min_span=0.1 * rate_window)
+        self._success_since_cut = True
+        # Trusted only after a full window (see _on_throttle): the first successes come from the
+        # server's burst allowance and say little about its sustained rate.
+        self._served_meter = _RateMeter(rate_window, min_span=0.1 * rate_window)
+        self._rate_window = rate_window
         # Retry budget.
         self._budget = budget_capacity
         # Circuit breaker.
@@ -379,6 +398,9 @@ class Governor:
         now = self._clock()
         with self._lock:
             self._successes += 1
+            self._served_meter.record(now)
+            if st.generation == self._generation:  # sent at the current rate, after the last cut
+                self._success_since_cut = True
             self._budget = min(self._budget_capacity, self._budget + self._budget_deposit)
             if st.probe:
                 self._close_circuit()
@@ -454,8 +476,22 @@ class Governor:
     def _on_throttle(self, generation: int, now: float) -> None:
         if generation != self._generation:
             return  # admitted before the last cut: same congestion event, already answered
+        if self._enforced and not self._success_since_cut:
+            # Quotas count per interval (OpenBao: per second): attempts paced at the new rate but
+            # sent inside the interval that was already exhausted fail too. Until a success shows
+            # the server has capacity again they are the same congestion event; cutting again
+            # for each would collapse the rate.
+            return
+        self._success_since_cut = False
         measured = self._meter.rate(now)
         current = min(measured, self._rate) if self._enforced else measured
+        served = self._served_meter.rate(now)
+        if self._served_meter.span(now) >= self._rate_window and current > 1.5 * served:
+            # Sends far outrun what the server accepts (an unpaced start against a full queue
+            # of callers): what it accepted is the better estimate of its limit, so the rate
+            # converges in one cut instead of a cascade of them. Near the limit the send rate
+            # is the better estimate (the accepted rate lags behind it).
+            current = served
         current = max(current, self._min_rate)
         self._w_max = current
         self._k = (self._w_max * (1.0 - self._beta) / self._c) ** (1.0 / 3.0)
