@@ -73,9 +73,8 @@ from azure.core.exceptions import (
 from azure.keyvault.keys import KeyClient, KeyOperation, KeyProperties, KeyReleasePolicy, KeyVaultKey
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 
-from attestation.errors import AttestationError
 from attestation.policy import Rule
-from attestation.token import DEFAULT_ISSUER, verify_result
+from attestation.token import DEFAULT_ISSUER
 from kms_adapters.contract import KeyInfo, KeyVersionInfo, RewrapOutcome, RotationMode, VersionState
 from kms_adapters.errors import (
     InvalidCiphertext,
@@ -673,10 +672,7 @@ class AzureHsmAdapter(ReleaseGate):
         Returns the service's answer: a JWS whose payload carries the key, wrapped to the key in
         the token's ``x-ms-runtime`` claims."""
         policy = self.release_store.get(self.key_ref)
-        if recipient_public_key is not None:
-            check_release(policy, attestation_result, recipient_public_key)
-        else:
-            _check_result(policy, attestation_result)
+        check_release(policy, attestation_result, recipient_public_key)
         result = self._call(_RELEASE, lambda: self._keys.release_key(self.name, attestation_result))
         if not result.value:
             raise Unavailable(f"Azure Key Vault answered the release of {self.key_ref} without a value")
@@ -701,24 +697,3 @@ def _rule_conditions(rule: Rule) -> list[list[dict[str, Any]]]:
             *common,
         ]
     ]
-
-
-def _check_result(policy: ReleasePolicy | None, attestation_result: str) -> None:
-    """``check_release`` without the recipient-key binding (Key Vault wraps the released key to
-    the key in the token itself)."""
-    if policy is None:
-        raise PolicyDenied(["the key has no release policy"])
-    now = datetime.now(UTC)
-    try:
-        result = verify_result(
-            attestation_result,
-            public_key=policy.verifier_key(),
-            audience=policy.audience,
-            policy_id=None,
-            now=now,
-        )
-    except AttestationError as exc:
-        raise PolicyDenied([f"attestation result rejected: {exc}"]) from None
-    decision = policy.policy.evaluate(result.claims, now=now, nonce_checked=result.claims.nonce is not None)
-    if not decision.allowed:
-        raise PolicyDenied(decision.reasons)

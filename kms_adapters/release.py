@@ -121,11 +121,14 @@ class MemoryReleasePolicyStore:
 def check_release(
     policy: ReleasePolicy | None,
     attestation_result: str,
-    recipient_public_key: bytes,
+    recipient_public_key: bytes | None,
     *,
     now: datetime | None = None,
 ) -> VerifiedResult:
-    """Raise ``PolicyDenied`` unless the token lets ``recipient_public_key`` receive the key."""
+    """Raise ``PolicyDenied`` unless the token lets ``recipient_public_key`` receive the key.
+
+    ``recipient_public_key`` None skips the key binding, for releases where the service itself
+    encrypts to the key named in the token (Azure Secure Key Release)."""
     if policy is None:
         raise PolicyDenied(["the key has no release policy"])
     when = now or datetime.now(UTC)
@@ -139,7 +142,9 @@ def check_release(
         )
     except AttestationError as exc:
         raise PolicyDenied([f"attestation result rejected: {exc}"]) from None
-    if not hmac.compare_digest(hashlib.sha256(recipient_public_key).hexdigest(), result.cnf_key_hash):
+    if recipient_public_key is not None and not hmac.compare_digest(
+        hashlib.sha256(recipient_public_key).hexdigest(), result.cnf_key_hash
+    ):
         raise PolicyDenied(["the recipient key is not the key bound in the attestation result"])
     decision = policy.policy.evaluate(result.claims, now=when, nonce_checked=result.claims.nonce is not None)
     if not decision.allowed:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import base64
 import secrets
-import subprocess
-import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
@@ -31,7 +28,7 @@ from kms_adapters.errors import (
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore, ReleasePolicy, open_released
 from sealing.handoff import HandoffKeyPair, fingerprint
-from tests.fixtures.ports import free_port, wait_for_port
+from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -40,34 +37,9 @@ REGION = "us-east-1"
 SIGNER = "83" * 32
 
 
-@pytest.fixture(scope="module")
-def moto_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The shared session ``moto_server`` fixture if one is registered, else a private server."""
-    try:
-        yield str(request.getfixturevalue("moto_server"))
-        return
-    except pytest.FixtureLookupError:
-        pass
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    binary = Path(sysconfig.get_path("scripts")) / "moto_server"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(binary), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+@pytest.fixture
+def moto_url(moto_server: str) -> str:
+    return moto_server
 
 
 @pytest.fixture
