@@ -475,7 +475,7 @@ def summary(runs: list[Run]) -> list[str]:
                 f" which failed {best['failed']} operations in {best['elapsed_s']:.1f}s)"
             )
             if fair is None:
-                goodput += "; no baseline failed as few operations"
+                goodput += "; every baseline failed more operations (at equal work it leads)"
             elif v["leads_goodput_at_equal_work"]:
                 goodput += (
                     f"; among baselines failing no more operations it leads"

@@ -8,12 +8,15 @@ blob is only opened if its authenticated header agrees with the record it came f
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 from sealing import envelope
 from sealing.errors import SealingError, TamperedBlob
 from sealing.keywrap import KeyWrapper
-from sealing.store import BlobRecord, RecordNotFound, SealedStateStore
+from sealing.store import BlobRecord, DuplicateRecord, RecordNotFound, SealedStateStore, StaleRecord
+
+PUT_ATTEMPTS = 5
 
 
 class UnknownGeneration(SealingError):
@@ -44,30 +47,51 @@ class SealedState:
             existing: BlobRecord | None = self._store.get_by_name(namespace, name)
         except RecordNotFound:
             existing = None
-        blob_id = None if existing is None else envelope.parse(existing.blob).header.blob_id
-        sealed = envelope.seal(
-            data, wrapper, namespace=namespace, name=name, generation=generation, blob_id=blob_id
-        )
-        blob = bytes(sealed)
-        parsed = envelope.parse(blob)
-        if existing is None:
-            return self._store.insert(
-                blob_id=str(parsed.header.blob_id),
+
+        def seal_as(blob_id: str) -> tuple[bytes, int]:
+            sealed = envelope.seal(
+                data,
+                wrapper,
                 namespace=namespace,
                 name=name,
-                key_ref=key_ref,
-                key_version=parsed.key_version,
                 generation=generation,
-                blob=blob,
+                blob_id=uuid.UUID(blob_id),
             )
-        return self._store.compare_and_swap(
-            existing.blob_id,
-            existing.row_version,
-            blob=blob,
-            key_version=parsed.key_version,
-            key_ref=key_ref,
-            generation=generation,
-        )
+            return bytes(sealed), envelope.parse(sealed).key_version
+
+        blob_id = existing.blob_id if existing is not None else str(uuid.uuid4())
+        blob, key_version = seal_as(blob_id)
+        # A put replaces the value, so losing a race (to a rotation re-wrapping the old value, or
+        # to another writer) just means comparing against the newer row version: the new blob
+        # does not depend on what it replaces.
+        for attempt in range(PUT_ATTEMPTS):
+            try:
+                if existing is None:
+                    return self._store.insert(
+                        blob_id=blob_id,
+                        namespace=namespace,
+                        name=name,
+                        key_ref=key_ref,
+                        key_version=key_version,
+                        generation=generation,
+                        blob=blob,
+                    )
+                return self._store.compare_and_swap(
+                    existing.blob_id,
+                    existing.row_version,
+                    blob=blob,
+                    key_version=key_version,
+                    key_ref=key_ref,
+                    generation=generation,
+                )
+            except (StaleRecord, DuplicateRecord):
+                if attempt == PUT_ATTEMPTS - 1:
+                    raise
+                existing = self._store.get_by_name(namespace, name)
+                if existing.blob_id != blob_id:  # another writer created the name meanwhile
+                    blob_id = existing.blob_id
+                    blob, key_version = seal_as(blob_id)
+        raise AssertionError("unreachable")
 
     def get(self, *, namespace: str, name: str) -> bytes:
         """Open the blob stored under (namespace, name)."""

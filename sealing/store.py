@@ -317,9 +317,33 @@ def _migration_2_generations(conn: Connection) -> None:
     ).create(conn)
 
 
+def _migration_3_audit_log(conn: Connection) -> None:
+    """Create ``audit_log``: the append-only, hash-chained, signed audit log (`rekey.audit`).
+
+    ``seq`` is assigned by the appender (1, 2, ...), never by the database. ``recorded_at``
+    is the canonical UTC time text that the record's hash covers, stored verbatim."""
+    snapshot = MetaData()
+    Table(
+        "audit_log",
+        snapshot,
+        Column("seq", Integer, primary_key=True, autoincrement=False),
+        Column("recorded_at", String, nullable=False),
+        Column("actor", String, nullable=False),
+        Column("event", String, nullable=False),
+        Column("subject", String, nullable=False),
+        Column("details", Text, nullable=False),
+        Column("prev_hash", String, nullable=False),
+        Column("hash", String, nullable=False),
+        Column("signature", String, nullable=False),
+        Column("key_id", String, nullable=False),
+        Index("ix_audit_log_subject", "subject", "seq"),
+    ).create(conn)
+
+
 MIGRATIONS: Final[Sequence[Callable[[Connection], None]]] = (
     _migration_1_sealed_blobs,
     _migration_2_generations,
+    _migration_3_audit_log,
 )
 """Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
 ``i + 1``. Append new steps; never edit or reorder old ones."""
@@ -776,6 +800,27 @@ class SealedStateStore:
         records = [_record(row) for row in rows[:limit]]
         next_cursor = records[-1].blob_id if len(rows) > limit else None
         return Page(records=records, next_cursor=next_cursor)
+
+    def boundaries(
+        self, *, key_ref: str, below_version: int, after: str | None = None, size: int = 500, count: int = 4
+    ) -> list[str]:
+        """Upper ``blob_id`` bounds of up to ``count`` consecutive ranges after ``after``, each
+        holding at most ``size`` records of ``key_ref`` below ``below_version``. Reads ids only:
+        a rotation plans parallel batches with it, each batch covering ``(previous, bound]``."""
+        _check_filters(key_ref, below_version, None, after)
+        if not 1 <= size <= MAX_PAGE or not 1 <= count <= 1000:
+            raise ValueError(f"size must be 1..{MAX_PAGE} and count 1..1000")
+        query = (
+            select(sealed_blobs.c.blob_id)
+            .where(sealed_blobs.c.key_ref == key_ref, sealed_blobs.c.key_version < below_version)
+            .order_by(sealed_blobs.c.blob_id)
+            .limit(size * count)
+        )
+        if after is not None:
+            query = query.where(sealed_blobs.c.blob_id > after)
+        with self._tx("planning of a sweep") as conn:
+            ids = [str(row[0]) for row in conn.execute(query)]
+        return [ids[min(i + size, len(ids)) - 1] for i in range(0, len(ids), size)]
 
     def iter_records(
         self,

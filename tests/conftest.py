@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.fixtures.openbao",
     "tests.fixtures.moto",
     "tests.fixtures.azure",
+    "tests.fixtures.temporal",
     "tests.fixtures.adapters",  # last: it builds on the server fixtures above
 ]

@@ -393,10 +393,10 @@ def test_generations_are_idempotent_and_conflict_on_change(store: SealedStateSto
 
 def test_fresh_database_is_at_current_version_and_reopen_is_noop(store_url: str, raw: Engine) -> None:
     with SealedStateStore(store_url) as s:
-        assert s.schema_version == SCHEMA_VERSION == 2
+        assert s.schema_version == SCHEMA_VERSION == 3
         rec = add(s, "keep")
     tables = set(inspect(raw).get_table_names())
-    assert {"rekey_schema", "sealed_blobs", "generations"} <= tables
+    assert {"rekey_schema", "sealed_blobs", "generations", "audit_log"} <= tables
     indexes = {ix["name"] for ix in inspect(raw).get_indexes("sealed_blobs")}
     assert {"ix_sealed_blobs_key", "ix_sealed_blobs_generation"} <= indexes
     assert schema_rows(raw) == [SCHEMA_VERSION]
@@ -454,11 +454,11 @@ def test_version_1_database_upgrades_keeping_data(store_url: str, raw: Engine) -
     raw.dispose()
 
     with SealedStateStore(store_url) as s:
-        assert s.schema_version == 2
+        assert s.schema_version == SCHEMA_VERSION
         old = s.get("old-1")
         assert (old.blob, old.row_version, old.created_at) == (b"legacy-bytes", 4, now)
         assert s.put_generation("g1", "{}") is True
-    assert schema_rows(raw) == [2]
+    assert schema_rows(raw) == [SCHEMA_VERSION]
 
 
 def test_concurrent_first_open_does_not_fail(store_url: str, raw: Engine) -> None:

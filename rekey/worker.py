@@ -1,0 +1,90 @@
+"""The rekey worker: hosts the workflows and activities on task queue ``rekey``."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.rotation import AuditSink, RotationActivities
+from activities.types import TASK_QUEUE
+from kms_adapters.contract import KmsAdapter
+from rekey.backends import adapter_for
+from rekey.config import Settings
+from sealing.store import SealedStateStore
+from workflows.rotation import RotateKeyWorkflow
+
+log = logging.getLogger("rekey.worker")
+WORKFLOWS = [RotateKeyWorkflow]
+
+
+def actor() -> str:
+    """Who is acting, for the audit log: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def audit_sink(settings: Settings) -> AuditSink:
+    from rekey.audit import AuditLog, load_or_create_signing_key
+
+    log_ = AuditLog(settings.store_url, load_or_create_signing_key(settings.home / "audit" / "ed25519.pem"))
+
+    def sink(event: str, subject: str, details: dict[str, Any], who: str) -> None:
+        log_.append(event, subject, details, actor=who or actor())
+
+    return sink
+
+
+def data_converter(settings: Settings) -> Any:
+    from rekey.codec import data_converter as codec_converter
+
+    return codec_converter(settings.home)
+
+
+async def connect(settings: Settings) -> Client:
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=data_converter(settings),
+    )
+
+
+def build_worker(
+    client: Client,
+    settings: Settings,
+    *,
+    task_queue: str = TASK_QUEUE,
+    adapters: Callable[[str], KmsAdapter] | None = None,
+    store: SealedStateStore | None = None,
+    audit: AuditSink | None = None,
+    max_concurrent_activities: int = 16,
+) -> Worker:
+    activities = RotationActivities(
+        adapters or (lambda ref: adapter_for(settings, ref)),
+        store or SealedStateStore(settings.store_url),
+        audit or audit_sink(settings),
+    )
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=WORKFLOWS,
+        activities=activities.all(),
+        activity_executor=ThreadPoolExecutor(max_concurrent_activities),
+        max_concurrent_activities=max_concurrent_activities,
+    )
+
+
+async def run_worker(settings: Settings) -> None:
+    client = await connect(settings)
+    worker = build_worker(client, settings)
+    log.info("rekey worker polling task queue %s on %s", TASK_QUEUE, settings.temporal_address)
+    await worker.run()

