@@ -272,9 +272,10 @@ class RotateKeyWorkflow:
             if request.grace_seconds > 0:  # a durable timer: survives worker restarts
                 try:
                     await workflow.wait_condition(
-                        lambda: s.approved or s.abort_requested, timeout=timedelta(seconds=request.grace_seconds)
+                        lambda: s.approved or s.abort_requested,
+                        timeout=timedelta(seconds=request.grace_seconds),
                     )
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass  # the grace period passed without an approve: commit
             if s.abort_requested:
                 return await self._aborted()
