@@ -8,6 +8,7 @@ Workflow id ``rotate:<backend>:<name>``, so two rotations of one key cannot over
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -270,13 +271,10 @@ class RotateKeyWorkflow:
 
         if s.phase == AWAITING_COMMIT:
             if request.grace_seconds > 0:  # a durable timer: survives worker restarts
-                try:
-                    await workflow.wait_condition(
-                        lambda: s.approved or s.abort_requested,
-                        timeout=timedelta(seconds=request.grace_seconds),
-                    )
-                except TimeoutError:
-                    pass  # the grace period passed without an approve: commit
+                # Expiry without an approve means commit; the timer is durable (worker restarts).
+                grace = timedelta(seconds=request.grace_seconds)
+                with contextlib.suppress(TimeoutError):
+                    await workflow.wait_condition(lambda: s.approved or s.abort_requested, timeout=grace)
             if s.abort_requested:
                 return await self._aborted()
             await self._phase(RETIRING)
