@@ -262,6 +262,7 @@ class AwsKmsAdapter(ReleaseGate):
             "kms", region_name=region, endpoint_url=endpoint_url, config=config, **(credentials or {})
         )
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._primary_cache: tuple[_Primary, float] | None = None
         self._versions: dict[int, tuple[_Version, float]] = {}
         self._tags_by_arn: dict[str, dict[str, str]] = {}
@@ -320,8 +321,20 @@ class AwsKmsAdapter(ReleaseGate):
     def _primary(self, *, fresh: bool = False) -> _Primary:
         with self._lock:
             cached = self._primary_cache
-        if cached is not None and not fresh and self._fresh(cached[1]):
-            return cached[0]
+        if cached is not None and not fresh:
+            if self._fresh(cached[1]):
+                return cached[0]
+            # One thread refreshes an expired entry; the others keep using it meanwhile, so 16
+            # threads do not spend 16 requests of a throttled quota on the same lookup.
+            if not self._refresh_lock.acquire(blocking=False):
+                return cached[0]
+            try:
+                return self._load_primary()
+            finally:
+                self._refresh_lock.release()
+        return self._load_primary()
+
+    def _load_primary(self) -> _Primary:
         meta = self._call("describe_key", KeyId=self.alias)["KeyMetadata"]
         arn, key_id = str(meta["Arn"]), str(meta["KeyId"])
         tags = self._tags(arn)
@@ -383,8 +396,20 @@ class AwsKmsAdapter(ReleaseGate):
         A version at or below the primary whose alias is gone was deleted: state ``destroyed``."""
         with self._lock:
             hit = self._versions.get(version)
-        if hit is not None and not fresh and self._fresh(hit[1]):
-            return hit[0]
+        if hit is not None and not fresh:
+            if self._fresh(hit[1]):
+                return hit[0]
+            if not self._refresh_lock.acquire(blocking=False):
+                return hit[0]  # another thread is refreshing (see _primary)
+            try:
+                return self._load_version(version, hit, primary_version)
+            finally:
+                self._refresh_lock.release()
+        return self._load_version(version, hit, primary_version)
+
+    def _load_version(
+        self, version: int, hit: tuple[_Version, float] | None, primary_version: int | None
+    ) -> _Version | None:
         try:
             meta = self._call("describe_key", KeyId=self.version_alias(version))["KeyMetadata"]
         except NotFound:

@@ -7,6 +7,7 @@ operation, 4 for a generation downgrade); ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import sys
@@ -677,6 +678,359 @@ def attest_verify(
     if result.get("token"):
         out.print(f"attestation result (ES256 JWT, policy {result['policy']}):")
         out.print(result["token"], markup=False)
+
+
+# ----------------------------------------------------------------- worker, rotate, schedule
+
+
+def _duration(text: str, option: str) -> float:
+    """``0``, ``0s``, ``30s``, ``15m``, ``24h``, ``7d`` (or combinations) -> seconds."""
+    from attestation.errors import AttestationError
+    from attestation.policy import parse_duration
+
+    if text.strip() in ("0", "0s"):
+        return 0.0
+    try:
+        return parse_duration(text).total_seconds()
+    except (AttestationError, ValueError):
+        raise InputFileError(f"{option} {text!r} is not a duration like 30s, 15m, 24h or 7d") from None
+
+
+def _run_async(coro: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+async def _client() -> Any:
+    from rekey.worker import connect
+
+    try:
+        return await connect(_settings())
+    except RuntimeError as exc:  # the SDK's connection failure
+        raise devstack.DevStackError(
+            f"cannot reach Temporal at {_settings().temporal_address}: {str(exc).splitlines()[0]}"
+            " (start it with `rekey dev up`)"
+        ) from None
+
+
+@app.command("worker")
+def worker_command() -> None:
+    """Run a rekey worker (task queue `rekey`) until interrupted."""
+    from rekey.worker import run_worker
+
+    settings = _settings()
+    err.print(f"rekey worker on task queue rekey, Temporal {settings.temporal_address}")
+    with contextlib.suppress(KeyboardInterrupt):
+        _run_async(run_worker(settings))
+
+
+@app.command("codec-server")
+@click.option("--port", type=click.IntRange(0, 65535), default=8234, show_default=True)
+def codec_server_command(port: int) -> None:
+    """Serve /encode and /decode for the Temporal UI (payloads are AES-GCM encrypted)."""
+    from rekey.codec_server import run_codec_server
+
+    sys.exit(run_codec_server(_settings().home, port))
+
+
+@app.group("rotate")
+def rotate_app() -> None:
+    """Two-phase key rotation (RotateKeyWorkflow)."""
+
+
+def _progress_dict(progress: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(progress)
+
+
+def _print_progress(data: dict[str, Any]) -> None:
+    out.print(
+        f"{data['key_ref']}  phase {data['phase']}  v{data['old_primary']} -> v{data['new_version']}"
+        f"  re-wrapped {data['rewrapped']}/{data['total']}  remaining {data['remaining']}"
+        f"  conflicts {data['conflicts']}  failed {data['failed']}  throttled waits {data['throttled_waits']}"
+        f"  rate {data['current_rate']:.0f}/s{'  PAUSED' if data['paused'] else ''}"
+    )
+
+
+async def _wait_with_progress(handle: Any) -> Any:
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from workflows.rotation import RotateKeyWorkflow
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as bar:
+        task = bar.add_task("PREPARING", total=None)
+        result_task = asyncio.ensure_future(handle.result())
+        while not result_task.done():
+            try:
+                progress = await handle.query(RotateKeyWorkflow.progress)
+                bar.update(
+                    task,
+                    description=f"{progress.phase:<15}",
+                    total=progress.total or None,
+                    completed=progress.rewrapped + progress.conflicts + progress.failed,
+                )
+            except Exception as exc:  # a query can fail during continue-as-new; the next one works
+                bar.console.log(f"progress unavailable for a moment: {type(exc).__name__}")
+            await asyncio.wait({result_task}, timeout=0.5)
+        return result_task.result()
+
+
+@rotate_app.command("start")
+@click.argument("key_ref", metavar="KEYREF")
+@click.option("--grace", default="24h", show_default=True, help="Wait before retiring old versions.")
+@click.option(
+    "--destroy-after", default=None, help="Destroy old versions this long after disabling (default never)."
+)
+@click.option("--batch-size", type=click.IntRange(1, 490), default=490, show_default=True)
+@click.option("--wait", "wait_", is_flag=True, help="Show a progress bar and wait for the end.")
+@json_option
+def rotate_start(
+    key_ref: str, grace: str, destroy_after: str | None, batch_size: int, wait_: bool, json_out: bool
+) -> None:
+    """Start rotating KEYREF; exits 0 when DONE (with --wait), 1 when ABORTED or failed."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import WorkflowAlreadyStartedError
+
+    from activities.types import TASK_QUEUE
+    from kms_adapters.keyref import KeyRef
+    from rekey.worker import actor
+    from workflows.rotation import DONE, RotateKeyInput, RotateKeyWorkflow, workflow_id
+
+    KeyRef.parse(key_ref)
+    request = RotateKeyInput(
+        key_ref,
+        grace_seconds=_duration(grace, "--grace"),
+        destroy_after_seconds=None if destroy_after is None else _duration(destroy_after, "--destroy-after"),
+        batch_size=batch_size,
+        started_by=actor(),
+    )
+
+    async def run() -> Any:
+        client = await _client()
+        try:
+            handle = await client.start_workflow(
+                RotateKeyWorkflow.run, request, id=workflow_id(key_ref), task_queue=TASK_QUEUE
+            )
+        except WorkflowAlreadyStartedError:
+            raise InputFileError(
+                f"a rotation of {key_ref} is already running (workflow {workflow_id(key_ref)});"
+                f" see `rekey rotate status {workflow_id(key_ref)}`"
+            ) from None
+        if not wait_:
+            return handle.id, None
+        try:
+            return handle.id, await _wait_with_progress(handle)
+        except WorkflowFailureError as exc:
+            cause = exc.cause.message if hasattr(exc.cause, "message") else str(exc.cause)
+            raise devstack.DevStackError(f"rotation {handle.id} failed: {cause}") from None
+
+    workflow_id_, result = _run_async(run())
+    if result is None:
+        if json_out:
+            _emit_json({"workflow_id": workflow_id_})
+        else:
+            out.print(f"started {workflow_id_}  (follow it: rekey rotate status {workflow_id_})")
+        return
+    data = _progress_dict(result)
+    _emit_json(data) if json_out else _print_progress(data)
+    if data["phase"] != DONE:
+        sys.exit(1)
+
+
+def _handle(workflow_id_: str) -> Any:
+    async def get() -> Any:
+        return (await _client()).get_workflow_handle(workflow_id_)
+
+    return get
+
+
+def _rotation_id(text: str) -> str:
+    return text if text.startswith("rotate:") else f"rotate:{text}"
+
+
+@rotate_app.command("status")
+@click.argument("rotation_id", metavar="ID")
+@json_option
+def rotate_status(rotation_id: str, json_out: bool) -> None:
+    """Phase and progress of a rotation (ID is rotate:BACKEND:NAME, or the key ref)."""
+    from temporalio.service import RPCError
+
+    from workflows.rotation import RotateKeyWorkflow
+
+    async def run() -> Any:
+        handle = (await _client()).get_workflow_handle(_rotation_id(rotation_id))
+        try:
+            return await handle.query(RotateKeyWorkflow.progress)
+        except RPCError as exc:
+            raise InputFileError(f"no rotation {_rotation_id(rotation_id)}: {exc.message}") from None
+
+    data = _progress_dict(_run_async(run()))
+    _emit_json(data) if json_out else _print_progress(data)
+
+
+def _signal_command(name: str, help_text: str) -> None:
+    @rotate_app.command(name, help=help_text)
+    @click.argument("rotation_id", metavar="ID")
+    def command(rotation_id: str) -> None:
+        from temporalio.service import RPCError
+
+        async def run() -> None:
+            handle = (await _client()).get_workflow_handle(_rotation_id(rotation_id))
+            try:
+                await handle.signal(name)
+            except RPCError as exc:
+                raise InputFileError(f"cannot {name} {_rotation_id(rotation_id)}: {exc.message}") from None
+
+        _run_async(run())
+        out.print(f"{name}: sent to {_rotation_id(rotation_id)}")
+
+
+_signal_command("pause", "Pause the re-wrap sweep after the batches in flight.")
+_signal_command("resume", "Resume a paused rotation.")
+_signal_command("abort", "Abort before retirement: every blob stays readable.")
+_signal_command("approve", "Commit now instead of waiting for the grace period.")
+
+
+@app.group("schedule")
+def schedule_app() -> None:
+    """Scheduled rotation (Temporal Schedules, overlap policy skip)."""
+
+
+def _schedule_id(text: str) -> str:
+    return text if text.startswith("schedule:rotate:") else f"schedule:rotate:{text}"
+
+
+@schedule_app.command("create")
+@click.argument("key_ref", metavar="KEYREF")
+@click.option("--every", required=True, help="Interval, e.g. 30d or 90d.")
+@click.option("--jitter", default="0", show_default=True, help="Random delay added to each run.")
+@click.option("--grace", default="24h", show_default=True)
+@click.option("--destroy-after", default=None)
+def schedule_create(key_ref: str, every: str, jitter: str, grace: str, destroy_after: str | None) -> None:
+    """Rotate KEYREF every DUR (a run is skipped while the previous one is still going)."""
+    from datetime import timedelta
+
+    from temporalio.client import (
+        Schedule,
+        ScheduleActionStartWorkflow,
+        ScheduleAlreadyRunningError,
+        ScheduleIntervalSpec,
+        ScheduleOverlapPolicy,
+        SchedulePolicy,
+        ScheduleSpec,
+    )
+
+    from activities.types import TASK_QUEUE
+    from kms_adapters.keyref import KeyRef
+    from rekey.worker import actor
+    from workflows.rotation import RotateKeyInput, RotateKeyWorkflow, workflow_id
+
+    KeyRef.parse(key_ref)
+    every_s = _duration(every, "--every")
+    if every_s <= 0:
+        raise InputFileError("--every must be longer than 0s")
+    request = RotateKeyInput(
+        key_ref,
+        grace_seconds=_duration(grace, "--grace"),
+        destroy_after_seconds=None if destroy_after is None else _duration(destroy_after, "--destroy-after"),
+        started_by=f"schedule by {actor()}",
+    )
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            RotateKeyWorkflow.run, request, id=workflow_id(key_ref), task_queue=TASK_QUEUE
+        ),
+        spec=ScheduleSpec(
+            intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every_s))],
+            jitter=timedelta(seconds=_duration(jitter, "--jitter")),
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+    async def run() -> None:
+        client = await _client()
+        try:
+            await client.create_schedule(_schedule_id(key_ref), schedule)
+        except ScheduleAlreadyRunningError:
+            raise InputFileError(
+                f"a schedule for {key_ref} exists already ({_schedule_id(key_ref)})"
+            ) from None
+
+    _run_async(run())
+    out.print(f"created {_schedule_id(key_ref)}: rotate {key_ref} every {every}")
+
+
+@schedule_app.command("list")
+@json_option
+def schedule_list(json_out: bool) -> None:
+    """List rotation schedules."""
+
+    async def run() -> list[dict[str, Any]]:
+        client = await _client()
+        rows = []
+        async for entry in await client.list_schedules():
+            if not entry.id.startswith("schedule:rotate:"):
+                continue
+            info = entry.info
+            rows.append(
+                {
+                    "id": entry.id,
+                    "paused": bool(info and info.paused),
+                    "next_runs": [t.isoformat() for t in (info.next_action_times if info else [])][:3],
+                    "recent": [
+                        a.action.workflow_id
+                        for a in (info.recent_actions if info else [])
+                        if hasattr(a.action, "workflow_id")
+                    ][-3:],
+                }
+            )
+        return rows
+
+    rows = _run_async(run())
+    if json_out:
+        _emit_json(rows)
+        return
+    table = _table("schedule", "paused", "next runs")
+    for row in rows:
+        table.add_row(row["id"], str(row["paused"]).lower(), ", ".join(t[:19] for t in row["next_runs"]))
+    out.print(table if rows else "no rotation schedules")
+
+
+def _schedule_action(name: str, help_text: str) -> None:
+    @schedule_app.command(name, help=help_text)
+    @click.argument("schedule_id", metavar="ID")
+    def command(schedule_id: str) -> None:
+        from temporalio.service import RPCError
+
+        async def run() -> None:
+            handle = (await _client()).get_schedule_handle(_schedule_id(schedule_id))
+            try:
+                await getattr(handle, name)()
+            except RPCError as exc:
+                raise InputFileError(f"cannot {name} {_schedule_id(schedule_id)}: {exc.message}") from None
+
+        _run_async(run())
+        out.print(f"{name}: {_schedule_id(schedule_id)}")
+
+
+_schedule_action("pause", "Stop starting rotations from this schedule.")
+_schedule_action("unpause", "Start rotations from this schedule again.")
+_schedule_action("trigger", "Start a rotation now (even while paused).")
+_schedule_action("delete", "Delete the schedule (running rotations go on).")
+
+
+def _register_audit() -> None:
+    from rekey.audit import make_audit_group
+
+    app.add_command(make_audit_group(_settings))
+
+
+_register_audit()
 
 
 # --------------------------------------------------------------------------------- entry point

@@ -33,6 +33,7 @@ class Settings:
     openbao_port: int = 8200
     moto_port: int = 5000
     azure_port: int = 8443
+    codec_port: int = 8234
     temporal_address: str = ""
     temporal_namespace: str = "default"
     vault_addr: str = ""
@@ -62,6 +63,15 @@ class Settings:
         if not self.store_url:
             object.__setattr__(self, "store_url", f"sqlite:///{home.resolve() / 'state.db'}")
 
+    def environ(self) -> dict[str, str]:
+        """These settings as ``REKEY_*`` variables, for child processes (the dev stack's worker)."""
+        env = {"REKEY_HOME": str(self.home.resolve())}
+        for name in _FIELD_NAMES:
+            value = getattr(self, name)
+            if value not in ("", None):
+                env[f"REKEY_{name.upper()}"] = str(value)
+        return env
+
     @property
     def openbao_dir(self) -> Path:
         return self.home / "openbao"
@@ -84,6 +94,7 @@ class Settings:
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Settings) if f.name not in ("extra",)}
+_FIELD_NAMES = [name for name in _FIELD_TYPES if name != "home"]
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

@@ -211,6 +211,9 @@ class TemporalDevServer(Component):
             str(self.db_file(settings)),
             "--log-level",
             "warn",
+            # The UI decodes the encrypted payloads through the codec server started below.
+            "--ui-codec-endpoint",
+            f"http://{HOST}:{settings.codec_port}",
         ]
         if settings.temporal_namespace != "default":
             cmd += ["--namespace", settings.temporal_namespace]
@@ -434,9 +437,63 @@ class AzureKeyVaultEmulator(Component):
         return {"vault": settings.azure_vault_url, "ca_file": str(_abs(Path(settings.azure_ca_file)))}
 
 
-#: Start order; ``down`` stops in reverse. The rekey worker will be added last, started the
-#: same way.
-COMPONENTS: list[Component] = [TemporalDevServer(), OpenBaoServer(), MotoServer(), AzureKeyVaultEmulator()]
+class CodecServer(Component):
+    """``rekey codec-server``: lets the Temporal UI decode the encrypted payloads."""
+
+    name = "codec"
+    binary = "python"
+    port_fields = ("codec_port",)
+
+    def command(self, settings: Settings) -> list[str]:
+        home = str(_abs(settings.home))
+        return [
+            sys.executable,
+            "-m",
+            "rekey.cli",
+            "--home",
+            home,
+            "codec-server",
+            "--port",
+            str(settings.codec_port),
+        ]
+
+    def probe(self, settings: Settings) -> str | None:
+        try:
+            httpx.options(f"http://{HOST}:{settings.codec_port}/decode", timeout=2.0)
+        except httpx.HTTPError as exc:
+            return f"does not answer: {exc.__class__.__name__}"
+        return None
+
+    def endpoints(self, settings: Settings) -> dict[str, str]:
+        return {"codec": f"http://{HOST}:{settings.codec_port}"}
+
+
+class RekeyWorker(Component):
+    """``rekey worker`` on task queue ``rekey``: runs rotations against the stack above."""
+
+    name = "worker"
+    binary = "python"
+    port_fields = ()
+
+    def command(self, settings: Settings) -> list[str]:
+        return [sys.executable, "-m", "rekey.cli", "--home", str(_abs(settings.home)), "worker"]
+
+    def probe(self, settings: Settings) -> str | None:
+        return None  # no port: alive is ready (it connects to Temporal, which is up)
+
+    def endpoints(self, settings: Settings) -> dict[str, str]:
+        return {"task_queue": "rekey", "temporal": settings.temporal_address}
+
+
+#: Start order; ``down`` stops in reverse. The worker comes last: it needs everything above.
+COMPONENTS: list[Component] = [
+    TemporalDevServer(),
+    OpenBaoServer(),
+    MotoServer(),
+    AzureKeyVaultEmulator(),
+    CodecServer(),
+    RekeyWorker(),
+]
 
 
 # --------------------------------------------------------------------------- operations
@@ -589,6 +646,7 @@ def _up_one(
         log_offset = log.tell()
         process = subprocess.Popen(
             command,
+            env=os.environ | settings.environ(),  # rekey children see the settings this stack uses
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

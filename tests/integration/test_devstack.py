@@ -35,7 +35,7 @@ from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
 
-NAMES = ["temporal", "openbao", "moto", "azure"]
+NAMES = ["temporal", "openbao", "moto", "azure", "codec", "worker"]
 T = TypeVar("T")
 
 
@@ -67,6 +67,7 @@ def _private_settings(home: Path) -> Settings:
         "REKEY_OPENBAO_PORT": str(pick(pair=True)),
         "REKEY_MOTO_PORT": str(pick()),
         "REKEY_AZURE_PORT": str(pick()),
+        "REKEY_CODEC_PORT": str(pick()),
     }
     return load_settings(home, environ=env)
 
@@ -79,6 +80,7 @@ def _all_ports(settings: Settings) -> list[int]:
         settings.openbao_port + 1,
         settings.moto_port,
         settings.azure_port,
+        settings.codec_port,
     ]
 
 
