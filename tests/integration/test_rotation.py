@@ -177,3 +177,63 @@ async def test_writer_during_rotation_loses_nothing(setup: Setup) -> None:
     assert setup.store.count_by_key_version(setup.key_ref) == {2: 240}
     for name, data in latest.items():
         assert setup.state.get(namespace="ns", name=name) == data
+
+
+async def test_raw_history_holds_no_plaintext_or_dek(setup: Setup) -> None:
+    """Read without the codec, the recorded history of a rotation contains none of the test's
+    plaintexts or DEKs, raw or base64 (activities pass ids and cursors only)."""
+    import base64
+
+    from temporalio.client import Client
+
+    handle = await setup.start(grace_seconds=0, batch_size=60)
+    await handle.result()
+    raw_client = await Client.connect(setup.env.client.service_client.config.target_host)
+    history = await raw_client.get_workflow_handle(handle.id).fetch_history()
+    raw = history.to_json().encode() + b"".join(e.SerializeToString() for e in history.events)
+    secrets_: list[bytes] = list(setup.blobs.values())
+    for record in setup.store.iter_records(key_ref=setup.key_ref):
+        secrets_.append(setup.adapter.unwrap(envelope_parse(record.blob).wrapped_dek))
+    for secret in secrets_:
+        for form in (secret, base64.b64encode(secret), base64.urlsafe_b64encode(secret)):
+            assert form not in raw
+
+
+def envelope_parse(blob: bytes) -> Any:
+    from sealing.envelope import parse
+
+    return parse(blob)
+
+
+async def test_cli_drives_a_rotation(
+    setup: Setup, temporal_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rekey rotate start --wait` and `rekey rotate status --json` against the same server."""
+    import json
+
+    from rekey.cli import main
+
+    monkeypatch.setenv("REKEY_HOME", str(temporal_home))  # the codec keys the test server's clients use
+    monkeypatch.setenv("REKEY_TEMPORAL_ADDRESS", setup.env.client.service_client.config.target_host)
+
+    def rekey(*args: str) -> tuple[int, str, str]:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    handle = await setup.start(grace_seconds=3600, batch_size=100)
+    await wait_phase(handle, AWAITING_COMMIT)
+    code, out, err = await asyncio.to_thread(rekey, "rotate", "status", setup.key_ref, "--json")
+    assert code == 0, err
+    assert json.loads(out)["phase"] == AWAITING_COMMIT
+    code, _, err = await asyncio.to_thread(rekey, "rotate", "start", setup.key_ref)
+    assert code == 2 and "already running" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = await asyncio.to_thread(rekey, "rotate", "approve", setup.key_ref)
+    assert code == 0 and "approve" in out
+    assert (await handle.result()).phase == DONE
+    code, _, err = await asyncio.to_thread(rekey, "rotate", "status", "vault:never-rotated")
+    assert code == 2 and err.startswith("error: no rotation rotate:vault:never-rotated")
