@@ -210,9 +210,11 @@ class RotateKeyWorkflow:
             s.started_at = s.updated_at = self._now()
             await self._audit(
                 "rotation.started",
-                {
-                    "grace_seconds": request.grace_seconds,
-                    "destroy_after_seconds": request.destroy_after_seconds,
+                {  # the audit log takes integers only (floats have no canonical encoding)
+                    "grace_seconds": int(request.grace_seconds),
+                    "destroy_after_seconds": None
+                    if request.destroy_after_seconds is None
+                    else int(request.destroy_after_seconds),
                 },
             )
 

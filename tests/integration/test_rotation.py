@@ -18,6 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
+from rekey.audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState
@@ -72,6 +73,14 @@ async def setup(temporal_env: WorkflowEnvironment, openbao: OpenBao, tmp_path: P
         state.put(namespace="ns", name=f"item-{i}", data=data, key_ref=adapter.key_ref, generation="gen-1")
         blobs[f"item-{i}"] = data
     events: list[tuple[str, str, dict[str, Any]]] = []
+    audit_log = AuditLog(
+        f"sqlite:///{tmp_path / 'state.db'}", load_or_create_signing_key(tmp_path / "audit" / "ed25519.pem")
+    )
+
+    def audit(event: str, subject: str, details: dict[str, Any], who: str) -> None:
+        audit_log.append(event, subject, details, actor=who)  # the real log: it validates details
+        events.append((event, subject, details))
+
     task_queue = f"rekey-test-{uuid.uuid4()}"
     worker = build_worker(
         temporal_env.client,
@@ -79,10 +88,13 @@ async def setup(temporal_env: WorkflowEnvironment, openbao: OpenBao, tmp_path: P
         task_queue=task_queue,
         adapters=lambda _ref: adapter,
         store=store,
-        audit=lambda e, s, d, a: events.append((e, s, d)),
+        audit=audit,
     )
     async with worker:
         yield Setup(temporal_env, adapter.key_ref, adapter, store, state, task_queue, events, blobs)
+    report = audit_log.verify(trusted_public_keys(tmp_path))
+    assert report.ok and report.count == len(events), report
+    audit_log.close()
     store.close()
 
 
