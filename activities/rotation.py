@@ -9,6 +9,7 @@ Temporal (the governor has already retried them within the call).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -102,7 +103,7 @@ class RotationActivities:
                     f"{request.key_ref}: primary version is {info.primary_version}, expected"
                     f" {request.target_version} (another rotation ran at the KMS meanwhile)"
                 )
-            canary = b"rekey-canary-dek-0123456789abcdef"
+            canary = os.urandom(32)  # a DEK-sized canary: A256KW takes multiples of 8 bytes
             wrapped = adapter.wrap(canary)
             if wrapped.key_version != request.target_version or adapter.unwrap(wrapped.ciphertext) != canary:
                 raise ValueError(
