@@ -1066,5 +1066,23 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 
+def entry() -> None:
+    """Console entry point: ``main``, then exit without interpreter finalisation once the
+    Temporal SDK's native runtime is loaded. Its threads can abort the interpreter at exit after
+    all work succeeded (sdk-python#300); the SDK's own test suite ends the same way."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            err.print(exc.code, markup=False)
+    if any(name.startswith("temporalio.bridge") for name in sys.modules):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
