@@ -38,7 +38,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -54,7 +53,14 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from kms_adapters.contract import KeyInfo, KeyVersionInfo, RewrapOutcome, RotationMode, VersionState
+from kms_adapters.contract import (
+    KeyInfo,
+    KeyVersionInfo,
+    RewrapOutcome,
+    RotationMode,
+    VersionState,
+    rewrap_each,
+)
 from kms_adapters.errors import (
     InvalidCiphertext,
     InvalidRequest,
@@ -537,25 +543,8 @@ class AwsKmsAdapter(ReleaseGate):
         return self._format(new_version, response.get("CiphertextBlob"))
 
     def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
-        """KMS has no batch API: one ``ReEncrypt`` per item on a small thread pool sharing the
-        governor. One outcome per item, in order; a failed item never fails the others."""
-
-        def one(item: tuple[int, bytes]) -> RewrapOutcome:
-            index, ciphertext = item
-            try:
-                return RewrapOutcome(index, wrapped=self.rewrap(ciphertext))
-            except KmsError as exc:
-                return RewrapOutcome(index, error=exc)
-            except Exception as exc:  # a bug must not sink the other items either
-                return RewrapOutcome(index, error=KmsError(f"unexpected failure ({type(exc).__name__})"))
-
-        items = list(enumerate(wrapped))
-        if not items:
-            return []
-        if len(items) == 1 or self._batch_workers == 1:
-            return [one(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(self._batch_workers, len(items))) as pool:
-            return list(pool.map(one, items))
+        """KMS has no batch API: one ``ReEncrypt`` per item (see ``rewrap_each``)."""
+        return rewrap_each(self.rewrap, wrapped, workers=self._batch_workers)
 
     # ------------------------------------------------------------------ key management
 

@@ -55,7 +55,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -75,7 +74,14 @@ from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 
 from attestation.policy import Rule
 from attestation.token import DEFAULT_ISSUER
-from kms_adapters.contract import KeyInfo, KeyVersionInfo, RewrapOutcome, RotationMode, VersionState
+from kms_adapters.contract import (
+    KeyInfo,
+    KeyVersionInfo,
+    RewrapOutcome,
+    RotationMode,
+    VersionState,
+    rewrap_each,
+)
 from kms_adapters.errors import (
     InvalidCiphertext,
     InvalidRequest,
@@ -505,23 +511,8 @@ class AzureHsmAdapter(ReleaseGate):
         return self.wrap(self.unwrap(wrapped))
 
     def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
-        """One unwrap + wrap per item on a small thread pool sharing the governor (Key Vault has
-        no batch API). One outcome per item, in order; a failed item never fails the others."""
-
-        def one(item: tuple[int, bytes]) -> RewrapOutcome:
-            index, ciphertext = item
-            try:
-                return RewrapOutcome(index, wrapped=self.rewrap(ciphertext))
-            except KmsError as exc:
-                return RewrapOutcome(index, error=exc)
-            except Exception as exc:  # a bug must not sink the other items either
-                return RewrapOutcome(index, error=KmsError(f"unexpected failure ({type(exc).__name__})"))
-
-        items = list(enumerate(wrapped))
-        if len(items) <= 1 or self._batch_workers == 1:
-            return [one(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(self._batch_workers, len(items))) as pool:
-            return list(pool.map(one, items))
+        """Key Vault has no batch API: one unwrap + wrap per item (see ``rewrap_each``)."""
+        return rewrap_each(self.rewrap, wrapped, workers=self._batch_workers)
 
     # ------------------------------------------------------------------ key management
 

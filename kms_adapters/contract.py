@@ -9,7 +9,8 @@ themselves and record it where the key lives, so any worker can rebuild it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
@@ -75,6 +76,29 @@ class RewrapOutcome:
     index: int
     wrapped: WrappedKey | None = None
     error: KmsError | None = field(default=None)
+
+
+def rewrap_each(
+    rewrap: Callable[[bytes], WrappedKey], wrapped: Sequence[bytes], *, workers: int
+) -> list[RewrapOutcome]:
+    """``rewrap_batch`` for backends without a batch API: one ``rewrap`` per item on a small
+    thread pool (the calls share the adapter's governor). One outcome per item, in order; a
+    failed item never fails the others."""
+
+    def one(item: tuple[int, bytes]) -> RewrapOutcome:
+        index, ciphertext = item
+        try:
+            return RewrapOutcome(index, wrapped=rewrap(ciphertext))
+        except KmsError as exc:
+            return RewrapOutcome(index, error=exc)
+        except Exception as exc:  # a bug must not sink the other items either
+            return RewrapOutcome(index, error=KmsError(f"unexpected failure ({type(exc).__name__})"))
+
+    items = list(enumerate(wrapped))
+    if len(items) <= 1 or workers <= 1:
+        return [one(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(one, items))
 
 
 @runtime_checkable
