@@ -366,7 +366,8 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         # switch needs an exclusive lock and SQLite answers "database is locked" at once,
         # without its busy handler, when another connection is opening the file too.
         deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
-        while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        # An in-memory database stays in journal mode "memory": nothing to switch there.
+        while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() not in ("wal", "memory"):
             try:
                 cursor.execute("PRAGMA journal_mode = WAL")
             except sqlite3.OperationalError:

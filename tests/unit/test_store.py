@@ -537,3 +537,12 @@ def test_unsupported_url_is_value_error() -> None:
         SealedStateStore("mysql://u:pw@host/db")
     with pytest.raises(ValueError, match="invalid database URL"):
         SealedStateStore("not a url")
+
+
+def test_in_memory_sqlite_opens() -> None:
+    """An in-memory database cannot switch to WAL; opening it must not wait for that."""
+    with SealedStateStore("sqlite://") as store:
+        record = store.insert(
+            namespace="ns", name="n", key_ref="vault:k", key_version=1, generation="g", blob=b"x"
+        )
+        assert store.get(record.blob_id).blob == b"x"
