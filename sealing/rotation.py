@@ -64,6 +64,7 @@ def rewrap_range(
         except SealedBlobError:
             result.add_failure(record.blob_id)
     outcomes = adapter.rewrap_batch([blob.wrapped_dek for _, blob in parsed])
+    swaps: list[tuple[BlobRecord, envelope.SealedBlob, WrappedKey]] = []
     for (record, blob), outcome in zip(parsed, outcomes, strict=True):
         if outcome.error is not None:
             if outcome.error.retryable:
@@ -71,59 +72,55 @@ def rewrap_range(
             result.add_failure(record.blob_id)
         else:
             assert outcome.wrapped is not None
-            _swap(
-                store,
-                adapter,
-                record,
-                blob,
-                outcome.wrapped.ciphertext,
-                outcome.wrapped.key_version,
-                below_version,
-                result,
-            )
-        result.last_id = record.blob_id
-        if progress is not None:
-            progress(result)
+            swaps.append((record, blob, outcome.wrapped))
+    # One transaction for the batch; a blob the workload wrote meanwhile is re-read one by one.
+    applied = store.swap_key_slots(
+        [(r.blob_id, r.row_version, b.with_key_slot(w).to_bytes(), w.key_version) for r, b, w in swaps]
+    )
+    for (record, _blob, _wrapped), ok in zip(swaps, applied, strict=True):
+        if ok:
+            result.rewrapped += 1
+        else:
+            _retry_swap(store, adapter, record, below_version, result)
+    if records:
+        result.last_id = records[-1].blob_id
+    if progress is not None:
+        progress(result)
     return result
 
 
-def _swap(
-    store: SealedStateStore,
-    adapter: KmsAdapter,
-    record: BlobRecord,
-    blob: envelope.SealedBlob,
-    wrapped: bytes,
-    version: int,
-    below_version: int,
-    result: RangeResult,
+def _retry_swap(
+    store: SealedStateStore, adapter: KmsAdapter, record: BlobRecord, below_version: int, result: RangeResult
 ) -> None:
+    """The batched swap lost for ``record``: re-read it; if it is still below the new version,
+    re-wrap and swap it alone (a few times), else leave the workload's write alone."""
     for _ in range(CAS_ATTEMPTS):
+        try:
+            record = store.get(record.blob_id)
+        except RecordNotFound:
+            return  # deleted by the workload meanwhile: nothing left to re-wrap
+        if record.key_version >= below_version or record.key_ref != adapter.key_ref:
+            result.conflicts += 1  # rewritten under the new version (or moved): leave it
+            return
+        try:
+            blob = envelope.parse(record.blob)
+            rewrapped = adapter.rewrap(blob.wrapped_dek)
+        except (SealedBlobError, KmsError) as exc:
+            if isinstance(exc, KmsError) and exc.retryable:
+                raise
+            result.add_failure(record.blob_id)
+            return
         try:
             store.compare_and_swap(
                 record.blob_id,
                 record.row_version,
-                blob=blob.with_key_slot(WrappedKey(wrapped, version)).to_bytes(),
-                key_version=version,
+                blob=blob.with_key_slot(rewrapped).to_bytes(),
+                key_version=rewrapped.key_version,
             )
             result.rewrapped += 1
             return
         except StaleRecord:
-            try:
-                record = store.get(record.blob_id)
-            except RecordNotFound:
-                return  # deleted by the workload meanwhile: nothing left to re-wrap
-            if record.key_version >= below_version or record.key_ref != adapter.key_ref:
-                result.conflicts += 1  # rewritten under the new version (or moved): leave it
-                return
-            try:
-                blob = envelope.parse(record.blob)
-                rewrapped = adapter.rewrap(blob.wrapped_dek)
-            except (SealedBlobError, KmsError) as exc:
-                if isinstance(exc, KmsError) and exc.retryable:
-                    raise
-                result.add_failure(record.blob_id)
-                return
-            wrapped, version = rewrapped.ciphertext, rewrapped.key_version
+            continue
     result.add_failure(record.blob_id)  # lost the race CAS_ATTEMPTS times in a row
 
 

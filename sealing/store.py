@@ -745,6 +745,34 @@ class SealedStateStore:
             row = conn.execute(select(sealed_blobs).where(sealed_blobs.c.blob_id == blob_id)).one()
         return _record(row)
 
+    def swap_key_slots(self, updates: Sequence[tuple[str, int, bytes, int]]) -> list[bool]:
+        """Many compare-and-swaps in ONE transaction: for each ``(blob_id, expected_row_version,
+        blob, key_version)`` replace blob and key version only if the row version is still the
+        expected one. Returns, per update, whether it was applied; a lost one (the workload
+        wrote the blob meanwhile, or deleted it) changes nothing and the caller re-reads it.
+
+        A re-wrap sweep uses this: one commit per batch instead of one per blob."""
+        checked = [
+            (
+                _require_str("blob_id", blob_id),
+                _require_int("expected_row_version", expected, 1),
+                _require_bytes(blob),
+                _require_int("key_version", version, 0),
+            )
+            for blob_id, expected, blob, version in updates
+        ]
+        applied: list[bool] = []
+        now = _utcnow()
+        with self._tx(f"update of {len(checked)} blobs", write=True) as conn:
+            for blob_id, expected, blob, version in checked:
+                result = conn.execute(
+                    update(sealed_blobs)
+                    .where(sealed_blobs.c.blob_id == blob_id, sealed_blobs.c.row_version == expected)
+                    .values(blob=blob, key_version=version, row_version=expected + 1, updated_at=now)
+                )
+                applied.append(result.rowcount == 1)
+        return applied
+
     def delete(self, blob_id: str, expected_row_version: int) -> None:
         """Delete the blob only if its row version is still ``expected_row_version``.
 

@@ -546,3 +546,22 @@ def test_in_memory_sqlite_opens() -> None:
             namespace="ns", name="n", key_ref="vault:k", key_version=1, generation="g", blob=b"x"
         )
         assert store.get(record.blob_id).blob == b"x"
+
+
+def test_swap_key_slots_applies_only_unchanged_rows(store_url: str) -> None:
+    """The batched compare-and-swap of a re-wrap sweep: a row written meanwhile is left alone."""
+    with SealedStateStore(store_url) as store:
+        a = store.insert(
+            namespace="ns", name="a", key_ref="vault:k", key_version=1, generation="g", blob=b"a1"
+        )
+        b = store.insert(
+            namespace="ns", name="b", key_ref="vault:k", key_version=1, generation="g", blob=b"b1"
+        )
+        store.compare_and_swap(b.blob_id, 1, blob=b"b-by-workload", key_version=2)  # the workload wins b
+        applied = store.swap_key_slots(
+            [(a.blob_id, 1, b"a2", 2), (b.blob_id, 1, b"b2", 2), ("missing", 1, b"x", 2)]
+        )
+        assert applied == [True, False, False]
+        assert (store.get(a.blob_id).blob, store.get(a.blob_id).row_version) == (b"a2", 2)
+        assert store.get(b.blob_id).blob == b"b-by-workload"
+        assert store.swap_key_slots([]) == []
