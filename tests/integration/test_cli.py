@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rekey.cli import main
+from tests.fixtures.cli import run_cli
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.ports import free_port
 
@@ -55,14 +54,7 @@ def home(tmp_path: Path, openbao: OpenBao, monkeypatch: pytest.MonkeyPatch) -> P
 @pytest.fixture
 def rekey(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
     def run(*args: str) -> Result:
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        captured = capsys.readouterr()
-        print(captured.err, file=sys.__stderr__)
-        return Result(code, captured.out, captured.err)
+        return Result(*run_cli(capsys, *args))
 
     return run
 

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from attestation.token import ResultSigner, verify_result
-from rekey.cli import main
 from sealing.handoff import report_data_for
 from sealing.sim_tee import EnclaveIdentity, SimHost
+from tests.fixtures.cli import run_cli
 
 SIGNER = bytes.fromhex("83" * 32)
 
@@ -27,16 +27,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    def invoke(*args: str) -> tuple[int, str, str]:
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return invoke
+    return lambda *args: run_cli(capsys, *args)
 
 
 def evidence_file(

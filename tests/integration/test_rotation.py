@@ -223,19 +223,13 @@ async def test_cli_drives_a_rotation(
     """`rekey rotate start --wait` and `rekey rotate status --json` against the same server."""
     import json
 
-    from rekey.cli import main
+    from tests.fixtures.cli import run_cli
 
     monkeypatch.setenv("REKEY_HOME", str(temporal_home))  # the codec keys the test server's clients use
     monkeypatch.setenv("REKEY_TEMPORAL_ADDRESS", setup.env.client.service_client.config.target_host)
 
     def rekey(*args: str) -> tuple[int, str, str]:
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return run_cli(capsys, *args)
 
     handle = await setup.start(grace_seconds=3600, batch_size=100)
     await wait_phase(handle, AWAITING_COMMIT)
