@@ -843,13 +843,6 @@ def rotate_start(
         sys.exit(1)
 
 
-def _handle(workflow_id_: str) -> Any:
-    async def get() -> Any:
-        return (await _client()).get_workflow_handle(workflow_id_)
-
-    return get
-
-
 def _rotation_id(text: str) -> str:
     return text if text.startswith("rotate:") else f"rotate:{text}"
 
