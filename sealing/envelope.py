@@ -187,9 +187,16 @@ def _need(end: int, total: int, what: str) -> None:
         raise TruncatedBlob(f"sealed blob is truncated: {what} needs {end} bytes, blob has {total}")
 
 
-def parse(blob: bytes | bytearray | memoryview) -> SealedBlob:
-    """Parse the structure of a blob. Authentication happens in ``open_blob``."""
-    view = memoryview(blob).cast("B")
+class _Layout(NamedTuple):
+    slot: int  # offset of the key slot (= length of prefix + header)
+    key_version: int
+    wrapped_at: int
+    nonce_at: int
+    body_at: int
+
+
+def _layout(view: memoryview) -> _Layout:
+    """Check the framing of a blob (prefix, lengths, key slot) without decoding its header."""
     if len(view) < len(MAGIC):
         if bytes(view) == MAGIC[: len(view)]:
             raise TruncatedBlob(f"sealed blob is truncated: {len(view)} bytes")
@@ -218,13 +225,52 @@ def parse(blob: bytes | bytearray | memoryview) -> SealedBlob:
         raise TamperedBlob("sealed blob body is shorter than its authentication tag")
     if wrapped_len == 0 or key_version == 0:
         raise TamperedBlob("sealed blob key slot is empty")
-    aad = bytes(view[:slot])
-    header_bytes = aad[_PREFIX.size :]
-    wrapped = bytes(view[slot + _SLOT.size : nonce_at])
-    nonce = bytes(view[nonce_at : nonce_at + NONCE_BYTES])
-    ciphertext = view[body_at:]
-    header = _decode_header(header_bytes)
-    return SealedBlob(header, key_version, wrapped, nonce, ciphertext, aad)
+    return _Layout(slot, key_version, slot + _SLOT.size, nonce_at, body_at)
+
+
+def parse(blob: bytes | bytearray | memoryview) -> SealedBlob:
+    """Parse the structure of a blob. Authentication happens in ``open_blob``."""
+    view = memoryview(blob).cast("B")
+    layout = _layout(view)
+    aad = bytes(view[: layout.slot])
+    wrapped = bytes(view[layout.wrapped_at : layout.nonce_at])
+    nonce = bytes(view[layout.nonce_at : layout.nonce_at + NONCE_BYTES])
+    header = _decode_header(aad[_PREFIX.size :])
+    return SealedBlob(header, layout.key_version, wrapped, nonce, view[layout.body_at :], aad)
+
+
+class KeySlot(NamedTuple):
+    """Where a blob's key slot sits, and what it holds (the framing is checked, the header is
+    not decoded: a re-wrap sweep needs only this)."""
+
+    key_version: int
+    wrapped_dek: bytes
+    start: int
+    end: int
+
+
+def key_slot(blob: bytes | bytearray | memoryview) -> KeySlot:
+    view = memoryview(blob).cast("B")
+    layout = _layout(view)
+    return KeySlot(
+        layout.key_version, bytes(view[layout.wrapped_at : layout.nonce_at]), layout.slot, layout.nonce_at
+    )
+
+
+def replace_key_slot(blob: bytes, slot: KeySlot, wrapped: WrappedKey) -> bytes:
+    """``blob`` with ``slot`` (from ``key_slot(blob)``) holding ``wrapped`` instead; the header
+    and body bytes are copied unchanged."""
+    _check_wrapped(wrapped.ciphertext)
+    if wrapped.key_version == 0:
+        raise InvalidWrappedKey("wrapped DEK has key version 0")
+    return b"".join(
+        (
+            blob[: slot.start],
+            _SLOT.pack(wrapped.key_version, len(wrapped.ciphertext)),
+            wrapped.ciphertext,
+            blob[slot.end :],
+        )
+    )
 
 
 _CRITICAL_TAGS = frozenset(int(t) for t in Tag)

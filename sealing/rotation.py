@@ -57,25 +57,28 @@ def rewrap_range(
     result = result or RangeResult()
     page = store.page(key_ref=adapter.key_ref, below_version=below_version, after=start, limit=limit)
     records = [r for r in page.records if end is None or r.blob_id <= end]
-    parsed: list[tuple[BlobRecord, envelope.SealedBlob]] = []
+    parsed: list[tuple[BlobRecord, envelope.KeySlot]] = []
     for record in records:
         try:
-            parsed.append((record, envelope.parse(record.blob)))
+            parsed.append((record, envelope.key_slot(record.blob)))
         except SealedBlobError:
             result.add_failure(record.blob_id)
-    outcomes = adapter.rewrap_batch([blob.wrapped_dek for _, blob in parsed])
-    swaps: list[tuple[BlobRecord, envelope.SealedBlob, WrappedKey]] = []
-    for (record, blob), outcome in zip(parsed, outcomes, strict=True):
+    outcomes = adapter.rewrap_batch([slot.wrapped_dek for _, slot in parsed])
+    swaps: list[tuple[BlobRecord, envelope.KeySlot, WrappedKey]] = []
+    for (record, slot), outcome in zip(parsed, outcomes, strict=True):
         if outcome.error is not None:
             if outcome.error.retryable:
                 raise outcome.error
             result.add_failure(record.blob_id)
         else:
             assert outcome.wrapped is not None
-            swaps.append((record, blob, outcome.wrapped))
+            swaps.append((record, slot, outcome.wrapped))
     # One transaction for the batch; a blob the workload wrote meanwhile is re-read one by one.
     applied = store.swap_key_slots(
-        [(r.blob_id, r.row_version, b.with_key_slot(w).to_bytes(), w.key_version) for r, b, w in swaps]
+        [
+            (r.blob_id, r.row_version, envelope.replace_key_slot(r.blob, s, w), w.key_version)
+            for r, s, w in swaps
+        ]
     )
     for (record, _blob, _wrapped), ok in zip(swaps, applied, strict=True):
         if ok:
@@ -103,8 +106,9 @@ def _retry_swap(
             result.conflicts += 1  # rewritten under the new version (or moved): leave it
             return
         try:
-            blob = envelope.parse(record.blob)
-            rewrapped = adapter.rewrap(blob.wrapped_dek)
+            slot = envelope.key_slot(record.blob)
+            rewrapped = adapter.rewrap(slot.wrapped_dek)
+            blob = envelope.replace_key_slot(record.blob, slot, rewrapped)
         except (SealedBlobError, KmsError) as exc:
             if isinstance(exc, KmsError) and exc.retryable:
                 raise
@@ -114,7 +118,7 @@ def _retry_swap(
             store.compare_and_swap(
                 record.blob_id,
                 record.row_version,
-                blob=blob.with_key_slot(rewrapped).to_bytes(),
+                blob=blob,
                 key_version=rewrapped.key_version,
             )
             result.rewrapped += 1

@@ -44,6 +44,7 @@ Other choices:
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -69,6 +70,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -81,6 +83,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
@@ -544,6 +547,34 @@ def _record(row: Row[Any]) -> BlobRecord:
     )
 
 
+# A batched compare-and-swap is one set-based UPDATE ... FROM (VALUES ...) RETURNING per chunk
+# (SQLite >= 3.35 and PostgreSQL both name the VALUES columns column1..column4): per-row
+# statements cost ~150 us each through the ORM layer and dominated a re-wrap sweep.
+_SWAP_CHUNK: Final = 1000
+
+
+@functools.lru_cache(maxsize=16)
+def _swap_statement(rows: int) -> TextClause:
+    values = ", ".join(f"(:i{n}, :e{n}, :b{n}, :k{n})" for n in range(rows))
+    # Only numbered placeholders are formatted into the statement; every value is bound.
+    return text(
+        "UPDATE sealed_blobs SET blob = v.column3, key_version = v.column4,"  # noqa: S608
+        " row_version = sealed_blobs.row_version + 1, updated_at = :now"
+        f" FROM (VALUES {values}) AS v"
+        " WHERE sealed_blobs.blob_id = v.column1 AND sealed_blobs.row_version = v.column2"
+        " RETURNING sealed_blobs.blob_id"
+    ).bindparams(
+        bindparam("now", type_=UTCDateTime()), *(bindparam(f"b{n}", type_=LargeBinary()) for n in range(rows))
+    )
+
+
+def _swap_params(chunk: Sequence[tuple[str, int, bytes, int]], now: datetime) -> dict[str, Any]:
+    params: dict[str, Any] = {"now": now}
+    for n, (blob_id, expected, blob, version) in enumerate(chunk):
+        params[f"i{n}"], params[f"e{n}"], params[f"b{n}"], params[f"k{n}"] = blob_id, expected, blob, version
+    return params
+
+
 def _require_str(name: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string")
@@ -761,17 +792,13 @@ class SealedStateStore:
             )
             for blob_id, expected, blob, version in updates
         ]
-        applied: list[bool] = []
         now = _utcnow()
+        done: set[str] = set()
         with self._tx(f"update of {len(checked)} blobs", write=True) as conn:
-            for blob_id, expected, blob, version in checked:
-                result = conn.execute(
-                    update(sealed_blobs)
-                    .where(sealed_blobs.c.blob_id == blob_id, sealed_blobs.c.row_version == expected)
-                    .values(blob=blob, key_version=version, row_version=expected + 1, updated_at=now)
-                )
-                applied.append(result.rowcount == 1)
-        return applied
+            for start in range(0, len(checked), _SWAP_CHUNK):
+                chunk = checked[start : start + _SWAP_CHUNK]
+                done.update(conn.execute(_swap_statement(len(chunk)), _swap_params(chunk, now)).scalars())
+        return [blob_id in done for blob_id, _, _, _ in checked]
 
     def delete(self, blob_id: str, expected_row_version: int) -> None:
         """Delete the blob only if its row version is still ``expected_row_version``.

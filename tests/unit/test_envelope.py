@@ -114,6 +114,25 @@ def test_rewrap_changes_only_the_key_slot() -> None:
     assert open_blob(moved, wrapper) == b"enclave state"
 
 
+def test_key_slot_splice_equals_a_full_rewrap() -> None:
+    """The sweep's fast path (frame check + slot splice, no header decode) gives the same
+    blob a full parse + re-serialise would, and refuses what parse refuses."""
+    wrapper = LocalKeyWrapper("vault:orders")
+    blob = bytes(_seal(wrapper, b"x" * 1000))
+    slot = envelope.key_slot(blob)
+    assert (slot.key_version, slot.wrapped_dek) == (1, parse(blob).wrapped_dek)
+    wrapper.rotate()
+    rewrapped = wrapper.rewrap(slot.wrapped_dek)
+    spliced = envelope.replace_key_slot(blob, slot, rewrapped)
+    assert spliced == parse(blob).with_key_slot(rewrapped).to_bytes()
+    assert open_blob(spliced, wrapper) == b"x" * 1000
+    for broken in (blob[:-1], b"XXXX" + blob[4:], blob + b"\0"):
+        with pytest.raises(SealedBlobError):
+            envelope.key_slot(broken)
+    with pytest.raises(envelope.InvalidWrappedKey):
+        envelope.replace_key_slot(blob, slot, type(rewrapped)(b"", 2))
+
+
 def test_key_slot_version_must_match_the_wrapped_dek() -> None:
     wrapper = LocalKeyWrapper("vault:orders")
     wrapper.rotate()

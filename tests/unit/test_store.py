@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Engine
 
+from sealing import store as store_module
 from sealing.store import (
     SCHEMA_VERSION,
     BlobRecord,
@@ -565,3 +566,31 @@ def test_swap_key_slots_applies_only_unchanged_rows(store_url: str) -> None:
         assert (store.get(a.blob_id).blob, store.get(a.blob_id).row_version) == (b"a2", 2)
         assert store.get(b.blob_id).blob == b"b-by-workload"
         assert store.swap_key_slots([]) == []
+
+
+def test_swap_key_slots_over_several_statement_chunks(store_url: str) -> None:
+    """More updates than one statement carries: every row is checked and reported on its own."""
+    count = 2 * store_module._SWAP_CHUNK + 7
+    with SealedStateStore(store_url) as store:
+        records = [
+            store.insert(
+                namespace="ns", name=f"n{i}", key_ref="vault:k", key_version=1, generation="g", blob=b"old"
+            )
+            for i in range(count)
+        ]
+        lost = {records[3].blob_id, records[store_module._SWAP_CHUNK + 1].blob_id, records[-1].blob_id}
+        for blob_id in lost:
+            store.compare_and_swap(blob_id, 1, blob=b"workload", key_version=2)
+        before = store.get(records[0].blob_id).updated_at
+        applied = store.swap_key_slots(
+            [(r.blob_id, 1, bytes([i % 256]) * 3, 2) for i, r in enumerate(records)]
+        )
+        assert applied == [r.blob_id not in lost for r in records]
+        for i, r in enumerate(records):
+            now = store.get(r.blob_id)
+            if r.blob_id in lost:
+                assert (now.blob, now.row_version) == (b"workload", 2)
+            else:
+                assert (now.blob, now.key_version, now.row_version) == (bytes([i % 256]) * 3, 2, 2)
+        assert store.get(records[0].blob_id).updated_at >= before
+        assert store.count_by_key_version("vault:k") == {2: count}
