@@ -18,7 +18,7 @@ from kms_adapters.errors import KmsError
 from sealing import envelope
 from sealing.errors import SealedBlobError
 from sealing.keywrap import DEK_BYTES, WrappedKey
-from sealing.store import BlobRecord, RecordNotFound, SealedStateStore, StaleRecord
+from sealing.store import RecordNotFound, SealedStateStore, StaleRecord, SweepRow
 
 MAX_FAILED_IDS = 20
 CAS_ATTEMPTS = 3
@@ -55,16 +55,17 @@ def rewrap_range(
     already on the new version and are not selected again). ``result`` continues the counts of
     an interrupted attempt."""
     result = result or RangeResult()
-    page = store.page(key_ref=adapter.key_ref, below_version=below_version, after=start, limit=limit)
-    records = [r for r in page.records if end is None or r.blob_id <= end]
-    parsed: list[tuple[BlobRecord, envelope.KeySlot]] = []
+    records = store.sweep_page(
+        key_ref=adapter.key_ref, below_version=below_version, after=start, upto=end, limit=limit
+    )
+    parsed: list[tuple[SweepRow, envelope.KeySlot]] = []
     for record in records:
         try:
             parsed.append((record, envelope.key_slot(record.blob)))
         except SealedBlobError:
             result.add_failure(record.blob_id)
     outcomes = adapter.rewrap_batch([slot.wrapped_dek for _, slot in parsed])
-    swaps: list[tuple[BlobRecord, envelope.KeySlot, WrappedKey]] = []
+    swaps: list[tuple[SweepRow, envelope.KeySlot, WrappedKey]] = []
     for (record, slot), outcome in zip(parsed, outcomes, strict=True):
         if outcome.error is not None:
             if outcome.error.retryable:
@@ -93,13 +94,13 @@ def rewrap_range(
 
 
 def _retry_swap(
-    store: SealedStateStore, adapter: KmsAdapter, record: BlobRecord, below_version: int, result: RangeResult
+    store: SealedStateStore, adapter: KmsAdapter, row: SweepRow, below_version: int, result: RangeResult
 ) -> None:
-    """The batched swap lost for ``record``: re-read it; if it is still below the new version,
+    """The batched swap lost for ``row``: re-read it; if it is still below the new version,
     re-wrap and swap it alone (a few times), else leave the workload's write alone."""
     for _ in range(CAS_ATTEMPTS):
         try:
-            record = store.get(record.blob_id)
+            record = store.get(row.blob_id)
         except RecordNotFound:
             return  # deleted by the workload meanwhile: nothing left to re-wrap
         if record.key_version >= below_version or record.key_ref != adapter.key_ref:
@@ -125,7 +126,7 @@ def _retry_swap(
             return
         except StaleRecord:
             continue
-    result.add_failure(record.blob_id)  # lost the race CAS_ATTEMPTS times in a row
+    result.add_failure(row.blob_id)  # lost the race CAS_ATTEMPTS times in a row
 
 
 def verify_sample(store: SealedStateStore, adapter: KmsAdapter, *, version: int, sample: int) -> int:

@@ -67,6 +67,7 @@ class RotationState:
     paused: bool = False
     abort_requested: bool = False
     note: str = ""
+    phase_started: dict[str, str] = field(default_factory=dict)  # phase -> when last entered
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Progress:
     started_at: str
     updated_at: str
     note: str
+    phase_started: dict[str, str] = field(default_factory=dict)
 
 
 @workflow.defn(name="RotateKeyWorkflow")
@@ -129,6 +131,7 @@ class RotateKeyWorkflow:
             s.started_at,
             s.updated_at,
             s.note,
+            dict(s.phase_started),
         )
 
     @workflow.signal
@@ -181,7 +184,7 @@ class RotateKeyWorkflow:
 
     async def _phase(self, phase: str) -> None:
         previous, self._state.phase = self._state.phase, phase
-        self._state.updated_at = self._now()
+        self._state.updated_at = self._state.phase_started[phase] = self._now()
         await self._audit(
             "phase.changed", {"from": previous, "to": phase, "rewrapped": self._state.rewrapped}
         )
@@ -207,7 +210,7 @@ class RotateKeyWorkflow:
             self._state = request.state
         s = self._state
         if not s.started_at:
-            s.started_at = s.updated_at = self._now()
+            s.started_at = s.updated_at = s.phase_started[PREPARING] = self._now()
             await self._audit(
                 "rotation.started",
                 {  # the audit log takes integers only (floats have no canonical encoding)

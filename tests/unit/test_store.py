@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import create_engine, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Engine
 
-from sealing import store as store_module
 from sealing.store import (
     SCHEMA_VERSION,
     BlobRecord,
     DuplicateRecord,
+    NewBlob,
     RecordNotFound,
     SchemaTooNew,
     SealedStateStore,
@@ -394,12 +394,13 @@ def test_generations_are_idempotent_and_conflict_on_change(store: SealedStateSto
 
 def test_fresh_database_is_at_current_version_and_reopen_is_noop(store_url: str, raw: Engine) -> None:
     with SealedStateStore(store_url) as s:
-        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.schema_version == SCHEMA_VERSION == 4
         rec = add(s, "keep")
     tables = set(inspect(raw).get_table_names())
     assert {"rekey_schema", "sealed_blobs", "generations", "audit_log"} <= tables
     indexes = {ix["name"] for ix in inspect(raw).get_indexes("sealed_blobs")}
-    assert {"ix_sealed_blobs_key", "ix_sealed_blobs_generation"} <= indexes
+    assert {"ix_sealed_blobs_key_id", "ix_sealed_blobs_generation"} <= indexes
+    assert "ix_sealed_blobs_key" not in indexes  # replaced by migration 4
     assert schema_rows(raw) == [SCHEMA_VERSION]
 
     with SealedStateStore(store_url) as again:
@@ -568,9 +569,9 @@ def test_swap_key_slots_applies_only_unchanged_rows(store_url: str) -> None:
         assert store.swap_key_slots([]) == []
 
 
-def test_swap_key_slots_over_several_statement_chunks(store_url: str) -> None:
-    """More updates than one statement carries: every row is checked and reported on its own."""
-    count = 2 * store_module._SWAP_CHUNK + 7
+def test_swap_key_slots_of_thousands_reports_each_row(store_url: str) -> None:
+    """A sweep-sized batch with lost rows spread through it: each row is reported on its own."""
+    count = 2507
     with SealedStateStore(store_url) as store:
         records = [
             store.insert(
@@ -578,7 +579,7 @@ def test_swap_key_slots_over_several_statement_chunks(store_url: str) -> None:
             )
             for i in range(count)
         ]
-        lost = {records[3].blob_id, records[store_module._SWAP_CHUNK + 1].blob_id, records[-1].blob_id}
+        lost = {records[3].blob_id, records[1001].blob_id, records[-1].blob_id}
         for blob_id in lost:
             store.compare_and_swap(blob_id, 1, blob=b"workload", key_version=2)
         before = store.get(records[0].blob_id).updated_at
@@ -594,3 +595,26 @@ def test_swap_key_slots_over_several_statement_chunks(store_url: str) -> None:
                 assert (now.blob, now.key_version, now.row_version) == (bytes([i % 256]) * 3, 2, 2)
         assert store.get(records[0].blob_id).updated_at >= before
         assert store.count_by_key_version("vault:k") == {2: count}
+
+
+def test_insert_many_is_all_or_nothing(store_url: str) -> None:
+    with SealedStateStore(store_url) as store:
+        ids = store.insert_many(
+            [NewBlob("ns", f"n{i}", "vault:k", 1, "g", i.to_bytes(2, "big")) for i in range(300)]
+            + [NewBlob("ns", "fixed", "vault:k", 1, "g", b"f", blob_id="fixed-id")]
+        )
+        assert len(ids) == 301 and ids[-1] == "fixed-id"
+        assert store.get(ids[5]).blob == (5).to_bytes(2, "big") and store.get(ids[5]).row_version == 1
+        with pytest.raises(DuplicateRecord):
+            store.insert_many(
+                [
+                    NewBlob("ns", "fresh", "vault:k", 1, "g", b"x"),
+                    NewBlob("ns", "n7", "vault:k", 1, "g", b"y"),
+                ]
+            )
+        with pytest.raises(RecordNotFound):
+            store.get_by_name("ns", "fresh")  # the whole batch was rolled back
+        with pytest.raises(ValueError):
+            store.insert_many([NewBlob("ns", "", "vault:k", 1, "g", b"x")])
+        assert store.count_by_key_version("vault:k") == {1: 301}
+        assert store.insert_many([]) == []

@@ -1,0 +1,345 @@
+"""Benchmark: the rotation workflow's re-wrap sweep against a raw hvac batch-rewrap loop, in one run.
+
+For each size (default 10,000 and 100,000 blobs) on one OpenBao (dev mode, in memory) and one
+Temporal dev server:
+
+1. A fresh Transit key and a fresh SQLite store get ``N`` sealed blobs (``--body`` bytes of
+   random data each), seeded in bulk: envelopes sealed locally, their DEKs wrapped by Transit's
+   batch encrypt, stored in one transaction per chunk.
+2. ``raw``: the key is rotated at OpenBao and the wrapped DEKs of all ``N`` blobs (read from the
+   store beforehand, held in a list) are re-wrapped by a plain loop of
+   ``hvac ... transit.rewrap_data(batch_input=...)`` calls of 490 items each, one after the other:
+   the least work a re-wrap of ``N`` ciphertexts can do through hvac. Nothing is stored.
+3. ``workflow``: a ``rekey worker`` process (the real CLI, its own process so its memory can be
+   read) and ``RotateKeyWorkflow`` with ``--grace`` long: it rotates the key again, counts,
+   re-wraps every blob in the store (read, server-side batch rewrap, batched compare-and-swap),
+   counts again and unwraps a sample. Timed from the workflow's own phase timestamps:
+   ``sweep`` = REWRAPPING -> VERIFYING (the re-wrap proper), ``rotation`` = start -> AWAITING_COMMIT
+   (prepare, count, sweep, verify).
+4. ``raw`` again, now with the workflow's new version as primary (the old version is still
+   enabled until the commit), then ``approve``; the run checks that every blob is on the new
+   version and that a sample unseals.
+
+Ratios are workflow rate / raw rate, raw being the better of the two raw runs (the harder
+baseline). The worker's peak memory is its ``VmHWM`` (peak resident set) from ``/proc``, read
+when the rotation is done, for a fresh worker per size; the memory goal compares the largest size
+with the smallest.
+
+    python -m loadtest.bench_rotation [--blobs 10000,100000] [--batch-size 2000]
+        [--in-flight 4] [--body 64] [--json] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import secrets
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from activities.types import TASK_QUEUE
+from kms_adapters.governor import Governor
+from kms_adapters.release import MemoryReleasePolicyStore
+from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
+from loadtest.servers import OpenBao, openbao_dev
+from rekey.codec import data_converter
+from sealing import envelope
+from sealing.keywrap import WrappedKey
+from sealing.state import SealedState
+from sealing.store import NewBlob, SealedStateStore
+from workflows.rotation import (
+    AWAITING_COMMIT,
+    DONE,
+    PREPARING,
+    REWRAPPING,
+    VERIFYING,
+    Progress,
+    RotateKeyInput,
+    RotateKeyWorkflow,
+    workflow_id,
+)
+
+SEED_CHUNK = 5000
+
+
+class _CollectingWrapper:
+    """Stands in for the KMS while seeding: hands out placeholder slots, keeps the DEKs so they
+    can be wrapped by Transit in batches afterwards (the benchmark's own memory only)."""
+
+    def __init__(self, key_ref: str) -> None:
+        self.key_ref = key_ref
+        self.deks: list[bytes] = []
+
+    def wrap(self, dek: bytes) -> WrappedKey:
+        self.deks.append(dek)
+        return WrappedKey(b"pending", 1)
+
+
+def seed(bao: OpenBao, adapter: VaultTransitAdapter, store: SealedStateStore, count: int, body: int) -> None:
+    transit = bao.client().secrets.transit
+    for start in range(0, count, SEED_CHUNK):
+        wrapper = _CollectingWrapper(adapter.key_ref)
+        names = [f"item-{i:07d}" for i in range(start, min(count, start + SEED_CHUNK))]
+        ids = [uuid.uuid4() for _ in names]
+        blobs = [
+            bytes(
+                envelope.seal(
+                    os.urandom(body),
+                    wrapper,  # type: ignore[arg-type]
+                    namespace="bench",
+                    name=name,
+                    generation="gen-1",
+                    blob_id=blob_id,
+                )
+            )
+            for name, blob_id in zip(names, ids, strict=True)
+        ]
+        wrapped: list[bytes] = []
+        for at in range(0, len(wrapper.deks), BATCH_ITEMS):
+            batch = [{"plaintext": base64.b64encode(d).decode()} for d in wrapper.deks[at : at + BATCH_ITEMS]]
+            answer = transit.encrypt_data(adapter.name, plaintext="", batch_input=batch)
+            wrapped += [item["ciphertext"].encode() for item in answer["data"]["batch_results"]]
+        rows = []
+        for name, blob_id, blob, ciphertext in zip(names, ids, blobs, wrapped, strict=True):
+            sealed = envelope.replace_key_slot(blob, envelope.key_slot(blob), WrappedKey(ciphertext, 1))
+            rows.append(NewBlob("bench", name, adapter.key_ref, 1, "gen-1", sealed, str(blob_id)))
+        store.insert_many(rows)
+
+
+def wrapped_deks(store: SealedStateStore, key_ref: str) -> list[str]:
+    out: list[str] = []
+    cursor = None
+    while True:
+        page = store.page(key_ref=key_ref, after=cursor, limit=10_000)
+        out += [envelope.key_slot(r.blob).wrapped_dek.decode() for r in page.records]
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+def raw_rewrap(bao: OpenBao, name: str, ciphertexts: list[str]) -> float:
+    """Seconds for a plain loop of hvac batch rewraps over ``ciphertexts``."""
+    transit = bao.client().secrets.transit
+    started = time.perf_counter()
+    for at in range(0, len(ciphertexts), BATCH_ITEMS):
+        batch = [{"ciphertext": c} for c in ciphertexts[at : at + BATCH_ITEMS]]
+        results = transit.rewrap_data(name, ciphertext="", batch_input=batch)["data"]["batch_results"]
+        if len(results) != len(batch) or not all(r.get("ciphertext") for r in results):
+            raise RuntimeError("raw rewrap: OpenBao answered with errors")
+    return time.perf_counter() - started
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+@contextmanager
+def worker_process(home: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    log = (home / "worker.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rekey.cli", "--home", str(home), "worker"],
+        env=os.environ | env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _seconds(progress: Progress, since: str, until: str) -> float:
+    stamps = progress.phase_started
+    return (datetime.fromisoformat(stamps[until]) - datetime.fromisoformat(stamps[since])).total_seconds()
+
+
+async def _wait_for(handle: Any, phase: str, timeout: float) -> Progress:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress: Progress = await handle.query(RotateKeyWorkflow.progress)
+        if progress.phase == phase:
+            return progress
+        if progress.phase in ("ABORTED", DONE) and phase != DONE:
+            raise RuntimeError(f"rotation ended in {progress.phase}: {progress.note}")
+        await asyncio.sleep(0.25)
+    raise TimeoutError(f"the rotation did not reach {phase} within {timeout:.0f}s")
+
+
+async def run_size(
+    bao: OpenBao, client: Client, temporal_address: str, home: Path, count: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-rotation-{count}-", dir=home))
+    store_url = f"sqlite:///{work / 'state.db'}"
+    store = SealedStateStore(store_url)
+    name = f"bench-{count}-{secrets.token_hex(3)}"
+    adapter = VaultTransitAdapter(
+        bao.client(), name, release_store=MemoryReleasePolicyStore(), governor=Governor(name)
+    )
+    adapter.create()
+    t0 = time.perf_counter()
+    seed(bao, adapter, store, count, args.body)
+    seeded = time.perf_counter() - t0
+    print(f"  {count:,} blobs seeded in {seeded:.1f}s", file=sys.stderr)
+
+    ciphertexts = wrapped_deks(store, adapter.key_ref)
+    adapter.rotate()
+    raw_before = raw_rewrap(bao, name, ciphertexts)
+
+    env = {
+        "REKEY_TEMPORAL_ADDRESS": temporal_address,
+        "REKEY_VAULT_ADDR": bao.addr,
+        "REKEY_VAULT_TOKEN": bao.token,
+        "REKEY_STORE_URL": store_url,
+    }
+    shutil.copytree(home / "codec", work / "codec", dirs_exist_ok=True)
+    with worker_process(work, env) as worker:
+        await asyncio.sleep(1.0)  # let the worker connect and poll
+        handle = await client.start_workflow(
+            RotateKeyWorkflow.run,
+            RotateKeyInput(
+                adapter.key_ref,
+                grace_seconds=3600,
+                batch_size=args.batch_size,
+                batches_in_flight=args.in_flight,
+            ),
+            id=workflow_id(adapter.key_ref),
+            task_queue=TASK_QUEUE,
+            execution_timeout=timedelta(minutes=30),
+        )
+        cpu_before = _cpu_seconds(worker.pid)
+        committed = await _wait_for(handle, AWAITING_COMMIT, timeout=1200)
+        worker_cpu = _cpu_seconds(worker.pid) - cpu_before
+        raw_after = raw_rewrap(bao, name, ciphertexts)
+        await handle.signal(RotateKeyWorkflow.approve)
+        final: Progress = await handle.result()
+        peak = _peak_rss_mib(worker.pid)
+    if final.phase != DONE or store.count_by_key_version(adapter.key_ref) != {final.new_version: count}:
+        raise RuntimeError(f"rotation of {count} blobs did not leave every blob on the new version")
+    state = SealedState(store, lambda _ref: adapter)
+    for i in random.sample(range(count), 20):
+        state.get(namespace="bench", name=f"item-{i:07d}")  # unseals: raises if not
+    store.close()
+    sweep = _seconds(committed, REWRAPPING, VERIFYING)
+    rotation = _seconds(committed, PREPARING, AWAITING_COMMIT)
+    raw = min(raw_before, raw_after)
+    result = {
+        "blobs": count,
+        "raw_rewraps_per_s": round(count / raw, 1),
+        "raw_runs_s": [round(raw_before, 3), round(raw_after, 3)],
+        "sweep_s": round(sweep, 3),
+        "sweep_per_s": round(count / sweep, 1),
+        "sweep_ratio": round(raw / sweep, 3),
+        "rotation_s": round(rotation, 3),
+        "rotation_per_s": round(count / rotation, 1),
+        "rotation_ratio": round(raw / rotation, 3),
+        "worker_peak_rss_mib": round(peak, 1),
+        "worker_cpu_s": round(worker_cpu, 2),
+        "seed_s": round(seeded, 1),
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    home = Path(tempfile.mkdtemp(prefix="rekey-bench-rotation-"))
+    try:
+        with openbao_dev() as bao:
+            env = await WorkflowEnvironment.start_local(
+                dev_server_existing_path=str(Path(sysconfig.get_path("scripts")) / "temporal"),
+                data_converter=data_converter(home),
+            )
+            try:
+                address = env.client.service_client.config.target_host
+                results = []
+                for count in args.blobs:
+                    print(f"{count:,} blobs ...", file=sys.stderr)
+                    results.append(await run_size(bao, env.client, address, home, count, args))
+            finally:
+                await env.shutdown()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    small, large = results[0], results[-1]
+    return {
+        "batch_size": args.batch_size,
+        "batches_in_flight": args.in_flight,
+        "body_bytes": args.body,
+        "results": results,
+        "memory_ratio_largest_to_smallest": round(
+            large["worker_peak_rss_mib"] / small["worker_peak_rss_mib"], 3
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--blobs",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[10_000, 100_000],
+        help="comma-separated sizes (default 10000,100000)",
+    )
+    parser.add_argument("--batch-size", type=int, default=2000, help="blobs per rewrap_batch activity")
+    parser.add_argument("--in-flight", type=int, default=4, help="batches in flight")
+    parser.add_argument("--body", type=int, default=64, help="plaintext bytes per blob (default 64)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--out", help="also write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    report = asyncio.run(run(args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"batch size {args.batch_size}, {args.in_flight} in flight, {args.body}-byte bodies")
+    print(
+        f"{'blobs':>8} {'raw/s':>9} {'sweep/s':>9} {'ratio':>6}"
+        f" {'rotation/s':>11} {'ratio':>6} {'peak MiB':>9}"
+    )
+    for r in report["results"]:
+        print(
+            f"{r['blobs']:>8,} {r['raw_rewraps_per_s']:>9,.0f} {r['sweep_per_s']:>9,.0f}"
+            f" {r['sweep_ratio']:>6.3f}"
+            f" {r['rotation_per_s']:>11,.0f} {r['rotation_ratio']:>6.3f} {r['worker_peak_rss_mib']:>9.1f}"
+        )
+    print(
+        f"worker peak memory, largest / smallest size: {report['memory_ratio_largest_to_smallest']:.3f}"
+        " (goal <= 1.2); ratio = workflow rate / raw hvac batch-rewrap rate, same run (goal >= 0.8)"
+    )
+
+
+if __name__ == "__main__":
+    main()
