@@ -9,6 +9,14 @@ from typing import Any
 
 TASK_QUEUE = "rekey"
 
+# Re-wrap sweep sizing. A batch is one rewrap_batch activity: it reads, re-wraps and swaps its
+# blobs in pipelined chunks, so large batches cost little beyond the heartbeat that carries
+# their progress; MAX_BATCH is the store's largest page (sealing.store.MAX_PAGE).
+DEFAULT_BATCH = 10_000
+MAX_BATCH = 10_000
+DEFAULT_IN_FLIGHT = 2
+MAX_IN_FLIGHT = 16
+
 
 @dataclass
 class KeyRefInput:

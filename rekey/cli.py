@@ -21,6 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, MAX_BATCH, MAX_IN_FLIGHT
 from attestation.errors import AttestationError
 from kms_adapters.keyref import InvalidKeyRef
 from rekey import devstack
@@ -787,11 +788,30 @@ async def _wait_with_progress(handle: Any) -> Any:
 @click.option(
     "--destroy-after", default=None, help="Destroy old versions this long after disabling (default never)."
 )
-@click.option("--batch-size", type=click.IntRange(1, 490), default=490, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, MAX_BATCH),
+    default=DEFAULT_BATCH,
+    show_default=True,
+    help="Blobs per re-wrap activity (each is read, re-wrapped and swapped in pipelined chunks).",
+)
+@click.option(
+    "--in-flight",
+    type=click.IntRange(1, MAX_IN_FLIGHT),
+    default=DEFAULT_IN_FLIGHT,
+    show_default=True,
+    help="Re-wrap activities running at once.",
+)
 @click.option("--wait", "wait_", is_flag=True, help="Show a progress bar and wait for the end.")
 @json_option
 def rotate_start(
-    key_ref: str, grace: str, destroy_after: str | None, batch_size: int, wait_: bool, json_out: bool
+    key_ref: str,
+    grace: str,
+    destroy_after: str | None,
+    batch_size: int,
+    in_flight: int,
+    wait_: bool,
+    json_out: bool,
 ) -> None:
     """Start rotating KEYREF; exits 0 when DONE (with --wait), 1 when ABORTED or failed."""
     from temporalio.client import WorkflowFailureError
@@ -808,6 +828,7 @@ def rotate_start(
         grace_seconds=_duration(grace, "--grace"),
         destroy_after_seconds=None if destroy_after is None else _duration(destroy_after, "--destroy-after"),
         batch_size=batch_size,
+        batches_in_flight=in_flight,
         started_by=actor(),
     )
 

@@ -195,28 +195,40 @@ class _Layout(NamedTuple):
     body_at: int
 
 
-def _layout(view: memoryview) -> _Layout:
-    """Check the framing of a blob (prefix, lengths, key slot) without decoding its header."""
-    if len(view) < len(MAGIC):
-        if bytes(view) == MAGIC[: len(view)]:
-            raise TruncatedBlob(f"sealed blob is truncated: {len(view)} bytes")
+class _ShortHead(Exception):
+    """The bytes at hand end before the key slot, nonce and body length (a head read)."""
+
+
+def _layout(view: memoryview | bytes, total: int | None = None) -> _Layout:
+    """Check the framing of a blob (prefix, lengths, key slot) without decoding its header.
+
+    ``view`` is the whole blob, or with ``total`` (the blob's length) only its first bytes:
+    then ``_ShortHead`` if they end before the body starts."""
+    have = len(view)
+    total = have if total is None else total
+    if have < len(MAGIC):
+        if bytes(view) == MAGIC[:have] and total == have:
+            raise TruncatedBlob(f"sealed blob is truncated: {have} bytes")
         raise UnsupportedFormat("not a rekey sealed blob (bad magic)")
-    if bytes(view[:4]) != MAGIC:
+    if view[:4] != MAGIC:
         raise UnsupportedFormat("not a rekey sealed blob (bad magic)")
-    if len(view) < _PREFIX.size:
-        raise TruncatedBlob(f"sealed blob is truncated: {len(view)} bytes")
+    if total < _PREFIX.size:
+        raise TruncatedBlob(f"sealed blob is truncated: {total} bytes")
     _, version, flags, header_len = _PREFIX.unpack_from(view)
     if version != FORMAT_VERSION:
         raise UnsupportedFormat(f"sealed blob format version {version} is not supported (this build reads 1)")
     if flags != 0:
         raise UnsupportedFormat(f"sealed blob flags 0x{flags:02x} are not supported")
-    total = len(view)
     slot = _PREFIX.size + header_len
     _need(slot + _SLOT.size, total, "key slot")
+    if slot + _SLOT.size > have:
+        raise _ShortHead
     key_version, wrapped_len = _SLOT.unpack_from(view, slot)
     nonce_at = slot + _SLOT.size + wrapped_len
     body_at = nonce_at + NONCE_BYTES + _BODY_LEN.size
     _need(body_at, total, "wrapped DEK, nonce and body length")
+    if body_at > have:
+        raise _ShortHead
     (body_len,) = _BODY_LEN.unpack_from(view, body_at - _BODY_LEN.size)
     _need(body_at + body_len, total, "body")
     if body_at + body_len != total:
@@ -240,8 +252,8 @@ def parse(blob: bytes | bytearray | memoryview) -> SealedBlob:
 
 
 class KeySlot(NamedTuple):
-    """Where a blob's key slot sits, and what it holds (the framing is checked, the header is
-    not decoded: a re-wrap sweep needs only this)."""
+    """Where a blob's key slot sits (bytes ``start:end``), and what it holds. The framing is
+    checked, the header is not decoded: a re-wrap sweep needs only this."""
 
     key_version: int
     wrapped_dek: bytes
@@ -250,27 +262,45 @@ class KeySlot(NamedTuple):
 
 
 def key_slot(blob: bytes | bytearray | memoryview) -> KeySlot:
-    view = memoryview(blob).cast("B")
-    layout = _layout(view)
+    """The key slot of a whole blob; typed ``SealedBlobError`` on bad framing."""
+    view = blob if isinstance(blob, bytes) else memoryview(blob).cast("B")
+    try:
+        layout = _layout(view)
+    except _ShortHead:  # cannot happen for a whole blob: _need checked against its length
+        raise TruncatedBlob("sealed blob is truncated") from None
     return KeySlot(
         layout.key_version, bytes(view[layout.wrapped_at : layout.nonce_at]), layout.slot, layout.nonce_at
+    )
+
+
+def key_slot_in_head(head: bytes, length: int) -> KeySlot | None:
+    """The key slot from the first bytes of a blob of ``length`` bytes (a sweep reads only
+    those); None if ``head`` ends before the slot does (read the whole blob then). The
+    framing is checked against ``length``, so bad blobs raise as with ``key_slot``."""
+    try:
+        layout = _layout(head, length)
+    except _ShortHead:
+        return None
+    return KeySlot(
+        layout.key_version, head[layout.wrapped_at : layout.nonce_at], layout.slot, layout.nonce_at
+    )
+
+
+def slot_prefix(head: bytes, slot: KeySlot, wrapped: WrappedKey) -> bytes:
+    """Prefix + header + a key slot holding ``wrapped``: what replaces ``head[:slot.end]``
+    (the rest of the blob, from ``slot.end`` on, is unchanged)."""
+    _check_wrapped(wrapped.ciphertext)
+    if wrapped.key_version == 0:
+        raise InvalidWrappedKey("wrapped DEK has key version 0")
+    return b"".join(
+        (head[: slot.start], _SLOT.pack(wrapped.key_version, len(wrapped.ciphertext)), wrapped.ciphertext)
     )
 
 
 def replace_key_slot(blob: bytes, slot: KeySlot, wrapped: WrappedKey) -> bytes:
     """``blob`` with ``slot`` (from ``key_slot(blob)``) holding ``wrapped`` instead; the header
     and body bytes are copied unchanged."""
-    _check_wrapped(wrapped.ciphertext)
-    if wrapped.key_version == 0:
-        raise InvalidWrappedKey("wrapped DEK has key version 0")
-    return b"".join(
-        (
-            blob[: slot.start],
-            _SLOT.pack(wrapped.key_version, len(wrapped.ciphertext)),
-            wrapped.ciphertext,
-            blob[slot.end :],
-        )
-    )
+    return slot_prefix(blob, slot, wrapped) + blob[slot.end :]
 
 
 _CRITICAL_TAGS = frozenset(int(t) for t in Tag)

@@ -1,27 +1,32 @@
 """The re-wrap sweep of a key rotation, as plain functions over the store and a KMS adapter.
 
 A batch covers the records of one key below the new version in a ``blob_id`` range
-``(start, end]``. Their wrapped DEKs are re-wrapped in one adapter call (server-side where the
+``(start, end]``. Their wrapped DEKs are re-wrapped in adapter batch calls (server-side where the
 KMS has it, so no plaintext DEK is ever held here), and each blob's key slot is swapped by a
 compare-and-swap on its row version: a blob the workload rewrote meanwhile is re-read, never
-overwritten. Nothing here knows about Temporal; the activities wrap it.
+overwritten. Only the head of each blob (header and key slot) is read; the database splices the
+new slot in front of the stored body. Nothing here knows about Temporal; the activities wrap it.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kms_adapters.contract import KmsAdapter
+from kms_adapters.contract import KmsAdapter, RewrapOutcome
 from kms_adapters.errors import KmsError
 from sealing import envelope
 from sealing.errors import SealedBlobError
-from sealing.keywrap import DEK_BYTES, WrappedKey
-from sealing.store import RecordNotFound, SealedStateStore, StaleRecord, SweepRow
+from sealing.keywrap import DEK_BYTES
+from sealing.store import RecordNotFound, SealedStateStore, SlotSplice, StaleRecord, SweepRow
 
 MAX_FAILED_IDS = 20
 CAS_ATTEMPTS = 3
+CHUNK = 1960  # records per KMS round (four 490-item Transit batch requests)
+DEPTH = 2  # chunks at the KMS while the previous one is swapped
 
 
 @dataclass
@@ -38,6 +43,16 @@ class RangeResult:
             self.failed_ids.append(blob_id)
 
 
+@dataclass
+class _Chunk:
+    """Blobs read and sent to the KMS, waiting to be swapped (in order)."""
+
+    last_id: str
+    items: list[tuple[SweepRow, envelope.KeySlot]]
+    bad: list[str]  # unreadable blobs, counted when the chunk is finished
+    rewrap: Future[list[RewrapOutcome]]
+
+
 def rewrap_range(
     store: SealedStateStore,
     adapter: KmsAdapter,
@@ -48,59 +63,114 @@ def rewrap_range(
     limit: int,
     progress: Callable[[RangeResult], None] | None = None,
     result: RangeResult | None = None,
+    chunk: int = CHUNK,
+    depth: int = DEPTH,
 ) -> RangeResult:
-    """Re-wrap every record of ``adapter.key_ref`` below ``below_version`` in ``(start, end]``.
+    """Re-wrap every record of ``adapter.key_ref`` below ``below_version`` in ``(start, end]``
+    (at most ``limit`` records).
 
-    Retryable KMS errors propagate (the caller retries the whole range; finished blobs are
-    already on the new version and are not selected again). ``result`` continues the counts of
-    an interrupted attempt."""
+    Pipelined: the range is read ``chunk`` records at a time (only each blob's head, where its
+    key slot is), each chunk's DEKs go to the KMS in a background thread, and while up to
+    ``depth`` chunks are at the KMS this thread reads the next chunk and swaps the key slots
+    of the oldest one. Chunks are finished in order, so ``result.last_id`` (and each
+    ``progress`` call) only ever covers blobs that are done: an interrupted attempt resumes
+    after it.
+
+    Retryable KMS errors propagate (the caller retries; finished blobs are already on the new
+    version and are not selected again). ``result`` continues the counts of an interrupted
+    attempt."""
     result = result or RangeResult()
-    records = store.sweep_page(
-        key_ref=adapter.key_ref, below_version=below_version, after=start, upto=end, limit=limit
-    )
-    parsed: list[tuple[SweepRow, envelope.KeySlot]] = []
-    for record in records:
+    cursor, remaining = start, limit
+    pending: deque[_Chunk] = deque()
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="rekey-rewrap") as kms:
         try:
-            parsed.append((record, envelope.key_slot(record.blob)))
-        except SealedBlobError:
-            result.add_failure(record.blob_id)
-    outcomes = adapter.rewrap_batch([slot.wrapped_dek for _, slot in parsed])
-    swaps: list[tuple[SweepRow, envelope.KeySlot, WrappedKey]] = []
-    for (record, slot), outcome in zip(parsed, outcomes, strict=True):
-        if outcome.error is not None:
-            if outcome.error.retryable:
-                raise outcome.error
-            result.add_failure(record.blob_id)
-        else:
-            assert outcome.wrapped is not None
-            swaps.append((record, slot, outcome.wrapped))
-    # One transaction for the batch; a blob the workload wrote meanwhile is re-read one by one.
-    applied = store.swap_key_slots(
-        [
-            (r.blob_id, r.row_version, envelope.replace_key_slot(r.blob, s, w), w.key_version)
-            for r, s, w in swaps
-        ]
-    )
-    for (record, _blob, _wrapped), ok in zip(swaps, applied, strict=True):
-        if ok:
-            result.rewrapped += 1
-        else:
-            _retry_swap(store, adapter, record, below_version, result)
-    if records:
-        result.last_id = records[-1].blob_id
-    if progress is not None:
-        progress(result)
+            while remaining > 0:
+                rows = store.sweep_page(
+                    key_ref=adapter.key_ref,
+                    below_version=below_version,
+                    after=cursor,
+                    upto=end,
+                    limit=min(chunk, remaining),
+                )
+                if not rows:
+                    break
+                remaining -= len(rows)
+                cursor = rows[-1].blob_id
+                pending.append(_read(store, adapter, rows, kms))
+                while len(pending) > depth:
+                    _finish(store, adapter, pending.popleft(), below_version, result, progress)
+            while pending:
+                _finish(store, adapter, pending.popleft(), below_version, result, progress)
+        finally:
+            for waiting in pending:
+                waiting.rewrap.cancel()
     return result
 
 
-def _retry_swap(
-    store: SealedStateStore, adapter: KmsAdapter, row: SweepRow, below_version: int, result: RangeResult
+def _read(
+    store: SealedStateStore, adapter: KmsAdapter, rows: list[SweepRow], kms: ThreadPoolExecutor
+) -> _Chunk:
+    items: list[tuple[SweepRow, envelope.KeySlot]] = []
+    bad: list[str] = []
+    for row in rows:
+        try:
+            slot = envelope.key_slot_in_head(row.head, row.length)
+            if slot is None:  # a header longer than the head read: take the whole blob
+                whole = store.get(row.blob_id)
+                row = SweepRow(row.blob_id, whole.row_version, whole.blob, len(whole.blob))
+                slot = envelope.key_slot(whole.blob)
+        except RecordNotFound:
+            continue  # deleted by the workload meanwhile
+        except SealedBlobError:
+            bad.append(row.blob_id)
+            continue
+        items.append((row, slot))
+    wrapped = [slot.wrapped_dek for _, slot in items]
+    return _Chunk(rows[-1].blob_id, items, bad, kms.submit(adapter.rewrap_batch, wrapped))
+
+
+def _finish(
+    store: SealedStateStore,
+    adapter: KmsAdapter,
+    done: _Chunk,
+    below_version: int,
+    result: RangeResult,
+    progress: Callable[[RangeResult], None] | None,
 ) -> None:
-    """The batched swap lost for ``row``: re-read it; if it is still below the new version,
+    outcomes = done.rewrap.result()
+    splices: list[SlotSplice] = []
+    for (row, slot), outcome in zip(done.items, outcomes, strict=True):
+        if outcome.error is not None:
+            if outcome.error.retryable:
+                raise outcome.error
+            result.add_failure(row.blob_id)
+            continue
+        assert outcome.wrapped is not None
+        prefix = envelope.slot_prefix(row.head, slot, outcome.wrapped)
+        splices.append(
+            SlotSplice(row.blob_id, row.row_version, prefix, slot.end, outcome.wrapped.key_version)
+        )
+    # One transaction for the chunk; a blob the workload wrote meanwhile is re-read one by one.
+    for splice, applied in zip(splices, store.splice_key_slots(splices), strict=True):
+        if applied:
+            result.rewrapped += 1
+        else:
+            _retry_swap(store, adapter, splice.blob_id, below_version, result)
+    for blob_id in done.bad:
+        result.add_failure(blob_id)
+    result.last_id = done.last_id
+    if progress is not None:
+        progress(result)
+
+
+def _retry_swap(
+    store: SealedStateStore, adapter: KmsAdapter, blob_id: str, below_version: int, result: RangeResult
+) -> None:
+    """The batched swap lost for ``blob_id``: re-read it; if it is still below the new version,
     re-wrap and swap it alone (a few times), else leave the workload's write alone."""
     for _ in range(CAS_ATTEMPTS):
         try:
-            record = store.get(row.blob_id)
+            record = store.get(blob_id)
         except RecordNotFound:
             return  # deleted by the workload meanwhile: nothing left to re-wrap
         if record.key_version >= below_version or record.key_ref != adapter.key_ref:
@@ -126,7 +196,7 @@ def _retry_swap(
             return
         except StaleRecord:
             continue
-    result.add_failure(row.blob_id)  # lost the race CAS_ATTEMPTS times in a row
+    result.add_failure(blob_id)  # lost the race CAS_ATTEMPTS times in a row
 
 
 def verify_sample(store: SealedStateStore, adapter: KmsAdapter, *, version: int, sample: int) -> int:

@@ -69,6 +69,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -94,6 +95,7 @@ __all__ = [
     "RecordNotFound",
     "SchemaTooNew",
     "SealedStateStore",
+    "SlotSplice",
     "StaleRecord",
     "StoreError",
     "StoreUnavailable",
@@ -182,14 +184,28 @@ class NewBlob(NamedTuple):
 
 
 class SweepRow(NamedTuple):
-    """What a re-wrap sweep reads of a record (`SealedStateStore.sweep_page`)."""
+    """What a re-wrap sweep reads of a record (`SealedStateStore.sweep_page`): the first
+    ``head_bytes`` of the blob (where its header and key slot are) and the blob's length."""
 
     blob_id: str
     row_version: int
-    blob: bytes
+    head: bytes
+    length: int
 
     def __repr__(self) -> str:
-        return f"SweepRow({self.blob_id}, row v{self.row_version}, {len(self.blob)} bytes)"
+        return f"SweepRow({self.blob_id}, row v{self.row_version}, {len(self.head)} of {self.length} bytes)"
+
+
+class SlotSplice(NamedTuple):
+    """One compare-and-swap of `SealedStateStore.splice_key_slots`: if the row is still at
+    ``expected_row_version``, its blob becomes ``prefix`` + the stored blob from byte offset
+    ``keep_from`` on (0-based), and its key version ``key_version``."""
+
+    blob_id: str
+    expected_row_version: int
+    prefix: bytes
+    keep_from: int
+    key_version: int
 
 
 @dataclass(frozen=True, repr=False)
@@ -614,37 +630,62 @@ def _record(row: Row[Any]) -> BlobRecord:
     )
 
 
-# A batched compare-and-swap goes to the driver directly: through the SQL layer each
+# A sweep's batched compare-and-swap goes to the driver directly: through the SQL layer each
 # statement cost ~30 us of Python per row and dominated a re-wrap sweep. SQLite runs one
-# UPDATE per row in the batch's transaction (in-process, ~3 us each, per-row rowcount);
+# UPDATE per row in the batch's transaction (in-process, a few us each, per-row rowcount);
 # PostgreSQL gets one pipelined executemany with RETURNING, whose result sets say per row
-# whether it was applied.
-_SWAP_SQL: Final = (
-    "UPDATE sealed_blobs SET blob = {p}, key_version = {p}, row_version = row_version + 1,"
-    " updated_at = {p} WHERE blob_id = {p} AND row_version = {p}"
+# whether it was applied. The new key slot is spliced in by the database (new prefix + the
+# stored tail), so the sweep never holds, copies or sends a blob's body. SQLite's || yields
+# text; CAST back to BLOB keeps every byte (NULs and non-UTF-8 included; tested).
+_SPLICE_SQL: Final = {
+    "sqlite": (
+        "UPDATE sealed_blobs SET blob = CAST(? || substr(blob, ?) AS BLOB), key_version = ?,"
+        " row_version = row_version + 1, updated_at = ? WHERE blob_id = ? AND row_version = ?"
+    ),
+    "postgresql": (
+        "UPDATE sealed_blobs SET blob = %s || substring(blob from %s), key_version = %s,"
+        " row_version = row_version + 1, updated_at = %s WHERE blob_id = %s AND row_version = %s"
+        " RETURNING blob_id"
+    ),
+}
+
+
+_SWEEP_SELECT: Final = (
+    "SELECT blob_id, row_version, substr(blob, 1, ?), length(blob) FROM sealed_blobs"
+    " WHERE key_ref = ? AND key_version < ? AND blob_id > ?"
 )
+_SWEEP_SQL: Final = {
+    (dialect, upto): (
+        _SWEEP_SELECT + (" AND blob_id <= ?" if upto else "") + " ORDER BY blob_id LIMIT ?"
+    ).replace("?", mark)
+    for dialect, mark in (("sqlite", "?"), ("postgresql", "%s"))
+    for upto in (False, True)
+}
 
 
-def _swap_rows(conn: Connection, rows: Sequence[tuple[str, int, bytes, int]], now: datetime) -> set[str]:
+def _splice_rows(conn: Connection, rows: Sequence[SlotSplice], now: datetime) -> set[str]:
     dialect = conn.dialect
     to_db = sealed_blobs.c.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
     stamp = to_db(now) if to_db is not None else now
     driver: Any = conn.connection.driver_connection
-    params = [(blob, version, stamp, blob_id, expected) for blob_id, expected, blob, version in rows]
+    # substr/substring count from 1: the tail starting at 0-based offset keep_from.
+    params = [
+        (r.prefix, r.keep_from + 1, r.key_version, stamp, r.blob_id, r.expected_row_version) for r in rows
+    ]
+    sql = _SPLICE_SQL[dialect.name]
     applied: set[str] = set()
     if dialect.name == "sqlite":
         cursor = driver.cursor()
         try:
-            sql = _SWAP_SQL.format(p="?")
             for values in params:
                 cursor.execute(sql, values)
                 if cursor.rowcount == 1:
-                    applied.add(values[3])
+                    applied.add(values[4])
         finally:
             cursor.close()
         return applied
     with driver.cursor() as cursor:
-        cursor.executemany(_SWAP_SQL.format(p="%s") + " RETURNING blob_id", params, returning=True)
+        cursor.executemany(sql, params, returning=True)
         while True:
             row = cursor.fetchone()
             if row is not None:
@@ -880,27 +921,28 @@ class SealedStateStore:
             row = conn.execute(select(sealed_blobs).where(sealed_blobs.c.blob_id == blob_id)).one()
         return _record(row)
 
-    def swap_key_slots(self, updates: Sequence[tuple[str, int, bytes, int]]) -> list[bool]:
-        """Many compare-and-swaps in ONE transaction: for each ``(blob_id, expected_row_version,
-        blob, key_version)`` replace blob and key version only if the row version is still the
-        expected one. Returns, per update, whether it was applied; a lost one (the workload
-        wrote the blob meanwhile, or deleted it) changes nothing and the caller re-reads it.
+    def splice_key_slots(self, updates: Sequence[SlotSplice]) -> list[bool]:
+        """Many compare-and-swaps of key slots in ONE transaction (see `SlotSplice`). Returns,
+        per update, whether it was applied; a lost one (the workload wrote the blob meanwhile,
+        or deleted it) changes nothing and the caller re-reads it.
 
-        A re-wrap sweep uses this: one commit per batch instead of one per blob."""
+        A re-wrap sweep uses this: one commit per batch instead of one per blob, and the body
+        stays in the database."""
         checked = [
-            (
-                _require_str("blob_id", blob_id),
-                _require_int("expected_row_version", expected, 1),
-                _require_bytes(blob),
-                _require_int("key_version", version, 0),
+            SlotSplice(
+                _require_str("blob_id", u.blob_id),
+                _require_int("expected_row_version", u.expected_row_version, 1),
+                _require_bytes(u.prefix),
+                _require_int("keep_from", u.keep_from, 0),
+                _require_int("key_version", u.key_version, 0),
             )
-            for blob_id, expected, blob, version in updates
+            for u in updates
         ]
         if not checked:
             return []
         with self._tx(f"update of {len(checked)} blobs", write=True) as conn:
-            done = _swap_rows(conn, checked, _utcnow())
-        return [blob_id in done for blob_id, _, _, _ in checked]
+            done = _splice_rows(conn, checked, _utcnow())
+        return [u.blob_id in done for u in checked]
 
     def delete(self, blob_id: str, expected_row_version: int) -> None:
         """Delete the blob only if its row version is still ``expected_row_version``.
@@ -968,40 +1010,68 @@ class SealedStateStore:
         _check_filters(key_ref, below_version, None, after)
         if not 1 <= size <= MAX_PAGE or not 1 <= count <= 1000:
             raise ValueError(f"size must be 1..{MAX_PAGE} and count 1..1000")
-        query = (
-            select(sealed_blobs.c.blob_id)
-            .where(sealed_blobs.c.key_ref == key_ref, sealed_blobs.c.key_version < below_version)
-            .order_by(sealed_blobs.c.blob_id)
-            .limit(size * count)
+        c = sealed_blobs.c
+        # One index probe per bound (the database skips ``size`` entries itself) instead of
+        # fetching every id in Python.
+        nth = (
+            select(c.blob_id)
+            .where(c.key_ref == key_ref, c.key_version < below_version, c.blob_id > bindparam("after"))
+            .order_by(c.blob_id)
+            .offset(size - 1)
+            .limit(1)
         )
-        if after is not None:
-            query = query.where(sealed_blobs.c.blob_id > after)
+        last = select(func.max(c.blob_id)).where(
+            c.key_ref == key_ref, c.key_version < below_version, c.blob_id > bindparam("after")
+        )
+        bounds: list[str] = []
+        cursor = after if after is not None else ""  # every blob id sorts after ""
         with self._tx("planning of a sweep") as conn:
-            ids = [str(row[0]) for row in conn.execute(query)]
-        return [ids[min(i + size, len(ids)) - 1] for i in range(0, len(ids), size)]
+            while len(bounds) < count:
+                bound = conn.execute(nth, {"after": cursor}).scalar_one_or_none()
+                if bound is None:
+                    tail = conn.execute(last, {"after": cursor}).scalar_one_or_none()
+                    if tail is not None:
+                        bounds.append(str(tail))
+                    break
+                bounds.append(str(bound))
+                cursor = str(bound)
+        return bounds
 
     def sweep_page(
-        self, *, key_ref: str, below_version: int, after: str | None, upto: str | None, limit: int
+        self,
+        *,
+        key_ref: str,
+        below_version: int,
+        after: str | None,
+        upto: str | None,
+        limit: int,
+        head_bytes: int = 2048,
     ) -> list[SweepRow]:
         """Up to ``limit`` records of ``key_ref`` below ``below_version`` with ``after < blob_id
         <= upto`` (either bound None: open), in ``blob_id`` order: only what a re-wrap needs
-        (id, row version, blob), none of the bookkeeping a full record decodes."""
+        (id, row version, the first ``head_bytes`` of the blob and its length). Memory stays
+        bounded whatever the blobs' sizes."""
         _check_filters(key_ref, below_version, None, after)
         if upto is not None and not isinstance(upto, str):
             raise ValueError("upto must be a blob id")
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be an integer in 1..{MAX_PAGE}, got {limit!r}")
-        c = sealed_blobs.c
-        query = select(c.blob_id, c.row_version, c.blob).where(
-            c.key_ref == key_ref, c.key_version < below_version
-        )
-        if after is not None:
-            query = query.where(c.blob_id > after)
-        if upto is not None:
-            query = query.where(c.blob_id <= upto)
-        query = query.order_by(c.blob_id).limit(limit)
+        if not isinstance(head_bytes, int) or not 64 <= head_bytes <= 1 << 20:
+            raise ValueError(f"head_bytes must be an integer in 64..{1 << 20}, got {head_bytes!r}")
+        # Straight through the driver (like the splice): the SQL layer's per-row work cost
+        # more than the database's for these small rows.
+        sql = _SWEEP_SQL[(self._db.engine.dialect.name, upto is not None)]
+        params: tuple[object, ...] = (head_bytes, key_ref, below_version, after or "")
+        params += (upto, limit) if upto is not None else (limit,)
         with self._tx("listing of blobs to re-wrap") as conn:
-            return [SweepRow(str(i), int(v), bytes(b)) for i, v, b in conn.execute(query)]
+            driver: Any = conn.connection.driver_connection
+            cursor = driver.cursor()
+            try:
+                cursor.execute(sql, params)
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        return [SweepRow(i, v, bytes(h), n) for i, v, h, n in rows]
 
     def iter_records(
         self,

@@ -19,6 +19,10 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.types import (
+        DEFAULT_BATCH,
+        DEFAULT_IN_FLIGHT,
+        MAX_BATCH,
+        MAX_IN_FLIGHT,
         AuditInput,
         CountInput,
         KeyRefInput,
@@ -75,8 +79,8 @@ class RotateKeyInput:
     key_ref: str
     grace_seconds: float = 24 * 3600
     destroy_after_seconds: float | None = None  # None: never destroy
-    batch_size: int = 500
-    batches_in_flight: int = 4
+    batch_size: int = DEFAULT_BATCH
+    batches_in_flight: int = DEFAULT_IN_FLIGHT
     verify_sample: int = 20
     started_by: str = ""
     state: RotationState | None = None  # carried over by continue-as-new
@@ -206,6 +210,12 @@ class RotateKeyWorkflow:
     @workflow.run
     async def run(self, request: RotateKeyInput) -> Progress:
         self._input = request
+        if not (1 <= request.batch_size <= MAX_BATCH and 1 <= request.batches_in_flight <= MAX_IN_FLIGHT):
+            raise ApplicationError(
+                f"batch_size must be 1..{MAX_BATCH} and batches_in_flight 1..{MAX_IN_FLIGHT},"
+                f" got {request.batch_size} and {request.batches_in_flight}",
+                non_retryable=True,
+            )
         if request.state is not None:
             self._state = request.state
         s = self._state
@@ -334,7 +344,7 @@ class RotateKeyWorkflow:
                         "rewrap_batch",
                         RewrapBatchInput(request.key_ref, s.new_version, start, end, request.batch_size),
                         RewrapBatchResult,
-                        timeout=600,
+                        timeout=3600,  # a backstop: the heartbeat timeout finds a dead worker
                         heartbeat=60,
                     )
                     for start, end in zip(starts, bounds, strict=True)

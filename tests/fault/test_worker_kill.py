@@ -1,7 +1,11 @@
 """Fault: the worker process is killed with SIGKILL three times at random moments during a
-rotation and restarted each time; the rotation completes with the same final state.
+20,000-blob rotation and restarted each time; the rotation completes with the same final state.
 
-Marked ``soak`` (about a minute): run with ``make soak``."""
+The moments are random points inside the sweep (one in each third of it, read from the
+``progress`` query), so the kills land mid-batch whatever the machine's speed. Each kill
+leaves the running batches to Temporal's heartbeat timeout before they are retried.
+
+Marked ``soak`` (a few minutes): run with ``make soak``."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import secrets
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,7 +33,7 @@ from workflows.rotation import DONE, Progress, RotateKeyInput, RotateKeyWorkflow
 
 pytestmark = [pytest.mark.soak, pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-BLOBS = 2000
+BLOBS = 20_000
 KILLS = 3
 
 
@@ -54,16 +59,14 @@ async def test_rotation_survives_three_sigkills(
     store = SealedStateStore(store_url)
     store.put_generation("gen-1", '{"id":"gen-1"}')
     state = SealedState(store, lambda _ref: adapter)
-    plain = {}
-    for i in range(BLOBS):
-        plain[f"item-{i}"] = secrets.token_bytes(32)
-        state.put(
-            namespace="ns",
-            name=f"item-{i}",
-            data=plain[f"item-{i}"],
-            key_ref=adapter.key_ref,
-            generation="gen-1",
-        )
+
+    def put(i: int) -> tuple[str, bytes]:
+        data = secrets.token_bytes(32)
+        state.put(namespace="ns", name=f"item-{i}", data=data, key_ref=adapter.key_ref, generation="gen-1")
+        return f"item-{i}", data
+
+    with ThreadPoolExecutor(8) as pool:
+        plain = dict(pool.map(put, range(BLOBS)))
     env = {
         "REKEY_TEMPORAL_ADDRESS": temporal_env.client.service_client.config.target_host,
         "REKEY_VAULT_ADDR": openbao.addr,
@@ -73,23 +76,29 @@ async def test_rotation_survives_three_sigkills(
     worker = _worker(temporal_home, env)
     handle = await temporal_env.client.start_workflow(
         RotateKeyWorkflow.run,
-        RotateKeyInput(adapter.key_ref, grace_seconds=0, batch_size=25, batches_in_flight=2),
+        RotateKeyInput(adapter.key_ref, grace_seconds=0, batch_size=100, batches_in_flight=2),
         id=workflow_id(adapter.key_ref),
         task_queue=TASK_QUEUE,
     )
     kills = 0
     rng = random.Random()
+    # One random moment in each third of the sweep, as a number of blobs re-wrapped.
+    moments = [int(BLOBS * rng.uniform(third / 3 + 0.02, (third + 1) / 3 - 0.08)) for third in range(KILLS)]
     try:
-        while kills < KILLS:
-            await asyncio.sleep(rng.uniform(1.0, 3.0))
-            progress: Progress = await handle.query(RotateKeyWorkflow.progress)
+        for moment in moments:
+            while True:
+                progress: Progress = await handle.query(RotateKeyWorkflow.progress)
+                if progress.phase == DONE or progress.rewrapped + progress.conflicts >= moment:
+                    break
+                await asyncio.sleep(0.05)
             if progress.phase == DONE:
                 break
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
             kills += 1
+            print(f"SIGKILL {kills} at {progress.rewrapped} of {BLOBS} re-wrapped ({progress.phase})")
             worker = _worker(temporal_home, env)
-        result: Progress = await asyncio.wait_for(handle.result(), timeout=600)
+        result: Progress = await asyncio.wait_for(handle.result(), timeout=900)
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()

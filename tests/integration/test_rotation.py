@@ -243,3 +243,15 @@ async def test_cli_drives_a_rotation(
     assert (await handle.result()).phase == DONE
     code, _, err = await asyncio.to_thread(rekey, "rotate", "status", "vault:never-rotated")
     assert code == 2 and err.startswith("error: no rotation rotate:vault:never-rotated")
+    code, _, err = await asyncio.to_thread(rekey, "rotate", "start", setup.key_ref, "--batch-size", "10001")
+    assert code == 2 and "10001 is not in the range 1<=x<=10000" in err
+
+
+async def test_out_of_range_sizing_fails_the_workflow_before_anything_changes(setup: Setup) -> None:
+    from temporalio.client import WorkflowFailureError
+
+    handle = await setup.start(grace_seconds=0, batch_size=20_000)
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    assert "batch_size must be 1..10000" in str(failure.value.cause)
+    assert setup.adapter.describe().primary_version == 1  # nothing was rotated

@@ -133,6 +133,30 @@ def test_key_slot_splice_equals_a_full_rewrap() -> None:
         envelope.replace_key_slot(blob, slot, type(rewrapped)(b"", 2))
 
 
+def test_key_slot_from_a_head_read() -> None:
+    """A sweep reads only the first bytes of a blob: the slot is found (and the framing checked
+    against the full length) once the head reaches the body; a shorter head says so (None)."""
+    wrapper = LocalKeyWrapper("vault:orders")
+    blob = bytes(_seal(wrapper, b"y" * 5000))
+    whole = envelope.key_slot(blob)
+    body_at = whole.end + 12 + 4
+    for n in (body_at, body_at + 1, 2048, len(blob)):
+        assert envelope.key_slot_in_head(blob[:n], len(blob)) == whole
+    for n in (whole.start + 5, whole.end, body_at - 1):
+        assert envelope.key_slot_in_head(blob[:n], len(blob)) is None
+    with pytest.raises(TamperedBlob):  # the stored length disagrees with the body length field
+        envelope.key_slot_in_head(blob[:2048], len(blob) + 1)
+    with pytest.raises(TruncatedBlob):
+        envelope.key_slot_in_head(blob[:2048], len(blob) - 1)
+    with pytest.raises(UnsupportedFormat):
+        envelope.key_slot_in_head(b"XXXX" + blob[4:2048], len(blob))
+    wrapper.rotate()
+    rewrapped = wrapper.rewrap(whole.wrapped_dek)
+    prefix = envelope.slot_prefix(blob[:2048], whole, rewrapped)
+    assert prefix + blob[whole.end :] == envelope.replace_key_slot(blob, whole, rewrapped)
+    assert open_blob(prefix + blob[whole.end :], wrapper) == b"y" * 5000
+
+
 def test_key_slot_version_must_match_the_wrapped_dek() -> None:
     wrapper = LocalKeyWrapper("vault:orders")
     wrapper.rotate()

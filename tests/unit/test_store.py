@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, func, insert, inspect, select, text, updat
 from sqlalchemy.engine import Engine
 
 from sealing.store import (
+    MAX_PAGE,
     SCHEMA_VERSION,
     BlobRecord,
     DuplicateRecord,
@@ -22,6 +23,7 @@ from sealing.store import (
     RecordNotFound,
     SchemaTooNew,
     SealedStateStore,
+    SlotSplice,
     StaleRecord,
     StoreError,
     StoreUnavailable,
@@ -550,50 +552,65 @@ def test_in_memory_sqlite_opens() -> None:
         assert store.get(record.blob_id).blob == b"x"
 
 
-def test_swap_key_slots_applies_only_unchanged_rows(store_url: str) -> None:
-    """The batched compare-and-swap of a re-wrap sweep: a row written meanwhile is left alone."""
+def test_splice_key_slots_applies_only_unchanged_rows(store_url: str) -> None:
+    """The batched compare-and-swap of a re-wrap sweep: the new prefix replaces the bytes before
+    ``keep_from``, the stored tail stays; a row written meanwhile is left alone."""
     with SealedStateStore(store_url) as store:
-        a = store.insert(
-            namespace="ns", name="a", key_ref="vault:k", key_version=1, generation="g", blob=b"a1"
-        )
-        b = store.insert(
-            namespace="ns", name="b", key_ref="vault:k", key_version=1, generation="g", blob=b"b1"
-        )
+        a = add(store, "a", blob=b"HEAD-a|tail-a")
+        b = add(store, "b", blob=b"HEAD-b|tail-b")
         store.compare_and_swap(b.blob_id, 1, blob=b"b-by-workload", key_version=2)  # the workload wins b
-        applied = store.swap_key_slots(
-            [(a.blob_id, 1, b"a2", 2), (b.blob_id, 1, b"b2", 2), ("missing", 1, b"x", 2)]
+        applied = store.splice_key_slots(
+            [
+                SlotSplice(a.blob_id, 1, b"new-head-a", 6, 2),
+                SlotSplice(b.blob_id, 1, b"new-head-b", 6, 2),
+                SlotSplice("missing", 1, b"x", 0, 2),
+            ]
         )
         assert applied == [True, False, False]
-        assert (store.get(a.blob_id).blob, store.get(a.blob_id).row_version) == (b"a2", 2)
+        after = store.get(a.blob_id)
+        assert (after.blob, after.key_version, after.row_version) == (b"new-head-a|tail-a", 2, 2)
         assert store.get(b.blob_id).blob == b"b-by-workload"
-        assert store.swap_key_slots([]) == []
+        assert store.splice_key_slots([]) == []
+        with pytest.raises(ValueError):
+            store.splice_key_slots([SlotSplice(a.blob_id, 2, b"x", -1, 3)])
+        assert store.get(a.blob_id) == after  # a refused batch changes nothing
 
 
-def test_swap_key_slots_of_thousands_reports_each_row(store_url: str) -> None:
+def test_splice_keeps_every_byte_of_binary_tails(store_url: str) -> None:
+    """SQLite concatenates as text: NULs, invalid UTF-8 and every byte value survive the CAST."""
+    tail = bytes(range(256)) * 40 + b"\x00\xff\xfe\x00" + b"\xc3\x28" * 100
+    with SealedStateStore(store_url) as store:
+        record = add(store, "bin", blob=b"\x00old-head\x80" + tail)
+        assert store.splice_key_slots([SlotSplice(record.blob_id, 1, b"\x00\x01new\xff", 10, 5)]) == [True]
+        assert store.get(record.blob_id).blob == b"\x00\x01new\xff" + tail
+        rows = store.sweep_page(
+            key_ref="vault:orders", below_version=6, after=None, upto=None, limit=5, head_bytes=64
+        )
+        assert [(r.blob_id, r.row_version, r.head, r.length) for r in rows] == [
+            (record.blob_id, 2, (b"\x00\x01new\xff" + tail)[:64], 6 + len(tail))
+        ]
+
+
+def test_splice_key_slots_of_thousands_reports_each_row(store_url: str) -> None:
     """A sweep-sized batch with lost rows spread through it: each row is reported on its own."""
     count = 2507
     with SealedStateStore(store_url) as store:
-        records = [
-            store.insert(
-                namespace="ns", name=f"n{i}", key_ref="vault:k", key_version=1, generation="g", blob=b"old"
-            )
-            for i in range(count)
-        ]
-        lost = {records[3].blob_id, records[1001].blob_id, records[-1].blob_id}
+        ids = store.insert_many(
+            [NewBlob("ns", f"n{i}", "vault:k", 1, "g", b"old|" + i.to_bytes(4, "big")) for i in range(count)]
+        )
+        lost = {ids[3], ids[1001], ids[-1]}
         for blob_id in lost:
             store.compare_and_swap(blob_id, 1, blob=b"workload", key_version=2)
-        before = store.get(records[0].blob_id).updated_at
-        applied = store.swap_key_slots(
-            [(r.blob_id, 1, bytes([i % 256]) * 3, 2) for i, r in enumerate(records)]
-        )
-        assert applied == [r.blob_id not in lost for r in records]
-        for i, r in enumerate(records):
-            now = store.get(r.blob_id)
-            if r.blob_id in lost:
+        before = store.get(ids[0]).updated_at
+        applied = store.splice_key_slots([SlotSplice(blob_id, 1, b"NEW", 3, 2) for blob_id in ids])
+        assert applied == [blob_id not in lost for blob_id in ids]
+        for i, blob_id in enumerate(ids):
+            now = store.get(blob_id)
+            if blob_id in lost:
                 assert (now.blob, now.row_version) == (b"workload", 2)
             else:
-                assert (now.blob, now.key_version, now.row_version) == (bytes([i % 256]) * 3, 2, 2)
-        assert store.get(records[0].blob_id).updated_at >= before
+                assert (now.blob, now.key_version, now.row_version) == (b"NEW|" + i.to_bytes(4, "big"), 2, 2)
+        assert store.get(ids[0]).updated_at >= before
         assert store.count_by_key_version("vault:k") == {2: count}
 
 
@@ -618,3 +635,26 @@ def test_insert_many_is_all_or_nothing(store_url: str) -> None:
             store.insert_many([NewBlob("ns", "", "vault:k", 1, "g", b"x")])
         assert store.count_by_key_version("vault:k") == {1: 301}
         assert store.insert_many([]) == []
+
+
+def test_boundaries_split_a_key_into_ranges_of_at_most_size(store_url: str) -> None:
+    with SealedStateStore(store_url) as store:
+        ids = sorted(store.insert_many([NewBlob("ns", f"n{i}", "vault:k", 1, "g", b"x") for i in range(23)]))
+        store.insert_many([NewBlob("ns", f"o{i}", "vault:other", 1, "g", b"x") for i in range(5)])
+        moved = ids[7]
+        store.compare_and_swap(moved, 1, blob=b"y", key_version=2)  # already on the new version
+        below = [i for i in ids if i != moved]  # 22 blobs to plan
+        assert store.boundaries(key_ref="vault:k", below_version=2, size=5, count=10) == [
+            below[4],
+            below[9],
+            below[14],
+            below[19],
+            below[21],
+        ]
+        assert store.boundaries(key_ref="vault:k", below_version=2, size=5, count=2) == [below[4], below[9]]
+        assert store.boundaries(key_ref="vault:k", below_version=2, after=below[19], size=5) == [below[21]]
+        assert store.boundaries(key_ref="vault:k", below_version=2, after=below[21], size=5) == []
+        assert store.boundaries(key_ref="vault:k", below_version=3, size=100) == [ids[-1]]
+        assert store.boundaries(key_ref="vault:none", below_version=2) == []
+        with pytest.raises(ValueError):
+            store.boundaries(key_ref="vault:k", below_version=2, size=MAX_PAGE + 1)
