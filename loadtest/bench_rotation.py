@@ -25,8 +25,8 @@ baseline). The worker's peak memory is its ``VmHWM`` (peak resident set) from ``
 when the rotation is done, for a fresh worker per size; the memory goal compares the largest size
 with the smallest.
 
-    python -m loadtest.bench_rotation [--blobs 10000,100000] [--batch-size 2000]
-        [--in-flight 4] [--body 64] [--json] [--out FILE]
+    python -m loadtest.bench_rotation [--blobs 10000,100000] [--batch-size 10000]
+        [--in-flight 2] [--body 64] [--json] [--out FILE]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from activities.types import TASK_QUEUE
+from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
@@ -312,8 +312,15 @@ def main(argv: list[str] | None = None) -> None:
         default=[10_000, 100_000],
         help="comma-separated sizes (default 10000,100000)",
     )
-    parser.add_argument("--batch-size", type=int, default=2000, help="blobs per rewrap_batch activity")
-    parser.add_argument("--in-flight", type=int, default=4, help="batches in flight")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"blobs per rewrap_batch activity ({DEFAULT_BATCH})",
+    )
+    parser.add_argument(
+        "--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=f"batches in flight ({DEFAULT_IN_FLIGHT})"
+    )
     parser.add_argument("--body", type=int, default=64, help="plaintext bytes per blob (default 64)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--out", help="also write the results as JSON to this file")

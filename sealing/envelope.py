@@ -207,13 +207,17 @@ def _layout(view: memoryview | bytes, total: int | None = None) -> _Layout:
     have = len(view)
     total = have if total is None else total
     if have < len(MAGIC):
-        if bytes(view) == MAGIC[:have] and total == have:
+        if bytes(view) != MAGIC[:have]:
+            raise UnsupportedFormat("not a rekey sealed blob (bad magic)")
+        if total == have:
             raise TruncatedBlob(f"sealed blob is truncated: {have} bytes")
-        raise UnsupportedFormat("not a rekey sealed blob (bad magic)")
+        raise _ShortHead
     if view[:4] != MAGIC:
         raise UnsupportedFormat("not a rekey sealed blob (bad magic)")
     if total < _PREFIX.size:
         raise TruncatedBlob(f"sealed blob is truncated: {total} bytes")
+    if have < _PREFIX.size:
+        raise _ShortHead
     _, version, flags, header_len = _PREFIX.unpack_from(view)
     if version != FORMAT_VERSION:
         raise UnsupportedFormat(f"sealed blob format version {version} is not supported (this build reads 1)")
@@ -277,6 +281,20 @@ def key_slot_in_head(head: bytes, length: int) -> KeySlot | None:
     """The key slot from the first bytes of a blob of ``length`` bytes (a sweep reads only
     those); None if ``head`` ends before the slot does (read the whole blob then). The
     framing is checked against ``length``, so bad blobs raise as with ``key_slot``."""
+    have = len(head)
+    # Fast path, taken by every well-formed blob: the same checks as _layout, inline (a sweep
+    # runs this once per blob). Anything it does not accept goes to _layout for the verdict.
+    if have >= _PREFIX.size and head[:4] == MAGIC:
+        _, version, flags, header_len = _PREFIX.unpack_from(head)
+        slot = _PREFIX.size + header_len
+        if version == FORMAT_VERSION and flags == 0 and slot + _SLOT.size <= have:
+            key_version, wrapped_len = _SLOT.unpack_from(head, slot)
+            nonce_at = slot + _SLOT.size + wrapped_len
+            body_at = nonce_at + NONCE_BYTES + _BODY_LEN.size
+            if body_at <= have:
+                (body_len,) = _BODY_LEN.unpack_from(head, body_at - _BODY_LEN.size)
+                if body_at + body_len == length and body_len >= TAG_BYTES and wrapped_len and key_version:
+                    return KeySlot(key_version, head[slot + _SLOT.size : nonce_at], slot, nonce_at)
     try:
         layout = _layout(head, length)
     except _ShortHead:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -270,3 +271,29 @@ def test_tee_policy_carries_a_key_request(wrapper: LocalKeyWrapper) -> None:
         seal(b"x", wrapper, namespace="ns", name="n", generation="g", policy=SealingPolicy.TEE_MRENCLAVE)
     with pytest.raises(ValueError, match="key request"):
         seal(b"x", wrapper, namespace="ns", name="n", generation="g", key_request=b"\x01")
+
+
+def _verdict(fn: Any) -> object:
+    try:
+        return fn()
+    except SealedBlobError as exc:
+        return type(exc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_head_read_agrees_with_the_whole_blob_on_any_mutation(data: st.DataObject) -> None:
+    """key_slot_in_head's fast path accepts exactly what the full framing check accepts: for a
+    mutated blob and any head length, it gives the whole blob's slot or error, or None (the
+    head ends too early)."""
+    blob = bytearray(
+        seal(data.draw(st.binary(max_size=40)), _HYPO_WRAPPER, namespace="n", name="s", generation="g")
+    )
+    for _ in range(data.draw(st.integers(0, 3))):
+        offset = data.draw(st.integers(0, len(blob) - 1))
+        blob[offset] = data.draw(st.integers(0, 255))
+    blob = blob[: data.draw(st.integers(len(blob) - 4, len(blob)))]
+    whole = _verdict(lambda: envelope.key_slot(bytes(blob)))
+    head = data.draw(st.integers(0, len(blob)))
+    assert _verdict(lambda: envelope.key_slot_in_head(bytes(blob[:head]), len(blob))) in (whole, None)
+    assert _verdict(lambda: envelope.key_slot_in_head(bytes(blob), len(blob))) == whole
