@@ -30,6 +30,7 @@ lint: venv
 bench: venv
 	$(BIN)/python -m loadtest.bench_sealing
 	$(BIN)/python -m loadtest.bench_throttle
+	$(BIN)/python -m loadtest.bench_rotation
 
 soak: venv
 	$(BIN)/python -m pytest -m soak

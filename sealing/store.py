@@ -57,6 +57,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple
 
+import psycopg
 from sqlalchemy import (
     Column,
     DateTime,
@@ -544,6 +545,9 @@ def _reason(exc: sa_exc.SQLAlchemyError) -> str:
     return first[:200]
 
 
+_DRIVER_ERRORS: Final[tuple[type[Exception], ...]] = (sqlite3.Error, psycopg.Error)
+
+
 @contextmanager
 def _translated(display: str, what: str) -> Iterator[None]:
     """Map SQLAlchemy exceptions raised inside onto `StoreError` subclasses."""
@@ -559,6 +563,14 @@ def _translated(display: str, what: str) -> Iterator[None]:
         raise StoreError(f"{what} failed in {display}: {_reason(exc)}") from exc
     except sa_exc.SQLAlchemyError as exc:
         raise StoreError(f"{what} failed in {display}: {_reason(exc)}") from exc
+    except _DRIVER_ERRORS as exc:  # from the statements a sweep sends to the driver directly
+        lines = str(exc).strip().splitlines()
+        reason = (lines[0].strip() if lines else type(exc).__name__)[:200]
+        if type(exc).__name__ == "IntegrityError":
+            raise DuplicateRecord(f"{what} conflicts with an existing record") from exc
+        if type(exc).__name__ in ("OperationalError", "InterfaceError"):
+            raise StoreUnavailable(f"database {display} unavailable ({what}): {reason}") from exc
+        raise StoreError(f"{what} failed in {display}: {reason}") from exc
 
 
 # --------------------------------------------------------------------------- migrations
