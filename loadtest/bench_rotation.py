@@ -26,7 +26,7 @@ when the rotation is done, for a fresh worker per size; the memory goal compares
 with the smallest.
 
     python -m loadtest.bench_rotation [--blobs 10000,100000] [--batch-size 10000]
-        [--in-flight 2] [--body 64] [--json] [--out FILE]
+        [--in-flight 2] [--body 64] [--store sqlite|postgresql] [--json] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -45,7 +46,7 @@ import sysconfig
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -58,7 +59,7 @@ from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
-from loadtest.servers import OpenBao, openbao_dev
+from loadtest.servers import OpenBao, openbao_dev, postgres_embedded
 from rekey.codec import data_converter
 from sealing import envelope
 from sealing.keywrap import WrappedKey
@@ -198,10 +199,16 @@ async def _wait_for(handle: Any, phase: str, timeout: float) -> Progress:
 
 
 async def run_size(
-    bao: OpenBao, client: Client, temporal_address: str, home: Path, count: int, args: argparse.Namespace
+    bao: OpenBao,
+    client: Client,
+    temporal_address: str,
+    home: Path,
+    count: int,
+    args: argparse.Namespace,
+    new_database: Callable[[], str] | None,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"bench-rotation-{count}-", dir=home))
-    store_url = f"sqlite:///{work / 'state.db'}"
+    store_url = new_database() if new_database is not None else f"sqlite:///{work / 'state.db'}"
     store = SealedStateStore(store_url)
     name = f"bench-{count}-{secrets.token_hex(3)}"
     adapter = VaultTransitAdapter(
@@ -275,7 +282,9 @@ async def run_size(
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="rekey-bench-rotation-"))
     try:
-        with openbao_dev() as bao:
+        with contextlib.ExitStack() as stack:
+            bao = stack.enter_context(openbao_dev())
+            new_database = stack.enter_context(postgres_embedded()) if args.store == "postgresql" else None
             env = await WorkflowEnvironment.start_local(
                 dev_server_existing_path=str(Path(sysconfig.get_path("scripts")) / "temporal"),
                 data_converter=data_converter(home),
@@ -285,7 +294,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results = []
                 for count in args.blobs:
                     print(f"{count:,} blobs ...", file=sys.stderr)
-                    results.append(await run_size(bao, env.client, address, home, count, args))
+                    results.append(await run_size(bao, env.client, address, home, count, args, new_database))
             finally:
                 await env.shutdown()
     finally:
@@ -295,6 +304,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "batches_in_flight": args.in_flight,
         "body_bytes": args.body,
+        "store": args.store,
         "results": results,
         "memory_ratio_largest_to_smallest": round(
             large["worker_peak_rss_mib"] / small["worker_peak_rss_mib"], 3
@@ -322,6 +332,12 @@ def main(argv: list[str] | None = None) -> None:
         "--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=f"batches in flight ({DEFAULT_IN_FLIGHT})"
     )
     parser.add_argument("--body", type=int, default=64, help="plaintext bytes per blob (default 64)")
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="the sealed-state store: an SQLite file (default) or embedded PostgreSQL (durable settings)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -331,7 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"batch size {args.batch_size}, {args.in_flight} in flight, {args.body}-byte bodies")
+    print(
+        f"{args.store} store, batch size {args.batch_size}, {args.in_flight} in flight,"
+        f" {args.body}-byte bodies"
+    )
     print(
         f"{'blobs':>8} {'raw/s':>9} {'sweep/s':>9} {'ratio':>6}"
         f" {'rotation/s':>11} {'ratio':>6} {'peak MiB':>9}"

