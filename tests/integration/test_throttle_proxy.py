@@ -196,7 +196,10 @@ def test_standalone(moto_server: str) -> None:
 
 
 def test_governor_settles_under_the_proxy_limit(moto_server: str) -> None:
-    """End to end in real time: 16 threads, one governor, boto3 -> proxy (50/s) -> moto, for 3 s."""
+    """End to end in real time: 16 threads, one governor, boto3 -> proxy (50/s) -> moto, for 4 s.
+
+    The unpaced start (16 callers before the first throttle) costs a burst of throttles whose
+    size depends on scheduling; "settles" is judged on the steady state after the first second."""
     with ThrottleProxy(moto_server, rate=50, profile="aws") as p:
         client = kms(p.url)
         key_id = client.create_key()["KeyMetadata"]["KeyId"]
@@ -215,7 +218,7 @@ def test_governor_settles_under_the_proxy_limit(moto_server: str) -> None:
         done: list[int] = []
         failures: list[BaseException] = []
         start = time.monotonic()
-        stop_at = start + 3.0
+        stop_at = start + 4.0
 
         def worker() -> None:
             count = 0
@@ -231,6 +234,8 @@ def test_governor_settles_under_the_proxy_limit(moto_server: str) -> None:
         threads = [threading.Thread(target=worker) for _ in range(16)]
         for t in threads:
             t.start()
+        time.sleep(max(0.0, start + 1.0 - time.monotonic()))
+        warm_throttled, warm_forwarded = p.throttled, p.forwarded
         for t in threads:
             t.join(timeout=30)
         elapsed = time.monotonic() - start
@@ -239,4 +244,6 @@ def test_governor_settles_under_the_proxy_limit(moto_server: str) -> None:
     successes = sum(done)
     assert successes == p.forwarded
     assert successes / elapsed >= 0.75 * 50
-    assert p.throttled <= 0.1 * (p.throttled + p.forwarded)
+    steady_throttled = p.throttled - warm_throttled
+    steady_forwarded = p.forwarded - warm_forwarded
+    assert steady_throttled <= 0.1 * (steady_throttled + steady_forwarded)
