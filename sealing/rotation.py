@@ -14,6 +14,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from kms_adapters.contract import KmsAdapter, RewrapOutcome
@@ -27,6 +28,7 @@ MAX_FAILED_IDS = 20
 CAS_ATTEMPTS = 3
 CHUNK = 1960  # records per KMS round (four 490-item Transit batch requests)
 DEPTH = 2  # chunks at the KMS while the previous one is swapped
+KEEPALIVE_S = 10.0  # report progress at least this often while a chunk is at a slow KMS
 
 
 @dataclass
@@ -65,6 +67,7 @@ def rewrap_range(
     result: RangeResult | None = None,
     chunk: int = CHUNK,
     depth: int = DEPTH,
+    keepalive: float = KEEPALIVE_S,
 ) -> RangeResult:
     """Re-wrap every record of ``adapter.key_ref`` below ``below_version`` in ``(start, end]``
     (at most ``limit`` records).
@@ -74,7 +77,9 @@ def rewrap_range(
     ``depth`` chunks are at the KMS this thread reads the next chunk and swaps the key slots
     of the oldest one. Chunks are finished in order, so ``result.last_id`` (and each
     ``progress`` call) only ever covers blobs that are done: an interrupted attempt resumes
-    after it.
+    after it. While a chunk waits on a slow (throttled) KMS, ``progress`` is repeated every
+    ``keepalive`` seconds with unchanged counts, so a heartbeat timeout means a dead worker,
+    not a slow HSM.
 
     Retryable KMS errors propagate (the caller retries; finished blobs are already on the new
     version and are not selected again). ``result`` continues the counts of an interrupted
@@ -98,9 +103,9 @@ def rewrap_range(
                 cursor = rows[-1].blob_id
                 pending.append(_read(store, adapter, rows, kms))
                 while len(pending) > depth:
-                    _finish(store, adapter, pending.popleft(), below_version, result, progress)
+                    _finish(store, adapter, pending.popleft(), below_version, result, progress, keepalive)
             while pending:
-                _finish(store, adapter, pending.popleft(), below_version, result, progress)
+                _finish(store, adapter, pending.popleft(), below_version, result, progress, keepalive)
         finally:
             for waiting in pending:
                 waiting.rewrap.cancel()
@@ -136,8 +141,15 @@ def _finish(
     below_version: int,
     result: RangeResult,
     progress: Callable[[RangeResult], None] | None,
+    keepalive: float,
 ) -> None:
-    outcomes = done.rewrap.result()
+    while True:
+        try:
+            outcomes = done.rewrap.result(timeout=keepalive)
+            break
+        except FutureTimeout:
+            if progress is not None:
+                progress(result)
     splices: list[SlotSplice] = []
     for (row, slot), outcome in zip(done.items, outcomes, strict=True):
         if outcome.error is not None:

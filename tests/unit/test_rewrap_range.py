@@ -182,3 +182,32 @@ def test_a_header_longer_than_the_head_read_takes_the_whole_blob(tmp_path: Path)
     assert result.rewrapped == 1
     kms.key.disable_below(2)
     assert envelope.open_blob(store.get(record.blob_id).blob, kms.key) == b"long header"
+
+
+def test_a_slow_kms_keeps_the_heartbeat_going(
+    setup: tuple[SealedStateStore, FakeKms, dict[str, bytes]],
+) -> None:
+    """A throttled HSM can hold a chunk for longer than the heartbeat timeout: progress is
+    repeated meanwhile (same counts, same resume point), so the attempt is not declared dead."""
+    import time
+
+    store, kms, _plain = setup
+    kms.before_batch = lambda _n: time.sleep(0.3)
+    seen: list[tuple[str | None, int]] = []
+    result = rewrap_range(
+        store,
+        kms,  # type: ignore[arg-type]
+        below_version=2,
+        start=None,
+        end=None,
+        limit=1000,
+        chunk=25,
+        depth=1,
+        keepalive=0.05,
+        progress=lambda r: seen.append((r.last_id, r.rewrapped)),
+    )
+    assert result.rewrapped == BLOBS
+    assert len(seen) > 4  # two chunks finished, many keepalives while each one waited
+    assert seen[0] == (None, 0)  # a keepalive before anything finished claims nothing
+    assert [n for _, n in seen] == sorted(n for _, n in seen)  # never runs ahead or back
+    assert seen[-1] == (max(_plain), BLOBS)
