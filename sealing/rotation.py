@@ -52,6 +52,7 @@ class _Chunk:
     last_id: str
     items: list[tuple[SweepRow, envelope.KeySlot]]
     bad: list[str]  # unreadable blobs, counted when the chunk is finished
+    recheck: list[str]  # written by the workload between two reads: handled like a lost swap
     rewrap: Future[list[RewrapOutcome]]
 
 
@@ -117,11 +118,15 @@ def _read(
 ) -> _Chunk:
     items: list[tuple[SweepRow, envelope.KeySlot]] = []
     bad: list[str] = []
+    recheck: list[str] = []
     for row in rows:
         try:
             slot = envelope.key_slot_in_head(row.head, row.length)
             if slot is None:  # a header longer than the head read: take the whole blob
                 whole = store.get(row.blob_id)
+                if whole.row_version != row.row_version:
+                    recheck.append(row.blob_id)
+                    continue
                 row = SweepRow(row.blob_id, whole.row_version, whole.blob, len(whole.blob))
                 slot = envelope.key_slot(whole.blob)
         except RecordNotFound:
@@ -131,7 +136,7 @@ def _read(
             continue
         items.append((row, slot))
     wrapped = [slot.wrapped_dek for _, slot in items]
-    return _Chunk(rows[-1].blob_id, items, bad, kms.submit(adapter.rewrap_batch, wrapped))
+    return _Chunk(rows[-1].blob_id, items, bad, recheck, kms.submit(adapter.rewrap_batch, wrapped))
 
 
 def _finish(
@@ -168,6 +173,8 @@ def _finish(
             result.rewrapped += 1
         else:
             _retry_swap(store, adapter, splice.blob_id, below_version, result)
+    for blob_id in done.recheck:
+        _retry_swap(store, adapter, blob_id, below_version, result)
     for blob_id in done.bad:
         result.add_failure(blob_id)
     result.last_id = done.last_id

@@ -15,7 +15,7 @@ from kms_adapters.errors import Unavailable
 from sealing import envelope
 from sealing.keywrap import LocalKeyWrapper, WrappedKey
 from sealing.rotation import RangeResult, rewrap_range
-from sealing.store import NewBlob, SealedStateStore
+from sealing.store import BlobRecord, NewBlob, SealedStateStore
 
 BLOBS = 50
 
@@ -211,3 +211,29 @@ def test_a_slow_kms_keeps_the_heartbeat_going(
     assert seen[0] == (None, 0)  # a keepalive before anything finished claims nothing
     assert [n for _, n in seen] == sorted(n for _, n in seen)  # never runs ahead or back
     assert seen[-1] == (max(_plain), BLOBS)
+
+
+def test_a_long_header_blob_rewritten_between_reads_is_left_to_the_workload(tmp_path: Path) -> None:
+    """The whole-blob read of a long-header blob finds a newer row version (the workload sealed
+    it again under the new key): it is a conflict, not re-wrapped over the workload's write."""
+    kms = FakeKms()
+    names = {"namespace": "x" * 1024, "name": "n" * 1024, "generation": "g" * 1024}
+
+    class RacingStore(SealedStateStore):
+        raced = False
+
+        def get(self, blob_id: str) -> BlobRecord:
+            if not self.raced:
+                self.raced = True
+                record = super().get(blob_id)
+                fresh = bytes(envelope.seal(b"rewritten", kms.key, **names))
+                self.compare_and_swap(blob_id, record.row_version, blob=fresh, key_version=2)
+            return super().get(blob_id)
+
+    store = RacingStore(f"sqlite:///{tmp_path / 'state.db'}")
+    blob = bytes(envelope.seal(b"original", kms.key, **names))
+    record = store.insert(key_ref=kms.key_ref, key_version=1, blob=blob, **names)
+    kms.key.rotate()
+    result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=10)  # type: ignore[arg-type]
+    assert (result.rewrapped, result.conflicts, result.failed) == (0, 1, 0)
+    assert envelope.open_blob(store.get(record.blob_id).blob, kms.key) == b"rewritten"
