@@ -22,11 +22,12 @@ Temporal dev server:
 
 Ratios are workflow rate / raw rate, raw being the better of the two raw runs (the harder
 baseline). The worker's peak memory is its ``VmHWM`` (peak resident set) from ``/proc``, read
-when the rotation is done, for a fresh worker per size; the memory goal compares the largest size
+when the rotation is done, for a fresh worker per size (with ``--workers N``, N worker
+processes share the task queue; the largest peak is reported and CPU is summed); the memory goal compares the largest size
 with the smallest.
 
     python -m loadtest.bench_rotation [--blobs 10000,100000] [--batch-size 10000]
-        [--in-flight 2] [--body 64] [--store sqlite|postgresql] [--json] [--out FILE]
+        [--in-flight 2] [--body 64] [--store sqlite|postgresql] [--workers 1] [--json] [--out FILE]
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 @contextmanager
-def worker_process(home: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    log = (home / "worker.log").open("wb")
+def worker_process(home: Path, env: dict[str, str], number: int = 0) -> Iterator[subprocess.Popen[bytes]]:
+    log = (home / f"worker-{number}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rekey.cli", "--home", str(home), "worker"],
         env=os.environ | env,
@@ -231,8 +232,9 @@ async def run_size(
         "REKEY_STORE_URL": store_url,
     }
     shutil.copytree(home / "codec", work / "codec", dirs_exist_ok=True)
-    with worker_process(work, env) as worker:
-        await asyncio.sleep(1.0)  # let the worker connect and poll
+    with contextlib.ExitStack() as workers_stack:
+        workers = [workers_stack.enter_context(worker_process(work, env, n)) for n in range(args.workers)]
+        await asyncio.sleep(1.0)  # let the workers connect and poll
         handle = await client.start_workflow(
             RotateKeyWorkflow.run,
             RotateKeyInput(
@@ -245,13 +247,13 @@ async def run_size(
             task_queue=TASK_QUEUE,
             execution_timeout=timedelta(minutes=30),
         )
-        cpu_before = _cpu_seconds(worker.pid)
+        cpu_before = sum(_cpu_seconds(w.pid) for w in workers)
         committed = await _wait_for(handle, AWAITING_COMMIT, timeout=1200)
-        worker_cpu = _cpu_seconds(worker.pid) - cpu_before
+        worker_cpu = sum(_cpu_seconds(w.pid) for w in workers) - cpu_before
         raw_after = raw_rewrap(bao, name, ciphertexts)
         await handle.signal(RotateKeyWorkflow.approve)
         final: Progress = await handle.result()
-        peak = _peak_rss_mib(worker.pid)
+        peak = max(_peak_rss_mib(w.pid) for w in workers)
     if final.phase != DONE or store.count_by_key_version(adapter.key_ref) != {final.new_version: count}:
         raise RuntimeError(f"rotation of {count} blobs did not leave every blob on the new version")
     state = SealedState(store, lambda _ref: adapter)
@@ -305,6 +307,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "batches_in_flight": args.in_flight,
         "body_bytes": args.body,
         "store": args.store,
+        "workers": args.workers,
         "results": results,
         "memory_ratio_largest_to_smallest": round(
             large["worker_peak_rss_mib"] / small["worker_peak_rss_mib"], 3
@@ -332,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         "--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=f"batches in flight ({DEFAULT_IN_FLIGHT})"
     )
     parser.add_argument("--body", type=int, default=64, help="plaintext bytes per blob (default 64)")
+    parser.add_argument("--workers", type=int, default=1, help="rekey worker processes (default 1)")
     parser.add_argument(
         "--store",
         choices=["sqlite", "postgresql"],
