@@ -23,8 +23,8 @@ Temporal dev server:
 Ratios are workflow rate / raw rate, raw being the better of the two raw runs (the harder
 baseline). The worker's peak memory is its ``VmHWM`` (peak resident set) from ``/proc``, read
 when the rotation is done, for a fresh worker per size (with ``--workers N``, N worker
-processes share the task queue; the largest peak is reported and CPU is summed); the memory goal compares the largest size
-with the smallest.
+processes share the task queue; the largest peak is reported and CPU is summed); the memory
+goal compares the largest size with the smallest.
 
     python -m loadtest.bench_rotation [--blobs 10000,100000] [--batch-size 10000]
         [--in-flight 2] [--body 64] [--store sqlite|postgresql] [--workers 1] [--json] [--out FILE]
