@@ -689,6 +689,15 @@ def _splice_rows(conn: Connection, rows: Sequence[SlotSplice], now: datetime) ->
     if dialect.name == "sqlite":
         cursor = driver.cursor()
         try:
+            # Usually every swap applies: one executemany, whose rowcount is the total.
+            # Otherwise undo it and go row by row to learn which ones lost.
+            cursor.execute("SAVEPOINT rekey_splice")
+            cursor.executemany(sql, params)
+            if cursor.rowcount == len(params):
+                cursor.execute("RELEASE rekey_splice")
+                return {values[4] for values in params}
+            cursor.execute("ROLLBACK TO rekey_splice")
+            cursor.execute("RELEASE rekey_splice")
             for values in params:
                 cursor.execute(sql, values)
                 if cursor.rowcount == 1:
@@ -717,6 +726,29 @@ def _require_int(name: str, value: object, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _checked_splice(u: SlotSplice) -> SlotSplice:
+    blob_id, expected, prefix, keep_from, key_version = u
+    if (  # the common case, cheaply (a sweep checks thousands per batch)
+        type(blob_id) is str
+        and blob_id
+        and type(expected) is int
+        and expected >= 1
+        and type(prefix) is bytes
+        and type(keep_from) is int
+        and keep_from >= 0
+        and type(key_version) is int
+        and key_version >= 0
+    ):
+        return u
+    return SlotSplice(
+        _require_str("blob_id", blob_id),
+        _require_int("expected_row_version", expected, 1),
+        _require_bytes(prefix),
+        _require_int("keep_from", keep_from, 0),
+        _require_int("key_version", key_version, 0),
+    )
 
 
 def _require_bytes(value: object) -> bytes:
@@ -940,16 +972,7 @@ class SealedStateStore:
 
         A re-wrap sweep uses this: one commit per batch instead of one per blob, and the body
         stays in the database."""
-        checked = [
-            SlotSplice(
-                _require_str("blob_id", u.blob_id),
-                _require_int("expected_row_version", u.expected_row_version, 1),
-                _require_bytes(u.prefix),
-                _require_int("keep_from", u.keep_from, 0),
-                _require_int("key_version", u.key_version, 0),
-            )
-            for u in updates
-        ]
+        checked = [_checked_splice(u) for u in updates]
         if not checked:
             return []
         with self._tx(f"update of {len(checked)} blobs", write=True) as conn:

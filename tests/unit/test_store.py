@@ -576,6 +576,29 @@ def test_splice_key_slots_applies_only_unchanged_rows(store_url: str) -> None:
         assert store.get(a.blob_id) == after  # a refused batch changes nothing
 
 
+@pytest.mark.parametrize(
+    ("splice", "error"),
+    [
+        (SlotSplice("", 1, b"x", 0, 2), ValueError),
+        (SlotSplice("id", True, b"x", 0, 2), ValueError),  # type: ignore[arg-type]
+        (SlotSplice("id", 0, b"x", 0, 2), ValueError),
+        (SlotSplice("id", 1, "text", 0, 2), TypeError),  # type: ignore[arg-type]
+        (SlotSplice("id", 1, b"x", 1.5, 2), ValueError),  # type: ignore[arg-type]
+        (SlotSplice("id", 1, b"x", 0, -1), ValueError),
+    ],
+)
+def test_splice_key_slots_refuses_bad_updates_whole(store_url: str, splice: SlotSplice, error: type) -> None:
+    """One bad update refuses the whole batch before anything is written."""
+    with SealedStateStore(store_url) as store:
+        a = add(store, "a", blob=b"HEAD-a|tail-a")
+        with pytest.raises(error):
+            store.splice_key_slots([SlotSplice(a.blob_id, 1, b"new-head-a", 6, 2), splice])
+        assert store.get(a.blob_id) == a
+        # a bytes-like prefix is taken as bytes
+        assert store.splice_key_slots([SlotSplice(a.blob_id, 1, bytearray(b"NEW"), 6, 2)]) == [True]  # type: ignore[arg-type]
+        assert store.get(a.blob_id).blob == b"NEW|tail-a"
+
+
 def test_splice_keeps_every_byte_of_binary_tails(store_url: str) -> None:
     """SQLite concatenates as text: NULs, invalid UTF-8 and every byte value survive the CAST."""
     tail = bytes(range(256)) * 40 + b"\x00\xff\xfe\x00" + b"\xc3\x28" * 100
