@@ -20,6 +20,13 @@ Temporal dev server:
    enabled until the commit), then ``approve``; the run checks that every blob is on the new
    version and that a sample unseals.
 
+5. Where the time goes: each stage of the sweep alone, in the benchmark's process: the KMS
+   stage (the adapter's batch rewrap over every wrapped DEK, in the sweep's chunks, as many at
+   once as the sweep has in flight) and the store stage (the sweep with a no-op KMS); the CPU
+   seconds per blob of OpenBao (raw loop, rotation) and of the worker (rotation), from
+   ``/proc``; and the CPU ceiling: cores / (worker + OpenBao CPU per blob), the fastest any
+   sweep doing that work could go on this machine.
+
 Ratios are workflow rate / raw rate, raw being the better of the two raw runs (the harder
 baseline). The worker's peak memory is its ``VmHWM`` (peak resident set) from ``/proc``, read
 when the rotation is done, for a fresh worker per size (with ``--workers N``, N worker
@@ -47,7 +54,8 @@ import sysconfig
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -57,13 +65,16 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
+from kms_adapters.contract import RewrapOutcome
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
 from loadtest.servers import OpenBao, openbao_dev, postgres_embedded
 from rekey.codec import data_converter
+from rekey.worker import tune_gc
 from sealing import envelope
 from sealing.keywrap import WrappedKey
+from sealing.rotation import CHUNK, DEPTH, RangeResult, rewrap_range
 from sealing.state import SealedState
 from sealing.store import NewBlob, SealedStateStore
 from workflows.rotation import (
@@ -160,6 +171,72 @@ def _peak_rss_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc status")
 
 
+class _LocalRewrap:
+    """Stands in for the KMS when the sweep's store work is timed alone: "re-wraps" by giving
+    each ciphertext a new version prefix, at no cost. The blobs it leaves no longer unseal;
+    it runs last, on a store that is thrown away."""
+
+    def __init__(self, key_ref: str, version: int) -> None:
+        self.key_ref = key_ref
+        self.version = version
+        self._prefix = f"vault:v{version}:".encode()
+
+    def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
+        return [
+            RewrapOutcome(i, wrapped=WrappedKey(self._prefix + w.split(b":", 2)[2], self.version))
+            for i, w in enumerate(wrapped)
+        ]
+
+    def rewrap(self, wrapped: bytes) -> WrappedKey:
+        outcome = self.rewrap_batch([wrapped])[0]
+        assert outcome.wrapped is not None
+        return outcome.wrapped
+
+
+def kms_stage(bao: OpenBao, adapter: VaultTransitAdapter, ciphertexts: list[bytes]) -> dict[str, float]:
+    """The sweep's KMS stage alone, in this process: the adapter's batch rewrap over every
+    ciphertext, in the sweep's chunks, with the sweep's number of chunks at the KMS at once."""
+    chunks = [ciphertexts[at : at + CHUNK] for at in range(0, len(ciphertexts), CHUNK)]
+    bao_cpu, cpu, started = _cpu_seconds(bao.pid), time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(DEPTH) as pool:
+        outcomes = [o for chunk in pool.map(adapter.rewrap_batch, chunks) for o in chunk]
+    elapsed = time.perf_counter() - started
+    if len(outcomes) != len(ciphertexts) or any(o.wrapped is None for o in outcomes):
+        raise RuntimeError("KMS stage: the adapter's batch rewrap failed items")
+    return {
+        "seconds": elapsed,
+        "client_cpu_us": (time.process_time() - cpu) / len(ciphertexts) * 1e6,
+        "bao_cpu_us": (_cpu_seconds(bao.pid) - bao_cpu) / len(ciphertexts) * 1e6,
+    }
+
+
+def store_stage(
+    store: SealedStateStore, key_ref: str, version: int, count: int, batch: int
+) -> dict[str, float]:
+    """The sweep's store work alone, in this process: ``rewrap_range`` over every blob, batch
+    by batch as the workflow plans them, with `_LocalRewrap` in place of the KMS."""
+    local = _LocalRewrap(key_ref, version + 1)
+    result, cursor = RangeResult(), None
+    cpu, started = time.process_time(), time.perf_counter()
+    while bounds := store.boundaries(
+        key_ref=key_ref, below_version=version + 1, after=cursor, size=batch, count=1
+    ):
+        rewrap_range(
+            store,
+            local,  # type: ignore[arg-type]
+            below_version=version + 1,
+            start=cursor,
+            end=bounds[0],
+            limit=batch,
+            result=result,
+        )
+        cursor = bounds[0]
+    elapsed = time.perf_counter() - started
+    if result.rewrapped != count:
+        raise RuntimeError(f"store stage: {result.rewrapped} of {count} blobs swapped")
+    return {"seconds": elapsed, "cpu_us": (time.process_time() - cpu) / count * 1e6}
+
+
 @contextmanager
 def worker_process(home: Path, env: dict[str, str], number: int = 0) -> Iterator[subprocess.Popen[bytes]]:
     log = (home / f"worker-{number}.log").open("wb")
@@ -223,7 +300,9 @@ async def run_size(
 
     ciphertexts = wrapped_deks(store, adapter.key_ref)
     adapter.rotate()
+    bao_cpu = _cpu_seconds(bao.pid)
     raw_before = raw_rewrap(bao, name, ciphertexts)
+    raw_bao_cpu = _cpu_seconds(bao.pid) - bao_cpu
 
     env = {
         "REKEY_TEMPORAL_ADDRESS": temporal_address,
@@ -247,9 +326,10 @@ async def run_size(
             task_queue=TASK_QUEUE,
             execution_timeout=timedelta(minutes=30),
         )
-        cpu_before = sum(_cpu_seconds(w.pid) for w in workers)
+        cpu_before, bao_cpu = sum(_cpu_seconds(w.pid) for w in workers), _cpu_seconds(bao.pid)
         committed = await _wait_for(handle, AWAITING_COMMIT, timeout=1200)
         worker_cpu = sum(_cpu_seconds(w.pid) for w in workers) - cpu_before
+        workflow_bao_cpu = _cpu_seconds(bao.pid) - bao_cpu
         raw_after = raw_rewrap(bao, name, ciphertexts)
         await handle.signal(RotateKeyWorkflow.approve)
         final: Progress = await handle.result()
@@ -259,10 +339,19 @@ async def run_size(
     state = SealedState(store, lambda _ref: adapter)
     for i in random.sample(range(count), 20):
         state.get(namespace="bench", name=f"item-{i:07d}")  # unseals: raises if not
+    # Each stage of the sweep alone (last: the store stage leaves blobs that do not unseal),
+    # with the garbage collector set up as in the worker.
+    tune_gc()
+    kms = kms_stage(bao, adapter, [c.encode() for c in wrapped_deks(store, adapter.key_ref)])
+    local = store_stage(store, adapter.key_ref, final.new_version, count, args.batch_size)
     store.close()
     sweep = _seconds(committed, REWRAPPING, VERIFYING)
     rotation = _seconds(committed, PREPARING, AWAITING_COMMIT)
     raw = min(raw_before, raw_after)
+    # CPU per blob during the rotation (worker + OpenBao; the Temporal server's is left out):
+    # on this machine's cores no sweep with that much work per blob can go faster than this.
+    cpu_us = (worker_cpu + workflow_bao_cpu) / count * 1e6
+    ceiling = (os.cpu_count() or 1) * 1e6 / cpu_us
     result = {
         "blobs": count,
         "raw_rewraps_per_s": round(count / raw, 1),
@@ -275,6 +364,22 @@ async def run_size(
         "rotation_ratio": round(raw / rotation, 3),
         "worker_peak_rss_mib": round(peak, 1),
         "worker_cpu_s": round(worker_cpu, 2),
+        "cpu_us_per_blob": {
+            "raw_openbao": round(raw_bao_cpu / count * 1e6, 1),
+            "rotation_worker": round(worker_cpu / count * 1e6, 1),
+            "rotation_openbao": round(workflow_bao_cpu / count * 1e6, 1),
+        },
+        "cpu_ceiling_per_s": round(ceiling, 1),
+        "cpu_ceiling_ratio": round(ceiling * raw / count, 3),
+        "stages": {
+            "kms_per_s": round(count / kms["seconds"], 1),
+            "kms_ratio": round(raw / kms["seconds"], 3),
+            "kms_client_cpu_us": round(kms["client_cpu_us"], 1),
+            "kms_openbao_cpu_us": round(kms["bao_cpu_us"], 1),
+            "store_per_s": round(count / local["seconds"], 1),
+            "store_ratio": round(raw / local["seconds"], 3),
+            "store_cpu_us": round(local["cpu_us"], 1),
+        },
         "seed_s": round(seeded, 1),
     }
     shutil.rmtree(work, ignore_errors=True)
@@ -308,6 +413,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "body_bytes": args.body,
         "store": args.store,
         "workers": args.workers,
+        "cores": os.cpu_count(),
         "results": results,
         "memory_ratio_largest_to_smallest": round(
             large["worker_peak_rss_mib"] / small["worker_peak_rss_mib"], 3
@@ -368,6 +474,24 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"worker peak memory, largest / smallest size: {report['memory_ratio_largest_to_smallest']:.3f}"
         " (goal <= 1.2); ratio = workflow rate / raw hvac batch-rewrap rate, same run (goal >= 0.8)"
+    )
+    print()
+    print(f"where the time goes (CPU us per blob; {report['cores']} cores)")
+    print(
+        f"{'blobs':>8} {'KMS alone':>10} {'ratio':>6} {'store alone':>12} {'ratio':>6}"
+        f" {'OpenBao raw':>12} {'OpenBao rot':>12} {'worker rot':>11} {'CPU ceiling':>12} {'ratio':>6}"
+    )
+    for r in report["results"]:
+        st, cpu = r["stages"], r["cpu_us_per_blob"]
+        print(
+            f"{r['blobs']:>8,} {st['kms_per_s']:>10,.0f} {st['kms_ratio']:>6.3f}"
+            f" {st['store_per_s']:>12,.0f} {st['store_ratio']:>6.3f}"
+            f" {cpu['raw_openbao']:>12.1f} {cpu['rotation_openbao']:>12.1f} {cpu['rotation_worker']:>11.1f}"
+            f" {r['cpu_ceiling_per_s']:>12,.0f} {r['cpu_ceiling_ratio']:>6.3f}"
+        )
+    print(
+        "KMS alone: the adapter's batch rewrap in the sweep's chunks; store alone: the sweep with"
+        " a no-op KMS; CPU ceiling: cores / (worker + OpenBao CPU per blob during the rotation)"
     )
 
 

@@ -63,6 +63,7 @@ def _process(args: list[str], port: int, log_name: str) -> Iterator[subprocess.P
 class OpenBao:
     addr: str
     token: str
+    pid: int = 0  # the server process (benchmarks read its CPU time)
 
     def client(self) -> hvac.Client:
         return hvac.Client(url=self.addr, token=self.token, timeout=30)
@@ -80,8 +81,8 @@ def openbao_dev() -> Iterator[OpenBao]:
         f"-dev-listen-address=127.0.0.1:{port}",
         "-dev-no-store-token",
     ]
-    with _process(args, port, "bao.log"):
-        server = OpenBao(f"http://127.0.0.1:{port}", token)
+    with _process(args, port, "bao.log") as proc:
+        server = OpenBao(f"http://127.0.0.1:{port}", token, proc.pid)
         client = server.client()
         deadline = time.monotonic() + 30
         while not (client.sys.is_initialized() and not client.sys.is_sealed()):
