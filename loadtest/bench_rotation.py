@@ -22,7 +22,7 @@ Temporal dev server:
 
 5. Where the time goes: each stage of the sweep alone, in the benchmark's process: the KMS
    stage (the adapter's batch rewrap over every wrapped DEK, in the sweep's chunks, as many at
-   once as the sweep has in flight) and the store stage (the sweep with a no-op KMS); the CPU
+   once as one batch of the sweep keeps at the KMS) and the store stage (the sweep with a no-op KMS); the CPU
    seconds per blob of OpenBao (raw loop, rotation) and of the worker (rotation), from
    ``/proc``; and the CPU ceiling: cores / (worker + OpenBao CPU per blob), the fastest any
    sweep doing that work could go on this machine.
@@ -195,7 +195,7 @@ class _LocalRewrap:
 
 def kms_stage(bao: OpenBao, adapter: VaultTransitAdapter, ciphertexts: list[bytes]) -> dict[str, float]:
     """The sweep's KMS stage alone, in this process: the adapter's batch rewrap over every
-    ciphertext, in the sweep's chunks, with the sweep's number of chunks at the KMS at once."""
+    ciphertext, in the sweep's chunks, as many at once as one batch of the sweep keeps at the KMS."""
     chunks = [ciphertexts[at : at + CHUNK] for at in range(0, len(ciphertexts), CHUNK)]
     bao_cpu, cpu, started = _cpu_seconds(bao.pid), time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(DEPTH) as pool:
