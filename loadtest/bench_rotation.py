@@ -25,7 +25,8 @@ Temporal dev server:
    once as one batch of the sweep keeps at the KMS) and the store stage (the sweep with a no-op KMS); the CPU
    seconds per blob of OpenBao (raw loop, rotation) and of the worker (rotation), from
    ``/proc``; and the CPU ceiling: cores / (worker + OpenBao CPU per blob), the fastest any
-   sweep doing that work could go on this machine.
+   sweep doing that work could go on this machine (the Temporal server's and PostgreSQL's
+   own CPU are not counted, so with ``--store postgresql`` the ceiling is optimistic).
 
 Ratios are workflow rate / raw rate, raw being the better of the two raw runs (the harder
 baseline). The worker's peak memory is its ``VmHWM`` (peak resident set) from ``/proc``, read
