@@ -1,4 +1,4 @@
-"""Verifier for ``sim`` evidence (the simulated TEE of ``sealing.sim_tee``).
+"""Verifier for ``sim`` evidence (the simulated TEE of ``sealing.tee.sim``).
 
 The format is specified byte by byte in docs/sim-evidence-format.md. This module does not
 import the simulator: like a real verifier, it knows the format and trusts one root CA.

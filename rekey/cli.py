@@ -533,7 +533,7 @@ def agent_serve(manifest_path: Path, platform: str, host_dir: Path | None, port:
     from attestation.sim import SimVerifier
     from rekey.agent_server import make_server
     from sealing.agent import EnclaveAgent
-    from sealing.sim_tee import EnclaveIdentity, SimHost
+    from sealing.tee.sim import EnclaveIdentity, SimHost
 
     manifest = load_manifest(manifest_path)
     if manifest.platform != platform:
@@ -617,7 +617,7 @@ def attest_verify(
     from attestation.token import ResultSigner, verify_result
     from attestation.verifier import Verifier
     from sealing.handoff import report_data_for
-    from sealing.sim_tee import SimHost
+    from sealing.tee.sim import SimHost
 
     try:
         at = datetime.fromisoformat(at_text) if at_text else datetime.now(UTC)

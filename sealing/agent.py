@@ -40,7 +40,7 @@ from sealing.handoff import (
     report_data_for,
     seal_to,
 )
-from sealing.sim_tee import SimEnclave
+from sealing.tee.sim import SimEnclave
 
 SealPolicyName = Literal["mrenclave", "mrsigner"]
 _POLICY_NAMES: dict[SealingPolicy, SealPolicyName] = {

@@ -13,7 +13,7 @@ import yaml
 
 from attestation.token import ResultSigner, verify_result
 from sealing.handoff import report_data_for
-from sealing.sim_tee import EnclaveIdentity, SimHost
+from sealing.tee.sim import EnclaveIdentity, SimHost
 from tests.fixtures.cli import run_cli
 
 SIGNER = bytes.fromhex("83" * 32)

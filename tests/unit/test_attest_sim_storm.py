@@ -12,7 +12,7 @@ from attestation.sim import SimVerifier
 from attestation.token import ResultSigner, verify_result
 from attestation.verifier import Verifier
 from sealing.handoff import report_data_for
-from sealing.sim_tee import EnclaveIdentity, SimHost
+from sealing.tee.sim import EnclaveIdentity, SimHost
 
 SIGNER = bytes.fromhex("83" * 32)
 

@@ -21,8 +21,8 @@ from attestation.errors import (
 )
 from attestation.platform import PlatformVerifier
 from attestation.sim import SimVerifier
-from sealing import sim_tee
-from sealing.sim_tee import EnclaveIdentity, SimHost
+from sealing.tee import sim as sim_tee
+from sealing.tee.sim import EnclaveIdentity, SimHost
 
 IDENTITY = EnclaveIdentity(
     measurement=bytes.fromhex("5f" * 32), signer=bytes.fromhex("83" * 32), product_id=1, svn=3

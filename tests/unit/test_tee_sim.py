@@ -17,12 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sealing import envelope, sim_tee
+from sealing import envelope
 from sealing.envelope import SealingPolicy
 from sealing.errors import SealedBlobError, SealingError, TamperedBlob, UnsupportedFormat
 from sealing.generation import parse_manifest
 from sealing.keywrap import LocalKeyWrapper, WrappedKey
-from sealing.sim_tee import (
+from sealing.tee import sim as sim_tee
+from sealing.tee.sim import (
     DEFAULT_CPU_SVN,
     EnclaveIdentity,
     KeyRequest,
