@@ -1,0 +1,1 @@
+"""The signed, hash-chained audit log of key operations (format, append, verify, keys)."""
