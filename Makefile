@@ -29,6 +29,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python -m loadtest.bench_sealing
+	$(BIN)/python -m loadtest.bench_attestation
 	$(BIN)/python -m loadtest.bench_throttle
 	$(BIN)/python -m loadtest.bench_rotation
 
