@@ -209,6 +209,23 @@ class RotateKeyWorkflow:
 
     @workflow.run
     async def run(self, request: RotateKeyInput) -> Progress:
+        """Run each phase in turn, from the one a continued-as-new run carried over; a phase
+        method returns False when an abort stopped it."""
+        await self._start(request)
+        s = self._state
+        if s.phase == PREPARING and not await self._prepare(request):
+            return await self._aborted()
+        if s.phase in (REWRAPPING, VERIFYING) and not await self._rewrap_and_verify(request):
+            return await self._aborted()
+        if s.phase == AWAITING_COMMIT and not await self._await_commit(request):
+            return await self._aborted()
+        if s.phase == RETIRING:
+            await self._retire(request)
+        return self.progress()
+
+    async def _start(self, request: RotateKeyInput) -> None:
+        """Refuse out-of-range sizing before any activity; take over a carried-over state, or
+        record the start of a new rotation."""
         self._input = request
         if not (1 <= request.batch_size <= MAX_BATCH and 1 <= request.batches_in_flight <= MAX_IN_FLIGHT):
             raise ApplicationError(
@@ -231,92 +248,40 @@ class RotateKeyWorkflow:
                 },
             )
 
-        if s.phase == PREPARING:
-            if await self._checkpoint():
-                return await self._aborted()
-            key = await self._activity("describe_key", KeyRefInput(request.key_ref), KeyState)
-            assert isinstance(key, KeyState)
-            s.old_primary = key.primary_version
-            s.new_version = key.primary_version + 1
-            await self._activity("rotate_key", RotateToInput(request.key_ref, s.new_version), KeyState)
-            await self._audit("key.version.created", {"version": s.new_version, "previous": s.old_primary})
-            total = await self._activity("count_below", CountInput(request.key_ref, s.new_version), int)
-            s.total = int(total)
-            await self._phase(REWRAPPING)
+    async def _prepare(self, request: RotateKeyInput) -> bool:
+        """PREPARING: rotate the key to the next version and count what has to be re-wrapped."""
+        s = self._state
+        if await self._checkpoint():
+            return False
+        key = await self._activity("describe_key", KeyRefInput(request.key_ref), KeyState)
+        assert isinstance(key, KeyState)
+        s.old_primary = key.primary_version
+        s.new_version = key.primary_version + 1
+        await self._activity("rotate_key", RotateToInput(request.key_ref, s.new_version), KeyState)
+        await self._audit("key.version.created", {"version": s.new_version, "previous": s.old_primary})
+        total = await self._activity("count_below", CountInput(request.key_ref, s.new_version), int)
+        s.total = int(total)
+        await self._phase(REWRAPPING)
+        return True
 
+    async def _rewrap_and_verify(self, request: RotateKeyInput) -> bool:
+        """REWRAPPING and VERIFYING, until a count finds nothing left below the new version.
+
+        Continues as new (raises) when the history asks for it; False on abort."""
+        s = self._state
         while s.phase in (REWRAPPING, VERIFYING):
             if s.phase == REWRAPPING:
-                finished = await self._sweep(request)
-                if finished is None:  # continue-as-new was requested; state carried over
+                swept = await self._rewrap(request)
+                if swept is None:  # continue-as-new was requested; state carried over
                     await workflow.wait_condition(workflow.all_handlers_finished)
                     workflow.continue_as_new(RotateKeyInput(**{**request.__dict__, "state": self._state}))
-                if not finished:
-                    return await self._aborted()
+                if not swept:
+                    return False
                 await self._phase(VERIFYING)
-            remaining = int(
-                await self._activity("count_below", CountInput(request.key_ref, s.new_version), int)
-            )
-            if remaining:
-                s.sweeps += 1
-                if s.sweeps >= MAX_SWEEPS:
-                    raise ApplicationError(
-                        f"{remaining} blobs of {request.key_ref} are still below version {s.new_version}"
-                        f" after {s.sweeps} sweeps; see failed_ids",
-                        non_retryable=True,
-                    )
-                s.cursor = None
-                s.total += remaining
-                await self._phase(REWRAPPING)
-                continue
-            checked = await self._activity(
-                "verify_sample", VerifyInput(request.key_ref, s.new_version, request.verify_sample), int
-            )
-            await self._audit(
-                "rewrap.counts",
-                {
-                    "total": s.total,
-                    "rewrapped": s.rewrapped,
-                    "conflicts": s.conflicts,
-                    "failed": s.failed,
-                    "verified_sample": checked,
-                    "remaining_on_old": 0,
-                },
-            )
-            await self._phase(AWAITING_COMMIT)
+            await self._verify(request)
+        return True
 
-        if s.phase == AWAITING_COMMIT:
-            if request.grace_seconds > 0:  # a durable timer: survives worker restarts
-                # Expiry without an approve means commit; the timer is durable (worker restarts).
-                grace = timedelta(seconds=request.grace_seconds)
-                with contextlib.suppress(TimeoutError):
-                    await workflow.wait_condition(lambda: s.approved or s.abort_requested, timeout=grace)
-            if s.abort_requested:
-                return await self._aborted()
-            await self._phase(RETIRING)
-
-        if s.phase == RETIRING:
-            if not s.retired:
-                disabled = await self._activity(
-                    "retire_versions", RetireInput(request.key_ref, s.new_version, "disable"), list[int]
-                )
-                s.retired = list(disabled) or [0]
-                for version in s.retired:
-                    if version:
-                        await self._audit("key.version.disabled", {"version": version})
-            if request.destroy_after_seconds is not None and not s.destroyed:
-                await workflow.sleep(timedelta(seconds=request.destroy_after_seconds))
-                destroyed = await self._activity(
-                    "retire_versions", RetireInput(request.key_ref, s.new_version, "destroy"), list[int]
-                )
-                s.destroyed = list(destroyed) or [0]
-                for version in s.destroyed:
-                    if version:
-                        await self._audit("key.version.destroyed", {"version": version})
-            await self._phase(DONE)
-            await self._audit("rotation.done", {"new_version": s.new_version, "rewrapped": s.rewrapped})
-        return self.progress()
-
-    async def _sweep(self, request: RotateKeyInput) -> bool | None:
+    async def _rewrap(self, request: RotateKeyInput) -> bool | None:
         """Re-wrap batches until no record is left below the new version.
 
         True when swept, False on abort, None when the history asks for continue-as-new."""
@@ -363,3 +328,74 @@ class RotateKeyWorkflow:
             self._rate = done / elapsed if elapsed > 0 else self._rate
             s.cursor = bounds[-1]
             s.updated_at = self._now()
+
+    async def _verify(self, request: RotateKeyInput) -> None:
+        """VERIFYING: records still below the new version (failed, or written meanwhile) send the
+        rotation back to REWRAPPING from the start, at most MAX_SWEEPS times; none left, a sample
+        is unwrapped and the rotation awaits its commit."""
+        s = self._state
+        remaining = int(await self._activity("count_below", CountInput(request.key_ref, s.new_version), int))
+        if remaining:
+            s.sweeps += 1
+            if s.sweeps >= MAX_SWEEPS:
+                raise ApplicationError(
+                    f"{remaining} blobs of {request.key_ref} are still below version {s.new_version}"
+                    f" after {s.sweeps} sweeps; see failed_ids",
+                    non_retryable=True,
+                )
+            s.cursor = None
+            s.total += remaining
+            await self._phase(REWRAPPING)
+            return
+        checked = await self._activity(
+            "verify_sample", VerifyInput(request.key_ref, s.new_version, request.verify_sample), int
+        )
+        await self._audit(
+            "rewrap.counts",
+            {
+                "total": s.total,
+                "rewrapped": s.rewrapped,
+                "conflicts": s.conflicts,
+                "failed": s.failed,
+                "verified_sample": checked,
+                "remaining_on_old": 0,
+            },
+        )
+        await self._phase(AWAITING_COMMIT)
+
+    async def _await_commit(self, request: RotateKeyInput) -> bool:
+        """AWAITING_COMMIT: an approve, or the grace period running out, commits; False on abort."""
+        s = self._state
+        if request.grace_seconds > 0:
+            # Expiry without an approve means commit; the timer is durable (worker restarts).
+            grace = timedelta(seconds=request.grace_seconds)
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(lambda: s.approved or s.abort_requested, timeout=grace)
+        if s.abort_requested:
+            return False
+        await self._phase(RETIRING)
+        return True
+
+    async def _retire(self, request: RotateKeyInput) -> None:
+        """RETIRING: disable the old versions, destroy them after ``destroy_after_seconds`` if
+        set, then DONE. Each step is skipped when a carried-over state shows it done."""
+        s = self._state
+        if not s.retired:
+            disabled = await self._activity(
+                "retire_versions", RetireInput(request.key_ref, s.new_version, "disable"), list[int]
+            )
+            s.retired = list(disabled) or [0]
+            for version in s.retired:
+                if version:
+                    await self._audit("key.version.disabled", {"version": version})
+        if request.destroy_after_seconds is not None and not s.destroyed:
+            await workflow.sleep(timedelta(seconds=request.destroy_after_seconds))
+            destroyed = await self._activity(
+                "retire_versions", RetireInput(request.key_ref, s.new_version, "destroy"), list[int]
+            )
+            s.destroyed = list(destroyed) or [0]
+            for version in s.destroyed:
+                if version:
+                    await self._audit("key.version.destroyed", {"version": version})
+        await self._phase(DONE)
+        await self._audit("rotation.done", {"new_version": s.new_version, "rewrapped": s.rewrapped})
