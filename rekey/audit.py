@@ -713,7 +713,7 @@ class AuditLog:
             try:
                 # The store's transaction helper: BEGIN IMMEDIATE on SQLite, errors mapped onto
                 # StoreError, in-memory databases serialised.
-                with self._store._tx(f"append of audit event {event}", write=True) as conn:
+                with self._store.transaction(f"append of audit event {event}", write=True) as conn:
                     if conn.dialect.name == "postgresql":
                         conn.execute(select(func.pg_advisory_xact_lock(_PG_AUDIT_LOCK_KEY)))
                     last = conn.execute(
@@ -768,7 +768,7 @@ class AuditLog:
         after = 0
         while True:
             query = select(audit_log).where(audit_log.c.seq > after).order_by(audit_log.c.seq).limit(_BATCH)
-            with self._store._tx("read of the audit log") as conn:
+            with self._store.transaction("read of the audit log") as conn:
                 rows = conn.execute(query).all()
             yield from rows
             if len(rows) < _BATCH:
