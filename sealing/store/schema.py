@@ -179,26 +179,10 @@ def _migration_2_generations(conn: Connection) -> None:
 
 
 def _migration_3_audit_log(conn: Connection) -> None:
-    """Create ``audit_log``: the append-only, hash-chained, signed audit log (`rekey.audit`).
-
-    ``seq`` is assigned by the appender (1, 2, ...), never by the database. ``recorded_at``
-    is the canonical UTC time text that the record's hash covers, stored verbatim."""
-    snapshot = MetaData()
-    Table(
-        "audit_log",
-        snapshot,
-        Column("seq", Integer, primary_key=True, autoincrement=False),
-        Column("recorded_at", String, nullable=False),
-        Column("actor", String, nullable=False),
-        Column("event", String, nullable=False),
-        Column("subject", String, nullable=False),
-        Column("details", Text, nullable=False),
-        Column("prev_hash", String, nullable=False),
-        Column("hash", String, nullable=False),
-        Column("signature", String, nullable=False),
-        Column("key_id", String, nullable=False),
-        Index("ix_audit_log_subject", "subject", "seq"),
-    ).create(conn)
+    """No-op. In earlier releases this step created ``audit_log``; the audit package now owns
+    that table (`audit.schema`: its step 1 creates it only if absent, so databases where this
+    step did create it keep their records). Kept as a step so that version numbers keep
+    meaning."""
 
 
 def _migration_4_sweep_layout(conn: Connection) -> None:
