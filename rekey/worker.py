@@ -15,6 +15,7 @@ from temporalio.worker import Worker
 
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
+from audit import AuditLog, default_signing_key_path, load_or_create_signing_key
 from kms_adapters.contract import KmsAdapter
 from rekey.backends import adapter_for
 from rekey.config import Settings
@@ -34,10 +35,15 @@ def actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def audit_sink(settings: Settings) -> AuditSink:
-    from rekey.audit import AuditLog, load_or_create_signing_key
+def open_audit_log(settings: Settings, *, actor: str | None = None) -> AuditLog:
+    """The audit log of ``settings.store_url``, signing with ``<home>/audit/ed25519.pem``
+    (created on first use)."""
+    key = load_or_create_signing_key(default_signing_key_path(settings.home))
+    return AuditLog(settings.store_url, key, actor=actor)
 
-    log_ = AuditLog(settings.store_url, load_or_create_signing_key(settings.home / "audit" / "ed25519.pem"))
+
+def audit_sink(settings: Settings) -> AuditSink:
+    log_ = open_audit_log(settings)
 
     def sink(event: str, subject: str, details: dict[str, Any], who: str) -> None:
         log_.append(event, subject, details, actor=who or actor())

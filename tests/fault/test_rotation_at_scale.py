@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.release import MemoryReleasePolicyStore, ReleasePolicyStore
-from rekey.audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState

@@ -15,10 +15,10 @@ import pytest_asyncio
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.testing import WorkflowEnvironment
 
+from audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
-from rekey.audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState

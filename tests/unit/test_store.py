@@ -399,7 +399,7 @@ def test_fresh_database_is_at_current_version_and_reopen_is_noop(store_url: str,
         assert s.schema_version == SCHEMA_VERSION == 4
         rec = add(s, "keep")
     tables = set(inspect(raw).get_table_names())
-    assert {"rekey_schema", "sealed_blobs", "generations", "audit_log"} <= tables
+    assert {"rekey_schema", "sealed_blobs", "generations"} <= tables
     indexes = {ix["name"] for ix in inspect(raw).get_indexes("sealed_blobs")}
     assert {"ix_sealed_blobs_key_id", "ix_sealed_blobs_generation"} <= indexes
     assert "ix_sealed_blobs_key" not in indexes  # replaced by migration 4
@@ -683,14 +683,24 @@ def test_boundaries_split_a_key_into_ranges_of_at_most_size(store_url: str) -> N
             store.boundaries(key_ref="vault:k", below_version=2, size=MAX_PAGE + 1)
 
 
-def test_driver_level_errors_become_store_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_driver_level_errors_become_store_errors(tmp_path: Path) -> None:
     """The sweep's statements go to the driver directly; its exceptions still surface as typed
     store errors naming the operation, never as raw driver exceptions or with blob bytes."""
-    from sealing import store as store_module
-
-    with SealedStateStore(f"sqlite:///{tmp_path / 'state.db'}") as store:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    with SealedStateStore(url) as store:
         record = add(store, "x", blob=b"SECRET-HEAD|tail")
-        monkeypatch.setitem(store_module._SPLICE_SQL, "sqlite", "UPDATE no_such_table SET x = ?")
+        # The database itself fails the splice's UPDATE: a trigger whose body names a missing table.
+        raw = create_engine(url)
+        try:
+            with raw.begin() as conn:
+                conn.execute(
+                    text(
+                        "CREATE TRIGGER fail_updates BEFORE UPDATE ON sealed_blobs"
+                        " BEGIN INSERT INTO no_such_table VALUES (1); END"
+                    )
+                )
+        finally:
+            raw.dispose()
         with pytest.raises(StoreError, match=r"update of 1 blobs") as failure:
             store.splice_key_slots([SlotSplice(record.blob_id, 1, b"SECRET-NEW", 11, 2)])
         assert "SECRET" not in str(failure.value)

@@ -1,0 +1,250 @@
+"""`AuditLog`: appends signed, hash-chained records to the ``audit_log`` table in the store's
+database and reads them back (records, verify, export). Records, encoding and concurrency are
+specified in docs/audit-log-format.md."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import Row, func, insert, select
+
+from audit.errors import AuditError
+from audit.format import (
+    GENESIS_HASH,
+    AuditRecord,
+    canonical_bytes,
+    canonical_json,
+    check_details,
+    check_event,
+    check_text,
+    default_actor,
+    format_time,
+    key_id_of,
+    parse_time,
+)
+from audit.schema import AUDIT_SCHEMA, audit_log
+from audit.verify import UnreadableRecord, VerifyReport, verify_records
+from sealing.store import DuplicateRecord, SealedStateStore
+
+__all__ = ["AuditLog"]
+
+_PG_AUDIT_LOCK_KEY: Final = 0x72656B65795F6175  # "rekey_au": advisory lock serialising appends
+_BATCH: Final = 500
+
+
+def _from_row(row: Row[Any]) -> AuditRecord | UnreadableRecord:
+    m = row._mapping
+    seq = int(m["seq"])
+    texts: dict[str, str] = {}
+    for name in (
+        "recorded_at",
+        "actor",
+        "event",
+        "subject",
+        "details",
+        "prev_hash",
+        "hash",
+        "signature",
+        "key_id",
+    ):
+        value = m[name]
+        if not isinstance(value, str):
+            return UnreadableRecord(seq, f"{name} is not text")
+        texts[name] = value
+    try:
+        recorded_at = parse_time(texts.pop("recorded_at"))
+    except ValueError as exc:
+        return UnreadableRecord(seq, str(exc))
+    details_text = texts.pop("details")
+    try:
+        details = json.loads(details_text)
+        canonical = canonical_json(details).decode("utf-8")
+    except (ValueError, RecursionError, UnicodeEncodeError):
+        return UnreadableRecord(seq, "details are not valid JSON")
+    if not isinstance(details, dict):
+        return UnreadableRecord(seq, "details are not a JSON object")
+    if canonical != details_text:
+        return UnreadableRecord(seq, "details are not in canonical form")
+    return AuditRecord(seq=seq, recorded_at=recorded_at, details=details, **texts)
+
+
+def _export_row(row: Row[Any]) -> dict[str, Any]:
+    """A stored row as exported, kept readable even when tampered with (for forensics)."""
+    data = {key: row._mapping[key] for key in audit_log.columns.keys()}  # noqa: SIM118
+    with contextlib.suppress(TypeError, ValueError, RecursionError):  # else keep the stored text
+        data["details"] = json.loads(data["details"])
+    return data
+
+
+class AuditLog:
+    """The audit log in the store database at ``store_url``. Opening applies the pending
+    migrations of the store and of the audit table (`AUDIT_SCHEMA`). ``signing_key`` may be
+    None for a read-only log (records, verify, export).
+
+    ``actor`` is the default actor of appends (else `default_actor`); ``clock`` returns the
+    current aware time (tests). Safe to use from several threads and processes at once.
+    """
+
+    def __init__(
+        self,
+        store_url: str,
+        signing_key: Ed25519PrivateKey | None,
+        *,
+        actor: str | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if signing_key is not None and not isinstance(signing_key, Ed25519PrivateKey):
+            raise TypeError("signing_key must be an Ed25519 private key")
+        self._actor = None if actor is None else check_text("actor", actor)
+        self._key = signing_key
+        self._key_id = None if signing_key is None else key_id_of(signing_key.public_key())
+        self._clock = clock if clock is not None else (lambda: datetime.now(UTC))
+        self._store = SealedStateStore(store_url)
+        try:
+            self._store.apply_schema(AUDIT_SCHEMA)
+        except BaseException:
+            self._store.close()
+            raise
+
+    @property
+    def key_id(self) -> str | None:
+        """Key id of the signing key (None when read-only)."""
+        return self._key_id
+
+    @property
+    def public_key(self) -> Ed25519PublicKey | None:
+        return None if self._key is None else self._key.public_key()
+
+    def __repr__(self) -> str:
+        return f"AuditLog({self._store.url!r}, key_id={self._key_id!r})"
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def append(
+        self,
+        event: str,
+        subject: str,
+        details: Mapping[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> AuditRecord:
+        """Append one signed record and return it as stored.
+
+        ``details`` must never hold key material or other secrets (see docs/audit-log-format.md);
+        bytes values are refused. Raises ValueError/TypeError for bad input, `AuditError` for a
+        read-only log, `sealing.store.StoreError` if the database fails.
+        """
+        if self._key is None or self._key_id is None:
+            raise AuditError("this audit log was opened without a signing key; it can only be read")
+        event = check_event(event)
+        subject = check_text("subject", subject)
+        who = check_text("actor", actor if actor is not None else (self._actor or default_actor()))
+        clean = check_details({} if details is None else details)
+        details_text = canonical_json(clean).decode("utf-8")
+        for _attempt in range(3):
+            try:
+                # The store's public transaction: BEGIN IMMEDIATE on SQLite, errors mapped onto
+                # StoreError, in-memory databases serialised.
+                with self._store.transaction(f"append of audit event {event}", write=True) as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(select(func.pg_advisory_xact_lock(_PG_AUDIT_LOCK_KEY)))
+                    last = conn.execute(
+                        select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+                    ).first()
+                    seq = 1 if last is None else int(last.seq) + 1
+                    prev_hash = GENESIS_HASH if last is None else str(last.hash)
+                    recorded_at = format_time(self._clock())
+                    digest = hashlib.sha256(
+                        canonical_bytes(
+                            seq=seq,
+                            recorded_at=recorded_at,
+                            actor=who,
+                            event=event,
+                            subject=subject,
+                            details=clean,
+                            prev_hash=prev_hash,
+                        )
+                    ).digest()
+                    signature = self._key.sign(digest).hex()
+                    conn.execute(
+                        insert(audit_log).values(
+                            seq=seq,
+                            recorded_at=recorded_at,
+                            actor=who,
+                            event=event,
+                            subject=subject,
+                            details=details_text,
+                            prev_hash=prev_hash,
+                            hash=digest.hex(),
+                            signature=signature,
+                            key_id=self._key_id,
+                        )
+                    )
+            except DuplicateRecord:
+                continue  # cannot happen while appenders take the lock; retry from the new end
+            return AuditRecord(
+                seq=seq,
+                recorded_at=parse_time(recorded_at),
+                actor=who,
+                event=event,
+                subject=subject,
+                details=clean,
+                prev_hash=prev_hash,
+                hash=digest.hex(),
+                signature=signature,
+                key_id=self._key_id,
+            )
+        raise AuditError(f"append of audit event {event} kept conflicting with concurrent appends")
+
+    def _rows(self) -> Iterator[Row[Any]]:
+        after = 0
+        while True:
+            query = select(audit_log).where(audit_log.c.seq > after).order_by(audit_log.c.seq).limit(_BATCH)
+            with self._store.transaction("read of the audit log") as conn:
+                rows = conn.execute(query).all()
+            yield from rows
+            if len(rows) < _BATCH:
+                return
+            after = int(rows[-1].seq)
+
+    def _items(self) -> Iterator[AuditRecord | UnreadableRecord]:
+        for row in self._rows():
+            yield _from_row(row)
+
+    def records(self) -> Iterator[AuditRecord]:
+        """Every record in ``seq`` order, read in batches. Does not verify anything; raises
+        `AuditError` on a row that is not even readable as a record."""
+        for item in self._items():
+            if isinstance(item, UnreadableRecord):
+                raise AuditError(
+                    f"audit record {item.seq} is unreadable ({item.why}); run rekey audit verify"
+                )
+            yield item
+
+    def verify(self, public_keys: Mapping[str, Ed25519PublicKey]) -> VerifyReport:
+        """Check every record in ``seq`` order against ``public_keys`` (key id -> public key)
+        and report the first bad one. An empty log verifies with count 0."""
+        return verify_records(self._items(), public_keys)
+
+    def export(self) -> list[dict[str, Any]]:
+        """Every stored record as a JSON-ready dict (the `AuditRecord.to_dict` shape), in ``seq``
+        order, exactly as stored: no verification, and tampered rows are exported as they are."""
+        return [_export_row(row) for row in self._rows()]

@@ -1,0 +1,83 @@
+"""The sealed-state store: sealed blobs and generation manifests in SQLite or PostgreSQL.
+
+Each sealed blob is one row of ``sealed_blobs``: who owns it (``namespace``, ``name``),
+which KMS key wraps its data key (``key_ref``, ``key_version``), which rotation
+generation last wrote it, the sealed bytes themselves, and a ``row_version`` counter.
+Every update is a compare-and-swap on ``row_version`` (see `sealing.store.blobs`), so a
+re-wrap sweep never overwrites a workload's fresh write.
+
+The package is split by concern:
+
+* `errors`: `StoreError` and its subclasses, one-line messages. No SQLAlchemy exception
+  leaves a public method, no message contains sealed bytes (statement parameters are also
+  hidden from SQLAlchemy's own error text), and the database is named without password.
+* `records`: the frozen dataclasses and named tuples the store takes and returns (SQLAlchemy
+  Core, not the ORM: records carry no session state).
+* `engine`: engine and dialect set-up (SQLite: WAL, busy timeout, ``BEGIN IMMEDIATE`` for
+  writes) and the translation of database errors.
+* `schema`: the current tables, the versioned migrations (`MIGRATIONS`, `migrate`), and
+  `SchemaOwner`: the migrations of packages above the store that keep their own tables here.
+* `base`: the opened database, `SealedStateStore.transaction` (the public transaction API for
+  those packages) and `SealedStateStore.apply_schema`.
+* `blobs`, `generations`: the blob operations (including the sweep's driver-level statements)
+  and the generation registry, combined into `SealedStateStore` by `store`.
+
+Timestamps are timezone-aware UTC datetimes with microsecond precision: ``timestamptz`` on
+PostgreSQL, naive UTC text on SQLite; both come back as aware UTC.
+"""
+
+from sealing.store.blobs import MAX_PAGE
+from sealing.store.engine import POSTGRES_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_S
+from sealing.store.errors import (
+    DuplicateRecord,
+    RecordNotFound,
+    SchemaTooNew,
+    StaleRecord,
+    StoreError,
+    StoreUnavailable,
+)
+from sealing.store.records import BlobRecord, BlobSummary, NewBlob, Page, SlotSplice, SweepRow
+from sealing.store.schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    MigrationStep,
+    SchemaOwner,
+    UTCDateTime,
+    generations,
+    metadata,
+    migrate,
+    rekey_schema,
+    schema_owners,
+    sealed_blobs,
+)
+from sealing.store.store import SealedStateStore
+
+__all__ = [
+    "MAX_PAGE",
+    "MIGRATIONS",
+    "POSTGRES_CONNECT_TIMEOUT_S",
+    "SCHEMA_VERSION",
+    "SQLITE_BUSY_TIMEOUT_S",
+    "BlobRecord",
+    "BlobSummary",
+    "DuplicateRecord",
+    "MigrationStep",
+    "NewBlob",
+    "Page",
+    "RecordNotFound",
+    "SchemaOwner",
+    "SchemaTooNew",
+    "SealedStateStore",
+    "SlotSplice",
+    "StaleRecord",
+    "StoreError",
+    "StoreUnavailable",
+    "SweepRow",
+    "UTCDateTime",
+    "generations",
+    "metadata",
+    "migrate",
+    "rekey_schema",
+    "schema_owners",
+    "sealed_blobs",
+]

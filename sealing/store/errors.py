@@ -1,0 +1,65 @@
+"""Errors of the sealed-state store: every failure leaves a public method as one of these, with a
+one-line message that never contains sealed bytes, statement parameters or a password."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DuplicateRecord",
+    "RecordNotFound",
+    "SchemaTooNew",
+    "StaleRecord",
+    "StoreError",
+    "StoreUnavailable",
+]
+
+
+class StoreError(Exception):
+    """Base class of every sealed-state store error."""
+
+    exit_code = 1
+
+
+class RecordNotFound(StoreError):
+    """No record with that blob id, name or generation id."""
+
+
+class DuplicateRecord(StoreError):
+    """The blob id or (namespace, name) is taken, or a generation id holds another document."""
+
+
+class StaleRecord(StoreError):
+    """Compare-and-swap lost: the record's row version moved on since it was read."""
+
+    def __init__(self, blob_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"blob {blob_id} was changed concurrently: expected row_version {expected}, "
+            f"found {actual}; re-read it and retry"
+        )
+        self.blob_id = blob_id
+        self.expected = expected
+        self.actual = actual
+
+    def __reduce__(self) -> tuple[type[StaleRecord], tuple[str, int, int]]:
+        return (type(self), (self.blob_id, self.expected, self.actual))
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer rekey whose schema this code does not know: the
+    store's own schema, or (``owner`` set) the tables of a package that keeps its own."""
+
+    def __init__(self, found: int, supported: int, owner: str | None = None) -> None:
+        of = "" if owner is None else f" of {owner}"
+        super().__init__(
+            f"database schema version {found}{of} is newer than the newest this rekey knows "
+            f"({supported}); upgrade rekey"
+        )
+        self.found = found
+        self.supported = supported
+        self.owner = owner
+
+    def __reduce__(self) -> tuple[type[SchemaTooNew], tuple[int, int, str | None]]:
+        return (type(self), (self.found, self.supported, self.owner))
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached, or refused the operation (locked, disconnected)."""

@@ -1,0 +1,130 @@
+"""What the sealed-state store takes and returns: plain frozen records that carry no session
+state, and the checks of their fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import NamedTuple
+
+__all__ = [
+    "BlobRecord",
+    "BlobSummary",
+    "NewBlob",
+    "Page",
+    "SlotSplice",
+    "SweepRow",
+    "require_bytes",
+    "require_int",
+    "require_str",
+]
+
+
+class NewBlob(NamedTuple):
+    """A blob to store with `SealedStateStore.insert_many` (``blob_id`` None: a fresh uuid4)."""
+
+    namespace: str
+    name: str
+    key_ref: str
+    key_version: int
+    generation: str
+    blob: bytes
+    blob_id: str | None = None
+
+
+class SweepRow(NamedTuple):
+    """What a re-wrap sweep reads of a record (`SealedStateStore.sweep_page`): the first
+    ``head_bytes`` of the blob (where its header and key slot are) and the blob's length."""
+
+    blob_id: str
+    row_version: int
+    head: bytes
+    length: int
+
+    def __repr__(self) -> str:
+        return f"SweepRow({self.blob_id}, row v{self.row_version}, {len(self.head)} of {self.length} bytes)"
+
+
+class SlotSplice(NamedTuple):
+    """One compare-and-swap of `SealedStateStore.splice_key_slots`: if the row is still at
+    ``expected_row_version``, its blob becomes ``prefix`` + the stored blob from byte offset
+    ``keep_from`` on (0-based), and its key version ``key_version``."""
+
+    blob_id: str
+    expected_row_version: int
+    prefix: bytes
+    keep_from: int
+    key_version: int
+
+
+@dataclass(frozen=True, repr=False)
+class BlobRecord:
+    """One sealed blob and its bookkeeping. ``repr`` shows the blob's length, never its bytes."""
+
+    blob_id: str
+    namespace: str
+    name: str
+    key_ref: str
+    key_version: int
+    generation: str
+    blob: bytes
+    row_version: int
+    created_at: datetime
+    updated_at: datetime
+
+    def __repr__(self) -> str:
+        return (
+            f"BlobRecord(blob_id={self.blob_id!r}, namespace={self.namespace!r}, "
+            f"name={self.name!r}, key_ref={self.key_ref!r}, key_version={self.key_version}, "
+            f"generation={self.generation!r}, blob=<{len(self.blob)} bytes>, "
+            f"row_version={self.row_version}, created_at={self.created_at.isoformat()}, "
+            f"updated_at={self.updated_at.isoformat()})"
+        )
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class BlobSummary:
+    """A sealed blob's bookkeeping without the blob: ``size`` is its length in bytes."""
+
+    blob_id: str
+    namespace: str
+    name: str
+    key_ref: str
+    key_version: int
+    generation: str
+    size: int
+    row_version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of records in ``blob_id`` order; pass ``next_cursor`` as ``after`` for the
+    next page. ``next_cursor`` is None on the last page."""
+
+    records: list[BlobRecord]
+    next_cursor: str | None
+
+
+def require_str(name: str, value: object) -> str:
+    """``value`` if it is a non-empty string, else ValueError naming ``name``."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+def require_int(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an integer (not a bool) >= ``minimum``, else ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def require_bytes(value: object) -> bytes:
+    """``value`` as bytes if it is bytes-like, else TypeError (a blob is never text)."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"blob must be bytes, got {type(value).__name__}")
+    return bytes(value)

@@ -1,0 +1,22 @@
+"""`SealedStateStore`: the blob operations and the generation registry over one database."""
+
+from __future__ import annotations
+
+from sealing.store.blobs import BlobOperations
+from sealing.store.generations import GenerationRegistry
+
+__all__ = ["SealedStateStore"]
+
+
+class SealedStateStore(BlobOperations, GenerationRegistry):
+    """Sealed blobs and generation manifests in a SQLite or PostgreSQL database.
+
+    ``url`` is an SQLAlchemy URL: ``sqlite:///<home>/state.db`` (the parent directory is
+    created) or ``postgresql+psycopg://user:pass@host/db``. Opening applies pending schema
+    migrations. All methods are synchronous and safe to call from several threads; each
+    call is its own transaction. Close the store (or use it as a context manager) to
+    release its connections.
+
+    Packages that keep their own tables in the same database describe them as a
+    `SchemaOwner`, bring them up to date with `apply_schema` and work in `transaction`.
+    """
