@@ -412,7 +412,7 @@ class AzureKeyVaultEmulator(Component):
         return [
             sys.executable,
             "-m",
-            "loadtest.emulators.azure_keyvault",
+            "emulators.azure_keyvault",
             "--port",
             str(settings.azure_port),
             "--state-dir",
