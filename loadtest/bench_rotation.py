@@ -66,11 +66,11 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
+from emulators.servers import OpenBao, openbao_dev, postgres_embedded
 from kms_adapters.contract import RewrapOutcome
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
-from loadtest.servers import OpenBao, openbao_dev, postgres_embedded
 from rekey.codec import data_converter
 from rekey.worker import tune_gc
 from sealing import envelope

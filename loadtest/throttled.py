@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emulators.azure_keyvault import AzureKeyVaultEmulator
+from emulators.servers import OpenBao, moto_server, openbao_dev
 from kms_adapters.aws_kms import AwsKmsAdapter
 from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
-from loadtest.emulators.azure_keyvault import AzureKeyVaultEmulator
-from loadtest.servers import OpenBao, moto_server, openbao_dev
 from loadtest.throttle_proxy import ThrottleProxy
 
 MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}

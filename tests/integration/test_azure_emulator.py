@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_unwrap_with_padding
 
+from emulators.azure_keyvault import AzureKeyVaultEmulator
 from kms_adapters.azure_hsm import StaticTokenCredential, _RemoteCryptographyClient
-from loadtest.emulators.azure_keyvault import AzureKeyVaultEmulator
 from tests.fixtures.azure import AzureKeyVault
 
 pytestmark = pytest.mark.integration
@@ -434,7 +434,7 @@ def test_runs_alone_until_sigterm(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "loadtest.emulators.azure_keyvault",
+            "emulators.azure_keyvault",
             "--port",
             "0",
             "--state-dir",

@@ -16,6 +16,7 @@ import pytest
 from attestation.claims import Claims
 from attestation.policy import parse_policy
 from attestation.token import ResultSigner
+from emulators.azure_keyvault import AzureKeyVaultEmulator
 from kms_adapters.azure_hsm import TAG_DESTROYED, TAG_VERSION, AzureHsmAdapter, StaticTokenCredential
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.errors import (
@@ -28,7 +29,6 @@ from kms_adapters.errors import (
 )
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore, ReleasePolicy, open_released
-from loadtest.emulators.azure_keyvault import AzureKeyVaultEmulator
 from sealing.handoff import HandoffKeyPair, fingerprint
 from tests.fixtures.azure import AzureKeyVault
 

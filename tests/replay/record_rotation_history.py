@@ -20,10 +20,10 @@ from pathlib import Path
 
 from temporalio.testing import WorkflowEnvironment
 
+from emulators.servers import openbao_dev
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
-from loadtest.servers import openbao_dev
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState

