@@ -26,6 +26,7 @@ from attestation.errors import AttestationError
 from kms_adapters.keyref import InvalidKeyRef
 from rekey import devstack
 from rekey.backends import BackendNotAvailable, adapter_for
+from rekey.client import RekeyClientError
 from rekey.config import ConfigError, Settings, load_settings
 from sealing.errors import SealingError
 from sealing.generation import (
@@ -69,6 +70,7 @@ _KNOWN_ERRORS = (
     StoreError,
     devstack.DevStackError,
     InputFileError,
+    RekeyClientError,
 )
 
 
@@ -704,15 +706,9 @@ def _run_async(coro: Any) -> Any:
 
 
 async def _client() -> Any:
-    from rekey.worker import connect
+    from rekey.client import connect
 
-    try:
-        return await connect(_settings())
-    except RuntimeError as exc:  # the SDK's connection failure
-        raise devstack.DevStackError(
-            f"cannot reach Temporal at {_settings().temporal_address}: {str(exc).splitlines()[0]}"
-            " (start it with `rekey dev up`)"
-        ) from None
+    return await connect(_settings())
 
 
 @app.command("worker")
@@ -819,7 +815,7 @@ def rotate_start(
 
     from activities.types import TASK_QUEUE
     from kms_adapters.keyref import KeyRef
-    from rekey.worker import actor
+    from rekey.client import actor
     from workflows.rotation import DONE, RotateKeyInput, RotateKeyWorkflow, workflow_id
 
     KeyRef.parse(key_ref)
@@ -942,7 +938,7 @@ def schedule_create(key_ref: str, every: str, jitter: str, grace: str, destroy_a
 
     from activities.types import TASK_QUEUE
     from kms_adapters.keyref import KeyRef
-    from rekey.worker import actor
+    from rekey.client import actor
     from workflows.rotation import RotateKeyInput, RotateKeyWorkflow, workflow_id
 
     KeyRef.parse(key_ref)
