@@ -183,9 +183,12 @@ class ScheduleNotFound(RekeyClientError):
 
 def _key_ref(text: str, context: str = "") -> KeyRef:
     try:
-        return KeyRef.parse(text)
+        ref = KeyRef.parse(text)
     except InvalidKeyRef as exc:
         raise InvalidId(f"{context}{exc}") from None
+    if not text.isprintable():  # KeyRef.parse lets a trailing newline through (its `$`)
+        raise InvalidId(f"{context}key reference {text!r}: name must be 1-128 of letters, digits, _ . / -")
+    return ref
 
 
 def rotation_id(key_ref: str) -> str:
@@ -537,7 +540,8 @@ class RekeyClient:
 
     def rotation(self, rotation_id_or_key_ref: str) -> RotationHandle:
         """The rotation with this id (or of this key ref); no request is made yet."""
-        return RotationHandle(self.temporal.get_workflow_handle(parse_rotation_id(rotation_id_or_key_ref)))
+        workflow_id = parse_rotation_id(rotation_id_or_key_ref)
+        return RotationHandle(self.temporal.get_workflow_handle_for(RotateKeyWorkflow.run, workflow_id))
 
     async def list_rotations(self, *, running_only: bool = False) -> list[RotationInfo]:
         """Rotation runs, newest first (a run that continued as new is shown by its successor).
