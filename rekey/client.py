@@ -5,22 +5,25 @@ so automation can do the same without the command line::
 
     import asyncio
 
-    from rekey.client import DONE, RekeyClient
+    from rekey.client import AWAITING_COMMIT, DONE, RekeyClient
     from rekey.config import load_settings
 
     async def rotate(key_ref: str) -> None:
         client = await RekeyClient.connect(load_settings())
-        rotation = await client.start_rotation(key_ref, grace="1h")
-        async for progress in rotation.watch():
+        rotation = await client.start_rotation(key_ref, grace="24h")
+        approved = False
+        async for progress in rotation.watch():  # the last one is the result
             print(progress.phase, progress.rewrapped, "/", progress.total)
-        # the last snapshot is the result; RotationFailed if the workflow failed
-        assert progress.phase == DONE
+            if progress.phase == AWAITING_COMMIT and not approved:
+                await rotation.approve()  # our own checks passed: retire the old version now
+                approved = True
+        assert progress.phase == DONE  # a failed workflow raised RotationFailed instead
 
     asyncio.run(rotate("vault:orders"))
 
-Ids are built and parsed here only: ``rotate:<backend>:<name>`` for the rotation of a key (a
-rotation a schedule started has the scheduled time appended, ``rotate:vault:orders-2030-01-01T
-00:00:00Z``) and ``schedule:rotate:<backend>:<name>`` for its schedule. Wherever a method takes
+Ids are built and parsed here only: ``rotate:<backend>:<name>`` for the rotation of a key and
+``schedule:rotate:<backend>:<name>`` for its schedule; a rotation a schedule started has the
+scheduled time appended (``rotate:vault:orders-2030-01-01T00:00:00Z``). Wherever a method takes
 an id, the bare key ref (``vault:orders``) works as well.
 
 Every error is a `RekeyClientError` with a one-line message and the exit code the command line
@@ -69,13 +72,29 @@ from attestation.errors import AttestationError
 from attestation.policy import parse_duration as parse_policy_duration
 from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from rekey.config import Settings
-from workflows.rotation import ABORTED, DONE, Progress, RotateKeyInput, RotateKeyWorkflow
+from workflows.rotation import (
+    ABORTED,
+    AWAITING_COMMIT,
+    DONE,
+    PREPARING,
+    RETIRING,
+    REWRAPPING,
+    VERIFYING,
+    Progress,
+    RotateKeyInput,
+    RotateKeyWorkflow,
+)
 
 __all__ = [
     "ABORTED",
+    "AWAITING_COMMIT",
     "DONE",
+    "PREPARING",
+    "RETIRING",
+    "REWRAPPING",
     "ROTATION_PREFIX",
     "SCHEDULE_PREFIX",
+    "VERIFYING",
     "Duration",
     "InvalidDuration",
     "InvalidId",
@@ -621,9 +640,7 @@ class RekeyClient:
         The listing is eventually consistent (a schedule created a moment ago may be missing);
         each schedule's state is then read from its description, so a pause shows at once."""
         try:
-            ids = sorted(
-                [entry.id async for entry in await self.temporal.list_schedules()],
-            )
+            ids = sorted([entry.id async for entry in await self.temporal.list_schedules()])
         except RPCError as exc:
             raise TemporalRequestFailed(f"cannot list schedules: {exc.message}") from None
         rows: list[RotationSchedule] = []

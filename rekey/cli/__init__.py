@@ -68,7 +68,7 @@ def app(ctx: click.Context, home: Path | None, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run ``rekey`` with ``argv`` (default: the process's); ends in ``SystemExit`` unless it is 0."""
+    """Run ``rekey`` with ``argv`` (default: the process's arguments); a failure is a ``SystemExit``."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     with exit_on_error(debug):
         # Without standalone mode click returns the code of a `click.exceptions.Exit`.
