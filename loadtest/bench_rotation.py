@@ -71,6 +71,7 @@ from kms_adapters.contract import RewrapOutcome
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
+from rekey.client import rotation_id
 from rekey.codec import data_converter
 from rekey.worker import tune_gc
 from sealing import envelope
@@ -87,7 +88,6 @@ from workflows.rotation import (
     Progress,
     RotateKeyInput,
     RotateKeyWorkflow,
-    workflow_id,
 )
 
 SEED_CHUNK = 5000
@@ -323,7 +323,7 @@ async def run_size(
                 batch_size=args.batch_size,
                 batches_in_flight=args.in_flight,
             ),
-            id=workflow_id(adapter.key_ref),
+            id=rotation_id(adapter.key_ref),
             task_queue=TASK_QUEUE,
             execution_timeout=timedelta(minutes=30),
         )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gc
-import getpass
 import logging
-import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,21 +16,13 @@ from activities.types import TASK_QUEUE
 from audit import AuditLog, default_signing_key_path, load_or_create_signing_key
 from kms_adapters.contract import KmsAdapter
 from rekey.backends import adapter_for
+from rekey.client import actor, connect
 from rekey.config import Settings
 from sealing.store import SealedStateStore
 from workflows.rotation import RotateKeyWorkflow
 
 log = logging.getLogger("rekey.worker")
 WORKFLOWS = [RotateKeyWorkflow]
-
-
-def actor() -> str:
-    """Who is acting, for the audit log: user@host."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def open_audit_log(settings: Settings, *, actor: str | None = None) -> AuditLog:
@@ -49,20 +39,6 @@ def audit_sink(settings: Settings) -> AuditSink:
         log_.append(event, subject, details, actor=who or actor())
 
     return sink
-
-
-def data_converter(settings: Settings) -> Any:
-    from rekey.codec import data_converter as codec_converter
-
-    return codec_converter(settings.home)
-
-
-async def connect(settings: Settings) -> Client:
-    return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=data_converter(settings),
-    )
 
 
 def build_worker(

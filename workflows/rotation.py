@@ -2,7 +2,8 @@
 
 PREPARING -> REWRAPPING -> VERIFYING -> AWAITING_COMMIT -> RETIRING -> DONE (or ABORTED).
 Deterministic: no I/O, no cryptography, no SDK; only ids, cursors and counts in its state.
-Workflow id ``rotate:<backend>:<name>``, so two rotations of one key cannot overlap.
+Workflow id ``rotate:<backend>:<name>`` (built by ``rekey.client.rotation_id``), so two rotations of
+one key cannot overlap.
 """
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ MAX_SWEEPS = 5
 KMS_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
 )
-
-
-def workflow_id(key_ref: str) -> str:
-    return f"rotate:{key_ref}"
 
 
 @dataclass

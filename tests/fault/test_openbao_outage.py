@@ -18,12 +18,13 @@ from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey import devstack
+from rekey.client import rotation_id
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
 from tests.fixtures.ports import free_port
-from workflows.rotation import DONE, REWRAPPING, Progress, RotateKeyInput, RotateKeyWorkflow, workflow_id
+from workflows.rotation import DONE, REWRAPPING, Progress, RotateKeyInput, RotateKeyWorkflow
 
 pytestmark = [pytest.mark.soak, pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -79,7 +80,7 @@ async def test_rotation_survives_a_30s_openbao_outage(
             handle = await temporal_env.client.start_workflow(
                 RotateKeyWorkflow.run,
                 RotateKeyInput(adapter.key_ref, grace_seconds=0, batch_size=10, batches_in_flight=1),
-                id=workflow_id(adapter.key_ref),
+                id=rotation_id(adapter.key_ref),
                 task_queue=task_queue,
             )
             for _ in range(300):

@@ -19,11 +19,12 @@ from temporalio.testing import WorkflowEnvironment
 from audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.release import MemoryReleasePolicyStore, ReleasePolicyStore
+from rekey.client import rotation_id
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
-from workflows.rotation import DONE, Progress, RotateKeyInput, RotateKeyWorkflow, workflow_id
+from workflows.rotation import DONE, Progress, RotateKeyInput, RotateKeyWorkflow
 
 pytestmark = [pytest.mark.soak, pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -69,7 +70,7 @@ async def test_rotation_of_20000_blobs(
         handle = await temporal_env.client.start_workflow(
             RotateKeyWorkflow.run,
             RotateKeyInput(adapter.key_ref, grace_seconds=0),
-            id=workflow_id(adapter.key_ref),
+            id=rotation_id(adapter.key_ref),
             task_queue=task_queue,
         )
         result: Progress = await handle.result()

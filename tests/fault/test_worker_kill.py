@@ -26,10 +26,11 @@ from activities.types import TASK_QUEUE
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
+from rekey.client import rotation_id
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
 from tests.fixtures.openbao import OpenBao
-from workflows.rotation import DONE, Progress, RotateKeyInput, RotateKeyWorkflow, workflow_id
+from workflows.rotation import DONE, Progress, RotateKeyInput, RotateKeyWorkflow
 
 pytestmark = [pytest.mark.soak, pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -77,7 +78,7 @@ async def test_rotation_survives_three_sigkills(
     handle = await temporal_env.client.start_workflow(
         RotateKeyWorkflow.run,
         RotateKeyInput(adapter.key_ref, grace_seconds=0, batch_size=100, batches_in_flight=2),
-        id=workflow_id(adapter.key_ref),
+        id=rotation_id(adapter.key_ref),
         task_queue=TASK_QUEUE,
     )
     kills = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -12,27 +13,19 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.testing import WorkflowEnvironment
 
 from audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
+from rekey.client import RekeyClient, RotationAlreadyRunning, RotationFailed, RotationHandle
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
 from tests.fixtures.openbao import OpenBao
-from workflows.rotation import (
-    ABORTED,
-    AWAITING_COMMIT,
-    DONE,
-    Progress,
-    RotateKeyInput,
-    RotateKeyWorkflow,
-    workflow_id,
-)
+from workflows.rotation import ABORTED, AWAITING_COMMIT, DONE, Progress
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -48,13 +41,12 @@ class Setup:
     events: list[tuple[str, str, dict[str, Any]]]
     blobs: dict[str, bytes]
 
-    async def start(self, **options: Any) -> Any:
-        return await self.env.client.start_workflow(
-            RotateKeyWorkflow.run,
-            RotateKeyInput(self.key_ref, **options),
-            id=workflow_id(self.key_ref),
-            task_queue=self.task_queue,
-        )
+    @property
+    def client(self) -> RekeyClient:
+        return RekeyClient(self.env.client, task_queue=self.task_queue)
+
+    async def start(self, **options: Any) -> RotationHandle:
+        return await self.client.start_rotation(self.key_ref, **options)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -103,9 +95,9 @@ def all_readable(setup: Setup) -> None:
         assert setup.state.get(namespace="ns", name=name) == data
 
 
-async def wait_phase(handle: Any, phase: str) -> Progress:
+async def wait_phase(handle: RotationHandle, phase: str) -> Progress:
     for _ in range(600):
-        progress: Progress = await handle.query(RotateKeyWorkflow.progress)
+        progress = await handle.status()
         if progress.phase == phase:
             return progress
         await asyncio.sleep(0.1)
@@ -113,8 +105,8 @@ async def wait_phase(handle: Any, phase: str) -> Progress:
 
 
 async def test_rotation_rewraps_everything_and_retires_the_old_version(setup: Setup) -> None:
-    handle = await setup.start(grace_seconds=0, batch_size=50, batches_in_flight=3)
-    result: Progress = await handle.result()
+    handle = await setup.start(grace=0, batch_size=50, in_flight=3)
+    result = await handle.result()
     assert result.phase == DONE and result.new_version == 2
     assert result.total == 240 and result.rewrapped == 240 and result.remaining == 0
     assert setup.store.count_by_key_version(setup.key_ref) == {2: 240}
@@ -127,38 +119,38 @@ async def test_rotation_rewraps_everything_and_retires_the_old_version(setup: Se
 
 
 async def test_abort_before_retirement_leaves_everything_readable(setup: Setup) -> None:
-    handle = await setup.start(grace_seconds=3600, batch_size=50)
+    handle = await setup.start(grace=3600, batch_size=50)
     await wait_phase(handle, AWAITING_COMMIT)
-    with pytest.raises(WorkflowAlreadyStartedError):
+    with pytest.raises(RotationAlreadyRunning):
         await setup.start()  # a second rotation of the same key is refused while one runs
-    await handle.signal(RotateKeyWorkflow.abort)
-    result: Progress = await handle.result()
+    await handle.abort()
+    result = await handle.result()
     assert result.phase == ABORTED
     assert setup.adapter.describe().state_of(1) == "enabled"
     all_readable(setup)
 
 
 async def test_approve_commits_before_the_grace_period(setup: Setup) -> None:
-    handle = await setup.start(grace_seconds=24 * 3600, batch_size=100)
+    handle = await setup.start(grace=24 * 3600, batch_size=100)
     await wait_phase(handle, AWAITING_COMMIT)
-    await handle.signal(RotateKeyWorkflow.approve)
-    result: Progress = await handle.result()
+    await handle.approve()
+    result = await handle.result()
     assert result.phase == DONE
     assert setup.adapter.describe().state_of(1) == "disabled"
     all_readable(setup)
 
 
 async def test_pause_and_resume(setup: Setup) -> None:
-    handle = await setup.start(grace_seconds=0, batch_size=20, batches_in_flight=1)
-    await handle.signal(RotateKeyWorkflow.pause)
-    progress: Progress = await handle.query(RotateKeyWorkflow.progress)
+    handle = await setup.start(grace=0, batch_size=20, in_flight=1)
+    await handle.pause()
+    progress = await handle.status()
     assert progress.paused
     await asyncio.sleep(0.5)
-    paused_at = (await handle.query(RotateKeyWorkflow.progress)).rewrapped
+    paused_at = (await handle.status()).rewrapped
     await asyncio.sleep(0.5)
-    assert (await handle.query(RotateKeyWorkflow.progress)).rewrapped == paused_at
-    await handle.signal(RotateKeyWorkflow.resume)
-    result: Progress = await handle.result()
+    assert (await handle.status()).rewrapped == paused_at
+    await handle.resume()
+    result = await handle.result()
     assert result.phase == DONE and result.rewrapped == 240
 
 
@@ -181,8 +173,8 @@ async def test_writer_during_rotation_loses_nothing(setup: Setup) -> None:
             round_ += 1
 
     task = asyncio.create_task(writer())
-    handle = await setup.start(grace_seconds=0, batch_size=10, batches_in_flight=2)
-    result: Progress = await handle.result()
+    handle = await setup.start(grace=0, batch_size=10, in_flight=2)
+    result = await handle.result()
     stop.set()
     await task
     assert result.phase == DONE
@@ -198,7 +190,7 @@ async def test_raw_history_holds_no_plaintext_or_dek(setup: Setup) -> None:
 
     from temporalio.client import Client
 
-    handle = await setup.start(grace_seconds=0, batch_size=60)
+    handle = await setup.start(grace=0, batch_size=60)
     await handle.result()
     raw_client = await Client.connect(setup.env.client.service_client.config.target_host)
     history = await raw_client.get_workflow_handle(handle.id).fetch_history()
@@ -231,7 +223,7 @@ async def test_cli_drives_a_rotation(
     def rekey(*args: str) -> tuple[int, str, str]:
         return run_cli(capsys, *args)
 
-    handle = await setup.start(grace_seconds=3600, batch_size=100)
+    handle = await setup.start(grace=3600, batch_size=100)
     await wait_phase(handle, AWAITING_COMMIT)
     code, out, err = await asyncio.to_thread(rekey, "rotate", "status", setup.key_ref, "--json")
     assert code == 0, err
@@ -248,10 +240,209 @@ async def test_cli_drives_a_rotation(
 
 
 async def test_out_of_range_sizing_fails_the_workflow_before_anything_changes(setup: Setup) -> None:
-    from temporalio.client import WorkflowFailureError
-
-    handle = await setup.start(grace_seconds=0, batch_size=20_000)
-    with pytest.raises(WorkflowFailureError) as failure:
+    handle = await setup.start(grace=0, batch_size=20_000)
+    with pytest.raises(RotationFailed) as failure:
         await handle.result()
-    assert "batch_size must be 1..10000" in str(failure.value.cause)
+    assert "batch_size must be 1..10000" in failure.value.cause
     assert setup.adapter.describe().primary_version == 1  # nothing was rotated
+
+
+# ------------------------------------------------------------------ the Python API (rekey.client)
+
+
+async def eventually(check: Any, what: str, timeout: float = 20.0) -> Any:
+    """``await check()`` until it returns something true (Temporal's lists are eventually consistent)."""
+    for _ in range(int(timeout / 0.2)):
+        found = await check()
+        if found:
+            return found
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_client_starts_watches_signals_and_lists_a_rotation(setup: Setup) -> None:
+    from rekey.client import RotationNotFound
+
+    client = setup.client
+    rotation = await client.start_rotation(setup.key_ref, grace="1h", batch_size=20, in_flight=1)
+    assert rotation.id == f"rotate:{setup.key_ref}" and rotation.key_ref == setup.key_ref
+    assert client.rotation(setup.key_ref).id == rotation.id == client.rotation(rotation.id).id
+
+    async def listed(status: str) -> Any:
+        rows = await client.list_rotations(running_only=status == "RUNNING")
+        return next((r for r in rows if r.id == rotation.id and r.status == status), None)
+
+    running = await eventually(lambda: listed("RUNNING"), "the rotation is listed as running")
+    assert running.key_ref == setup.key_ref and running.closed_at is None
+    assert (await rotation.describe()).status == "RUNNING"
+
+    snapshots: list[Progress] = []
+    approved = False
+    async for progress in rotation.watch(interval=0.1):
+        snapshots.append(progress)
+        if progress.phase == AWAITING_COMMIT and not approved:
+            await rotation.pause()  # after the sweep a pause changes nothing but the flag
+            assert (await rotation.status()).paused
+            await rotation.resume()
+            assert not (await rotation.status()).paused
+            await rotation.approve()
+            approved = True
+    final = snapshots[-1]
+    assert final.phase == DONE and final.rewrapped == 240 and final.remaining == 0
+    assert final == await rotation.result()
+    assert [p.rewrapped for p in snapshots] == sorted(p.rewrapped for p in snapshots)
+    assert {p.phase for p in snapshots} >= {AWAITING_COMMIT, DONE}
+    completed = await eventually(lambda: listed("COMPLETED"), "the rotation is listed as completed")
+    assert completed.closed_at is not None
+    assert all(r.id != rotation.id for r in await client.list_rotations(running_only=True))
+
+    with pytest.raises(RotationNotFound, match=r"^cannot approve rotate:vault:rot-[0-9a-f]+: "):
+        await rotation.approve()  # it ended: nothing runs under that id any more
+    with pytest.raises(RotationNotFound, match=r"^no rotation rotate:vault:never-rotated: "):
+        await client.rotation("vault:never-rotated").status()
+    with pytest.raises(RotationNotFound):
+        await client.rotation("vault:never-rotated").describe()
+    all_readable(setup)
+
+
+async def test_client_reports_what_failed_not_that_an_activity_failed(
+    setup: Setup, openbao: OpenBao, tmp_path: Path
+) -> None:
+    """A rotation of a key the KMS does not have fails in its first activity; `RotationFailed`
+    carries the KMS's message, not the wrapper's "Activity task failed"."""
+    absent = VaultTransitAdapter(
+        openbao.client(),
+        f"absent-{secrets.token_hex(4)}",
+        release_store=MemoryReleasePolicyStore(),
+        governor=Governor(f"absent-{secrets.token_hex(4)}"),
+    )
+    task_queue = f"rekey-test-{uuid.uuid4()}"
+    worker = build_worker(
+        setup.env.client,
+        load_settings(tmp_path, environ={}),
+        task_queue=task_queue,
+        adapters=lambda _ref: absent,
+        store=setup.store,
+        audit=lambda *_: None,
+    )
+    async with worker:
+        client = RekeyClient(setup.env.client, task_queue=task_queue)
+        rotation = await client.start_rotation(absent.key_ref, grace=0)
+        with pytest.raises(RotationFailed) as failure:
+            async for _ in rotation.watch(interval=0.1):
+                pass
+    assert failure.value.rotation_id == rotation.id
+    assert "does not exist" in failure.value.cause and "Activity task failed" not in str(failure.value)
+    assert str(failure.value).startswith(f"rotation {rotation.id} failed: ")
+    assert (await rotation.describe()).status == "FAILED"
+
+
+async def test_client_schedules_a_rotation(setup: Setup) -> None:
+    from rekey.client import InvalidDuration, ScheduleExists, ScheduleNotFound
+
+    client = setup.client
+    with pytest.raises(InvalidDuration):
+        await client.create_schedule(setup.key_ref, every=0)
+    schedule_id = await client.create_schedule(setup.key_ref, every="30d", grace=0, batch_size=100)
+    assert schedule_id == f"schedule:rotate:{setup.key_ref}"
+    with pytest.raises(ScheduleExists, match="exists already"):
+        await client.create_schedule(setup.key_ref, every="7d")
+
+    async def listed() -> Any:
+        return next((s for s in await client.list_schedules() if s.id == schedule_id), None)
+
+    schedule = await eventually(listed, "the schedule is listed")
+    assert schedule.key_ref == setup.key_ref and not schedule.paused
+    assert schedule.every_seconds == 30 * 86400 and schedule.next_runs and not schedule.recent_rotations
+
+    await client.pause_schedule(setup.key_ref)
+    assert (await listed()).paused  # the state comes from the schedule itself, not the lagging list
+    await client.unpause_schedule(schedule_id)
+    assert not (await client.describe_schedule(schedule_id)).paused
+
+    async def triggered() -> Any:
+        described = await client.describe_schedule(schedule_id)
+        return described if described.recent_rotations else None
+
+    await client.trigger_schedule(schedule_id)
+    schedule = await eventually(triggered, "the triggered rotation shows in the schedule")
+    (started,) = schedule.recent_rotations
+    assert started.startswith(f"rotate:{setup.key_ref}-")  # a schedule appends the scheduled time
+    rotation = client.rotation(started)
+    assert rotation.key_ref == setup.key_ref
+    assert (await rotation.result()).phase == DONE
+    assert setup.store.count_by_key_version(setup.key_ref) == {2: 240}
+
+    assert await client.delete_schedule(setup.key_ref) == schedule_id
+    with pytest.raises(ScheduleNotFound, match=f"^cannot pause {re.escape(schedule_id)}: "):
+        await client.pause_schedule(schedule_id)
+    with pytest.raises(ScheduleNotFound):
+        await client.describe_schedule(schedule_id)
+    assert schedule_id not in [s.id for s in await client.list_schedules()]
+    all_readable(setup)
+
+
+async def test_cli_manages_a_schedule(
+    temporal_env: WorkflowEnvironment,
+    temporal_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`rekey schedule create | list | pause | unpause | trigger | delete` against the test server
+    (`schedule list` used to crash whenever a schedule existed)."""
+    import json
+
+    from tests.fixtures.cli import run_cli
+
+    monkeypatch.setenv("REKEY_HOME", str(temporal_home))
+    monkeypatch.setenv("REKEY_TEMPORAL_ADDRESS", temporal_env.client.service_client.config.target_host)
+    monkeypatch.setenv("COLUMNS", "200")
+    key_ref = f"vault:sched-{secrets.token_hex(4)}"
+    schedule_id = f"schedule:rotate:{key_ref}"
+
+    async def rekey(*args: str) -> tuple[int, str, str]:
+        return await asyncio.to_thread(run_cli, capsys, *args)
+
+    async def listed() -> Any:
+        code, out, err = await rekey("schedule", "list", "--json")
+        assert code == 0, err
+        return next((row for row in json.loads(out) if row["id"] == schedule_id), None)
+
+    code, out, err = await rekey("schedule", "create", key_ref, "--every", "30d", "--grace", "0s")
+    assert (code, out, err) == (0, f"created {schedule_id}: rotate {key_ref} every 30d\n", "")
+    code, _, err = await rekey("schedule", "create", key_ref, "--every", "7d")
+    assert code == 2 and err == f"error: a schedule for {key_ref} exists already ({schedule_id})\n"
+
+    row = await eventually(listed, "the schedule is listed")
+    assert row["paused"] is False and len(row["next_runs"]) == 3 and row["recent"] == []
+    code, out, _ = await rekey("schedule", "list")
+    line = next(line for line in out.splitlines() if line.startswith(schedule_id))
+    assert line.split()[1] == "false" and row["next_runs"][0][:19] in line
+
+    assert await rekey("schedule", "pause", key_ref) == (0, f"pause: {schedule_id}\n", "")
+    assert (await listed())["paused"] is True
+    code, out, _ = await rekey("schedule", "list")
+    assert next(line for line in out.splitlines() if line.startswith(schedule_id)).split()[1] == "true"
+    assert await rekey("schedule", "unpause", schedule_id) == (0, f"unpause: {schedule_id}\n", "")
+    assert (await listed())["paused"] is False
+
+    # No worker polls the CLI's task queue here: the triggered rotation starts and is ended below.
+    assert await rekey("schedule", "trigger", schedule_id) == (0, f"trigger: {schedule_id}\n", "")
+
+    async def triggered() -> Any:
+        row = await listed()
+        return row if row["recent"] else None
+
+    (started,) = (await eventually(triggered, "the triggered rotation shows in the list"))["recent"]
+    assert started.startswith(f"rotate:{key_ref}-")
+    await temporal_env.client.get_workflow_handle(started).terminate("test: no worker for it")
+
+    assert await rekey("schedule", "delete", key_ref) == (0, f"delete: {schedule_id}\n", "")
+    assert await listed() is None
+    code, out, err = await rekey("schedule", "pause", key_ref)
+    assert code == 2 and out == "" and err.startswith(f"error: cannot pause {schedule_id}: ")
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = await rekey("schedule", "trigger", "rotate:")
+    assert code == 2 and err == (
+        "error: key reference 'rotate:': unknown backend 'rotate' (one of vault, aws, azure)\n"
+    )

@@ -24,11 +24,12 @@ from emulators.servers import openbao_dev
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
+from rekey.client import rotation_id
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
-from workflows.rotation import RotateKeyInput, RotateKeyWorkflow, workflow_id
+from workflows.rotation import RotateKeyInput, RotateKeyWorkflow
 
 OUT = Path(__file__).with_name("rotation_done.json")
 
@@ -77,7 +78,7 @@ async def record() -> None:
                         batches_in_flight=2,
                         started_by="replay-recorder",
                     ),
-                    id=workflow_id(adapter.key_ref),
+                    id=rotation_id(adapter.key_ref),
                     task_queue=task_queue,
                 )
                 await handle.result()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -36,9 +35,6 @@ from audit import (
     verify_records,
 )
 from audit.schema import audit_log
-from rekey.audit import make_audit_group
-from rekey.config import Settings
-from rekey.worker import open_audit_log
 
 EVENTS: list[tuple[str, str, dict[str, Any]]] = [
     ("rotation.started", "wf-1", {"key_ref": "vault:orders", "from_version": 1}),
@@ -460,62 +456,3 @@ def test_concurrent_key_creation_yields_one_key(tmp_path: Path) -> None:
         t.join(timeout=30)
     assert len(ids) == 8 and len(set(ids)) == 1
     assert sorted(os.listdir(path.parent)) == ["ed25519.pem", "ed25519.pub.pem"]
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def test_cli_verify_and_export(store_url: str, tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path / "home", store_url=store_url)
-    group = make_audit_group(lambda: settings)
-    runner = CliRunner()
-
-    result = runner.invoke(group, ["verify"])
-    assert (result.exit_code, result.stdout) == (0, "0 records verified\n"), result.output
-
-    with open_audit_log(settings, actor="alice@host1") as audit:
-        written = [audit.append(*event) for event in EVENTS[:3]]
-        audit.append("phase.changed", "[bold]wf-1[/bold]", {"to": "done"})
-    private_pem = default_signing_key_path(settings.home).read_text()
-
-    result = runner.invoke(group, ["verify"])
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("4 records verified")
-    result = runner.invoke(group, ["verify", "--json"])
-    assert result.exit_code == 0
-    assert json.loads(result.stdout)["ok"] is True and json.loads(result.stdout)["count"] == 4
-
-    result = runner.invoke(group, ["export", "--json"])
-    assert result.exit_code == 0
-    exported = json.loads(result.stdout)
-    assert exported[:3] == [r.to_dict() for r in written]
-    result = runner.invoke(group, ["export"])
-    assert result.exit_code == 0
-    assert "key.version.created" in result.stdout and "alice@host1" in result.stdout
-    assert "[bold]wf-1[/bold]" in result.stdout  # database text is never rich markup
-    for output in (result.stdout, json.dumps(exported)):
-        assert private_pem.strip().splitlines()[1] not in output
-
-    engine = create_engine(store_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(update(audit_log).where(audit_log.c.seq == 2).values(details='{"version":3}'))
-    finally:
-        engine.dispose()
-    result = runner.invoke(group, ["verify"])
-    assert result.exit_code == 1
-    assert result.stderr == "error: audit record 2 was changed (hash mismatch)\n"
-    assert result.stdout == ""
-    result = runner.invoke(group, ["verify", "--json"])
-    assert result.exit_code == 1
-    assert json.loads(result.stdout)["first_bad_seq"] == 2
-
-    # Trusting only another key: the first record is from an unknown signer.
-    other = tmp_path / "other"
-    load_or_create_signing_key(other / "ed25519.pem")
-    result = runner.invoke(group, ["verify", "--public-key", str(other / "ed25519.pub.pem")])
-    assert result.exit_code == 1
-    assert result.stderr.startswith("error: audit record 1 was signed by unknown key ")
-    result = runner.invoke(group, ["verify", "--public-key", str(tmp_path / "missing.pub.pem")])
-    assert result.exit_code == 1
-    assert "cannot read the audit public key" in result.output

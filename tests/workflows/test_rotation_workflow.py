@@ -41,6 +41,7 @@ from activities.types import (
     RotateToInput,
     VerifyInput,
 )
+from rekey.client import rotation_id
 from workflows.rotation import (
     ABORTED,
     AWAITING_COMMIT,
@@ -52,7 +53,6 @@ from workflows.rotation import (
     Progress,
     RotateKeyInput,
     RotateKeyWorkflow,
-    workflow_id,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -226,7 +226,7 @@ class Rotation:
             return await self.env.client.start_workflow(
                 RotateKeyWorkflow.run,
                 request,
-                id=f"{workflow_id(KEY_REF)}:{uuid.uuid4()}",
+                id=f"{rotation_id(KEY_REF)}:{uuid.uuid4()}",
                 task_queue=self.task_queue,
             )
 

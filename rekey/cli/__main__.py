@@ -1,0 +1,5 @@
+"""``python -m rekey.cli``: how the dev stack starts the worker and the codec server."""
+
+from rekey.cli import entry
+
+entry()

@@ -1,0 +1,157 @@
+"""``rekey attest verify``: check attestation evidence, optionally against a policy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from attestation.errors import NonceMismatch, PolicyDenied
+from attestation.policy import load_policy
+from attestation.sim import SimVerifier
+from attestation.token import ResultSigner, verify_result
+from attestation.verifier import Verifier
+from rekey.cli.context import settings, sim_host_dir
+from rekey.cli.files import InputFileError, read_input
+from rekey.cli.output import EXIT_DENIED, CliError, emit_json, err, json_option, out, table
+from sealing.handoff import report_data_for
+from sealing.tee.sim import SimHost
+
+
+class InvalidOptionValue(CliError):
+    """An option's value is not of the form it must have (a time, hex)."""
+
+
+@click.group("attest")
+def cli() -> None:
+    """Attestation evidence and results."""
+
+
+def _read_evidence(path: Path) -> tuple[bytes, bytes]:
+    """Raw evidence, or the JSON an agent's /v1/attest returns (evidence + public key)."""
+    raw = read_input(path)
+    if raw[:1] == b"{":
+        try:
+            document = json.loads(raw)
+            return base64.b64decode(document["evidence"], validate=True), base64.b64decode(
+                document.get("public_key", ""), validate=True
+            )
+        except (ValueError, KeyError, TypeError):
+            raise InputFileError(
+                f"{path}: JSON evidence needs base64 'evidence' (and 'public_key')"
+            ) from None
+    return raw, b""
+
+
+def _verify(
+    evidence: bytes,
+    public_key: bytes,
+    *,
+    platform: str,
+    root_ca: bytes,
+    policy_path: Path | None,
+    nonce: bytes | None,
+    at: datetime,
+) -> dict[str, Any]:
+    """Claims of verified evidence; with a policy, also the signed attestation result."""
+    platform_verifier = SimVerifier(root_ca)
+    if policy_path is None:
+        claims = platform_verifier.verify(evidence, at=at)
+        if nonce is not None and bytes.fromhex(claims.report_data) != report_data_for(nonce, public_key):
+            raise NonceMismatch("evidence does not bind the nonce (and public key)")
+        return {"allowed": True, "claims": claims.to_dict(), "token": None}
+    policy = load_policy(policy_path)
+    signer = ResultSigner.load_or_create(settings().home / "verifier" / "es256.pem")
+    verifier = Verifier({platform: platform_verifier}, signer, clock=lambda: at)
+    token = asyncio.run(
+        verifier.verify(
+            evidence,
+            platform=platform,
+            expected_nonce=nonce,
+            policy=policy,
+            audience="rekey",
+            cnf_public_key=public_key,
+        )
+    )
+    verified = verify_result(
+        token, public_key=signer.public_key, audience="rekey", policy_id=policy.id, now=at
+    )
+    return {"allowed": True, "policy": policy.id, "claims": verified.claims.to_dict(), "token": token}
+
+
+@cli.command("verify")
+@click.argument("evidence_path", metavar="EVIDENCE", type=click.Path(path_type=Path))
+@click.option("--platform", type=click.Choice(["sim"]), required=True, help="Evidence platform.")
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Policy (YAML/JSON); with it, a signed attestation result is issued.",
+)
+@click.option("--nonce", "nonce_hex", default=None, metavar="HEX", help="Nonce the evidence must bind.")
+@click.option(
+    "--at", "at_text", default=None, metavar="TIME", help="Verify as of this ISO 8601 time (default now)."
+)
+@click.option(
+    "--host-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Simulated host whose root CA is trusted (default <home>/sim-host).",
+)
+@json_option
+def verify(
+    evidence_path: Path,
+    platform: str,
+    policy_path: Path | None,
+    nonce_hex: str | None,
+    at_text: str | None,
+    host_dir: Path | None,
+    json_out: bool,
+) -> None:
+    """Verify evidence; exit 0 allowed, 3 denied by policy, 2 malformed or unverifiable."""
+    try:
+        at = datetime.fromisoformat(at_text) if at_text else datetime.now(UTC)
+    except ValueError:
+        raise InvalidOptionValue(f"--at {at_text!r} is not an ISO 8601 time") from None
+    at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    try:
+        nonce = bytes.fromhex(nonce_hex) if nonce_hex is not None else None
+    except ValueError:
+        raise InvalidOptionValue("--nonce must be hex") from None
+    evidence, public_key = _read_evidence(evidence_path)
+    root = SimHost.load_or_create(sim_host_dir(host_dir)).root_ca_pem()
+    try:
+        result = _verify(
+            evidence,
+            public_key,
+            platform=platform,
+            root_ca=root,
+            policy_path=policy_path,
+            nonce=nonce,
+            at=at,
+        )
+    except PolicyDenied as exc:
+        if json_out:
+            emit_json({"allowed": False, "reasons": exc.reasons})
+        else:
+            err.print("denied by policy:", markup=False)
+            for reason in exc.reasons:
+                err.print(f"  - {reason}", markup=False)
+        sys.exit(EXIT_DENIED)
+    if json_out:
+        emit_json(result)
+        return
+    claims = table("claim", "value")
+    for key, value in result["claims"].items():
+        claims.add_row(key, str(value))
+    out.print(claims)
+    if result.get("token"):
+        out.print(f"attestation result (ES256 JWT, policy {result['policy']}):")
+        out.print(result["token"], markup=False)

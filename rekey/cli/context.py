@@ -1,0 +1,59 @@
+"""What a command gets from the root group: the settings of ``--home``, the store, a client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import click
+
+from rekey.config import Settings, load_settings
+from sealing.store import SealedStateStore
+
+if TYPE_CHECKING:
+    from rekey.client import RekeyClient
+
+T = TypeVar("T")
+
+
+class CliState:
+    """The root group's ``--home``; settings are read on first use, so ``--help`` needs none."""
+
+    def __init__(self, home: Path | None) -> None:
+        self.home = home
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.home)
+        return self._settings
+
+
+def settings() -> Settings:
+    """The settings of the running command."""
+    state = click.get_current_context().find_object(CliState)
+    assert state is not None, "commands run under the rekey root group"
+    return state.settings
+
+
+def store() -> SealedStateStore:
+    return SealedStateStore(settings().store_url)
+
+
+def sim_host_dir(host_dir: Path | None) -> Path:
+    """The simulated TEE host's directory: ``host_dir``, else ``<home>/sim-host``."""
+    return host_dir if host_dir is not None else settings().home / "sim-host"
+
+
+def with_client(action: Callable[[RekeyClient], Awaitable[T]]) -> T:
+    """Connect to Temporal (from the settings) and run ``action`` with the client."""
+    # Imported here: only the commands that talk to Temporal load its SDK.
+    from rekey.client import RekeyClient
+
+    async def run() -> T:
+        return await action(await RekeyClient.connect(settings()))
+
+    return asyncio.run(run())

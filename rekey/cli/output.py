@@ -1,0 +1,123 @@
+"""What every command prints with: the consoles, ``--json``, tables, and the exit codes.
+
+`exit_on_error` is the one place where an error becomes the one-line ``error: ...`` on stderr
+and an exit code; commands raise typed errors and never print them themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import traceback
+from collections.abc import Iterator
+from typing import Any, Final, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+"""An operation failed (a KMS, the store, Temporal, a rotation)."""
+EXIT_USAGE: Final = 2
+"""Bad input: an option, a file, a key ref, a manifest."""
+EXIT_DENIED: Final = 3
+"""Attestation evidence denied by the policy."""
+EXIT_DOWNGRADE: Final = 4
+"""``generation diff``: the SVN goes down."""
+EXIT_INTERRUPTED: Final = 130
+
+CONTEXT: Final = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+json_option = click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+
+# Piped output is not cut to 80 columns: scripts and logs get whole key refs and paths.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class CliError(Exception):
+    """Base of the command line's own errors (a file, an option's value, a port); one line."""
+
+    exit_code = EXIT_USAGE
+
+
+def table(*columns: str) -> Table:
+    """A borderless table; cells are rich markup unless given as `rich.text.Text`."""
+    return Table(*columns, box=None, pad_edge=False)
+
+
+def emit_json(data: Any, *, sort_keys: bool = False) -> None:
+    """``data`` as indented JSON on stdout (values JSON does not know as their ``str``)."""
+    out.print_json(json.dumps(data, default=str), sort_keys=sort_keys)
+
+
+def error_line(message: str) -> None:
+    """``error: <message>`` on stderr, never read as markup or emoji codes (``:smile:``)."""
+    err.print(f"error: {message}", markup=False, emoji=False)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    error_line(message)
+    sys.exit(code)
+
+
+def known_errors() -> tuple[type[Exception], ...]:
+    """The errors that say what happened: each ends in one ``error:`` line and its ``exit_code``.
+
+    Imported when an error is being handled, so that a command loads only what it uses (the
+    Temporal SDK only for ``rotate``, ``schedule`` and ``worker``)."""
+    from attestation.errors import AttestationError
+    from audit import AuditError
+    from kms_adapters.keyref import InvalidKeyRef
+    from rekey.backends import BackendNotAvailable
+    from rekey.client import RekeyClientError
+    from rekey.config import ConfigError
+    from rekey.devstack import DevStackError
+    from sealing.errors import SealingError
+    from sealing.generation import ManifestError
+    from sealing.store import StoreError
+
+    return (
+        AttestationError,
+        ConfigError,
+        ManifestError,
+        InvalidKeyRef,
+        BackendNotAvailable,
+        SealingError,
+        StoreError,
+        AuditError,
+        DevStackError,
+        RekeyClientError,
+        CliError,
+    )
+
+
+def exit_code_of(error: BaseException) -> int:
+    """The exit code of a known error (its ``exit_code``; 1 if it has none)."""
+    code = getattr(error, "exit_code", EXIT_FAILED)
+    return code if isinstance(code, int) else EXIT_FAILED
+
+
+@contextlib.contextmanager
+def exit_on_error(debug: bool) -> Iterator[None]:
+    """Turn whatever the block raises into an exit code and, for an error, one ``error:`` line.
+
+    ``debug`` adds the traceback of a known or unexpected error (not of a usage error)."""
+    try:
+        yield
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        fail("aborted", EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, known_errors()):
+            fail(str(exc), exit_code_of(exc))
+        # The last line of defence: never a bare traceback.
+        fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_FAILED)

@@ -1,0 +1,679 @@
+"""The rekey Python API: start, watch and steer key rotations, and schedule them, over Temporal.
+
+Everything the ``rekey rotate`` and ``rekey schedule`` commands do goes through this module,
+so automation can do the same without the command line::
+
+    import asyncio
+
+    from rekey.client import AWAITING_COMMIT, DONE, RekeyClient
+    from rekey.config import load_settings
+
+    async def rotate(key_ref: str) -> None:
+        client = await RekeyClient.connect(load_settings())
+        rotation = await client.start_rotation(key_ref, grace="24h")
+        approved = False
+        async for progress in rotation.watch():  # the last one is the result
+            print(progress.phase, progress.rewrapped, "/", progress.total)
+            if progress.phase == AWAITING_COMMIT and not approved:
+                await rotation.approve()  # our own checks passed: retire the old version now
+                approved = True
+        assert progress.phase == DONE  # a failed workflow raised RotationFailed instead
+
+    asyncio.run(rotate("vault:orders"))
+
+Ids are built and parsed here only: ``rotate:<backend>:<name>`` for the rotation of a key and
+``schedule:rotate:<backend>:<name>`` for its schedule; a rotation a schedule started has the
+scheduled time appended (``rotate:vault:orders-2030-01-01T00:00:00Z``). Wherever a method takes
+an id, the bare key ref (``vault:orders``) works as well.
+
+Every error is a `RekeyClientError` with a one-line message and the exit code the command line
+uses for it; none carries key material (the payload codec encrypts workflow inputs and results).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import re
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final, NoReturn
+
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleDescription,
+    ScheduleHandle,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    WorkflowExecution,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.exceptions import (
+    ActivityError,
+    ChildWorkflowError,
+    FailureError,
+    TemporalError,
+    WorkflowAlreadyStartedError,
+)
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
+from attestation.errors import AttestationError
+from attestation.policy import parse_duration as parse_policy_duration
+from kms_adapters.keyref import InvalidKeyRef, KeyRef
+from rekey.config import Settings
+from workflows.rotation import (
+    ABORTED,
+    AWAITING_COMMIT,
+    DONE,
+    PREPARING,
+    RETIRING,
+    REWRAPPING,
+    VERIFYING,
+    Progress,
+    RotateKeyInput,
+    RotateKeyWorkflow,
+)
+
+__all__ = [
+    "ABORTED",
+    "AWAITING_COMMIT",
+    "DONE",
+    "PREPARING",
+    "RETIRING",
+    "REWRAPPING",
+    "ROTATION_PREFIX",
+    "SCHEDULE_PREFIX",
+    "VERIFYING",
+    "Duration",
+    "InvalidDuration",
+    "InvalidId",
+    "Progress",
+    "RekeyClient",
+    "RekeyClientError",
+    "RotationAlreadyRunning",
+    "RotationFailed",
+    "RotationHandle",
+    "RotationInfo",
+    "RotationNotFound",
+    "RotationSchedule",
+    "ScheduleExists",
+    "ScheduleNotFound",
+    "TemporalRequestFailed",
+    "TemporalUnreachable",
+    "actor",
+    "connect",
+    "data_converter",
+    "key_ref_of",
+    "parse_duration",
+    "parse_rotation_id",
+    "parse_schedule_id",
+    "rotation_id",
+    "schedule_id",
+    "seconds",
+]
+
+ROTATION_PREFIX: Final = "rotate:"
+SCHEDULE_PREFIX: Final = "schedule:rotate:"
+DEFAULT_GRACE: Final = 24 * 3600.0
+"""Seconds a rotation waits before retiring the old versions, unless approved earlier."""
+
+# A schedule starts each run under its action's workflow id with the scheduled time appended.
+_SCHEDULED_SUFFIX: Final = re.compile(r"-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
+
+Duration = float | int | timedelta | str
+"""Seconds, a `timedelta`, or text like ``0``, ``30s``, ``15m``, ``24h``, ``7d``, ``1h30m``."""
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+class RekeyClientError(Exception):
+    """Base of every error this module raises; ``exit_code`` is the command line's for it."""
+
+    exit_code = 1
+
+
+class TemporalUnreachable(RekeyClientError):
+    """The Temporal frontend does not answer at the configured address."""
+
+
+class TemporalRequestFailed(RekeyClientError):
+    """Temporal refused or could not answer a request (other than for a missing rotation or schedule)."""
+
+
+class InvalidId(RekeyClientError):
+    """Text given as a rotation id, schedule id or key ref is none of these."""
+
+    exit_code = 2
+
+
+class InvalidDuration(RekeyClientError):
+    """A duration is not one rekey can use (malformed, negative, or zero where it must not be)."""
+
+    exit_code = 2
+
+
+class RotationAlreadyRunning(RekeyClientError):
+    """A rotation of this key is running; a key has one rotation at a time."""
+
+    exit_code = 2
+
+
+class RotationNotFound(RekeyClientError):
+    """No rotation has this id (for a signal: none is running under it)."""
+
+    exit_code = 2
+
+
+class RotationFailed(RekeyClientError):
+    """The rotation workflow failed; ``cause`` is what failed, as the workflow reported it."""
+
+    def __init__(self, rotation_id: str, cause: str) -> None:
+        super().__init__(f"rotation {rotation_id} failed: {cause}")
+        self.rotation_id = rotation_id
+        self.cause = cause
+
+
+class ScheduleExists(RekeyClientError):
+    """A rotation schedule for this key exists already."""
+
+    exit_code = 2
+
+
+class ScheduleNotFound(RekeyClientError):
+    """No rotation schedule has this id."""
+
+    exit_code = 2
+
+
+# -------------------------------------------------------------------------- ids and durations
+
+
+def _key_ref(text: str, context: str = "") -> KeyRef:
+    try:
+        ref = KeyRef.parse(text)
+    except InvalidKeyRef as exc:
+        raise InvalidId(f"{context}{exc}") from None
+    if not text.isprintable():  # KeyRef.parse lets a trailing newline through (its `$`)
+        raise InvalidId(f"{context}key reference {text!r}: name must be 1-128 of letters, digits, _ . / -")
+    return ref
+
+
+def rotation_id(key_ref: str) -> str:
+    """``rotate:<backend>:<name>``, the workflow id of the rotation of ``key_ref``."""
+    return f"{ROTATION_PREFIX}{_key_ref(key_ref)}"
+
+
+def schedule_id(key_ref: str) -> str:
+    """``schedule:rotate:<backend>:<name>``, the id of the rotation schedule of ``key_ref``."""
+    return f"{SCHEDULE_PREFIX}{_key_ref(key_ref)}"
+
+
+def parse_rotation_id(text: str) -> str:
+    """The rotation id ``text`` names: a rotation id (one a schedule started included) or a key ref."""
+    if not text.startswith(ROTATION_PREFIX):
+        return rotation_id(text)
+    rest = text[len(ROTATION_PREFIX) :]
+    _key_ref(_SCHEDULED_SUFFIX.sub("", rest), f"rotation id {text!r}: ")
+    return text
+
+
+def parse_schedule_id(text: str) -> str:
+    """The schedule id ``text`` names: a schedule id or the key ref of the schedule's key."""
+    if not text.startswith(SCHEDULE_PREFIX):
+        return schedule_id(text)
+    _key_ref(text[len(SCHEDULE_PREFIX) :], f"schedule id {text!r}: ")
+    return text
+
+
+def key_ref_of(rotation_or_schedule_id: str) -> str:
+    """The key ref a rotation id or schedule id (or a key ref) is about."""
+    text = rotation_or_schedule_id
+    if text.startswith(SCHEDULE_PREFIX):
+        return str(_key_ref(parse_schedule_id(text)[len(SCHEDULE_PREFIX) :]))
+    if text.startswith(ROTATION_PREFIX):
+        return str(_key_ref(_SCHEDULED_SUFFIX.sub("", parse_rotation_id(text)[len(ROTATION_PREFIX) :])))
+    return str(_key_ref(text))
+
+
+def parse_duration(text: str, name: str = "duration") -> float:
+    """``0``, ``0s``, ``30s``, ``15m``, ``24h``, ``7d`` (or combinations like ``1h30m``) -> seconds.
+
+    ``name`` starts the error message (the command line passes the option, ``--grace``)."""
+    if text.strip() in ("0", "0s"):
+        return 0.0
+    try:
+        return parse_policy_duration(text).total_seconds()
+    except (AttestationError, ValueError):
+        raise InvalidDuration(f"{name} {text!r} is not a duration like 30s, 15m, 24h or 7d") from None
+
+
+def seconds(value: Duration, name: str = "duration") -> float:
+    """A `Duration` in seconds; `InvalidDuration` if it is malformed or negative."""
+    if isinstance(value, str):
+        return parse_duration(value, name)
+    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not result >= 0:  # also NaN
+        raise InvalidDuration(f"{name} must not be negative, got {value!r}")
+    return result
+
+
+# ------------------------------------------------------------------------------- connecting
+
+
+def actor() -> str:
+    """Who is acting, for the audit log: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def data_converter(settings: Settings) -> Any:
+    """The payload converter with rekey's codec (keys under ``<home>/codec``), as the workers use."""
+    from rekey.codec import data_converter as codec_converter
+
+    return codec_converter(settings.home)
+
+
+async def connect(settings: Settings) -> Client:
+    """A Temporal client for ``settings`` (address, namespace, payload codec)."""
+    try:
+        return await Client.connect(
+            settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            data_converter=data_converter(settings),
+        )
+    except RuntimeError as exc:  # the SDK's connection failure
+        raise TemporalUnreachable(
+            f"cannot reach Temporal at {settings.temporal_address}: {str(exc).splitlines()[0]}"
+            " (start it with `rekey dev up`)"
+        ) from None
+
+
+def _cause_message(error: BaseException | None) -> str:
+    # An activity or child-workflow error only says "Activity task failed"; what happened is
+    # the message of the innermost cause.
+    while isinstance(error, ActivityError | ChildWorkflowError) and error.cause is not None:
+        error = error.cause
+    if isinstance(error, FailureError):
+        return error.message
+    return str(error)
+
+
+def _rpc_failure(error: RPCError, not_found: type[RekeyClientError], what: str) -> NoReturn:
+    """Raise ``not_found`` for a NOT_FOUND answer, else `TemporalRequestFailed`."""
+    cls = not_found if error.status == RPCStatusCode.NOT_FOUND else TemporalRequestFailed
+    raise cls(f"{what}: {error.message}") from None
+
+
+# --------------------------------------------------------------------------------- rotations
+
+
+@dataclass(frozen=True)
+class RotationInfo:
+    """One rotation workflow run as Temporal lists it (no worker needed)."""
+
+    id: str
+    key_ref: str
+    """Empty if the id is not a rotation id (a RotateKeyWorkflow started under another id)."""
+    run_id: str
+    status: str
+    """``RUNNING``, ``COMPLETED``, ``FAILED``, ``CANCELED``, ``TERMINATED`` or ``TIMED_OUT``."""
+    started_at: datetime
+    closed_at: datetime | None
+
+    @classmethod
+    def from_execution(cls, execution: WorkflowExecution) -> RotationInfo:
+        try:
+            key_ref = key_ref_of(execution.id)
+        except InvalidId:  # started by hand under another id: listed, with no key ref
+            key_ref = ""
+        return cls(
+            id=execution.id,
+            key_ref=key_ref,
+            run_id=execution.run_id,
+            status=execution.status.name if execution.status is not None else "UNKNOWN",
+            started_at=execution.start_time,
+            closed_at=execution.close_time,
+        )
+
+
+class RotationHandle:
+    """One rotation, by id: its progress, its end, and the signals that steer it.
+
+    It always addresses the latest run, so it keeps working across continue-as-new."""
+
+    def __init__(self, handle: WorkflowHandle[Any, Any]) -> None:
+        self._handle = handle
+
+    @property
+    def id(self) -> str:
+        return self._handle.id
+
+    @property
+    def key_ref(self) -> str:
+        return key_ref_of(self._handle.id)
+
+    async def status(self) -> Progress:
+        """Phase and counts now (the workflow's ``progress`` query; needs a worker)."""
+        try:
+            return await self._handle.query(RotateKeyWorkflow.progress)
+        except RPCError as exc:
+            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}")
+        except TemporalError as exc:
+            raise TemporalRequestFailed(f"cannot query {self.id}: {_cause_message(exc)}") from None
+
+    async def describe(self) -> RotationInfo:
+        """The latest run's status as Temporal records it (no worker needed)."""
+        try:
+            return RotationInfo.from_execution(await self._handle.describe())
+        except RPCError as exc:
+            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}")
+
+    async def result(self) -> Progress:
+        """Wait for the end: the final progress (phase ``DONE`` or ``ABORTED``).
+
+        `RotationFailed` if the workflow failed, with the message of what failed."""
+        try:
+            result: Progress = await self._handle.result()
+        except WorkflowFailureError as exc:
+            raise RotationFailed(self.id, _cause_message(exc.cause)) from None
+        except RPCError as exc:
+            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}")
+        return result
+
+    async def watch(
+        self,
+        interval: float = 0.5,
+        on_unavailable: Callable[[Exception], object] | None = None,
+    ) -> AsyncIterator[Progress]:
+        """Progress snapshots every ``interval`` seconds while the rotation runs, then its result.
+
+        A query that fails (as one can during continue-as-new) is skipped and reported to
+        ``on_unavailable``; the next one works. Raises what `result` raises."""
+        ended = asyncio.ensure_future(self.result())
+        try:
+            while not ended.done():
+                try:
+                    progress = await self._handle.query(RotateKeyWorkflow.progress)
+                except TemporalError as exc:
+                    if on_unavailable is not None:
+                        on_unavailable(exc)
+                else:
+                    yield progress
+                await asyncio.wait({ended}, timeout=interval)
+            yield ended.result()
+        finally:
+            if not ended.done():
+                ended.cancel()
+                await asyncio.gather(ended, return_exceptions=True)
+
+    async def _signal(self, name: str) -> None:
+        try:
+            await self._handle.signal(name)
+        except RPCError as exc:
+            _rpc_failure(exc, RotationNotFound, f"cannot {name} {self.id}")
+
+    async def pause(self) -> None:
+        """Pause the re-wrap sweep after the batches in flight."""
+        await self._signal("pause")
+
+    async def resume(self) -> None:
+        """Resume a paused rotation."""
+        await self._signal("resume")
+
+    async def abort(self) -> None:
+        """Abort before retirement: every blob stays readable."""
+        await self._signal("abort")
+
+    async def approve(self) -> None:
+        """Commit now instead of waiting for the grace period."""
+        await self._signal("approve")
+
+
+# --------------------------------------------------------------------------------- schedules
+
+
+@dataclass(frozen=True)
+class RotationSchedule:
+    """A rotation schedule as Temporal describes it now."""
+
+    id: str
+    key_ref: str
+    paused: bool
+    note: str
+    every_seconds: float | None
+    next_runs: tuple[datetime, ...]
+    """Upcoming start times, soonest first."""
+    recent_rotations: tuple[str, ...]
+    """Workflow ids of the rotations it started most recently, oldest first."""
+
+    @classmethod
+    def from_description(cls, description: ScheduleDescription) -> RotationSchedule:
+        intervals = description.schedule.spec.intervals
+        return cls(
+            id=description.id,
+            key_ref=key_ref_of(description.id),
+            paused=description.schedule.state.paused,
+            note=description.schedule.state.note or "",
+            every_seconds=intervals[0].every.total_seconds() if intervals else None,
+            next_runs=tuple(description.info.next_action_times),
+            recent_rotations=tuple(
+                result.action.workflow_id
+                for result in description.info.recent_actions
+                if isinstance(result.action, ScheduleActionExecutionStartWorkflow)
+            ),
+        )
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+class RekeyClient:
+    """Rotations and rotation schedules on one Temporal namespace.
+
+    Build it with `connect` from settings, or around a connected ``temporalio`` client (whose
+    data converter must use rekey's payload codec, as `data_converter` makes it). ``task_queue``
+    is where rotations it starts (and its schedules' rotations) run: a rekey worker must poll it."""
+
+    def __init__(self, temporal: Client, *, task_queue: str = TASK_QUEUE) -> None:
+        self.temporal = temporal
+        self.task_queue = task_queue
+
+    @classmethod
+    async def connect(cls, settings: Settings, *, task_queue: str = TASK_QUEUE) -> RekeyClient:
+        """Connect to the Temporal of ``settings``; `TemporalUnreachable` if it does not answer."""
+        return cls(await connect(settings), task_queue=task_queue)
+
+    def _request(
+        self,
+        key_ref: str,
+        *,
+        grace: Duration,
+        destroy_after: Duration | None,
+        batch_size: int,
+        in_flight: int,
+        started_by: str,
+    ) -> RotateKeyInput:
+        return RotateKeyInput(
+            str(_key_ref(key_ref)),
+            grace_seconds=seconds(grace, "grace"),
+            destroy_after_seconds=None if destroy_after is None else seconds(destroy_after, "destroy_after"),
+            batch_size=batch_size,
+            batches_in_flight=in_flight,
+            started_by=started_by,
+        )
+
+    # ------------------------------------------------------------------------- rotations
+
+    async def start_rotation(
+        self,
+        key_ref: str,
+        *,
+        grace: Duration = DEFAULT_GRACE,
+        destroy_after: Duration | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        in_flight: int = DEFAULT_IN_FLIGHT,
+        started_by: str | None = None,
+    ) -> RotationHandle:
+        """Start rotating ``key_ref``: new version, every stored DEK re-wrapped, old versions
+        disabled after ``grace`` (or on `RotationHandle.approve`) and destroyed ``destroy_after``
+        that (never if None). ``batch_size`` blobs per re-wrap activity, ``in_flight`` of them
+        at once (the workflow refuses sizes out of range). ``started_by`` defaults to `actor`.
+
+        `RotationAlreadyRunning` while a rotation of the key runs."""
+        request = self._request(
+            key_ref,
+            grace=grace,
+            destroy_after=destroy_after,
+            batch_size=batch_size,
+            in_flight=in_flight,
+            started_by=actor() if started_by is None else started_by,
+        )
+        workflow_id = rotation_id(key_ref)
+        try:
+            await self.temporal.start_workflow(
+                RotateKeyWorkflow.run, request, id=workflow_id, task_queue=self.task_queue
+            )
+        except WorkflowAlreadyStartedError:
+            raise RotationAlreadyRunning(
+                f"a rotation of {request.key_ref} is already running (workflow {workflow_id});"
+                f" see `rekey rotate status {workflow_id}`"
+            ) from None
+        except RPCError as exc:
+            raise TemporalRequestFailed(f"cannot start {workflow_id}: {exc.message}") from None
+        return self.rotation(workflow_id)
+
+    def rotation(self, rotation_id_or_key_ref: str) -> RotationHandle:
+        """The rotation with this id (or of this key ref); no request is made yet."""
+        workflow_id = parse_rotation_id(rotation_id_or_key_ref)
+        return RotationHandle(self.temporal.get_workflow_handle_for(RotateKeyWorkflow.run, workflow_id))
+
+    async def list_rotations(self, *, running_only: bool = False) -> list[RotationInfo]:
+        """Rotation runs, newest first (a run that continued as new is shown by its successor).
+
+        Temporal's list is eventually consistent: a rotation started a moment ago may be missing."""
+        query = f"WorkflowType = '{RotateKeyWorkflow.__name__}'"
+        if running_only:
+            query += " AND ExecutionStatus = 'Running'"
+        rows: list[RotationInfo] = []
+        try:
+            async for execution in self.temporal.list_workflows(query):
+                if execution.status != WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                    rows.append(RotationInfo.from_execution(execution))
+        except RPCError as exc:
+            raise TemporalRequestFailed(f"cannot list rotations: {exc.message}") from None
+        return rows
+
+    # ------------------------------------------------------------------------- schedules
+
+    async def create_schedule(
+        self,
+        key_ref: str,
+        *,
+        every: Duration,
+        jitter: Duration = 0,
+        grace: Duration = DEFAULT_GRACE,
+        destroy_after: Duration | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        in_flight: int = DEFAULT_IN_FLIGHT,
+        started_by: str | None = None,
+    ) -> str:
+        """Rotate ``key_ref`` every ``every`` (plus up to ``jitter``), with the rotation options
+        of `start_rotation`; a run is skipped while the previous one is still going. Returns the
+        schedule id. ``started_by`` defaults to "schedule by <actor>". `ScheduleExists` if the
+        key has a schedule."""
+        interval = seconds(every, "every")
+        if interval <= 0:
+            raise InvalidDuration("every must be longer than 0s")
+        request = self._request(
+            key_ref,
+            grace=grace,
+            destroy_after=destroy_after,
+            batch_size=batch_size,
+            in_flight=in_flight,
+            started_by=f"schedule by {actor()}" if started_by is None else started_by,
+        )
+        schedule = Schedule(
+            action=ScheduleActionStartWorkflow(
+                RotateKeyWorkflow.run, request, id=rotation_id(key_ref), task_queue=self.task_queue
+            ),
+            spec=ScheduleSpec(
+                intervals=[ScheduleIntervalSpec(every=timedelta(seconds=interval))],
+                jitter=timedelta(seconds=seconds(jitter, "jitter")),
+            ),
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        )
+        id_ = schedule_id(key_ref)
+        try:
+            await self.temporal.create_schedule(id_, schedule)
+        except ScheduleAlreadyRunningError:
+            raise ScheduleExists(f"a schedule for {request.key_ref} exists already ({id_})") from None
+        except RPCError as exc:
+            raise TemporalRequestFailed(f"cannot create {id_}: {exc.message}") from None
+        return id_
+
+    async def describe_schedule(self, schedule_id_or_key_ref: str) -> RotationSchedule:
+        """One rotation schedule, as it is now."""
+        id_ = parse_schedule_id(schedule_id_or_key_ref)
+        try:
+            return RotationSchedule.from_description(await self.temporal.get_schedule_handle(id_).describe())
+        except RPCError as exc:
+            _rpc_failure(exc, ScheduleNotFound, f"no schedule {id_}")
+
+    async def list_schedules(self) -> list[RotationSchedule]:
+        """Every rotation schedule, by id.
+
+        The listing is eventually consistent (a schedule created a moment ago may be missing);
+        each schedule's state is then read from its description, so a pause shows at once."""
+        try:
+            ids = sorted([entry.id async for entry in await self.temporal.list_schedules()])
+        except RPCError as exc:
+            raise TemporalRequestFailed(f"cannot list schedules: {exc.message}") from None
+        rows: list[RotationSchedule] = []
+        for id_ in ids:
+            if not id_.startswith(SCHEDULE_PREFIX):
+                continue
+            try:
+                rows.append(await self.describe_schedule(id_))
+            except (ScheduleNotFound, InvalidId):  # deleted meanwhile, or not one of ours
+                continue
+        return rows
+
+    async def _schedule_action(self, verb: str, schedule_id_or_key_ref: str) -> str:
+        id_ = parse_schedule_id(schedule_id_or_key_ref)
+        handle: ScheduleHandle = self.temporal.get_schedule_handle(id_)
+        try:
+            await getattr(handle, verb)()
+        except RPCError as exc:
+            _rpc_failure(exc, ScheduleNotFound, f"cannot {verb} {id_}")
+        return id_
+
+    async def pause_schedule(self, schedule_id_or_key_ref: str) -> str:
+        """Stop starting rotations from this schedule; returns its id."""
+        return await self._schedule_action("pause", schedule_id_or_key_ref)
+
+    async def unpause_schedule(self, schedule_id_or_key_ref: str) -> str:
+        """Start rotations from this schedule again; returns its id."""
+        return await self._schedule_action("unpause", schedule_id_or_key_ref)
+
+    async def trigger_schedule(self, schedule_id_or_key_ref: str) -> str:
+        """Start a rotation now, even while paused (skipped if one is running); returns its id."""
+        return await self._schedule_action("trigger", schedule_id_or_key_ref)
+
+    async def delete_schedule(self, schedule_id_or_key_ref: str) -> str:
+        """Delete the schedule (rotations it started go on); returns its id."""
+        return await self._schedule_action("delete", schedule_id_or_key_ref)

@@ -1,0 +1,233 @@
+"""rekey.client without a server: ids, durations, errors and their exit codes."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from temporalio.client import Client
+
+from rekey.cli.output import EXIT_FAILED, EXIT_USAGE, exit_code_of, known_errors
+from rekey.client import (
+    InvalidDuration,
+    InvalidId,
+    RekeyClient,
+    RekeyClientError,
+    RotationAlreadyRunning,
+    RotationFailed,
+    RotationNotFound,
+    ScheduleExists,
+    ScheduleNotFound,
+    TemporalRequestFailed,
+    TemporalUnreachable,
+    connect,
+    key_ref_of,
+    parse_duration,
+    parse_rotation_id,
+    parse_schedule_id,
+    rotation_id,
+    schedule_id,
+    seconds,
+)
+from rekey.config import Settings
+from tests.fixtures.cli import run_cli
+from tests.fixtures.ports import free_port
+
+# ---------------------------------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize("key_ref", ["vault:orders", "aws:alias/orders", "azure:orders-2.v1"])
+def test_ids_are_built_from_the_key_ref_and_parsed_back(key_ref: str) -> None:
+    assert rotation_id(key_ref) == f"rotate:{key_ref}"
+    assert schedule_id(key_ref) == f"schedule:rotate:{key_ref}"
+    for text in (key_ref, rotation_id(key_ref)):
+        assert parse_rotation_id(text) == rotation_id(key_ref)
+    for text in (key_ref, schedule_id(key_ref)):
+        assert parse_schedule_id(text) == schedule_id(key_ref)
+    for text in (key_ref, rotation_id(key_ref), schedule_id(key_ref)):
+        assert key_ref_of(text) == key_ref
+
+
+def test_a_rotation_a_schedule_started_keeps_its_scheduled_time() -> None:
+    started = "rotate:vault:orders-2030-01-02T03:04:05Z"
+    assert parse_rotation_id(started) == started
+    assert key_ref_of(started) == "vault:orders"
+    assert key_ref_of("rotate:vault:orders-2030") == "vault:orders-2030"  # a name, not a time
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "key reference '' must look like backend:name"),
+        ("orders", "key reference 'orders' must look like backend:name"),
+        ("gcp:orders", "unknown backend 'gcp'"),
+        ("vault:", "key reference 'vault:': name must be"),
+        ("vault:a b", "name must be"),
+        ("vault:x\n", "key reference 'vault:x\\n': name must be"),
+        ("vault:x\x1b[31m", "name must be"),
+        ("rotate:", "rotation id 'rotate:': key reference '' must look like backend:name"),
+        ("rotate:rotate:vault:x", "rotation id 'rotate:rotate:vault:x': key reference 'rotate:vault:x':"),
+        ("rotate:gcp:x", "rotation id 'rotate:gcp:x': key reference 'gcp:x': unknown backend 'gcp'"),
+        ("rotate:vault:x-2030-01-02T03:04:05Z-2030-01-02T03:04:05Z", "name must be"),
+        ("rotate:vault:x-2030-01-02T03:04:05Z\n", "name must be"),
+        ("schedule:rotate:vault:x", "unknown backend 'schedule'"),
+    ],
+)
+def test_hostile_rotation_ids_are_refused(text: str, message: str) -> None:
+    with pytest.raises(InvalidId) as refused:
+        parse_rotation_id(text)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert refused.value.exit_code == EXIT_USAGE
+
+
+@pytest.mark.parametrize(
+    "text", ["", "schedule:rotate:", "schedule:rotate:gcp:x", "schedule:", "rotate:vault:x", "vault:x y"]
+)
+def test_hostile_schedule_ids_are_refused(text: str) -> None:
+    with pytest.raises(InvalidId):
+        parse_schedule_id(text)
+    with pytest.raises(InvalidId):
+        key_ref_of(text if text.startswith("schedule:") else f"schedule:rotate:{text}")
+
+
+def test_building_an_id_checks_the_key_ref() -> None:
+    for build in (rotation_id, schedule_id):
+        with pytest.raises(InvalidId, match="unknown backend 'rotate'"):
+            build("rotate:vault:x")  # an id where a key ref belongs
+
+
+# ---------------------------------------------------------------------------------- durations
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0", 0),
+        ("0s", 0),
+        (" 0 ", 0),
+        ("30s", 30),
+        ("15m", 900),
+        ("24h", 86400),
+        ("7d", 604800),
+        ("1h30m", 5400),
+    ],
+)
+def test_durations(text: str, expected: float) -> None:
+    assert parse_duration(text) == expected
+    assert seconds(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-1s", "0m", "1.5h", "30", "30m1h", "1 h", "∞"])
+def test_bad_durations_name_what_they_were_given_for(text: str) -> None:
+    with pytest.raises(InvalidDuration) as refused:
+        parse_duration(text, "--grace")
+    assert str(refused.value) == f"--grace {text!r} is not a duration like 30s, 15m, 24h or 7d"
+    assert refused.value.exit_code == EXIT_USAGE
+
+
+def test_seconds_of_numbers_and_timedeltas() -> None:
+    assert seconds(timedelta(minutes=2)) == 120 and seconds(1.5) == 1.5 and seconds(0) == 0
+    for bad in (-1, timedelta(seconds=-1), math.nan):
+        with pytest.raises(InvalidDuration, match=r"^grace must not be negative"):
+            seconds(bad, "grace")
+
+
+# -------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (TemporalUnreachable("x"), EXIT_FAILED),
+        (TemporalRequestFailed("x"), EXIT_FAILED),
+        (RotationFailed("rotate:vault:x", "boom"), EXIT_FAILED),
+        (InvalidId("x"), EXIT_USAGE),
+        (InvalidDuration("x"), EXIT_USAGE),
+        (RotationAlreadyRunning("x"), EXIT_USAGE),
+        (RotationNotFound("x"), EXIT_USAGE),
+        (ScheduleExists("x"), EXIT_USAGE),
+        (ScheduleNotFound("x"), EXIT_USAGE),
+    ],
+)
+def test_every_client_error_has_its_exit_code(error: RekeyClientError, code: int) -> None:
+    assert isinstance(error, RekeyClientError) and isinstance(error, known_errors())
+    assert error.exit_code == exit_code_of(error) == code
+    assert type(error).__doc__  # each says what happened
+
+
+def test_rotation_failed_carries_the_cause() -> None:
+    failed = RotationFailed("rotate:vault:x", "vault:x does not exist")
+    assert str(failed) == "rotation rotate:vault:x failed: vault:x does not exist"
+    assert (failed.rotation_id, failed.cause) == ("rotate:vault:x", "vault:x does not exist")
+
+
+async def test_connect_names_the_address_it_cannot_reach(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(TemporalUnreachable) as unreachable:
+        await connect(Settings(home=tmp_path, temporal_address=address))
+    message = str(unreachable.value)
+    assert message.startswith(f"cannot reach Temporal at {address}: ") and "\n" not in message
+
+
+async def test_input_is_checked_before_anything_is_sent() -> None:
+    client = RekeyClient(cast(Client, object()))  # any use of it would fail
+    with pytest.raises(InvalidId):
+        await client.start_rotation("gcp:orders")
+    with pytest.raises(InvalidDuration, match=r"^grace '5x'"):
+        await client.start_rotation("vault:orders", grace="5x")
+    with pytest.raises(InvalidDuration, match=r"^destroy_after must not be negative"):
+        await client.start_rotation("vault:orders", destroy_after=-1)
+    with pytest.raises(InvalidDuration, match=r"^every must be longer than 0s"):
+        await client.create_schedule("vault:orders", every="0s")
+    with pytest.raises(InvalidDuration, match=r"^jitter "):
+        await client.create_schedule("vault:orders", every="1d", jitter="soon")
+    with pytest.raises(InvalidId):
+        client.rotation("rotate:")
+    for action in (client.pause_schedule, client.delete_schedule, client.describe_schedule):
+        with pytest.raises(InvalidId):
+            await action("schedule:rotate:")
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, home: Path, *args: str) -> Any:
+    monkeypatch.setenv("REKEY_HOME", str(home))
+    monkeypatch.setenv("REKEY_TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
+    return run_cli(capsys, *args)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "line"),
+    [
+        (("rotate", "status", "rotate:"), 2, "error: rotation id 'rotate:': key reference ''"),
+        (("rotate", "approve", ""), 2, "error: key reference '' must look like backend:name"),
+        (("rotate", "start", "gcp:x"), 2, "error: key reference 'gcp:x': unknown backend 'gcp'"),
+        (("rotate", "start", "vault:x", "--grace", "5x"), 2, "error: --grace '5x' is not a duration"),
+        (("schedule", "create", "vault:x", "--every", "0"), 2, "error: --every must be longer than 0s"),
+        (("schedule", "delete", "schedule:rotate:"), 2, "error: schedule id 'schedule:rotate:': "),
+        (("rotate", "status", "vault:x"), 1, "error: cannot reach Temporal at 127.0.0.1:"),
+        (("schedule", "list"), 1, "error: cannot reach Temporal at 127.0.0.1:"),
+    ],
+)
+def test_cli_errors_are_one_line_with_their_exit_code(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    code: int,
+    line: str,
+) -> None:
+    result = cli(capsys, monkeypatch, tmp_path, *args)
+    assert result[0] == code and result[1] == ""
+    assert result[2].startswith(line) and len(result[2].splitlines()) == 1, result[2]
+
+
+def test_cli_error_lines_are_not_rich_text(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    code, _, err = cli(capsys, monkeypatch, tmp_path, "rotate", "status", "vault:[bold]x:smile:")
+    assert code == 2 and "'vault:[bold]x:smile:'" in err
