@@ -33,9 +33,7 @@ uses for it; none carries key material (the payload codec encrypts workflow inpu
 from __future__ import annotations
 
 import asyncio
-import getpass
 import re
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -70,6 +68,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
 from attestation.errors import AttestationError
 from attestation.policy import parse_duration as parse_policy_duration
+from audit import default_actor
 from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from rekey.config import Settings
 from workflows.rotation import (
@@ -111,7 +110,6 @@ __all__ = [
     "ScheduleNotFound",
     "TemporalRequestFailed",
     "TemporalUnreachable",
-    "actor",
     "connect",
     "data_converter",
     "key_ref_of",
@@ -270,15 +268,6 @@ def seconds(value: Duration, name: str = "duration") -> float:
 
 
 # ------------------------------------------------------------------------------- connecting
-
-
-def actor() -> str:
-    """Who is acting, for the audit log: user@host."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def data_converter(settings: Settings) -> Any:
@@ -541,7 +530,7 @@ class RekeyClient:
             destroy_after=destroy_after,
             batch_size=batch_size,
             in_flight=in_flight,
-            started_by=actor() if started_by is None else started_by,
+            started_by=default_actor() if started_by is None else started_by,
         )
         workflow_id = rotation_id(key_ref)
         try:
@@ -605,7 +594,7 @@ class RekeyClient:
             destroy_after=destroy_after,
             batch_size=batch_size,
             in_flight=in_flight,
-            started_by=f"schedule by {actor()}" if started_by is None else started_by,
+            started_by=f"schedule by {default_actor()}" if started_by is None else started_by,
         )
         schedule = Schedule(
             action=ScheduleActionStartWorkflow(

@@ -13,10 +13,10 @@ from temporalio.worker import Worker
 
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
-from audit import AuditLog, default_signing_key_path, load_or_create_signing_key
+from audit import AuditLog, default_actor, default_signing_key_path, load_or_create_signing_key
 from kms_adapters.contract import KmsAdapter
 from rekey.backends import adapter_for
-from rekey.client import actor, connect
+from rekey.client import connect
 from rekey.config import Settings
 from sealing.store import SealedStateStore
 from workflows.rotation import RotateKeyWorkflow
@@ -36,7 +36,7 @@ def audit_sink(settings: Settings) -> AuditSink:
     log_ = open_audit_log(settings)
 
     def sink(event: str, subject: str, details: dict[str, Any], who: str) -> None:
-        log_.append(event, subject, details, actor=who or actor())
+        log_.append(event, subject, details, actor=who or default_actor())
 
     return sink
 
