@@ -355,7 +355,7 @@ class AzureHsmAdapter(ReleaseGate):
         self._key_type: KeyType = key_type
         self._rsa_key_size = rsa_key_size
         self._release_authority = release_authority
-        self._governor = governor or governor_for(self._vault_url)
+        self.governor = governor or governor_for(self._vault_url)
         self._cache_ttl = cache_ttl
         self._batch_workers = max(1, batch_workers)
         self._options: dict[str, Any] = {
@@ -393,7 +393,7 @@ class AzureHsmAdapter(ReleaseGate):
             except Exception as exc:  # every SDK failure becomes one of ours, without chaining
                 raise map_azure_error(exc, op, self.key_ref) from None
 
-        return self._governor.call(attempt, op=f"azure:{op}")
+        return self.governor.call(attempt, op=f"azure:{op}")
 
     def _crypto_client(self, version_id: str) -> CryptographyClient:
         with self._lock:
