@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_unwrap_with_padding
 
-from kms_adapters.azure_hsm import StaticTokenCredential, _RemoteCryptographyClient
+from kms_adapters.azure_hsm import RemoteCryptographyClient as _RemoteCryptographyClient
+from kms_adapters.azure_hsm import StaticTokenCredential
 from loadtest.emulators.azure_keyvault import AzureKeyVaultEmulator
 from tests.fixtures.azure import AzureKeyVault
 
