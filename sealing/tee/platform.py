@@ -31,7 +31,7 @@ Sealing keys, for platforms that have them (``can_seal``)
     (root key, guest field select, guest SVN and TCB version: the request is that message).
     TDX and Nitro have no hardware sealing key: they leave ``can_seal`` False and inherit the
     key methods, which raise ``SealingUnsupported``; their state is sealed with a KMS key the
-    release gate hands out after attestation (``kms_adapters.release``).
+    release gate of the KMS adapters hands out after attestation.
 
 Shared code, written once here, so a platform module holds only platform-specific code:
 ``Enclave.seal`` and ``Enclave.unseal`` run the v1 envelope (``sealing.envelope``) with the key

@@ -683,15 +683,21 @@ def test_boundaries_split_a_key_into_ranges_of_at_most_size(store_url: str) -> N
             store.boundaries(key_ref="vault:k", below_version=2, size=MAX_PAGE + 1)
 
 
-def test_driver_level_errors_become_store_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_driver_level_errors_become_store_errors(tmp_path: Path) -> None:
     """The sweep's statements go to the driver directly; its exceptions still surface as typed
     store errors naming the operation, never as raw driver exceptions or with blob bytes."""
-    from sealing import store as store_module
-
-    with SealedStateStore(f"sqlite:///{tmp_path / 'state.db'}") as store:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    other = create_engine(url)  # another client moves the table away under the store
+    with SealedStateStore(url) as store:
         record = add(store, "x", blob=b"SECRET-HEAD|tail")
-        monkeypatch.setitem(store_module._SPLICE_SQL, "sqlite", "UPDATE no_such_table SET x = ?")
-        with pytest.raises(StoreError, match=r"update of 1 blobs") as failure:
-            store.splice_key_slots([SlotSplice(record.blob_id, 1, b"SECRET-NEW", 11, 2)])
+        with other.begin() as conn:
+            conn.execute(text("ALTER TABLE sealed_blobs RENAME TO parked"))
+        try:
+            with pytest.raises(StoreError, match=r"update of 1 blobs") as failure:
+                store.splice_key_slots([SlotSplice(record.blob_id, 1, b"SECRET-NEW", 11, 2)])
+        finally:
+            with other.begin() as conn:
+                conn.execute(text("ALTER TABLE parked RENAME TO sealed_blobs"))
+            other.dispose()
         assert "SECRET" not in str(failure.value)
         assert store.get(record.blob_id).blob == b"SECRET-HEAD|tail"
