@@ -26,9 +26,10 @@ Sealing keys, for platforms that have them (``can_seal``)
     ``decode_key_request(raw)`` reads a request back from a sealed blob (``ValueError`` if
     malformed). A request is platform data that ``encode``s to bytes and names its ``policy``
     and ``svn`` (``SealKeyRequest``). SGX under Gramine reads ``/dev/attestation/keys/
-    _sgx_mrenclave`` or ``_sgx_mrsigner`` (keys for the current SVN only, so its requests carry
-    just the policy and refuse an older SVN); SEV-SNP sends MSG_KEY_REQ on ``/dev/sev-guest``
-    (root key, guest field select, guest SVN and TCB version: the request is that message).
+    _sgx_mrenclave`` or ``_sgx_mrsigner`` (16-byte keys for the current SVN only: its requests
+    carry just the policy, it refuses an older SVN, and it stretches the key to 32 bytes);
+    SEV-SNP sends MSG_KEY_REQ on ``/dev/sev-guest`` (root key, guest field select, guest SVN
+    and TCB version: the request is that message).
     TDX and Nitro have no hardware sealing key: they leave ``can_seal`` False and inherit the
     key methods, which raise ``SealingUnsupported``; their state is sealed with a KMS key the
     release gate of the KMS adapters hands out after attestation.
@@ -244,6 +245,12 @@ class Enclave(ABC, Generic[RequestT]):
         """The 32-byte sealing key for ``request``; ``SealKeyRefused`` where the hardware refuses."""
         raise self._unsupported()
 
+    def _checked_seal_key(self, request: RequestT) -> bytes:
+        key = self.seal_key(request)
+        if len(key) != SEAL_KEY_BYTES:  # e.g. Gramine's 16-byte SGX keys, not stretched to 32
+            raise SealingError(f"platform {self.platform} derived a {len(key)}-byte sealing key, not 32")
+        return key
+
     def _unsupported(self) -> SealingUnsupported:
         return SealingUnsupported(
             f"platform {self.platform} has no hardware sealing key: seal with a KMS key instead"
@@ -263,7 +270,7 @@ class Enclave(ABC, Generic[RequestT]):
                 f" and a {self.platform} blob's version is its svn"
             )
         request = self.new_key_request(policy)
-        wrapper = SealKeyWrapper(self.platform, self.seal_key(request), request)
+        wrapper = SealKeyWrapper(self.platform, self._checked_seal_key(request), request)
         blob = envelope.seal(
             data,
             wrapper,
@@ -301,5 +308,5 @@ class Enclave(ABC, Generic[RequestT]):
             f"sealed blob {header.blob_id} was sealed by a different enclave identity"
             f" ({request.policy} policy: another {bound}, debug attribute or host)"
         )
-        wrapper = SealKeyWrapper(self.platform, self.seal_key(request), request, mismatch)
+        wrapper = SealKeyWrapper(self.platform, self._checked_seal_key(request), request, mismatch)
         return envelope.open_parsed(parsed, wrapper)

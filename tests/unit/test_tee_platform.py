@@ -193,6 +193,15 @@ def test_the_sim_is_one_implementation(tmp_path: Path) -> None:
     assert isinstance(enclave.identity, PlatformIdentity) and enclave.identity.platform == "sim"
 
 
+def test_a_sealing_key_must_be_32_bytes() -> None:
+    class ShortKeyEnclave(ToyEnclave):
+        def seal_key(self, request: ToyKeyRequest) -> bytes:
+            return super().seal_key(request)[:16]  # e.g. a raw 16-byte SGX key
+
+    with pytest.raises(SealingError, match="16-byte sealing key"):
+        _seal(ShortKeyEnclave(V1), "mrsigner")
+
+
 def test_identity_fields_are_checked() -> None:
     with pytest.raises(ValueError, match="measurement"):
         ToyIdentity(measurement=b"", signer=b"\xaa", product_id=1, svn=1)
