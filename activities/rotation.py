@@ -142,8 +142,7 @@ class RotationActivities:
                 saved["rewrapped"], saved["conflicts"], saved["failed"], saved["failed_ids"], saved["last_id"]
             )
             start = result.last_id or start
-        governor = getattr(adapter, "_governor", None)
-        throttled_before = governor.stats()["throttled"] if governor is not None else 0
+        throttled_before = adapter.governor.snapshot().throttled
 
         def heartbeat(progress: RangeResult) -> None:
             activity.heartbeat(
@@ -168,7 +167,7 @@ class RotationActivities:
                 result=result,
             )
         )
-        throttled = (governor.stats()["throttled"] - throttled_before) if governor is not None else 0
+        throttled = adapter.governor.snapshot().throttled - throttled_before
         return RewrapBatchResult(
             done.rewrapped, done.conflicts, done.failed, done.failed_ids, max(0, throttled)
         )

@@ -255,7 +255,7 @@ class AwsKmsAdapter(ReleaseGate):
         self.release_store = release_store
         self.alias = f"alias/rekey/{name}"
         self._endpoint = endpoint_url or f"https://kms.{region}.amazonaws.com"
-        self._governor = governor or governor_for(self._endpoint)
+        self.governor = governor or governor_for(self._endpoint)
         self._state_ttl = state_ttl
         self._batch_workers = max(1, batch_workers)
         config = Config(
@@ -291,7 +291,7 @@ class AwsKmsAdapter(ReleaseGate):
                 raise Unavailable(f"AWS KMS gave an unexpected answer to {op.replace('_', ' ')}")
             return response
 
-        return self._governor.call(attempt, op=f"kms:{op}")
+        return self.governor.call(attempt, op=f"kms:{op}")
 
     def _tags(self, key: str) -> dict[str, str]:
         """The tags of a KMS key (by id or ARN), cached: rekey's tags never change."""

@@ -98,7 +98,7 @@ from kms_adapters.release import ReleaseGate, ReleasePolicy, ReleasePolicyStore,
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import WrappedKey, parse_versioned_prefix
 
-__all__ = ["AzureHsmAdapter", "StaticTokenCredential", "map_azure_error"]
+__all__ = ["AzureHsmAdapter", "RemoteCryptographyClient", "StaticTokenCredential", "map_azure_error"]
 
 T = TypeVar("T")
 KeyType = Literal["oct-HSM", "RSA-HSM"]
@@ -245,11 +245,16 @@ def map_azure_error(exc: BaseException, op: str, key_ref: str) -> KmsError:
 # ---------------------------------------------------------------------------------------------
 
 
-class _RemoteCryptographyClient(CryptographyClient):
+class RemoteCryptographyClient(CryptographyClient):
     """A ``CryptographyClient`` that never downloads the key and never works locally.
 
     ``_initialize`` is where 4.11 fetches the key and picks a local provider; without it the
-    client keeps ``NoLocalCryptography`` and sends every operation to the service."""
+    client keeps ``NoLocalCryptography`` and sends every operation to the service. Public for
+    the benchmarks and tests that time or probe the service through the bare SDK client."""
+
+    def __init__(self, key: KeyVaultKey | str, credential: TokenCredential, **kwargs: Any) -> None:
+        _check_sdk()  # the adapter checks too; a direct user must not get a local client either
+        super().__init__(key, credential, **kwargs)
 
     def _initialize(self, **kwargs: Any) -> None:
         self._initialized = True
@@ -355,7 +360,7 @@ class AzureHsmAdapter(ReleaseGate):
         self._key_type: KeyType = key_type
         self._rsa_key_size = rsa_key_size
         self._release_authority = release_authority
-        self._governor = governor or governor_for(self._vault_url)
+        self.governor = governor or governor_for(self._vault_url)
         self._cache_ttl = cache_ttl
         self._batch_workers = max(1, batch_workers)
         self._options: dict[str, Any] = {
@@ -393,14 +398,14 @@ class AzureHsmAdapter(ReleaseGate):
             except Exception as exc:  # every SDK failure becomes one of ours, without chaining
                 raise map_azure_error(exc, op, self.key_ref) from None
 
-        return self._governor.call(attempt, op=f"azure:{op}")
+        return self.governor.call(attempt, op=f"azure:{op}")
 
     def _crypto_client(self, version_id: str) -> CryptographyClient:
         with self._lock:
             client = self._crypto.get(version_id)
             if client is None:
                 key_id = f"{self._vault_url}/keys/{self.name}/{version_id}"
-                client = _RemoteCryptographyClient(key_id, self._credential, **self._options)
+                client = RemoteCryptographyClient(key_id, self._credential, **self._options)
                 self._crypto[version_id] = client
             return client
 

@@ -1,6 +1,8 @@
 """The adapter contract every KMS backend implements (Vault/OpenBao Transit, AWS KMS, Azure
-Managed HSM). An adapter is bound to one key (``backend:name``); it is a ``KeyWrapper`` for
-the sealing code and adds key management, batch re-wrap and the attestation-gated release.
+Managed HSM). An adapter is bound to one key (``backend:name``); it is a ``KeyWrapper`` and a
+``RewrapService`` for the sealing code (both protocols, and ``RewrapOutcome``, are defined in
+``sealing.keywrap``: the sealing layer never imports this package) and adds key management and
+the attestation-gated release. Batch outcomes carry ``KmsError``s.
 
 Key versions are integers from 1 on every backend. Backends that name versions otherwise
 (AWS key-per-version: one KMS key per version; Azure: opaque version ids) keep the mapping
@@ -11,13 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
 
 from kms_adapters.errors import KmsError
+from kms_adapters.governor import Governor
 from kms_adapters.release import ReleasePolicy
-from sealing.keywrap import WrappedKey
+from sealing.keywrap import KeyWrapper, RewrapService, WrappedKey
+from sealing.keywrap import RewrapOutcome as RewrapOutcome  # defined by the sealing layer's sweep
 
 VersionState = Literal["enabled", "disabled", "pending_deletion", "destroyed"]
 RotationMode = Literal["native", "key-per-version"]
@@ -69,15 +73,6 @@ class KeyInfo:
         }
 
 
-@dataclass(frozen=True)
-class RewrapOutcome:
-    """Result for one item of a batch re-wrap: exactly one of ``wrapped`` and ``error``."""
-
-    index: int
-    wrapped: WrappedKey | None = None
-    error: KmsError | None = field(default=None)
-
-
 def rewrap_each(
     rewrap: Callable[[bytes], WrappedKey], wrapped: Sequence[bytes], *, workers: int
 ) -> list[RewrapOutcome]:
@@ -102,19 +97,19 @@ def rewrap_each(
 
 
 @runtime_checkable
-class KmsAdapter(Protocol):
-    """One key on one backend. All methods raise ``kms_adapters.errors`` types only."""
+class KmsAdapter(KeyWrapper, RewrapService, Protocol):
+    """One key on one backend. All methods raise ``kms_adapters.errors`` types only.
+
+    ``key_ref``, ``wrap``, ``unwrap``, ``rewrap``, ``version_of`` (``KeyWrapper``) and
+    ``rewrap_batch`` (``RewrapService``) are the sealing code's view."""
 
     backend: str
 
     @property
-    def key_ref(self) -> str: ...
-
-    # --- KeyWrapper (the sealing code's view) ---
-    def wrap(self, dek: bytes) -> WrappedKey: ...
-    def unwrap(self, wrapped: bytes) -> bytes: ...
-    def rewrap(self, wrapped: bytes) -> WrappedKey: ...
-    def version_of(self, wrapped: bytes) -> int: ...
+    def governor(self) -> Governor:
+        """The throttling governor every call of this adapter goes through. It is shared by all
+        adapters on the same endpoint, so its ``snapshot()`` counts the endpoint's calls."""
+        ...
 
     # --- key management ---
     def create(self, *, rotation_mode: RotationMode | None = None) -> tuple[KeyInfo, bool]:
@@ -125,11 +120,6 @@ class KmsAdapter(Protocol):
 
     def rotate(self) -> KeyInfo:
         """Add a version and make it primary; new wraps use it."""
-        ...
-
-    def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
-        """Re-wrap each item to the primary version, splitting into requests the backend
-        accepts; one outcome per item, in order. A failed item never fails the others."""
         ...
 
     def disable_version(self, version: int) -> KeyInfo:

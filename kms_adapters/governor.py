@@ -71,6 +71,10 @@ answer) closes it, an ``Unavailable`` re-opens it.
 Non-retryable errors (a ``KmsError`` with ``retryable`` False, or any other exception) pass
 through at once and do not touch the rate or the budget.
 
+``Governor.snapshot()`` returns the counters and state as a typed ``GovernorStats`` (``stats()``
+is the same as a dict, for reports). Every adapter exposes its governor as ``adapter.governor``
+(``KmsAdapter.governor``), so callers read the counters without reaching into the adapter.
+
 Clock, sleep and random source are injectable (``clock=``, ``sleep=``, ``async_sleep=``,
 ``rng=``) for deterministic tests.
 """
@@ -85,8 +89,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, TypeVar
 
 from kms_adapters.errors import KmsError, Throttled, Unavailable
 
@@ -94,9 +98,10 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-CLOSED = "closed"
-OPEN = "open"
-HALF_OPEN = "half_open"
+CircuitState = Literal["closed", "open", "half_open"]
+CLOSED: CircuitState = "closed"
+OPEN: CircuitState = "open"
+HALF_OPEN: CircuitState = "half_open"
 
 
 class CircuitOpen(Unavailable):
@@ -147,6 +152,27 @@ class _CallState:
     reserved: bool = False
     probe: bool = False
     last_error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class GovernorStats:
+    """One endpoint's counters (monotonic since the governor was made) and its current state."""
+
+    endpoint: str
+    attempts: int
+    successes: int
+    throttled: int  # attempts the server refused for rate
+    unavailable: int
+    retries: int
+    budget_exhausted: int
+    gave_up: int
+    circuit_opens: int
+    fast_failed: int
+    rate_cuts: int
+    current_rate: float | None  # the enforced send rate, None while unbounded
+    measured_rate: float
+    retry_budget: float
+    state: CircuitState
 
 
 class Governor:
@@ -297,29 +323,34 @@ class Governor:
         with self._lock:
             return self._rate if self._enforced else None
 
-    def stats(self) -> dict[str, Any]:
+    def snapshot(self) -> GovernorStats:
+        """The counters and state at this moment (one consistent reading)."""
         now = self._clock()
         with self._lock:
             state = self._state
             if state == OPEN and now >= self._open_until:
                 state = HALF_OPEN
-            return {
-                "endpoint": self.endpoint,
-                "attempts": self._attempts,
-                "successes": self._successes,
-                "throttled": self._throttled,
-                "unavailable": self._unavailable,
-                "retries": self._retries,
-                "budget_exhausted": self._budget_exhausted,
-                "gave_up": self._gave_up,
-                "circuit_opens": self._circuit_opens,
-                "fast_failed": self._fast_failed,
-                "rate_cuts": self._rate_cuts,
-                "current_rate": self._rate if self._enforced else None,
-                "measured_rate": self._meter.rate(now),
-                "retry_budget": self._budget,
-                "state": state,
-            }
+            return GovernorStats(
+                endpoint=self.endpoint,
+                attempts=self._attempts,
+                successes=self._successes,
+                throttled=self._throttled,
+                unavailable=self._unavailable,
+                retries=self._retries,
+                budget_exhausted=self._budget_exhausted,
+                gave_up=self._gave_up,
+                circuit_opens=self._circuit_opens,
+                fast_failed=self._fast_failed,
+                rate_cuts=self._rate_cuts,
+                current_rate=self._rate if self._enforced else None,
+                measured_rate=self._meter.rate(now),
+                retry_budget=self._budget,
+                state=state,
+            )
+
+    def stats(self) -> dict[str, Any]:
+        """``snapshot()`` as a dict (same keys as the fields), for JSON reports."""
+        return asdict(self.snapshot())
 
     # ------------------------------------------------------------------ one attempt
 

@@ -117,13 +117,13 @@ class VaultTransitAdapter(ReleaseGate):
         self.key_ref = f"vault:{name}"
         self._mount = mount_point
         self.release_store = release_store
-        self._governor = governor or governor_for(str(client.url))
+        self.governor = governor or governor_for(str(client.url))
         self._checked = False
 
     # ----------------------------------------------------------------------------- plumbing
 
     def _call(self, action: str, fn: Callable[[], T]) -> T:
-        return self._governor.call(lambda: _mapped(self._client.url, self.name, action, fn), op=action)
+        return self.governor.call(lambda: _mapped(self._client.url, self.name, action, fn), op=action)
 
     def _data(self, action: str, fn: Callable[[], Any]) -> dict[str, Any]:
         response = self._call(action, fn)

@@ -67,7 +67,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
 from emulators.servers import OpenBao, openbao_dev, postgres_embedded
-from kms_adapters.contract import RewrapOutcome
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
@@ -75,7 +74,7 @@ from rekey.client import rotation_id
 from rekey.codec import data_converter
 from rekey.worker import tune_gc
 from sealing import envelope
-from sealing.keywrap import WrappedKey
+from sealing.keywrap import RewrapOutcome, WrappedKey
 from sealing.rotation import CHUNK, DEPTH, RangeResult, rewrap_range
 from sealing.state import SealedState
 from sealing.store import NewBlob, SealedStateStore

@@ -67,7 +67,7 @@ from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 from botocore.config import Config
 
-from kms_adapters.azure_hsm import StaticTokenCredential, _RemoteCryptographyClient
+from kms_adapters.azure_hsm import RemoteCryptographyClient, StaticTokenCredential
 from kms_adapters.errors import Throttled, Unavailable
 from kms_adapters.governor import Governor
 from loadtest.throttled import MOTO_CREDENTIALS, THROTTLED, ThrottledBackend, run_load, unique_name
@@ -228,7 +228,7 @@ def prepare(backend: ThrottledBackend, strategy: str, dek: bytes, callers: int, 
             key_id = str(keys.get_key(name).id)
         note = _stock_client_check(backend, key_id, credential, options, dek)
         backend.reset()
-        crypto = _RemoteCryptographyClient(key_id, credential, **options)  # default retry policy
+        crypto = RemoteCryptographyClient(key_id, credential, **options)  # default retry policy
         return Prepared(lambda: crypto.wrap_key(KeyWrapAlgorithm.aes_256, dek), close=crypto.close, note=note)
     raise ValueError(f"unknown strategy {strategy!r} for {backend.name}")
 

@@ -8,6 +8,8 @@ secret to the new enclave's attested key; ``import`` decrypts such a package ins
 enclave and reseals under its own identity. No answer carries a plaintext secret except
 ``unseal``, which the transport restricts to the local caller.
 
+The agent is typed against the enclave interface (``sealing.tee.platform.Enclave``), so it runs
+unchanged on every platform that implements it; ``sealing.tee.sim`` is the one without hardware.
 This module is transport-free; ``rekey/agent_server.py`` puts it on HTTP.
 """
 
@@ -22,7 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from attestation.claims import Claims
 from attestation.errors import NonceMismatch, PolicyDenied
@@ -40,13 +42,9 @@ from sealing.handoff import (
     report_data_for,
     seal_to,
 )
-from sealing.tee.sim import SimEnclave
+from sealing.tee.platform import SEAL_POLICIES, Enclave, SealPolicyName
 
-SealPolicyName = Literal["mrenclave", "mrsigner"]
-_POLICY_NAMES: dict[SealingPolicy, SealPolicyName] = {
-    SealingPolicy.TEE_MRENCLAVE: "mrenclave",
-    SealingPolicy.TEE_MRSIGNER: "mrsigner",
-}
+_POLICY_NAMES: dict[SealingPolicy, SealPolicyName] = {value: name for name, value in SEAL_POLICIES.items()}
 EXPORT_CONTEXT = b"rekey-export-v1"
 PACKAGE_VERSION = 1
 NONCE_TTL = timedelta(minutes=5)
@@ -108,7 +106,7 @@ class EnclaveAgent:
     def __init__(
         self,
         manifest: GenerationManifest,
-        enclave: SimEnclave,
+        enclave: Enclave[Any],
         verifier: PlatformVerifier,
         *,
         clock: Callable[[], datetime] = _now,

@@ -16,12 +16,12 @@ fails the body's tag.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import os
 import struct
+import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -48,27 +48,6 @@ _TLV = struct.Struct(">BH")  # tag, length
 _SLOT = struct.Struct(">IH")  # key version, wrapped DEK length
 _BODY_LEN = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-
-
-def _new_bytearray() -> ctypes._NamedFuncPointer:
-    fn = ctypes.pythonapi.PyByteArray_FromStringAndSize
-    fn.restype = ctypes.py_object
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-    return fn
-
-
-_PyByteArray_FromStringAndSize = _new_bytearray()
-
-
-def _uninitialized(size: int) -> bytearray:
-    """A bytearray whose contents are NOT zeroed: the caller overwrites every byte.
-
-    Zeroing a 1 MiB output buffer costs a tenth of the AES-GCM pass over it (measured by
-    loadtest/bench_sealing.py); ``seal`` writes the head and AES-GCM writes the rest.
-    """
-    buffer = _PyByteArray_FromStringAndSize(None, size)
-    assert isinstance(buffer, bytearray) and len(buffer) == size
-    return buffer
 
 
 class SealingPolicy(enum.IntEnum):
@@ -113,21 +92,27 @@ class BlobHeader(NamedTuple):
 
     def encode(self) -> bytes:
         """Canonical encoding: every field once, in ascending tag order."""
-        millis = int(self.created_at.timestamp() * 1000)
-        parts = [
-            _field(Tag.BLOB_ID, self.blob_id.bytes),
-            _field(Tag.NAMESPACE, _text(self.namespace, "namespace")),
-            _field(Tag.NAME, _text(self.name, "name")),
-            _field(Tag.KEY_REF, _text(self.key_ref, "key_ref")),
-            _field(Tag.GENERATION, _text(self.generation, "generation")),
-            _field(Tag.POLICY, bytes([int(self.policy)])),
-            _field(Tag.CREATED_AT, _U64.pack(millis)),
-        ]
-        if (self.policy is SealingPolicy.KMS) == bool(self.key_request):
-            raise ValueError("a key request goes with a TEE sealing policy, and only with one")
-        if self.key_request:
-            parts.append(_field(Tag.KEY_REQUEST, self.key_request))
-        return b"".join(parts)
+        return _encode_header(
+            self.blob_id.bytes,
+            self.namespace,
+            self.name,
+            self.key_ref,
+            self.generation,
+            self.policy,
+            _millis(self.created_at),
+            self.key_request,
+        )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def _millis(when: datetime) -> int:
+    """Milliseconds since the epoch, exactly (a float timestamp * 1000 is sometimes 1 ms short)."""
+    if when.tzinfo is None:
+        when = when.astimezone()  # a naive time is local time, as datetime.timestamp() reads it
+    return (when - _EPOCH) // _ONE_MS
 
 
 def _text(value: str, label: str) -> bytes:
@@ -139,8 +124,63 @@ def _text(value: str, label: str) -> bytes:
     return raw
 
 
-def _field(tag: Tag, value: bytes) -> bytes:
-    return _TLV.pack(tag, len(value)) + value
+# Plain ints, not Tag members: the header is encoded and decoded for every blob.
+_BLOB_ID, _NAMESPACE, _NAME = int(Tag.BLOB_ID), int(Tag.NAMESPACE), int(Tag.NAME)
+_KEY_REF, _GENERATION, _POLICY = int(Tag.KEY_REF), int(Tag.GENERATION), int(Tag.POLICY)
+_CREATED_AT, _KEY_REQUEST = int(Tag.CREATED_AT), int(Tag.KEY_REQUEST)
+_TEXT_TAG_IDS = (_NAMESPACE, _NAME, _KEY_REF, _GENERATION)
+# The TLV heads of the fixed-size fields never change.
+_BLOB_ID_HEAD = _TLV.pack(Tag.BLOB_ID, 16)
+_POLICY_HEAD = _TLV.pack(Tag.POLICY, 1)
+_CREATED_AT_HEAD = _TLV.pack(Tag.CREATED_AT, _U64.size)
+
+
+def _encode_header(
+    blob_id: bytes,
+    namespace: str,
+    name: str,
+    key_ref: str,
+    generation: str,
+    policy: SealingPolicy,
+    millis: int,
+    key_request: bytes,
+) -> bytes:
+    """The canonical header (``BlobHeader.encode``) from its field values; ``seal`` calls it
+    directly, so a fresh blob needs no UUID or datetime object, only their bytes."""
+    namespace_raw = _text(namespace, "namespace")
+    name_raw = _text(name, "name")
+    key_ref_raw = _text(key_ref, "key_ref")
+    generation_raw = _text(generation, "generation")
+    if (policy is SealingPolicy.KMS) == bool(key_request):
+        raise ValueError("a key request goes with a TEE sealing policy, and only with one")
+    tlv = _TLV.pack
+    parts = [
+        _BLOB_ID_HEAD,
+        blob_id,
+        tlv(_NAMESPACE, len(namespace_raw)),
+        namespace_raw,
+        tlv(_NAME, len(name_raw)),
+        name_raw,
+        tlv(_KEY_REF, len(key_ref_raw)),
+        key_ref_raw,
+        tlv(_GENERATION, len(generation_raw)),
+        generation_raw,
+        _POLICY_HEAD,
+        bytes((policy,)),
+        _CREATED_AT_HEAD,
+        _U64.pack(millis),
+    ]
+    if key_request:
+        parts += (tlv(_KEY_REQUEST, len(key_request)), key_request)
+    return b"".join(parts)
+
+
+def _random_uuid4() -> bytes:
+    """The 16 bytes of a random (version 4) UUID, as ``uuid.uuid4().bytes``."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    return bytes(raw)
 
 
 class SealedBlob(NamedTuple):
@@ -247,10 +287,13 @@ def _layout(view: memoryview | bytes, total: int | None = None) -> _Layout:
 def parse(blob: bytes | bytearray | memoryview) -> SealedBlob:
     """Parse the structure of a blob. Authentication happens in ``open_blob``."""
     view = memoryview(blob).cast("B")
-    layout = _layout(view)
-    aad = bytes(view[: layout.slot])
-    wrapped = bytes(view[layout.wrapped_at : layout.nonce_at])
-    nonce = bytes(view[layout.nonce_at : layout.nonce_at + NONCE_BYTES])
+    # The header parts are small copies; from a bytes blob they are sliced directly (cheaper
+    # than through the view). The body stays a view of ``blob``, never copied.
+    data = blob if isinstance(blob, bytes) else view
+    layout = _layout(data)
+    aad = bytes(data[: layout.slot])
+    wrapped = bytes(data[layout.wrapped_at : layout.nonce_at])
+    nonce = bytes(data[layout.nonce_at : layout.nonce_at + NONCE_BYTES])
     header = _decode_header(aad[_PREFIX.size :])
     return SealedBlob(header, layout.key_version, wrapped, nonce, view[layout.body_at :], aad)
 
@@ -324,9 +367,6 @@ def replace_key_slot(blob: bytes, slot: KeySlot, wrapped: WrappedKey) -> bytes:
 _CRITICAL_TAGS = frozenset(int(t) for t in Tag)
 _REQUIRED_TAGS = _CRITICAL_TAGS - {int(Tag.KEY_REQUEST)}
 _POLICIES = {int(p): p for p in SealingPolicy}
-_BLOB_ID, _POLICY, _CREATED_AT = int(Tag.BLOB_ID), int(Tag.POLICY), int(Tag.CREATED_AT)
-_KEY_REQUEST = int(Tag.KEY_REQUEST)
-_TEXT_TAG_IDS = (int(Tag.NAMESPACE), int(Tag.NAME), int(Tag.KEY_REF), int(Tag.GENERATION))
 
 
 def _decode_header(data: bytes) -> BlobHeader:
@@ -393,28 +433,24 @@ def seal(
     """Encrypt ``data`` under a fresh DEK wrapped by ``wrapper``; return the blob (a new buffer)."""
     if len(data) > MAX_BODY:
         raise ValueError(f"sealed data is limited to {MAX_BODY} bytes")
-    created = now or datetime.now(UTC)
-    header = BlobHeader(
-        blob_id=blob_id or uuid.uuid4(),
-        namespace=namespace,
-        name=name,
-        key_ref=wrapper.key_ref,
-        generation=generation,
-        policy=policy,
-        created_at=created.replace(microsecond=created.microsecond // 1000 * 1000),
-        key_request=key_request,
+    header_bytes = _encode_header(
+        blob_id.bytes if blob_id is not None else _random_uuid4(),
+        namespace,
+        name,
+        wrapper.key_ref,
+        generation,
+        policy,
+        _millis(now) if now is not None else time.time_ns() // 1_000_000,
+        key_request,
     )
-    header_bytes = header.encode()
     if len(header_bytes) > 0xFFFF:
         raise ValueError("sealed blob header is too large")
     aad = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes)) + header_bytes
-    dek = AESGCM.generate_key(bit_length=256)
+    dek = os.urandom(DEK_BYTES)
     wrapped = wrapper.wrap(dek)
     _check_wrapped(wrapped.ciphertext)
     nonce = os.urandom(NONCE_BYTES)
     body_len = len(data) + TAG_BYTES
-    # Encrypt straight into the output buffer: for large bodies one extra copy would cost
-    # about as much as AES-GCM itself.
     head = b"".join(
         (
             aad,
@@ -424,7 +460,10 @@ def seal(
             _BODY_LEN.pack(body_len),
         )
     )
-    out = _uninitialized(len(head) + body_len)
+    # Encrypt straight into the output buffer: encrypting to bytes and joining would copy the
+    # body once more. The buffer starts zeroed (plain bytearray), as the bytes AESGCM.encrypt
+    # returns do, so no byte of it is ever stale memory, whatever a length says.
+    out = bytearray(len(head) + body_len)
     out[: len(head)] = head
     AESGCM(dek).encrypt_into(nonce, data, aad, memoryview(out)[len(head) :])
     return out

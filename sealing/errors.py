@@ -37,7 +37,12 @@ class UnknownKeyVersion(SealedBlobError):
 
 
 class KeyWrapError(SealingError):
-    """The key wrapper could not wrap, unwrap or re-wrap a DEK."""
+    """The key wrapper could not wrap, unwrap or re-wrap a DEK.
+
+    ``retryable``: a later identical call may succeed. The re-wrap sweep branches on it (a
+    retryable error ends the attempt for the caller to retry; any other fails only that blob)."""
+
+    retryable = False
 
 
 class UnknownKey(KeyWrapError):
@@ -52,3 +57,5 @@ class InvalidWrappedKey(KeyWrapError):
 
 class KeyServiceUnavailable(KeyWrapError):
     """The KMS could not be reached or answered with a server error."""
+
+    retryable = True

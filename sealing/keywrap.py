@@ -6,6 +6,11 @@ and re-wraps a wrapped DEK to the primary version (server-side where the KMS can
 plaintext DEK never leaves it). Wrapped DEKs name their version (``vault:v3:...``), which
 ``version_of`` reads without a KMS call.
 
+The re-wrap sweep of a rotation (``sealing.rotation``) needs a little more of a key service:
+a batch re-wrap with one ``RewrapOutcome`` per item, which ``RewrapService`` describes. Both
+protocols live here, so the sealing layer depends on no KMS package (the KMS adapters depend
+on it): every KMS adapter is both a ``KeyWrapper`` and a ``RewrapService``.
+
 ``LocalKeyWrapper`` is an in-process implementation for unit tests and benchmarks. It has
 the same version semantics as Transit (rotate adds a version; a minimum decryption version
 disables older ones) but keeps its key-encryption keys in memory: never use it for real data.
@@ -18,13 +23,14 @@ import binascii
 import os
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealing.errors import InvalidWrappedKey, UnknownKeyVersion
+from sealing.errors import InvalidWrappedKey, KeyWrapError, UnknownKeyVersion
 
 DEK_BYTES = 32
 
@@ -65,6 +71,40 @@ class KeyWrapper(Protocol):
 
     def version_of(self, wrapped: bytes) -> int:
         """The key version named by ``wrapped`` (raises ``InvalidWrappedKey`` if unreadable)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RewrapOutcome:
+    """Result for one item of a batch re-wrap: exactly one of ``wrapped`` and ``error``."""
+
+    index: int
+    wrapped: WrappedKey | None = None
+    error: KeyWrapError | None = None
+
+
+@runtime_checkable
+class RewrapService(Protocol):
+    """What the re-wrap sweep needs of a key service bound to one key.
+
+    Errors are ``KeyWrapError``s; the sweep reads their ``retryable`` flag only."""
+
+    @property
+    def key_ref(self) -> str:
+        """``backend:name`` of the key."""
+        ...
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        """Return the DEK inside ``wrapped`` (the sweep's sample check only)."""
+        ...
+
+    def rewrap(self, wrapped: bytes) -> WrappedKey:
+        """Re-wrap ``wrapped`` under the primary version without returning the DEK."""
+        ...
+
+    def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
+        """Re-wrap each item to the primary version, splitting into requests the backend
+        accepts; one outcome per item, in order. A failed item never fails the others."""
         ...
 
 

@@ -1,4 +1,4 @@
-"""The re-wrap sweep of a key rotation, as plain functions over the store and a KMS adapter.
+"""The re-wrap sweep of a key rotation, as plain functions over the store and a key service.
 
 A batch covers the records of one key below the new version in a ``blob_id`` range
 ``(start, end]``. Their wrapped DEKs are re-wrapped in adapter batch calls (server-side where the
@@ -17,11 +17,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
-from kms_adapters.contract import KmsAdapter, RewrapOutcome
-from kms_adapters.errors import KmsError
 from sealing import envelope
-from sealing.errors import SealedBlobError
-from sealing.keywrap import DEK_BYTES
+from sealing.errors import KeyWrapError, SealedBlobError
+from sealing.keywrap import DEK_BYTES, RewrapOutcome, RewrapService
 from sealing.store import RecordNotFound, SealedStateStore, SlotSplice, StaleRecord, SweepRow
 
 MAX_FAILED_IDS = 20
@@ -58,7 +56,7 @@ class _Chunk:
 
 def rewrap_range(
     store: SealedStateStore,
-    adapter: KmsAdapter,
+    adapter: RewrapService,
     *,
     below_version: int,
     start: str | None,
@@ -114,7 +112,7 @@ def rewrap_range(
 
 
 def _read(
-    store: SealedStateStore, adapter: KmsAdapter, rows: list[SweepRow], kms: ThreadPoolExecutor
+    store: SealedStateStore, adapter: RewrapService, rows: list[SweepRow], kms: ThreadPoolExecutor
 ) -> _Chunk:
     items: list[tuple[SweepRow, envelope.KeySlot]] = []
     bad: list[str] = []
@@ -141,7 +139,7 @@ def _read(
 
 def _finish(
     store: SealedStateStore,
-    adapter: KmsAdapter,
+    adapter: RewrapService,
     done: _Chunk,
     below_version: int,
     result: RangeResult,
@@ -183,7 +181,7 @@ def _finish(
 
 
 def _retry_swap(
-    store: SealedStateStore, adapter: KmsAdapter, blob_id: str, below_version: int, result: RangeResult
+    store: SealedStateStore, adapter: RewrapService, blob_id: str, below_version: int, result: RangeResult
 ) -> None:
     """The batched swap lost for ``blob_id``: re-read it; if it is still below the new version,
     re-wrap and swap it alone (a few times), else leave the workload's write alone."""
@@ -199,8 +197,8 @@ def _retry_swap(
             slot = envelope.key_slot(record.blob)
             rewrapped = adapter.rewrap(slot.wrapped_dek)
             blob = envelope.replace_key_slot(record.blob, slot, rewrapped)
-        except (SealedBlobError, KmsError) as exc:
-            if isinstance(exc, KmsError) and exc.retryable:
+        except (SealedBlobError, KeyWrapError) as exc:
+            if isinstance(exc, KeyWrapError) and exc.retryable:
                 raise
             result.add_failure(record.blob_id)
             return
@@ -218,7 +216,7 @@ def _retry_swap(
     result.add_failure(blob_id)  # lost the race CAS_ATTEMPTS times in a row
 
 
-def verify_sample(store: SealedStateStore, adapter: KmsAdapter, *, version: int, sample: int) -> int:
+def verify_sample(store: SealedStateStore, adapter: RewrapService, *, version: int, sample: int) -> int:
     """Unwrap the DEKs of up to ``sample`` records on ``version``; returns how many unwrapped.
 
     The DEKs stay in this function (they are needed only to prove they unwrap)."""

@@ -2,6 +2,10 @@
 
 Specified byte by byte in docs/sim-evidence-format.md.
 
+``SimEnclave`` implements the enclave interface (``sealing.tee.platform.Enclave``): this module
+holds what is sim-specific (identity, evidence, key requests and their derivation); sealing and
+unsealing over the envelope are the interface's shared code.
+
 A *sim host* stands for one machine with a TEE: a directory holding a 32-byte root secret
 (the CPU's fused sealing secret), a sim root CA (Intel's root, in SGX terms) and a platform
 attestation key with a certificate issued by that root (the quoting enclave's key). A
@@ -15,17 +19,14 @@ What behaves like SGX, because the rest of rekey depends on it:
   to the measurement, the MRSIGNER policy to signer + product id; both bind the requested ISV
   SVN and CPU SVN and the DEBUG attribute, and an enclave may derive keys for its own or a
   lower SVN / CPU SVN only, never a higher one.
-- ``seal`` stores the key request in the sealed blob's header (as the SGX SDK does), so a
+- ``seal`` (shared) stores the key request in the sealed blob's header (as the SGX SDK does), so a
   patched enclave with a higher SVN, or one on a newer microcode (CPU SVN), re-derives the
   key an older one sealed under.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
-import hmac
 import os
 import shutil
 import stat
@@ -34,39 +35,35 @@ import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
-from sealing import envelope
-from sealing.envelope import SealingPolicy
-from sealing.errors import (
-    InvalidWrappedKey,
-    KeyWrapError,
-    SealedBlobError,
-    SealingError,
-    TamperedBlob,
-    UnsupportedFormat,
-)
+from sealing.errors import SealingError
 from sealing.generation import GenerationManifest
-from sealing.keywrap import DEK_BYTES, WrappedKey, parse_versioned_prefix
+from sealing.tee.platform import (
+    SEAL_KEY_BYTES,
+    Enclave,
+    PlatformIdentity,
+    SealKeyRefused,
+    SealPolicyName,
+    check_report_data,
+    check_u16,
+    tee_key_ref,
+)
 
 PLATFORM = "sim"
-TEE_KEY_REF = "tee:sim"  # key_ref of every sim-sealed blob
+TEE_KEY_REF = tee_key_ref(PLATFORM)  # key_ref of every sim-sealed blob
 DEFAULT_CPU_SVN = bytes([0x02] * 16)
 ROOT_SECRET_BYTES = 32
-SEAL_KEY_BYTES = 32  # AES-256 (SGX's seal keys are 128-bit; the envelope uses AES-256 throughout)
 MEASUREMENT_BYTES = 32
 SIGNER_BYTES = 32
 CPU_SVN_BYTES = 16
 ATTRIBUTES_BYTES = 16
-REPORT_DATA_BYTES = 64
 KEY_ID_BYTES = 32
 ATTRIBUTE_DEBUG = 0x02  # byte 0, bit 1, as SGX ATTRIBUTES.DEBUG
 
@@ -89,36 +86,16 @@ ROOT_CA_KEY_FILE = "root_ca.key.pem"
 ROOT_CA_CERT_FILE = "root_ca.pem"
 PLATFORM_KEY_FILE = "platform.key.pem"
 PLATFORM_CERT_FILE = "platform.pem"
-_HOST_FILES = (ROOT_SECRET_FILE, ROOT_CA_KEY_FILE, ROOT_CA_CERT_FILE, PLATFORM_KEY_FILE, PLATFORM_CERT_FILE)
+HOST_FILES = (ROOT_SECRET_FILE, ROOT_CA_KEY_FILE, ROOT_CA_CERT_FILE, PLATFORM_KEY_FILE, PLATFORM_CERT_FILE)
 
 # Key derivation (docs/sim-evidence-format.md, "Sealing keys").
 SEAL_KEY_SALT = b"rekey-sim seal-key v1"
-_KEY_CHECK_LABEL = b"rekey-sim key-check v1"
-_WRAP_AAD_LABEL = b"rekey-sim dek-wrap v1"
-KEY_CHECK_BYTES = 8
-_NONCE_BYTES = 12
-_TAG_BYTES = 16
-_WRAPPED_RAW_BYTES = KEY_CHECK_BYTES + _NONCE_BYTES + DEK_BYTES + _TAG_BYTES
 
-SealPolicyName = Literal["mrenclave", "mrsigner"]
 _POLICY_CODES: dict[str, int] = {"mrenclave": 1, "mrsigner": 2}
 _POLICY_NAMES: dict[int, SealPolicyName] = {1: "mrenclave", 2: "mrsigner"}
-_ENVELOPE_POLICIES: dict[str, SealingPolicy] = {
-    "mrenclave": SealingPolicy.TEE_MRENCLAVE,
-    "mrsigner": SealingPolicy.TEE_MRSIGNER,
-}
 # policy code, isv svn, cpu svn, key id
 _KEY_REQUEST = struct.Struct(">BH16s32s")
 KEY_REQUEST_BYTES = _KEY_REQUEST.size  # 51
-
-
-class SealKeyRefused(SealingError):
-    """The enclave may not derive the requested key: its SVN or CPU SVN is above the enclave's."""
-
-
-class SealKeyMismatch(SealedBlobError):
-    """The blob was sealed by a different enclave identity (or on a different host): the key
-    this enclave derives from the blob's key request is not the key that sealed it."""
 
 
 class SimHostError(SealingError):
@@ -130,31 +107,20 @@ def _check_bytes(value: object, size: int, label: str) -> None:
         raise ValueError(f"{label} must be {size} bytes")
 
 
-def _check_u16(value: object, label: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
-        raise ValueError(f"{label} must be an integer in 0..65535")
-
-
 @dataclass(frozen=True, repr=False)
-class EnclaveIdentity:
-    """What the hardware measures and reports for one enclave.
+class EnclaveIdentity(PlatformIdentity):
+    """What the hardware measures and reports for one sim enclave (SGX-sized fields).
 
     ``cpu_svn`` None means "the host's CPU SVN at launch" (``SimHost.cpu_svn``)."""
 
-    measurement: bytes
-    signer: bytes
-    product_id: int
-    svn: int
-    debug: bool = False
+    platform: ClassVar[str] = PLATFORM
+
     cpu_svn: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_bytes(self.measurement, MEASUREMENT_BYTES, "measurement")
         _check_bytes(self.signer, SIGNER_BYTES, "signer")
-        _check_u16(self.product_id, "product_id")
-        _check_u16(self.svn, "svn")
-        if not isinstance(self.debug, bool):
-            raise ValueError("debug must be a bool")
+        super().__post_init__()
         if self.cpu_svn is not None:
             _check_bytes(self.cpu_svn, CPU_SVN_BYTES, "cpu_svn")
 
@@ -199,9 +165,14 @@ class KeyRequest:
     def __post_init__(self) -> None:
         if self.policy not in _POLICY_CODES:
             raise ValueError("policy must be 'mrenclave' or 'mrsigner'")
-        _check_u16(self.isv_svn, "isv_svn")
+        check_u16(self.isv_svn, "isv_svn")
         _check_bytes(self.cpu_svn, CPU_SVN_BYTES, "cpu_svn")
         _check_bytes(self.key_id, KEY_ID_BYTES, "key_id")
+
+    @property
+    def svn(self) -> int:
+        """The ISV SVN the key is for (``SealKeyRequest.svn``)."""
+        return self.isv_svn
 
     def encode(self) -> bytes:
         """Canonical 51 bytes: policy (1 = mrenclave, 2 = mrsigner), isv svn (u16), cpu svn (16),
@@ -260,8 +231,9 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _populate(directory: Path) -> None:
-    """Write a fresh host (root secret, root CA, platform key and certificate) into ``directory``."""
+def write_new_host(directory: Path) -> None:
+    """Write a fresh host (root secret, root CA, platform key and certificate) into ``directory``,
+    an empty private directory (``SimHost.load_or_create`` gives it one and renames it into place)."""
     now = datetime.now(UTC).replace(microsecond=0) - _BACKDATE
     root_key = ec.generate_private_key(ec.SECP256R1())
     root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key())
@@ -362,7 +334,7 @@ class SimHost:
             staging = Path(tempfile.mkdtemp(prefix=f".{host_dir.name}.", dir=host_dir.parent))  # 0700
             renamed = False
             try:
-                _populate(staging)
+                write_new_host(staging)
                 try:
                     # Replaces a missing or empty directory; fails if another process got there first.
                     os.rename(staging, host_dir)
@@ -388,7 +360,7 @@ class SimHost:
                 f" (mode {stat.S_IMODE(dir_mode):o}); it must be 0700"
             )
         contents: dict[str, bytes] = {}
-        for name in _HOST_FILES:
+        for name in HOST_FILES:
             path = host_dir / name
             try:
                 mode = path.lstat().st_mode
@@ -462,64 +434,10 @@ class SimHost:
 # Enclave
 
 
-def _key_check_value(seal_key: bytes) -> bytes:
-    return hmac.digest(seal_key, _KEY_CHECK_LABEL, "sha256")[:KEY_CHECK_BYTES]
-
-
-class _SealKeyWrapper:
-    """Wraps a blob's DEK under the enclave's seal key: ``tee:v<isv svn>:`` + base64(key check
-    value (8) | nonce (12) | AES-256-GCM(DEK) with tag (48)), the key request as associated data.
-
-    The key check value tells a wrong key (``SealKeyMismatch``: another identity sealed the
-    blob) from an altered wrapped DEK (``InvalidWrappedKey``, which the envelope reports as
-    ``TamperedBlob``)."""
-
-    scheme = "tee"
-
-    def __init__(self, seal_key: bytes, request: KeyRequest, mismatch_message: str = "") -> None:
-        self._aead = AESGCM(seal_key)
-        self._check = _key_check_value(seal_key)
-        self._svn = request.isv_svn
-        self._aad = _WRAP_AAD_LABEL + request.encode()
-        self._mismatch_message = mismatch_message
-
-    @property
-    def key_ref(self) -> str:
-        return TEE_KEY_REF
-
-    def wrap(self, dek: bytes) -> WrappedKey:
-        nonce = os.urandom(_NONCE_BYTES)
-        raw = self._check + nonce + self._aead.encrypt(nonce, dek, self._aad)
-        return WrappedKey(b"tee:v%d:" % self._svn + base64.b64encode(raw), self._svn)
-
-    def version_of(self, wrapped: bytes) -> int:
-        return parse_versioned_prefix(wrapped, self.scheme)[0]
-
-    def unwrap(self, wrapped: bytes) -> bytes:
-        version, body = parse_versioned_prefix(wrapped, self.scheme)
-        if version != self._svn:
-            raise InvalidWrappedKey(f"wrapped DEK names svn {version}, the key request svn {self._svn}")
-        try:
-            raw = base64.b64decode(body, validate=True)
-        except binascii.Error:
-            raise InvalidWrappedKey("wrapped DEK is not valid base64") from None
-        if len(raw) != _WRAPPED_RAW_BYTES or base64.b64encode(raw) != body:
-            # Re-encoding refuses non-canonical base64 (other padding bits), so the slot is not malleable.
-            raise InvalidWrappedKey("wrapped DEK has the wrong length or encoding")
-        if not hmac.compare_digest(raw[:KEY_CHECK_BYTES], self._check):
-            raise SealKeyMismatch(self._mismatch_message or "sealed by a different enclave identity")
-        nonce = raw[KEY_CHECK_BYTES : KEY_CHECK_BYTES + _NONCE_BYTES]
-        try:
-            return self._aead.decrypt(nonce, raw[KEY_CHECK_BYTES + _NONCE_BYTES :], self._aad)
-        except InvalidTag:
-            raise InvalidWrappedKey("wrapped DEK does not authenticate under the seal key") from None
-
-    def rewrap(self, wrapped: bytes) -> WrappedKey:
-        raise KeyWrapError("TEE-sealed blobs are not re-wrapped: unseal and reseal them inside the enclave")
-
-
-class SimEnclave:
+class SimEnclave(Enclave[KeyRequest]):
     """One enclave running on a ``SimHost``."""
+
+    can_seal: ClassVar[bool] = True
 
     def __init__(self, host: SimHost, identity: EnclaveIdentity) -> None:
         if identity.cpu_svn is None:
@@ -542,8 +460,7 @@ class SimEnclave:
         """Evidence binding ``report_data`` (exactly 64 bytes), signed by the platform key.
 
         ``at`` is the production time recorded in the evidence (default: now)."""
-        if not isinstance(report_data, bytes) or len(report_data) != REPORT_DATA_BYTES:
-            raise ValueError(f"report_data must be exactly {REPORT_DATA_BYTES} bytes")
+        check_report_data(report_data)
         when = at or datetime.now(UTC)
         if when.tzinfo is None:
             raise ValueError("at must be timezone-aware")
@@ -598,62 +515,12 @@ class SimEnclave:
         )
         return self._host._derive_seal_key(info)
 
-    def seal(
-        self,
-        data: bytes,
-        policy: SealPolicyName,
-        *,
-        namespace: str,
-        name: str,
-        generation: str,
-    ) -> bytes:
-        """Seal ``data`` under a key for this enclave's own SVN and CPU SVN and ``policy``."""
-        if policy not in _POLICY_CODES:
-            raise ValueError("policy must be 'mrenclave' or 'mrsigner'")
-        if self._identity.svn == 0:
-            raise ValueError(
-                "an enclave with svn 0 cannot seal: the sealed-blob key slot numbers versions from 1"
-                " and a sim blob's version is its svn"
-            )
-        request = KeyRequest(policy, self._identity.svn, self._cpu_svn, os.urandom(KEY_ID_BYTES))
-        wrapper = _SealKeyWrapper(self.seal_key(request), request)
-        blob = envelope.seal(
-            data,
-            wrapper,
-            namespace=namespace,
-            name=name,
-            generation=generation,
-            policy=_ENVELOPE_POLICIES[policy],
-            key_request=request.encode(),
-        )
-        return bytes(blob)
+    def new_key_request(self, policy: SealPolicyName) -> KeyRequest:
+        """A request for this enclave's own svn and cpu svn, with a fresh random key id."""
+        return KeyRequest(policy, self._identity.svn, self._cpu_svn, os.urandom(KEY_ID_BYTES))
 
-    def unseal(self, blob: bytes | bytearray | memoryview) -> bytes:
-        """Open a sim-sealed blob. Every failure is a typed ``SealingError``: the envelope's own
-        errors, ``SealKeyRefused`` (sealed by a higher SVN / CPU SVN) or ``SealKeyMismatch``
-        (sealed by another identity or on another host)."""
-        parsed = envelope.parse(blob)
-        header = parsed.header
-        if header.policy is SealingPolicy.KMS:
-            raise UnsupportedFormat(
-                f"sealed blob {header.blob_id} is KMS-wrapped: it opens with its KMS key, not in an enclave"
-            )
-        try:
-            request = KeyRequest.decode(header.key_request)
-        except ValueError:
-            raise TamperedBlob(f"sealed blob {header.blob_id} has a malformed key request") from None
-        if _ENVELOPE_POLICIES[request.policy] is not header.policy:
-            raise TamperedBlob(
-                f"sealed blob {header.blob_id}: header policy {header.policy.name}"
-                f" does not match its key request policy {request.policy}"
-            )
-        bound = "measurement" if request.policy == "mrenclave" else "signer or product id"
-        mismatch = (
-            f"sealed blob {header.blob_id} was sealed by a different enclave identity"
-            f" ({request.policy} policy: another {bound}, debug attribute or host)"
-        )
-        wrapper = _SealKeyWrapper(self.seal_key(request), request, mismatch)
-        return envelope.open_parsed(parsed, wrapper)
+    def decode_key_request(self, raw: bytes) -> KeyRequest:
+        return KeyRequest.decode(raw)
 
     def __repr__(self) -> str:
         return f"SimEnclave({self._identity!r})"

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_unwrap_with_padding
 
 from emulators.azure_keyvault import AzureKeyVaultEmulator
-from kms_adapters.azure_hsm import StaticTokenCredential, _RemoteCryptographyClient
+from kms_adapters.azure_hsm import RemoteCryptographyClient, StaticTokenCredential
 from tests.fixtures.azure import AzureKeyVault
 
 pytestmark = pytest.mark.integration
@@ -66,7 +66,7 @@ def _raw(
 def _remote(kv: AzureKeyVault | AzureKeyVaultEmulator, key_id: str) -> CryptographyClient:
     """A CryptographyClient that always asks the service (see test_sdk_wraps_oct_locally_...)."""
     ca = kv.ca_file
-    return _RemoteCryptographyClient(
+    return RemoteCryptographyClient(
         key_id, StaticTokenCredential(), verify_challenge_resource=False, connection_verify=ca, retry_total=0
     )
 
@@ -408,7 +408,7 @@ def test_throttling_with_and_without_retry_after(own_emulator: Callable[..., Azu
 
 
 def _remote_with_default_retries(emulator: AzureKeyVaultEmulator, key_id: str) -> CryptographyClient:
-    return _RemoteCryptographyClient(
+    return RemoteCryptographyClient(
         key_id, StaticTokenCredential(), verify_challenge_resource=False, connection_verify=emulator.ca_file
     )
 

@@ -89,7 +89,9 @@ def test_create_wrap_unwrap(
 
 
 @pytest.mark.parametrize("key_type", ["oct-HSM", "RSA-HSM"])
-def test_rotate_rewrap_disable_destroy(make_adapter: Factory, key_type: str) -> None:
+def test_rotate_rewrap_disable_destroy(
+    azure_keyvault: AzureKeyVault, make_adapter: Factory, key_type: str
+) -> None:
     key = make_adapter(key_type)
     key.create()
     dek = secrets.token_bytes(32)
@@ -136,7 +138,8 @@ def test_rotate_rewrap_disable_destroy(make_adapter: Factory, key_type: str) -> 
         key.enable_version(1)
     assert key.unwrap(moved.ciphertext) == dek
     # Key Vault keeps the versions: disabled and tagged, with rekey's own tags kept.
-    props = {p.version: p for p in make_adapter()._keys.list_properties_of_key_versions(key.name)}
+    with azure_keyvault.key_client() as keys:
+        props = {p.version: p for p in keys.list_properties_of_key_versions(key.name)}
     first = props[info.versions[0].native_id]
     assert first.enabled is False and first.tags == {TAG_VERSION: "1", TAG_DESTROYED: "true"}
 
@@ -263,7 +266,8 @@ def test_release_gate_and_secure_key_release(azure_keyvault: AzureKeyVault, make
             }
         ],
     }
-    current = key._keys.get_key(key.name)
+    with azure_keyvault.key_client() as keys:
+        current = keys.get_key(key.name)
     assert current.properties.exportable is True and current.properties.release_policy is not None
     assert json.loads(current.properties.release_policy.encoded_policy or b"") == native
 

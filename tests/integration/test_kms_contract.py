@@ -46,6 +46,13 @@ def test_create_is_idempotent(key: KmsAdapter) -> None:
     assert not created and [v.version for v in info.versions] == [1]
 
 
+def test_the_adapter_exposes_the_governor_its_calls_go_through(key: KmsAdapter) -> None:
+    before = key.governor.snapshot()
+    key.wrap(secrets.token_bytes(32))
+    after = key.governor.snapshot()
+    assert after.successes > before.successes and after.throttled >= before.throttled
+
+
 def test_wrap_rotate_rewrap_disable_destroy(key: KmsAdapter) -> None:
     dek = secrets.token_bytes(32)
     old = key.wrap(dek)

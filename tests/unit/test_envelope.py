@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,7 @@ from sealing.errors import (
     UnknownKeyVersion,
     UnsupportedFormat,
 )
-from sealing.keywrap import LocalKeyWrapper
+from sealing.keywrap import LocalKeyWrapper, WrappedKey
 
 FIXED_TIME = datetime(2026, 11, 27, 12, 30, 45, 123000, tzinfo=UTC)
 FIXED_ID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
@@ -74,6 +75,76 @@ def test_layout_matches_the_documented_offsets(wrapper: LocalKeyWrapper) -> None
     (body_len,) = struct.unpack(">I", blob[body + 12 : body + 16])
     assert body_len == 10 + 16  # plaintext + GCM tag
     assert len(blob) == body + 16 + body_len
+
+
+class RecordingWrapper:
+    """LocalKeyWrapper that keeps the DEKs it wraps, so a test can recompute a blob's body."""
+
+    def __init__(self) -> None:
+        self.inner = LocalKeyWrapper("vault:orders")
+        self.deks: list[bytes] = []
+
+    @property
+    def key_ref(self) -> str:
+        return self.inner.key_ref
+
+    def wrap(self, dek: bytes) -> WrappedKey:
+        self.deks.append(dek)
+        return self.inner.wrap(dek)
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        return self.inner.unwrap(wrapped)
+
+    def rewrap(self, wrapped: bytes) -> WrappedKey:
+        return self.inner.rewrap(wrapped)
+
+    def version_of(self, wrapped: bytes) -> int:
+        return self.inner.version_of(wrapped)
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 4096, 65_537, 1 << 20])
+def test_every_byte_of_a_sealed_blob_is_accounted_for(size: int) -> None:
+    """No byte of the output buffer is left as it was allocated: the blob is exactly its parts,
+    each recomputed here from the inputs, the DEK and the nonce. Freed buffers full of a marker
+    are left behind first, so stale memory would show if any byte were not written."""
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    wrapper = RecordingWrapper()
+    blobs = []
+    for _ in range(2):
+        for _ in range(4):
+            freed = bytearray(b"\xa5") * (size + 512)
+            del freed
+        blobs.append(bytes(_seal(wrapper, data)))  # type: ignore[arg-type]
+    first, second = (parse(blob) for blob in blobs)
+    assert first.aad == second.aad  # the same inputs give the same header, byte for byte
+    assert first.aad == struct.pack(">4sBBH", b"RKSB", 1, 0, len(first.aad) - 8) + first.header.encode()
+    for blob, parsed, dek in zip(blobs, (first, second), wrapper.deks, strict=True):
+        body = AESGCM(dek).encrypt(parsed.nonce, data, parsed.aad)
+        expected = b"".join(
+            (
+                parsed.aad,
+                struct.pack(">IH", parsed.key_version, len(parsed.wrapped_dek)),
+                parsed.wrapped_dek,
+                parsed.nonce,
+                struct.pack(">I", len(body)),
+                body,
+            )
+        )
+        assert blob == expected
+        assert wrapper.unwrap(parsed.wrapped_dek) == dek
+        assert open_blob(blob, wrapper) == data  # type: ignore[arg-type]
+    assert first.nonce != second.nonce and wrapper.deks[0] != wrapper.deks[1]
+
+
+def test_creation_time_is_kept_to_the_exact_millisecond(wrapper: LocalKeyWrapper) -> None:
+    """Past 2038 a float timestamp * 1000 can land just below the millisecond; the header must
+    still say the millisecond it was given."""
+    for when in (FIXED_TIME, datetime(2038, 8, 19, 8, 59, 13, 719000, tzinfo=UTC)):
+        blob = seal(b"x", wrapper, namespace="n", name="x", generation="g", now=when)
+        assert parse(blob).header.created_at == when
+    sub_millisecond = datetime(2026, 11, 27, 12, 30, 45, 123999, tzinfo=UTC)
+    blob = seal(b"x", wrapper, namespace="n", name="x", generation="g", now=sub_millisecond)
+    assert parse(blob).header.created_at == FIXED_TIME  # truncated, not rounded
 
 
 def test_empty_and_large_bodies(wrapper: LocalKeyWrapper) -> None:

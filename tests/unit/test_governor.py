@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import random
@@ -84,6 +85,15 @@ def test_retries_throttled_then_succeeds() -> None:
     assert (s["attempts"], s["successes"], s["throttled"], s["retries"]) == (3, 1, 2, 2)
     assert s["current_rate"] is not None  # the first throttle turned the rate limiter on
     assert ft.now >= 2 * 0.05  # backed off at least the base twice
+
+
+def test_snapshot_is_the_typed_form_of_stats() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    gov.call(failing([Throttled("slow down")], result="done"), op="rewrap")
+    snap = gov.snapshot()
+    assert (snap.attempts, snap.successes, snap.throttled, snap.state) == (2, 1, 1, "closed")
+    assert dataclasses.asdict(snap) == gov.stats()
 
 
 def test_honours_retry_after() -> None:
@@ -205,7 +215,11 @@ def test_waiting_never_holds_the_lock() -> None:
     holder: list[Governor] = []
 
     def sleep(seconds: float) -> None:
-        assert not holder[0]._lock.locked()
+        # Another thread can read the governor meanwhile: the wait holds none of its locks.
+        reader = threading.Thread(target=holder[0].snapshot, daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+        assert not reader.is_alive()
         ft.sleep(seconds)
 
     gov = Governor(ENDPOINT, clock=ft.clock, sleep=sleep, rng=random.Random(1))

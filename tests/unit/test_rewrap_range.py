@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kms_adapters.contract import RewrapOutcome
 from kms_adapters.errors import Unavailable
 from sealing import envelope
-from sealing.keywrap import LocalKeyWrapper, WrappedKey
+from sealing.keywrap import LocalKeyWrapper, RewrapOutcome, WrappedKey
 from sealing.rotation import RangeResult, rewrap_range
 from sealing.store import BlobRecord, NewBlob, SealedStateStore
 

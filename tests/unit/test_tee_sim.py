@@ -23,12 +23,11 @@ from sealing.errors import SealedBlobError, SealingError, TamperedBlob, Unsuppor
 from sealing.generation import parse_manifest
 from sealing.keywrap import LocalKeyWrapper, WrappedKey
 from sealing.tee import sim as sim_tee
+from sealing.tee.platform import SealKeyMismatch, SealKeyRefused, SealKeyWrapper
 from sealing.tee.sim import (
     DEFAULT_CPU_SVN,
     EnclaveIdentity,
     KeyRequest,
-    SealKeyMismatch,
-    SealKeyRefused,
     SimEnclave,
     SimHost,
     SimHostError,
@@ -66,7 +65,7 @@ def test_host_directory_is_private_and_complete(host: SimHost, host_dir: Path) -
     assert host.host_dir == host_dir
     assert stat.S_IMODE(host_dir.stat().st_mode) == 0o700
     names = sorted(p.name for p in host_dir.iterdir())
-    assert names == sorted(sim_tee._HOST_FILES)
+    assert names == sorted(sim_tee.HOST_FILES)
     for path in host_dir.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
     assert len((host_dir / sim_tee.ROOT_SECRET_FILE).read_bytes()) == 32
@@ -141,7 +140,7 @@ def test_the_loser_of_a_creation_race_loads_the_winner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "host"
-    populate = sim_tee._populate
+    populate = sim_tee.write_new_host
     winner: list[SimHost] = []
     calls: list[Path] = []
 
@@ -151,7 +150,7 @@ def test_the_loser_of_a_creation_race_loads_the_winner(
             winner.append(SimHost.load_or_create(target))
         populate(directory)
 
-    monkeypatch.setattr(sim_tee, "_populate", racing_populate)
+    monkeypatch.setattr(sim_tee, "write_new_host", racing_populate)
     loser = SimHost.load_or_create(target)
     assert len(calls) == 2
     assert loser.root_ca_pem() == winner[0].root_ca_pem()
@@ -451,7 +450,7 @@ def test_kms_blobs_are_not_for_enclaves(host: SimHost) -> None:
 def test_tee_blobs_cannot_be_rewrapped(host: SimHost) -> None:
     blob = _seal(host.enclave(V1), "mrsigner")
     request = KeyRequest.decode(envelope.parse(blob).header.key_request)
-    wrapper = sim_tee._SealKeyWrapper(host.enclave(V1).seal_key(request), request)
+    wrapper = SealKeyWrapper("sim", host.enclave(V1).seal_key(request), request)
     with pytest.raises(SealingError, match="not re-wrapped"):
         envelope.rewrap(blob, wrapper)
 

@@ -234,8 +234,9 @@ def test_malformed(signer: ResultSigner, token: str) -> None:
         check(signer, token)
 
 
-def test_signed_but_incomplete_payload(signer: ResultSigner) -> None:
-    key = signer._private_key
+def test_signed_but_incomplete_payload() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    signer = ResultSigner(key)
     base = segments(issue(signer))[1]
     for drop, reason in (
         ("exp", "missing exp"),
@@ -287,9 +288,11 @@ def test_encrypted_key(tmp_path: Path, signer: ResultSigner) -> None:
         ResultSigner.load(path, password=b"wrong")
 
 
-def test_no_secret_in_repr(signer: ResultSigner) -> None:
+def test_no_secret_in_repr() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    signer = ResultSigner(key)
     text = repr(signer)
-    private_value = signer._private_key.private_numbers().private_value
+    private_value = key.private_numbers().private_value
     assert signer.kid in text
     assert "PRIVATE" not in text and str(private_value) not in text and hex(private_value)[2:] not in text
 
