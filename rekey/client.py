@@ -65,7 +65,7 @@ from temporalio.exceptions import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
+from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, MAX_BATCH, MAX_IN_FLIGHT, TASK_QUEUE
 from attestation.errors import AttestationError
 from attestation.policy import parse_duration as parse_policy_duration
 from audit import default_actor
@@ -87,7 +87,11 @@ from workflows.rotation import (
 __all__ = [
     "ABORTED",
     "AWAITING_COMMIT",
+    "DEFAULT_BATCH",
+    "DEFAULT_IN_FLIGHT",
     "DONE",
+    "MAX_BATCH",
+    "MAX_IN_FLIGHT",
     "PREPARING",
     "RETIRING",
     "REWRAPPING",

@@ -14,11 +14,14 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressBar
 
-from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, MAX_BATCH, MAX_IN_FLIGHT
 from rekey.cli.context import with_client
 from rekey.cli.output import EXIT_FAILED, emit_json, err, json_option, out
 from rekey.client import (
+    DEFAULT_BATCH,
+    DEFAULT_IN_FLIGHT,
     DONE,
+    MAX_BATCH,
+    MAX_IN_FLIGHT,
     Progress,
     RekeyClient,
     RotationHandle,
