@@ -157,6 +157,11 @@ class SimVerifier:
             cert = x509.load_der_x509_certificate(parsed.cert_der)
         except _CERT_ERRORS:
             raise MalformedEvidence("sim evidence platform certificate is not DER X.509") from None
+        # The signature BIT STRING ends the certificate. The parser accepts a non-zero count of
+        # unused bits when those bits are zero, so one certificate would have several encodings
+        # that all verify: accept only the one with whole bytes, as the issuer wrote it.
+        if parsed.cert_der[-len(cert.signature) - 1] != 0:
+            raise ChainInvalid("the platform certificate's signature is not a whole number of bytes")
         key = self._check_chain(cert, at)
         not_after = min(cert.not_valid_after_utc, self._root.not_valid_after_utc)
         return VerifiedChain(parsed.cert_der, key, not_after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -226,6 +227,29 @@ def test_root_must_be_a_ca(host: SimHost) -> None:
         SimVerifier(platform_pem)
     with pytest.raises(ValueError):
         SimVerifier(b"not a certificate")
+
+
+def test_a_certificate_with_padded_signature_bits_is_refused(tmp_path: Path) -> None:
+    # The unused-bits byte of the signature BIT STRING changed 0 -> 1: the parser still reads
+    # the same signature when its last bit is 0, so the changed certificate used to verify.
+    for attempt in range(40):
+        host = SimHost.load_or_create(tmp_path / f"host-{attempt}")
+        cert_der = host.platform_cert_der
+        signature = x509.load_der_x509_certificate(cert_der).signature
+        if signature[-1] % 2 == 0:
+            break
+    else:
+        pytest.fail("no host with an even last signature byte in 40 tries")
+    unused_bits = len(cert_der) - len(signature) - 1
+    assert cert_der[unused_bits] == 0
+    padded = _flip(cert_der, unused_bits)
+    assert x509.load_der_x509_certificate(padded).signature == signature  # the parser's view
+    evidence = host.enclave(IDENTITY).report(REPORT_DATA)
+    tampered = evidence.replace(cert_der, padded)
+    verifier = SimVerifier(host.root_ca_pem())
+    verifier.verify(evidence, at=_now())
+    with pytest.raises(ChainInvalid, match="not a whole number of bytes"):
+        verifier.verify(tampered, at=_now())
 
 
 # A flipped serial number parses with a deprecation warning today (an error in later releases).
