@@ -31,9 +31,9 @@ audit_log = Table(
 
 
 def _step_1_audit_log(conn: Connection) -> None:
-    """Create ``audit_log`` and its index by subject, each only if absent: until the audit
-    package owned its table, the store's migration 3 created exactly this, and those databases
-    keep their table and records.
+    """Create ``audit_log`` and its index by subject, each only if absent: the store's frozen
+    migration 3 creates exactly this (releases without owner steps rely on it), so on a database
+    the store made this step takes the table and its records over unchanged.
 
     ``seq`` is assigned by the appender (1, 2, ...), never by the database. ``recorded_at``
     is the canonical UTC time text that the record's hash covers, stored verbatim."""

@@ -179,10 +179,29 @@ def _migration_2_generations(conn: Connection) -> None:
 
 
 def _migration_3_audit_log(conn: Connection) -> None:
-    """No-op. In earlier releases this step created ``audit_log``; the audit package now owns
-    that table (`audit.schema`: its step 1 creates it only if absent, so databases where this
-    step did create it keep their records). Kept as a step so that version numbers keep
-    meaning."""
+    """Create ``audit_log`` as it was in schema version 3 (a frozen snapshot, like every step).
+
+    The audit package owns that table now (`audit.schema`): its definition and every later
+    change are its own steps, and its step 1 creates the table only where it is absent. This
+    step stays as released, because a database at version 3 or 4 is promised an ``audit_log``:
+    a release that knows no owner steps writes to it without creating it (a rollback must
+    keep working)."""
+    snapshot = MetaData()
+    Table(
+        "audit_log",
+        snapshot,
+        Column("seq", Integer, primary_key=True, autoincrement=False),
+        Column("recorded_at", String, nullable=False),
+        Column("actor", String, nullable=False),
+        Column("event", String, nullable=False),
+        Column("subject", String, nullable=False),
+        Column("details", Text, nullable=False),
+        Column("prev_hash", String, nullable=False),
+        Column("hash", String, nullable=False),
+        Column("signature", String, nullable=False),
+        Column("key_id", String, nullable=False),
+        Index("ix_audit_log_subject", "subject", "seq"),
+    ).create(conn)
 
 
 def _migration_4_sweep_layout(conn: Connection) -> None:

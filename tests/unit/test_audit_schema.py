@@ -150,12 +150,16 @@ def stored_rows(raw: Engine) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------- the audit table
 
 
-def test_bare_store_has_no_audit_table_until_the_audit_log_opens(
+def test_bare_store_keeps_its_historical_audit_table_which_the_audit_log_takes_over(
     store_url: str, raw: Engine, key: Ed25519PrivateKey
 ) -> None:
-    # Moved here from test_store's fresh-database test: the store no longer creates audit_log.
-    assert "audit_log" not in inspect(raw).get_table_names()
+    # The store's migration 3 still creates audit_log (a frozen step: a release that knows no
+    # owner steps writes to the table of any database at version 3 or later, so a rollback
+    # keeps its audit log); the audit package then records it as its own without recreating it.
+    assert {ix["name"] for ix in inspect(raw).get_indexes("audit_log")} == {"ix_audit_log_subject"}
     assert store_versions(raw) == [SCHEMA_VERSION]
+    assert "rekey_schema_owners" not in inspect(raw).get_table_names()  # no owner has opened yet
+    catalog = audit_catalog(raw)
 
     with AuditLog(store_url, key) as log:
         log.append("rotation.started", "wf-1", {})
@@ -165,25 +169,37 @@ def test_bare_store_has_no_audit_table_until_the_audit_log_opens(
     assert {ix["name"] for ix in inspect(raw).get_indexes("audit_log")} == {"ix_audit_log_subject"}
     assert owner_versions(raw) == {"audit": AUDIT_SCHEMA.version} == {"audit": 1}
     assert store_versions(raw) == [SCHEMA_VERSION]
+    assert audit_catalog(raw) == catalog  # taken over, not recreated
 
-    catalog = audit_catalog(raw)
     with AuditLog(store_url, None) as again:  # reopening (read-only too) changes nothing
         assert again.verify(trusted(key)).count == 1
     assert audit_catalog(raw) == catalog
     assert owner_versions(raw) == {"audit": 1}
 
 
+def test_a_release_without_owner_steps_can_write_the_audit_log_of_a_store_opened_by_this_one(
+    store_url: str, raw: Engine, key: Ed25519PrivateKey
+) -> None:
+    # What the previous release's appender does: insert into audit_log, never create it.
+    [row] = signed_rows(key, 1)
+    with raw.begin() as conn:
+        conn.execute(audit_log.insert().values(**row))
+    with AuditLog(store_url, None) as log:
+        assert log.verify(trusted(key)).count == 1
+
+
 def test_previous_release_database_opens_verifies_and_appends_without_recreating(
     store_url: str, key: Ed25519PrivateKey
 ) -> None:
-    # The previous release: store schema 4, audit_log created by its migration 3, records in it.
+    # The previous release: store schema 4, audit_log created by migration 3 (the same step
+    # today, so migrate() builds exactly that database), records in it, no owner row yet.
     assert migrate(store_url) == SCHEMA_VERSION == 4
     old = signed_rows(key, 5)
     engine = create_engine(store_url)
     try:
         table = previous_release_table(MetaData())
+        assert {c["name"] for c in inspect(engine).get_columns("audit_log")} == set(table.columns.keys())
         with engine.begin() as conn:
-            table.create(conn)
             conn.execute(table.insert(), old)
         catalog = audit_catalog(engine)
         assert "rekey_schema_owners" not in inspect(engine).get_table_names()
@@ -205,10 +221,10 @@ def test_previous_release_database_opens_verifies_and_appends_without_recreating
 
 
 def test_step_1_adds_a_missing_index_to_an_existing_table(store_url: str, raw: Engine) -> None:
-    table = previous_release_table(MetaData())
-    table.indexes.clear()
     with raw.begin() as conn:
-        table.create(conn)
+        conn.execute(text("DROP INDEX ix_audit_log_subject"))
+    raw.dispose()
+    assert inspect(raw).get_indexes("audit_log") == []
     with AuditLog(store_url, None):
         pass
     raw.dispose()
