@@ -208,7 +208,10 @@ class RotationActivities:
 
     @activity.defn(name="audit")
     def audit(self, request: AuditInput) -> None:
-        self._audit(request.event, request.subject, request.details, request.actor)
+        try:
+            self._audit(request.event, request.subject, request.details, request.actor)
+        except (ValueError, TypeError) as exc:  # a record the log refuses never becomes valid
+            raise _application_error(exc) from None
 
     def all(self) -> list[Callable[..., Any]]:
         return [

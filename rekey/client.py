@@ -33,6 +33,7 @@ uses for it; none carries key material (the payload codec encrypts workflow inpu
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -68,13 +69,14 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, MAX_BATCH, MAX_IN_FLIGHT, TASK_QUEUE
 from attestation.errors import AttestationError
 from attestation.policy import parse_duration as parse_policy_duration
-from audit import default_actor
+from audit import check_text, default_actor
 from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from rekey.config import Settings
 from workflows.rotation import (
     ABORTED,
     AWAITING_COMMIT,
     DONE,
+    MAX_WAIT_SECONDS,
     PREPARING,
     RETIRING,
     REWRAPPING,
@@ -101,6 +103,7 @@ __all__ = [
     "Duration",
     "InvalidDuration",
     "InvalidId",
+    "InvalidOption",
     "Progress",
     "RekeyClient",
     "RekeyClientError",
@@ -131,7 +134,7 @@ DEFAULT_GRACE: Final = 24 * 3600.0
 """Seconds a rotation waits before retiring the old versions, unless approved earlier."""
 
 # A schedule starts each run under its action's workflow id with the scheduled time appended.
-_SCHEDULED_SUFFIX: Final = re.compile(r"-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
+_SCHEDULED_SUFFIX: Final = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z\Z")
 
 Duration = float | int | timedelta | str
 """Seconds, a `timedelta`, or text like ``0``, ``30s``, ``15m``, ``24h``, ``7d``, ``1h30m``."""
@@ -162,6 +165,12 @@ class InvalidId(RekeyClientError):
 
 class InvalidDuration(RekeyClientError):
     """A duration is not one rekey can use (malformed, negative, or zero where it must not be)."""
+
+    exit_code = 2
+
+
+class InvalidOption(RekeyClientError):
+    """A rotation option is out of range (batch size, batches in flight, who started it)."""
 
     exit_code = 2
 
@@ -256,19 +265,30 @@ def parse_duration(text: str, name: str = "duration") -> float:
     if text.strip() in ("0", "0s"):
         return 0.0
     try:
-        return parse_policy_duration(text).total_seconds()
+        value = parse_policy_duration(text).total_seconds()
+    except OverflowError:
+        value = math.inf  # refused below with the limit named
     except (AttestationError, ValueError):
         raise InvalidDuration(f"{name} {text!r} is not a duration like 30s, 15m, 24h or 7d") from None
+    return _in_range(value, text, name)
+
+
+def _in_range(value: float, given: object, name: str) -> float:
+    if not value >= 0:  # NaN fails it too
+        raise InvalidDuration(f"{name} must not be negative, got {given!r}")
+    if value > MAX_WAIT_SECONDS:  # a timer the workflow could not set, or a typo
+        raise InvalidDuration(f"{name} {given!r} is longer than {MAX_WAIT_SECONDS // 86400}d (ten years)")
+    return value
 
 
 def seconds(value: Duration, name: str = "duration") -> float:
-    """A `Duration` in seconds; `InvalidDuration` if it is malformed or negative."""
+    """A `Duration` in seconds; `InvalidDuration` if it is malformed, negative or longer than
+    ten years (`MAX_WAIT_SECONDS`)."""
     if isinstance(value, str):
         return parse_duration(value, name)
-    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if not result >= 0:  # also NaN
-        raise InvalidDuration(f"{name} must not be negative, got {value!r}")
-    return result
+    if isinstance(value, bool) or not isinstance(value, int | float | timedelta):
+        raise InvalidDuration(f"{name} must be seconds, a timedelta or text like 24h, got {value!r}")
+    return _in_range(value.total_seconds() if isinstance(value, timedelta) else float(value), value, name)
 
 
 # ------------------------------------------------------------------------------- connecting
@@ -289,6 +309,11 @@ async def connect(settings: Settings) -> Client:
             namespace=settings.temporal_namespace,
             data_converter=data_converter(settings),
         )
+    except ValueError as exc:  # the SDK refuses the address itself ("invalid target URL")
+        raise TemporalUnreachable(
+            f"cannot reach Temporal at {settings.temporal_address!r}: {str(exc).splitlines()[0]}"
+            " (temporal_address must be host:port)"
+        ) from None
     except RuntimeError as exc:  # the SDK's connection failure
         raise TemporalUnreachable(
             f"cannot reach Temporal at {settings.temporal_address}: {str(exc).splitlines()[0]}"
@@ -306,10 +331,12 @@ def _cause_message(error: BaseException | None) -> str:
     return str(error)
 
 
-def _rpc_failure(error: RPCError, not_found: type[RekeyClientError], what: str) -> NoReturn:
-    """Raise ``not_found`` for a NOT_FOUND answer, else `TemporalRequestFailed`."""
-    cls = not_found if error.status == RPCStatusCode.NOT_FOUND else TemporalRequestFailed
-    raise cls(f"{what}: {error.message}") from None
+def _rpc_failure(error: RPCError, not_found: type[RekeyClientError], missing: str, doing: str) -> NoReturn:
+    """Raise ``not_found`` ("``missing``: ...") for a NOT_FOUND answer, else
+    `TemporalRequestFailed` ("``doing``: ...", e.g. a query no worker answered in time)."""
+    if error.status == RPCStatusCode.NOT_FOUND:
+        raise not_found(f"{missing}: {error.message}") from None
+    raise TemporalRequestFailed(f"{doing}: {error.message}") from None
 
 
 # --------------------------------------------------------------------------------- rotations
@@ -326,6 +353,8 @@ class RotationInfo:
     status: str
     """``RUNNING``, ``COMPLETED``, ``FAILED``, ``CANCELED``, ``TERMINATED`` or ``TIMED_OUT``."""
     started_at: datetime
+    """When the current run started: after a continue-as-new, the successor's start (the
+    rotation's own start is ``Progress.started_at``)."""
     closed_at: datetime | None
 
     @classmethod
@@ -365,7 +394,7 @@ class RotationHandle:
         try:
             return await self._handle.query(RotateKeyWorkflow.progress)
         except RPCError as exc:
-            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}")
+            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}", f"cannot query {self.id}")
         except TemporalError as exc:
             raise TemporalRequestFailed(f"cannot query {self.id}: {_cause_message(exc)}") from None
 
@@ -374,7 +403,7 @@ class RotationHandle:
         try:
             return RotationInfo.from_execution(await self._handle.describe())
         except RPCError as exc:
-            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}")
+            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}", f"cannot describe {self.id}")
 
     async def result(self) -> Progress:
         """Wait for the end: the final progress (phase ``DONE`` or ``ABORTED``).
@@ -385,7 +414,7 @@ class RotationHandle:
         except WorkflowFailureError as exc:
             raise RotationFailed(self.id, _cause_message(exc.cause)) from None
         except RPCError as exc:
-            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}")
+            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}", f"cannot wait for {self.id}")
         return result
 
     async def watch(
@@ -418,7 +447,7 @@ class RotationHandle:
         try:
             await self._handle.signal(name)
         except RPCError as exc:
-            _rpc_failure(exc, RotationNotFound, f"cannot {name} {self.id}")
+            _rpc_failure(exc, RotationNotFound, f"cannot {name} {self.id}", f"cannot {name} {self.id}")
 
     async def pause(self) -> None:
         """Pause the re-wrap sweep after the batches in flight."""
@@ -501,6 +530,19 @@ class RekeyClient:
         in_flight: int,
         started_by: str,
     ) -> RotateKeyInput:
+        # What the workflow would refuse, or could not even decode, is refused here, before a
+        # rotation starts that could never run.
+        for option, value, top in (
+            ("batch_size", batch_size, MAX_BATCH),
+            ("in_flight", in_flight, MAX_IN_FLIGHT),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise InvalidOption(f"{option} must be an integer from 1 to {top}, got {value!r}")
+        if started_by:
+            try:
+                check_text("started_by", started_by)
+            except ValueError as exc:
+                raise InvalidOption(str(exc)) from None
         return RotateKeyInput(
             str(_key_ref(key_ref)),
             grace_seconds=seconds(grace, "grace"),
@@ -625,7 +667,7 @@ class RekeyClient:
         try:
             return RotationSchedule.from_description(await self.temporal.get_schedule_handle(id_).describe())
         except RPCError as exc:
-            _rpc_failure(exc, ScheduleNotFound, f"no schedule {id_}")
+            _rpc_failure(exc, ScheduleNotFound, f"no schedule {id_}", f"cannot describe {id_}")
 
     async def list_schedules(self) -> list[RotationSchedule]:
         """Every rotation schedule, by id.
@@ -652,7 +694,7 @@ class RekeyClient:
         try:
             await getattr(handle, verb)()
         except RPCError as exc:
-            _rpc_failure(exc, ScheduleNotFound, f"cannot {verb} {id_}")
+            _rpc_failure(exc, ScheduleNotFound, f"cannot {verb} {id_}", f"cannot {verb} {id_}")
         return id_
 
     async def pause_schedule(self, schedule_id_or_key_ref: str) -> str:

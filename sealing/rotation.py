@@ -193,13 +193,20 @@ def _retry_swap(
         if record.key_version >= below_version or record.key_ref != adapter.key_ref:
             result.conflicts += 1  # rewritten under the new version (or moved): leave it
             return
+        # As in the batched path: an unreadable blob, or a DEK the key service refuses for good,
+        # fails this blob; a retryable refusal, or an answer that does not fit the envelope
+        # (`_finish` raises for it too), fails the attempt.
         try:
             slot = envelope.key_slot(record.blob)
-            rewrapped = adapter.rewrap(slot.wrapped_dek)
+            try:
+                rewrapped = adapter.rewrap(slot.wrapped_dek)
+            except KeyWrapError as exc:
+                if exc.retryable:
+                    raise
+                result.add_failure(record.blob_id)
+                return
             blob = envelope.replace_key_slot(record.blob, slot, rewrapped)
-        except (SealedBlobError, KeyWrapError) as exc:
-            if isinstance(exc, KeyWrapError) and exc.retryable:
-                raise
+        except SealedBlobError:
             result.add_failure(record.blob_id)
             return
         try:

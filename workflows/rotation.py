@@ -39,6 +39,9 @@ with workflow.unsafe.imports_passed_through():
 PREPARING, REWRAPPING, VERIFYING = "PREPARING", "REWRAPPING", "VERIFYING"
 AWAITING_COMMIT, RETIRING, DONE, ABORTED = "AWAITING_COMMIT", "RETIRING", "DONE", "ABORTED"
 MAX_SWEEPS = 5
+MAX_WAIT_SECONDS = 10 * 366 * 24 * 3600
+"""Longest grace period or destroy delay: ten years. Longer waits are mistakes, and a value
+beyond what timers and the audit log's integers take would stall the workflow task."""
 
 # KMS calls are retried by the governor inside an activity; Temporal retries the activity
 # after that, for as long as it takes (an outage must not fail the rotation).
@@ -221,8 +224,8 @@ class RotateKeyWorkflow:
         return self.progress()
 
     async def _start(self, request: RotateKeyInput) -> None:
-        """Refuse out-of-range sizing before any activity; take over a carried-over state, or
-        record the start of a new rotation."""
+        """Refuse out-of-range sizing and waits before any activity; take over a carried-over
+        state, or record the start of a new rotation."""
         self._input = request
         if not (1 <= request.batch_size <= MAX_BATCH and 1 <= request.batches_in_flight <= MAX_IN_FLIGHT):
             raise ApplicationError(
@@ -230,6 +233,14 @@ class RotateKeyWorkflow:
                 f" got {request.batch_size} and {request.batches_in_flight}",
                 non_retryable=True,
             )
+        for name, wait in (
+            ("grace_seconds", request.grace_seconds),
+            ("destroy_after_seconds", request.destroy_after_seconds),
+        ):
+            if wait is not None and not 0 <= wait <= MAX_WAIT_SECONDS:  # NaN fails it too
+                raise ApplicationError(
+                    f"{name} must be 0..{MAX_WAIT_SECONDS} (ten years), got {wait}", non_retryable=True
+                )
         if request.state is not None:
             self._state = request.state
         s = self._state

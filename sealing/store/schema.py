@@ -298,11 +298,19 @@ def _lock_schema(conn: Connection) -> None:
         conn.execute(select(func.pg_advisory_xact_lock(_PG_LOCK_KEY)))
 
 
+def _stored_version(value: object, where: str) -> int:
+    """A schema version as stored: a non-negative integer. Anything else (a row edited by hand or
+    restored from elsewhere) is refused before it can select a migration step."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreError(f"{where} holds schema version {value!r}; expected a non-negative integer")
+    return value
+
+
 def _read_schema_version(conn: Connection) -> int | None:
     versions = conn.execute(select(rekey_schema.c.version)).scalars().all()
     if len(versions) > 1:
         raise StoreError(f"rekey_schema holds {len(versions)} rows; expected exactly one")
-    return int(versions[0]) if versions else None
+    return _stored_version(versions[0], "rekey_schema") if versions else None
 
 
 def apply_migrations(db: Database, target: int) -> int:
@@ -341,7 +349,7 @@ def apply_owner_steps(db: Database, owner: SchemaOwner) -> int:
             found = conn.execute(select(schema_owners.c.version).where(row)).scalar_one_or_none()
             if found is None:
                 conn.execute(insert(schema_owners).values(owner=owner.name, version=0))
-            current = 0 if found is None else int(found)
+            current = 0 if found is None else _stored_version(found, f"rekey_schema_owners ({owner.name})")
             if current > owner.version:
                 raise SchemaTooNew(current, owner.version, owner=owner.name)
             if current == owner.version:

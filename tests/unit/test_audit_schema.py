@@ -285,6 +285,28 @@ def test_newer_audit_schema_is_refused_and_left_untouched(
         assert store.schema_version == SCHEMA_VERSION
 
 
+def test_a_stored_version_that_is_not_a_version_is_refused(store_url: str, raw: Engine) -> None:
+    # A row edited by hand or restored from elsewhere must not pick a migration step: -1 ran
+    # the last step first (then every step again), text crashed with a bare ValueError.
+    calls: list[str] = []
+    owner = SchemaOwner("demo", (lambda _conn: calls.append("one"), lambda _conn: calls.append("two")))
+    with SealedStateStore(store_url) as store:
+        assert store.apply_schema(SchemaOwner("demo", ())) == 0
+        bad: list[object] = [-1] if raw.dialect.name == "postgresql" else [-1, "one", 1.5]
+        for stored in bad:
+            with raw.begin() as conn:
+                conn.execute(
+                    schema_owners.update().where(schema_owners.c.owner == "demo").values(version=stored)
+                )
+            with pytest.raises(StoreError, match=r"rekey_schema_owners \(demo\) holds schema version"):
+                store.apply_schema(owner)
+        assert calls == []
+    with raw.begin() as conn:
+        conn.execute(rekey_schema.update().values(version=-1))
+    with pytest.raises(StoreError, match=r"rekey_schema holds schema version -1"):
+        SealedStateStore(store_url)
+
+
 # ---------------------------------------------------------------------- the mechanism
 
 

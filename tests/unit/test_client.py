@@ -14,6 +14,7 @@ from rekey.cli.output import EXIT_FAILED, EXIT_USAGE, exit_code_of, known_errors
 from rekey.client import (
     InvalidDuration,
     InvalidId,
+    InvalidOption,
     RekeyClient,
     RekeyClientError,
     RotationAlreadyRunning,
@@ -146,6 +147,7 @@ def test_seconds_of_numbers_and_timedeltas() -> None:
         (RotationFailed("rotate:vault:x", "boom"), EXIT_FAILED),
         (InvalidId("x"), EXIT_USAGE),
         (InvalidDuration("x"), EXIT_USAGE),
+        (InvalidOption("x"), EXIT_USAGE),
         (RotationAlreadyRunning("x"), EXIT_USAGE),
         (RotationNotFound("x"), EXIT_USAGE),
         (ScheduleExists("x"), EXIT_USAGE),
@@ -189,6 +191,46 @@ async def test_input_is_checked_before_anything_is_sent() -> None:
     for action in (client.pause_schedule, client.delete_schedule, client.describe_schedule):
         with pytest.raises(InvalidId):
             await action("schedule:rotate:")
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"grace": math.inf}, InvalidDuration, r"^grace inf is longer than 3660d"),
+        ({"grace": 1e300}, InvalidDuration, r"^grace 1e\+300 is longer than 3660d"),
+        ({"grace": "1000000000d"}, InvalidDuration, r"^grace '1000000000d' is longer than 3660d"),
+        ({"destroy_after": timedelta(days=3661)}, InvalidDuration, r"^destroy_after .* is longer than"),
+        ({"grace": math.nan}, InvalidDuration, r"^grace must not be negative"),
+        ({"grace": True}, InvalidDuration, r"^grace must be seconds"),
+        ({"batch_size": "10"}, InvalidOption, r"^batch_size must be an integer from 1 to 10000, got '10'"),
+        ({"batch_size": True}, InvalidOption, r"^batch_size must be an integer"),
+        ({"batch_size": 10_001}, InvalidOption, r"^batch_size must be an integer from 1 to 10000"),
+        ({"in_flight": 0}, InvalidOption, r"^in_flight must be an integer from 1 to 16"),
+        ({"started_by": "ci-bot\nrun 42"}, InvalidOption, r"^started_by contains control characters"),
+        ({"started_by": "x" * 300}, InvalidOption, r"^started_by is longer than 256"),
+    ],
+)
+async def test_options_no_rotation_could_run_with_are_refused_before_it_starts(
+    options: dict[str, Any], error: type[RekeyClientError], message: str
+) -> None:
+    # Each of these used to start a rotation that stayed RUNNING for ever: the workflow task
+    # or its first audit record failed on every attempt.
+    client = RekeyClient(cast(Client, object()))  # any use of it would fail
+    with pytest.raises(error, match=message):
+        await client.start_rotation("vault:orders", **options)
+    schedule_options = {"every": "1d", **options}
+    with pytest.raises(error, match=message):
+        await client.create_schedule("vault:orders", **schedule_options)
+
+
+def test_a_scheduled_time_is_ascii_digits() -> None:
+    with pytest.raises(InvalidId):
+        parse_rotation_id("rotate:vault:x-\u0662\u0660\u0663\u0660-\u0660\u0661-\u0660\u0661T00:00:00Z")
+
+
+async def test_an_address_that_is_no_address_is_unreachable(tmp_path: Path) -> None:
+    with pytest.raises(TemporalUnreachable, match=r"temporal_address must be host:port"):
+        await connect(Settings(home=tmp_path, temporal_address="not a host"))
 
 
 # ------------------------------------------------------------------------------ command line

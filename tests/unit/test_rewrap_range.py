@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kms_adapters.errors import Unavailable
+from kms_adapters.errors import InvalidCiphertext, Unavailable
 from sealing import envelope
+from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import LocalKeyWrapper, RewrapOutcome, WrappedKey
 from sealing.rotation import RangeResult, rewrap_range
 from sealing.store import BlobRecord, NewBlob, SealedStateStore
@@ -236,3 +237,47 @@ def test_a_long_header_blob_rewritten_between_reads_is_left_to_the_workload(tmp_
     result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=10)  # type: ignore[arg-type]
     assert (result.rewrapped, result.conflicts, result.failed) == (0, 1, 0)
     assert envelope.open_blob(store.get(record.blob_id).blob, kms.key) == b"rewritten"
+
+
+def _rewritten_under_the_old_version(
+    store: SealedStateStore, kms: FakeKms, victim: str
+) -> Callable[[int], None]:
+    """A workload write between the sweep's read and its swap that stays on the old version, so
+    the lost swap is redone alone through ``rewrap``."""
+
+    def workload_writes(batch: int) -> None:
+        if batch == 2:
+            record = store.get(victim)
+            store.compare_and_swap(victim, record.row_version, blob=record.blob, key_version=1)
+
+    return workload_writes
+
+
+def test_a_malformed_answer_on_the_lost_swap_path_fails_the_attempt(
+    setup: tuple[SealedStateStore, FakeKms, dict[str, bytes]],
+) -> None:
+    # As on the batched path: a KMS answer that does not fit the envelope is not one blob's
+    # problem, it fails the attempt (and nothing of the blob changes).
+    store, kms, plain = setup
+    victim = sorted(plain)[12]
+    kms.before_batch = _rewritten_under_the_old_version(store, kms, victim)
+    kms.rewrap = lambda _wrapped: WrappedKey(b"", 2)  # type: ignore[method-assign]
+    before = store.get(victim)
+    with pytest.raises(InvalidWrappedKey):
+        rewrap_range(store, kms, below_version=2, start=None, end=None, limit=1000, chunk=10)  # type: ignore[arg-type]
+    assert store.get(victim).blob == before.blob
+
+
+def test_a_dek_the_kms_refuses_on_the_lost_swap_path_fails_that_blob(
+    setup: tuple[SealedStateStore, FakeKms, dict[str, bytes]],
+) -> None:
+    store, kms, plain = setup
+    victim = sorted(plain)[12]
+    kms.before_batch = _rewritten_under_the_old_version(store, kms, victim)
+
+    def refuse(_wrapped: bytes) -> WrappedKey:
+        raise InvalidCiphertext("not a ciphertext of this key")
+
+    kms.rewrap = refuse  # type: ignore[method-assign]
+    result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=1000, chunk=10)  # type: ignore[arg-type]
+    assert (result.rewrapped, result.failed, result.failed_ids) == (BLOBS - 1, 1, [victim])

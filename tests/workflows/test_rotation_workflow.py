@@ -46,6 +46,7 @@ from workflows.rotation import (
     ABORTED,
     AWAITING_COMMIT,
     DONE,
+    MAX_WAIT_SECONDS,
     PREPARING,
     RETIRING,
     REWRAPPING,
@@ -549,4 +550,29 @@ async def test_out_of_range_sizing_is_refused_before_any_activity(
     assert isinstance(failure.value.cause, ApplicationError)
     assert failure.value.cause.non_retryable
     assert f"got {batch_size} and {batches_in_flight}" in failure.value.cause.message
+    assert rotation.fleet.calls == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("grace_seconds", float("inf")),
+        ("grace_seconds", float("nan")),
+        ("grace_seconds", -1.0),
+        ("grace_seconds", MAX_WAIT_SECONDS + 1.0),
+        ("destroy_after_seconds", 1e300),
+    ],
+)
+async def test_waits_no_timer_could_take_are_refused_before_any_activity(
+    rotation: Rotation, option: str, value: float
+) -> None:
+    # A starter other than rekey.client (which refuses these) must not leave a rotation whose
+    # workflow task fails for ever: it fails at once, before anything happens.
+    handle = await rotation.start(**{option: value})
+    with pytest.raises(WorkflowFailureError) as failure:
+        await asyncio.wait_for(handle.result(), WAIT)
+
+    assert isinstance(failure.value.cause, ApplicationError)
+    assert failure.value.cause.non_retryable
+    assert failure.value.cause.message.startswith(f"{option} must be 0..{MAX_WAIT_SECONDS} (ten years)")
     assert rotation.fleet.calls == []
