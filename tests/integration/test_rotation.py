@@ -19,13 +19,20 @@ from audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
-from rekey.client import RekeyClient, RotationAlreadyRunning, RotationFailed, RotationHandle
+from rekey.client import (
+    InvalidOption,
+    RekeyClient,
+    RotationAlreadyRunning,
+    RotationFailed,
+    RotationHandle,
+    rotation_id,
+)
 from rekey.config import load_settings
 from rekey.worker import build_worker
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
 from tests.fixtures.openbao import OpenBao
-from workflows.rotation import ABORTED, AWAITING_COMMIT, DONE, Progress
+from workflows.rotation import ABORTED, AWAITING_COMMIT, DONE, Progress, RotateKeyInput, RotateKeyWorkflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -240,11 +247,20 @@ async def test_cli_drives_a_rotation(
 
 
 async def test_out_of_range_sizing_fails_the_workflow_before_anything_changes(setup: Setup) -> None:
-    handle = await setup.start(grace=0, batch_size=20_000)
+    # Started around rekey.client (which refuses it before it starts, below): the workflow
+    # itself refuses it too, before its first activity.
+    await setup.env.client.start_workflow(
+        RotateKeyWorkflow.run,
+        RotateKeyInput(setup.key_ref, grace_seconds=0, batch_size=20_000),
+        id=rotation_id(setup.key_ref),
+        task_queue=setup.task_queue,
+    )
     with pytest.raises(RotationFailed) as failure:
-        await handle.result()
+        await setup.client.rotation(setup.key_ref).result()
     assert "batch_size must be 1..10000" in failure.value.cause
     assert setup.adapter.describe().primary_version == 1  # nothing was rotated
+    with pytest.raises(InvalidOption, match="batch_size must be an integer from 1 to 10000"):
+        await setup.start(grace=0, batch_size=20_000)
 
 
 # ------------------------------------------------------------------ the Python API (rekey.client)
