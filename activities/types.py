@@ -17,6 +17,19 @@ MAX_BATCH = 10_000
 DEFAULT_IN_FLIGHT = 2
 MAX_IN_FLIGHT = 16
 
+# Activities that change a key at the KMS make several governor calls of up to its 60 s budget
+# each: they heartbeat between calls, and a timed-out attempt must not run beside its retry.
+MUTATION_TIMEOUT_S = 600
+MUTATION_HEARTBEAT_S = 90
+
+VERSIONS_IN_USE = "VersionsStillInUse"
+"""``ApplicationError`` type of ``retire_versions`` when its census finds stored blobs still
+wrapped by a version it was asked to disable or destroy (``details[0]``: how many)."""
+
+SEARCH_ATTRIBUTES = {"RekeyKeyRef": "Keyword", "RekeyPhase": "Keyword", "RekeyRemaining": "Int"}
+"""Custom search attributes the rotation workflow keeps up to date, so that status and filters
+work without a worker; a Temporal namespace must have them registered (the dev stack does)."""
+
 
 @dataclass
 class KeyRefInput:
@@ -33,7 +46,11 @@ class KeyState:
 @dataclass
 class RotateToInput:
     key_ref: str
-    target_version: int  # idempotent: rotate only while the primary is below it
+    target_version: int
+    expected_primary: int | None = None
+    """The primary the rotation saw before creating ``target_version``: the activity rotates
+    only from it (or finds ``target_version`` already made by an earlier attempt) and refuses
+    anything else. None only in histories recorded before it existed."""
 
 
 @dataclass
@@ -80,7 +97,12 @@ class VerifyInput:
 class RetireInput:
     key_ref: str
     below_version: int
-    action: str  # disable | destroy
+    action: str  # disable | destroy | enable
+    versions: list[int] = field(default_factory=list)
+    """For ``enable``: the versions to enable again (a census found blobs still on them)."""
+    census: bool = False
+    """For disable and destroy: count the stored blobs still wrapped below ``below_version``
+    first and refuse (``VERSIONS_IN_USE``) unless there are none."""
 
 
 @dataclass
