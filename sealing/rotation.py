@@ -6,6 +6,11 @@ KMS has it, so no plaintext DEK is ever held here), and each blob's key slot is 
 compare-and-swap on its row version: a blob the workload rewrote meanwhile is re-read, never
 overwritten. Only the head of each blob (header and key slot) is read; the database splices the
 new slot in front of the stored body. Nothing here knows about Temporal; the activities wrap it.
+
+Every blob the sweep fails (unreadable, refused for good by the KMS, or lost the write race to the
+workload too often) is recorded in the store with its reason when its chunk is finished
+(`SealedStateStore.record_rewrap_failures`, keyed by the key and ``below_version``), so all of
+them can be listed; `RangeResult` keeps only the count and the first `MAX_FAILED_IDS` ids.
 """
 
 from __future__ import annotations
@@ -49,9 +54,35 @@ class _Chunk:
 
     last_id: str
     items: list[tuple[SweepRow, envelope.KeySlot]]
-    bad: list[str]  # unreadable blobs, counted when the chunk is finished
+    bad: list[tuple[str, str]]  # unreadable blobs and why, counted when the chunk is finished
     recheck: list[str]  # written by the workload between two reads: handled like a lost swap
     rewrap: Future[list[RewrapOutcome]]
+
+
+@dataclass
+class _Tally:
+    """What finishing one chunk did: added to the range's `RangeResult` only once the whole chunk
+    is done and its failures are recorded, so an attempt that fails half-way through a chunk
+    leaves neither its counts nor its progress claiming any of it."""
+
+    rewrapped: int = 0
+    conflicts: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (blob_id, reason)
+
+
+LOST_THE_RACE = f"StaleRecord: lost the write race to the workload {CAS_ATTEMPTS} times"
+
+
+def _unreadable(exc: SealedBlobError) -> str:
+    """The stored reason for a blob that cannot be parsed (the sealing layer's messages hold no
+    key material or sealed data)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _refused(exc: KeyWrapError) -> str:
+    """The stored reason for a DEK the key service refused for good: the error's class name
+    only, never the service's own text (which may echo what it was sent)."""
+    return f"{type(exc).__name__}: the key service refused to re-wrap the DEK"
 
 
 def rewrap_range(
@@ -82,7 +113,11 @@ def rewrap_range(
 
     Retryable KMS errors propagate (the caller retries; finished blobs are already on the new
     version and are not selected again). ``result`` continues the counts of an interrupted
-    attempt."""
+    attempt.
+
+    Each finished chunk's failed blobs are recorded in the store with their reasons before the
+    chunk counts as done (``progress``, ``result.last_id``); an attempt resumed after
+    ``last_id`` does not read finished chunks again, so it records none of them twice."""
     result = result or RangeResult()
     cursor, remaining = start, limit
     pending: deque[_Chunk] = deque()
@@ -115,7 +150,7 @@ def _read(
     store: SealedStateStore, adapter: RewrapService, rows: list[SweepRow], kms: ThreadPoolExecutor
 ) -> _Chunk:
     items: list[tuple[SweepRow, envelope.KeySlot]] = []
-    bad: list[str] = []
+    bad: list[tuple[str, str]] = []
     recheck: list[str] = []
     for row in rows:
         try:
@@ -129,8 +164,8 @@ def _read(
                 slot = envelope.key_slot(whole.blob)
         except RecordNotFound:
             continue  # deleted by the workload meanwhile
-        except SealedBlobError:
-            bad.append(row.blob_id)
+        except SealedBlobError as exc:
+            bad.append((row.blob_id, _unreadable(exc)))
             continue
         items.append((row, slot))
     wrapped = [slot.wrapped_dek for _, slot in items]
@@ -153,12 +188,13 @@ def _finish(
         except FutureTimeout:
             if progress is not None:
                 progress(result)
+    tally = _Tally()
     splices: list[SlotSplice] = []
     for (row, slot), outcome in zip(done.items, outcomes, strict=True):
         if outcome.error is not None:
             if outcome.error.retryable:
                 raise outcome.error
-            result.add_failure(row.blob_id)
+            tally.failures.append((row.blob_id, _refused(outcome.error)))
             continue
         assert outcome.wrapped is not None
         prefix = envelope.slot_prefix(row.head, slot, outcome.wrapped)
@@ -168,12 +204,17 @@ def _finish(
     # One transaction for the chunk; a blob the workload wrote meanwhile is re-read one by one.
     for splice, applied in zip(splices, store.splice_key_slots(splices), strict=True):
         if applied:
-            result.rewrapped += 1
+            tally.rewrapped += 1
         else:
-            _retry_swap(store, adapter, splice.blob_id, below_version, result)
+            _retry_swap(store, adapter, splice.blob_id, below_version, tally)
     for blob_id in done.recheck:
-        _retry_swap(store, adapter, blob_id, below_version, result)
-    for blob_id in done.bad:
+        _retry_swap(store, adapter, blob_id, below_version, tally)
+    tally.failures.extend(done.bad)
+    if tally.failures:
+        store.record_rewrap_failures(adapter.key_ref, below_version, tally.failures)
+    result.rewrapped += tally.rewrapped
+    result.conflicts += tally.conflicts
+    for blob_id, _reason in tally.failures:
         result.add_failure(blob_id)
     result.last_id = done.last_id
     if progress is not None:
@@ -181,7 +222,7 @@ def _finish(
 
 
 def _retry_swap(
-    store: SealedStateStore, adapter: RewrapService, blob_id: str, below_version: int, result: RangeResult
+    store: SealedStateStore, adapter: RewrapService, blob_id: str, below_version: int, tally: _Tally
 ) -> None:
     """The batched swap lost for ``blob_id``: re-read it; if it is still below the new version,
     re-wrap and swap it alone (a few times), else leave the workload's write alone."""
@@ -191,7 +232,7 @@ def _retry_swap(
         except RecordNotFound:
             return  # deleted by the workload meanwhile: nothing left to re-wrap
         if record.key_version >= below_version or record.key_ref != adapter.key_ref:
-            result.conflicts += 1  # rewritten under the new version (or moved): leave it
+            tally.conflicts += 1  # rewritten under the new version (or moved): leave it
             return
         # As in the batched path: an unreadable blob, or a DEK the key service refuses for good,
         # fails this blob; a retryable refusal, or an answer that does not fit the envelope
@@ -203,11 +244,11 @@ def _retry_swap(
             except KeyWrapError as exc:
                 if exc.retryable:
                     raise
-                result.add_failure(record.blob_id)
+                tally.failures.append((record.blob_id, _refused(exc)))
                 return
             blob = envelope.replace_key_slot(record.blob, slot, rewrapped)
-        except SealedBlobError:
-            result.add_failure(record.blob_id)
+        except SealedBlobError as exc:
+            tally.failures.append((record.blob_id, _unreadable(exc)))
             return
         try:
             store.compare_and_swap(
@@ -216,11 +257,11 @@ def _retry_swap(
                 blob=blob,
                 key_version=rewrapped.key_version,
             )
-            result.rewrapped += 1
+            tally.rewrapped += 1
             return
         except StaleRecord:
             continue
-    result.add_failure(blob_id)  # lost the race CAS_ATTEMPTS times in a row
+    tally.failures.append((blob_id, LOST_THE_RACE))  # lost the race CAS_ATTEMPTS times in a row
 
 
 def verify_sample(store: SealedStateStore, adapter: RewrapService, *, version: int, sample: int) -> int:

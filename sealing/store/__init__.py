@@ -19,8 +19,17 @@ The package is split by concern:
   `SchemaOwner`: the migrations of packages above the store that keep their own tables here.
 * `base`: the opened database, `SealedStateStore.transaction` (the public transaction API for
   those packages) and `SealedStateStore.apply_schema`.
-* `blobs`, `generations`: the blob operations (including the sweep's driver-level statements)
-  and the generation registry, combined into `SealedStateStore` by `store`.
+* `blobs`, `failures`, `generations`: the blob operations (including the sweep's driver-level
+  statements), the re-wrap failures and the generation registry, combined into
+  `SealedStateStore` by `store`.
+
+Every blob a re-wrap sweep fails is a row of ``rewrap_failures`` (schema version 5), keyed by
+(``key_ref``, ``target_version``, ``blob_id``): a one-line ``reason`` of at most
+`MAX_REASON_CHARS` characters (the error's class name and a message without secrets),
+``attempts`` (sweep passes that failed it), ``first_seen`` and ``last_seen``.
+`SealedStateStore.record_rewrap_failures` upserts them; `rewrap_failures` (paged by blob id)
+and `count_rewrap_failures` show only blobs still of that key and below the target version (a
+blob re-wrapped or deleted since drops out); `clear_rewrap_failures` forgets one key version's.
 
 Timestamps are timezone-aware UTC datetimes with microsecond precision: ``timestamptz`` on
 PostgreSQL, naive UTC text on SQLite; both come back as aware UTC.
@@ -36,7 +45,8 @@ from sealing.store.errors import (
     StoreError,
     StoreUnavailable,
 )
-from sealing.store.records import BlobRecord, BlobSummary, NewBlob, Page, SlotSplice, SweepRow
+from sealing.store.failures import MAX_REASON_CHARS
+from sealing.store.records import BlobRecord, BlobSummary, NewBlob, Page, RewrapFailure, SlotSplice, SweepRow
 from sealing.store.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -47,6 +57,7 @@ from sealing.store.schema import (
     metadata,
     migrate,
     rekey_schema,
+    rewrap_failures,
     schema_owners,
     sealed_blobs,
 )
@@ -54,6 +65,7 @@ from sealing.store.store import SealedStateStore
 
 __all__ = [
     "MAX_PAGE",
+    "MAX_REASON_CHARS",
     "MIGRATIONS",
     "POSTGRES_CONNECT_TIMEOUT_S",
     "SCHEMA_VERSION",
@@ -65,6 +77,7 @@ __all__ = [
     "NewBlob",
     "Page",
     "RecordNotFound",
+    "RewrapFailure",
     "SchemaOwner",
     "SchemaTooNew",
     "SealedStateStore",
@@ -78,6 +91,7 @@ __all__ = [
     "metadata",
     "migrate",
     "rekey_schema",
+    "rewrap_failures",
     "schema_owners",
     "sealed_blobs",
 ]

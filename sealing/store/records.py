@@ -12,6 +12,7 @@ __all__ = [
     "BlobSummary",
     "NewBlob",
     "Page",
+    "RewrapFailure",
     "SlotSplice",
     "SweepRow",
     "require_bytes",
@@ -107,6 +108,20 @@ class Page:
 
     records: list[BlobRecord]
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class RewrapFailure:
+    """A blob a re-wrap sweep could not move to a key's target version (and that is still
+    below it): ``reason`` is one short line (the error's class name and a message without
+    secrets), ``attempts`` how many sweep passes failed it, ``first_seen``/``last_seen`` when
+    the first and the latest of them did (aware UTC)."""
+
+    blob_id: str
+    reason: str
+    attempts: int
+    first_seen: datetime
+    last_seen: datetime
 
 
 def require_str(name: str, value: object) -> str:

@@ -58,6 +58,7 @@ __all__ = [
     "metadata",
     "migrate",
     "rekey_schema",
+    "rewrap_failures",
     "schema_owners",
     "sealed_blobs",
 ]
@@ -139,6 +140,22 @@ generations = Table(
     Column("document", Text, nullable=False),
     Column("registered_at", UTCDateTime, nullable=False),
 )
+
+rewrap_failures = Table(
+    "rewrap_failures",
+    metadata,
+    Column("key_ref", String, primary_key=True),
+    Column("target_version", Integer, primary_key=True),
+    Column("blob_id", String, primary_key=True),
+    Column("reason", String, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("first_seen", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+)
+"""The blobs a re-wrap sweep could not move to ``target_version`` of ``key_ref`` (migration 5):
+why (a short one-line reason), how many sweep attempts failed it, when first and last. Rows of
+blobs since re-wrapped or deleted stay until cleared; listings join ``sealed_blobs`` and show
+only blobs still below the target version (see `sealing.store.failures`)."""
 
 
 # --------------------------------------------------------------------------- migration steps
@@ -247,11 +264,31 @@ def _migration_4_sweep_layout(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_sealed_blobs_key_id ON sealed_blobs (key_ref, blob_id, key_version)"))
 
 
+def _migration_5_rewrap_failures(conn: Connection) -> None:
+    """Create ``rewrap_failures``: every blob a re-wrap sweep failed, keyed by (key_ref,
+    target_version, blob_id), so an operator can list all of them with their reasons (the
+    sweep's progress keeps only the first few ids). No foreign key to ``sealed_blobs``: a
+    workload deletes its blobs without knowing of this table, and listings join it instead."""
+    snapshot = MetaData()
+    Table(
+        "rewrap_failures",
+        snapshot,
+        Column("key_ref", String, primary_key=True),
+        Column("target_version", Integer, primary_key=True),
+        Column("blob_id", String, primary_key=True),
+        Column("reason", String, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("first_seen", UTCDateTime, nullable=False),
+        Column("last_seen", UTCDateTime, nullable=False),
+    ).create(conn)
+
+
 MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_1_sealed_blobs,
     _migration_2_generations,
     _migration_3_audit_log,
     _migration_4_sweep_layout,
+    _migration_5_rewrap_failures,
 )
 """Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
 ``i + 1``. Append new steps; never edit or reorder old ones."""

@@ -1,15 +1,18 @@
-"""`SealedStateStore`: the blob operations and the generation registry over one database."""
+"""`SealedStateStore`: the blob operations, the re-wrap failures and the generation registry
+over one database."""
 
 from __future__ import annotations
 
 from sealing.store.blobs import BlobOperations
+from sealing.store.failures import RewrapFailures
 from sealing.store.generations import GenerationRegistry
 
 __all__ = ["SealedStateStore"]
 
 
-class SealedStateStore(BlobOperations, GenerationRegistry):
-    """Sealed blobs and generation manifests in a SQLite or PostgreSQL database.
+class SealedStateStore(BlobOperations, RewrapFailures, GenerationRegistry):
+    """Sealed blobs, the blobs re-wrap sweeps failed, and generation manifests in a SQLite or
+    PostgreSQL database.
 
     ``url`` is an SQLAlchemy URL: ``sqlite:///<home>/state.db`` (the parent directory is
     created) or ``postgresql+psycopg://user:pass@host/db``. Opening applies pending schema

@@ -192,8 +192,8 @@ def test_previous_release_database_opens_verifies_and_appends_without_recreating
     store_url: str, key: Ed25519PrivateKey
 ) -> None:
     # The previous release: store schema 4, audit_log created by migration 3 (the same step
-    # today, so migrate() builds exactly that database), records in it, no owner row yet.
-    assert migrate(store_url) == SCHEMA_VERSION == 4
+    # today, so migrate(target=4) builds exactly that database), records in it, no owner row yet.
+    assert migrate(store_url, target=4) == 4
     old = signed_rows(key, 5)
     engine = create_engine(store_url)
     try:

@@ -1,7 +1,8 @@
 """The pipelined re-wrap of one range (sealing.rotation.rewrap_range) against a real SQLite
 store and an in-process Transit-like key: every blob moves to the new version with its body
 intact, progress only ever covers finished blobs, a writer's concurrent update wins, bad blobs
-are counted once, a retryable KMS error resumes without double counting."""
+are counted once, a retryable KMS error resumes without double counting, and every failed blob is
+recorded in the store with its reason (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from kms_adapters.errors import InvalidCiphertext, Unavailable
 from sealing import envelope
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import LocalKeyWrapper, RewrapOutcome, WrappedKey
-from sealing.rotation import RangeResult, rewrap_range
-from sealing.store import BlobRecord, NewBlob, SealedStateStore
+from sealing.rotation import LOST_THE_RACE, MAX_FAILED_IDS, RangeResult, rewrap_range
+from sealing.store import BlobRecord, NewBlob, SealedStateStore, StaleRecord, StoreUnavailable
 
 BLOBS = 50
 
@@ -281,3 +282,197 @@ def test_a_dek_the_kms_refuses_on_the_lost_swap_path_fails_that_blob(
     kms.rewrap = refuse  # type: ignore[method-assign]
     result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=1000, chunk=10)  # type: ignore[arg-type]
     assert (result.rewrapped, result.failed, result.failed_ids) == (BLOBS - 1, 1, [victim])
+    assert [(f.blob_id, f.reason, f.attempts) for f in store.rewrap_failures(kms.key_ref, 2)] == [
+        (victim, "InvalidCiphertext: the key service refused to re-wrap the DEK", 1)
+    ]
+
+
+# ------------------------------------------------------------------ failures recorded in the store
+
+
+def _junk(store: SealedStateStore, key_ref: str, n: int) -> list[str]:
+    """``n`` blobs of ``key_ref`` at version 1 that are not sealed blobs at all."""
+    return store.insert_many(
+        [
+            NewBlob("junk", f"j{i:03d}", key_ref, 1, "g", b"junk, not a sealed blob " + bytes([i]))
+            for i in range(n)
+        ]
+    )
+
+
+def test_every_failed_blob_is_recorded_with_its_reason_beyond_the_first_twenty(store_url: str) -> None:
+    """More failures than `MAX_FAILED_IDS` across many chunks: the result keeps the count and the
+    first 20 ids, the store every one of them, with the error's class and message."""
+    with SealedStateStore(store_url) as store:
+        kms = FakeKms()
+        good = [
+            NewBlob(
+                "ns",
+                f"n{i:03d}",
+                kms.key_ref,
+                1,
+                "g",
+                bytes(envelope.seal(b"x", kms.key, namespace="ns", name=f"n{i:03d}", generation="g")),
+            )
+            for i in range(10)
+        ]
+        store.insert_many(good)
+        junk = _junk(store, kms.key_ref, MAX_FAILED_IDS + 13)
+        kms.key.rotate()
+        result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=1000, chunk=8)  # type: ignore[arg-type]
+        assert (result.rewrapped, result.failed) == (10, len(junk))
+        assert len(result.failed_ids) == MAX_FAILED_IDS and set(result.failed_ids) <= set(junk)
+        failures = store.rewrap_failures(kms.key_ref, 2, limit=1000)
+        assert [f.blob_id for f in failures] == sorted(junk)
+        assert {f.reason for f in failures} == {"UnsupportedFormat: not a rekey sealed blob (bad magic)"}
+        assert {f.attempts for f in failures} == {1}
+        assert store.count_rewrap_failures(kms.key_ref, 2) == len(junk)
+
+        # A second sweep over the range (a new attempt at the blocked rotation) fails them again.
+        again = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=1000, chunk=8)  # type: ignore[arg-type]
+        assert (again.rewrapped, again.failed) == (0, len(junk))
+        assert {f.attempts for f in store.rewrap_failures(kms.key_ref, 2, limit=1000)} == {2}
+
+        # The operator reseals one of them under the new version: it drops out of the list.
+        fixed = store.get(junk[0])
+        resealed = bytes(envelope.seal(b"fixed", kms.key, namespace="junk", name=fixed.name, generation="g"))
+        store.compare_and_swap(fixed.blob_id, fixed.row_version, blob=resealed, key_version=2)
+        assert store.count_rewrap_failures(kms.key_ref, 2) == len(junk) - 1
+        assert junk[0] not in {f.blob_id for f in store.rewrap_failures(kms.key_ref, 2, limit=1000)}
+
+
+class RefusingKms(FakeKms):
+    """Refuses (not retryably) the DEKs at the given batch positions, with a message that echoes
+    what it was sent, as a KMS may."""
+
+    def __init__(self, refuse: set[int]) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
+        outcomes = super().rewrap_batch(wrapped)
+        return [
+            RewrapOutcome(i, error=InvalidCiphertext(f"cannot decrypt {w.hex()}")) if i in self.refuse else o
+            for i, (o, w) in enumerate(zip(outcomes, wrapped, strict=True))
+        ]
+
+
+def test_a_dek_the_kms_refuses_is_recorded_by_error_class_without_the_kms_text(tmp_path: Path) -> None:
+    kms = RefusingKms({0, 3})
+    store = SealedStateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    blobs = [
+        bytes(envelope.seal(b"data", kms.key, namespace="ns", name=f"n{i}", generation="g")) for i in range(6)
+    ]
+    ids = store.insert_many([NewBlob("ns", f"n{i}", kms.key_ref, 1, "g", b) for i, b in enumerate(blobs)])
+    kms.key.rotate()
+    result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=100, chunk=5)  # type: ignore[arg-type]
+    ordered = sorted(ids)
+    refused = [ordered[0], ordered[3], ordered[5]]  # positions 0 and 3 of chunk one, 0 of chunk two
+    assert (result.rewrapped, result.failed, sorted(result.failed_ids)) == (3, 3, refused)
+    failures = store.rewrap_failures(kms.key_ref, 2)
+    assert [f.blob_id for f in failures] == refused
+    assert {f.reason for f in failures} == {"InvalidCiphertext: the key service refused to re-wrap the DEK"}
+    for f in failures:  # neither the wrapped DEK nor the sealed bytes reach the store
+        record = store.get(f.blob_id)
+        slot = envelope.key_slot(record.blob)
+        assert slot.wrapped_dek.hex() not in f.reason and "cannot decrypt" not in f.reason
+
+
+def test_a_blob_that_loses_the_write_race_every_time_is_recorded_as_such(
+    setup: tuple[SealedStateStore, FakeKms, dict[str, bytes]],
+) -> None:
+    store, kms, plain = setup
+    victim = sorted(plain)[12]
+    workload_writes = _rewritten_under_the_old_version(store, kms, victim)
+    real_cas = store.compare_and_swap
+
+    def write_then_keep_writing(batch: int) -> None:
+        workload_writes(batch)  # the batched swap of the victim loses
+        if batch == 2:
+            store.compare_and_swap = always_lose  # type: ignore[method-assign]
+
+    def always_lose(blob_id: str, expected: int, **kwargs: object) -> BlobRecord:
+        if blob_id == victim:  # the workload writes it again before every swap
+            raise StaleRecord(blob_id, expected, expected + 1)
+        return real_cas(blob_id, expected, **kwargs)  # type: ignore[arg-type]
+
+    kms.before_batch = write_then_keep_writing
+    result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=1000, chunk=10)  # type: ignore[arg-type]
+    assert (result.rewrapped, result.failed, result.failed_ids) == (BLOBS - 1, 1, [victim])
+    [failure] = store.rewrap_failures(kms.key_ref, 2)
+    assert failure.blob_id == victim
+    assert failure.reason == LOST_THE_RACE and "lost the write race" in failure.reason
+
+
+def test_a_resumed_attempt_records_the_finished_chunks_failures_once(
+    setup: tuple[SealedStateStore, FakeKms, dict[str, bytes]],
+) -> None:
+    """An attempt fails at the KMS in chunk 4, after chunks 1-3 recorded their failures; the retry
+    resumes after chunk 3 (from the heartbeat) and records only the later chunks' failures."""
+    store, kms, _plain = setup
+    junk = sorted(_junk(store, kms.key_ref, 30))
+
+    def outage(batch: int) -> None:
+        if batch == 4:
+            raise Unavailable("OpenBao is down")
+
+    kms.before_batch = outage
+    beats: list[RangeResult] = []
+
+    def heartbeat(r: RangeResult) -> None:  # what the activity heartbeats, as it would resume
+        beats.append(RangeResult(r.rewrapped, r.conflicts, r.failed, list(r.failed_ids), r.last_id))
+
+    with pytest.raises(Unavailable):
+        rewrap_range(
+            store, kms, below_version=2, start=None, end=None, limit=1000, chunk=10, progress=heartbeat
+        )  # type: ignore[arg-type]
+    saved = beats[-1]
+    recorded = store.rewrap_failures(kms.key_ref, 2, limit=1000)
+    assert saved.failed == len(recorded) > 0
+    assert all(f.blob_id <= str(saved.last_id) for f in recorded)
+
+    kms.before_batch = lambda _n: None
+    done = rewrap_range(
+        store, kms, below_version=2, start=saved.last_id, end=None, limit=1000, chunk=10, result=saved
+    )  # type: ignore[arg-type]
+    assert (done.rewrapped, done.failed) == (BLOBS, len(junk))
+    failures = store.rewrap_failures(kms.key_ref, 2, limit=1000)
+    assert [f.blob_id for f in failures] == junk
+    assert {f.attempts for f in failures} == {1}
+
+
+def test_a_store_that_fails_to_record_fails_the_attempt_before_the_chunk_counts_as_done(
+    setup: tuple[SealedStateStore, FakeKms, dict[str, bytes]],
+) -> None:
+    store, kms, _plain = setup
+    junk = sorted(_junk(store, kms.key_ref, 5))
+    real_record = store.record_rewrap_failures
+    calls: list[int] = []
+
+    def flaky(key_ref: str, version: int, failures: Sequence[tuple[str, str]]) -> None:
+        calls.append(len(failures))
+        if len(calls) == 1:
+            raise StoreUnavailable("database unavailable (recording of re-wrap failures)")
+        real_record(key_ref, version, failures)
+
+    store.record_rewrap_failures = flaky  # type: ignore[method-assign]
+    seen: list[RangeResult] = []
+    with pytest.raises(StoreUnavailable):
+        rewrap_range(
+            store,
+            kms,
+            below_version=2,
+            start=None,
+            end=None,
+            limit=1000,
+            chunk=1000,
+            progress=lambda r: seen.append(
+                RangeResult(r.rewrapped, r.conflicts, r.failed, list(r.failed_ids), r.last_id)
+            ),
+        )  # type: ignore[arg-type]
+    assert seen == []  # the chunk never counted as done
+    assert store.rewrap_failures(kms.key_ref, 2) == []
+    done = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=1000, chunk=1000)  # type: ignore[arg-type]
+    # The retry re-reads the chunk: the blobs swapped before the failure are not selected again.
+    assert (done.rewrapped, done.failed) == (0, len(junk))
+    assert [(f.blob_id, f.attempts) for f in store.rewrap_failures(kms.key_ref, 2)] == [(j, 1) for j in junk]
