@@ -43,6 +43,17 @@ class RangeResult:
             self.failed_ids.append(blob_id)
 
 
+class SweepStopped(Exception):
+    """``rewrap_range`` stopped early because ``should_stop`` said so: ``result`` (with its
+    ``last_id``) covers every finished chunk, and the range resumes after it."""
+
+    def __init__(self, result: RangeResult) -> None:
+        super().__init__(
+            f"re-wrap stopped after {result.rewrapped} re-wrapped blobs; resumes from its progress"
+        )
+        self.result = result
+
+
 @dataclass
 class _Chunk:
     """Blobs read and sent to the KMS, waiting to be swapped (in order)."""
@@ -67,6 +78,7 @@ def rewrap_range(
     chunk: int = CHUNK,
     depth: int = DEPTH,
     keepalive: float = KEEPALIVE_S,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RangeResult:
     """Re-wrap every record of ``adapter.key_ref`` below ``below_version`` in ``(start, end]``
     (at most ``limit`` records).
@@ -82,13 +94,21 @@ def rewrap_range(
 
     Retryable KMS errors propagate (the caller retries; finished blobs are already on the new
     version and are not selected again). ``result`` continues the counts of an interrupted
-    attempt."""
+    attempt.
+
+    ``should_stop`` is asked before each chunk is read; once it says yes, no chunk is read and
+    the chunks already at the KMS are finished (so no DEK is re-wrapped twice), then
+    `SweepStopped` is raised, after ``progress`` reported the last of them."""
     result = result or RangeResult()
     cursor, remaining = start, limit
     pending: deque[_Chunk] = deque()
+    stopped = False
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="rekey-rewrap") as kms:
         try:
             while remaining > 0:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
                 rows = store.sweep_page(
                     key_ref=adapter.key_ref,
                     below_version=below_version,
@@ -108,6 +128,8 @@ def rewrap_range(
         finally:
             for waiting in pending:
                 waiting.rewrap.cancel()
+    if stopped:
+        raise SweepStopped(result)
     return result
 
 

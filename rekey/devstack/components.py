@@ -20,6 +20,7 @@ from rekey.devstack.component import HOST, Component, executable
 from rekey.devstack.errors import one_line
 from rekey.devstack.files import absolute
 from rekey.devstack.openbao import OpenBaoServer
+from rekey.devstack.processes import STOP_TIMEOUT
 
 __all__ = [
     "COMPONENTS",
@@ -200,7 +201,18 @@ class RekeyWorker(Component):
     port_fields = ()
 
     def command(self, settings: Settings) -> list[str]:
-        return [sys.executable, "-m", "rekey.cli", "--home", str(absolute(settings.home)), "worker"]
+        # `rekey dev down` sends SIGTERM and SIGKILLs after STOP_TIMEOUT: the worker's graceful
+        # shutdown has to end well before that.
+        return [
+            sys.executable,
+            "-m",
+            "rekey.cli",
+            "--home",
+            str(absolute(settings.home)),
+            "worker",
+            "--shutdown-timeout",
+            f"{int(STOP_TIMEOUT * 2 / 3)}s",
+        ]
 
     def probe(self, settings: Settings) -> str | None:
         return None  # no port: alive is ready (it connects to Temporal, which is up)
