@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -21,6 +22,7 @@ from rekey.devstack.errors import one_line
 from rekey.devstack.files import absolute
 from rekey.devstack.openbao import OpenBaoServer
 from rekey.devstack.processes import STOP_TIMEOUT
+from rekey.devstack.temporal import register_search_attributes, search_attribute_flags
 
 __all__ = [
     "COMPONENTS",
@@ -67,7 +69,17 @@ class TemporalDevServer(Component):
         ]
         if settings.temporal_namespace != "default":
             cmd += ["--namespace", settings.temporal_namespace]
-        return cmd
+        return cmd + search_attribute_flags()
+
+    def after_start(self, settings: Settings, deadline: float) -> None:
+        # start-dev's --search-attribute only takes effect on a new database file: a dev stack
+        # first started by an older rekey gets them here (idempotent).
+        register_search_attributes(
+            executable(self.binary, self.name),
+            f"{HOST}:{settings.temporal_port}",
+            settings.temporal_namespace,
+            timeout=max(5.0, deadline - time.monotonic()),
+        )
 
     def probe(self, settings: Settings) -> str | None:
         if not servers.port_open(settings.temporal_port):
