@@ -32,10 +32,12 @@ from activities.types import (
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.errors import KmsError
 from sealing.errors import SealingError
-from sealing.rotation import RangeResult, rewrap_range, verify_sample
+from sealing.rotation import RangeResult, SweepStopped, rewrap_range, verify_sample
 from sealing.store import SealedStateStore, StoreError
 
 T = TypeVar("T")
+WORKER_SHUTDOWN = "WorkerShutdown"
+"""``ApplicationError`` type of a ``rewrap_batch`` attempt stopped by its worker's shutdown."""
 AuditSink = Callable[[str, str, dict[str, Any], str], None]
 
 
@@ -155,18 +157,31 @@ class RotationActivities:
                 }
             )
 
-        done = _translated(
-            lambda: rewrap_range(
-                self._store,
-                adapter,
-                below_version=request.below_version,
-                start=start,
-                end=request.end,
-                limit=request.size,
-                progress=heartbeat,
-                result=result,
+        try:
+            done = _translated(
+                lambda: rewrap_range(
+                    self._store,
+                    adapter,
+                    below_version=request.below_version,
+                    start=start,
+                    end=request.end,
+                    limit=request.size,
+                    progress=heartbeat,
+                    result=result,
+                    should_stop=activity.is_worker_shutdown,
+                )
             )
-        )
+        except SweepStopped as stopped:
+            # The worker is shutting down: fail this attempt at a chunk boundary so that the
+            # retry, on another worker, resumes from the heartbeat just sent. The SDK sends a
+            # throttled heartbeat's details before it reports a failed attempt (verified by
+            # tests/fault/test_worker_sigterm.py).
+            heartbeat(stopped.result)
+            raise ApplicationError(
+                f"worker shutting down: {stopped}",
+                type=WORKER_SHUTDOWN,
+                next_retry_delay=_seconds(1),
+            ) from None
         throttled = adapter.governor.snapshot().throttled - throttled_before
         return RewrapBatchResult(
             done.rewrapped, done.conflicts, done.failed, done.failed_ids, max(0, throttled)

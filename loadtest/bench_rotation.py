@@ -51,7 +51,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -72,6 +71,7 @@ from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
 from rekey.client import rotation_id
 from rekey.codec import data_converter
+from rekey.devstack.temporal import search_attribute_flags, temporal_cli
 from rekey.worker import tune_gc
 from sealing import envelope
 from sealing.keywrap import RewrapOutcome, WrappedKey
@@ -393,8 +393,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             bao = stack.enter_context(openbao_dev())
             new_database = stack.enter_context(postgres_embedded()) if args.store == "postgresql" else None
             env = await WorkflowEnvironment.start_local(
-                dev_server_existing_path=str(Path(sysconfig.get_path("scripts")) / "temporal"),
+                dev_server_existing_path=temporal_cli(),
                 data_converter=data_converter(home),
+                dev_server_extra_args=search_attribute_flags(),
             )
             try:
                 address = env.client.service_client.config.target_host

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
@@ -23,6 +26,9 @@ from workflows.rotation import RotateKeyWorkflow
 
 log = logging.getLogger("rekey.worker")
 WORKFLOWS = [RotateKeyWorkflow]
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+"""How long a stopping worker lets its activities finish: a re-wrap batch stops at its next
+chunk boundary (a chunk is a second or so, longer only on a throttling KMS)."""
 
 
 def open_audit_log(settings: Settings, *, actor: str | None = None) -> AuditLog:
@@ -50,6 +56,7 @@ def build_worker(
     store: SealedStateStore | None = None,
     audit: AuditSink | None = None,
     max_concurrent_activities: int = 16,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
 ) -> Worker:
     activities = RotationActivities(
         adapters or (lambda ref: adapter_for(settings, ref)),
@@ -63,6 +70,9 @@ def build_worker(
         activities=activities.all(),
         activity_executor=ThreadPoolExecutor(max_concurrent_activities),
         max_concurrent_activities=max_concurrent_activities,
+        # After shutdown() activities get this long before they are cancelled; the re-wrap batch
+        # stops on the worker-shutdown notice already, at a chunk boundary.
+        graceful_shutdown_timeout=timedelta(seconds=shutdown_timeout),
     )
 
 
@@ -80,9 +90,40 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def run_worker(settings: Settings) -> None:
+async def run_worker(settings: Settings, *, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+    """Poll until SIGTERM or SIGINT, then shut down gracefully: stop polling, let running
+    activities finish (a re-wrap batch stops at its next chunk boundary and is retried on
+    another worker from its heartbeat) for up to ``shutdown_timeout`` seconds, then return."""
     client = await connect(settings)
-    worker = build_worker(client, settings)
+    worker = build_worker(client, settings, shutdown_timeout=shutdown_timeout)
     tune_gc()
-    log.info("rekey worker polling task queue %s on %s", TASK_QUEUE, settings.temporal_address)
-    await worker.run()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        if not received:
+            received.append(signum.name)
+            stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        log.debug("rekey worker polling task queue %s on %s", TASK_QUEUE, settings.temporal_address)
+        running = asyncio.create_task(worker.run())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():  # the worker failed (or stopped) on its own
+            stopping.cancel()
+            running.result()
+            return
+        log.info(
+            "rekey worker: %s, stopping: no new tasks; running activities have %.0fs to finish",
+            received[0],
+            shutdown_timeout,
+        )
+        await worker.shutdown()
+        await running
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -48,6 +48,17 @@ class RangeResult:
             self.failed_ids.append(blob_id)
 
 
+class SweepStopped(Exception):
+    """``rewrap_range`` stopped early because ``should_stop`` said so: ``result`` (with its
+    ``last_id``) covers every finished chunk, and the range resumes after it."""
+
+    def __init__(self, result: RangeResult) -> None:
+        super().__init__(
+            f"re-wrap stopped after {result.rewrapped} re-wrapped blobs; resumes from its progress"
+        )
+        self.result = result
+
+
 @dataclass
 class _Chunk:
     """Blobs read and sent to the KMS, waiting to be swapped (in order)."""
@@ -98,6 +109,7 @@ def rewrap_range(
     chunk: int = CHUNK,
     depth: int = DEPTH,
     keepalive: float = KEEPALIVE_S,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RangeResult:
     """Re-wrap every record of ``adapter.key_ref`` below ``below_version`` in ``(start, end]``
     (at most ``limit`` records).
@@ -117,13 +129,21 @@ def rewrap_range(
 
     Each finished chunk's failed blobs are recorded in the store with their reasons before the
     chunk counts as done (``progress``, ``result.last_id``); an attempt resumed after
-    ``last_id`` does not read finished chunks again, so it records none of them twice."""
+    ``last_id`` does not read finished chunks again, so it records none of them twice.
+
+    ``should_stop`` is asked before each chunk is read; once it says yes, no chunk is read and
+    the chunks already at the KMS are finished (so no DEK is re-wrapped twice), then
+    `SweepStopped` is raised, after ``progress`` reported the last of them."""
     result = result or RangeResult()
     cursor, remaining = start, limit
     pending: deque[_Chunk] = deque()
+    stopped = False
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="rekey-rewrap") as kms:
         try:
             while remaining > 0:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
                 rows = store.sweep_page(
                     key_ref=adapter.key_ref,
                     below_version=below_version,
@@ -143,6 +163,8 @@ def rewrap_range(
         finally:
             for waiting in pending:
                 waiting.rewrap.cancel()
+    if stopped:
+        raise SweepStopped(result)
     return result
 
 

