@@ -48,9 +48,13 @@ class HangUp:
             except OSError:
                 return
             with conn:
+                conn.settimeout(10)  # a client that never sends must not hold this thread
                 data = b""
                 while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
+                    try:
+                        chunk = conn.recv(65536)
+                    except OSError:
+                        break
                     if not chunk:
                         break
                     data += chunk
