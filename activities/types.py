@@ -19,12 +19,22 @@ MAX_IN_FLIGHT = 16
 
 # Activities that change a key at the KMS make several governor calls of up to its 60 s budget
 # each: they heartbeat between calls, and a timed-out attempt must not run beside its retry.
+# They heartbeat before every attempt of every governor call and at least every
+# kms_adapters.governor.PROGRESS_STEP (10 s) of its waits, so two heartbeats are at most one
+# attempt apart: the SDK's connect + read timeout, 60 s at most as the adapters are configured
+# (hvac 30 + 30, boto3 5 + 30, azure-core 10 + 30); tests/unit/test_rotation_activities.py
+# checks MUTATION_HEARTBEAT_S against that.
 MUTATION_TIMEOUT_S = 600
 MUTATION_HEARTBEAT_S = 90
 
 VERSIONS_IN_USE = "VersionsStillInUse"
 """``ApplicationError`` type of ``retire_versions`` when its census finds stored blobs still
 wrapped by a version it was asked to disable or destroy (``details[0]``: how many)."""
+
+ROTATED_ELSEWHERE = "KeyRotatedElsewhere"
+"""``ApplicationError`` type (non-retryable) of ``rotate_key`` when the key's primary is neither
+the ``expected_primary`` it was to rotate from nor the ``target_version``: another rotation ran
+at the KMS meanwhile."""
 
 SEARCH_ATTRIBUTES = {"RekeyKeyRef": "Keyword", "RekeyPhase": "Keyword", "RekeyRemaining": "Int"}
 """Custom search attributes the rotation workflow keeps up to date, so that status and filters

@@ -22,7 +22,16 @@ rotation a ciphertext used; the prefix records the primary version read before t
 can only understate the version, which at worst re-wraps a DEK once more).
 
 Every SDK call goes through the endpoint's governor, which owns retries (boto3 retries are off);
-SDK errors are mapped onto ``kms_adapters.errors`` with messages of our own.
+SDK errors are mapped onto ``kms_adapters.errors`` with messages of our own. botocore's
+``ConnectionError`` family (``EndpointConnectionError``, ``ConnectTimeoutError``, ``SSLError``,
+``ProxyConnectionError``) means nothing was sent: ``Unavailable``. Its ``HTTPClientError`` family
+(``ReadTimeoutError``, ``ConnectionClosedError``, ``ResponseStreamingError``), any other failure
+after sending, and a 5xx may have been applied: ``AnswerLost``. Mutations (``CreateKey``,
+``CreateAlias``, ``UpdateAlias``, ``RotateKeyOnDemand``, ``EnableKey``, ``DisableKey``,
+``ScheduleKeyDeletion``, ``CancelKeyDeletion``) are sent with ``idempotent=False``: the governor
+does not resend them after a lost answer. (A ``CreateKey`` whose answer was lost leaves an
+unaliased, tagged KMS key behind; a resent ``CreateAlias`` would have found its own alias and
+discarded the key it points at.)
 
 The adapter also checks a version's key state itself before decrypting (cached for ``state_ttl``
 seconds, refreshed by this adapter's own state changes): real KMS refuses a disabled or
@@ -48,10 +57,12 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     CredentialRetrievalError,
+    HTTPClientError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from kms_adapters.contract import (
     KeyInfo,
@@ -62,6 +73,7 @@ from kms_adapters.contract import (
     rewrap_each,
 )
 from kms_adapters.errors import (
+    AnswerLost,
     InvalidCiphertext,
     InvalidRequest,
     KmsError,
@@ -153,8 +165,11 @@ def map_aws_error(exc: Exception, op: str, key_ref: str) -> KmsError:
                 f"AWS KMS refused {action} on {key_ref}: an account or key quota is exhausted"
                 " (keys, aliases or on-demand rotations)"
             )
-        if code in _UNAVAILABLE_CODES or status >= 500:
-            return Unavailable(f"AWS KMS could not {action} on {key_ref} right now ({code or status})")
+        if code in _UNAVAILABLE_CODES or status >= 500:  # the server may have applied it first
+            return AnswerLost(
+                f"AWS KMS failed to {action} on {key_ref} ({code or status}):"
+                " the request may have been applied"
+            )
         if code == "NotFoundException":
             return NotFound(f"AWS KMS has no key for {key_ref} (or one of its versions)")
         if code == "DisabledException" or (code == "KMSInvalidStateException" and op in _CRYPTO_OPS):
@@ -182,8 +197,13 @@ def map_aws_error(exc: Exception, op: str, key_ref: str) -> KmsError:
         return PermissionDenied(f"no usable AWS credentials to {action} on {key_ref}")
     if isinstance(exc, ParamValidationError):
         return InvalidRequest(f"invalid request to {action} on {key_ref}")
-    if isinstance(exc, BotoCoreError):  # connection refused/timeouts/closed, unparsable answers
+    if isinstance(exc, BotoConnectionError):  # refused, DNS, connect timeout, TLS handshake: not sent
         return Unavailable(f"cannot reach AWS KMS to {action} on {key_ref} ({type(exc).__name__})")
+    if isinstance(exc, HTTPClientError | BotoCoreError):  # read timeout, closed, unparsable answer
+        return AnswerLost(
+            f"no answer from AWS KMS to {action} on {key_ref} ({type(exc).__name__}):"
+            " the request may have been applied"
+        )
     return KmsError(f"unexpected failure to {action} on {key_ref} ({type(exc).__name__})")
 
 
@@ -278,8 +298,9 @@ class AwsKmsAdapter(ReleaseGate):
 
     # ------------------------------------------------------------------ SDK plumbing
 
-    def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
-        """One SDK call through the governor; raises taxonomy errors only."""
+    def _call(self, op: str, *, idempotent: bool = True, **kwargs: Any) -> dict[str, Any]:
+        """One SDK call through the governor; raises taxonomy errors only. ``idempotent=False``
+        for mutations: never resent after an answer that may have been lost after applying."""
         method: Callable[..., Any] = getattr(self._client, op)
 
         def attempt() -> dict[str, Any]:
@@ -288,10 +309,10 @@ class AwsKmsAdapter(ReleaseGate):
             except Exception as exc:  # every SDK failure becomes one of ours, without chaining
                 raise map_aws_error(exc, op, self.key_ref) from None
             if not isinstance(response, dict):
-                raise Unavailable(f"AWS KMS gave an unexpected answer to {op.replace('_', ' ')}")
+                raise AnswerLost(f"AWS KMS gave an unexpected answer to {op.replace('_', ' ')}")
             return response
 
-        return self.governor.call(attempt, op=f"kms:{op}")
+        return self.governor.call(attempt, op=f"kms:{op}", idempotent=idempotent)
 
     def _tags(self, key: str) -> dict[str, str]:
         """The tags of a KMS key (by id or ARN), cached: rekey's tags never change."""
@@ -553,7 +574,8 @@ class AwsKmsAdapter(ReleaseGate):
         names: list[str] = []
         marker: str | None = None
         while True:
-            response = self._call("list_aliases", **({"Marker": marker} if marker else {}))
+            kwargs: dict[str, Any] = {"Marker": marker} if marker else {}
+            response = self._call("list_aliases", **kwargs)
             for alias in response.get("Aliases", []):
                 name = str(alias.get("AliasName", ""))
                 if name.startswith("alias/rekey/"):
@@ -610,6 +632,7 @@ class AwsKmsAdapter(ReleaseGate):
             description = f"rekey {self.key_ref} v{version} ({mode})"
         meta: dict[str, Any] = self._call(
             "create_key",
+            idempotent=False,
             Description=description,
             KeyUsage="ENCRYPT_DECRYPT",
             KeySpec="SYMMETRIC_DEFAULT",
@@ -622,7 +645,12 @@ class AwsKmsAdapter(ReleaseGate):
     def _discard(self, key_id: str) -> None:
         """Schedule deletion of a key we created but lost a race with (best effort)."""
         with contextlib.suppress(KmsError):
-            self._call("schedule_key_deletion", KeyId=key_id, PendingWindowInDays=PENDING_WINDOW_DAYS)
+            self._call(
+                "schedule_key_deletion",
+                KeyId=key_id,
+                PendingWindowInDays=PENDING_WINDOW_DAYS,
+                idempotent=False,
+            )
 
     def _ensure_version_key(self, version: int, primary_version: int) -> _Version:
         """key-per-version: the KMS key of ``version``, creating key and alias if missing. An
@@ -637,7 +665,9 @@ class AwsKmsAdapter(ReleaseGate):
         meta = self._new_key("key-per-version", version)
         key_id = str(meta["KeyId"])
         try:
-            self._call("create_alias", AliasName=self.version_alias(version), TargetKeyId=key_id)
+            self._call(
+                "create_alias", AliasName=self.version_alias(version), TargetKeyId=key_id, idempotent=False
+            )
         except _AlreadyExists:
             self._discard(key_id)
             adopted = self._resolve(version, fresh=True, primary_version=version)
@@ -667,7 +697,7 @@ class AwsKmsAdapter(ReleaseGate):
         else:
             target = str(self._new_key("native", None)["KeyId"])
         try:
-            self._call("create_alias", AliasName=self.alias, TargetKeyId=target)
+            self._call("create_alias", AliasName=self.alias, TargetKeyId=target, idempotent=False)
         except _AlreadyExists:  # another worker created it first
             if mode == "native":
                 self._discard(target)
@@ -683,10 +713,10 @@ class AwsKmsAdapter(ReleaseGate):
                 raise InvalidRequest(
                     f"{self.key_ref} has had the maximum of {MAX_ON_DEMAND_ROTATIONS} on-demand rotations"
                 )
-            self._call("rotate_key_on_demand", KeyId=primary.key_id)
+            self._call("rotate_key_on_demand", KeyId=primary.key_id, idempotent=False)
         else:
             entry = self._ensure_version_key(primary.version + 1, primary_version=primary.version)
-            self._call("update_alias", AliasName=self.alias, TargetKeyId=entry.key_id)
+            self._call("update_alias", AliasName=self.alias, TargetKeyId=entry.key_id, idempotent=False)
         with self._lock:
             self._primary_cache = None
         return self.describe()
@@ -712,7 +742,7 @@ class AwsKmsAdapter(ReleaseGate):
             raise InvalidRequest(f"version {version} is the primary version of {self.key_ref}; rotate first")
         entry = self._existing(version, primary)
         if entry.state == "enabled":
-            self._call("disable_key", KeyId=entry.key_id)
+            self._call("disable_key", KeyId=entry.key_id, idempotent=False)
             self._set_state(entry, "disabled")
         return self.describe()
 
@@ -725,7 +755,7 @@ class AwsKmsAdapter(ReleaseGate):
                 f"version {version} of {self.key_ref} is {_STATE_TEXT[entry.state]}; use cancel_destroy"
             )
         if entry.state != "enabled":
-            self._call("enable_key", KeyId=entry.key_id)
+            self._call("enable_key", KeyId=entry.key_id, idempotent=False)
             self._set_state(entry, "enabled")
         return self.describe()
 
@@ -742,7 +772,12 @@ class AwsKmsAdapter(ReleaseGate):
             entry = self._resolve(number, fresh=True, primary_version=primary.version)
             if entry is None or entry.state in ("pending_deletion", "destroyed"):
                 continue
-            self._call("schedule_key_deletion", KeyId=entry.key_id, PendingWindowInDays=PENDING_WINDOW_DAYS)
+            self._call(
+                "schedule_key_deletion",
+                KeyId=entry.key_id,
+                PendingWindowInDays=PENDING_WINDOW_DAYS,
+                idempotent=False,
+            )
             self._set_state(entry, "pending_deletion")
         return self.describe()
 
@@ -754,9 +789,9 @@ class AwsKmsAdapter(ReleaseGate):
         if entry.state == "destroyed":
             raise InvalidRequest(f"version {version} of {self.key_ref} is deleted and cannot be restored")
         if entry.state == "pending_deletion":
-            self._call("cancel_key_deletion", KeyId=entry.key_id)
+            self._call("cancel_key_deletion", KeyId=entry.key_id, idempotent=False)
             self._set_state(entry, "disabled")
-        self._call("enable_key", KeyId=entry.key_id)
+        self._call("enable_key", KeyId=entry.key_id, idempotent=False)
         self._set_state(entry, "enabled")
         return self.describe()
 

@@ -34,7 +34,12 @@ release an exportable key (Secure Key Release) after our gate, so the service ap
 too. Keys created while a release policy is set are exportable and carry the native policy.
 
 **SDK notes.** SDK retries are off (``retry_total=0``): every call goes through the endpoint's
-governor, which owns retries; errors are mapped onto ``kms_adapters.errors``. Cryptographic
+governor, which owns retries; errors are mapped onto ``kms_adapters.errors``. azure-core says
+whether a request left: ``ServiceRequestError`` (refused, DNS, connect timeout, TLS) was not
+sent (``Unavailable``); ``ServiceResponseError`` (read timeout, connection reset or closed after
+sending), a 408 or 5xx, or an unreadable answer may have been applied (``AnswerLost``).
+Mutations (create, rotate, enable/disable/destroy a version, the release policy) are sent with
+``idempotent=False``: the governor does not resend them after a lost answer. Cryptographic
 operations use ``CryptographyClient`` (one per key version, cached) with its local cryptography
 disabled: azure-keyvault-keys 4.11 downloads the key on first use and then wraps locally where
 it can, and for an oct-HSM key, whose bytes the service never returns, it builds a *random*
@@ -83,6 +88,7 @@ from kms_adapters.contract import (
     rewrap_each,
 )
 from kms_adapters.errors import (
+    AnswerLost,
     InvalidCiphertext,
     InvalidRequest,
     KmsError,
@@ -225,14 +231,20 @@ def map_azure_error(exc: BaseException, op: str, key_ref: str) -> KmsError:
         if status == 400 and op == _UNWRAP and code in ("BadParameter", ""):
             return InvalidCiphertext(f"wrapped key is not a valid ciphertext of {key_ref}{said}")
         if status == 408 or status >= 500 or isinstance(exc, DecodeError) or status < 400:
-            return Unavailable(
-                f"Azure Key Vault could not {op} on {key_ref} right now ({status})", _retry_after(exc)
+            return AnswerLost(
+                f"Azure Key Vault failed to {op} on {key_ref} ({status}): the request may have been applied",
+                _retry_after(exc),
             )
         return InvalidRequest(f"Azure Key Vault refused {op} on {key_ref} ({code or status}){said}")
     if isinstance(exc, ClientAuthenticationError):
         return PermissionDenied(f"no usable Azure credential to {op} on {key_ref} ({type(exc).__name__})")
-    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+    if isinstance(exc, ServiceRequestError):  # azure-core: no request was sent
         return Unavailable(f"cannot reach Azure Key Vault to {op} on {key_ref} ({type(exc).__name__})")
+    if isinstance(exc, ServiceResponseError | DecodeError):  # sent; the answer was lost or unreadable
+        return AnswerLost(
+            f"no answer from Azure Key Vault to {op} on {key_ref} ({type(exc).__name__}):"
+            " the request may have been applied"
+        )
     if isinstance(exc, ValueError | TypeError):
         return InvalidRequest(f"invalid request to {op} on {key_ref} ({type(exc).__name__})")
     if isinstance(exc, AzureError):
@@ -387,8 +399,9 @@ class AzureHsmAdapter(ReleaseGate):
 
     # ------------------------------------------------------------------ SDK plumbing
 
-    def _call(self, op: str, fn: Callable[[], T]) -> T:
-        """One SDK call through the governor; raises taxonomy errors only."""
+    def _call(self, op: str, fn: Callable[[], T], *, idempotent: bool = True) -> T:
+        """One SDK call through the governor; raises taxonomy errors only. ``idempotent=False``
+        for mutations: never resent after an answer that may have been lost after applying."""
 
         def attempt() -> T:
             try:
@@ -398,7 +411,7 @@ class AzureHsmAdapter(ReleaseGate):
             except Exception as exc:  # every SDK failure becomes one of ours, without chaining
                 raise map_azure_error(exc, op, self.key_ref) from None
 
-        return self.governor.call(attempt, op=f"azure:{op}")
+        return self.governor.call(attempt, op=f"azure:{op}", idempotent=idempotent)
 
     def _crypto_client(self, version_id: str) -> CryptographyClient:
         with self._lock:
@@ -560,18 +573,24 @@ class AzureHsmAdapter(ReleaseGate):
         if policy is not None:
             options["exportable"] = True
             options["release_policy"] = KeyReleasePolicy(self._native_policy_bytes(policy))
-        self._call("create key", lambda: self._keys.create_key(self.name, self._key_type, **options))
+        self._call(
+            "create key",
+            lambda: self._keys.create_key(self.name, self._key_type, **options),
+            idempotent=False,  # on an existing key it adds a version
+        )
         return self.describe(), True
 
     def rotate(self) -> KeyInfo:
         before = self._snapshot(refresh=True)
-        new = self._call("rotate key", lambda: self._keys.rotate_key(self.name))
+        new = self._call("rotate key", lambda: self._keys.rotate_key(self.name), idempotent=False)
         version_id = new.properties.version or ""
         tags = {k: v for k, v in (new.properties.tags or {}).items() if k != TAG_DESTROYED}
         tags[TAG_VERSION] = str(len(before.versions) + 1)
         try:
             self._call(
-                "tag version", lambda: self._keys.update_key_properties(self.name, version_id, tags=tags)
+                "tag version",
+                lambda: self._keys.update_key_properties(self.name, version_id, tags=tags),
+                idempotent=False,
             )
         except KmsError as exc:  # the tag only orders versions created within one second
             log.warning("could not tag the new version of %s: %s", self.key_ref, exc)
@@ -593,6 +612,7 @@ class AzureHsmAdapter(ReleaseGate):
             self._call(
                 "disable version",
                 lambda: self._keys.update_key_properties(self.name, entry.id, enabled=False),
+                idempotent=False,
             )
         self._invalidate()
         return self.describe()
@@ -604,7 +624,9 @@ class AzureHsmAdapter(ReleaseGate):
             raise InvalidRequest(f"version {version} of {self.key_ref} is destroyed")
         if not entry.enabled:
             self._call(
-                "enable version", lambda: self._keys.update_key_properties(self.name, entry.id, enabled=True)
+                "enable version",
+                lambda: self._keys.update_key_properties(self.name, entry.id, enabled=True),
+                idempotent=False,
             )
         self._invalidate()
         return self.describe()
@@ -627,6 +649,7 @@ class AzureHsmAdapter(ReleaseGate):
                 lambda entry=entry, tags=tags: self._keys.update_key_properties(  # type: ignore[misc]
                     self.name, entry.id, enabled=False, tags=tags
                 ),
+                idempotent=False,
             )
         self._invalidate()
         return self.describe()
@@ -657,6 +680,7 @@ class AzureHsmAdapter(ReleaseGate):
             self._call(
                 "set release policy",
                 lambda: self._keys.update_key_properties(self.name, release_policy=native),
+                idempotent=False,
             )
 
     def release_key_material(

@@ -100,6 +100,11 @@ def rewrap_each(
 class KmsAdapter(KeyWrapper, RewrapService, Protocol):
     """One key on one backend. All methods raise ``kms_adapters.errors`` types only.
 
+    The mutations (``create``, ``rotate``, ``disable_version``, ``enable_version``,
+    ``destroy_below``, ``set_release_policy``) are never resent after a failure that may have
+    been applied: they raise ``AnswerLost`` and the caller reads the key (``describe``) to learn
+    whether it took effect before trying again.
+
     ``key_ref``, ``wrap``, ``unwrap``, ``rewrap``, ``version_of`` (``KeyWrapper``) and
     ``rewrap_batch`` (``RewrapService``) are the sealing code's view."""
 
@@ -124,6 +129,13 @@ class KmsAdapter(KeyWrapper, RewrapService, Protocol):
 
     def disable_version(self, version: int) -> KeyInfo:
         """Refuse unwraps under ``version`` from now on (reversible)."""
+        ...
+
+    def enable_version(self, version: int) -> KeyInfo:
+        """Undo ``disable_version``: unwraps under ``version`` work again (a re-sweep of blobs
+        found on a disabled version needs it). A no-op for an enabled version; refused
+        (``InvalidRequest``) for a destroyed or deletion-pending one. On Transit, which disables
+        by a minimum, this lowers the minimum to ``version`` (enabling every version after it)."""
         ...
 
     def destroy_below(self, version: int) -> KeyInfo:

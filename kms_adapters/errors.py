@@ -43,6 +43,17 @@ class Unavailable(KmsError, KeyServiceUnavailable):
         self.retry_after = retry_after
 
 
+class AnswerLost(Unavailable):
+    """The request was sent but no usable answer came back (a read timeout, the connection reset
+    or closed after sending, a 5xx, an unreadable answer): the KMS may have applied it.
+
+    Adapters raise it instead of a plain ``Unavailable`` whenever the request may have reached
+    the server; a plain ``Unavailable`` means it was not sent (connection refused, DNS, a failed
+    TLS handshake, an open circuit). The governor resends an idempotent call after it as after any
+    ``Unavailable``, but never a non-idempotent one (``Governor.call(..., idempotent=False)``):
+    the caller must read the key's state to learn whether the mutation took effect."""
+
+
 class NotFound(KmsError, UnknownKey):
     """The key does not exist."""
 

@@ -71,6 +71,21 @@ answer) closes it, an ``Unavailable`` re-opens it.
 Non-retryable errors (a ``KmsError`` with ``retryable`` False, or any other exception) pass
 through at once and do not touch the rate or the budget.
 
+**Mutations are never sent twice.** A call made with ``idempotent=False`` (rotate, create,
+disable, enable, destroy, set a release policy) is resent only after an error that proves the
+request was not applied: ``Throttled`` (the server refused it for rate) and a plain
+``Unavailable`` (adapters raise it only when nothing was sent: connection refused, DNS, a failed
+TLS handshake). After ``AnswerLost`` (a read timeout, a connection reset or closed after
+sending, a 5xx) the request may have been applied, so the governor raises it to the caller, who
+reads the key's state to learn what happened; it counts in the circuit breaker like any
+``Unavailable`` but never becomes a ``CircuitOpen`` (which would hide that it may have applied).
+
+**Progress.** ``reporting_progress(callback)`` (a context manager, per thread and asyncio task)
+makes every governed call of that context call ``callback()`` before each attempt and at least
+every ``PROGRESS_STEP`` seconds while it waits (pacing, backoff): a Temporal activity passes
+``activity.heartbeat`` so that its heartbeats are never further apart than one attempt (the SDK's
+connect plus read timeout) or ``PROGRESS_STEP``, however long the governor keeps retrying.
+
 ``Governor.snapshot()`` returns the counters and state as a typed ``GovernorStats`` (``stats()``
 is the same as a dict, for reports). Every adapter exposes its governor as ``adapter.governor``
 (``KmsAdapter.governor``), so callers read the counters without reaching into the adapter.
@@ -82,17 +97,19 @@ Clock, sleep and random source are injectable (``clock=``, ``sleep=``, ``async_s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import math
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeVar
 
-from kms_adapters.errors import KmsError, Throttled, Unavailable
+from kms_adapters.errors import AnswerLost, KmsError, Throttled, Unavailable
 
 T = TypeVar("T")
 
@@ -102,6 +119,30 @@ CircuitState = Literal["closed", "open", "half_open"]
 CLOSED: CircuitState = "closed"
 OPEN: CircuitState = "open"
 HALF_OPEN: CircuitState = "half_open"
+
+PROGRESS_STEP = 10.0
+"""Longest wait (pacing, backoff) between two progress callbacks of a governed call, seconds."""
+
+_progress: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "kms_governor_progress", default=None
+)
+
+
+@contextlib.contextmanager
+def reporting_progress(callback: Callable[[], None]) -> Iterator[None]:
+    """Within this block, every governed call of this thread (or asyncio task) calls
+    ``callback()`` before each attempt and at least every ``PROGRESS_STEP`` seconds of waiting."""
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def _report_progress() -> None:
+    callback = _progress.get()
+    if callback is not None:
+        callback()
 
 
 class CircuitOpen(Unavailable):
@@ -169,6 +210,7 @@ class GovernorStats:
     circuit_opens: int
     fast_failed: int
     rate_cuts: int
+    answers_lost: int  # non-idempotent calls given back unsent after a possibly applied attempt
     current_rate: float | None  # the enforced send rate, None while unbounded
     measured_rate: float
     retry_budget: float
@@ -270,52 +312,80 @@ class Governor:
         self._circuit_opens = 0
         self._fast_failed = 0
         self._rate_cuts = 0
+        self._answers_lost = 0
 
     # ------------------------------------------------------------------ public API
 
-    def call(self, fn: Callable[[], T], *, op: str = "") -> T:
-        """Run ``fn`` under the endpoint's rate limit, retrying retryable ``KmsError``s."""
+    def call(self, fn: Callable[[], T], *, op: str = "", idempotent: bool = True) -> T:
+        """Run ``fn`` under the endpoint's rate limit, retrying retryable ``KmsError``s.
+
+        ``idempotent=False`` for a mutation that must not be applied twice: it is resent only
+        after errors that prove it was not applied (see the module docstring); ``AnswerLost``
+        goes straight to the caller."""
         st = _CallState(start=self._clock())
         while True:
             self._admit(st)
             try:
                 while (wait := self._pace(st)) > 0:
-                    self._sleep(wait)
+                    self._wait(wait)
+                _report_progress()
             except BaseException:
                 self._abandon(st)
                 raise
             try:
                 result = fn()
             except BaseException as exc:
-                delay = self._after_error(st, exc, op)
+                delay = self._after_error(st, exc, op, idempotent)
                 if delay is None:
                     raise
-                self._sleep(delay)
+                self._wait(delay)
                 continue
             self._after_success(st)
             return result
 
-    async def acall(self, fn: Callable[[], T], *, op: str = "") -> T:
+    async def acall(self, fn: Callable[[], T], *, op: str = "", idempotent: bool = True) -> T:
         """Like ``call`` for asyncio: ``fn`` runs in a worker thread, waits are ``asyncio`` sleeps."""
         st = _CallState(start=self._clock())
         while True:
             self._admit(st)
             try:
                 while (wait := self._pace(st)) > 0:
-                    await self._async_sleep(wait)
+                    await self._await(wait)
+                _report_progress()
             except BaseException:
                 self._abandon(st)
                 raise
             try:
                 result = await asyncio.to_thread(fn)
             except BaseException as exc:
-                delay = self._after_error(st, exc, op)
+                delay = self._after_error(st, exc, op, idempotent)
                 if delay is None:
                     raise
-                await self._async_sleep(delay)
+                await self._await(delay)
                 continue
             self._after_success(st)
             return result
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, reporting progress at least every ``PROGRESS_STEP`` if asked to."""
+        if _progress.get() is None:
+            self._sleep(seconds)
+            return
+        while seconds > PROGRESS_STEP:
+            self._sleep(PROGRESS_STEP)
+            seconds -= PROGRESS_STEP
+            _report_progress()
+        self._sleep(seconds)
+
+    async def _await(self, seconds: float) -> None:
+        if _progress.get() is None:
+            await self._async_sleep(seconds)
+            return
+        while seconds > PROGRESS_STEP:
+            await self._async_sleep(PROGRESS_STEP)
+            seconds -= PROGRESS_STEP
+            _report_progress()
+        await self._async_sleep(seconds)
 
     @property
     def current_rate(self) -> float | None:
@@ -342,6 +412,7 @@ class Governor:
                 circuit_opens=self._circuit_opens,
                 fast_failed=self._fast_failed,
                 rate_cuts=self._rate_cuts,
+                answers_lost=self._answers_lost,
                 current_rate=self._rate if self._enforced else None,
                 measured_rate=self._meter.rate(now),
                 retry_budget=self._budget,
@@ -443,9 +514,10 @@ class Governor:
                 ceiling = max(2.0 * measured, self._w_max)
                 self._rate = max(self._min_rate, min(cubic, ceiling))
 
-    def _after_error(self, st: _CallState, exc: BaseException, op: str) -> float | None:
+    def _after_error(self, st: _CallState, exc: BaseException, op: str, idempotent: bool) -> float | None:
         """Classify a failed attempt. Returns the backoff before the next attempt, None to re-raise
-        ``exc``; raises ``CircuitOpen`` if this failure opened the circuit."""
+        ``exc``; raises ``CircuitOpen`` if this failure opened the circuit (except after a lost
+        answer to a non-idempotent call: its caller must learn that it may have been applied)."""
         now = self._clock()
         st.last_error = exc
         with self._lock:
@@ -464,6 +536,14 @@ class Governor:
                 self._probe_in_flight = False  # inconclusive: let another call probe
 
             if not isinstance(exc, KmsError) or not exc.retryable:
+                return None
+            if not idempotent and isinstance(exc, AnswerLost):
+                self._answers_lost += 1
+                log.info(
+                    "%s %s: the answer was lost and the request may have been applied; not resent",
+                    self.endpoint,
+                    op or "call",
+                )
                 return None
             if isinstance(exc, Throttled):
                 self._throttled += 1

@@ -13,7 +13,12 @@ that minimum, so disabling version N disables every version up to N.
 
 hvac has no retries and drops response headers (so a 429's Retry-After is not visible);
 every call goes through the endpoint's governor, which owns retries. Errors are mapped onto
-``kms_adapters.errors`` with messages of our own (hvac's embed URLs).
+``kms_adapters.errors`` with messages of our own (hvac's embed URLs). A failure after the
+request may have reached the server (a read timeout, the connection reset or closed before the
+answer, a 5xx) is ``AnswerLost``; only a request that was never sent (connection refused, DNS, a
+failed TLS handshake, a malformed URL) is a plain ``Unavailable``. Mutations (create, rotate,
+the key configuration, trim) are sent with ``idempotent=False``: the governor does not resend
+them after a lost answer.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from typing import Any, TypeVar, cast
 import hvac
 import hvac.exceptions
 import requests
+import urllib3.exceptions
 
 from kms_adapters.contract import KeyInfo, KeyVersionInfo, RewrapOutcome, RotationMode, VersionState
 from kms_adapters.errors import (
+    AnswerLost,
     InvalidCiphertext,
     InvalidRequest,
     KmsError,
@@ -71,11 +78,55 @@ def classify(message: str, key: str, action: str) -> KmsError:
     return InvalidRequest(f"OpenBao/Vault refused to {action} with key {key!r}: {message}")
 
 
+# requests raises these before anything is sent.
+_UNSENT_REQUESTS = (
+    requests.exceptions.ConnectTimeout,
+    requests.exceptions.SSLError,  # the TLS handshake (urllib3 verifies while connecting)
+    requests.exceptions.ProxyError,
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.InvalidHeader,
+    requests.exceptions.URLRequired,
+)
+# urllib3 reasons inside requests' ConnectionError(MaxRetryError(reason)) that mean "not connected"
+# (NewConnectionError covers refused connections and NameResolutionError).
+_UNSENT_REASONS = (
+    urllib3.exceptions.NewConnectionError,
+    urllib3.exceptions.ConnectTimeoutError,
+    urllib3.exceptions.SSLError,
+    urllib3.exceptions.ProxyError,
+)
+
+
+def request_not_sent(exc: requests.exceptions.RequestException) -> bool:
+    """Whether requests failed before the request could reach the server. Everything else
+    (``ReadTimeout``, ``ConnectionError`` from a ``ProtocolError`` such as a reset or a closed
+    connection, ``ChunkedEncodingError`` ...) may have been applied."""
+    if isinstance(exc, _UNSENT_REQUESTS):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
+        cause = exc.args[0]
+        if isinstance(cause, urllib3.exceptions.MaxRetryError):
+            return isinstance(cause.reason, _UNSENT_REASONS)
+        return isinstance(cause, _UNSENT_REASONS)
+    return False
+
+
+def _transport_error(exc: requests.exceptions.RequestException, addr: str, action: str) -> Unavailable:
+    if request_not_sent(exc):
+        return Unavailable(f"cannot reach OpenBao/Vault at {addr} to {action}")
+    what = "read timeout" if isinstance(exc, requests.exceptions.Timeout) else "connection lost"
+    return AnswerLost(
+        f"no answer from OpenBao/Vault at {addr} to {action} ({what}): the request may have been applied"
+    )
+
+
 def _mapped(addr: str, key: str, action: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except requests.exceptions.RequestException:
-        raise Unavailable(f"cannot reach OpenBao/Vault at {addr} to {action}") from None
+    except requests.exceptions.RequestException as exc:
+        raise _transport_error(exc, addr, action) from None
     except hvac.exceptions.Forbidden:
         raise PermissionDenied(
             f"OpenBao/Vault denied {action} on transit key {key!r} (check the token)"
@@ -88,8 +139,10 @@ def _mapped(addr: str, key: str, action: str, fn: Callable[[], T]) -> T:
         hvac.exceptions.VaultDown,
         hvac.exceptions.InternalServerError,
         hvac.exceptions.BadGateway,
-    ) as exc:
-        raise Unavailable(f"OpenBao/Vault could not {action}: {type(exc).__name__}") from None
+    ) as exc:  # a 5xx: the server may have applied the request before failing
+        raise AnswerLost(
+            f"OpenBao/Vault failed to {action} ({type(exc).__name__}): the request may have been applied"
+        ) from None
     except hvac.exceptions.InvalidRequest as exc:
         raise classify(_message(exc), key, action) from None
     except hvac.exceptions.VaultError as exc:
@@ -122,8 +175,10 @@ class VaultTransitAdapter(ReleaseGate):
 
     # ----------------------------------------------------------------------------- plumbing
 
-    def _call(self, action: str, fn: Callable[[], T]) -> T:
-        return self.governor.call(lambda: _mapped(self._client.url, self.name, action, fn), op=action)
+    def _call(self, action: str, fn: Callable[[], T], *, idempotent: bool = True) -> T:
+        return self.governor.call(
+            lambda: _mapped(self._client.url, self.name, action, fn), op=action, idempotent=idempotent
+        )
 
     def _data(self, action: str, fn: Callable[[], Any]) -> dict[str, Any]:
         response = self._call(action, fn)
@@ -290,11 +345,16 @@ class VaultTransitAdapter(ReleaseGate):
             lambda: self._transit.create_key(
                 name=self.name, key_type="aes256-gcm96", mount_point=self._mount
             ),
+            idempotent=False,
         )
         return self.describe(), True
 
     def rotate(self) -> KeyInfo:
-        self._call("rotate key", lambda: self._transit.rotate_key(name=self.name, mount_point=self._mount))
+        self._call(
+            "rotate key",
+            lambda: self._transit.rotate_key(name=self.name, mount_point=self._mount),
+            idempotent=False,
+        )
         return self.describe()
 
     def _configure(self, action: str, **settings: int) -> None:
@@ -303,6 +363,7 @@ class VaultTransitAdapter(ReleaseGate):
             lambda: self._transit.update_key_configuration(
                 name=self.name, mount_point=self._mount, **settings
             ),
+            idempotent=False,
         )
 
     def disable_version(self, version: int) -> KeyInfo:
@@ -330,5 +391,21 @@ class VaultTransitAdapter(ReleaseGate):
         self._call(
             "trim key",
             lambda: self._transit.trim_key(name=self.name, min_version=version, mount_point=self._mount),
+            idempotent=False,
         )
         return self.describe()
+
+    def enable_version(self, version: int) -> KeyInfo:
+        """Make ``version`` decryptable again: lower ``min_decryption_version`` to it (which
+        enables every version from it on, the way disabling disables every version up to N).
+        Refused for a destroyed (trimmed) version."""
+        info = self.describe()
+        state = info.state_of(version)
+        if state is None:
+            raise InvalidRequest(f"{self.key_ref} has no version {version}")
+        if state == "destroyed":
+            raise InvalidRequest(f"version {version} of {self.key_ref} is destroyed (trimmed)")
+        if state == "disabled":
+            self._configure("enable version", min_decryption_version=version)
+            return self.describe()
+        return info

@@ -6,5 +6,6 @@ pytest_plugins = [
     "tests.fixtures.moto",
     "tests.fixtures.azure",
     "tests.fixtures.temporal",
+    "tests.fixtures.fault_proxy",
     "tests.fixtures.adapters",  # last: it builds on the server fixtures above
 ]

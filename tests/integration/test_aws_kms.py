@@ -8,7 +8,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 from attestation.claims import Claims
 from attestation.policy import parse_policy
@@ -16,6 +23,7 @@ from attestation.token import ResultSigner
 from kms_adapters.aws_kms import NATIVE_NOTE, AwsKmsAdapter, map_aws_error
 from kms_adapters.contract import KmsAdapter, RotationMode
 from kms_adapters.errors import (
+    AnswerLost,
     InvalidCiphertext,
     InvalidRequest,
     NotFound,
@@ -263,11 +271,14 @@ def _client_error(code: str, status: int = 400, message: str = "x") -> ClientErr
         ),
         (_client_error("AccessDeniedException", message=""), "decrypt", InvalidCiphertext),
         (_client_error("AccessDeniedException", message=""), "describe_key", PermissionDenied),
-        (_client_error("KMSInternalException", 500), "encrypt", Unavailable),
-        (_client_error("Whatever", 503), "encrypt", Unavailable),
+        (_client_error("KMSInternalException", 500), "encrypt", AnswerLost),  # may have been applied
+        (_client_error("Whatever", 503), "encrypt", AnswerLost),
         (_client_error("ValidationException"), "create_alias", InvalidRequest),
         (EndpointConnectionError(endpoint_url="http://x"), "encrypt", Unavailable),
-        (ReadTimeoutError(endpoint_url="http://x"), "encrypt", Unavailable),
+        (ReadTimeoutError(endpoint_url="http://x"), "encrypt", AnswerLost),
+        (ConnectionClosedError(endpoint_url="http://x"), "create_key", AnswerLost),
+        (ConnectTimeoutError(endpoint_url="http://x"), "create_key", Unavailable),  # never sent
+        (SSLError(endpoint_url="http://x", error="handshake"), "create_key", Unavailable),
     ],
 )
 def test_error_mapping(exc: Exception, op: str, expected: type[Exception]) -> None:

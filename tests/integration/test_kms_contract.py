@@ -13,7 +13,7 @@ from attestation.claims import Claims
 from attestation.policy import parse_policy
 from attestation.token import ResultSigner
 from kms_adapters.contract import KmsAdapter
-from kms_adapters.errors import InvalidCiphertext, NotFound, PolicyDenied, VersionDisabled
+from kms_adapters.errors import InvalidCiphertext, InvalidRequest, NotFound, PolicyDenied, VersionDisabled
 from kms_adapters.release import MemoryReleasePolicyStore, ReleasePolicy, open_released
 from sealing.handoff import HandoffKeyPair, fingerprint
 
@@ -86,6 +86,27 @@ def test_wrap_rotate_rewrap_disable_destroy(key: KmsAdapter) -> None:
     with pytest.raises(VersionDisabled):
         key.unwrap(old.ciphertext)
     assert key.unwrap(moved.ciphertext) == dek
+
+
+def test_enable_version_undoes_disable(key: KmsAdapter) -> None:
+    dek = secrets.token_bytes(32)
+    key.rotate()
+    on_v2 = key.wrap(dek).ciphertext
+    key.rotate()
+    assert key.disable_version(2).state_of(2) == "disabled"
+    with pytest.raises(VersionDisabled):
+        key.unwrap(on_v2)
+
+    info = key.enable_version(2)
+    assert info.state_of(2) == "enabled" and info.primary_version == 3
+    assert key.unwrap(on_v2) == dek
+    assert key.enable_version(2).state_of(2) == "enabled"  # already enabled: a no-op
+    with pytest.raises(InvalidRequest):
+        key.enable_version(9)  # never existed
+    key.destroy_below(2)
+    with pytest.raises(InvalidRequest):
+        key.enable_version(1)  # destroyed (or pending deletion) stays so
+    assert key.unwrap(on_v2) == dek
 
 
 def test_garbage_ciphertext(key: KmsAdapter) -> None:

@@ -15,8 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kms_adapters.errors import NotFound, PolicyDenied, Throttled, Unavailable
-from kms_adapters.governor import CircuitOpen, Governor, governor_for, reset_governors
+from kms_adapters.errors import AnswerLost, KmsError, NotFound, PolicyDenied, Throttled, Unavailable
+from kms_adapters.governor import (
+    PROGRESS_STEP,
+    CircuitOpen,
+    Governor,
+    governor_for,
+    reporting_progress,
+    reset_governors,
+)
 
 ENDPOINT = "https://kms.test"
 
@@ -609,3 +616,138 @@ def test_callers_queued_behind_a_slow_rate_fail_at_their_time_limit() -> None:
     assert errors and all(isinstance(e, Throttled) for e in errors)
     assert max(durations) <= 2.0 + 0.01 + 1e-9  # time limit plus one round trip
     assert server.accepted + len(errors) == 16
+
+
+# ---------------------------------------------------------------------------- mutations: never twice
+
+
+def test_a_lost_answer_to_a_mutation_is_not_resent() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    rotate = failing([AnswerLost("read timeout: may have been applied")])
+    with pytest.raises(AnswerLost, match="may have been applied"):
+        gov.call(rotate, op="rotate key", idempotent=False)
+    assert rotate.calls == 1  # type: ignore[attr-defined]
+    s = gov.stats()
+    assert (s["answers_lost"], s["retries"], s["unavailable"]) == (1, 0, 1)
+    assert ft.sleeps == []
+
+
+def test_a_lost_answer_to_a_read_is_resent() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    read = failing([AnswerLost("read timeout")], result="key")
+    assert gov.call(read, op="read key") == "key"  # idempotent is the default
+    assert read.calls == 2  # type: ignore[attr-defined]
+    assert gov.stats()["answers_lost"] == 0
+
+
+@pytest.mark.parametrize(
+    "not_applied",
+    [Unavailable("connection refused"), Throttled("429", retry_after=0.5)],
+    ids=["not-sent", "throttled"],
+)
+def test_a_mutation_is_resent_after_errors_that_prove_it_was_not_applied(not_applied: KmsError) -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    rotate = failing([not_applied], result="rotated")
+    assert gov.call(rotate, op="rotate key", idempotent=False) == "rotated"
+    assert rotate.calls == 2  # type: ignore[attr-defined]
+    assert gov.stats()["answers_lost"] == 0
+
+
+def test_a_non_retryable_answer_to_a_mutation_passes_through_once() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    rotate = failing([NotFound("no such key")])
+    with pytest.raises(NotFound):
+        gov.call(rotate, idempotent=False)
+    assert rotate.calls == 1  # type: ignore[attr-defined]
+
+
+def test_a_lost_answer_that_opens_the_circuit_still_says_it_may_have_applied() -> None:
+    ft = FakeTime()
+    gov = make(ft, failure_threshold=1)
+    with pytest.raises(CircuitOpen):  # a read: the failure that opens the circuit fails fast
+        gov.call(failing([AnswerLost("reset")]), op="read key")
+    ft.advance(60.0)
+    assert gov.call(failing([]), op="probe") == "ok"  # the probe closes it again
+    rotate = failing([AnswerLost("connection reset after sending")])
+    with pytest.raises(AnswerLost) as lost:  # opens the circuit again, but is not a CircuitOpen
+        gov.call(rotate, op="rotate key", idempotent=False)
+    assert not isinstance(lost.value, CircuitOpen)
+    assert gov.stats()["state"] == "open" and rotate.calls == 1  # type: ignore[attr-defined]
+
+
+def test_async_calls_keep_mutations_single_too() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    rotate = failing([AnswerLost("lost")])
+    with pytest.raises(AnswerLost):
+        asyncio.run(gov.acall(rotate, op="rotate key", idempotent=False))
+    assert rotate.calls == 1  # type: ignore[attr-defined]
+    again = failing([AnswerLost("lost")], result="read")
+    assert asyncio.run(gov.acall(again, op="read key")) == "read"
+    assert again.calls == 2  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------- progress (heartbeats)
+
+
+def test_progress_is_reported_before_every_attempt_and_during_long_waits() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    events: list[str] = []
+    attempts = itertools.count(1)
+
+    def fn() -> str:
+        events.append(f"attempt@{ft.now:.2f}")
+        if next(attempts) < 3:  # throttled twice, each time with a long Retry-After
+            raise Throttled("429", retry_after=25.0)
+        return "ok"
+
+    def beat() -> None:
+        events.append(f"beat@{ft.now:.2f}")
+
+    with reporting_progress(beat):
+        assert gov.call(fn, op="rotate key", idempotent=False) == "ok"
+    assert events[:2] == ["beat@0.00", "attempt@0.00"]
+    beats = [float(e.split("@")[1]) for e in events if e.startswith("beat")]
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    assert max(gaps) <= PROGRESS_STEP + 1e-9 and len(beats) >= 5
+    # Every attempt is preceded by a beat at the same moment.
+    for index, event in enumerate(events):
+        if event.startswith("attempt"):
+            assert events[index - 1] == "beat@" + event.split("@")[1]
+
+    # Outside the block nothing is reported, and waits are single sleeps again.
+    events.clear()
+    ft.sleeps.clear()
+    make(ft).call(failing([Unavailable("blip", retry_after=25.0)]), op="read")
+    assert events == [] and ft.sleeps == [25.0]
+
+
+def test_progress_is_reported_by_async_calls() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    beats: list[float] = []
+
+    async def run() -> str:
+        with reporting_progress(lambda: beats.append(ft.now)):
+            return await gov.acall(failing([Unavailable("blip", retry_after=25.0)]), op="read")
+
+    assert asyncio.run(run()) == "ok"
+    assert len(beats) >= 4 and max(b - a for a, b in itertools.pairwise(beats)) <= PROGRESS_STEP + 1e-9
+
+
+def test_a_failing_progress_callback_fails_the_call_before_it_is_sent() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    rotate = failing([])
+
+    def cancelled() -> None:
+        raise RuntimeError("activity cancelled")
+
+    with reporting_progress(cancelled), pytest.raises(RuntimeError):
+        gov.call(rotate, op="rotate key", idempotent=False)
+    assert rotate.calls == 0  # type: ignore[attr-defined]
