@@ -331,7 +331,7 @@ async def run_size(
         worker_cpu = sum(_cpu_seconds(w.pid) for w in workers) - cpu_before
         workflow_bao_cpu = _cpu_seconds(bao.pid) - bao_cpu
         raw_after = raw_rewrap(bao, name, ciphertexts)
-        await handle.signal(RotateKeyWorkflow.approve)
+        await handle.execute_update(RotateKeyWorkflow.approve)
         final: Progress = await handle.result()
         peak = max(_peak_rss_mib(w.pid) for w in workers)
     if final.phase != DONE or store.count_by_key_version(adapter.key_ref) != {final.new_version: count}:

@@ -21,10 +21,16 @@ so automation can do the same without the command line::
 
     asyncio.run(rotate("vault:orders"))
 
-Ids are built and parsed here only: ``rotate:<backend>:<name>`` for the rotation of a key and
-``schedule:rotate:<backend>:<name>`` for its schedule; a rotation a schedule started has the
-scheduled time appended (``rotate:vault:orders-2030-01-01T00:00:00Z``). Wherever a method takes
-an id, the bare key ref (``vault:orders``) works as well.
+Ids are built and parsed here only: ``rotate:<backend>:<name>`` for the rotation of a key,
+whoever starts it, and ``schedule:rotate:<backend>:<name>`` for its schedule. A schedule starts a
+small launcher workflow (``launch:rotate:<backend>:<name>-<time>``) that starts the key's
+rotation under its one id, or records that one is running; so a key never has two rotations at
+once. Wherever a method takes an id, the bare key ref (``vault:orders``) works as well.
+
+Status needs no worker: the workflow keeps its phase and counts in its memo and in search
+attributes (``RekeyKeyRef``, ``RekeyPhase``, ``RekeyRemaining``), which Temporal returns from
+``describe``. Pause, resume, abort, approve, approve-destroy and cancel-destroy are workflow
+updates: the workflow's validator answers yes or no at once (`RotationRefused` says why).
 
 Every error is a `RekeyClientError` with a one-line message and the exit code the command line
 uses for it; none carries key material (the payload codec encrypts workflow inputs and results).
@@ -33,13 +39,18 @@ uses for it; none carries key material (the payload codec encrypts workflow inpu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NoReturn
 
+from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
     Schedule,
@@ -56,13 +67,14 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowUpdateFailedError,
 )
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import (
     ActivityError,
     ChildWorkflowError,
     FailureError,
     TemporalError,
-    WorkflowAlreadyStartedError,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -72,28 +84,41 @@ from attestation.policy import parse_duration as parse_policy_duration
 from audit import check_text, default_actor
 from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from rekey.config import Settings
+from sealing.store import RewrapFailure, SealedStateStore
+from workflows.launcher import LaunchRotationWorkflow
 from workflows.rotation import (
     ABORTED,
     AWAITING_COMMIT,
+    AWAITING_DESTROY,
+    BLOCKED,
+    DESTROYING,
     DONE,
     MAX_WAIT_SECONDS,
+    PHASES,
     PREPARING,
     RETIRING,
     REWRAPPING,
     VERIFYING,
+    LaunchRotationInput,
     Progress,
     RotateKeyInput,
     RotateKeyWorkflow,
 )
+from workflows.rotation_state import KEY_REF_ATTRIBUTE, MEMO_PROGRESS, PHASE_ATTRIBUTE
 
 __all__ = [
     "ABORTED",
     "AWAITING_COMMIT",
+    "AWAITING_DESTROY",
+    "BLOCKED",
     "DEFAULT_BATCH",
     "DEFAULT_IN_FLIGHT",
+    "DESTROYING",
     "DONE",
+    "LAUNCH_PREFIX",
     "MAX_BATCH",
     "MAX_IN_FLIGHT",
+    "PHASES",
     "PREPARING",
     "RETIRING",
     "REWRAPPING",
@@ -104,14 +129,18 @@ __all__ = [
     "InvalidDuration",
     "InvalidId",
     "InvalidOption",
+    "NoWorker",
+    "PendingActivity",
     "Progress",
     "RekeyClient",
     "RekeyClientError",
-    "RotationAlreadyRunning",
+    "RotationBlocked",
     "RotationFailed",
     "RotationHandle",
     "RotationInfo",
     "RotationNotFound",
+    "RotationRefused",
+    "RotationReport",
     "RotationSchedule",
     "ScheduleExists",
     "ScheduleNotFound",
@@ -123,17 +152,25 @@ __all__ = [
     "parse_duration",
     "parse_rotation_id",
     "parse_schedule_id",
+    "rotation_failures",
     "rotation_id",
     "schedule_id",
     "seconds",
 ]
 
+START_TOKEN: Final = "rekey.start_token"  # noqa: S105  (a memo key, not a secret)
+"""Memo key: the token of the start request that created the run (tells a start from an attach)."""
 ROTATION_PREFIX: Final = "rotate:"
 SCHEDULE_PREFIX: Final = "schedule:rotate:"
+LAUNCH_PREFIX: Final = "launch:rotate:"
+UPDATE_TIMEOUT: Final = timedelta(seconds=30)
+"""How long an update waits for the workflow's answer (a worker must be polling)."""
+POLLER_FRESH_S: Final = 90.0
+"""A worker long-polls for up to about a minute; one not seen for longer is gone."""
 DEFAULT_GRACE: Final = 24 * 3600.0
 """Seconds a rotation waits before retiring the old versions, unless approved earlier."""
 
-# A schedule starts each run under its action's workflow id with the scheduled time appended.
+# Rotations started by schedules before the launcher had the scheduled time appended.
 _SCHEDULED_SUFFIX: Final = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z\Z")
 
 Duration = float | int | timedelta | str
@@ -175,10 +212,27 @@ class InvalidOption(RekeyClientError):
     exit_code = 2
 
 
-class RotationAlreadyRunning(RekeyClientError):
-    """A rotation of this key is running; a key has one rotation at a time."""
+class RotationRefused(RekeyClientError):
+    """The rotation said no to a pause, resume, abort, approve, approve-destroy or cancel-destroy
+    (its phase does not allow it), or it has ended; the message says why."""
 
     exit_code = 2
+
+
+class NoWorker(RekeyClientError):
+    """No rekey worker is polling the rotation's task queue, so nothing can answer a request."""
+
+
+class RotationBlocked(RekeyClientError):
+    """The rotation stopped in BLOCKED; ``reason`` is why. It waits for resume or abort."""
+
+    def __init__(self, rotation_id: str, progress: Progress) -> None:
+        super().__init__(
+            f"rotation {rotation_id} is BLOCKED in {progress.blocked_in}: {progress.blocked_reason}"
+            f" (fix the cause, then `rekey rotate resume {rotation_id}`, or abort it)"
+        )
+        self.rotation_id = rotation_id
+        self.progress = progress
 
 
 class RotationNotFound(RekeyClientError):
@@ -342,6 +396,25 @@ def _rpc_failure(error: RPCError, not_found: type[RekeyClientError], missing: st
 # --------------------------------------------------------------------------------- rotations
 
 
+def _progress_from_memo(value: object) -> Progress | None:
+    """The `Progress` the workflow last published in its memo (None before its first task);
+    fields a newer workflow added and this client does not know are left out."""
+    if not isinstance(value, dict):
+        return None
+    known = {f.name for f in fields(Progress)}
+    try:
+        return Progress(**{k: v for k, v in value.items() if k in known})
+    except TypeError:  # not a progress this client can read
+        return None
+
+
+async def _memo_progress(execution: WorkflowExecution) -> Progress | None:
+    try:
+        return _progress_from_memo((await execution.memo()).get(MEMO_PROGRESS))
+    except Exception:  # a memo this client cannot decode: listed without progress
+        return None
+
+
 @dataclass(frozen=True)
 class RotationInfo:
     """One rotation workflow run as Temporal lists it (no worker needed)."""
@@ -353,33 +426,75 @@ class RotationInfo:
     status: str
     """``RUNNING``, ``COMPLETED``, ``FAILED``, ``CANCELED``, ``TERMINATED`` or ``TIMED_OUT``."""
     started_at: datetime
-    """When the current run started: after a continue-as-new, the successor's start (the
-    rotation's own start is ``Progress.started_at``)."""
+    """When the rotation started (its first run, across continue-as-new)."""
     closed_at: datetime | None
+    phase: str = ""
+    """The rotation's phase as it last published it (empty before a worker took it up)."""
+    task_queue: str = ""
 
     @classmethod
-    def from_execution(cls, execution: WorkflowExecution) -> RotationInfo:
+    def from_execution(cls, execution: WorkflowExecution, progress: Progress | None = None) -> RotationInfo:
         try:
             key_ref = key_ref_of(execution.id)
         except InvalidId:  # started by hand under another id: listed, with no key ref
             key_ref = ""
+        started_at = execution.start_time
+        if progress is not None and progress.started_at:
+            with contextlib.suppress(ValueError):
+                started_at = datetime.fromisoformat(progress.started_at)
+        phase = progress.phase if progress else execution.typed_search_attributes.get(PHASE_ATTRIBUTE) or ""
         return cls(
             id=execution.id,
             key_ref=key_ref,
             run_id=execution.run_id,
             status=execution.status.name if execution.status is not None else "UNKNOWN",
-            started_at=execution.start_time,
+            started_at=started_at,
             closed_at=execution.close_time,
+            phase=phase,
+            task_queue=execution.task_queue,
         )
 
 
+@dataclass(frozen=True)
+class PendingActivity:
+    """An activity the rotation waits for, as Temporal records it (attempts and last failure)."""
+
+    activity: str
+    state: str
+    attempt: int
+    last_failure: str
+    """One line; empty if no attempt has failed."""
+
+
+@dataclass(frozen=True)
+class RotationReport:
+    """Everything `rekey rotate status` shows, from Temporal alone: no worker is needed."""
+
+    info: RotationInfo
+    progress: Progress
+    worker_polling: bool
+    """A worker polled the rotation's task queue in the last `POLLER_FRESH_S` seconds."""
+    pending: tuple[PendingActivity, ...]
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return "".join(ch if ch.isprintable() else "?" for ch in line)[:limit]
+
+
 class RotationHandle:
-    """One rotation, by id: its progress, its end, and the signals that steer it.
+    """One rotation, by id: its progress, its end, and the updates that steer it.
 
     It always addresses the latest run, so it keeps working across continue-as-new."""
 
-    def __init__(self, handle: WorkflowHandle[Any, Any]) -> None:
+    def __init__(
+        self, handle: WorkflowHandle[Any, Any], temporal: Client, *, started: bool | None = None
+    ) -> None:
         self._handle = handle
+        self._client = temporal
+        self.started = started
+        """From `RekeyClient.start_rotation`: True if this call started the rotation, False if
+        it found one of the key running and attached to it (its options stay as they were)."""
 
     @property
     def id(self) -> str:
@@ -389,26 +504,46 @@ class RotationHandle:
     def key_ref(self) -> str:
         return key_ref_of(self._handle.id)
 
-    async def status(self) -> Progress:
-        """Phase and counts now (the workflow's ``progress`` query; needs a worker)."""
+    async def _describe(self) -> Any:
         try:
-            return await self._handle.query(RotateKeyWorkflow.progress)
+            return await self._handle.describe(rpc_timeout=timedelta(seconds=2))
         except RPCError as exc:
-            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}", f"cannot query {self.id}")
-        except TemporalError as exc:
-            raise TemporalRequestFailed(f"cannot query {self.id}: {_cause_message(exc)}") from None
+            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}", f"cannot describe {self.id}")
+
+    async def status(self) -> Progress:
+        """Phase and counts as the rotation last published them (no worker needed)."""
+        return (await self.report()).progress
 
     async def describe(self) -> RotationInfo:
         """The latest run's status as Temporal records it (no worker needed)."""
-        try:
-            return RotationInfo.from_execution(await self._handle.describe())
-        except RPCError as exc:
-            _rpc_failure(exc, RotationNotFound, f"no rotation {self.id}", f"cannot describe {self.id}")
+        description = await self._describe()
+        return RotationInfo.from_execution(description, await _memo_progress(description))
+
+    async def report(self) -> RotationReport:
+        """Progress, the workflow's status, whether a worker polls, and the activities it waits
+        for with their attempts: one describe and one task-queue request, no worker needed."""
+        description = await self._describe()
+        progress = await _memo_progress(description)
+        info = RotationInfo.from_execution(description, progress)
+        if progress is None:  # no worker has run its first task yet
+            progress = _empty_progress(info.key_ref, "waiting for a worker to take the rotation up")
+        pending = tuple(
+            PendingActivity(
+                activity=p.activity_type.name,
+                state=PendingActivityState.Name(p.state).removeprefix("PENDING_ACTIVITY_STATE_"),
+                attempt=p.attempt,
+                last_failure=_one_line(p.last_failure.message) if p.HasField("last_failure") else "",
+            )
+            for p in description.raw_description.pending_activities
+        )
+        polling = info.status != "RUNNING" or await worker_polling(self._client, info.task_queue)
+        return RotationReport(info, progress, polling, pending)
 
     async def result(self) -> Progress:
         """Wait for the end: the final progress (phase ``DONE`` or ``ABORTED``).
 
-        `RotationFailed` if the workflow failed, with the message of what failed."""
+        `RotationFailed` if the workflow failed, with the message of what failed. A BLOCKED
+        rotation has not ended: this keeps waiting (`watch` stops there)."""
         try:
             result: Progress = await self._handle.result()
         except WorkflowFailureError as exc:
@@ -421,21 +556,28 @@ class RotationHandle:
         self,
         interval: float = 0.5,
         on_unavailable: Callable[[Exception], object] | None = None,
+        *,
+        stop_when_blocked: bool = True,
     ) -> AsyncIterator[Progress]:
-        """Progress snapshots every ``interval`` seconds while the rotation runs, then its result.
+        """Progress every ``interval`` seconds while the rotation runs, then its result.
 
-        A query that fails (as one can during continue-as-new) is skipped and reported to
-        ``on_unavailable``; the next one works. Raises what `result` raises."""
+        Progress comes from the workflow's memo (no worker needed, and none lost during
+        continue-as-new); a describe that fails is skipped and reported to ``on_unavailable``.
+        Raises what `result` raises, and `RotationBlocked` when the rotation stops in BLOCKED
+        (unless ``stop_when_blocked`` is False)."""
         ended = asyncio.ensure_future(self.result())
         try:
             while not ended.done():
                 try:
-                    progress = await self._handle.query(RotateKeyWorkflow.progress)
-                except TemporalError as exc:
+                    progress = await _memo_progress(await self._describe())
+                except (RekeyClientError, TemporalError) as exc:
                     if on_unavailable is not None:
                         on_unavailable(exc)
                 else:
-                    yield progress
+                    if progress is not None:
+                        yield progress
+                        if progress.phase == BLOCKED and stop_when_blocked:
+                            raise RotationBlocked(self.id, progress)
                 await asyncio.wait({ended}, timeout=interval)
             yield ended.result()
         finally:
@@ -443,27 +585,101 @@ class RotationHandle:
                 ended.cancel()
                 await asyncio.gather(ended, return_exceptions=True)
 
-    async def _signal(self, name: str) -> None:
+    async def _update(self, name: str) -> str:
+        """Send update ``name``; the workflow's answer (one line), or `RotationRefused` with its
+        reason. Nothing is sent when no worker polls (it could not be answered)."""
+        info = await self.describe()
+        if info.status != "RUNNING":
+            raise RotationRefused(
+                f"cannot {name.replace('_', '-')} {self.id}: it has ended ({info.status}"
+                f"{', ' + info.phase if info.phase else ''})"
+            )
+        if not await worker_polling(self._client, info.task_queue):
+            raise NoWorker(
+                f"cannot {name.replace('_', '-')} {self.id}: no rekey worker is polling task queue"
+                f" {info.task_queue!r} (start one with `rekey worker`); nothing was sent"
+            )
         try:
-            await self._handle.signal(name)
+            answer = await self._handle.execute_update(
+                name, id=f"{name}-{uuid.uuid4()}", result_type=str, rpc_timeout=UPDATE_TIMEOUT
+            )
+        except WorkflowUpdateFailedError as exc:
+            raise RotationRefused(
+                f"{name.replace('_', '-')} refused by {self.id}: {_cause_message(exc.cause)}"
+            ) from None
         except RPCError as exc:
-            _rpc_failure(exc, RotationNotFound, f"cannot {name} {self.id}", f"cannot {name} {self.id}")
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise RotationRefused(f"cannot {name.replace('_', '-')} {self.id}: it has ended") from None
+            raise TemporalRequestFailed(f"cannot {name.replace('_', '-')} {self.id}: {exc.message}") from None
+        return str(answer)
 
-    async def pause(self) -> None:
-        """Pause the re-wrap sweep after the batches in flight."""
-        await self._signal("pause")
+    async def pause(self) -> str:
+        """Pause: the sweep stops after the batches in flight; in AWAITING_COMMIT and
+        AWAITING_DESTROY the commit or destroy waits while paused. Returns the answer."""
+        return await self._update("pause")
 
-    async def resume(self) -> None:
-        """Resume a paused rotation."""
-        await self._signal("resume")
+    async def resume(self) -> str:
+        """Resume a paused rotation, or a BLOCKED one once its cause is fixed."""
+        return await self._update("resume")
 
-    async def abort(self) -> None:
-        """Abort before retirement: every blob stays readable."""
-        await self._signal("abort")
+    async def abort(self) -> str:
+        """Abort before retirement: every blob stays readable. Refused once disabling began."""
+        return await self._update("abort")
 
-    async def approve(self) -> None:
-        """Commit now instead of waiting for the grace period."""
-        await self._signal("approve")
+    async def approve(self) -> str:
+        """Commit now instead of waiting for the grace period (only in AWAITING_COMMIT)."""
+        return await self._update("approve")
+
+    async def approve_destroy(self) -> str:
+        """Destroy the old versions now instead of after the destroy delay (only in AWAITING_DESTROY)."""
+        return await self._update("approve_destroy")
+
+    async def cancel_destroy(self) -> str:
+        """Keep the old versions disabled and never destroy them (only in AWAITING_DESTROY)."""
+        return await self._update("cancel_destroy")
+
+
+def _start_attributes(key_ref: str) -> TypedSearchAttributes:
+    """Set at start, so a rotation no worker took up yet is found by key and phase."""
+    return TypedSearchAttributes(
+        [SearchAttributePair(KEY_REF_ATTRIBUTE, key_ref), SearchAttributePair(PHASE_ATTRIBUTE, PREPARING)]
+    )
+
+
+def _empty_progress(key_ref: str, note: str) -> Progress:
+    return Progress(key_ref, PREPARING, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, False, "", "", note)
+
+
+async def worker_polling(temporal: Client, task_queue: str) -> bool:
+    """Whether a worker polled ``task_queue`` for workflow tasks in the last `POLLER_FRESH_S` s."""
+    try:
+        answer = await temporal.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=temporal.namespace,
+                task_queue=TaskQueue(name=task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            ),
+            retry=True,
+            timeout=timedelta(seconds=2),
+        )
+    except RPCError as exc:
+        raise TemporalRequestFailed(f"cannot describe task queue {task_queue!r}: {exc.message}") from None
+    now = datetime.now(UTC)
+    return any(
+        (now - poller.last_access_time.ToDatetime(tzinfo=UTC)).total_seconds() < POLLER_FRESH_S
+        for poller in answer.pollers
+    )
+
+
+def rotation_failures(
+    store: SealedStateStore, key_ref: str, version: int, *, after: str | None = None, limit: int = 100
+) -> list[RewrapFailure]:
+    """The blobs of ``key_ref`` a rotation to ``version`` could not re-wrap and that are still
+    below it, with why, by blob id (``after`` pages on). The store keeps every one."""
+    try:
+        return store.rewrap_failures(str(_key_ref(key_ref)), version, after=after, limit=limit)
+    except ValueError as exc:  # the store's own check of version, after and limit
+        raise InvalidOption(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------- schedules
@@ -480,8 +696,9 @@ class RotationSchedule:
     every_seconds: float | None
     next_runs: tuple[datetime, ...]
     """Upcoming start times, soonest first."""
-    recent_rotations: tuple[str, ...]
-    """Workflow ids of the rotations it started most recently, oldest first."""
+    recent_launches: tuple[str, ...]
+    """Workflow ids of the launchers it started most recently, oldest first (each started the
+    key's rotation, ``rotate:<key>``, or recorded that one was running)."""
 
     @classmethod
     def from_description(cls, description: ScheduleDescription) -> RotationSchedule:
@@ -493,7 +710,7 @@ class RotationSchedule:
             note=description.schedule.state.note or "",
             every_seconds=intervals[0].every.total_seconds() if intervals else None,
             next_runs=tuple(description.info.next_action_times),
-            recent_rotations=tuple(
+            recent_launches=tuple(
                 result.action.workflow_id
                 for result in description.info.recent_actions
                 if isinstance(result.action, ScheduleActionExecutionStartWorkflow)
@@ -569,7 +786,8 @@ class RekeyClient:
         that (never if None). ``batch_size`` blobs per re-wrap activity, ``in_flight`` of them
         at once (the workflow refuses sizes out of range). ``started_by`` defaults to `actor`.
 
-        `RotationAlreadyRunning` while a rotation of the key runs."""
+        A key has one rotation at a time: while one runs (started by anyone, or by a schedule)
+        this attaches to it instead, and the handle's ``started`` is False."""
         request = self._request(
             key_ref,
             grace=grace,
@@ -579,36 +797,58 @@ class RekeyClient:
             started_by=default_actor() if started_by is None else started_by,
         )
         workflow_id = rotation_id(key_ref)
+        token = uuid.uuid4().hex
         try:
-            await self.temporal.start_workflow(
-                RotateKeyWorkflow.run, request, id=workflow_id, task_queue=self.task_queue
+            # One rotation per key, atomically: the server starts it, or returns the running one.
+            # (Update-with-start would do the same but needs a worker to answer the update, so
+            # a start with no worker running would hang.)
+            handle = await self.temporal.start_workflow(
+                RotateKeyWorkflow.run,
+                request,
+                id=workflow_id,
+                task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                memo={START_TOKEN: token},
+                search_attributes=_start_attributes(request.key_ref),
             )
-        except WorkflowAlreadyStartedError:
-            raise RotationAlreadyRunning(
-                f"a rotation of {request.key_ref} is already running (workflow {workflow_id});"
-                f" see `rekey rotate status {workflow_id}`"
-            ) from None
+            description = await handle.describe()
+            started = (await description.memo()).get(START_TOKEN) == token
         except RPCError as exc:
             raise TemporalRequestFailed(f"cannot start {workflow_id}: {exc.message}") from None
-        return self.rotation(workflow_id)
+        return RotationHandle(
+            self.temporal.get_workflow_handle_for(RotateKeyWorkflow.run, workflow_id),
+            self.temporal,
+            started=started,
+        )
 
     def rotation(self, rotation_id_or_key_ref: str) -> RotationHandle:
         """The rotation with this id (or of this key ref); no request is made yet."""
         workflow_id = parse_rotation_id(rotation_id_or_key_ref)
-        return RotationHandle(self.temporal.get_workflow_handle_for(RotateKeyWorkflow.run, workflow_id))
+        return RotationHandle(
+            self.temporal.get_workflow_handle_for(RotateKeyWorkflow.run, workflow_id), self.temporal
+        )
 
-    async def list_rotations(self, *, running_only: bool = False) -> list[RotationInfo]:
-        """Rotation runs, newest first (a run that continued as new is shown by its successor).
+    async def list_rotations(
+        self, *, running_only: bool = False, key_ref: str | None = None, phase: str | None = None
+    ) -> list[RotationInfo]:
+        """Rotation runs, newest first (a run that continued as new is shown by its successor),
+        optionally only of ``key_ref`` and in ``phase`` (through the search attributes).
 
         Temporal's list is eventually consistent: a rotation started a moment ago may be missing."""
         query = f"WorkflowType = '{RotateKeyWorkflow.__name__}'"
         if running_only:
             query += " AND ExecutionStatus = 'Running'"
+        if key_ref is not None:
+            query += f" AND {KEY_REF_ATTRIBUTE.name} = '{_key_ref(key_ref)}'"  # its alphabet has no quote
+        if phase is not None:
+            if phase not in PHASES:
+                raise InvalidOption(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+            query += f" AND {PHASE_ATTRIBUTE.name} = '{phase}'"
         rows: list[RotationInfo] = []
         try:
             async for execution in self.temporal.list_workflows(query):
                 if execution.status != WorkflowExecutionStatus.CONTINUED_AS_NEW:
-                    rows.append(RotationInfo.from_execution(execution))
+                    rows.append(RotationInfo.from_execution(execution, await _memo_progress(execution)))
         except RPCError as exc:
             raise TemporalRequestFailed(f"cannot list rotations: {exc.message}") from None
         return rows
@@ -628,7 +868,8 @@ class RekeyClient:
         started_by: str | None = None,
     ) -> str:
         """Rotate ``key_ref`` every ``every`` (plus up to ``jitter``), with the rotation options
-        of `start_rotation`; a run is skipped while the previous one is still going. Returns the
+        of `start_rotation`. Each run starts a launcher that starts the key's rotation, or records
+        (audit ``rotation.skipped``) that one is running, whoever started it. Returns the
         schedule id. ``started_by`` defaults to "schedule by <actor>". `ScheduleExists` if the
         key has a schedule."""
         interval = seconds(every, "every")
@@ -644,7 +885,10 @@ class RekeyClient:
         )
         schedule = Schedule(
             action=ScheduleActionStartWorkflow(
-                RotateKeyWorkflow.run, request, id=rotation_id(key_ref), task_queue=self.task_queue
+                LaunchRotationWorkflow.run,
+                LaunchRotationInput(rotation_id(key_ref), request),
+                id=f"{LAUNCH_PREFIX}{request.key_ref}",
+                task_queue=self.task_queue,
             ),
             spec=ScheduleSpec(
                 intervals=[ScheduleIntervalSpec(every=timedelta(seconds=interval))],

@@ -22,10 +22,11 @@ from rekey.backends import adapter_for
 from rekey.client import connect
 from rekey.config import Settings
 from sealing.store import SealedStateStore
+from workflows.launcher import LaunchRotationWorkflow
 from workflows.rotation import RotateKeyWorkflow
 
 log = logging.getLogger("rekey.worker")
-WORKFLOWS = [RotateKeyWorkflow]
+WORKFLOWS = [RotateKeyWorkflow, LaunchRotationWorkflow]
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 """How long a stopping worker lets its activities finish: a re-wrap batch stops at its next
 chunk boundary (a chunk is a second or so, longer only on a throttling KMS)."""

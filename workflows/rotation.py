@@ -1,29 +1,38 @@
 """``RotateKeyWorkflow``: two-phase rotation of one KMS key, with every stored DEK re-wrapped.
 
-PREPARING -> REWRAPPING -> VERIFYING -> AWAITING_COMMIT -> RETIRING -> DONE (or ABORTED).
+PREPARING -> REWRAPPING -> VERIFYING -> AWAITING_COMMIT -> RETIRING [-> AWAITING_DESTROY ->
+DESTROYING] -> DONE, or ABORTED; any phase may stop in BLOCKED (a failure that retrying cannot
+fix), which waits for ``resume`` (after the cause is fixed) or ``abort``.
+
 Deterministic: no I/O, no cryptography, no SDK; only ids, cursors and counts in its state.
-Workflow id ``rotate:<backend>:<name>`` (built by ``rekey.client.rotation_id``), so two rotations of
-one key cannot overlap.
+Operators steer it with updates whose validators refuse what the phase does not allow, so a
+caller gets a synchronous yes or no (docs/rotation.md has the table). Phase and counts are kept
+in the memo and in search attributes, so status works without a worker.
+
+Versioning: every change to the commands this workflow issues goes behind ``workflow.patched``
+(the ``PATCH_*`` ids below); checked-in histories of every phase replay in ``make test``
+(tests/replay/). README "Changing a workflow" has the release procedure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.types import (
-        DEFAULT_BATCH,
-        DEFAULT_IN_FLIGHT,
         MAX_BATCH,
         MAX_IN_FLIGHT,
+        MUTATION_HEARTBEAT_S,
+        MUTATION_TIMEOUT_S,
+        VERSIONS_IN_USE,
         AuditInput,
         CountInput,
         KeyRefInput,
@@ -36,74 +45,100 @@ with workflow.unsafe.imports_passed_through():
         VerifyInput,
     )
 
-PREPARING, REWRAPPING, VERIFYING = "PREPARING", "REWRAPPING", "VERIFYING"
-AWAITING_COMMIT, RETIRING, DONE, ABORTED = "AWAITING_COMMIT", "RETIRING", "DONE", "ABORTED"
-MAX_SWEEPS = 5
-MAX_WAIT_SECONDS = 10 * 366 * 24 * 3600
-"""Longest grace period or destroy delay: ten years. Longer waits are mistakes, and a value
-beyond what timers and the audit log's integers take would stall the workflow task."""
+from workflows.rotation_state import (
+    ABORTED,
+    AWAITING_COMMIT,
+    AWAITING_DESTROY,
+    BEFORE_RETIREMENT,
+    BLOCKED,
+    DESTROYING,
+    DONE,
+    KEY_REF_ATTRIBUTE,
+    MAX_REASON,
+    MAX_SWEEPS,
+    MAX_WAIT_SECONDS,
+    MEMO_PROGRESS,
+    PATCH_SAFETY,
+    PHASE_ATTRIBUTE,
+    PHASES,
+    PREPARING,
+    REMAINING_ATTRIBUTE,
+    RETIRING,
+    REWRAPPING,
+    VERIFYING,
+    LaunchRotationInput,
+    Progress,
+    RotateKeyInput,
+    RotationState,
+)
+
+__all__ = [
+    "ABORTED",
+    "AWAITING_COMMIT",
+    "AWAITING_DESTROY",
+    "BLOCKED",
+    "DESTROYING",
+    "DONE",
+    "MAX_SWEEPS",
+    "MAX_WAIT_SECONDS",
+    "PHASES",
+    "PREPARING",
+    "RETIRING",
+    "REWRAPPING",
+    "VERIFYING",
+    "LaunchRotationInput",
+    "Progress",
+    "Refused",
+    "RotateKeyInput",
+    "RotateKeyWorkflow",
+    "RotationState",
+]
 
 # KMS calls are retried by the governor inside an activity; Temporal retries the activity
 # after that, for as long as it takes (an outage must not fail the rotation).
 KMS_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
 )
+# Store and audit activities: a few minutes of retries, then the rotation stops in BLOCKED and
+# says why (a store that stays down is an operator's problem, not one to retry for ever).
+LOCAL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=12,
+)
 
 
-@dataclass
-class RotationState:
-    phase: str = PREPARING
-    old_primary: int = 0
-    new_version: int = 0
-    cursor: str | None = None
-    sweeps: int = 0
-    total: int = 0
-    rewrapped: int = 0
-    conflicts: int = 0
-    failed: int = 0
-    failed_ids: list[str] = field(default_factory=list)
-    throttled_waits: int = 0
-    started_at: str = ""
-    updated_at: str = ""
-    retired: list[int] = field(default_factory=list)
-    destroyed: list[int] = field(default_factory=list)
-    approved: bool = False
-    paused: bool = False
-    abort_requested: bool = False
-    note: str = ""
-    phase_started: dict[str, str] = field(default_factory=dict)  # phase -> when last entered
+class Refused(ValueError):
+    """An update the current phase does not allow; its message says why and what is possible."""
 
 
-@dataclass
-class RotateKeyInput:
-    key_ref: str
-    grace_seconds: float = 24 * 3600
-    destroy_after_seconds: float | None = None  # None: never destroy
-    batch_size: int = DEFAULT_BATCH
-    batches_in_flight: int = DEFAULT_IN_FLIGHT
-    verify_sample: int = 20
-    started_by: str = ""
-    state: RotationState | None = None  # carried over by continue-as-new
+def _reason(error: BaseException) -> str:
+    """One printable line for an activity failure: the innermost cause's type and message."""
+    while isinstance(error, ActivityError) and error.cause is not None:
+        error = error.cause
+    kind = error.type if isinstance(error, ApplicationError) and error.type else type(error).__name__
+    message = error.message if isinstance(error, FailureError) else str(error)
+    text = " ".join(f"{kind}: {message}".split())
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text[:MAX_REASON]
 
 
-@dataclass
-class Progress:
-    key_ref: str
-    phase: str
-    old_primary: int
-    new_version: int
-    total: int
-    rewrapped: int
-    remaining: int
-    conflicts: int
-    failed: int
-    throttled_waits: int
-    current_rate: float
-    paused: bool
-    started_at: str
-    updated_at: str
-    note: str
-    phase_started: dict[str, str] = field(default_factory=dict)
+def _due(state: RotationState, phase: str, wait: float | None) -> str:
+    """When the wait of ``phase`` ends (ISO time), while the rotation is in it; else empty."""
+    entered = state.phase_started.get(phase)
+    if state.phase != phase or wait is None or not entered:
+        return ""
+    return (datetime.fromisoformat(entered) + timedelta(seconds=wait)).isoformat()
+
+
+def _in_use(error: ActivityError) -> int | None:
+    """The count of a retire census refusal, or None for any other failure."""
+    cause = error.cause
+    if isinstance(cause, ApplicationError) and cause.type == VERSIONS_IN_USE:
+        details = list(cause.details)
+        return int(details[0]) if details and isinstance(details[0], int | float) else 1
+    return None
 
 
 @workflow.defn(name="RotateKeyWorkflow")
@@ -111,16 +146,16 @@ class RotateKeyWorkflow:
     def __init__(self) -> None:
         self._state = RotationState()
         self._input: RotateKeyInput | None = None
-        self._rate = 0.0
+        self._safety = False
 
-    # ------------------------------------------------------------------ queries and signals
+    # ----------------------------------------------------------------------- query, memo
 
     @workflow.query
     def progress(self) -> Progress:
         s = self._state
-        key_ref = self._input.key_ref if self._input else ""
+        request = self._input
         return Progress(
-            key_ref,
+            request.key_ref if request else "",
             s.phase,
             s.old_primary,
             s.new_version,
@@ -130,32 +165,162 @@ class RotateKeyWorkflow:
             s.conflicts,
             s.failed,
             s.throttled_waits,
-            self._rate,
+            s.rate,
             s.paused,
             s.started_at,
             s.updated_at,
             s.note,
             dict(s.phase_started),
+            sweeps=s.sweeps,
+            blocked_in=s.blocked_in,
+            blocked_reason=s.blocked_reason,
+            commit_due=_due(s, AWAITING_COMMIT, request.grace_seconds if request else None),
+            destroy_due=_due(s, AWAITING_DESTROY, request.destroy_after_seconds if request else None),
+            disabled=[v for v in s.retired if v],
+            destroyed=[v for v in s.destroyed if v],
+            destroy_cancelled=s.destroy_cancelled,
+            grace_seconds=request.grace_seconds if request else 0.0,
+            destroy_after_seconds=request.destroy_after_seconds if request else None,
+            started_by=request.started_by if request else "",
         )
 
-    @workflow.signal
-    def pause(self) -> None:
+    def _publish(self) -> None:
+        """Phase and counts into the memo and search attributes: what `describe` shows without
+        a worker, and what the Temporal UI filters on."""
+        if not self._safety or self._input is None:
+            return
+        progress = self.progress()
+        workflow.upsert_memo({MEMO_PROGRESS: asdict(progress)})
+        workflow.upsert_search_attributes(
+            [
+                KEY_REF_ATTRIBUTE.value_set(progress.key_ref),
+                PHASE_ATTRIBUTE.value_set(progress.phase),
+                REMAINING_ATTRIBUTE.value_set(progress.remaining),
+            ]
+        )
+
+    # ------------------------------------------------------------------------- updates
+
+    @workflow.update
+    def pause(self) -> str:
         self._state.paused = True
+        self._publish()
+        if self._state.phase == AWAITING_COMMIT:
+            return "paused: the old versions stay enabled while paused, even after the grace period"
+        if self._state.phase == AWAITING_DESTROY:
+            return "paused: the old versions are not destroyed while paused"
+        return "paused: the sweep stops after the batches in flight"
 
-    @workflow.signal
-    def resume(self) -> None:
-        self._state.paused = False
+    @pause.validator
+    def _may_pause(self) -> None:
+        s = self._state
+        if s.phase in (DONE, ABORTED):
+            raise Refused(f"the rotation is {s.phase}")
+        if s.phase == BLOCKED:
+            raise Refused("the rotation is BLOCKED (stopped already): resume it once the cause is fixed")
+        if s.phase in (RETIRING, DESTROYING):
+            raise Refused(f"the rotation is {s.phase}: a KMS change is under way and cannot be paused")
+        if s.abort_requested:
+            raise Refused("an abort is under way")
+        if s.paused:
+            raise Refused("the rotation is paused already")
 
-    @workflow.signal
-    def approve(self) -> None:
+    @workflow.update
+    def resume(self) -> str:
+        s = self._state
+        if s.phase == BLOCKED:
+            s.resume_requested = True
+            return f"resuming: {s.blocked_in} is tried again"
+        s.paused = False
+        self._publish()
+        return f"resumed in {s.phase}"
+
+    @resume.validator
+    def _may_resume(self) -> None:
+        s = self._state
+        if s.phase == BLOCKED:
+            if s.resume_requested:
+                raise Refused("a resume is under way")
+            return
+        if not s.paused:
+            raise Refused(f"the rotation is not paused (phase {s.phase})")
+
+    @workflow.update
+    def abort(self) -> str:
+        self._state.abort_requested = True
+        if self._state.phase in (REWRAPPING, PREPARING):
+            return "aborting: after the batches in flight; every blob stays readable"
+        return "aborting: every blob stays readable"
+
+    @abort.validator
+    def _may_abort(self) -> None:
+        s = self._state
+        phase = s.blocked_in if s.phase == BLOCKED else s.phase
+        if s.phase in (DONE, ABORTED):
+            raise Refused(f"the rotation is {s.phase}")
+        if s.abort_requested:
+            raise Refused("an abort is under way")
+        if phase not in BEFORE_RETIREMENT or [v for v in s.retired if v]:
+            hint = (
+                "; during the destroy delay, cancel-destroy keeps them disabled and not destroyed"
+                if phase in (RETIRING, AWAITING_DESTROY)
+                else ""
+            )
+            raise Refused(f"the rotation is {s.phase}: disabling the old versions has begun; no abort{hint}")
+
+    @workflow.update
+    def approve(self) -> str:
         self._state.approved = True
+        return "approved: the old versions are disabled now"
 
-    @workflow.signal
-    def abort(self) -> None:
-        if self._state.phase not in (RETIRING, DONE):
-            self._state.abort_requested = True
+    @approve.validator
+    def _may_approve(self) -> None:
+        s = self._state
+        if s.phase != AWAITING_COMMIT:
+            raise Refused(
+                f"the rotation is {s.phase}: approve commits only in {AWAITING_COMMIT}, once every blob"
+                " is re-wrapped and verified"
+            )
+        if s.paused:
+            raise Refused("the rotation is paused: resume it first")
+        if s.abort_requested:
+            raise Refused("an abort is under way")
+        if s.approved:
+            raise Refused("approved already")
 
-    # ------------------------------------------------------------------------------- helpers
+    @workflow.update
+    def approve_destroy(self) -> str:
+        self._state.destroy_approved = True
+        return "destroy approved: the old versions are destroyed now (after a last census)"
+
+    @approve_destroy.validator
+    def _may_approve_destroy(self) -> None:
+        s = self._state
+        if s.phase != AWAITING_DESTROY:
+            raise Refused(
+                f"the rotation is {s.phase}: approve-destroy applies only in {AWAITING_DESTROY}"
+                " (a rotation started with a destroy delay, after the old versions were disabled)"
+            )
+        if s.paused:
+            raise Refused("the rotation is paused: resume it first")
+        if s.destroy_approved or s.destroy_cancelled:
+            raise Refused("the destroy was decided already")
+
+    @workflow.update
+    def cancel_destroy(self) -> str:
+        self._state.destroy_cancelled = True
+        return "destroy cancelled: the old versions stay disabled and are never destroyed by this rotation"
+
+    @cancel_destroy.validator
+    def _may_cancel_destroy(self) -> None:
+        s = self._state
+        phase = s.blocked_in if s.phase == BLOCKED else s.phase
+        if phase != AWAITING_DESTROY:
+            raise Refused(f"the rotation is {s.phase}: there is no destroy pending to cancel")
+        if s.destroy_approved or s.destroy_cancelled:
+            raise Refused("the destroy was decided already")
+
+    # ------------------------------------------------------------------------- helpers
 
     def _now(self) -> str:
         return workflow.now().isoformat()
@@ -167,6 +332,7 @@ class RotateKeyWorkflow:
         result_type: type | None = None,
         timeout: float = 120,
         heartbeat: float | None = None,
+        retry: RetryPolicy = KMS_RETRY,
     ) -> Any:
         return await workflow.execute_activity(
             name,
@@ -174,7 +340,14 @@ class RotateKeyWorkflow:
             result_type=result_type,
             start_to_close_timeout=timedelta(seconds=timeout),
             heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
-            retry_policy=KMS_RETRY,
+            retry_policy=retry,
+        )
+
+    async def _mutation(self, name: str, arg: object, result_type: type) -> Any:
+        """A KMS change: above the governor's budget per call, with heartbeats between calls,
+        so a timed-out attempt never runs beside its retry."""
+        return await self._activity(
+            name, arg, result_type, timeout=MUTATION_TIMEOUT_S, heartbeat=MUTATION_HEARTBEAT_S
         )
 
     async def _audit(self, event: str, details: dict[str, Any]) -> None:
@@ -184,11 +357,13 @@ class RotateKeyWorkflow:
             AuditInput(
                 event, self._input.key_ref, details, self._input.started_by or workflow.info().workflow_id
             ),
+            retry=LOCAL_RETRY if self._safety else KMS_RETRY,
         )
 
     async def _phase(self, phase: str) -> None:
         previous, self._state.phase = self._state.phase, phase
         self._state.updated_at = self._state.phase_started[phase] = self._now()
+        self._publish()
         await self._audit(
             "phase.changed", {"from": previous, "to": phase, "rewrapped": self._state.rewrapped}
         )
@@ -198,29 +373,33 @@ class RotateKeyWorkflow:
         await workflow.wait_condition(lambda: not self._state.paused or self._state.abort_requested)
         return self._state.abort_requested
 
-    async def _aborted(self) -> Progress:
-        await self._phase(ABORTED)
-        await self._audit(
-            "rotation.aborted", {"rewrapped": self._state.rewrapped, "note": "every blob stays readable"}
-        )
-        return self.progress()
-
-    # ------------------------------------------------------------------------------------ run
+    # ----------------------------------------------------------------------------- run
 
     @workflow.run
     async def run(self, request: RotateKeyInput) -> Progress:
-        """Run each phase in turn, from the one a continued-as-new run carried over; a phase
-        method returns False when an abort stopped it."""
+        """Run the phase the state is in until DONE or ABORTED, from the one a continued-as-new
+        run carried over. A failure that retrying cannot fix stops the rotation in BLOCKED."""
+        self._safety = workflow.patched(PATCH_SAFETY)
         await self._start(request)
         s = self._state
-        if s.phase == PREPARING and not await self._prepare(request):
-            return await self._aborted()
-        if s.phase in (REWRAPPING, VERIFYING) and not await self._rewrap_and_verify(request):
-            return await self._aborted()
-        if s.phase == AWAITING_COMMIT and not await self._await_commit(request):
-            return await self._aborted()
-        if s.phase == RETIRING:
-            await self._retire(request)
+        steps = {
+            PREPARING: self._prepare,
+            REWRAPPING: self._rewrap_phase,
+            VERIFYING: self._verify,
+            AWAITING_COMMIT: self._await_commit,
+            RETIRING: self._disable,
+            AWAITING_DESTROY: self._await_destroy,
+            DESTROYING: self._destroy,
+            BLOCKED: self._blocked,
+        }
+        while s.phase not in (DONE, ABORTED):
+            phase = s.phase
+            try:
+                await steps[phase](request)
+            except ActivityError as exc:
+                if not self._safety:
+                    raise
+                await self._block(phase, "error", _reason(exc))
         return self.progress()
 
     async def _start(self, request: RotateKeyInput) -> None:
@@ -246,6 +425,7 @@ class RotateKeyWorkflow:
         s = self._state
         if not s.started_at:
             s.started_at = s.updated_at = s.phase_started[PREPARING] = self._now()
+            self._publish()
             await self._audit(
                 "rotation.started",
                 {  # the audit log takes integers only (floats have no canonical encoding)
@@ -256,108 +436,128 @@ class RotateKeyWorkflow:
                 },
             )
 
-    async def _prepare(self, request: RotateKeyInput) -> bool:
-        """PREPARING: rotate the key to the next version and count what has to be re-wrapped."""
+    async def _aborted(self) -> None:
+        await self._phase(ABORTED)
+        await self._audit(
+            "rotation.aborted", {"rewrapped": self._state.rewrapped, "note": "every blob stays readable"}
+        )
+
+    async def _prepare(self, request: RotateKeyInput) -> None:
+        """PREPARING: rotate the key to the next version and count what has to be re-wrapped.
+
+        Resumable: a version made by an earlier attempt (or before a BLOCKED) is found, not made twice."""
         s = self._state
         if await self._checkpoint():
-            return False
-        key = await self._activity("describe_key", KeyRefInput(request.key_ref), KeyState)
-        assert isinstance(key, KeyState)
-        s.old_primary = key.primary_version
-        s.new_version = key.primary_version + 1
-        await self._activity("rotate_key", RotateToInput(request.key_ref, s.new_version), KeyState)
-        await self._audit("key.version.created", {"version": s.new_version, "previous": s.old_primary})
-        total = await self._activity("count_below", CountInput(request.key_ref, s.new_version), int)
+            return await self._aborted()
+        if not s.new_version:
+            key = await self._activity("describe_key", KeyRefInput(request.key_ref), KeyState)
+            assert isinstance(key, KeyState)
+            s.old_primary = key.primary_version
+            s.new_version = key.primary_version + 1
+        made = await self._mutation(
+            "rotate_key", RotateToInput(request.key_ref, s.new_version, s.old_primary), KeyState
+        )
+        assert isinstance(made, KeyState)
+        s.new_version = made.primary_version  # the activity refuses any other than the target
+        if not s.version_created:
+            await self._audit("key.version.created", {"version": s.new_version, "previous": s.old_primary})
+            s.version_created = True
+        total = await self._activity(
+            "count_below", CountInput(request.key_ref, s.new_version), int, retry=self._local()
+        )
         s.total = int(total)
         await self._phase(REWRAPPING)
-        return True
 
-    async def _rewrap_and_verify(self, request: RotateKeyInput) -> bool:
-        """REWRAPPING and VERIFYING, until a count finds nothing left below the new version.
+    def _local(self) -> RetryPolicy:
+        return LOCAL_RETRY if self._safety else KMS_RETRY
 
-        Continues as new (raises) when the history asks for it; False on abort."""
-        s = self._state
-        while s.phase in (REWRAPPING, VERIFYING):
-            if s.phase == REWRAPPING:
-                swept = await self._rewrap(request)
-                if swept is None:  # continue-as-new was requested; state carried over
-                    await workflow.wait_condition(workflow.all_handlers_finished)
-                    workflow.continue_as_new(RotateKeyInput(**{**request.__dict__, "state": self._state}))
-                if not swept:
-                    return False
-                await self._phase(VERIFYING)
-            await self._verify(request)
-        return True
+    async def _rewrap_phase(self, request: RotateKeyInput) -> None:
+        """REWRAPPING: batches until no record is left below the new version, then VERIFYING.
 
-    async def _rewrap(self, request: RotateKeyInput) -> bool | None:
-        """Re-wrap batches until no record is left below the new version.
-
-        True when swept, False on abort, None when the history asks for continue-as-new."""
+        Continues as new (raises) when the history asks for it."""
         s = self._state
         while True:
             if await self._checkpoint():
-                return False
+                return await self._aborted()
             if workflow.info().is_continue_as_new_suggested():
-                return None
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(RotateKeyInput(**{**request.__dict__, "state": self._state}))
             bounds = await self._activity(
                 "plan_batches",
                 PlanInput(
                     request.key_ref, s.new_version, s.cursor, request.batch_size, request.batches_in_flight
                 ),
                 list[str],
+                retry=self._local(),
             )
             assert isinstance(bounds, list)
             if not bounds:
-                return True
-            started = workflow.now()
-            starts = [s.cursor, *bounds[:-1]]
-            results = await asyncio.gather(
-                *(
-                    self._activity(
-                        "rewrap_batch",
-                        RewrapBatchInput(request.key_ref, s.new_version, start, end, request.batch_size),
-                        RewrapBatchResult,
-                        timeout=3600,  # a backstop: the heartbeat timeout finds a dead worker
-                        heartbeat=60,
-                    )
-                    for start, end in zip(starts, bounds, strict=True)
+                return await self._phase(VERIFYING)
+            await self._round(request, bounds)
+
+    async def _round(self, request: RotateKeyInput, bounds: list[str]) -> None:
+        """One round of batches in flight. Every batch is awaited; the counts of those that
+        finished are kept and the cursor moves only past them, then a failure is raised."""
+        s = self._state
+        started = workflow.now()
+        starts = [s.cursor, *bounds[:-1]]
+        results = await asyncio.gather(
+            *(
+                self._activity(
+                    "rewrap_batch",
+                    RewrapBatchInput(request.key_ref, s.new_version, start, end, request.batch_size),
+                    RewrapBatchResult,
+                    timeout=3600,  # a backstop: the heartbeat timeout finds a dead worker
+                    heartbeat=60,
                 )
-            )
-            done = 0
-            for result in results:
-                assert isinstance(result, RewrapBatchResult)
-                s.rewrapped += result.rewrapped
-                s.conflicts += result.conflicts
-                s.failed += result.failed
-                s.throttled_waits += result.throttled
-                s.failed_ids = (s.failed_ids + result.failed_ids)[:20]
-                done += result.rewrapped + result.conflicts
-            elapsed = (workflow.now() - started).total_seconds()
-            self._rate = done / elapsed if elapsed > 0 else self._rate
-            s.cursor = bounds[-1]
-            s.updated_at = self._now()
+                for start, end in zip(starts, bounds, strict=True)
+            ),
+            return_exceptions=self._safety,
+        )
+        done = 0
+        failure: BaseException | None = None
+        for start, end, result in zip(starts, bounds, results, strict=True):
+            if isinstance(result, BaseException):
+                if failure is None:
+                    failure, s.cursor = result, start  # redo from the first failed batch
+                continue
+            assert isinstance(result, RewrapBatchResult)
+            s.rewrapped += result.rewrapped
+            s.conflicts += result.conflicts
+            s.failed += result.failed
+            s.throttled_waits += result.throttled
+            s.failed_ids = (s.failed_ids + result.failed_ids)[:20]
+            done += result.rewrapped + result.conflicts
+            if failure is None:
+                s.cursor = end
+        elapsed = (workflow.now() - started).total_seconds()
+        s.rate = done / elapsed if elapsed > 0 else s.rate
+        s.updated_at = self._now()
+        self._publish()
+        if failure is not None:
+            raise failure
 
     async def _verify(self, request: RotateKeyInput) -> None:
         """VERIFYING: records still below the new version (failed, or written meanwhile) send the
-        rotation back to REWRAPPING from the start, at most MAX_SWEEPS times; none left, a sample
-        is unwrapped and the rotation awaits its commit."""
+        rotation back to REWRAPPING from the start, at most MAX_SWEEPS times (then BLOCKED); none
+        left, a sample is unwrapped and the rotation awaits its commit (or, once committed, goes
+        straight back to retiring)."""
         s = self._state
-        remaining = int(await self._activity("count_below", CountInput(request.key_ref, s.new_version), int))
+        remaining = int(
+            await self._activity(
+                "count_below", CountInput(request.key_ref, s.new_version), int, retry=self._local()
+            )
+        )
+        if self._safety and s.abort_requested:
+            return await self._aborted()
         if remaining:
-            s.sweeps += 1
-            if s.sweeps >= MAX_SWEEPS:
-                raise ApplicationError(
-                    f"{remaining} blobs of {request.key_ref} are still below version {s.new_version}"
-                    f" after {s.sweeps} sweeps; see failed_ids",
-                    non_retryable=True,
-                )
-            s.cursor = None
-            s.total += remaining
-            await self._phase(REWRAPPING)
+            await self._sweep_again(request, remaining)
             return
         checked = await self._activity(
             "verify_sample", VerifyInput(request.key_ref, s.new_version, request.verify_sample), int
         )
+        if self._safety and s.abort_requested:
+            return await self._aborted()
         await self._audit(
             "rewrap.counts",
             {
@@ -369,41 +569,177 @@ class RotateKeyWorkflow:
                 "remaining_on_old": 0,
             },
         )
-        await self._phase(AWAITING_COMMIT)
+        await self._phase(RETIRING if s.committed else AWAITING_COMMIT)
 
-    async def _await_commit(self, request: RotateKeyInput) -> bool:
-        """AWAITING_COMMIT: an approve, or the grace period running out, commits; False on abort."""
+    async def _sweep_again(self, request: RotateKeyInput, remaining: int) -> None:
         s = self._state
-        if request.grace_seconds > 0:
+        s.sweeps += 1
+        if s.sweeps >= MAX_SWEEPS:
+            if not self._safety:
+                raise ApplicationError(
+                    f"{remaining} blobs of {request.key_ref} are still below version {s.new_version}"
+                    f" after {s.sweeps} sweeps; see failed_ids",
+                    non_retryable=True,
+                )
+            s.sweeps = 0  # a resume sweeps MAX_SWEEPS times again
+            await self._block(
+                REWRAPPING,
+                "error",
+                f"{remaining} blobs of {request.key_ref} are still below version {s.new_version} after"
+                f" {MAX_SWEEPS} sweeps; `rekey rotate failures` lists them and why",
+            )
+            return
+        s.cursor = None
+        s.total += remaining
+        await self._phase(REWRAPPING)
+
+    async def _await_commit(self, request: RotateKeyInput) -> None:
+        """AWAITING_COMMIT: an approve, or the grace period running out (and no pause), commits."""
+        s = self._state
+        if s.committed:  # committed before a BLOCKED: never wait a second grace period
+            return await self._phase(RETIRING)
+        if request.grace_seconds > 0 and not s.approved:
             # Expiry without an approve means commit; the timer is durable (worker restarts).
             grace = timedelta(seconds=request.grace_seconds)
+            if self._safety:  # the time left, if this run took the phase over from another
+                entered = datetime.fromisoformat(s.phase_started.get(AWAITING_COMMIT) or self._now())
+                grace = max(timedelta(0), entered + grace - workflow.now())
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(lambda: s.approved or s.abort_requested, timeout=grace)
+        # A pause holds the commit, even once the grace period is over.
+        await workflow.wait_condition(lambda: not s.paused or s.approved or s.abort_requested)
         if s.abort_requested:
-            return False
+            return await self._aborted()
+        s.committed = True
         await self._phase(RETIRING)
-        return True
 
-    async def _retire(self, request: RotateKeyInput) -> None:
-        """RETIRING: disable the old versions, destroy them after ``destroy_after_seconds`` if
-        set, then DONE. Each step is skipped when a carried-over state shows it done."""
+    async def _disable(self, request: RotateKeyInput) -> None:
+        """RETIRING: disable the old versions after a census finds nothing still on them;
+        anything found is swept again (and the census repeated) before any version is disabled."""
         s = self._state
         if not s.retired:
-            disabled = await self._activity(
-                "retire_versions", RetireInput(request.key_ref, s.new_version, "disable"), list[int]
-            )
+            try:
+                disabled = await self._mutation(
+                    "retire_versions",
+                    RetireInput(request.key_ref, s.new_version, "disable", census=True),
+                    list[int],
+                )
+            except ActivityError as exc:
+                found = _in_use(exc)
+                if found is None or not self._safety:
+                    raise
+                await self._audit("retire.census", {"action": "disable", "still_wrapped": found})
+                return await self._sweep_again(request, found)
             s.retired = list(disabled) or [0]
             for version in s.retired:
                 if version:
                     await self._audit("key.version.disabled", {"version": version})
-        if request.destroy_after_seconds is not None and not s.destroyed:
+        if request.destroy_after_seconds is None or s.destroy_cancelled:
+            return await self._done()
+        if self._safety:
+            await self._phase(AWAITING_DESTROY)
+        else:  # histories before PATCH_SAFETY: the delay, then the destroy, in RETIRING
             await workflow.sleep(timedelta(seconds=request.destroy_after_seconds))
-            destroyed = await self._activity(
-                "retire_versions", RetireInput(request.key_ref, s.new_version, "destroy"), list[int]
+            await self._destroy(request)
+
+    async def _await_destroy(self, request: RotateKeyInput) -> None:
+        """AWAITING_DESTROY: the destroy delay; approve-destroy shortens it, cancel-destroy ends
+        the rotation with the old versions disabled, a pause holds it."""
+        s = self._state
+        assert request.destroy_after_seconds is not None
+        entered = s.phase_started.get(AWAITING_DESTROY) or self._now()
+        due = datetime.fromisoformat(entered) + timedelta(seconds=request.destroy_after_seconds)
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(
+                lambda: s.destroy_approved or s.destroy_cancelled,
+                timeout=max(timedelta(0), due - workflow.now()),
             )
+        await workflow.wait_condition(lambda: not s.paused or s.destroy_approved or s.destroy_cancelled)
+        if s.destroy_cancelled:
+            await self._audit("key.version.destroy_cancelled", {"versions": [v for v in s.retired if v]})
+            return await self._done()
+        await self._phase(DESTROYING)
+
+    async def _destroy(self, request: RotateKeyInput) -> None:
+        """DESTROYING: a last census, then destroy. Anything still on an old version stops it:
+        BLOCKED, and nothing is destroyed."""
+        s = self._state
+        if not s.destroyed:
+            try:
+                destroyed = await self._mutation(
+                    "retire_versions",
+                    RetireInput(request.key_ref, s.new_version, "destroy", census=True),
+                    list[int],
+                )
+            except ActivityError as exc:
+                found = _in_use(exc)
+                if found is None or not self._safety:
+                    raise
+                await self._audit("retire.census", {"action": "destroy", "still_wrapped": found})
+                return await self._block(
+                    AWAITING_DESTROY,
+                    "in_use",
+                    f"{found} stored blobs are still wrapped by disabled versions"
+                    f" {[v for v in s.retired if v]}; nothing was destroyed. resume re-enables them and"
+                    " sweeps again; cancel-destroy ends the rotation with them disabled",
+                )
             s.destroyed = list(destroyed) or [0]
             for version in s.destroyed:
                 if version:
                     await self._audit("key.version.destroyed", {"version": version})
+        await self._done()
+
+    async def _done(self) -> None:
         await self._phase(DONE)
+        s = self._state
         await self._audit("rotation.done", {"new_version": s.new_version, "rewrapped": s.rewrapped})
+
+    # ------------------------------------------------------------------------- blocked
+
+    async def _block(self, phase: str, kind: str, reason: str) -> None:
+        """Stop in BLOCKED, with the reason in the state, the memo and (if it can be written)
+        the audit log; the loop in `run` then waits in `_blocked`."""
+        s = self._state
+        s.blocked_in, s.blocked_kind, s.blocked_reason = phase, kind, reason
+        s.resume_requested = False
+        s.phase = BLOCKED
+        s.updated_at = s.phase_started[BLOCKED] = self._now()
+        self._publish()
+        try:
+            await self._audit("phase.changed", {"from": phase, "to": BLOCKED, "rewrapped": s.rewrapped})
+            await self._audit("rotation.blocked", {"phase": phase, "reason": reason})
+        except ActivityError as exc:  # the audit log may be what failed: say so, keep blocking
+            s.note = f"the audit log could not record the block: {_reason(exc)}"[:MAX_REASON]
+            self._publish()
+
+    async def _blocked(self, request: RotateKeyInput) -> None:
+        """BLOCKED: wait for resume or abort (the validators decide which are allowed)."""
+        s = self._state
+        await workflow.wait_condition(lambda: s.resume_requested or s.abort_requested)
+        phase, kind = s.blocked_in, s.blocked_kind
+        if s.abort_requested:
+            s.blocked_in = s.blocked_reason = s.blocked_kind = ""
+            return await self._aborted()
+        try:
+            await self._resume_blocked(request, phase, kind)
+        except ActivityError as exc:
+            await self._block(phase, kind, _reason(exc))
+
+    async def _resume_blocked(self, request: RotateKeyInput, phase: str, kind: str) -> None:
+        s = self._state
+        s.resume_requested = s.paused = False
+        await self._audit("rotation.resumed", {"phase": phase})
+        if kind == "in_use":  # blobs on disabled versions: enable them again and sweep them
+            versions = [v for v in s.retired if v]
+            await self._mutation(
+                "retire_versions", RetireInput(request.key_ref, s.new_version, "enable", versions), list[int]
+            )
+            for version in versions:
+                await self._audit("key.version.enabled", {"version": version})
+            s.retired, s.cursor = [], None
+            s.destroy_approved = False
+            phase = REWRAPPING
+        elif phase == REWRAPPING:
+            s.cursor = None
+        s.blocked_in = s.blocked_reason = s.blocked_kind = ""
+        await self._phase(phase)

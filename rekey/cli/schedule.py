@@ -53,7 +53,7 @@ def list_(json_out: bool) -> None:
             "id": s.id,
             "paused": s.paused,
             "next_runs": [t.isoformat() for t in s.next_runs][:3],
-            "recent": list(s.recent_rotations)[-3:],
+            "recent": list(s.recent_launches)[-3:],
         }
         for s in schedules
     ]

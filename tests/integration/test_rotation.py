@@ -22,9 +22,11 @@ from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.client import (
     InvalidOption,
     RekeyClient,
-    RotationAlreadyRunning,
+    RotationBlocked,
     RotationFailed,
     RotationHandle,
+    RotationNotFound,
+    RotationRefused,
     rotation_id,
 )
 from rekey.config import load_settings
@@ -127,10 +129,12 @@ async def test_rotation_rewraps_everything_and_retires_the_old_version(setup: Se
 
 async def test_abort_before_retirement_leaves_everything_readable(setup: Setup) -> None:
     handle = await setup.start(grace=3600, batch_size=50)
+    assert handle.started is True
     await wait_phase(handle, AWAITING_COMMIT)
-    with pytest.raises(RotationAlreadyRunning):
-        await setup.start()  # a second rotation of the same key is refused while one runs
-    await handle.abort()
+    again = await setup.start(grace=0)  # a second start attaches to the running rotation
+    assert (again.started, again.id) == (False, handle.id)
+    assert (await again.status()).grace_seconds == 3600  # its own options stay
+    assert (await handle.abort()).startswith("aborting")
     result = await handle.result()
     assert result.phase == ABORTED
     assert setup.adapter.describe().state_of(1) == "enabled"
@@ -235,10 +239,13 @@ async def test_cli_drives_a_rotation(
     code, out, err = await asyncio.to_thread(rekey, "rotate", "status", setup.key_ref, "--json")
     assert code == 0, err
     assert json.loads(out)["phase"] == AWAITING_COMMIT
-    code, _, err = await asyncio.to_thread(rekey, "rotate", "start", setup.key_ref)
-    assert code == 2 and "already running" in err and len(err.strip().splitlines()) == 1
+    code, out, err = await asyncio.to_thread(rekey, "rotate", "start", setup.key_ref)
+    assert code == 0 and out == "" and "is running already: attached to" in err
+    code, out, err = await asyncio.to_thread(rekey, "rotate", "approve-destroy", setup.key_ref)
+    assert code == 2 and err.startswith("error: approve-destroy refused by rotate:")
+    assert "applies only in AWAITING_DESTROY" in err and len(err.strip().splitlines()) == 1
     code, out, _ = await asyncio.to_thread(rekey, "rotate", "approve", setup.key_ref)
-    assert code == 0 and "approve" in out
+    assert code == 0 and "approved" in out
     assert (await handle.result()).phase == DONE
     code, _, err = await asyncio.to_thread(rekey, "rotate", "status", "vault:never-rotated")
     assert code == 2 and err.startswith("error: no rotation rotate:vault:never-rotated")
@@ -277,8 +284,6 @@ async def eventually(check: Any, what: str, timeout: float = 20.0) -> Any:
 
 
 async def test_client_starts_watches_signals_and_lists_a_rotation(setup: Setup) -> None:
-    from rekey.client import RotationNotFound
-
     client = setup.client
     rotation = await client.start_rotation(setup.key_ref, grace="1h", batch_size=20, in_flight=1)
     assert rotation.id == f"rotate:{setup.key_ref}" and rotation.key_ref == setup.key_ref
@@ -312,7 +317,7 @@ async def test_client_starts_watches_signals_and_lists_a_rotation(setup: Setup) 
     assert completed.closed_at is not None
     assert all(r.id != rotation.id for r in await client.list_rotations(running_only=True))
 
-    with pytest.raises(RotationNotFound, match=r"^cannot approve rotate:vault:rot-[0-9a-f]+: "):
+    with pytest.raises(RotationRefused, match=r"^cannot approve rotate:vault:rot-[0-9a-f]+: it has ended"):
         await rotation.approve()  # it ended: nothing runs under that id any more
     with pytest.raises(RotationNotFound, match=r"^no rotation rotate:vault:never-rotated: "):
         await client.rotation("vault:never-rotated").status()
@@ -324,8 +329,8 @@ async def test_client_starts_watches_signals_and_lists_a_rotation(setup: Setup) 
 async def test_client_reports_what_failed_not_that_an_activity_failed(
     setup: Setup, openbao: OpenBao, tmp_path: Path
 ) -> None:
-    """A rotation of a key the KMS does not have fails in its first activity; `RotationFailed`
-    carries the KMS's message, not the wrapper's "Activity task failed"."""
+    """A rotation of a key the KMS does not have stops in BLOCKED at its first activity;
+    `RotationBlocked` carries the KMS's message, not the wrapper's "Activity task failed"."""
     absent = VaultTransitAdapter(
         openbao.client(),
         f"absent-{secrets.token_hex(4)}",
@@ -344,13 +349,24 @@ async def test_client_reports_what_failed_not_that_an_activity_failed(
     async with worker:
         client = RekeyClient(setup.env.client, task_queue=task_queue)
         rotation = await client.start_rotation(absent.key_ref, grace=0)
-        with pytest.raises(RotationFailed) as failure:
+        with pytest.raises(RotationBlocked) as blocked:
             async for _ in rotation.watch(interval=0.1):
                 pass
-    assert failure.value.rotation_id == rotation.id
-    assert "does not exist" in failure.value.cause and "Activity task failed" not in str(failure.value)
-    assert str(failure.value).startswith(f"rotation {rotation.id} failed: ")
-    assert (await rotation.describe()).status == "FAILED"
+        assert blocked.value.rotation_id == rotation.id
+        assert blocked.value.progress.blocked_in == "PREPARING"
+        assert "does not exist" in str(blocked.value) and "Activity task failed" not in str(blocked.value)
+        assert str(blocked.value).startswith(f"rotation {rotation.id} is BLOCKED in PREPARING: NotFound: ")
+        assert (await rotation.describe()).status == "RUNNING"
+        await rotation.abort()
+        assert (await rotation.result()).phase == ABORTED
+
+
+async def _exists(rotation: RotationHandle) -> bool:
+    try:
+        await rotation.describe()
+    except RotationNotFound:
+        return False
+    return True
 
 
 async def test_client_schedules_a_rotation(setup: Setup) -> None:
@@ -369,7 +385,7 @@ async def test_client_schedules_a_rotation(setup: Setup) -> None:
 
     schedule = await eventually(listed, "the schedule is listed")
     assert schedule.key_ref == setup.key_ref and not schedule.paused
-    assert schedule.every_seconds == 30 * 86400 and schedule.next_runs and not schedule.recent_rotations
+    assert schedule.every_seconds == 30 * 86400 and schedule.next_runs and not schedule.recent_launches
 
     await client.pause_schedule(setup.key_ref)
     assert (await listed()).paused  # the state comes from the schedule itself, not the lagging list
@@ -378,14 +394,14 @@ async def test_client_schedules_a_rotation(setup: Setup) -> None:
 
     async def triggered() -> Any:
         described = await client.describe_schedule(schedule_id)
-        return described if described.recent_rotations else None
+        return described if described.recent_launches else None
 
     await client.trigger_schedule(schedule_id)
     schedule = await eventually(triggered, "the triggered rotation shows in the schedule")
-    (started,) = schedule.recent_rotations
-    assert started.startswith(f"rotate:{setup.key_ref}-")  # a schedule appends the scheduled time
-    rotation = client.rotation(started)
-    assert rotation.key_ref == setup.key_ref
+    (launched,) = schedule.recent_launches
+    assert launched.startswith(f"launch:rotate:{setup.key_ref}-")  # a schedule appends the time
+    rotation = client.rotation(setup.key_ref)  # the launcher started the key's one rotation
+    await eventually(lambda: _exists(rotation), "the launched rotation exists")
     assert (await rotation.result()).phase == DONE
     assert setup.store.count_by_key_version(setup.key_ref) == {2: 240}
 
@@ -449,9 +465,9 @@ async def test_cli_manages_a_schedule(
         row = await listed()
         return row if row["recent"] else None
 
-    (started,) = (await eventually(triggered, "the triggered rotation shows in the list"))["recent"]
-    assert started.startswith(f"rotate:{key_ref}-")
-    await temporal_env.client.get_workflow_handle(started).terminate("test: no worker for it")
+    (launched,) = (await eventually(triggered, "the triggered launcher shows in the list"))["recent"]
+    assert launched.startswith(f"launch:rotate:{key_ref}-")
+    await temporal_env.client.get_workflow_handle(launched).terminate("test: no worker for it")
 
     assert await rekey("schedule", "delete", key_ref) == (0, f"delete: {schedule_id}\n", "")
     assert await listed() is None
