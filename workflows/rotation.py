@@ -6,7 +6,7 @@ fix), which waits for ``resume`` (after the cause is fixed) or ``abort``.
 
 Deterministic: no I/O, no cryptography, no SDK; only ids, cursors and counts in its state.
 Operators steer it with updates whose validators refuse what the phase does not allow, so a
-caller gets a synchronous yes or no (docs/rotation.md has the table). Phase and counts are kept
+caller gets a synchronous yes or no (the README has the table). Phase and counts are kept
 in the memo and in search attributes, so status works without a worker.
 
 Versioning: every change to the commands this workflow issues goes behind ``workflow.patched``

@@ -172,8 +172,9 @@ def status(id_text: str, json_out: bool) -> None:
     Answers from Temporal alone: no worker is needed; it says when none is polling."""
     target = parse_rotation_id(id_text)
     report = with_client(lambda client: client.rotation(target).report())
+    failed = _recorded_failures(report.progress)
     if json_out:
-        emit_json(_report_dict(report))
+        emit_json({**_report_dict(report), **failed})
         return
     _print_progress(report.progress)
     if report.info.status != "RUNNING":
@@ -185,8 +186,31 @@ def status(id_text: str, json_out: bool) -> None:
         out.print(
             Text(f"  waiting on {pending.activity} ({pending.state}, attempt {pending.attempt}{failure})")
         )
+    if failed.get("failures_recorded"):
+        out.print(
+            Text(f"  {failed['failures_recorded']} blobs not re-wrapped: rekey rotate failures {target}")
+        )
     if report.progress.phase == BLOCKED:
         out.print(Text(f"  next: fix the cause, then `rekey rotate resume {target}` (or abort)"))
+
+
+def _recorded_failures(progress: Progress, first: int = 20) -> dict[str, Any]:
+    """How many blobs the store records as not re-wrapped (and the first ``first``), or why
+    the store could not say (it may be on another machine: status itself needs only Temporal)."""
+    from sealing.store import StoreError
+
+    if not progress.new_version:
+        return {"failures_recorded": 0, "failures": []}
+    try:
+        opened = store()
+        try:
+            rows = rotation_failures(opened, progress.key_ref, progress.new_version, limit=first)
+            count = opened.count_rewrap_failures(progress.key_ref, progress.new_version)
+        finally:
+            opened.close()
+    except StoreError as exc:
+        return {"failures_recorded": None, "failures_error": str(exc)}
+    return {"failures_recorded": count, "failures": [dataclasses.asdict(r) for r in rows]}
 
 
 @cli.command("list")

@@ -238,7 +238,25 @@ async def test_cli_drives_a_rotation(
     await wait_phase(handle, AWAITING_COMMIT)
     code, out, err = await asyncio.to_thread(rekey, "rotate", "status", setup.key_ref, "--json")
     assert code == 0, err
-    assert json.loads(out)["phase"] == AWAITING_COMMIT
+    status = json.loads(out)
+    assert status["phase"] == AWAITING_COMMIT and status["commit_due"]
+    assert (status["worker_polling"], status["workflow_status"], status["failures_recorded"]) == (
+        True,
+        "RUNNING",
+        0,
+    )
+
+    async def listed() -> Any:
+        code, out, err = await asyncio.to_thread(
+            rekey, "rotate", "list", "--key", setup.key_ref, "--phase", AWAITING_COMMIT, "--json"
+        )
+        assert code == 0, err
+        return [row for row in json.loads(out) if row["id"] == handle.id]
+
+    [row] = await eventually(listed, "the rotation is listed by key and phase")
+    assert (row["phase"], row["status"], row["key_ref"]) == (AWAITING_COMMIT, "RUNNING", setup.key_ref)
+    code, out, err = await asyncio.to_thread(rekey, "rotate", "list", "--phase", "NOPE")
+    assert code == 2 and "Invalid value for '--phase'" in err
     code, out, err = await asyncio.to_thread(rekey, "rotate", "start", setup.key_ref)
     assert code == 0 and out == "" and "is running already: attached to" in err
     code, out, err = await asyncio.to_thread(rekey, "rotate", "approve-destroy", setup.key_ref)

@@ -257,8 +257,6 @@ async def test_an_expired_credential_mid_sweep_blocks_and_resume_finishes(rotati
     assert blocked.blocked_in == REWRAPPING
     assert blocked.blocked_reason == "PermissionDenied: token expired"
     assert blocked.rewrapped == 10  # the first batch of the round is kept
-    [record] = fleet.audits("rotation.blocked")
-    assert record.request.details == {"phase": REWRAPPING, "reason": "PermissionDenied: token expired"}
     assert "BLOCKED (stopped already)" in await refused(handle, RotateKeyWorkflow.pause)
 
     await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.resume), WAIT)
@@ -267,6 +265,8 @@ async def test_an_expired_credential_mid_sweep_blocks_and_resume_finishes(rotati
     assert (progress.total, progress.rewrapped, progress.remaining) == (40, 40, 0)
     assert len(fleet.called("rotate_key")) == 1  # no second version
     assert fleet.primary == 4
+    [record] = fleet.audits("rotation.blocked")
+    assert record.request.details == {"phase": REWRAPPING, "reason": "PermissionDenied: token expired"}
     assert len(fleet.audits("rotation.resumed")) == 1
 
 

@@ -1,0 +1,493 @@
+"""The rekey Python API: start, watch and steer key rotations, and schedule them, over Temporal.
+
+Everything the ``rekey rotate`` and ``rekey schedule`` commands do goes through this module,
+so automation can do the same without the command line::
+
+    import asyncio
+
+    from rekey.client import AWAITING_COMMIT, DONE, RekeyClient
+    from rekey.config import load_settings
+
+    async def rotate(key_ref: str) -> None:
+        client = await RekeyClient.connect(load_settings())
+        rotation = await client.start_rotation(key_ref, grace="24h")
+        approved = False
+        async for progress in rotation.watch():  # the last one is the result
+            print(progress.phase, progress.rewrapped, "/", progress.total)
+            if progress.phase == AWAITING_COMMIT and not approved:
+                await rotation.approve()  # our own checks passed: retire the old version now
+                approved = True
+        assert progress.phase == DONE  # a failed workflow raised RotationFailed instead
+
+    asyncio.run(rotate("vault:orders"))
+
+Ids are built and parsed here only: ``rotate:<backend>:<name>`` for the rotation of a key,
+whoever starts it, and ``schedule:rotate:<backend>:<name>`` for its schedule. A schedule starts a
+small launcher workflow (``launch:rotate:<backend>:<name>-<time>``) that starts the key's
+rotation under its one id, or records that one is running; so a key never has two rotations at
+once. Wherever a method takes an id, the bare key ref (``vault:orders``) works as well.
+
+Status needs no worker: the workflow keeps its phase and counts in its memo and in search
+attributes (``RekeyKeyRef``, ``RekeyPhase``, ``RekeyRemaining``), which Temporal returns from
+``describe``. Pause, resume, abort, approve, approve-destroy and cancel-destroy are workflow
+updates: the workflow's validator answers yes or no at once (`RotationRefused` says why).
+
+Every error is a `RekeyClientError` with a one-line message and the exit code the command line
+uses for it; none carries key material (the payload codec encrypts workflow inputs and results).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleDescription,
+    ScheduleHandle,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    WorkflowExecutionStatus,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError
+
+from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, MAX_BATCH, MAX_IN_FLIGHT, TASK_QUEUE
+from audit import check_text, default_actor
+from rekey.client.errors import (
+    InvalidDuration,
+    InvalidId,
+    InvalidOption,
+    NoWorker,
+    RekeyClientError,
+    RotationBlocked,
+    RotationFailed,
+    RotationNotFound,
+    RotationRefused,
+    ScheduleExists,
+    ScheduleNotFound,
+    TemporalRequestFailed,
+    TemporalUnreachable,
+    rpc_failure,
+)
+from rekey.client.ids import (
+    LAUNCH_PREFIX,
+    ROTATION_PREFIX,
+    SCHEDULE_PREFIX,
+    Duration,
+    checked_key_ref,
+    key_ref_of,
+    parse_duration,
+    parse_rotation_id,
+    parse_schedule_id,
+    rotation_id,
+    schedule_id,
+    seconds,
+)
+from rekey.client.rotations import (
+    POLLER_FRESH_S,
+    START_TOKEN,
+    UPDATE_TIMEOUT,
+    PendingActivity,
+    RotationHandle,
+    RotationInfo,
+    RotationReport,
+    memo_progress,
+    rotation_failures,
+    start_attributes,
+    worker_polling,
+)
+from rekey.config import Settings
+from workflows.launcher import LaunchRotationWorkflow
+from workflows.rotation import (
+    ABORTED,
+    AWAITING_COMMIT,
+    AWAITING_DESTROY,
+    BLOCKED,
+    DESTROYING,
+    DONE,
+    PHASES,
+    PREPARING,
+    RETIRING,
+    REWRAPPING,
+    VERIFYING,
+    LaunchRotationInput,
+    Progress,
+    RotateKeyInput,
+    RotateKeyWorkflow,
+)
+from workflows.rotation_state import KEY_REF_ATTRIBUTE, PHASE_ATTRIBUTE
+
+__all__ = [
+    "ABORTED",
+    "AWAITING_COMMIT",
+    "AWAITING_DESTROY",
+    "BLOCKED",
+    "DEFAULT_BATCH",
+    "DEFAULT_IN_FLIGHT",
+    "DESTROYING",
+    "DONE",
+    "LAUNCH_PREFIX",
+    "MAX_BATCH",
+    "MAX_IN_FLIGHT",
+    "PHASES",
+    "POLLER_FRESH_S",
+    "PREPARING",
+    "RETIRING",
+    "REWRAPPING",
+    "ROTATION_PREFIX",
+    "SCHEDULE_PREFIX",
+    "UPDATE_TIMEOUT",
+    "VERIFYING",
+    "Duration",
+    "InvalidDuration",
+    "InvalidId",
+    "InvalidOption",
+    "NoWorker",
+    "PendingActivity",
+    "Progress",
+    "RekeyClient",
+    "RekeyClientError",
+    "RotationBlocked",
+    "RotationFailed",
+    "RotationHandle",
+    "RotationInfo",
+    "RotationNotFound",
+    "RotationRefused",
+    "RotationReport",
+    "RotationSchedule",
+    "ScheduleExists",
+    "ScheduleNotFound",
+    "TemporalRequestFailed",
+    "TemporalUnreachable",
+    "connect",
+    "data_converter",
+    "key_ref_of",
+    "parse_duration",
+    "parse_rotation_id",
+    "parse_schedule_id",
+    "rotation_failures",
+    "rotation_id",
+    "schedule_id",
+    "seconds",
+    "worker_polling",
+]
+
+DEFAULT_GRACE: Final = 24 * 3600.0
+"""Seconds a rotation waits before retiring the old versions, unless approved earlier."""
+
+
+# ------------------------------------------------------------------------------- connecting
+
+
+def data_converter(settings: Settings) -> Any:
+    """The payload converter with rekey's codec (keys under ``<home>/codec``), as the workers use."""
+    from rekey.codec import data_converter as codec_converter
+
+    return codec_converter(settings.home)
+
+
+async def connect(settings: Settings) -> Client:
+    """A Temporal client for ``settings`` (address, namespace, payload codec)."""
+    try:
+        return await Client.connect(
+            settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            data_converter=data_converter(settings),
+        )
+    except ValueError as exc:  # the SDK refuses the address itself ("invalid target URL")
+        raise TemporalUnreachable(
+            f"cannot reach Temporal at {settings.temporal_address!r}: {str(exc).splitlines()[0]}"
+            " (temporal_address must be host:port)"
+        ) from None
+    except RuntimeError as exc:  # the SDK's connection failure
+        raise TemporalUnreachable(
+            f"cannot reach Temporal at {settings.temporal_address}: {str(exc).splitlines()[0]}"
+            " (start it with `rekey dev up`)"
+        ) from None
+
+
+# --------------------------------------------------------------------------------- schedules
+
+
+@dataclass(frozen=True)
+class RotationSchedule:
+    """A rotation schedule as Temporal describes it now."""
+
+    id: str
+    key_ref: str
+    paused: bool
+    note: str
+    every_seconds: float | None
+    next_runs: tuple[datetime, ...]
+    """Upcoming start times, soonest first."""
+    recent_launches: tuple[str, ...]
+    """Workflow ids of the launchers it started most recently, oldest first (each started the
+    key's rotation, ``rotate:<key>``, or recorded that one was running)."""
+
+    @classmethod
+    def from_description(cls, description: ScheduleDescription) -> RotationSchedule:
+        intervals = description.schedule.spec.intervals
+        return cls(
+            id=description.id,
+            key_ref=key_ref_of(description.id),
+            paused=description.schedule.state.paused,
+            note=description.schedule.state.note or "",
+            every_seconds=intervals[0].every.total_seconds() if intervals else None,
+            next_runs=tuple(description.info.next_action_times),
+            recent_launches=tuple(
+                result.action.workflow_id
+                for result in description.info.recent_actions
+                if isinstance(result.action, ScheduleActionExecutionStartWorkflow)
+            ),
+        )
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+class RekeyClient:
+    """Rotations and rotation schedules on one Temporal namespace.
+
+    Build it with `connect` from settings, or around a connected ``temporalio`` client (whose
+    data converter must use rekey's payload codec, as `data_converter` makes it). ``task_queue``
+    is where rotations it starts (and its schedules' rotations) run: a rekey worker must poll it."""
+
+    def __init__(self, temporal: Client, *, task_queue: str = TASK_QUEUE) -> None:
+        self.temporal = temporal
+        self.task_queue = task_queue
+
+    @classmethod
+    async def connect(cls, settings: Settings, *, task_queue: str = TASK_QUEUE) -> RekeyClient:
+        """Connect to the Temporal of ``settings``; `TemporalUnreachable` if it does not answer."""
+        return cls(await connect(settings), task_queue=task_queue)
+
+    def _request(
+        self,
+        key_ref: str,
+        *,
+        grace: Duration,
+        destroy_after: Duration | None,
+        batch_size: int,
+        in_flight: int,
+        started_by: str,
+    ) -> RotateKeyInput:
+        # What the workflow would refuse, or could not even decode, is refused here, before a
+        # rotation starts that could never run.
+        for option, value, top in (
+            ("batch_size", batch_size, MAX_BATCH),
+            ("in_flight", in_flight, MAX_IN_FLIGHT),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise InvalidOption(f"{option} must be an integer from 1 to {top}, got {value!r}")
+        if started_by:
+            try:
+                check_text("started_by", started_by)
+            except ValueError as exc:
+                raise InvalidOption(str(exc)) from None
+        return RotateKeyInput(
+            str(checked_key_ref(key_ref)),
+            grace_seconds=seconds(grace, "grace"),
+            destroy_after_seconds=None if destroy_after is None else seconds(destroy_after, "destroy_after"),
+            batch_size=batch_size,
+            batches_in_flight=in_flight,
+            started_by=started_by,
+        )
+
+    # ------------------------------------------------------------------------- rotations
+
+    async def start_rotation(
+        self,
+        key_ref: str,
+        *,
+        grace: Duration = DEFAULT_GRACE,
+        destroy_after: Duration | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        in_flight: int = DEFAULT_IN_FLIGHT,
+        started_by: str | None = None,
+    ) -> RotationHandle:
+        """Start rotating ``key_ref``: new version, every stored DEK re-wrapped, old versions
+        disabled after ``grace`` (or on `RotationHandle.approve`) and destroyed ``destroy_after``
+        that (never if None). ``batch_size`` blobs per re-wrap activity, ``in_flight`` of them
+        at once (the workflow refuses sizes out of range). ``started_by`` defaults to `actor`.
+
+        A key has one rotation at a time: while one runs (started by anyone, or by a schedule)
+        this attaches to it instead, and the handle's ``started`` is False."""
+        request = self._request(
+            key_ref,
+            grace=grace,
+            destroy_after=destroy_after,
+            batch_size=batch_size,
+            in_flight=in_flight,
+            started_by=default_actor() if started_by is None else started_by,
+        )
+        workflow_id = rotation_id(key_ref)
+        token = uuid.uuid4().hex
+        try:
+            # One rotation per key, atomically: the server starts it, or returns the running one.
+            # (Update-with-start would do the same but needs a worker to answer the update, so
+            # a start with no worker running would hang.)
+            handle = await self.temporal.start_workflow(
+                RotateKeyWorkflow.run,
+                request,
+                id=workflow_id,
+                task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                memo={START_TOKEN: token},
+                search_attributes=start_attributes(request.key_ref),
+            )
+            description = await handle.describe()
+            started = (await description.memo()).get(START_TOKEN) == token
+        except RPCError as exc:
+            raise TemporalRequestFailed(f"cannot start {workflow_id}: {exc.message}") from None
+        return RotationHandle(
+            self.temporal.get_workflow_handle_for(RotateKeyWorkflow.run, workflow_id),
+            self.temporal,
+            started=started,
+        )
+
+    def rotation(self, rotation_id_or_key_ref: str) -> RotationHandle:
+        """The rotation with this id (or of this key ref); no request is made yet."""
+        workflow_id = parse_rotation_id(rotation_id_or_key_ref)
+        return RotationHandle(
+            self.temporal.get_workflow_handle_for(RotateKeyWorkflow.run, workflow_id), self.temporal
+        )
+
+    async def list_rotations(
+        self, *, running_only: bool = False, key_ref: str | None = None, phase: str | None = None
+    ) -> list[RotationInfo]:
+        """Rotation runs, newest first (a run that continued as new is shown by its successor),
+        optionally only of ``key_ref`` and in ``phase`` (through the search attributes).
+
+        Temporal's list is eventually consistent: a rotation started a moment ago may be missing."""
+        query = f"WorkflowType = '{RotateKeyWorkflow.__name__}'"
+        if running_only:
+            query += " AND ExecutionStatus = 'Running'"
+        if key_ref is not None:
+            query += (
+                f" AND {KEY_REF_ATTRIBUTE.name} = '{checked_key_ref(key_ref)}'"  # its alphabet has no quote
+            )
+        if phase is not None:
+            if phase not in PHASES:
+                raise InvalidOption(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+            query += f" AND {PHASE_ATTRIBUTE.name} = '{phase}'"
+        rows: list[RotationInfo] = []
+        try:
+            async for execution in self.temporal.list_workflows(query):
+                if execution.status != WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                    rows.append(RotationInfo.from_execution(execution, await memo_progress(execution)))
+        except RPCError as exc:
+            raise TemporalRequestFailed(f"cannot list rotations: {exc.message}") from None
+        return rows
+
+    # ------------------------------------------------------------------------- schedules
+
+    async def create_schedule(
+        self,
+        key_ref: str,
+        *,
+        every: Duration,
+        jitter: Duration = 0,
+        grace: Duration = DEFAULT_GRACE,
+        destroy_after: Duration | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        in_flight: int = DEFAULT_IN_FLIGHT,
+        started_by: str | None = None,
+    ) -> str:
+        """Rotate ``key_ref`` every ``every`` (plus up to ``jitter``), with the rotation options
+        of `start_rotation`. Each run starts a launcher that starts the key's rotation, or records
+        (audit ``rotation.skipped``) that one is running, whoever started it. Returns the
+        schedule id. ``started_by`` defaults to "schedule by <actor>". `ScheduleExists` if the
+        key has a schedule."""
+        interval = seconds(every, "every")
+        if interval <= 0:
+            raise InvalidDuration("every must be longer than 0s")
+        request = self._request(
+            key_ref,
+            grace=grace,
+            destroy_after=destroy_after,
+            batch_size=batch_size,
+            in_flight=in_flight,
+            started_by=f"schedule by {default_actor()}" if started_by is None else started_by,
+        )
+        schedule = Schedule(
+            action=ScheduleActionStartWorkflow(
+                LaunchRotationWorkflow.run,
+                LaunchRotationInput(rotation_id(key_ref), request),
+                id=f"{LAUNCH_PREFIX}{request.key_ref}",
+                task_queue=self.task_queue,
+            ),
+            spec=ScheduleSpec(
+                intervals=[ScheduleIntervalSpec(every=timedelta(seconds=interval))],
+                jitter=timedelta(seconds=seconds(jitter, "jitter")),
+            ),
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        )
+        id_ = schedule_id(key_ref)
+        try:
+            await self.temporal.create_schedule(id_, schedule)
+        except ScheduleAlreadyRunningError:
+            raise ScheduleExists(f"a schedule for {request.key_ref} exists already ({id_})") from None
+        except RPCError as exc:
+            raise TemporalRequestFailed(f"cannot create {id_}: {exc.message}") from None
+        return id_
+
+    async def describe_schedule(self, schedule_id_or_key_ref: str) -> RotationSchedule:
+        """One rotation schedule, as it is now."""
+        id_ = parse_schedule_id(schedule_id_or_key_ref)
+        try:
+            return RotationSchedule.from_description(await self.temporal.get_schedule_handle(id_).describe())
+        except RPCError as exc:
+            rpc_failure(exc, ScheduleNotFound, f"no schedule {id_}", f"cannot describe {id_}")
+
+    async def list_schedules(self) -> list[RotationSchedule]:
+        """Every rotation schedule, by id.
+
+        The listing is eventually consistent (a schedule created a moment ago may be missing);
+        each schedule's state is then read from its description, so a pause shows at once."""
+        try:
+            ids = sorted([entry.id async for entry in await self.temporal.list_schedules()])
+        except RPCError as exc:
+            raise TemporalRequestFailed(f"cannot list schedules: {exc.message}") from None
+        rows: list[RotationSchedule] = []
+        for id_ in ids:
+            if not id_.startswith(SCHEDULE_PREFIX):
+                continue
+            try:
+                rows.append(await self.describe_schedule(id_))
+            except (ScheduleNotFound, InvalidId):  # deleted meanwhile, or not one of ours
+                continue
+        return rows
+
+    async def _schedule_action(self, verb: str, schedule_id_or_key_ref: str) -> str:
+        id_ = parse_schedule_id(schedule_id_or_key_ref)
+        handle: ScheduleHandle = self.temporal.get_schedule_handle(id_)
+        try:
+            await getattr(handle, verb)()
+        except RPCError as exc:
+            rpc_failure(exc, ScheduleNotFound, f"cannot {verb} {id_}", f"cannot {verb} {id_}")
+        return id_
+
+    async def pause_schedule(self, schedule_id_or_key_ref: str) -> str:
+        """Stop starting rotations from this schedule; returns its id."""
+        return await self._schedule_action("pause", schedule_id_or_key_ref)
+
+    async def unpause_schedule(self, schedule_id_or_key_ref: str) -> str:
+        """Start rotations from this schedule again; returns its id."""
+        return await self._schedule_action("unpause", schedule_id_or_key_ref)
+
+    async def trigger_schedule(self, schedule_id_or_key_ref: str) -> str:
+        """Start a rotation now, even while paused (skipped if one is running); returns its id."""
+        return await self._schedule_action("trigger", schedule_id_or_key_ref)
+
+    async def delete_schedule(self, schedule_id_or_key_ref: str) -> str:
+        """Delete the schedule (rotations it started go on); returns its id."""
+        return await self._schedule_action("delete", schedule_id_or_key_ref)
