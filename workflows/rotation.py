@@ -224,13 +224,17 @@ class RotateKeyWorkflow:
             raise Refused("an abort is under way")
         if s.paused:
             raise Refused("the rotation is paused already")
+        if s.approved and s.phase == AWAITING_COMMIT:
+            raise Refused("approved already: the old versions are being disabled")
+        if s.destroy_approved or s.destroy_cancelled:
+            raise Refused("the destroy was decided already")
 
     @workflow.update
     def resume(self) -> str:
         s = self._state
         if s.phase == BLOCKED:
             s.resume_requested = True
-            return f"resuming: {s.blocked_in} is tried again"
+            return f"resuming: {'the abort' if s.blocked_kind == 'abort' else s.blocked_in} is tried again"
         s.paused = False
         self._publish()
         return f"resumed in {s.phase}"
@@ -241,6 +245,8 @@ class RotateKeyWorkflow:
         if s.phase == BLOCKED:
             if s.resume_requested:
                 raise Refused("a resume is under way")
+            if s.abort_requested:
+                raise Refused("an abort is under way")
             return
         if not s.paused:
             raise Refused(f"the rotation is not paused (phase {s.phase})")
@@ -260,6 +266,12 @@ class RotateKeyWorkflow:
             raise Refused(f"the rotation is {s.phase}")
         if s.abort_requested:
             raise Refused("an abort is under way")
+        if s.approved:
+            raise Refused("approved already: the old versions are being disabled; no abort")
+        if s.phase == BLOCKED and s.resume_requested:
+            raise Refused("a resume is under way")
+        if s.phase == BLOCKED and s.blocked_kind == "abort":
+            return  # an abort that could not complete: try it again
         if phase not in BEFORE_RETIREMENT or [v for v in s.retired if v]:
             hint = (
                 "; during the destroy delay, cancel-destroy keeps them disabled and not destroyed"
@@ -320,6 +332,38 @@ class RotateKeyWorkflow:
         if s.destroy_approved or s.destroy_cancelled:
             raise Refused("the destroy was decided already")
 
+    # ------------------------------------------------------------------- legacy signals
+
+    # The signals of the workflow before PATCH_SAFETY. A run started before it replays and
+    # finishes with them as it began; a run started since ignores them: its controls are the
+    # updates above, whose validators decide (a raw signal must not bypass them).
+
+    def _legacy(self, name: str) -> bool:
+        if workflow.patched(PATCH_SAFETY):
+            workflow.logger.warning("signal %r ignored: send the update of that name", name)
+            return False
+        return True
+
+    @workflow.signal(name="pause")
+    def legacy_pause(self) -> None:
+        if self._legacy("pause"):
+            self._state.paused = True
+
+    @workflow.signal(name="resume")
+    def legacy_resume(self) -> None:
+        if self._legacy("resume"):
+            self._state.paused = False
+
+    @workflow.signal(name="approve")
+    def legacy_approve(self) -> None:
+        if self._legacy("approve"):
+            self._state.approved = True
+
+    @workflow.signal(name="abort")
+    def legacy_abort(self) -> None:
+        if self._legacy("abort") and self._state.phase not in (RETIRING, DONE):
+            self._state.abort_requested = True
+
     # ------------------------------------------------------------------------- helpers
 
     def _now(self) -> str:
@@ -360,9 +404,11 @@ class RotateKeyWorkflow:
             retry=LOCAL_RETRY if self._safety else KMS_RETRY,
         )
 
-    async def _phase(self, phase: str) -> None:
+    async def _phase(self, phase: str, *, restart_clock: bool = True) -> None:
         previous, self._state.phase = self._state.phase, phase
-        self._state.updated_at = self._state.phase_started[phase] = self._now()
+        self._state.updated_at = self._now()
+        if restart_clock or phase not in self._state.phase_started:
+            self._state.phase_started[phase] = self._state.updated_at
         self._publish()
         await self._audit(
             "phase.changed", {"from": previous, "to": phase, "rewrapped": self._state.rewrapped}
@@ -399,7 +445,10 @@ class RotateKeyWorkflow:
             except ActivityError as exc:
                 if not self._safety:
                     raise
-                await self._block(phase, "error", _reason(exc))
+                # The phase in effect at the failure (a transition may have happened), unless
+                # the failure was in recording an end or the block itself: then the step's own.
+                where = s.phase if s.phase not in (DONE, ABORTED, BLOCKED) else phase
+                await self._block(where, "error", _reason(exc))
         return self.progress()
 
     async def _start(self, request: RotateKeyInput) -> None:
@@ -676,6 +725,7 @@ class RotateKeyWorkflow:
                 if found is None or not self._safety:
                     raise
                 await self._audit("retire.census", {"action": "destroy", "still_wrapped": found})
+                s.destroy_approved = False  # that approval is spent: the destroy did not happen
                 return await self._block(
                     AWAITING_DESTROY,
                     "in_use",
@@ -698,8 +748,12 @@ class RotateKeyWorkflow:
 
     async def _block(self, phase: str, kind: str, reason: str) -> None:
         """Stop in BLOCKED, with the reason in the state, the memo and (if it can be written)
-        the audit log; the loop in `run` then waits in `_blocked`."""
+        the audit log; the loop in `run` then waits in `_blocked`. An abort whose own records
+        failed is not retried at once (it would loop): resume or abort retries it."""
         s = self._state
+        if s.abort_requested:
+            kind, s.abort_requested = "abort", False
+            reason = f"the abort could not be completed: {reason}"[:MAX_REASON]
         s.blocked_in, s.blocked_kind, s.blocked_reason = phase, kind, reason
         s.resume_requested = False
         s.phase = BLOCKED
@@ -712,23 +766,42 @@ class RotateKeyWorkflow:
             s.note = f"the audit log could not record the block: {_reason(exc)}"[:MAX_REASON]
             self._publish()
 
-    async def _blocked(self, request: RotateKeyInput) -> None:
-        """BLOCKED: wait for resume or abort (the validators decide which are allowed)."""
+    def _cancelled_while_blocked(self) -> bool:
         s = self._state
-        await workflow.wait_condition(lambda: s.resume_requested or s.abort_requested)
+        return s.destroy_cancelled and s.blocked_in == AWAITING_DESTROY
+
+    async def _blocked(self, request: RotateKeyInput) -> None:
+        """BLOCKED: wait for resume, abort or (blocked before the destroy) cancel-destroy; the
+        validators decide which are allowed."""
+        s = self._state
+        await workflow.wait_condition(
+            lambda: s.resume_requested or s.abort_requested or self._cancelled_while_blocked()
+        )
         phase, kind = s.blocked_in, s.blocked_kind
-        if s.abort_requested:
-            s.blocked_in = s.blocked_reason = s.blocked_kind = ""
-            return await self._aborted()
         try:
+            if s.abort_requested or kind == "abort":
+                s.abort_requested = True
+                self._unblock()
+                return await self._aborted()
+            if self._cancelled_while_blocked():
+                self._unblock()
+                await self._audit("key.version.destroy_cancelled", {"versions": [v for v in s.retired if v]})
+                return await self._done()
             await self._resume_blocked(request, phase, kind)
         except ActivityError as exc:
             await self._block(phase, kind, _reason(exc))
 
-    async def _resume_blocked(self, request: RotateKeyInput, phase: str, kind: str) -> None:
+    def _unblock(self) -> None:
         s = self._state
+        s.blocked_in = s.blocked_reason = s.blocked_kind = ""
         s.resume_requested = s.paused = False
+
+    async def _resume_blocked(self, request: RotateKeyInput, phase: str, kind: str) -> None:
+        """Retry ``phase``; its clock (grace period, destroy delay) keeps running from when it
+        was first entered. Blocked by blobs on disabled versions: enable them and sweep again."""
+        s = self._state
         await self._audit("rotation.resumed", {"phase": phase})
+        restart_clock = False
         if kind == "in_use":  # blobs on disabled versions: enable them again and sweep them
             versions = [v for v in s.retired if v]
             await self._mutation(
@@ -738,8 +811,8 @@ class RotateKeyWorkflow:
                 await self._audit("key.version.enabled", {"version": version})
             s.retired, s.cursor = [], None
             s.destroy_approved = False
-            phase = REWRAPPING
+            phase, restart_clock = REWRAPPING, True
         elif phase == REWRAPPING:
             s.cursor = None
-        s.blocked_in = s.blocked_reason = s.blocked_kind = ""
-        await self._phase(phase)
+        self._unblock()
+        await self._phase(phase, restart_clock=restart_clock)

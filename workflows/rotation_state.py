@@ -43,8 +43,6 @@ KEY_REF_ATTRIBUTE = SearchAttributeKey.for_keyword("RekeyKeyRef")
 PHASE_ATTRIBUTE = SearchAttributeKey.for_keyword("RekeyPhase")
 REMAINING_ATTRIBUTE = SearchAttributeKey.for_int("RekeyRemaining")
 
-MAX_REASON = 300
-
 
 @dataclass
 class RotationState:

@@ -76,6 +76,7 @@ from rekey.client.errors import (
     ScheduleNotFound,
     TemporalRequestFailed,
     TemporalUnreachable,
+    UpdateUnanswered,
     rpc_failure,
 )
 from rekey.client.ids import (
@@ -168,6 +169,7 @@ __all__ = [
     "ScheduleNotFound",
     "TemporalRequestFailed",
     "TemporalUnreachable",
+    "UpdateUnanswered",
     "connect",
     "data_converter",
     "key_ref_of",

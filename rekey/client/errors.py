@@ -57,6 +57,11 @@ class RotationRefused(RekeyClientError):
     exit_code = 2
 
 
+class UpdateUnanswered(RekeyClientError):
+    """An update reached Temporal but no answer came in time: it may still be applied when a
+    worker takes it up (send it again with the same ``update_id`` to learn its outcome)."""
+
+
 class NoWorker(RekeyClientError):
     """No rekey worker is polling the rotation's task queue, so nothing can answer a request."""
 

@@ -19,6 +19,7 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import (
@@ -36,6 +37,7 @@ from rekey.client.errors import (
     RotationNotFound,
     RotationRefused,
     TemporalRequestFailed,
+    UpdateUnanswered,
     cause_message,
     rpc_failure,
 )
@@ -247,7 +249,7 @@ class RotationHandle:
                 ended.cancel()
                 await asyncio.gather(ended, return_exceptions=True)
 
-    async def _update(self, name: str) -> str:
+    async def _update(self, name: str, update_id: str | None = None) -> str:
         """Send update ``name``; the workflow's answer (one line), or `RotationRefused` with its
         reason. Nothing is sent when no worker polls (it could not be answered)."""
         info = await self.describe()
@@ -261,10 +263,17 @@ class RotationHandle:
                 f"cannot {name.replace('_', '-')} {self.id}: no rekey worker is polling task queue"
                 f" {info.task_queue!r} (start one with `rekey worker`); nothing was sent"
             )
+        update_id = update_id or f"{name}-{uuid.uuid4()}"
         try:
             answer = await self._handle.execute_update(
-                name, id=f"{name}-{uuid.uuid4()}", result_type=str, rpc_timeout=UPDATE_TIMEOUT
+                name, id=update_id, result_type=str, rpc_timeout=UPDATE_TIMEOUT
             )
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            raise UpdateUnanswered(
+                f"{name.replace('_', '-')} was sent to {self.id} but not answered within"
+                f" {UPDATE_TIMEOUT.total_seconds():.0f}s (update id {update_id}); it may still apply when"
+                " a worker takes it up: check `rekey rotate status`"
+            ) from None
         except WorkflowUpdateFailedError as exc:
             raise RotationRefused(
                 f"{name.replace('_', '-')} refused by {self.id}: {cause_message(exc.cause)}"
@@ -275,30 +284,30 @@ class RotationHandle:
             raise TemporalRequestFailed(f"cannot {name.replace('_', '-')} {self.id}: {exc.message}") from None
         return str(answer)
 
-    async def pause(self) -> str:
+    async def pause(self, *, update_id: str | None = None) -> str:
         """Pause: the sweep stops after the batches in flight; in AWAITING_COMMIT and
         AWAITING_DESTROY the commit or destroy waits while paused. Returns the answer."""
-        return await self._update("pause")
+        return await self._update("pause", update_id)
 
-    async def resume(self) -> str:
+    async def resume(self, *, update_id: str | None = None) -> str:
         """Resume a paused rotation, or a BLOCKED one once its cause is fixed."""
-        return await self._update("resume")
+        return await self._update("resume", update_id)
 
-    async def abort(self) -> str:
+    async def abort(self, *, update_id: str | None = None) -> str:
         """Abort before retirement: every blob stays readable. Refused once disabling began."""
-        return await self._update("abort")
+        return await self._update("abort", update_id)
 
-    async def approve(self) -> str:
+    async def approve(self, *, update_id: str | None = None) -> str:
         """Commit now instead of waiting for the grace period (only in AWAITING_COMMIT)."""
-        return await self._update("approve")
+        return await self._update("approve", update_id)
 
-    async def approve_destroy(self) -> str:
+    async def approve_destroy(self, *, update_id: str | None = None) -> str:
         """Destroy the old versions now instead of after the destroy delay (only in AWAITING_DESTROY)."""
-        return await self._update("approve_destroy")
+        return await self._update("approve_destroy", update_id)
 
-    async def cancel_destroy(self) -> str:
+    async def cancel_destroy(self, *, update_id: str | None = None) -> str:
         """Keep the old versions disabled and never destroy them (only in AWAITING_DESTROY)."""
-        return await self._update("cancel_destroy")
+        return await self._update("cancel_destroy", update_id)
 
 
 def start_attributes(key_ref: str) -> TypedSearchAttributes:

@@ -89,6 +89,7 @@ class Fleet:
         self.fail_always: set[str] = set()  # never re-wrappable (until the test fixes them)
         self.deny_batch_once: set[str | None] = set()  # batch starts refused once (an expired token)
         self.fail_audit_once: set[str] = set()  # audit events the log refuses once
+        self.fail_phase_audit_once: set[str] = set()  # phase.changed records to these phases, once
         self.calls: list[Call] = []
         self.gates: dict[str, list[Gate]] = {}
 
@@ -207,6 +208,10 @@ class StubActivities:
     @activity.defn(name="audit")
     async def audit(self, request: AuditInput) -> None:
         await self.fleet.record("audit", request)
+        to = request.details.get("to") if request.event == "phase.changed" else None
+        if to in self.fleet.fail_phase_audit_once:
+            self.fleet.fail_phase_audit_once.discard(to)
+            raise ApplicationError("the audit log refused the record", type="ValueError", non_retryable=True)
         if request.event in self.fleet.fail_audit_once:
             self.fleet.fail_audit_once.discard(request.event)
             raise ApplicationError("the audit log refused the record", type="ValueError", non_retryable=True)

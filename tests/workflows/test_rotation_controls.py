@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -375,3 +375,103 @@ async def test_schedules_and_a_manual_start_at_once_give_one_rotation(rotation: 
     outcomes = sorted([launched_1.split(" ")[0], launched_2.split(" ")[0]])
     assert outcomes in (["skipped:", "skipped:"], ["skipped:", "started"])
     assert len(fleet.audits("rotation.skipped")) == outcomes.count("skipped:")
+
+
+# ------------------------------------------------------------- races and failed records
+
+
+async def test_cancel_destroy_while_blocked_before_the_destroy_ends_the_rotation(rotation: Rotation) -> None:
+    fleet = rotation.fleet
+    handle = await rotation.start(
+        skip_time=False, grace_seconds=0, destroy_after_seconds=WEEK.total_seconds()
+    )
+    await wait_phase(handle, AWAITING_DESTROY)
+    fleet.blobs["blob-restored"] = 2
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.approve_destroy), WAIT)
+    await wait_phase(handle, BLOCKED)
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.cancel_destroy), WAIT)
+    progress = await result(handle)
+
+    assert progress.phase == DONE and progress.destroy_cancelled
+    assert progress.destroyed == []
+    assert fleet.versions == {1: "destroyed", 2: "disabled", 3: "disabled", 4: "enabled"}
+    assert len(fleet.audits("key.version.destroy_cancelled")) == 1
+
+
+async def test_an_abort_the_audit_log_refuses_blocks_once_and_is_retried(rotation: Rotation) -> None:
+    # The abort's own record fails: the rotation stops in BLOCKED (no loop of retries), and a
+    # second abort (or a resume) completes it.
+    rotation.fleet.fail_audit_once = {"rotation.aborted"}
+    handle = await rotation.start(skip_time=False)
+    await wait_phase(handle, AWAITING_COMMIT)
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.abort), WAIT)
+    blocked = await wait_phase(handle, BLOCKED)
+    assert blocked.blocked_reason.startswith("the abort could not be completed: ValueError: ")
+    await asyncio.sleep(1.0)  # room for a loop that must not happen
+    events = len((await handle.fetch_history()).events)
+    assert events < 200, f"{events} history events: the failed abort is being retried in a loop"
+    assert (await handle.query(RotateKeyWorkflow.progress)).phase == BLOCKED
+
+    assert "the abort is tried again" in await asyncio.wait_for(
+        handle.execute_update(RotateKeyWorkflow.resume), WAIT
+    )
+    progress = await result(handle)
+    assert progress.phase == ABORTED
+    assert len(rotation.fleet.audits("rotation.aborted")) == 2  # the refused one and the retry
+    assert rotation.fleet.retirements() == []
+
+
+async def test_a_resume_after_a_failed_record_keeps_the_destroy_clock(rotation: Rotation) -> None:
+    fleet = rotation.fleet
+    fleet.fail_phase_audit_once = {DESTROYING}
+    handle = await rotation.start(
+        skip_time=False, grace_seconds=0, destroy_after_seconds=WEEK.total_seconds()
+    )
+    await wait_phase(handle, AWAITING_DESTROY)
+    assert await asyncio.wait_for(rotation.env.fast_forward(handle, WEEK + timedelta(minutes=1)), WAIT)
+    blocked = await wait_phase(handle, BLOCKED)
+    assert blocked.blocked_in == DESTROYING  # the delay was over: resuming must not wait again
+
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.resume), WAIT)
+    progress = await result(handle)
+    assert progress.phase == DONE and progress.destroyed == [2, 3]
+    [(_, disabled_at), (destroy, destroyed_at)] = fleet.retirements()
+    assert destroy == "destroy"
+    assert destroyed_at < disabled_at + WEEK + timedelta(hours=1)
+
+
+async def test_a_failed_record_after_the_commit_never_waits_a_second_grace_period(rotation: Rotation) -> None:
+    fleet = rotation.fleet
+    fleet.fail_phase_audit_once = {RETIRING}  # the grace period is over; its record fails
+    handle = await rotation.start(skip_time=False)
+    waiting = await wait_phase(handle, AWAITING_COMMIT)
+    await asyncio.wait_for(rotation.env.fast_forward(handle, GRACE + timedelta(minutes=1)), WAIT)
+    blocked = await wait_phase(handle, BLOCKED)
+    assert blocked.blocked_in == RETIRING
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.resume), WAIT)
+    progress = await result(handle)  # no second 24 hours: this would time out
+    assert progress.phase == DONE
+    [(_, disabled_at)] = fleet.retirements()
+    entered = datetime.fromisoformat(waiting.phase_started[AWAITING_COMMIT])
+    assert entered + GRACE <= disabled_at < entered + GRACE + timedelta(hours=1)
+
+
+async def test_approve_excludes_pause_and_abort_sent_at_the_same_time(rotation: Rotation) -> None:
+    handle = await rotation.start(skip_time=False)
+    await wait_phase(handle, AWAITING_COMMIT)
+    answers = await asyncio.gather(
+        handle.execute_update(RotateKeyWorkflow.approve),
+        handle.execute_update(RotateKeyWorkflow.pause),
+        handle.execute_update(RotateKeyWorkflow.abort),
+        return_exceptions=True,
+    )
+    approved, paused, aborted = answers
+    if isinstance(approved, str):  # the approve came first: the pause and the abort are refused
+        assert isinstance(paused, WorkflowUpdateFailedError) and isinstance(
+            aborted, WorkflowUpdateFailedError
+        )
+    else:  # the pause or the abort came first: the approve is refused, the abort goes ahead
+        assert isinstance(aborted, str) and aborted.startswith("aborting")
+    progress = await result(handle)
+    assert progress.phase == (DONE if isinstance(approved, str) else ABORTED)
+    assert (rotation.fleet.retirements() == []) == (progress.phase == ABORTED)
