@@ -59,10 +59,10 @@ def load(path: Path) -> dict[str, Any]:
     return doc
 
 
-def index() -> dict[str, Entry]:
-    if not INDEX.exists():
+def index(path: Path = INDEX) -> dict[str, Entry]:
+    if not path.exists():
         return {}
-    raw = tomllib.loads(INDEX.read_text())
+    raw = tomllib.loads(path.read_text())
     return {
         name: Entry(name, item["workflow_id"], item["stops_in"], list(item.get("refused", [])))
         for name, item in raw.get("histories", {}).items()

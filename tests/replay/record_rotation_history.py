@@ -1,7 +1,7 @@
 """Record the workflow histories the replay test replays: one per scenario, each stopping in
 a different place (a phase it waits in, or the end of a run).
 
-Run: ``python -m tests.replay.record_rotation_history`` (about a minute).
+Run: ``python -m tests.replay.record_rotation_history`` (about 10 s).
 
 Runs RotateKeyWorkflow and LaunchRotationWorkflow against a real Temporal dev server (its
 continue-as-new suggestion lowered), a real OpenBao and a real SQLite store, with the real
@@ -14,7 +14,7 @@ are never reached; each history ends before them.
 
 Writes ``histories/<scenario>.json`` and ``histories/corpus.toml`` (the index: workflow id,
 the phase each history stops in, the updates refused on the way). ``rotation_done.json``
-(recorded before PATCH_SAFETY, with ``--pre-patch`` on the code of that time) is not touched:
+(recorded before PATCH_SAFETY by this script as it was then) is not touched:
 it proves the patch replays old histories. Record new histories when the workflow's commands
 change (docs/workflow-versioning.md); keep the old files until no running workflow predates
 the change.
@@ -489,7 +489,16 @@ async def record(out: Path) -> None:
                     retire_census(rec, census),
                     launcher(rec, launched),
                 )
-            corpus.write_index(rec.written, out / corpus.INDEX.name)
+            # Histories kept from earlier recordings (renamed, for workflows that predate a
+            # patch) keep their entries.
+            index = out / corpus.INDEX.name
+            written = {entry.file for entry in rec.written}
+            kept = [
+                entry
+                for name, entry in corpus.index(index).items()
+                if name not in written and (out / name).exists()
+            ]
+            corpus.write_index([*kept, *rec.written], index)
     finally:
         await env.shutdown()
     print(f"wrote {len(rec.written)} histories and {corpus.INDEX.name} in {time.monotonic() - began:.0f} s")
