@@ -11,7 +11,7 @@ in the memo and in search attributes, so status works without a worker.
 
 Versioning: every change to the commands this workflow issues goes behind ``workflow.patched``
 (the ``PATCH_*`` ids below); checked-in histories of every phase replay in ``make test``
-(tests/replay/). README "Changing a workflow" has the release procedure.
+(tests/replay/); docs/workflow-versioning.md has the release procedure.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from activities.types import (
     VerifyInput,
 )
 from rekey.devstack.temporal import temporal_cli
+from tests.replay import corpus
 from tests.replay.pre_safety import rotation_v1 as v1
 
 OUT = Path(__file__).parent.parent / "histories"
@@ -191,7 +192,11 @@ async def record() -> None:
                 await handle.terminate("recorded: the history ends waiting on the grace timer")
             path = OUT / f"pre_safety_{name}.json"
             path.write_text(history.to_json())
-            print(f"{path}: {len(history.events)} events")
+            seen = corpus.phases(corpus.load(path))
+            entries = corpus.index()
+            entries[path.name] = corpus.Entry(path.name, handle.id, seen[-1] if seen else "")
+            corpus.write_index(list(entries.values()))
+            print(f"{path}: {len(history.events)} events, stops in {seen[-1:]}")
     finally:
         await env.shutdown()
 
