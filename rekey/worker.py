@@ -19,7 +19,7 @@ from activities.types import TASK_QUEUE
 from audit import AuditLog, default_actor, default_signing_key_path, load_or_create_signing_key
 from kms_adapters.contract import KmsAdapter
 from rekey.backends import adapter_for
-from rekey.client import connect
+from rekey.client import check_namespace, connect
 from rekey.config import Settings
 from sealing.store import SealedStateStore
 from workflows.launcher import LaunchRotationWorkflow
@@ -96,6 +96,7 @@ async def run_worker(settings: Settings, *, shutdown_timeout: float = DEFAULT_SH
     activities finish (a re-wrap batch stops at its next chunk boundary and is retried on
     another worker from its heartbeat) for up to ``shutdown_timeout`` seconds, then return."""
     client = await connect(settings)
+    await check_namespace(client)  # a rotation could not even record its phase without them
     worker = build_worker(client, settings, shutdown_timeout=shutdown_timeout)
     tune_gc()
     loop = asyncio.get_running_loop()

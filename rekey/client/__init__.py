@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import (
     Client,
     Schedule,
@@ -60,12 +62,20 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
 
-from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, MAX_BATCH, MAX_IN_FLIGHT, TASK_QUEUE
+from activities.types import (
+    DEFAULT_BATCH,
+    DEFAULT_IN_FLIGHT,
+    MAX_BATCH,
+    MAX_IN_FLIGHT,
+    SEARCH_ATTRIBUTES,
+    TASK_QUEUE,
+)
 from audit import check_text, default_actor
 from rekey.client.errors import (
     InvalidDuration,
     InvalidId,
     InvalidOption,
+    NamespaceNotReady,
     NoWorker,
     RekeyClientError,
     RotationBlocked,
@@ -152,6 +162,7 @@ __all__ = [
     "InvalidDuration",
     "InvalidId",
     "InvalidOption",
+    "NamespaceNotReady",
     "NoWorker",
     "PendingActivity",
     "Progress",
@@ -170,6 +181,7 @@ __all__ = [
     "TemporalRequestFailed",
     "TemporalUnreachable",
     "UpdateUnanswered",
+    "check_namespace",
     "connect",
     "data_converter",
     "key_ref_of",
@@ -188,6 +200,37 @@ DEFAULT_GRACE: Final = 24 * 3600.0
 
 
 # ------------------------------------------------------------------------------- connecting
+
+
+async def check_namespace(temporal: Client) -> None:
+    """`NamespaceNotReady` unless the namespace has every search attribute rotations set
+    (``SEARCH_ATTRIBUTES``): without them a rotation's workflow task fails for ever."""
+    try:
+        answer = await temporal.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=temporal.namespace),
+            retry=True,
+            timeout=timedelta(seconds=10),
+        )
+    except RPCError as exc:
+        raise TemporalRequestFailed(
+            f"cannot list the search attributes of {temporal.namespace!r}: {exc.message}"
+        ) from None
+    have = {name: IndexedValueType.Name(kind) for name, kind in answer.custom_attributes.items()}
+    missing = [
+        (name, kind)
+        for name, kind in SEARCH_ATTRIBUTES.items()
+        if have.get(name) != f"INDEXED_VALUE_TYPE_{kind.upper()}"
+    ]
+    if missing:
+        create = "; ".join(
+            f"temporal operator search-attribute create --namespace {temporal.namespace}"
+            f" --name {name} --type {kind}"
+            for name, kind in missing
+        )
+        raise NamespaceNotReady(
+            f"namespace {temporal.namespace!r} lacks the search attribute(s)"
+            f" {', '.join(f'{n} ({k})' for n, k in missing)} that rotations keep their status in: {create}"
+        )
 
 
 def data_converter(settings: Settings) -> Any:

@@ -57,6 +57,10 @@ class RotationRefused(RekeyClientError):
     exit_code = 2
 
 
+class NamespaceNotReady(RekeyClientError):
+    """The Temporal namespace lacks the search attributes rotations keep their status in."""
+
+
 class UpdateUnanswered(RekeyClientError):
     """An update reached Temporal but no answer came in time: it may still be applied when a
     worker takes it up (send it again with the same ``update_id`` to learn its outcome)."""

@@ -207,3 +207,29 @@ def test_an_attribute_registered_with_another_type_is_a_clear_error(old_dev_db: 
             register_search_attributes(temporal_cli(), address, "default")
     finally:
         _stop(proc)
+
+
+async def test_a_worker_refuses_a_namespace_without_them(tmp_path: Path) -> None:
+    """A plain dev server (no Rekey search attributes): `check_namespace`, which `rekey worker`
+    runs before it polls, names each missing attribute and the command that creates it."""
+    from rekey.client import NamespaceNotReady, check_namespace
+
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_cli())
+    try:
+        with pytest.raises(NamespaceNotReady) as refused:
+            await check_namespace(env.client)
+        message = str(refused.value)
+        assert "RekeyKeyRef (Keyword), RekeyPhase (Keyword), RekeyRemaining (Int)" in message
+        assert (
+            "temporal operator search-attribute create --namespace default --name RekeyRemaining --type Int"
+            in message
+        )
+    finally:
+        await env.shutdown()
+
+
+@SESSION_LOOP
+async def test_a_namespace_with_them_passes(temporal_env: WorkflowEnvironment) -> None:
+    from rekey.client import check_namespace
+
+    await check_namespace(temporal_env.client)
