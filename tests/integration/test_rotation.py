@@ -8,6 +8,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -496,3 +497,40 @@ async def test_cli_manages_a_schedule(
     assert code == 2 and err == (
         "error: key reference 'rotate:': unknown backend 'rotate' (one of vault, aws, azure)\n"
     )
+
+
+async def test_an_update_no_worker_answered_in_time_says_it_may_still_apply(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker dies after its last poll: the approve reaches Temporal but nobody answers.
+    The caller is told it may still apply (not that it failed), and it does once a worker is
+    back; sending it again with the same update id gives the same outcome, not a second one."""
+    import rekey.client.rotations as rotations
+    from rekey.client import UpdateUnanswered
+
+    task_queue = f"rekey-test-{uuid.uuid4()}"
+
+    def worker() -> Any:
+        return build_worker(
+            setup.env.client,
+            load_settings(tmp_path, environ={}),
+            task_queue=task_queue,
+            adapters=lambda _ref: setup.adapter,
+            store=setup.store,
+            audit=lambda *_: None,
+        )
+
+    client = RekeyClient(setup.env.client, task_queue=task_queue)
+    async with worker():
+        rotation = await client.start_rotation(setup.key_ref, grace="1h", batch_size=100)
+        await wait_phase(rotation, AWAITING_COMMIT)
+    monkeypatch.setattr(rotations, "UPDATE_TIMEOUT", timedelta(seconds=2))
+    with pytest.raises(
+        UpdateUnanswered, match=r"not answered within 2s \(update id ticket-7\); it may still apply"
+    ):
+        await rotation.approve(update_id="ticket-7")
+    assert setup.adapter.describe().state_of(1) == "enabled"  # nothing happened yet
+    async with worker():
+        assert (await rotation.approve(update_id="ticket-7")).startswith("approved")  # the same update
+        assert (await rotation.result()).phase == DONE
+    assert setup.adapter.describe().state_of(1) == "disabled"
