@@ -7,7 +7,6 @@ import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ import pytest
 import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
-from audit import AuditLog, load_or_create_signing_key, trusted_public_keys
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
@@ -32,86 +30,20 @@ from rekey.client import (
 )
 from rekey.config import load_settings
 from rekey.worker import build_worker
-from sealing.state import SealedState
-from sealing.store import SealedStateStore
 from tests.fixtures.openbao import OpenBao
+from tests.fixtures.rotation import Rig, all_readable, eventually, rotation_rig, wait_phase
 from workflows.rotation import ABORTED, AWAITING_COMMIT, DONE, Progress, RotateKeyInput, RotateKeyWorkflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 
-@dataclass
-class Setup:
-    env: WorkflowEnvironment
-    key_ref: str
-    adapter: VaultTransitAdapter
-    store: SealedStateStore
-    state: SealedState
-    task_queue: str
-    events: list[tuple[str, str, dict[str, Any]]]
-    blobs: dict[str, bytes]
-
-    @property
-    def client(self) -> RekeyClient:
-        return RekeyClient(self.env.client, task_queue=self.task_queue)
-
-    async def start(self, **options: Any) -> RotationHandle:
-        return await self.client.start_rotation(self.key_ref, **options)
+Setup = Rig
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def setup(temporal_env: WorkflowEnvironment, openbao: OpenBao, tmp_path: Path) -> AsyncIterator[Setup]:
-    name = f"rot-{secrets.token_hex(4)}"
-    adapter = VaultTransitAdapter(
-        openbao.client(), name, release_store=MemoryReleasePolicyStore(), governor=Governor(f"rot-{name}")
-    )
-    adapter.create()
-    store = SealedStateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    store.put_generation("gen-1", '{"id":"gen-1"}')
-    state = SealedState(store, lambda _ref: adapter)
-    blobs = {}
-    for i in range(240):
-        data = secrets.token_bytes(64)
-        state.put(namespace="ns", name=f"item-{i}", data=data, key_ref=adapter.key_ref, generation="gen-1")
-        blobs[f"item-{i}"] = data
-    events: list[tuple[str, str, dict[str, Any]]] = []
-    audit_log = AuditLog(
-        f"sqlite:///{tmp_path / 'state.db'}", load_or_create_signing_key(tmp_path / "audit" / "ed25519.pem")
-    )
-
-    def audit(event: str, subject: str, details: dict[str, Any], who: str) -> None:
-        audit_log.append(event, subject, details, actor=who)  # the real log: it validates details
-        events.append((event, subject, details))
-
-    task_queue = f"rekey-test-{uuid.uuid4()}"
-    worker = build_worker(
-        temporal_env.client,
-        load_settings(tmp_path, environ={}),
-        task_queue=task_queue,
-        adapters=lambda _ref: adapter,
-        store=store,
-        audit=audit,
-    )
-    async with worker:
-        yield Setup(temporal_env, adapter.key_ref, adapter, store, state, task_queue, events, blobs)
-    report = audit_log.verify(trusted_public_keys(tmp_path))
-    assert report.ok and report.count == len(events), report
-    audit_log.close()
-    store.close()
-
-
-def all_readable(setup: Setup) -> None:
-    for name, data in setup.blobs.items():
-        assert setup.state.get(namespace="ns", name=name) == data
-
-
-async def wait_phase(handle: RotationHandle, phase: str) -> Progress:
-    for _ in range(600):
-        progress = await handle.status()
-        if progress.phase == phase:
-            return progress
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"rotation never reached {phase}")
+    async with rotation_rig(temporal_env, openbao, tmp_path) as rig, rig.worker():
+        yield rig
 
 
 async def test_rotation_rewraps_everything_and_retires_the_old_version(setup: Setup) -> None:
@@ -290,16 +222,6 @@ async def test_out_of_range_sizing_fails_the_workflow_before_anything_changes(se
 
 
 # ------------------------------------------------------------------ the Python API (rekey.client)
-
-
-async def eventually(check: Any, what: str, timeout: float = 20.0) -> Any:
-    """``await check()`` until it returns something true (Temporal's lists are eventually consistent)."""
-    for _ in range(int(timeout / 0.2)):
-        found = await check()
-        if found:
-            return found
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"never: {what}")
 
 
 async def test_client_starts_watches_signals_and_lists_a_rotation(setup: Setup) -> None:
