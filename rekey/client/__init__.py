@@ -23,7 +23,7 @@ so automation can do the same without the command line::
 
 Ids are built and parsed here only: ``rotate:<backend>:<name>`` for the rotation of a key,
 whoever starts it, and ``schedule:rotate:<backend>:<name>`` for its schedule. A schedule starts a
-small launcher workflow (``launch:rotate:<backend>:<name>-<time>``) that starts the key's
+small launcher workflow (``launch:schedule:rotate:<backend>:<name>-<time>``) that starts the key's
 rotation under its one id, or records that one is running; so a key never has two rotations at
 once. Wherever a method takes an id, the bare key ref (``vault:orders``) works as well.
 
@@ -467,7 +467,7 @@ class RekeyClient:
             action=ScheduleActionStartWorkflow(
                 LaunchRotationWorkflow.run,
                 LaunchRotationInput(rotation_id(key_ref), request),
-                id=f"{LAUNCH_PREFIX}{request.key_ref}",
+                id=f"{LAUNCH_PREFIX}{schedule_id(key_ref)}",
                 task_queue=self.task_queue,
             ),
             spec=ScheduleSpec(

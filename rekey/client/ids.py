@@ -17,7 +17,9 @@ from workflows.rotation import (
 
 ROTATION_PREFIX: Final = "rotate:"
 SCHEDULE_PREFIX: Final = "schedule:rotate:"
-LAUNCH_PREFIX: Final = "launch:rotate:"
+LAUNCH_PREFIX: Final = "launch:"
+"""A schedule's launcher runs as ``launch:<schedule id>-<time>``: each schedule its own id, so
+two schedules firing in the same second never collide (the loser would leave no trace)."""
 
 # Rotations started by schedules before the launcher had the scheduled time appended.
 _SCHEDULED_SUFFIX: Final = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z\Z")

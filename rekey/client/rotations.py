@@ -342,7 +342,7 @@ async def worker_polling(temporal: Client, task_queue: str) -> bool:
     )
 
 
-async def _worker_appears(temporal: Client, task_queue: str, within: float = 3.0) -> bool:
+async def _worker_appears(temporal: Client, task_queue: str, within: float = 1.5) -> bool:
     """`worker_polling`, asked again for ``within`` seconds: a worker that has just started
     may not have sent its first poll yet."""
     deadline = asyncio.get_running_loop().time() + within

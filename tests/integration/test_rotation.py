@@ -340,7 +340,7 @@ async def test_client_schedules_a_rotation(setup: Setup) -> None:
     await client.trigger_schedule(schedule_id)
     schedule = await eventually(triggered, "the triggered rotation shows in the schedule")
     (launched,) = schedule.recent_launches
-    assert launched.startswith(f"launch:rotate:{setup.key_ref}-")  # a schedule appends the time
+    assert launched.startswith(f"launch:schedule:rotate:{setup.key_ref}-")  # a schedule appends the time
     rotation = client.rotation(setup.key_ref)  # the launcher started the key's one rotation
     await eventually(lambda: _exists(rotation), "the launched rotation exists")
     assert (await rotation.result()).phase == DONE
@@ -407,7 +407,7 @@ async def test_cli_manages_a_schedule(
         return row if row["recent"] else None
 
     (launched,) = (await eventually(triggered, "the triggered launcher shows in the list"))["recent"]
-    assert launched.startswith(f"launch:rotate:{key_ref}-")
+    assert launched.startswith(f"launch:schedule:rotate:{key_ref}-")
     await temporal_env.client.get_workflow_handle(launched).terminate("test: no worker for it")
 
     assert await rekey("schedule", "delete", key_ref) == (0, f"delete: {schedule_id}\n", "")
