@@ -24,10 +24,15 @@ def cli() -> None:
 @click.argument("key_ref", metavar="KEYREF")
 @click.option("--every", required=True, help="Interval, e.g. 30d or 90d.")
 @click.option("--jitter", default="0", show_default=True, help="Random delay added to each run.")
-@click.option("--grace", default="24h", show_default=True)
-@click.option("--destroy-after", default=None)
+@click.option("--grace", default="24h", show_default=True, help="Wait before disabling old versions.")
+@click.option(
+    "--destroy-after",
+    default=None,
+    help="Destroy old versions this long after disabling them (default: never).",
+)
 def create(key_ref: str, every: str, jitter: str, grace: str, destroy_after: str | None) -> None:
-    """Rotate KEYREF every DUR (a run is skipped while the previous one is still going)."""
+    """Rotate KEYREF every DUR: each run starts the key's rotation, or records in the audit log
+    that one is running (a key has one rotation at a time, whoever starts it)."""
     schedule_id(key_ref)  # a bad key ref is bad input even when Temporal is down
     every_s = parse_duration(every, "--every")
     if every_s <= 0:
