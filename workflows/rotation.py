@@ -234,7 +234,9 @@ class RotateKeyWorkflow:
         s = self._state
         if s.phase == BLOCKED:
             s.resume_requested = True
-            return f"resuming: {'the abort' if s.blocked_kind == 'abort' else s.blocked_in} is tried again"
+            what = {"abort": "the abort", "cancel": "the cancel-destroy"}.get(s.blocked_kind, s.blocked_in)
+            held = "; it stays paused: resume it again to go on" if s.paused else ""
+            return f"resuming: {what} is tried again{held}"
         s.paused = False
         self._publish()
         return f"resumed in {s.phase}"
@@ -247,6 +249,8 @@ class RotateKeyWorkflow:
                 raise Refused("a resume is under way")
             if s.abort_requested:
                 raise Refused("an abort is under way")
+            if s.cancel_requested:
+                raise Refused("a cancel-destroy is under way")
             return
         if not s.paused:
             raise Refused(f"the rotation is not paused (phase {s.phase})")
@@ -266,10 +270,10 @@ class RotateKeyWorkflow:
             raise Refused(f"the rotation is {s.phase}")
         if s.abort_requested:
             raise Refused("an abort is under way")
-        if s.approved:
+        if s.approved and s.phase == AWAITING_COMMIT:
             raise Refused("approved already: the old versions are being disabled; no abort")
-        if s.phase == BLOCKED and s.resume_requested:
-            raise Refused("a resume is under way")
+        if s.phase == BLOCKED and (s.resume_requested or s.cancel_requested):
+            raise Refused("a resume or cancel-destroy is under way")
         if s.phase == BLOCKED and s.blocked_kind == "abort":
             return  # an abort that could not complete: try it again
         if phase not in BEFORE_RETIREMENT or [v for v in s.retired if v]:
@@ -321,6 +325,7 @@ class RotateKeyWorkflow:
     @workflow.update
     def cancel_destroy(self) -> str:
         self._state.destroy_cancelled = True
+        self._state.cancel_requested = self._state.phase == BLOCKED
         return "destroy cancelled: the old versions stay disabled and are never destroyed by this rotation"
 
     @cancel_destroy.validator
@@ -329,6 +334,10 @@ class RotateKeyWorkflow:
         phase = s.blocked_in if s.phase == BLOCKED else s.phase
         if phase != AWAITING_DESTROY:
             raise Refused(f"the rotation is {s.phase}: there is no destroy pending to cancel")
+        if s.phase == BLOCKED and (s.resume_requested or s.reenabling):
+            raise Refused("a resume is under way (it enables the old versions again to sweep them)")
+        if s.phase == BLOCKED and s.blocked_kind == "cancel":
+            return  # a cancel-destroy that could not complete: try it again
         if s.destroy_approved or s.destroy_cancelled:
             raise Refused("the destroy was decided already")
 
@@ -404,11 +413,9 @@ class RotateKeyWorkflow:
             retry=LOCAL_RETRY if self._safety else KMS_RETRY,
         )
 
-    async def _phase(self, phase: str, *, restart_clock: bool = True) -> None:
+    async def _phase(self, phase: str) -> None:
         previous, self._state.phase = self._state.phase, phase
-        self._state.updated_at = self._now()
-        if restart_clock or phase not in self._state.phase_started:
-            self._state.phase_started[phase] = self._state.updated_at
+        self._state.updated_at = self._state.phase_started[phase] = self._now()
         self._publish()
         await self._audit(
             "phase.changed", {"from": previous, "to": phase, "rewrapped": self._state.rewrapped}
@@ -680,9 +687,7 @@ class RotateKeyWorkflow:
                 await self._audit("retire.census", {"action": "disable", "still_wrapped": found})
                 return await self._sweep_again(request, found)
             s.retired = list(disabled) or [0]
-            for version in s.retired:
-                if version:
-                    await self._audit("key.version.disabled", {"version": version})
+        await self._record_versions("disabled", s.retired)
         if request.destroy_after_seconds is None or s.destroy_cancelled:
             return await self._done()
         if self._safety:
@@ -734,10 +739,17 @@ class RotateKeyWorkflow:
                     " sweeps again; cancel-destroy ends the rotation with them disabled",
                 )
             s.destroyed = list(destroyed) or [0]
-            for version in s.destroyed:
-                if version:
-                    await self._audit("key.version.destroyed", {"version": version})
+        await self._record_versions("destroyed", s.destroyed)
         await self._done()
+
+    async def _record_versions(self, what: str, versions: list[int]) -> None:
+        """One ``key.version.<what>`` record per version, each once (a resume after a failed
+        record writes the ones still missing)."""
+        for version in versions:
+            mark = f"{what}:{version}"
+            if version and mark not in self._state.recorded:
+                await self._audit(f"key.version.{what}", {"version": version})
+                self._state.recorded.append(mark)
 
     async def _done(self) -> None:
         await self._phase(DONE)
@@ -766,53 +778,60 @@ class RotateKeyWorkflow:
             s.note = f"the audit log could not record the block: {_reason(exc)}"[:MAX_REASON]
             self._publish()
 
-    def _cancelled_while_blocked(self) -> bool:
-        s = self._state
-        return s.destroy_cancelled and s.blocked_in == AWAITING_DESTROY
-
     async def _blocked(self, request: RotateKeyInput) -> None:
         """BLOCKED: wait for resume, abort or (blocked before the destroy) cancel-destroy; the
-        validators decide which are allowed."""
+        validators decide which are allowed. Each is a one-shot request: if it fails again
+        the rotation blocks again and waits for the next one (never a loop of retries)."""
         s = self._state
-        await workflow.wait_condition(
-            lambda: s.resume_requested or s.abort_requested or self._cancelled_while_blocked()
-        )
+        await workflow.wait_condition(lambda: s.resume_requested or s.abort_requested or s.cancel_requested)
         phase, kind = s.blocked_in, s.blocked_kind
+        cancelling = s.cancel_requested or (kind == "cancel" and s.resume_requested)
         try:
-            if s.abort_requested or kind == "abort":
+            if s.abort_requested or (kind == "abort" and s.resume_requested):
                 s.abort_requested = True
                 self._unblock()
                 return await self._aborted()
-            if self._cancelled_while_blocked():
+            if cancelling:
                 self._unblock()
                 await self._audit("key.version.destroy_cancelled", {"versions": [v for v in s.retired if v]})
                 return await self._done()
             await self._resume_blocked(request, phase, kind)
         except ActivityError as exc:
-            await self._block(phase, kind, _reason(exc))
+            if cancelling:
+                s.cancel_requested = False
+                reason = f"the cancel-destroy could not be completed: {_reason(exc)}"
+                await self._block(AWAITING_DESTROY, "cancel", reason[:MAX_REASON])
+                return
+            await self._block(s.blocked_in or phase, s.blocked_kind or kind, _reason(exc))
 
     def _unblock(self) -> None:
+        """Leave BLOCKED. A pause from before the block stays: it still holds the sweep, the
+        commit and the destroy."""
         s = self._state
         s.blocked_in = s.blocked_reason = s.blocked_kind = ""
-        s.resume_requested = s.paused = False
+        s.resume_requested = s.cancel_requested = False
 
     async def _resume_blocked(self, request: RotateKeyInput, phase: str, kind: str) -> None:
-        """Retry ``phase``; its clock (grace period, destroy delay) keeps running from when it
-        was first entered. Blocked by blobs on disabled versions: enable them and sweep again."""
+        """Retry ``phase`` (a waiting phase waits its whole time again: a block never shortens
+        a grace period or a destroy delay). Blocked by blobs on disabled versions: enable them,
+        then sweep again; from the moment they are enabled the block is one of REWRAPPING, so
+        a cancel-destroy can no longer leave them enabled and the rotation DONE."""
         s = self._state
         await self._audit("rotation.resumed", {"phase": phase})
-        restart_clock = False
         if kind == "in_use":  # blobs on disabled versions: enable them again and sweep them
             versions = [v for v in s.retired if v]
+            s.reenabling = True
             await self._mutation(
                 "retire_versions", RetireInput(request.key_ref, s.new_version, "enable", versions), list[int]
             )
+            s.retired, s.cursor, s.reenabling = [], None, False
+            s.destroy_approved = False
+            s.recorded = [m for m in s.recorded if not m.startswith("disabled:")]
+            s.blocked_in, s.blocked_kind = REWRAPPING, "error"
             for version in versions:
                 await self._audit("key.version.enabled", {"version": version})
-            s.retired, s.cursor = [], None
-            s.destroy_approved = False
-            phase, restart_clock = REWRAPPING, True
+            phase = REWRAPPING
         elif phase == REWRAPPING:
             s.cursor = None
         self._unblock()
-        await self._phase(phase, restart_clock=restart_clock)
+        await self._phase(phase)

@@ -74,6 +74,9 @@ class RotationState:
     blocked_reason: str = ""
     blocked_kind: str = ""  # error | in_use
     resume_requested: bool = False
+    cancel_requested: bool = False  # a cancel-destroy sent while BLOCKED (one shot)
+    reenabling: bool = False  # a resume is enabling old versions again (blocked by blobs on them)
+    recorded: list[str] = field(default_factory=list)  # "disabled:2", "destroyed:2": audited
     destroy_approved: bool = False
     destroy_cancelled: bool = False
 

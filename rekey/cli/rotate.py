@@ -282,15 +282,30 @@ def failures(id_text: str, version: int | None, after: str | None, limit: int, j
     out.print(grid)
 
 
+def _check_update_id(update_id: str) -> None:
+    from rekey.cli.output import CliError
+
+    if not (1 <= len(update_id) <= 200 and update_id.isprintable()):
+        raise CliError(f"--update-id must be 1-200 printable characters, got {update_id!r}")
+
+
 def _update_command(name: str, help_text: str) -> None:
     method = getattr(RotationHandle, name.replace("-", "_"))
 
     @cli.command(name, help=help_text)
     @click.argument("id_text", metavar="ID")
+    @click.option(
+        "--update-id",
+        default=None,
+        metavar="TEXT",
+        help="Name this request: sent again with the same id (after a timeout), it gets the first one's answer.",
+    )
     @json_option
-    def command(id_text: str, json_out: bool) -> None:
+    def command(id_text: str, update_id: str | None, json_out: bool) -> None:
         target = parse_rotation_id(id_text)
-        answer = with_client(lambda client: method(client.rotation(target)))
+        if update_id is not None:
+            _check_update_id(update_id)
+        answer = with_client(lambda client: method(client.rotation(target), update_id=update_id))
         emit_json({"workflow_id": target, "update": name, "answer": answer}) if json_out else out.print(
             Text(f"{target}: {answer}")
         )

@@ -420,6 +420,55 @@ async def retire_census(rec: Recorder, b: Bench) -> None:
     await rec.save("retire_census", handle, DONE, plaintexts=[*b.plaintexts, late])
 
 
+async def destroy_blocked(rec: Recorder, cancelled: Bench, resumed: Bench) -> None:
+    """Grace 0, a 7 d destroy delay; during it a blob sealed under the old version before the
+    rotation is restored into the store; approve_destroy: the census stops the destroy, BLOCKED
+    (saved). Then cancel_destroy: DONE, nothing destroyed; on a second key, resume: the old
+    versions are enabled again, the blob swept, disabled again, approve_destroy: DONE."""
+    for b, ending in ((cancelled, "cancelled"), (resumed, "resumed")):
+        data = secrets.token_bytes(32)
+        blob_id = uuid.uuid4()
+        sealed = bytes(
+            envelope.seal(data, b.root, namespace="ns", name="restored", generation="gen-1", blob_id=blob_id)
+        )
+        handle = await b.start(f"replay-restored-{b.name}", grace_seconds=0, destroy_after_seconds=WEEK)
+        await settled(handle, AWAITING_DESTROY, timer=True)
+        b.store.insert(
+            blob_id=str(blob_id),
+            namespace="ns",
+            name="restored",
+            key_ref=b.key_ref,
+            key_version=envelope.parse(sealed).key_version,
+            generation="gen-1",
+            blob=sealed,
+        )
+        await handle.execute_update(RotateKeyWorkflow.approve_destroy)
+        await settled(handle, BLOCKED)
+        if ending == "cancelled":
+            await rec.save("destroy_blocked", handle, BLOCKED, plaintexts=[*b.plaintexts, data])
+            await handle.execute_update(RotateKeyWorkflow.cancel_destroy)
+            final = await handle.result()
+            if final.phase != DONE or final.destroyed:
+                raise RecordingError("cancel_destroy while blocked did not end the rotation undestroyed")
+        else:
+            await handle.execute_update(RotateKeyWorkflow.resume)
+            await settled(handle, AWAITING_DESTROY, timer=True)
+            await handle.execute_update(RotateKeyWorkflow.approve_destroy)
+            final = await handle.result()
+            if final.phase != DONE or not final.destroyed:
+                raise RecordingError("the resumed rotation did not destroy the old version")
+            if b.state.get(namespace="ns", name="restored") != data:
+                raise RecordingError("the restored blob is unreadable after the rotation")
+            first = b.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+            if first.run_id != (await handle.describe()).run_id:  # it continued as new: keep the
+                # run that went through BLOCKED, the resume and the enable too
+                phases = corpus.phases(json.loads((await first.fetch_history()).to_json()))
+                await rec.save(
+                    f"destroy_blocked_{ending}_first_run", first, phases[-1], plaintexts=[*b.plaintexts, data]
+                )
+        await rec.save(f"destroy_blocked_{ending}", handle, DONE, plaintexts=[*b.plaintexts, data])
+
+
 async def launcher(rec: Recorder, b: Bench) -> None:
     """A launch starts the key's rotation (which waits in its grace period); a second launch
     finds it running and skips."""
@@ -479,6 +528,8 @@ async def record(out: Path) -> None:
                 bench(client, bao, home, key("destroy")) as destroy,
                 bench(client, bao, home, key("census")) as census,
                 bench(client, bao, home, key("launch")) as launched,
+                bench(client, bao, home, key("restored")) as restored,
+                bench(client, bao, home, key("restoredr")) as restored_resumed,
             ):
                 await asyncio.gather(
                     awaiting_commit_and_aborted(rec, commit),
@@ -488,6 +539,7 @@ async def record(out: Path) -> None:
                     destroy_delay(rec, cancel, destroy),
                     retire_census(rec, census),
                     launcher(rec, launched),
+                    destroy_blocked(rec, restored, restored_resumed),
                 )
             # Histories kept from earlier recordings (renamed, for workflows that predate a
             # patch) keep their entries.

@@ -24,6 +24,7 @@ from tests.workflows.stubs import (
     Rotation,
     entered,
     started,
+    wait_for_progress,
     wait_phase,
 )
 from workflows.launcher import LaunchRotationWorkflow
@@ -421,7 +422,7 @@ async def test_an_abort_the_audit_log_refuses_blocks_once_and_is_retried(rotatio
     assert rotation.fleet.retirements() == []
 
 
-async def test_a_resume_after_a_failed_record_keeps_the_destroy_clock(rotation: Rotation) -> None:
+async def test_a_resume_after_the_destroy_delay_never_waits_it_again(rotation: Rotation) -> None:
     fleet = rotation.fleet
     fleet.fail_phase_audit_once = {DESTROYING}
     handle = await rotation.start(
@@ -475,3 +476,74 @@ async def test_approve_excludes_pause_and_abort_sent_at_the_same_time(rotation: 
     progress = await result(handle)
     assert progress.phase == (DONE if isinstance(approved, str) else ABORTED)
     assert (rotation.fleet.retirements() == []) == (progress.phase == ABORTED)
+
+
+async def restored_blob_blocks_the_destroy(rotation: Rotation) -> WorkflowHandle[Any, Progress]:
+    handle = await rotation.start(
+        skip_time=False, grace_seconds=0, destroy_after_seconds=WEEK.total_seconds()
+    )
+    await wait_phase(handle, AWAITING_DESTROY)
+    rotation.fleet.blobs["blob-restored"] = 2
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.approve_destroy), WAIT)
+    await wait_phase(handle, BLOCKED)
+    return handle
+
+
+async def test_a_cancel_destroy_the_audit_log_refuses_blocks_once_and_is_retried(rotation: Rotation) -> None:
+    handle = await restored_blob_blocks_the_destroy(rotation)
+    rotation.fleet.fail_audit_once = {"key.version.destroy_cancelled"}
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.cancel_destroy), WAIT)
+    blocked = await wait_for_progress(
+        handle, lambda p: p.phase == BLOCKED and p.blocked_reason.startswith("the cancel-destroy could not")
+    )
+    assert blocked.blocked_in == AWAITING_DESTROY
+    await asyncio.sleep(1.0)  # room for a loop that must not happen
+    assert len((await handle.fetch_history()).events) < 250
+    assert "the cancel-destroy is tried again" in await asyncio.wait_for(
+        handle.execute_update(RotateKeyWorkflow.resume), WAIT
+    )
+    progress = await result(handle)
+    assert (progress.phase, progress.destroy_cancelled, progress.destroyed) == (DONE, True, [])
+    assert rotation.fleet.versions[2] == rotation.fleet.versions[3] == "disabled"
+
+
+async def test_cancel_destroy_is_refused_once_a_resume_enabled_the_versions(rotation: Rotation) -> None:
+    # The resume enables the old versions again to sweep the restored blob; its record then
+    # fails. A cancel-destroy now must not end the rotation DONE with the versions enabled.
+    fleet = rotation.fleet
+    handle = await restored_blob_blocks_the_destroy(rotation)
+    fleet.fail_audit_once = {"key.version.enabled"}
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.resume), WAIT)
+    blocked = await wait_for_progress(handle, lambda p: p.phase == BLOCKED and p.blocked_in == REWRAPPING)
+    assert blocked.disabled == []
+    assert fleet.versions[2] == fleet.versions[3] == "enabled"
+    assert "no destroy pending" in await refused(handle, RotateKeyWorkflow.cancel_destroy)
+
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.resume), WAIT)
+    await wait_phase(handle, AWAITING_DESTROY)
+    assert fleet.versions[2] == fleet.versions[3] == "disabled"
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.approve_destroy), WAIT)
+    progress = await result(handle)
+    assert progress.phase == DONE and progress.destroyed == [2, 3]
+    assert fleet.blobs["blob-restored"] == 4
+    disabled = [c.request.details["version"] for c in fleet.audits("key.version.disabled")]
+    assert disabled == [2, 3, 2, 3]  # recorded again when disabled again
+
+
+async def test_a_pause_holds_through_a_block_and_its_resume(rotation: Rotation) -> None:
+    fleet = rotation.fleet
+    gate = fleet.hold("rewrap_batch", lambda request: request.start is None)
+    fleet.deny_batch_once = {"blob-0009"}
+    handle = await rotation.start(grace_seconds=0)
+    await entered(gate)
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.pause), WAIT)
+    gate.released.set()
+    blocked = await wait_phase(handle, BLOCKED)
+    assert blocked.paused
+    answer = await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.resume), WAIT)
+    assert answer.endswith("it stays paused: resume it again to go on")
+    held = await wait_for_progress(handle, lambda p: p.phase == REWRAPPING)
+    await asyncio.sleep(0.5)  # room for a batch that must not start
+    assert held.paused and len(fleet.called("rewrap_batch")) == 2
+    await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.resume), WAIT)
+    assert (await result(handle)).phase == DONE
