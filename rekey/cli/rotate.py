@@ -298,7 +298,7 @@ def _update_command(name: str, help_text: str) -> None:
         "--update-id",
         default=None,
         metavar="TEXT",
-        help="Name this request: sent again with the same id (after a timeout), it gets the first one's answer.",
+        help="Name this request: sent again with the same id (after a timeout), it gets the first answer.",
     )
     @json_option
     def command(id_text: str, update_id: str | None, json_out: bool) -> None:
