@@ -192,16 +192,29 @@ class RotationHandle:
         if progress is None:  # no worker has run its first task yet
             progress = empty_progress(info.key_ref, "waiting for a worker to take the rotation up")
         pending = tuple(
-            PendingActivity(
-                activity=p.activity_type.name,
-                state=PendingActivityState.Name(p.state).removeprefix("PENDING_ACTIVITY_STATE_"),
-                attempt=p.attempt,
-                last_failure=_one_line(p.last_failure.message) if p.HasField("last_failure") else "",
-            )
-            for p in description.raw_description.pending_activities
+            [
+                PendingActivity(
+                    activity=p.activity_type.name,
+                    state=PendingActivityState.Name(p.state).removeprefix("PENDING_ACTIVITY_STATE_"),
+                    attempt=p.attempt,
+                    last_failure=await self._failure_text(p.last_failure)
+                    if p.HasField("last_failure")
+                    else "",
+                )
+                for p in description.raw_description.pending_activities
+            ]
         )
         polling = info.status != "RUNNING" or await worker_polling(self._client, info.task_queue)
         return RotationReport(info, progress, polling, pending)
+
+    async def _failure_text(self, failure: Any) -> str:
+        """One line of a recorded failure, decoded with the client's codec (the payload codec
+        encrypts failure messages, so the server only holds "Encoded failure")."""
+        try:
+            error = await self._client.data_converter.decode_failure(failure)
+        except Exception:  # a failure this client's codec cannot decode
+            return _one_line(failure.message)
+        return _one_line(cause_message(error))
 
     async def result(self) -> Progress:
         """Wait for the end: the final progress (phase ``DONE`` or ``ABORTED``).

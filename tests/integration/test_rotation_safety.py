@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,13 @@ from temporalio.client import (
 from temporalio.testing import WorkflowEnvironment
 
 import rekey.client.rotations
+from kms_adapters.errors import Unavailable
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
+from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.client import LAUNCH_PREFIX, NoWorker, RotationHandle, RotationNotFound, rotation_id
 from sealing import envelope
+from sealing.keywrap import RewrapOutcome
 from sealing.store import NewBlob
 from tests.fixtures.cli import run_cli
 from tests.fixtures.openbao import OpenBao
@@ -433,4 +436,52 @@ async def test_updates_refused_by_phase_through_the_cli(rig: Rig, openbao: OpenB
         gated.release.set()
     assert result.phase == DONE and result.destroy_cancelled and result.destroyed == []
     assert versions(rig) == {1: "disabled", 2: "enabled"}  # disabled, never destroyed
+    all_readable(rig)
+
+
+# --------------------------------------------------------------- retries shown in the status
+
+
+class FlakyTransit(VaultTransitAdapter):
+    """The real Transit adapter whose first ``failures`` batch re-wraps fail as unreachable
+    (after the governor, as an outage it gave up on would): the activity is retried."""
+
+    def __init__(self, *args: Any, failures: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures = failures
+
+    def rewrap_batch(self, wrapped: Sequence[bytes]) -> list[RewrapOutcome]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise Unavailable("injected: OpenBao did not answer")
+        return super().rewrap_batch(wrapped)
+
+
+async def test_status_shows_the_attempts_and_last_failure_of_a_retried_activity(
+    rig: Rig, rekey_cli: Any
+) -> None:
+    flaky = FlakyTransit(
+        rig.openbao.client(),
+        rig.name,
+        release_store=MemoryReleasePolicyStore(),
+        governor=Governor(f"flaky-{rig.name}"),
+        failures=2,
+    )
+    async with rig.worker(flaky):
+        rotation = await rig.start(grace="1h", batch_size=500, in_flight=1)
+
+        async def retried() -> Any:
+            report = await rotation.report()
+            waiting = [p for p in report.pending if p.activity == "rewrap_batch" and p.attempt >= 2]
+            return waiting[0] if waiting else None
+
+        pending = await eventually(retried, "the status shows the re-wrap batch being retried")
+        assert pending.last_failure.startswith("injected: OpenBao did not answer")
+        code, out, err = await rekey_cli("rotate", "status", rotation.id)
+        assert code == 0, err
+        assert "waiting on rewrap_batch (" in out and "last failure: injected: OpenBao did not answer" in out
+        await wait_phase(rotation, AWAITING_COMMIT)
+        assert (await rotation.report()).pending == ()
+        await rotation.approve()
+        assert (await rotation.result()).phase == DONE
     all_readable(rig)
