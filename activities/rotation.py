@@ -135,7 +135,8 @@ class RotationActivities:
     def adapter(self, key_ref: str) -> KmsAdapter:
         with self._lock:
             if key_ref not in self._adapters:
-                self._adapters[key_ref] = self._adapter_for(key_ref)
+                # An unknown or unsafe key ref (InvalidKeyRef) fails for good, in every activity.
+                self._adapters[key_ref] = _translated(lambda: self._adapter_for(key_ref))
             return self._adapters[key_ref]
 
     @activity.defn(name="describe_key")

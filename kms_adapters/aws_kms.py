@@ -43,7 +43,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -84,6 +83,7 @@ from kms_adapters.errors import (
     VersionDisabled,
 )
 from kms_adapters.governor import Governor, governor_for
+from kms_adapters.keyref import InvalidKeyRef, check_name
 from kms_adapters.release import ReleaseGate, ReleasePolicyStore, check_release, encrypt_for_recipient
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import WrappedKey, parse_versioned_prefix
@@ -101,8 +101,6 @@ NATIVE_NOTE = (
     "(create the key with rotation mode key-per-version to retire versions)"
 )
 
-# AWS alias names allow [A-Za-z0-9:/_-]; our key names must fit (no '.').
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_/-]{0,127}$")
 
 _STATES: dict[str, VersionState] = {
     "Enabled": "enabled",
@@ -266,10 +264,15 @@ class AwsKmsAdapter(ReleaseGate):
         state_ttl: float = 5.0,
         batch_workers: int = 8,
     ) -> None:
-        if not _NAME.match(name):
+        # AWS alias names allow [A-Za-z0-9:/_-]; ours are kms_adapters.keyref's safe names (no '.',
+        # no empty segment, no leading or trailing '/', fullmatch so no trailing newline).
+        try:
+            check_name("aws", name)
+        except InvalidKeyRef:
             raise InvalidRequest(
-                f"aws key name {name!r} must be 1-128 of letters, digits, _ / - (AWS alias characters)"
-            )
+                f"aws key name {name!r} must be 1-128 of letters, digits, _ - in '/'-separated"
+                " segments (AWS alias characters)"
+            ) from None
         self.name = name
         self.key_ref = f"aws:{name}"
         self.release_store = release_store

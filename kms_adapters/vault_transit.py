@@ -19,15 +19,24 @@ answer, a 5xx) is ``AnswerLost``; only a request that was never sent (connection
 failed TLS handshake, a malformed URL) is a plain ``Unavailable``. Mutations (create, rotate,
 the key configuration, trim) are sent with ``idempotent=False``: the governor does not resend
 them after a lost answer.
+
+Key names and the mount go into URL paths (``/v1/<mount>/decrypt/<name>``). hvac quotes them but
+leaves ``/`` unescaped, and the HTTP stack collapses ``..``: a name ``x/../../../sys/seal`` once
+reached ``/v1/sys/seal``. So the adapter accepts only a name that is one safe segment (see
+``kms_adapters.keyref``) and a mount of safe ``/``-separated segments, each of which is its own
+percent-encoding (``quote(segment, safe="")``) and never ``.`` or ``..``: whatever hvac then
+quotes is exactly the percent-encoded segment, and no segment can climb out of the key's path.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
+from urllib.parse import quote
 
 import hvac
 import hvac.exceptions
@@ -47,11 +56,34 @@ from kms_adapters.errors import (
     VersionDisabled,
 )
 from kms_adapters.governor import Governor, governor_for
+from kms_adapters.keyref import check_name
 from kms_adapters.release import ReleaseGate, ReleasePolicyStore
 from sealing.keywrap import WrappedKey
 
 BATCH_ITEMS = 490
 T = TypeVar("T")
+
+_MOUNT_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*")
+
+
+def path_segment(segment: str) -> str:
+    """``segment`` percent-encoded for a URL path, refused (``InvalidRequest``) unless that is the
+    segment itself and not a dot segment, so hvac's own quoting (which keeps ``/``) cannot differ."""
+    if not segment or segment in (".", "..") or quote(segment, safe="") != segment:
+        raise InvalidRequest(f"{segment!r} is not a safe URL path segment for OpenBao/Vault")
+    return segment
+
+
+def checked_mount(mount_point: str) -> str:
+    """A Transit mount path: ``/``-separated safe segments, no empty, ``.`` or ``..`` segment."""
+    if len(mount_point) > 256 or not all(
+        _MOUNT_SEGMENT.fullmatch(part) and path_segment(part) for part in mount_point.split("/")
+    ):
+        raise InvalidRequest(
+            f"transit mount {mount_point!r} must be '/'-separated segments of letters, digits, _ - ."
+            " (no empty, '.' or '..' segment)"
+        )
+    return mount_point
 
 
 def _message(exc: hvac.exceptions.VaultError) -> str:
@@ -166,9 +198,9 @@ class VaultTransitAdapter(ReleaseGate):
         governor: Governor | None = None,
     ) -> None:
         self._client = client
-        self.name = name
+        self.name = path_segment(check_name("vault", name))
         self.key_ref = f"vault:{name}"
-        self._mount = mount_point
+        self._mount = checked_mount(mount_point)
         self.release_store = release_store
         self.governor = governor or governor_for(str(client.url))
         self._checked = False

@@ -3,6 +3,12 @@
 Against the dev stack (loopback endpoints) the AWS and Azure credentials default to the
 emulators' dummy ones; elsewhere AWS uses boto3's usual credential chain, and Azure needs a
 bearer token in ``azure_token`` (a credential from azure-identity can be wired in here).
+
+``adapter_for`` is also how a record read from the store gets its wrapper, before its blob is
+authenticated, so it accepts only key refs the configuration knows: the backend is one of this
+build's, the name is in its backend's safe alphabet (``kms_adapters.keyref``: no ``/`` for Transit,
+no ``.`` or ``..`` segment anywhere), and, when ``allowed_keys`` is set (``rekey.config``), the ref
+is listed there. Anything else is ``InvalidKeyRef`` and no backend is contacted.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import hvac
 from kms_adapters.aws_kms import AwsKmsAdapter
 from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
 from kms_adapters.contract import KmsAdapter
-from kms_adapters.keyref import KeyRef
+from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from kms_adapters.release import FileReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.config import ConfigError, Settings
@@ -53,8 +59,26 @@ def release_store(settings: Settings) -> FileReleasePolicyStore:
     return FileReleasePolicyStore(settings.home / "release-policies")
 
 
-def adapter_for(settings: Settings, key_ref: str) -> KmsAdapter:
+def known_key_ref(settings: Settings, key_ref: str) -> KeyRef:
+    """``key_ref`` parsed, if the configuration knows it (see the module docstring)."""
     ref = KeyRef.parse(key_ref)
+    if not settings.allows_key(str(ref)):
+        raise InvalidKeyRef(
+            f"key reference {key_ref!r} is not in allowed_keys (rekey.toml or REKEY_ALLOWED_KEYS)"
+        )
+    return ref
+
+
+def adapter_for(settings: Settings, key_ref: str) -> KmsAdapter:
+    return _adapter(settings, known_key_ref(settings, key_ref))
+
+
+def lister_for(settings: Settings, backend: str) -> KmsAdapter:
+    """An adapter only for ``list_names`` on ``backend`` (not bound to a key ref anyone uses)."""
+    return _adapter(settings, KeyRef(backend, "rekey-list"))
+
+
+def _adapter(settings: Settings, ref: KeyRef) -> KmsAdapter:
     store = release_store(settings)
     if ref.backend == "vault":
         client = vault_client(settings)

@@ -2,17 +2,28 @@
 
 Precedence, highest first: explicit overrides (CLI flags), ``REKEY_<FIELD>`` environment
 variables, ``<home>/rekey.toml``, built-in defaults that point at the dev stack.
+
+``allowed_keys`` (optional; ``rekey.toml``: a list of strings; ``REKEY_ALLOWED_KEYS``: one
+comma-separated string) lists the key references rekey may use: exact refs (``vault:orders``) or a name
+prefix ending in ``*`` (``vault:team-*``, ``aws:*``). When it is set, ``rekey.backends.adapter_for``
+refuses every other key ref, including one read from a store record before its blob is
+authenticated (someone with write access to the store could otherwise point a record at any key
+of a configured backend). Empty (the default): any key ref with a safe name
+(``kms_adapters.keyref``) of a configured backend.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from kms_adapters.keyref import BACKENDS, InvalidKeyRef, KeyRef
 
 DEFAULT_HOME = Path(".rekey")
 CONFIG_FILE = "rekey.toml"
@@ -45,6 +56,7 @@ class Settings:
     azure_ca_file: str = ""
     azure_token: str = ""
     store_url: str = ""
+    allowed_keys: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,13 +74,31 @@ class Settings:
             object.__setattr__(self, "azure_ca_file", str(home / "azure" / "ca.pem"))
         if not self.store_url:
             object.__setattr__(self, "store_url", f"sqlite:///{home.resolve() / 'state.db'}")
+        object.__setattr__(self, "allowed_keys", tuple(self.allowed_keys))
+        for pattern in self.allowed_keys:
+            check_allowed_pattern(pattern)
+
+    def allows_key(self, key_ref: str) -> bool:
+        """Whether ``allowed_keys`` admits ``key_ref`` (always, when it is empty)."""
+        if not self.allowed_keys:
+            return True
+        for pattern in self.allowed_keys:
+            if pattern.endswith("*"):
+                if key_ref.startswith(pattern[:-1]):
+                    return True
+            elif key_ref == pattern:
+                return True
+        return False
 
     def environ(self) -> dict[str, str]:
         """These settings as ``REKEY_*`` variables, for child processes (the dev stack's worker)."""
         env = {"REKEY_HOME": str(self.home.resolve())}
         for name in _FIELD_NAMES:
             value = getattr(self, name)
-            if value not in ("", None):
+            if isinstance(value, tuple):
+                if value:
+                    env[f"REKEY_{name.upper()}"] = ",".join(value)
+            elif value not in ("", None):
                 env[f"REKEY_{name.upper()}"] = str(value)
         return env
 
@@ -93,6 +123,25 @@ class Settings:
         return token if isinstance(token, str) else ""
 
 
+_PREFIX = re.compile(r"[A-Za-z0-9_./-]{0,128}")
+
+
+def check_allowed_pattern(pattern: object) -> str:
+    """An ``allowed_keys`` entry: a key ref, or ``backend:`` + a safe name prefix + ``*``."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"allowed_keys entries must be strings, got {pattern!r}")
+    if pattern.endswith("*"):
+        backend, sep, prefix = pattern[:-1].partition(":")
+        if sep and backend in BACKENDS and _PREFIX.fullmatch(prefix):
+            return pattern
+        raise ConfigError(f"allowed_keys entry {pattern!r} is not a key ref or 'backend:prefix*'")
+    try:
+        KeyRef.parse(pattern)
+    except InvalidKeyRef as exc:
+        raise ConfigError(f"allowed_keys entry is not a key ref: {exc}") from None
+    return pattern
+
+
 _FIELD_TYPES = {f.name: f.type for f in fields(Settings) if f.name not in ("extra",)}
 _FIELD_NAMES = [name for name in _FIELD_TYPES if name != "home"]
 
@@ -109,6 +158,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return port
     if kind == "Path":
         return Path(str(value))
+    if kind == "tuple[str, ...]":
+        items = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{source}: {name} must be a list of key refs, got {value!r}")
+        try:
+            return tuple(check_allowed_pattern(item) for item in items if item != "")
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     if not isinstance(value, str):
         raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
     return value

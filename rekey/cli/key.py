@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from kms_adapters.errors import KmsError
-from rekey.backends import adapter_for
+from kms_adapters.keyref import InvalidKeyRef
+from rekey.backends import adapter_for, lister_for
 from rekey.cli.context import settings
 from rekey.cli.output import emit_json, json_option, out, table
 from rekey.config import ConfigError
@@ -70,9 +71,13 @@ def list_(backends: tuple[str, ...], json_out: bool) -> None:
     rows: list[dict[str, Any]] = []
     for backend in backends or ("vault", "aws", "azure"):
         try:
-            lister = adapter_for(current, f"{backend}:rekey-list")
+            lister = lister_for(current, backend)
             for name in lister.list_names():  # type: ignore[attr-defined]
-                rows.append(adapter_for(current, f"{backend}:{name}").describe().to_dict())
+                try:  # a key rekey cannot use (unsafe name, not in allowed_keys) is not listed
+                    adapter = adapter_for(current, f"{backend}:{name}")
+                except InvalidKeyRef:
+                    continue
+                rows.append(adapter.describe().to_dict())
         except (KmsError, ConfigError) as exc:  # one unreachable backend does not hide the others
             rows.append({"key_ref": f"{backend}:", "error": str(exc)})
     if json_out:

@@ -42,7 +42,9 @@ from tests.fixtures.ports import free_port
 # ---------------------------------------------------------------------------------------- ids
 
 
-@pytest.mark.parametrize("key_ref", ["vault:orders", "aws:alias/orders", "azure:orders-2.v1"])
+@pytest.mark.parametrize(
+    "key_ref", ["vault:orders", "aws:alias/orders", "vault:orders-2.v1", "azure:orders-2"]
+)
 def test_ids_are_built_from_the_key_ref_and_parsed_back(key_ref: str) -> None:
     assert rotation_id(key_ref) == f"rotate:{key_ref}"
     assert schedule_id(key_ref) == f"schedule:rotate:{key_ref}"

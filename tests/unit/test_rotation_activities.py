@@ -18,6 +18,7 @@ from activities.types import (
     ROTATED_ELSEWHERE,
     VERSIONS_IN_USE,
     AuditInput,
+    KeyRefInput,
     RetireInput,
     RotateToInput,
 )
@@ -249,3 +250,22 @@ def test_the_mutation_heartbeat_timeout_exceeds_the_longest_gap_between_heartbea
     longest_attempt = max(30 + 30, 5 + 30, 10 + 30)  # hvac (rekey.backends), boto3, azure-core
     assert max(longest_attempt, PROGRESS_STEP) < MUTATION_HEARTBEAT_S
     assert MUTATION_TIMEOUT_S > MUTATION_HEARTBEAT_S
+
+
+@pytest.mark.parametrize("fn", ["describe_key", "rotate_key"])
+def test_a_key_ref_the_worker_does_not_know_fails_for_good_in_every_activity(fn: str) -> None:
+    from kms_adapters.keyref import InvalidKeyRef, KeyRef
+
+    def refusing(key_ref: str) -> Any:
+        KeyRef.parse(key_ref)
+        raise AssertionError("unreachable: the ref is unsafe")
+
+    activities = RotationActivities(refusing, None, lambda *_: None)  # type: ignore[arg-type]
+    request: Any = (
+        KeyRefInput("vault:x/../../keys/orders/rotate")
+        if fn == "describe_key"
+        else RotateToInput("vault:x/../../keys/orders/rotate", 2, expected_primary=1)
+    )
+    with pytest.raises(ApplicationError) as refused:
+        ActivityEnvironment().run(getattr(activities, fn), request)
+    assert refused.value.non_retryable and refused.value.type == InvalidKeyRef.__name__
