@@ -1,18 +1,31 @@
 """HTTP JSON transport for the enclave agent (``rekey agent serve``), on 127.0.0.1 only.
 
 Binary values travel as base64 strings. Errors answer ``{"error": {"type", "message"[, "reasons"]}}``
-with 400 (bad request), 403 (policy or nonce refused), 404, 413 or 422 (evidence or blob
-unusable). ``/v1/unseal`` answers only a loopback caller: the plaintext stays inside the
-TEE boundary.
+with 400 (bad request), 401 (no or wrong bearer token), 403 (policy, nonce or Origin refused),
+404, 411 (no Content-Length), 413, 415 (not ``application/json``), 421 (foreign Host), 422
+(evidence or blob unusable) or 503 (too many connections).
+
+Every request must present one of the agent's bearer tokens (``rekey.agent_auth``), name the
+agent itself in ``Host`` (``127.0.0.1:PORT`` or ``localhost:PORT``: a DNS-rebinding page names its
+own host) and carry no ``Origin`` unless that origin is allowed (none by default); every POST must
+be ``application/json`` with a plain decimal ``Content-Length`` within the limit, so a browser's
+simple ``text/plain`` POST is refused and nothing is read past the limit. Each connection has an
+idle timeout and a whole-request deadline, and at most ``max_connections`` are served at once;
+the excess gets 503 at once.
 """
 
 from __future__ import annotations
 
 import base64
-import ipaddress
+import contextlib
+import hmac
 import json
 import logging
-from collections.abc import Callable
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,7 +35,33 @@ from sealing.agent import EnclaveAgent
 from sealing.errors import SealingError
 
 MAX_BODY = 64 * 1024 * 1024
+DRAIN_LIMIT = 1024 * 1024  # a refused request's body is read and dropped only up to this size
 log = logging.getLogger("rekey.agent")
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+_BUSY_BODY = json.dumps({"error": {"type": "Busy", "message": "too many connections"}}).encode()
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\n\r\n".encode()
+    + _BUSY_BODY
+)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_body: int = MAX_BODY
+    max_connections: int = 32
+    idle_timeout: float = 10.0
+    """Seconds a connection may stay silent (each read)."""
+    request_timeout: float = 60.0
+    """Seconds a whole request may take, however slowly it trickles in (slowloris)."""
+
+
+class Refused(Exception):
+    """A request refused before it reaches the agent: the status, an error type, a message."""
+
+    def __init__(self, status: HTTPStatus, type_: str, message: str, *, drain: bool = True) -> None:
+        super().__init__(message)
+        self.status, self.type, self.drain = status, type_, drain
 
 
 class BadRequest(Exception):
@@ -61,9 +100,9 @@ class AgentApi:
 
     def __init__(self, agent: EnclaveAgent) -> None:
         self.agent = agent
-        self.routes: dict[tuple[str, str], Callable[[dict[str, Any], bool], dict[str, Any]]] = {
-            ("GET", "/v1/identity"): lambda _b, _l: self.agent.identity(),
-            ("POST", "/v1/nonce"): lambda _b, _l: {"nonce": _b64(self.agent.new_nonce())},
+        self.routes: dict[tuple[str, str], Callable[[dict[str, Any], str], dict[str, Any]]] = {
+            ("GET", "/v1/identity"): lambda _b, _c: self.agent.identity(),
+            ("POST", "/v1/nonce"): lambda _b, caller: {"nonce": _b64(self.agent.new_nonce(caller))},
             ("POST", "/v1/attest"): self.attest,
             ("POST", "/v1/seal"): self.seal,
             ("POST", "/v1/unseal"): self.unseal,
@@ -71,11 +110,11 @@ class AgentApi:
             ("POST", "/v1/import"): self.import_,
         }
 
-    def attest(self, body: dict[str, Any], _local: bool) -> dict[str, Any]:
+    def attest(self, body: dict[str, Any], _caller: str) -> dict[str, Any]:
         result = self.agent.attest(_bytes(body, "nonce"))
         return {"evidence": _b64(result.evidence), "public_key": _b64(result.public_key), "platform": "sim"}
 
-    def seal(self, body: dict[str, Any], _local: bool) -> dict[str, Any]:
+    def seal(self, body: dict[str, Any], _caller: str) -> dict[str, Any]:
         policy = _text(body, "policy", "mrenclave")
         if policy not in ("mrenclave", "mrsigner"):
             raise BadRequest("field 'policy' must be mrenclave or mrsigner")
@@ -87,12 +126,11 @@ class AgentApi:
         )
         return {"blob": _b64(blob)}
 
-    def unseal(self, body: dict[str, Any], local: bool) -> dict[str, Any]:
-        if not local:
-            raise PermissionError("unseal answers only a caller on this host")
+    def unseal(self, body: dict[str, Any], _caller: str) -> dict[str, Any]:
+        # Only an authenticated caller gets here (the handler checks the bearer token first).
         return {"data": _b64(self.agent.unseal(_bytes(body, "blob")))}
 
-    def export(self, body: dict[str, Any], _local: bool) -> dict[str, Any]:
+    def export(self, body: dict[str, Any], caller: str) -> dict[str, Any]:
         blobs = _field(body, "blobs")
         if not isinstance(blobs, list):
             raise BadRequest("field 'blobs' must be a list of base64 strings")
@@ -101,9 +139,10 @@ class AgentApi:
             peer_public_key=_bytes(body, "peer_public_key"),
             nonce=_bytes(body, "nonce"),
             blobs=[_bytes({"blob": b}, "blob") for b in blobs],
+            caller=caller,
         )
 
-    def import_(self, body: dict[str, Any], _local: bool) -> dict[str, Any]:
+    def import_(self, body: dict[str, Any], _caller: str) -> dict[str, Any]:
         resealed = self.agent.import_package(_field(body, "package"))
         return {"blobs": [{"namespace": ns, "name": name, "blob": _b64(blob)} for ns, name, blob in resealed]}
 
@@ -123,43 +162,161 @@ def _error(exc: BaseException) -> tuple[HTTPStatus, dict[str, Any]]:
     return HTTPStatus.INTERNAL_SERVER_ERROR, {"type": "InternalError", "message": "internal error"}
 
 
-def make_handler(api: AgentApi) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    api: AgentApi, tokens: Mapping[str, str], allowed_origins: Iterable[str], limits: ServerLimits
+) -> type[BaseHTTPRequestHandler]:
+    """The request handler; ``tokens`` maps each bearer token to its caller's name."""
+    credentials = [(token.encode("ascii"), caller) for token, caller in tokens.items()]
+    if not credentials:
+        raise ValueError("the agent needs at least one caller token")
+    origins = frozenset(allowed_origins)
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "rekey-agent/1"
+        timeout = limits.idle_timeout
 
         def log_message(self, format: str, *args: Any) -> None:  # request line only; bodies never logged
             log.info("%s %s", self.address_string(), format % args)
 
-        def _reply(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
+        def _reply(
+            self, status: HTTPStatus, payload: dict[str, Any], headers: dict[str, str] | None = None
+        ) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
+        def _one(self, name: str) -> str | None:
+            values = self.headers.get_all(name) or []
+            if len(values) > 1:
+                raise Refused(
+                    HTTPStatus.BAD_REQUEST, "BadRequest", f"more than one {name} header", drain=False
+                )
+            return values[0] if values else None
+
+        def _length(self) -> int | None:
+            """The declared body length, checked before anything is read; None when absent."""
+            if self._one("Transfer-Encoding") is not None:
+                raise Refused(
+                    HTTPStatus.BAD_REQUEST, "BadRequest", "Transfer-Encoding is not accepted", drain=False
+                )
+            text = self._one("Content-Length")
+            if text is None:
+                return None
+            if not _DECIMAL.fullmatch(text.strip()):
+                raise Refused(
+                    HTTPStatus.BAD_REQUEST,
+                    "BadRequest",
+                    "Content-Length must be a decimal number",
+                    drain=False,
+                )
+            length = int(text)
+            if length > limits.max_body:
+                raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "TooLarge", "body too large", drain=False)
+            return length
+
+        def _check_host_and_origin(self) -> None:
+            port = self.connection.getsockname()[1]
+            host = (self._one("Host") or "").strip().lower()
+            if host not in (f"127.0.0.1:{port}", f"localhost:{port}"):
+                raise Refused(
+                    HTTPStatus.MISDIRECTED_REQUEST,
+                    "MisdirectedRequest",
+                    "Host must be this agent's own address",
+                )
+            origin = self._one("Origin")
+            if origin is not None and origin not in origins:
+                raise Refused(
+                    HTTPStatus.FORBIDDEN, "OriginRefused", "requests from this Origin are not allowed"
+                )
+
+        def _caller(self) -> str:
+            value = self._one("Authorization") or ""
+            scheme, _, presented = value.partition(" ")
+            candidate = presented.strip().encode("latin-1", errors="replace")
+            caller = None
+            for token, name in credentials:  # every token compared, in constant time
+                if hmac.compare_digest(candidate, token) and scheme.lower() == "bearer":
+                    caller = name
+            if caller is None:
+                raise Refused(
+                    HTTPStatus.UNAUTHORIZED, "Unauthorized", "a valid agent bearer token is required"
+                )
+            return caller
+
+        def _body(self, method: str, length: int | None) -> dict[str, Any]:
+            if method == "GET":
+                if length:
+                    raise Refused(HTTPStatus.BAD_REQUEST, "BadRequest", "GET takes no body")
+                return {}
+            content_type = (self._one("Content-Type") or "").split(";", 1)[0].strip().lower()
+            if content_type != "application/json":
+                raise Refused(
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    "Content-Type must be application/json",
+                )
+            if length is None:
+                raise Refused(
+                    HTTPStatus.LENGTH_REQUIRED, "LengthRequired", "Content-Length is required", drain=False
+                )
+            try:
+                raw = self.rfile.read(length)
+            except OSError:  # idle timeout or the deadline dropped the connection
+                raise Refused(
+                    HTTPStatus.REQUEST_TIMEOUT, "Timeout", "body not received in time", drain=False
+                ) from None
+            if len(raw) != length:
+                raise Refused(
+                    HTTPStatus.BAD_REQUEST, "BadRequest", "body shorter than Content-Length", drain=False
+                )
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise BadRequest("body is not JSON") from None
+            if not isinstance(body, dict):
+                raise BadRequest("body must be a JSON object")
+            return body
+
+        def _drain(self, length: int | None) -> None:
+            """Read and drop a small refused body, so the client reads the answer, not a reset."""
+            if length and length <= DRAIN_LIMIT:
+                with contextlib.suppress(OSError):
+                    self.rfile.read(length)
+
         def _handle(self, method: str) -> None:
-            route = api.routes.get((method, self.path))
-            if route is None:
-                self._reply(HTTPStatus.NOT_FOUND, {"error": {"type": "NotFound", "message": self.path}})
+            self.close_connection = True
+            length: int | None = None
+            try:
+                length = self._length()
+                self._check_host_and_origin()
+                caller = self._caller()
+                route = api.routes.get((method, self.path))
+                if route is None:
+                    raise Refused(HTTPStatus.NOT_FOUND, "NotFound", self.path)
+                body = self._body(method, length)
+                length = None  # read
+            except Refused as refused:
+                if refused.drain:
+                    self._drain(length)
+                headers = (
+                    {"WWW-Authenticate": 'Bearer realm="rekey-agent"'} if refused.status == 401 else None
+                )
+                self._reply(
+                    refused.status, {"error": {"type": refused.type, "message": str(refused)}}, headers
+                )
+                return
+            except Exception as exc:
+                status, error = _error(exc)
+                self._reply(status, {"error": error})
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    self._reply(
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        {"error": {"type": "TooLarge", "message": "body too large"}},
-                    )
-                    return
-                raw = self.rfile.read(length) if length else b"{}"
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    raise BadRequest("body is not JSON") from None
-                if not isinstance(body, dict):
-                    raise BadRequest("body must be a JSON object")
-                local = ipaddress.ip_address(self.client_address[0]).is_loopback
-                self._reply(HTTPStatus.OK, route(body, local))
+                self._reply(HTTPStatus.OK, route(body, caller))
             except Exception as exc:
                 status, error = _error(exc)
                 self._reply(status, {"error": error})
@@ -173,8 +330,67 @@ def make_handler(api: AgentApi) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def make_server(agent: EnclaveAgent, port: int = 0) -> ThreadingHTTPServer:
-    """Bind 127.0.0.1:port (0 picks a free port); the caller runs ``serve_forever``."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(AgentApi(agent)))
-    server.daemon_threads = True
-    return server
+def _drop(connection: socket.socket) -> None:
+    """End a connection past its deadline: the handler's blocked read returns at once."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+
+
+class AgentHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``limits.max_connections`` at once, each with a deadline."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], limits: ServerLimits
+    ) -> None:
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:  # best effort, never blocking the accept loop
+                request.setblocking(False)
+                with contextlib.suppress(OSError):
+                    request.recv(65536)  # what already arrived, so closing sends no reset
+                request.send(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away or was dropped at its deadline; no traceback on stderr.
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(self.limits.request_timeout, _drop, (request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self._slots.release()
+
+
+def make_server(
+    agent: EnclaveAgent,
+    port: int = 0,
+    *,
+    tokens: Mapping[str, str],
+    allowed_origins: Iterable[str] = (),
+    limits: ServerLimits | None = None,
+) -> AgentHTTPServer:
+    """Bind 127.0.0.1:port (0 picks a free port); the caller runs ``serve_forever``.
+
+    ``tokens`` maps each accepted bearer token to its caller's name (``rekey.agent_auth``)."""
+    limits = limits or ServerLimits()
+    handler = make_handler(AgentApi(agent), tokens, allowed_origins, limits)
+    return AgentHTTPServer(("127.0.0.1", port), handler, limits)

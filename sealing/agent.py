@@ -21,6 +21,7 @@ import hmac
 import json
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,7 +49,11 @@ _POLICY_NAMES: dict[SealingPolicy, SealPolicyName] = {value: name for name, valu
 EXPORT_CONTEXT = b"rekey-export-v1"
 PACKAGE_VERSION = 1
 NONCE_TTL = timedelta(minutes=5)
-MAX_OUTSTANDING_NONCES = 10_000
+# Outstanding nonces are bounded per caller (the caller's own oldest one is evicted, never another
+# caller's) and overall by the number of callers, so a flood from one caller cannot block another's
+# handoff and memory stays bounded.
+MAX_NONCES_PER_CALLER = 64
+MAX_NONCE_CALLERS = 64
 
 
 def _now() -> datetime:
@@ -118,7 +123,7 @@ class EnclaveAgent:
         self._clock = clock
         self._max_age = max_evidence_age
         self._keys = HandoffKeyPair()
-        self._nonces: dict[bytes, datetime] = {}
+        self._nonces: dict[str, OrderedDict[bytes, datetime]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -133,23 +138,37 @@ class EnclaveAgent:
 
     # ------------------------------------------------------------------------- attestation
 
-    def new_nonce(self) -> bytes:
-        """A single-use challenge for a peer that wants this agent's state."""
+    def new_nonce(self, caller: str = "") -> bytes:
+        """A single-use challenge (for ``caller``) for a peer that wants this agent's state.
+
+        Each caller keeps at most ``MAX_NONCES_PER_CALLER`` outstanding nonces; a new one evicts
+        that caller's oldest. At most ``MAX_NONCE_CALLERS`` callers hold nonces at once."""
         now = self._clock()
         nonce = secrets.token_bytes(32)
         with self._lock:
-            for old in [n for n, expiry in self._nonces.items() if expiry <= now]:
-                del self._nonces[old]
-            if len(self._nonces) >= MAX_OUTSTANDING_NONCES:
-                raise HandoffError("too many outstanding nonces; try again later")
-            self._nonces[nonce] = now + NONCE_TTL
+            for name in list(self._nonces):
+                queue = self._nonces[name]
+                while queue and next(iter(queue.values())) <= now:
+                    queue.popitem(last=False)
+                if not queue and name != caller:
+                    del self._nonces[name]
+            own = self._nonces.get(caller)
+            if own is None:
+                if len(self._nonces) >= MAX_NONCE_CALLERS:
+                    raise HandoffError("too many callers hold nonces; try again later")
+                own = self._nonces[caller] = OrderedDict()
+            while len(own) >= MAX_NONCES_PER_CALLER:
+                own.popitem(last=False)
+            own[nonce] = now + NONCE_TTL
         return nonce
 
-    def _consume_nonce(self, nonce: bytes) -> None:
+    def _consume_nonce(self, nonce: bytes, caller: str) -> None:
+        """Use up a nonce issued to ``caller``: another caller's nonces are not theirs to spend."""
         with self._lock:
-            expiry = self._nonces.pop(nonce, None)
+            own = self._nonces.get(caller)
+            expiry = own.pop(nonce, None) if own is not None else None
         if expiry is None or expiry <= self._clock():
-            raise NonceMismatch("nonce was not issued by this agent, has expired, or was already used")
+            raise NonceMismatch("nonce was not issued to this caller, has expired, or was already used")
 
     def attest(self, nonce: bytes) -> Attestation:
         if not 1 <= len(nonce) <= 64:
@@ -176,10 +195,18 @@ class EnclaveAgent:
     # ------------------------------------------------------------------------------ handoff
 
     def export(
-        self, *, peer_evidence: bytes, peer_public_key: bytes, nonce: bytes, blobs: list[bytes]
+        self,
+        *,
+        peer_evidence: bytes,
+        peer_public_key: bytes,
+        nonce: bytes,
+        blobs: list[bytes],
+        caller: str = "",
     ) -> dict[str, Any]:
-        """Hand ``blobs`` to an attested newer generation, encrypted to its key."""
-        self._consume_nonce(nonce)
+        """Hand ``blobs`` to an attested newer generation, encrypted to its key.
+
+        ``nonce`` must have been issued to the same ``caller`` by ``new_nonce``."""
+        self._consume_nonce(nonce, caller)
         claims = self._verify_peer(peer_evidence, report_data_for(nonce, peer_public_key))
         reasons = migration_reasons(self.manifest, claims, peer_is_newer=True)
         if reasons:

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from attestation.sim import SimVerifier
-from rekey.agent_server import make_server
-from rekey.cli.context import sim_host_dir
-from rekey.cli.output import CliError, out
+from rekey.agent_auth import (
+    CALLER_NAME,
+    DEFAULT_CALLER,
+    AgentCallError,
+    AgentClient,
+    AgentCredentialError,
+    create_tokens,
+    read_token,
+    token_path,
+)
+from rekey.agent_server import ServerLimits, make_server
+from rekey.cli.context import settings, sim_host_dir
+from rekey.cli.output import EXIT_FAILED, CliError, emit_json, out
 from sealing.agent import EnclaveAgent
 from sealing.generation import ManifestError, load_manifest
 from sealing.tee.sim import EnclaveIdentity, SimHost
@@ -19,6 +31,37 @@ from sealing.tee.sim import EnclaveIdentity, SimHost
 
 class PortUnavailable(CliError):
     """The agent cannot listen on the address asked for (port in use, or not allowed)."""
+
+
+class AgentCredentialProblem(CliError):
+    """The agent's state directory or token file is missing or unsafe."""
+
+
+class AgentRefused(CliError):
+    """The agent answered with an error."""
+
+    exit_code = EXIT_FAILED
+
+
+def _state_dir(state_dir: Path | None, generation: str) -> Path:
+    """The agent's state directory: ``state_dir``, else ``<home>/agent/<generation id>``."""
+    return state_dir if state_dir is not None else settings().home / "agent" / generation
+
+
+def _caller_name(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    names = value if isinstance(value, tuple) else (value,)
+    for name in names:
+        if not CALLER_NAME.fullmatch(name):
+            raise click.BadParameter(f"{name!r} must match {CALLER_NAME.pattern}")
+    return value
+
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The agent's state directory with its token files (default <home>/agent/<generation id>).",
+)
 
 
 @click.group("agent")
@@ -55,16 +98,75 @@ def cli() -> None:
     show_default=True,
     help="Port on 127.0.0.1 (0 picks a free one and prints it).",
 )
-def serve(manifest_path: Path, platform: str, host_dir: Path | None, port: int) -> None:
-    """Serve the agent API on 127.0.0.1 until stopped (SIGINT/SIGTERM)."""
+@state_dir_option
+@click.option(
+    "--caller",
+    "callers",
+    multiple=True,
+    callback=_caller_name,
+    metavar="NAME",
+    help="Also create a token for this named caller (token-NAME); nonces are bounded per caller.",
+)
+@click.option(
+    "--allow-origin",
+    "allowed_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Accept requests carrying this Origin header (none is accepted by default).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, 1024),
+    default=32,
+    show_default=True,
+    help="Connections served at once.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds a connection may stay silent.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds a whole request may take.",
+)
+def serve(
+    manifest_path: Path,
+    platform: str,
+    host_dir: Path | None,
+    port: int,
+    state_dir: Path | None,
+    callers: tuple[str, ...],
+    allowed_origins: tuple[str, ...],
+    max_connections: int,
+    idle_timeout: float,
+    request_timeout: float,
+) -> None:
+    """Serve the agent API on 127.0.0.1 until stopped (SIGINT/SIGTERM).
+
+    Fresh bearer tokens are written at every start to the state directory (0700, files 0600):
+    callers read theirs and send ``Authorization: Bearer <token>``."""
     manifest = load_manifest(manifest_path)
     if manifest.platform != platform:
         raise ManifestError(f"{manifest_path}: field 'platform': {manifest.platform} is not {platform}")
     host = SimHost.load_or_create(sim_host_dir(host_dir))
     enclave = host.enclave(EnclaveIdentity.from_manifest(manifest))
     agent = EnclaveAgent(manifest, enclave, SimVerifier(host.root_ca_pem()))
+    directory = _state_dir(state_dir, manifest.id)
     try:
-        server = make_server(agent, port)
+        tokens = create_tokens(directory, list(callers))
+    except AgentCredentialError as exc:
+        raise AgentCredentialProblem(str(exc)) from None
+    limits = ServerLimits(
+        max_connections=max_connections, idle_timeout=idle_timeout, request_timeout=request_timeout
+    )
+    try:
+        server = make_server(agent, port, tokens=tokens, allowed_origins=allowed_origins, limits=limits)
     except OSError as exc:
         raise PortUnavailable(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
 
@@ -74,6 +176,7 @@ def serve(manifest_path: Path, platform: str, host_dir: Path | None, port: int) 
     signal.signal(signal.SIGTERM, stop)
     bound = server.server_address[1]
     out.print(f"rekey agent for generation {manifest.id} listening on http://127.0.0.1:{bound}")
+    out.print(f"bearer token in {token_path(directory)}")
     sys.stdout.flush()
     try:
         server.serve_forever()
@@ -81,3 +184,46 @@ def serve(manifest_path: Path, platform: str, host_dir: Path | None, port: int) 
         pass
     finally:
         server.server_close()
+
+
+@cli.command("call")
+@click.argument("path", metavar="PATH")
+@click.option("--url", required=True, metavar="URL", help="The agent, http://127.0.0.1:PORT.")
+@click.option(
+    "--generation", default=None, metavar="ID", help="The agent's generation id (finds its state dir)."
+)
+@state_dir_option
+@click.option(
+    "--caller",
+    default=DEFAULT_CALLER,
+    show_default=True,
+    callback=_caller_name,
+    help="Whose token to present.",
+)
+@click.option("--body", default=None, metavar="JSON", help="POST this JSON object (without it: GET).")
+def call(
+    path: str, url: str, generation: str | None, state_dir: Path | None, caller: str, body: str | None
+) -> None:
+    """Call the agent at URL with its bearer token and print the JSON answer."""
+    if state_dir is None and generation is None:
+        raise click.UsageError("give --generation ID or --state-dir DIR (where the agent's token is)")
+    directory = _state_dir(state_dir, generation or "")
+    payload: dict[str, Any] | None = None
+    if body is not None:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise click.BadParameter("not JSON", param_hint="--body") from None
+        if not isinstance(payload, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--body")
+    try:
+        client = AgentClient(url, read_token(directory, caller))
+    except AgentCredentialError as exc:
+        raise AgentCredentialProblem(str(exc)) from None
+    try:
+        result = client.call(path, payload)
+    except AgentCallError as exc:
+        raise AgentRefused(str(exc)) from None
+    except OSError as exc:
+        raise AgentRefused(f"cannot reach the agent at {url}: {exc}") from None
+    emit_json(result)

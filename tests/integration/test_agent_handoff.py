@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import yaml
+
+from tests.fixtures.agent import Agent, AgentError, start_agents, stop_agents
 
 pytestmark = pytest.mark.integration
 
@@ -35,27 +31,8 @@ GENERATIONS = {
 }
 
 
-class AgentError(Exception):
-    def __init__(self, status: int, error: dict[str, Any]) -> None:
-        super().__init__(f"{status} {error}")
-        self.status, self.type, self.message = status, error["type"], error["message"]
-        self.reasons: list[str] = error.get("reasons", [])
-
-
-@dataclass
-class Agent:
-    url: str
-    process: subprocess.Popen[str]
-
-    def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                result: dict[str, Any] = json.loads(response.read())
-                return result
-        except urllib.error.HTTPError as exc:
-            raise AgentError(exc.code, json.loads(exc.read())["error"]) from None
+class AgentApi(Agent):
+    """The agent calls of the handoff scenario, each presenting the agent's token."""
 
     def seal(self, name: str, data: bytes, policy: str) -> str:
         return str(self.call("/v1/seal", {"name": name, "data": b64(data), "policy": policy})["blob"])
@@ -75,61 +52,21 @@ def b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Agent]]:
-    root = tmp_path_factory.mktemp("agents")
-    started: dict[str, Agent] = {}
+def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentApi]]:
+    started = start_agents(tmp_path_factory.mktemp("agents"), GENERATIONS, AgentApi)
     try:
-        for name, manifest in GENERATIONS.items():
-            path = root / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(manifest))
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "rekey.cli",
-                    "--home",
-                    str(root / "home"),
-                    "agent",
-                    "serve",
-                    "--manifest",
-                    str(path),
-                    "--platform",
-                    "sim",
-                    "--host-dir",
-                    str(root / "host"),
-                    "--port",
-                    "0",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            started[name] = Agent("", process)
-        for name, agent in started.items():
-            assert agent.process.stdout is not None
-            line = agent.process.stdout.readline()
-            if "listening on" not in line:
-                stderr = agent.process.stderr.read() if agent.process.stderr else ""
-                raise RuntimeError(f"agent {name} did not start: {line}{stderr}")
-            agent.url = line.strip().rsplit(" ", 1)[-1]
         yield started
     finally:
-        for agent in started.values():
-            agent.process.terminate()
-        for agent in started.values():
-            try:
-                agent.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                agent.process.kill()
+        stop_agents(started)
 
 
-def test_identity(agents: dict[str, Agent]) -> None:
+def test_identity(agents: dict[str, AgentApi]) -> None:
     identity = agents["v2"].call("/v1/identity")
     assert identity["id"] == "v2" and identity["svn"] == 2
     assert identity["handoff_suite"].startswith("MLKEM768-X25519")
 
 
-def test_patched_enclave_cannot_unseal_mrenclave_state(agents: dict[str, Agent]) -> None:
+def test_patched_enclave_cannot_unseal_mrenclave_state(agents: dict[str, AgentApi]) -> None:
     blob = agents["v1"].seal("db-key", b"v1 mrenclave secret", "mrenclave")
     assert agents["v1"].unseal(blob) == b"v1 mrenclave secret"
     with pytest.raises(AgentError) as info:
@@ -139,7 +76,7 @@ def test_patched_enclave_cannot_unseal_mrenclave_state(agents: dict[str, Agent])
     assert "secret" not in info.value.message
 
 
-def test_mrsigner_state_moves_up_not_down(agents: dict[str, Agent]) -> None:
+def test_mrsigner_state_moves_up_not_down(agents: dict[str, AgentApi]) -> None:
     v1_blob = agents["v1"].seal("config", b"signer-bound secret", "mrsigner")
     assert agents["v2"].unseal(v1_blob) == b"signer-bound secret"
     v2_blob = agents["v2"].seal("config", b"v2 signer-bound secret", "mrsigner")
@@ -149,7 +86,7 @@ def test_mrsigner_state_moves_up_not_down(agents: dict[str, Agent]) -> None:
     assert "svn 2" in info.value.message
 
 
-def test_handoff_moves_mrenclave_state_to_the_patched_generation(agents: dict[str, Agent]) -> None:
+def test_handoff_moves_mrenclave_state_to_the_patched_generation(agents: dict[str, AgentApi]) -> None:
     v1, v2 = agents["v1"], agents["v2"]
     secrets_ = {"db-key": b"\x00\x01 sealed by v1", "tls-key": b"-----BEGIN KEY----- v1"}
     blobs = [v1.seal(name, data, "mrenclave") for name, data in secrets_.items()]
@@ -196,7 +133,7 @@ def test_handoff_moves_mrenclave_state_to_the_patched_generation(agents: dict[st
         ("v0", "svn 0 is below this enclave's svn 1"),
     ],
 )
-def test_export_refused_with_reason(agents: dict[str, Agent], peer: str, reason: str) -> None:
+def test_export_refused_with_reason(agents: dict[str, AgentApi], peer: str, reason: str) -> None:
     v1 = agents["v1"]
     blob = v1.seal("db-key", b"never leaves", "mrenclave")
     nonce = v1.nonce()
@@ -215,7 +152,7 @@ def test_export_refused_with_reason(agents: dict[str, Agent], peer: str, reason:
     assert any(reason in r for r in info.value.reasons), info.value.reasons
 
 
-def test_evidence_bound_to_another_key_is_refused(agents: dict[str, Agent]) -> None:
+def test_evidence_bound_to_another_key_is_refused(agents: dict[str, AgentApi]) -> None:
     v1, v2 = agents["v1"], agents["v2"]
     nonce = v1.nonce()
     attestation = v2.attest(nonce)
@@ -233,7 +170,7 @@ def test_evidence_bound_to_another_key_is_refused(agents: dict[str, Agent]) -> N
     assert info.value.status == 403 and info.value.type == "NonceMismatch"
 
 
-def test_import_refuses_a_package_for_another_agent(agents: dict[str, Agent]) -> None:
+def test_import_refuses_a_package_for_another_agent(agents: dict[str, AgentApi]) -> None:
     v1, v2 = agents["v1"], agents["v2"]
     nonce = v1.nonce()
     attestation = v2.attest(nonce)
@@ -256,7 +193,7 @@ def test_import_refuses_a_package_for_another_agent(agents: dict[str, Agent]) ->
     assert info.value.status in (403, 422)
 
 
-def test_bad_requests_are_typed(agents: dict[str, Agent]) -> None:
+def test_bad_requests_are_typed(agents: dict[str, AgentApi]) -> None:
     v1 = agents["v1"]
     with pytest.raises(AgentError) as info:
         v1.call("/v1/unseal", {"blob": "not base64!"})
