@@ -10,14 +10,29 @@ shows them through the codec server (:mod:`rekey.codec_server`).
 Not covered by any codec, by Temporal's design: workflow and activity ids, types, task
 queues, search attributes and headers. Never put key material in those.
 
-Wire format of an encrypted payload::
+Wire format of an encrypted payload (format 2, what :meth:`EncryptionCodec.encode` writes)::
 
-    metadata: encoding = "binary/encrypted", encryption-key-id = <key id>
+    metadata: encoding = "binary/encrypted", encryption-key-id = <key id>,
+              encryption-format = "2", encrypted-encoding = <the original payload's encoding>
     data:     nonce (12 random bytes) || AES-256-GCM(serialized original Payload) || tag (16 bytes)
-    AAD:      the key id (ASCII), so a payload cannot be relabelled with another key id
+    AAD:      "rekey-codec/2" NUL, then every outer metadata entry sorted by key, each key and
+              value preceded by its 4-byte big-endian length
 
-Payloads without ``encoding: binary/encrypted`` decode unchanged, so histories written
-before encryption was enabled stay readable. An unknown key id, a short or tampered
+so the key id, the format and the visible encoding are authenticated, a ciphertext moved
+into a payload with other metadata fails its tag, and the decrypted payload's own
+``encoding`` must equal ``encrypted-encoding``. (``encrypted-encoding`` reveals only the
+kind of value, e.g. ``json/plain`` or ``binary/null``.) The codec cannot bind a ciphertext
+to its workflow or history slot: it is not told where a payload goes, and the codec server
+(the UI) could not supply it either; a ciphertext copied whole into another slot of the
+same kind still decodes.
+
+Format 1 (no ``encryption-format`` metadata; AAD: the key id only) is still accepted on
+decode, so histories recorded before format 2 stay readable; it is never written.
+
+Payloads without ``encoding: binary/encrypted`` are refused by decode (a forged plain
+payload handed to a worker must not be accepted), unless the codec is built with
+``allow_unencrypted=True`` (reading histories written before encryption was enabled; the
+codec server does this for display only). An unknown key id or format, a short or tampered
 ciphertext, or a plaintext that is not a Payload raise :class:`CodecError`; decode never
 returns unauthenticated bytes.
 
@@ -60,6 +75,10 @@ from temporalio.api.common.v1 import Payload
 
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
+FORMAT_METADATA = "encryption-format"
+INNER_ENCODING_METADATA = "encrypted-encoding"
+FORMAT_VERSION = b"2"
+AAD_PREFIX = b"rekey-codec/2\0"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -120,12 +139,28 @@ class Keyring:
         return cls(current=current, keys=keys)
 
 
-class EncryptionCodec(temporalio.converter.PayloadCodec):
-    """AES-256-GCM payload codec over a :class:`Keyring` (see the module docstring)."""
+def associated_data(metadata: Mapping[str, bytes]) -> bytes:
+    """Format 2 AAD: every outer metadata entry, sorted, length-prefixed (unambiguous)."""
+    parts = [AAD_PREFIX]
+    for key in sorted(metadata):
+        raw_key = key.encode("utf-8")
+        value = metadata[key]
+        parts += [len(raw_key).to_bytes(4, "big"), raw_key, len(value).to_bytes(4, "big"), value]
+    return b"".join(parts)
 
-    def __init__(self, keyring: Keyring) -> None:
+
+class EncryptionCodec(temporalio.converter.PayloadCodec):
+    """AES-256-GCM payload codec over a :class:`Keyring` (see the module docstring).
+
+    ``allow_unencrypted``: decode returns payloads without the codec's encoding unchanged
+    instead of refusing them. Only for reading (the codec server, histories from before
+    encryption was enabled); never for a worker.
+    """
+
+    def __init__(self, keyring: Keyring, *, allow_unencrypted: bool = False) -> None:
         self._keyring = keyring
         self._ciphers = {key_id: AESGCM(key) for key_id, key in keyring.keys.items()}
+        self._allow_unencrypted = allow_unencrypted
 
     @property
     def key_id(self) -> str:
@@ -134,16 +169,25 @@ class EncryptionCodec(temporalio.converter.PayloadCodec):
 
     def encode_payload(self, payload: Payload) -> Payload:
         key_id = self._keyring.current
+        metadata = {
+            "encoding": ENCODING,
+            KEY_ID_METADATA: key_id.encode("ascii"),
+            FORMAT_METADATA: FORMAT_VERSION,
+        }
+        if "encoding" in payload.metadata:
+            metadata[INNER_ENCODING_METADATA] = payload.metadata["encoding"]
         nonce = os.urandom(NONCE_BYTES)
-        sealed = self._ciphers[key_id].encrypt(nonce, payload.SerializeToString(), key_id.encode("ascii"))
-        return Payload(
-            metadata={"encoding": ENCODING, KEY_ID_METADATA: key_id.encode("ascii")},
-            data=nonce + sealed,
-        )
+        sealed = self._ciphers[key_id].encrypt(nonce, payload.SerializeToString(), associated_data(metadata))
+        return Payload(metadata=metadata, data=nonce + sealed)
 
     def decode_payload(self, payload: Payload) -> Payload:
         if payload.metadata.get("encoding") != ENCODING:
-            return payload
+            if self._allow_unencrypted:
+                return payload
+            raise CodecError(
+                "payload is not encrypted (encoding is not 'binary/encrypted'); refused because "
+                "payload encryption is configured"
+            )
         raw_id = payload.metadata.get(KEY_ID_METADATA)
         if raw_id is None:
             raise CodecError(f"encrypted payload has no {KEY_ID_METADATA!r} metadata")
@@ -154,19 +198,37 @@ class EncryptionCodec(temporalio.converter.PayloadCodec):
                 f"payload is encrypted under codec key {key_id!r}, which is not in the keyring "
                 f"(known: {', '.join(sorted(self._ciphers))})"
             )
+        version = payload.metadata.get(FORMAT_METADATA)
+        if version == FORMAT_VERSION:
+            aad = associated_data(dict(payload.metadata))
+        elif version is None:  # format 1, written before the metadata was bound
+            extra = set(payload.metadata) - {"encoding", KEY_ID_METADATA}
+            if extra:
+                raise CodecError(f"format 1 encrypted payload has unexpected metadata {sorted(extra)}")
+            aad = raw_id
+        else:
+            raise CodecError(f"encrypted payload has unknown {FORMAT_METADATA!r} {version[:16]!r}")
         data = payload.data
         if len(data) < NONCE_BYTES + TAG_BYTES:
             raise CodecError(f"encrypted payload under key {key_id!r} is too short ({len(data)} bytes)")
         try:
-            plain = cipher.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], raw_id)
+            plain = cipher.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], aad)
         except InvalidTag:
             raise CodecError(
-                f"encrypted payload under key {key_id!r} failed authentication (tampered or wrong key)"
+                f"encrypted payload under key {key_id!r} failed authentication "
+                "(tampered, moved from a payload with other metadata, or wrong key)"
             ) from None
         try:
-            return Payload.FromString(plain)
+            inner = Payload.FromString(plain)
         except DecodeError as err:
             raise CodecError(f"decrypted payload under key {key_id!r} is not a Payload: {err}") from None
+        if version is not None and inner.metadata.get("encoding") != payload.metadata.get(
+            INNER_ENCODING_METADATA
+        ):
+            raise CodecError(
+                f"decrypted payload under key {key_id!r} does not match its {INNER_ENCODING_METADATA!r}"
+            )
+        return inner
 
     def encode_sync(self, payloads: Sequence[Payload]) -> list[Payload]:
         return [self.encode_payload(p) for p in payloads]
@@ -185,7 +247,7 @@ def codec_keys_path(home: Path) -> Path:
     return Path(home) / KEYS_FILE
 
 
-def _write_private(path: Path, text: str, *, replace: bool) -> None:
+def write_private(path: Path, text: str, *, replace: bool) -> None:
     """Write ``text`` to ``path`` with mode 0600, atomically.
 
     The content goes to a temporary file opened with O_CREAT | O_EXCL first, then is
@@ -229,7 +291,7 @@ def load_or_create_codec_keys(home: Path) -> Keyring:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     keyring = Keyring.generate()
     try:
-        _write_private(path, keyring.to_json(), replace=False)
+        write_private(path, keyring.to_json(), replace=False)
     except FileExistsError:
         return _read_keyring(path)
     return keyring
@@ -247,21 +309,28 @@ def rotate_codec_key(home: Path) -> Keyring:
     with open(path.with_name(".keys.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # serialise concurrent rotations; no key is lost
         rotated = _read_keyring(path).with_new_current()
-        _write_private(path, rotated.to_json(), replace=True)
+        write_private(path, rotated.to_json(), replace=True)
     return rotated
 
 
 def data_converter(
-    home: Path, *, keyring: Keyring | None = None, encrypt_failures: bool = True
+    home: Path,
+    *,
+    keyring: Keyring | None = None,
+    encrypt_failures: bool = True,
+    allow_unencrypted: bool = False,
 ) -> temporalio.converter.DataConverter:
     """The default Temporal data converter with :class:`EncryptionCodec`; use it for every client.
 
-    Workers take the converter of the client they are built on. ``encrypt_failures``
-    moves failure messages and stack traces into the encrypted failure attributes.
+    Workers take the converter of the client they are built on, so they refuse unencrypted
+    payloads. ``encrypt_failures`` moves failure messages and stack traces into the
+    encrypted failure attributes. ``allow_unencrypted`` (reading pre-encryption histories
+    only) lets plain payloads decode unchanged.
     """
     ring = keyring if keyring is not None else load_or_create_codec_keys(home)
     converter = dataclasses.replace(
-        temporalio.converter.DataConverter.default, payload_codec=EncryptionCodec(ring)
+        temporalio.converter.DataConverter.default,
+        payload_codec=EncryptionCodec(ring, allow_unencrypted=allow_unencrypted),
     )
     if encrypt_failures:
         converter = dataclasses.replace(

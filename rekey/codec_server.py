@@ -6,18 +6,41 @@ Temporal's remote codec protocol: ``POST /encode`` and ``POST /decode`` take and
 CORS preflights for the configured UI origins. Point the dev server at it with
 ``temporal server start-dev --ui-codec-endpoint http://127.0.0.1:<port>``.
 
-Whoever can reach this server can decrypt every payload, so it binds 127.0.0.1 only,
-rejects requests whose ``Origin`` is not an allowed UI origin, and rejects ``Host``
-headers other than its own loopback address (DNS rebinding). Payload contents are never
-logged.
+Whoever can call this server can decrypt every payload and encrypt forged ones, so
+``POST /encode`` and ``POST /decode`` require ``Authorization: Bearer <token>``, the
+secret in ``<home>/codec/server-token`` (mode 0600, created on first start), compared in
+constant time; a request without it gets 401 whatever its Origin, before its body is
+read. The server also binds 127.0.0.1 only, rejects requests whose ``Origin`` is not an
+allowed UI origin, and rejects ``Host`` headers other than its own loopback address (DNS
+rebinding). CORS preflights (``OPTIONS``) carry no credentials by the browser's rules and
+are answered without one; they reveal nothing. Payload contents are never logged.
+
+``/decode`` returns payloads that are not encrypted unchanged (display only: the reader
+could see them anyway); workers refuse them (:class:`rekey.codec.EncryptionCodec`).
+
+Giving the token to the clients:
+
+* ``temporal`` CLI: ``--codec-endpoint http://127.0.0.1:8234 --codec-auth "Bearer $(cat
+  <home>/codec/server-token)"``.
+* Temporal UI: the UI sends only the *signed-in user's* access token
+  (``codec.passAccessToken`` in the UI server config, ``TEMPORAL_CODEC_PASS_ACCESS_TOKEN``,
+  or the "pass access token" switch of the UI's codec settings), never a static secret;
+  ``temporal server start-dev`` has no UI sign-in at all. Put an authenticating proxy that
+  validates the user's token and adds this bearer in front of the codec server. The dev
+  stack (``rekey dev up``) points the UI at the codec server, but without such a proxy the
+  UI shows payloads as "Encoded" (decode answers 401): decode them with the CLI instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import http.server
 import json
 import logging
+import secrets
 import signal
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,15 +50,46 @@ from typing import ClassVar
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 
-from rekey.codec import CodecError, EncryptionCodec, Keyring, codec_keys_path, load_or_create_codec_keys
+from rekey.codec import (
+    CodecError,
+    EncryptionCodec,
+    Keyring,
+    codec_keys_path,
+    load_or_create_codec_keys,
+    write_private,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CORS_ORIGINS = ("http://127.0.0.1:8233", "http://localhost:8233")
 DEFAULT_PORT = 8234
 MAX_BODY_BYTES = 64 * 1024 * 1024
-ALLOW_HEADERS = "content-type, x-namespace"
+ALLOW_HEADERS = "authorization, content-type, x-namespace"
 BIND_HOST = "127.0.0.1"
+TOKEN_FILE = Path("codec") / "server-token"
+TOKEN_BYTES = 32
+
+
+def server_token_path(home: Path) -> Path:
+    return Path(home) / TOKEN_FILE
+
+
+def load_or_create_server_token(home: Path) -> str:
+    """The codec server's bearer secret in ``<home>/codec/server-token`` (0600), created if absent."""
+    path = server_token_path(home)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
+            write_private(path, secrets.token_urlsafe(TOKEN_BYTES) + "\n", replace=False)
+    mode = stat.S_IMODE(path.lstat().st_mode)
+    if not stat.S_ISREG(path.lstat().st_mode) or mode & 0o077:
+        raise CodecError(
+            f"{path} must be a regular file not group/world accessible (mode {mode:04o}; chmod 600)"
+        )
+    token = path.read_text().strip()
+    if len(token) < 32:
+        raise CodecError(f"{path} holds a token shorter than 32 characters")
+    return token
 
 
 class _CodecHandler(http.server.BaseHTTPRequestHandler):
@@ -43,6 +97,7 @@ class _CodecHandler(http.server.BaseHTTPRequestHandler):
 
     codec: ClassVar[EncryptionCodec]
     cors_origins: ClassVar[frozenset[str]]
+    expected_authorization: ClassVar[bytes]
     server_version = "rekey-codec"
     sys_version = ""
     protocol_version = "HTTP/1.1"
@@ -63,8 +118,14 @@ class _CodecHandler(http.server.BaseHTTPRequestHandler):
         port = getattr(self.server, "server_port", None)
         return host in {f"127.0.0.1:{port}", f"localhost:{port}"}
 
+    def _authorized(self) -> bool:
+        presented = self.headers.get("Authorization", "").encode("latin-1", errors="replace")
+        return hmac.compare_digest(presented, self.expected_authorization)
+
     def _send(self, status: int, body: bytes = b"", content_type: str = "application/json") -> None:
         self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="rekey-codec"')
         origin = self._origin()
         if origin is not None and origin in self.cors_origins:
             self.send_header("Access-Control-Allow-Origin", origin)
@@ -108,13 +169,18 @@ class _CodecHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(411, "Content-Length required")
             return
+        if not self._guard():
+            self.close_connection = True  # the body is left unread
+            return
+        if not self._authorized():
+            self.close_connection = True
+            self._error(401, "Authorization: Bearer <codec server token> required")
+            return
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             self._error(413, f"body larger than {MAX_BODY_BYTES} bytes")
             return
         body = self.rfile.read(length)
-        if not self._guard():
-            return
         transform: Callable[[Sequence[Payload]], list[Payload]]
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/encode":
@@ -145,13 +211,19 @@ class _CodecHandler(http.server.BaseHTTPRequestHandler):
 
 
 def make_codec_app(
-    keyring: Keyring, *, cors_origins: Sequence[str] = DEFAULT_CORS_ORIGINS
+    keyring: Keyring, token: str, *, cors_origins: Sequence[str] = DEFAULT_CORS_ORIGINS
 ) -> type[http.server.BaseHTTPRequestHandler]:
-    """A request handler class serving the codec protocol for ``keyring``."""
+    """A request handler class serving the codec protocol for ``keyring`` to bearers of ``token``."""
+    if len(token) < 32:
+        raise CodecError("the codec server token must be at least 32 characters")
     return type(
         "CodecHandler",
         (_CodecHandler,),
-        {"codec": EncryptionCodec(keyring), "cors_origins": frozenset(cors_origins)},
+        {
+            "codec": EncryptionCodec(keyring, allow_unencrypted=True),
+            "cors_origins": frozenset(cors_origins),
+            "expected_authorization": f"Bearer {token}".encode("latin-1"),
+        },
     )
 
 
@@ -183,7 +255,9 @@ def serve_codec(
     """
     keyring = load_or_create_codec_keys(home)
     handler = make_codec_app(
-        keyring, cors_origins=DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins
+        keyring,
+        load_or_create_server_token(home),
+        cors_origins=DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins,
     )
     server = CodecServer((BIND_HOST, port), handler)
     server.key_id = keyring.current
@@ -206,7 +280,7 @@ def run_codec_server(home: Path, port: int = DEFAULT_PORT, cors_origins: Sequenc
         try:
             print(
                 f"codec server on {server.url} (keyring {codec_keys_path(home)}, "
-                f"current key {server.key_id})",
+                f"current key {server.key_id}; bearer token in {server_token_path(home)})",
                 flush=True,
             )
             while not stop.wait(1.0):

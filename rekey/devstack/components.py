@@ -195,14 +195,34 @@ class CodecServer(Component):
         ]
 
     def probe(self, settings: Settings) -> str | None:
+        from rekey.codec_server import server_token_path  # keeps `rekey` start-up light
+
+        token_file = server_token_path(absolute(settings.home))
+        if not token_file.exists():
+            return "has not written its token yet"
         try:
-            httpx.options(f"http://{HOST}:{settings.codec_port}/decode", timeout=2.0)
+            response = httpx.post(
+                f"http://{HOST}:{settings.codec_port}/decode",
+                content=b'{"payloads": []}',
+                headers={
+                    "Content-Type": "application/json",
+                    "Authorization": f"Bearer {token_file.read_text().strip()}",
+                },
+                timeout=2.0,
+            )
         except httpx.HTTPError as exc:
             return f"does not answer: {exc.__class__.__name__}"
+        if response.status_code != 200:
+            return f"refuses its own token: HTTP {response.status_code}"
         return None
 
     def endpoints(self, settings: Settings) -> dict[str, str]:
-        return {"codec": f"http://{HOST}:{settings.codec_port}"}
+        from rekey.codec_server import server_token_path
+
+        return {
+            "codec": f"http://{HOST}:{settings.codec_port}",
+            "token_file": str(server_token_path(absolute(settings.home))),
+        }
 
 
 class RekeyWorker(Component):

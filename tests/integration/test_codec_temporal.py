@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
+import stat
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -34,8 +36,8 @@ with workflow.unsafe.imports_passed_through():
     from temporalio.testing import WorkflowEnvironment
     from temporalio.worker import Worker
 
-    from rekey.codec import ENCODING, data_converter
-    from rekey.codec_server import CodecServer, serve_codec
+    from rekey.codec import ENCODING, CodecError, data_converter
+    from rekey.codec_server import CodecServer, serve_codec, server_token_path
     from rekey.devstack.temporal import search_attribute_flags, temporal_cli
     from tests.fixtures.ports import free_port
 
@@ -127,6 +129,10 @@ async def env(home: Path) -> AsyncIterator[WorkflowEnvironment]:
         yield env
 
 
+def _auth(home: Path) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server_token_path(home).read_text().strip()}"}
+
+
 @pytest.fixture
 def codec_server(home: Path) -> Iterator[CodecServer]:
     server = serve_codec(home, 0, [UI_ORIGIN])
@@ -197,7 +203,7 @@ async def test_workflow_failure_is_encrypted(env: WorkflowEnvironment) -> None:
 
 
 async def test_codec_server_decodes_history_payloads(
-    env: WorkflowEnvironment, codec_server: CodecServer
+    env: WorkflowEnvironment, codec_server: CodecServer, home: Path
 ) -> None:
     """What the UI does: send the raw history payloads to POST /decode."""
     workflow_id, _ = await _run(env, fail=False)
@@ -208,7 +214,12 @@ async def test_codec_server_decodes_history_payloads(
         response = await http.post(
             "/decode",
             content=body,
-            headers={"Content-Type": "application/json", "X-Namespace": "default", "Origin": UI_ORIGIN},
+            headers={
+                "Content-Type": "application/json",
+                "X-Namespace": "default",
+                "Origin": UI_ORIGIN,
+                **_auth(home),
+            },
         )
     assert response.status_code == 200, response.text
     assert response.headers["access-control-allow-origin"] == UI_ORIGIN
@@ -228,15 +239,16 @@ def _plain_payloads_json(*texts: str) -> str:
     return json_format.MessageToJson(payloads)
 
 
-def test_codec_server_encode_decode_round_trip(codec_server: CodecServer) -> None:
+def test_codec_server_encode_decode_round_trip(codec_server: CodecServer, home: Path) -> None:
     body = _plain_payloads_json(SECRET, "second")
-    with httpx.Client(base_url=codec_server.url) as http:
+    with httpx.Client(base_url=codec_server.url, headers=_auth(home)) as http:
         encoded = http.post("/encode", content=body, headers={"Content-Type": "application/json"})
         assert encoded.status_code == 200, encoded.text
         _assert_no_secret(encoded.content, "/encode response")
         wire = json.loads(encoded.content)
         assert len(wire["payloads"]) == 2
         assert base64.b64decode(wire["payloads"][0]["metadata"]["encoding"]) == ENCODING
+        assert base64.b64decode(wire["payloads"][0]["metadata"]["encryption-format"]) == b"2"
         assert base64.b64decode(wire["payloads"][0]["metadata"]["encryption-key-id"]).decode() == (
             codec_server.key_id
         )
@@ -250,8 +262,8 @@ def test_codec_server_encode_decode_round_trip(codec_server: CodecServer) -> Non
         assert json_format.Parse(passthrough.content, Payloads()) == json_format.Parse(body, Payloads())
 
 
-def test_codec_server_rejects_tampered_and_malformed(codec_server: CodecServer) -> None:
-    with httpx.Client(base_url=codec_server.url) as http:
+def test_codec_server_rejects_tampered_and_malformed(codec_server: CodecServer, home: Path) -> None:
+    with httpx.Client(base_url=codec_server.url, headers=_auth(home)) as http:
         wire = http.post("/encode", content=_plain_payloads_json(SECRET)).json()
         data = bytearray(base64.b64decode(wire["payloads"][0]["data"]))
         data[-1] ^= 1
@@ -265,21 +277,21 @@ def test_codec_server_rejects_tampered_and_malformed(codec_server: CodecServer) 
         assert http.get("/decode").status_code == 405
 
 
-def test_codec_server_cors_preflight(codec_server: CodecServer) -> None:
-    with httpx.Client(base_url=codec_server.url) as http:
+def test_codec_server_cors_preflight(codec_server: CodecServer, home: Path) -> None:
+    with httpx.Client(base_url=codec_server.url, headers=_auth(home)) as http:
         preflight = http.options(
             "/decode",
             headers={
                 "Origin": UI_ORIGIN,
                 "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "content-type,x-namespace",
+                "Access-Control-Request-Headers": "authorization,content-type,x-namespace",
             },
         )
         assert preflight.status_code in (200, 204)
         assert preflight.headers["access-control-allow-origin"] == UI_ORIGIN
         assert "POST" in preflight.headers["access-control-allow-methods"]
         allowed = {h.strip() for h in preflight.headers["access-control-allow-headers"].split(",")}
-        assert {"content-type", "x-namespace"} <= allowed
+        assert {"authorization", "content-type", "x-namespace"} <= allowed
 
         evil = "http://evil.example"
         denied = http.options("/decode", headers={"Origin": evil, "Access-Control-Request-Method": "POST"})
@@ -292,6 +304,60 @@ def test_codec_server_cors_preflight(codec_server: CodecServer) -> None:
             "/decode", content=_plain_payloads_json("x"), headers={"Host": "attacker.example"}
         )
         assert rebound.status_code == 403
+
+
+@pytest.mark.parametrize("path", ["/decode", "/encode"])
+@pytest.mark.parametrize("origin", [None, UI_ORIGIN])
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer wrong-token-0123456789abcdef0123456789abcdef",
+        "Basic eDp5",
+        "TOKEN",  # the bare token, no "Bearer"
+        "Bearer TOKENx",  # the token with a suffix
+        "Bearer TOKEN[:-1]",  # the token less its last character
+    ],
+)
+def test_codec_server_refuses_callers_without_the_token(
+    codec_server: CodecServer, home: Path, path: str, origin: str | None, authorization: str | None
+) -> None:
+    """Attack: a local process (no Origin) or a page of the UI's origin, without the secret,
+    decodes nothing and encodes nothing."""
+    token = server_token_path(home).read_text().strip()
+    with httpx.Client(base_url=codec_server.url) as http:
+        genuine = http.post("/encode", content=_plain_payloads_json(SECRET), headers=_auth(home))
+        assert genuine.status_code == 200
+        body = genuine.content if path == "/decode" else _plain_payloads_json(SECRET).encode()
+        headers = {"Content-Type": "application/json"}
+        if origin is not None:
+            headers["Origin"] = origin
+        if authorization is not None:
+            headers["Authorization"] = authorization.replace("TOKEN[:-1]", token[:-1]).replace("TOKEN", token)
+        response = http.post(path, content=body, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    _assert_no_secret(response.content, "401 response")
+    assert "payloads" not in response.json()
+
+
+def test_codec_server_token_file_is_private(codec_server: CodecServer, home: Path) -> None:
+    path = server_token_path(home)
+    assert path == home / "codec" / "server-token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_text().strip()) >= 32
+    token = path.read_text()
+    second = serve_codec(home, 0)  # reused, not regenerated
+    second.stop()
+    assert path.read_text() == token
+    os.chmod(path, 0o644)
+    try:
+        with pytest.raises(CodecError, match="chmod 600"):
+            serve_codec(home, 0)
+    finally:
+        os.chmod(path, 0o600)
 
 
 def test_codec_server_binds_loopback_only(codec_server: CodecServer) -> None:
@@ -326,7 +392,74 @@ async def test_run_codec_server_stops_on_sigterm(home: Path, tmp_path: Path) -> 
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     assert f"http://127.0.0.1:{port}" in line
     async with httpx.AsyncClient() as http:
-        r = await http.post(f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json("x"))
+        r = await http.post(
+            f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json("x"), headers=_auth(home)
+        )
         assert r.status_code == 200
+        anonymous = await http.post(f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json("x"))
+        assert anonymous.status_code == 401
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_worker_refuses_forged_plain_input(env: WorkflowEnvironment) -> None:
+    """Attack: a local process without the codec starts a workflow with a plain (forged)
+    input; the worker's converter refuses it, the workflow never runs an activity."""
+    task_queue = f"codec-forged-{uuid.uuid4()}"
+    workflow_id = f"codec-forged-{uuid.uuid4()}"
+    raw_client = Client(env.client.service_client, namespace=env.client.namespace)
+    assert raw_client.data_converter.payload_codec is None
+    await raw_client.start_workflow(
+        "SecretWorkflow",
+        UnwrapInput(key_ref="vault:attacker-chosen", material="forged"),
+        id=workflow_id,
+        task_queue=task_queue,
+    )
+    handle = env.client.get_workflow_handle(workflow_id)
+    async with Worker(env.client, task_queue=task_queue, workflows=[SecretWorkflow], activities=[unwrap]):
+        failed = None
+        for _ in range(600):  # wait for the first workflow task to fail (bounded, not a timing assertion)
+            history = History(events=(await handle.fetch_history()).events)
+            failed = next(
+                (e for e in history.events if e.HasField("workflow_task_failed_event_attributes")), None
+            )
+            if failed is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert failed is not None, "the worker accepted the forged plain input"
+    failure = await env.client.data_converter.decode_failure(
+        failed.workflow_task_failed_event_attributes.failure
+    )
+    assert "not encrypted" in str(failure)
+    kinds = {event.WhichOneof("attributes") for event in history.events}
+    assert "activity_task_scheduled_event_attributes" not in kinds
+    await handle.terminate("test done")
+
+
+async def test_temporal_cli_decodes_with_codec_auth(
+    env: WorkflowEnvironment, codec_server: CodecServer, home: Path
+) -> None:
+    """The documented operator path: `temporal workflow show --codec-auth "Bearer <token>"`
+    decodes the history; without --codec-auth the CLI gets nothing decoded."""
+    workflow_id, _ = await _run(env, fail=False)
+    address = env.client.service_client.config.target_host
+
+    async def show(*extra: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            temporal_cli(), "workflow", "show", "--address", address, "--workflow-id", workflow_id,
+            "--output", "json", "--codec-endpoint", codec_server.url, *extra,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return (out + err).decode()
+
+    def has_secret(out: str) -> bool:  # JSON output: payload data stays base64
+        return any(needle in out.encode() for needle in _needles(SECRET.encode()))
+
+    authorized = await show("--codec-auth", _auth(home)["Authorization"])
+    assert has_secret(authorized)
+    assert '"anNvbi9wbGFpbg=="' in authorized  # metadata encoding "json/plain": decoded
+    anonymous = await show()
+    assert not has_secret(anonymous)
+    wrong = await show("--codec-auth", "Bearer " + "x" * 43)
+    assert not has_secret(wrong)

@@ -208,6 +208,27 @@ def test_init_file_is_private(stack: Settings) -> None:
     assert set(data) == {"unseal_key", "root_token"}
 
 
+def test_codec_server_requires_its_token(stack: Settings) -> None:
+    """The stack's codec server decodes only for holders of <home>/codec/server-token (0600)."""
+    codec = {s.name: s for s in devstack.status(stack)}["codec"].endpoints
+    token_file = Path(codec["token_file"])
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    body = b'{"payloads": []}'
+    anonymous = httpx.post(f"{codec['codec']}/decode", content=body, timeout=10)
+    assert anonymous.status_code == 401
+    wrong = httpx.post(
+        f"{codec['codec']}/decode", content=body, headers={"Authorization": "Bearer " + "x" * 43}, timeout=10
+    )
+    assert wrong.status_code == 401
+    authorized = httpx.post(
+        f"{codec['codec']}/decode",
+        content=body,
+        headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
+        timeout=10,
+    )
+    assert authorized.status_code == 200, authorized.text
+
+
 def test_state_survives_down_and_up(stack: Settings) -> None:
     client = devstack.openbao_client(stack)
     mount = stack.transit_mount

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.api.failure.v1 import Failure
 from temporalio.converter import DataConverter
@@ -17,10 +18,13 @@ from temporalio.exceptions import ApplicationError
 
 from rekey.codec import (
     ENCODING,
+    FORMAT_METADATA,
+    INNER_ENCODING_METADATA,
     KEY_ID_METADATA,
     CodecError,
     EncryptionCodec,
     Keyring,
+    associated_data,
     codec_keys_path,
     data_converter,
     key_id_for,
@@ -47,7 +51,9 @@ async def test_round_trip_and_wire_format() -> None:
     [encoded] = await codec.encode([original])
     assert encoded.metadata["encoding"] == ENCODING
     assert encoded.metadata[KEY_ID_METADATA] == codec.key_id.encode()
-    assert set(encoded.metadata) == {"encoding", KEY_ID_METADATA}
+    assert encoded.metadata[FORMAT_METADATA] == b"2"
+    assert encoded.metadata[INNER_ENCODING_METADATA] == b"json/plain"
+    assert set(encoded.metadata) == {"encoding", KEY_ID_METADATA, FORMAT_METADATA, INNER_ENCODING_METADATA}
     assert SECRET.encode() not in encoded.SerializeToString()
     assert b"x-extra" not in encoded.SerializeToString()  # original metadata is encrypted too
     assert len(encoded.data) == 12 + len(original.SerializeToString()) + 16
@@ -63,10 +69,115 @@ async def test_nonce_is_fresh_per_payload() -> None:
 
 
 async def test_unencrypted_payload_passes_through() -> None:
-    codec = EncryptionCodec(Keyring.generate())
+    """Only when asked for (reading histories from before encryption; the codec server)."""
+    codec = EncryptionCodec(Keyring.generate(), allow_unencrypted=True)
     plain = _payload("from before encryption was enabled")
     [decoded] = await codec.decode([plain])
     assert decoded == plain
+
+
+@pytest.mark.parametrize("encoding", [b"json/plain", b"binary/null", b"binary/plain", None])
+async def test_unencrypted_payload_is_refused_by_default(encoding: bytes | None) -> None:
+    """Attack: a forged plain payload (e.g. a signal sent without the codec) is not accepted."""
+    codec = EncryptionCodec(Keyring.generate())
+    forged = (
+        Payload(data=b'"forged"') if encoding is None else Payload(metadata={"encoding": encoding}, data=b"1")
+    )
+    with pytest.raises(CodecError, match="not encrypted"):
+        await codec.decode([forged])
+
+
+async def test_worker_converter_refuses_forged_plain_payload(tmp_path: Path) -> None:
+    """The converter clients and workers use: a plain payload does not decode to a value."""
+    converter = data_converter(tmp_path)
+    [plain] = await DataConverter.default.encode([Job(key_ref="vault:evil", material="forged")])
+    with pytest.raises(CodecError, match="not encrypted"):
+        await converter.decode([plain], [Job])
+    # ...nor hidden among genuine ones.
+    [genuine] = await converter.encode([Job(key_ref="vault:ok", material="real")])
+    with pytest.raises(CodecError, match="not encrypted"):
+        await converter.decode([genuine, plain], [Job, Job])
+    allowing = data_converter(tmp_path, allow_unencrypted=True)
+    assert await allowing.decode([plain], [Job]) == [Job(key_ref="vault:evil", material="forged")]
+
+
+async def test_ciphertext_swapped_between_payloads_with_other_metadata_fails() -> None:
+    """Attack: move the data of one encrypted payload into a payload with other metadata."""
+    codec = EncryptionCodec(Keyring.generate())
+    [as_json, as_null] = await codec.encode([_payload(), Payload(metadata={"encoding": b"binary/null"})])
+    assert as_json.metadata != as_null.metadata
+    as_null.data, as_json.data = as_json.data, as_null.data
+    for swapped in (as_json, as_null):
+        with pytest.raises(CodecError, match="failed authentication"):
+            await codec.decode([swapped])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (INNER_ENCODING_METADATA, b"binary/null"),
+        (INNER_ENCODING_METADATA, None),
+        ("x-added", b"1"),
+        (FORMAT_METADATA, None),  # downgrade to format 1
+    ],
+)
+async def test_outer_metadata_is_bound(key: str, value: bytes | None) -> None:
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.encode([_payload()])
+    if value is None:
+        del encoded.metadata[key]
+    else:
+        encoded.metadata[key] = value
+    with pytest.raises(CodecError, match=r"failed authentication|unexpected metadata"):
+        await codec.decode([encoded])
+
+
+async def test_unknown_format_is_refused() -> None:
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.encode([_payload()])
+    encoded.metadata[FORMAT_METADATA] = b"3"
+    with pytest.raises(CodecError, match="unknown 'encryption-format'"):
+        await codec.decode([encoded])
+
+
+def _format1(ring: Keyring, payload: Payload) -> Payload:
+    """A payload as the format 1 codec wrote it (AAD: the key id only)."""
+    nonce = os.urandom(12)
+    key_id = ring.current.encode()
+    sealed = AESGCM(ring.keys[ring.current]).encrypt(nonce, payload.SerializeToString(), key_id)
+    return Payload(metadata={"encoding": ENCODING, KEY_ID_METADATA: key_id}, data=nonce + sealed)
+
+
+async def test_format1_payloads_still_decode() -> None:
+    """Histories recorded before format 2 stay readable; tampering with them still fails."""
+    ring = Keyring.generate()
+    codec = EncryptionCodec(ring)
+    old = _format1(ring, _payload())
+    assert len(old.data) == 12 + len(_payload().SerializeToString()) + 16
+    [decoded] = await codec.decode([old])
+    assert decoded == _payload()
+    old.metadata["x-added"] = b"1"
+    with pytest.raises(CodecError, match="unexpected metadata"):
+        await codec.decode([old])
+    del old.metadata["x-added"]
+    old.data = old.data[:-1] + bytes([old.data[-1] ^ 1])
+    with pytest.raises(CodecError, match="failed authentication"):
+        await codec.decode([old])
+
+
+async def test_inner_encoding_must_match_outer() -> None:
+    """Even under the right AAD, a decrypted payload whose encoding differs from the label fails."""
+    ring = Keyring.generate()
+    codec = EncryptionCodec(ring)
+    [encoded] = await codec.encode([_payload()])
+    # Re-encrypt, as a key holder would, a binary/null payload under a json/plain label.
+    nonce = os.urandom(12)
+    inner = Payload(metadata={"encoding": b"binary/null"})
+    encoded.data = nonce + AESGCM(ring.keys[ring.current]).encrypt(
+        nonce, inner.SerializeToString(), associated_data(dict(encoded.metadata))
+    )
+    with pytest.raises(CodecError, match="does not match"):
+        await codec.decode([encoded])
 
 
 async def test_data_converter_round_trips_values(tmp_path: Path) -> None:
