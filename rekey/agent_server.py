@@ -64,6 +64,7 @@ class AgentApi:
         self.routes: dict[tuple[str, str], Callable[[dict[str, Any], bool], dict[str, Any]]] = {
             ("GET", "/v1/identity"): lambda _b, _l: self.agent.identity(),
             ("POST", "/v1/nonce"): lambda _b, _l: {"nonce": _b64(self.agent.new_nonce())},
+            ("POST", "/v1/import-nonce"): lambda _b, _l: {"nonce": _b64(self.agent.new_import_nonce())},
             ("POST", "/v1/attest"): self.attest,
             ("POST", "/v1/seal"): self.seal,
             ("POST", "/v1/unseal"): self.unseal,
@@ -100,6 +101,7 @@ class AgentApi:
             peer_evidence=_bytes(body, "peer_evidence"),
             peer_public_key=_bytes(body, "peer_public_key"),
             nonce=_bytes(body, "nonce"),
+            import_nonce=_bytes(body, "import_nonce"),
             blobs=[_bytes({"blob": b}, "blob") for b in blobs],
         )
 

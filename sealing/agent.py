@@ -5,7 +5,9 @@ unseals with the platform's sealing keys, and hands hardware-sealed secrets to t
 generation: ``export`` checks the new enclave's evidence against the migration policy (same
 signer and product, SVN not lower, not debug, TCB up to date), unseals, and encrypts each
 secret to the new enclave's attested key; ``import`` decrypts such a package inside the new
-enclave and reseals under its own identity. No answer carries a plaintext secret except
+enclave and reseals under its own identity. The importer issues a single-use import nonce that
+the exporter's package evidence binds together with the items, so a recorded package imports at
+most once (and never after the importer restarts). No answer carries a plaintext secret except
 ``unseal``, which the transport restricts to the local caller.
 
 The agent is typed against the enclave interface (``sealing.tee.platform.Enclave``), so it runs
@@ -29,6 +31,7 @@ from typing import Any
 from attestation.claims import Claims
 from attestation.errors import NonceMismatch, PolicyDenied
 from attestation.platform import PlatformVerifier
+from attestation.policy import CLOCK_SKEW
 from sealing import envelope
 from sealing.envelope import SealingPolicy
 from sealing.generation import GenerationManifest
@@ -45,8 +48,8 @@ from sealing.handoff import (
 from sealing.tee.platform import SEAL_POLICIES, Enclave, SealPolicyName
 
 _POLICY_NAMES: dict[SealingPolicy, SealPolicyName] = {value: name for name, value in SEAL_POLICIES.items()}
-EXPORT_CONTEXT = b"rekey-export-v1"
-PACKAGE_VERSION = 1
+EXPORT_CONTEXT = b"rekey-export-v2"
+PACKAGE_VERSION = 2  # v2: the exporter's evidence binds the importer's nonce
 NONCE_TTL = timedelta(minutes=5)
 MAX_OUTSTANDING_NONCES = 10_000
 
@@ -97,9 +100,37 @@ def migration_reasons(own: GenerationManifest, peer: Claims, *, peer_is_newer: b
     return reasons
 
 
-def _items_digest(items: list[dict[str, str]]) -> bytes:
+def _package_report_data(import_nonce: bytes, items: list[dict[str, str]]) -> bytes:
+    """What the exporter's evidence binds: SHA-256(context || len(nonce) || nonce || items) || zeros."""
     canonical = json.dumps(items, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(EXPORT_CONTEXT + canonical).digest()
+    material = EXPORT_CONTEXT + len(import_nonce).to_bytes(1, "big") + import_nonce + canonical
+    return hashlib.sha256(material).digest() + bytes(32)
+
+
+class _NoncePool:
+    """Single-use nonces with a lifetime, at most ``MAX_OUTSTANDING_NONCES`` outstanding."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+        self._nonces: dict[bytes, datetime] = {}
+        self._lock = threading.Lock()
+
+    def issue(self) -> bytes:
+        now = self._clock()
+        nonce = secrets.token_bytes(32)
+        with self._lock:
+            for old in [n for n, expiry in self._nonces.items() if expiry <= now]:
+                del self._nonces[old]
+            if len(self._nonces) >= MAX_OUTSTANDING_NONCES:
+                raise HandoffError("too many outstanding nonces; try again later")
+            self._nonces[nonce] = now + NONCE_TTL
+        return nonce
+
+    def consume(self, nonce: bytes, what: str) -> None:
+        with self._lock:
+            expiry = self._nonces.pop(nonce, None)
+        if expiry is None or expiry <= self._clock():
+            raise NonceMismatch(f"{what} was not issued by this agent, has expired, or was already used")
 
 
 class EnclaveAgent:
@@ -118,8 +149,8 @@ class EnclaveAgent:
         self._clock = clock
         self._max_age = max_evidence_age
         self._keys = HandoffKeyPair()
-        self._nonces: dict[bytes, datetime] = {}
-        self._lock = threading.Lock()
+        self._export_nonces = _NoncePool(clock)  # challenges for a peer that wants our state
+        self._import_nonces = _NoncePool(clock)  # what an exporter's package must bind for us
 
     @property
     def public_key(self) -> bytes:
@@ -135,21 +166,11 @@ class EnclaveAgent:
 
     def new_nonce(self) -> bytes:
         """A single-use challenge for a peer that wants this agent's state."""
-        now = self._clock()
-        nonce = secrets.token_bytes(32)
-        with self._lock:
-            for old in [n for n, expiry in self._nonces.items() if expiry <= now]:
-                del self._nonces[old]
-            if len(self._nonces) >= MAX_OUTSTANDING_NONCES:
-                raise HandoffError("too many outstanding nonces; try again later")
-            self._nonces[nonce] = now + NONCE_TTL
-        return nonce
+        return self._export_nonces.issue()
 
-    def _consume_nonce(self, nonce: bytes) -> None:
-        with self._lock:
-            expiry = self._nonces.pop(nonce, None)
-        if expiry is None or expiry <= self._clock():
-            raise NonceMismatch("nonce was not issued by this agent, has expired, or was already used")
+    def new_import_nonce(self) -> bytes:
+        """A single-use nonce the exporter must bind into the package this agent is to import."""
+        return self._import_nonces.issue()
 
     def attest(self, nonce: bytes) -> Attestation:
         if not 1 <= len(nonce) <= 64:
@@ -161,8 +182,13 @@ class EnclaveAgent:
         claims = self._verifier.verify(evidence, at=now)
         if not hmac.compare_digest(bytes.fromhex(claims.report_data), expected_report_data):
             raise NonceMismatch("peer evidence does not bind the expected nonce and public key")
-        if claims.evidence_time is not None and now - claims.evidence_time > self._max_age:
-            raise PolicyDenied([f"evidence is older than {int(self._max_age.total_seconds())}s"])
+        if claims.evidence_time is not None:
+            if now - claims.evidence_time > self._max_age:
+                raise PolicyDenied([f"evidence is older than {int(self._max_age.total_seconds())}s"])
+            if claims.evidence_time - now > CLOCK_SKEW:
+                raise PolicyDenied(
+                    [f"evidence is dated in the future (more than {int(CLOCK_SKEW.total_seconds())}s ahead)"]
+                )
         return claims
 
     # ------------------------------------------------------------------------------ sealing
@@ -176,10 +202,20 @@ class EnclaveAgent:
     # ------------------------------------------------------------------------------ handoff
 
     def export(
-        self, *, peer_evidence: bytes, peer_public_key: bytes, nonce: bytes, blobs: list[bytes]
+        self,
+        *,
+        peer_evidence: bytes,
+        peer_public_key: bytes,
+        nonce: bytes,
+        import_nonce: bytes,
+        blobs: list[bytes],
     ) -> dict[str, Any]:
-        """Hand ``blobs`` to an attested newer generation, encrypted to its key."""
-        self._consume_nonce(nonce)
+        """Hand ``blobs`` to an attested newer generation, encrypted to its key. ``nonce`` is
+        this agent's challenge the peer's evidence binds; ``import_nonce`` is the peer's
+        (``new_import_nonce``), bound into this agent's evidence over the package."""
+        if not 1 <= len(import_nonce) <= 64:
+            raise HandoffError("import nonce must be 1-64 bytes")
+        self._export_nonces.consume(nonce, "nonce")
         claims = self._verify_peer(peer_evidence, report_data_for(nonce, peer_public_key))
         reasons = migration_reasons(self.manifest, claims, peer_is_newer=True)
         if reasons:
@@ -197,14 +233,16 @@ class EnclaveAgent:
                     "ciphertext": _b64(seal_to(peer_public_key, label, secret)),
                 }
             )
-        # The exporter attests to the package too, so the importer knows who sent it.
-        evidence = self._enclave.report(_items_digest(items) + bytes(32))
+        # The exporter attests to the package too, so the importer knows who sent it, and binds
+        # the importer's nonce, so the package imports once.
+        evidence = self._enclave.report(_package_report_data(import_nonce, items))
         return {
             "version": PACKAGE_VERSION,
             "suite": SUITE_NAME,
             "recipient_key_sha256": fingerprint(peer_public_key),
             "exporter_generation": self.manifest.id,
             "exporter_evidence": _b64(evidence),
+            "import_nonce": _b64(import_nonce),
             "items": items,
         }
 
@@ -212,7 +250,9 @@ class EnclaveAgent:
         """Decrypt a package sealed for this agent and reseal every item under this identity.
 
         Returns (namespace, name, new blob) per item. Nothing is returned unless every item
-        decrypted: a package is taken whole or not at all."""
+        decrypted: a package is taken whole or not at all. The package's import nonce must be
+        one this agent issued and has not seen used: it is spent by this call, whatever the
+        outcome, so a package (or a replay of it) imports at most once."""
         if not isinstance(package, dict) or package.get("version") != PACKAGE_VERSION:
             raise HandoffError(f"not a version {PACKAGE_VERSION} handoff package")
         if package.get("recipient_key_sha256") != fingerprint(self.public_key):
@@ -220,8 +260,11 @@ class EnclaveAgent:
         items = package.get("items")
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             raise HandoffError("handoff package has no item list")
+        import_nonce = _unb64(package.get("import_nonce"), "import nonce")
+        self._import_nonces.consume(import_nonce, "import nonce")
         exporter = self._verify_peer(
-            _unb64(package.get("exporter_evidence"), "exporter evidence"), _items_digest(items) + bytes(32)
+            _unb64(package.get("exporter_evidence"), "exporter evidence"),
+            _package_report_data(import_nonce, items),
         )
         reasons = migration_reasons(self.manifest, exporter, peer_is_newer=False)
         if reasons:
