@@ -322,7 +322,7 @@ class Verifier:
     def _admit(self) -> None:
         if self._admitted >= self._max_concurrent + self._max_queue:
             self._counts["rejected"] += 1
-            seconds = self._retry_after * (1.0 + self._retry_jitter * random.random())
+            seconds = self._retry_after * (1.0 + self._retry_jitter * random.random())  # jitter, not a secret  # nosec B311
             log.debug("at capacity (%d admitted); retry after %.2fs", self._admitted, seconds)
             raise RetryAfter(seconds)
         self._admitted += 1
@@ -337,7 +337,7 @@ class Verifier:
 
     async def _join(self, flight: _Flight) -> str:
         task = flight.task
-        assert task is not None
+        assert task is not None  # typing only: set before the flight is shared  # nosec B101
         flight.waiters += 1
         try:
             return await asyncio.shield(task)
