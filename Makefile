@@ -27,6 +27,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/bandit -q -c pyproject.toml -r .
 
 bench: venv
 	$(BIN)/python -m loadtest.bench_sealing

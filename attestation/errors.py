@@ -38,6 +38,11 @@ class TokenInvalid(AttestationError):
     """An attestation-result token failed verification (signature, expiry, audience, policy)."""
 
 
+class TokenNonceMismatch(TokenInvalid, NonceMismatch):
+    """A presented token was issued for another nonce than the one the caller expects now (an old
+    token replayed against a fresh challenge)."""
+
+
 class RetryAfter(AttestationError):
     """Admission control: the verifier is at capacity; try again after ``seconds``."""
 

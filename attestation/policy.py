@@ -422,7 +422,7 @@ def parse_policy_text(text: str | bytes, *, fmt: Literal["yaml", "json"] = "yaml
         if fmt == "json":
             document = json.loads(text, object_pairs_hook=_json_pairs)
         else:
-            document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+            document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass  # nosec B506
     except yaml.YAMLError as exc:
         raise PolicyError(f"policy: not valid YAML: {_yaml_error(exc)}") from None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError, as is a duplicate key

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 ALGORITHM = "ES256"
-TOKEN_TYPE = "rekey-ar+jwt"  # noqa: S105 - a JWT "typ", not a secret
+TOKEN_TYPE = "rekey-ar+jwt"  # noqa: S105 - a JWT "typ", not a secret  # nosec B105
 DEFAULT_ISSUER = "rekey-verifier"
 DEFAULT_TTL = timedelta(minutes=5)
 MAX_TOKEN_LENGTH = 16 * 1024

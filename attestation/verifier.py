@@ -45,6 +45,7 @@ from attestation.errors import (
     PolicyDenied,
     RetryAfter,
     TokenInvalid,
+    TokenNonceMismatch,
 )
 from attestation.platform import PlatformVerifier
 from attestation.policy import Policy
@@ -289,18 +290,22 @@ class Verifier:
         cnf_public_key: bytes,
     ) -> str:
         """Return ``token`` unchanged if it is one of ours, for ``audience``, ``policy`` (id and
-        digest: a changed policy re-attests), ``platform`` and ``cnf_public_key``, and valid for at
-        least ``min_token_remaining`` more; otherwise ``verify`` the evidence. With
-        ``evidence=None`` a token that is not good enough raises ``TokenInvalid`` instead."""
+        digest: a changed policy re-attests), ``platform``, ``cnf_public_key`` and (when given)
+        ``expected_nonce``, and valid for at least ``min_token_remaining`` more; otherwise
+        ``verify`` the evidence. With ``evidence=None`` a token that is not good enough raises
+        ``TokenInvalid`` instead (``TokenNonceMismatch``, also a ``NonceMismatch``, when it was
+        issued for another nonce)."""
+        if expected_nonce is not None and not expected_nonce:
+            raise ValueError("expected_nonce must not be empty (pass None for no nonce)")
         if token is not None:
-            reason = self._token_problem(token, platform, policy, audience, cnf_public_key)
-            if reason is None:
+            problem = self._token_problem(token, platform, expected_nonce, policy, audience, cnf_public_key)
+            if problem is None:
                 self._counts["tokens_accepted"] += 1
                 return token
             self._counts["tokens_refused"] += 1
-            log.debug("presented token not accepted: %s", reason)
+            log.debug("presented token not accepted: %s", problem)
             if evidence is None:
-                raise TokenInvalid(reason)
+                raise problem
         if evidence is None:
             raise MalformedEvidence("neither a token nor evidence was presented")
         return await self.verify(
@@ -317,7 +322,7 @@ class Verifier:
     def _admit(self) -> None:
         if self._admitted >= self._max_concurrent + self._max_queue:
             self._counts["rejected"] += 1
-            seconds = self._retry_after * (1.0 + self._retry_jitter * random.random())
+            seconds = self._retry_after * (1.0 + self._retry_jitter * random.random())  # jitter, not a secret  # nosec B311
             log.debug("at capacity (%d admitted); retry after %.2fs", self._admitted, seconds)
             raise RetryAfter(seconds)
         self._admitted += 1
@@ -332,7 +337,7 @@ class Verifier:
 
     async def _join(self, flight: _Flight) -> str:
         task = flight.task
-        assert task is not None
+        assert task is not None  # typing only: set before the flight is shared  # nosec B101
         flight.waiters += 1
         try:
             return await asyncio.shield(task)
@@ -499,19 +504,31 @@ class Verifier:
     # -- tokens ---------------------------------------------------------------------------------
 
     def _token_problem(
-        self, token: str, platform: str, policy: Policy, audience: str, cnf_public_key: bytes
-    ) -> str | None:
+        self,
+        token: str,
+        platform: str,
+        expected_nonce: bytes | None,
+        policy: Policy,
+        audience: str,
+        cnf_public_key: bytes,
+    ) -> TokenInvalid | None:
         now = self._clock()
         try:
             result = self._signer.verify(token, audience=audience, policy_id=policy.id, now=now)
         except TokenInvalid as exc:
-            return str(exc)
+            return exc
         if result.policy_digest != policy.digest:
-            return f"policy {policy.id} changed since the token was issued"
+            return TokenInvalid(f"policy {policy.id} changed since the token was issued")
         if not hmac.compare_digest(result.cnf_key_hash, hashlib.sha256(cnf_public_key).hexdigest()):
-            return "token is bound to another key"
+            return TokenInvalid("token is bound to another key")
         if result.claims.platform != platform:
-            return f"token is for platform {result.claims.platform}, not {platform}"
+            return TokenInvalid(f"token is for platform {result.claims.platform}, not {platform}")
+        if expected_nonce is not None:
+            # A token answers one challenge: an old token must not satisfy a fresh nonce.
+            if result.claims.nonce is None:
+                return TokenNonceMismatch("token was issued without a nonce; a fresh nonce is expected")
+            if not hmac.compare_digest(result.claims.nonce.encode(), expected_nonce.hex().encode()):
+                return TokenNonceMismatch("token was issued for another nonce")
         if result.expires_at - now < self._min_token_remaining:
-            return f"token expires at {result.expires_at.isoformat()}, too soon to accept"
+            return TokenInvalid(f"token expires at {result.expires_at.isoformat()}, too soon to accept")
         return None

@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
+import subprocess  # starts the emulator servers  # nosec B404
 import sysconfig
 import tempfile
 import time
@@ -106,7 +106,9 @@ def _require_binary(name: str) -> str:
 def _process(args: list[str], port: int, log_name: str) -> Iterator[subprocess.Popen[bytes]]:
     log = Path(tempfile.mkdtemp(prefix="rekey-server-")) / log_name
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(  # no shell  # nosec B603
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     try:
         try:
             wait_for_port(port)

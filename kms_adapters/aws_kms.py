@@ -76,6 +76,7 @@ from kms_adapters.errors import (
     InvalidCiphertext,
     InvalidRequest,
     KmsError,
+    NitroAttestationUnverified,
     NotFound,
     PermissionDenied,
     Throttled,
@@ -84,7 +85,7 @@ from kms_adapters.errors import (
 )
 from kms_adapters.governor import Governor, governor_for
 from kms_adapters.keyref import InvalidKeyRef, check_name
-from kms_adapters.release import ReleaseGate, ReleasePolicyStore, check_release, encrypt_for_recipient
+from kms_adapters.release import ReleaseGate, ReleasePolicyStore
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import WrappedKey, parse_versioned_prefix
 
@@ -216,7 +217,8 @@ def _retry_after(meta: dict[str, Any]) -> float | None:
 
 @dataclass(frozen=True)
 class NitroRelease:
-    """What ``release_for_nitro`` returns. ``scheme`` says how ``ciphertext`` is encrypted:
+    """What ``release_for_nitro`` is to return once Nitro documents are verified (it refuses
+    now). ``scheme`` says how ``ciphertext`` is encrypted:
     ``kms-recipient`` — KMS honoured ``Recipient`` and returned ``CiphertextForRecipient`` (CMS,
     to the RSA key in the attestation document); ``hpke`` — KMS returned plaintext (moto ignores
     ``Recipient``) and the adapter HPKE-encrypted it to ``recipient_public_key`` as ``release`` does."""
@@ -807,25 +809,14 @@ class AwsKmsAdapter(ReleaseGate):
         recipient_public_key: bytes,
         attestation_document: bytes,
     ) -> NitroRelease:
-        """``release`` for a Nitro Enclave that also sent its attestation document: the same gate
-        (result token against the key's release policy, ``cnf`` = the recipient key), then
-        ``Decrypt`` with ``Recipient`` so that real KMS encrypts the DEK to the enclave itself."""
-        check_release(self.release_store.get(self.key_ref), attestation_result, recipient_public_key)
-        if not attestation_document:
-            raise InvalidRequest("a Nitro attestation document is required")
-        response = self._decrypt(
-            wrapped,
-            Recipient={
-                "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
-                "AttestationDocument": bytes(attestation_document),
-            },
-        )
-        for_recipient = response.get("CiphertextForRecipient")
-        if isinstance(for_recipient, (bytes, bytearray)) and for_recipient:
-            return NitroRelease("kms-recipient", bytes(for_recipient))
-        plaintext = response.get("Plaintext")
-        if not isinstance(plaintext, (bytes, bytearray)):
-            raise Unavailable("AWS KMS returned neither CiphertextForRecipient nor plaintext")
-        return NitroRelease(
-            "hpke", encrypt_for_recipient(bytes(plaintext), recipient_public_key, self.key_ref)
-        )
+        """``release`` for a Nitro Enclave that sends its attestation document: always refused with
+        ``NitroAttestationUnverified``, before any KMS call, until a Nitro verifier exists.
+
+        Passing the document as ``Recipient`` makes KMS encrypt the DEK to the RSA key inside
+        *whatever* document the caller sends, while the gate only checks the token's ``cnf``
+        against a key the caller also supplies: a valid token for any allowed enclave plus a
+        document from any Nitro enclave (a debug one included) would yield the DEK. Enabling this
+        needs: the document verified (COSE signature, AWS Nitro root, freshness), ``cnf`` equal
+        to the hash of the document's public key, its PCRs satisfying the policy, and
+        ``kms:RecipientAttestation:*`` conditions in the key policy."""
+        raise NitroAttestationUnverified()

@@ -137,7 +137,7 @@ class StaticTokenCredential:
     For the dev stack and the Key Vault emulator, which accept any token; never for Azure
     (use ``azure.identity`` there)."""
 
-    def __init__(self, token: str = "rekey-dev-token", *, lifetime: int = 3600) -> None:  # noqa: S107
+    def __init__(self, token: str = "rekey-dev-token", *, lifetime: int = 3600) -> None:  # noqa: S107  # nosec B107 # the emulator's dev token
         if not token:
             raise ValueError("token must not be empty")
         self._token = token

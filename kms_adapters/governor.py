@@ -275,7 +275,7 @@ class Governor:
             self._async_sleep = _wrap_sync_sleep(sleep)
         else:
             self._async_sleep = asyncio.sleep
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else random.Random()  # backoff jitter, not a secret  # nosec B311
 
         self._lock = threading.Lock()
         # Rate limiter (GCRA) and CUBIC state.

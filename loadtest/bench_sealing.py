@@ -62,7 +62,7 @@ def run(seconds: float) -> list[dict[str, object]]:
         aad = b"\x00" * 96  # about the size of a real header
         raw_ct = aead.encrypt(nonce, data, aad)
         blob = bytes(seal(data, wrapper, namespace="bench", name="item", generation="gen-1"))
-        assert open_blob(blob, wrapper) == data
+        assert open_blob(blob, wrapper) == data  # benchmark sanity check  # nosec B101
 
         def raw_seal(data: bytes = data, aad: bytes = aad, aead: AESGCM = aead) -> bytes:
             # Raw baseline: what any envelope must do at least (fresh nonce, one AES-GCM pass).

@@ -31,7 +31,8 @@ from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
 from loadtest.throttle_proxy import ThrottleProxy
 
-MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+_MOTO_SECRET = "testing"  # noqa: S105 - moto's fixed dev credential, not a secret  # nosec B105
+MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": _MOTO_SECRET}
 
 
 @dataclass

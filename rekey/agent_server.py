@@ -103,6 +103,9 @@ class AgentApi:
         self.routes: dict[tuple[str, str], Callable[[dict[str, Any], str], dict[str, Any]]] = {
             ("GET", "/v1/identity"): lambda _b, _c: self.agent.identity(),
             ("POST", "/v1/nonce"): lambda _b, caller: {"nonce": _b64(self.agent.new_nonce(caller))},
+            ("POST", "/v1/import-nonce"): lambda _b, caller: {
+                "nonce": _b64(self.agent.new_import_nonce(caller))
+            },
             ("POST", "/v1/attest"): self.attest,
             ("POST", "/v1/seal"): self.seal,
             ("POST", "/v1/unseal"): self.unseal,
@@ -138,12 +141,13 @@ class AgentApi:
             peer_evidence=_bytes(body, "peer_evidence"),
             peer_public_key=_bytes(body, "peer_public_key"),
             nonce=_bytes(body, "nonce"),
+            import_nonce=_bytes(body, "import_nonce"),
             blobs=[_bytes({"blob": b}, "blob") for b in blobs],
             caller=caller,
         )
 
-    def import_(self, body: dict[str, Any], _caller: str) -> dict[str, Any]:
-        resealed = self.agent.import_package(_field(body, "package"))
+    def import_(self, body: dict[str, Any], caller: str) -> dict[str, Any]:
+        resealed = self.agent.import_package(_field(body, "package"), caller)
         return {"blobs": [{"namespace": ns, "name": name, "blob": _b64(blob)} for ns, name, blob in resealed]}
 
 

@@ -26,7 +26,8 @@ from kms_adapters.release import FileReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.config import ConfigError, Settings
 
-DEV_AWS_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+_MOTO_SECRET = "testing"  # noqa: S105 - moto's fixed dev credential, not a secret  # nosec B105
+DEV_AWS_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": _MOTO_SECRET}
 
 
 class BackendNotAvailable(Exception):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,39 @@ class ConfigError(Exception):
     """The settings file or an environment variable holds a value rekey cannot use."""
 
     exit_code = 2
+
+
+class InsecureHome(ConfigError):
+    """The home directory is writable by other users (or owned by one): they could replace the
+    state database, keys or settings in it, so rekey refuses to use it."""
+
+
+def secure_home(home: Path) -> Path:
+    """Create ``home`` (and missing parents) with mode 0700, or check an existing one: it must be
+    a directory owned by this user that neither group nor others can write. ``InsecureHome`` if
+    not (one line: what is wrong and the ``chmod`` that fixes it)."""
+    try:
+        home.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create the home directory {home}: {exc.strerror}") from None
+    else:
+        os.chmod(home, 0o700)  # mkdir's mode is masked by the umask; make it exactly 0700
+    try:
+        info = home.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the home directory {home}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"the home {home} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise InsecureHome(f"refusing the home {home}: it is owned by uid {info.st_uid}, not {os.geteuid()}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = stat.S_IMODE(info.st_mode)
+        raise InsecureHome(
+            f"refusing the home {home}: mode {mode:04o} lets other users write it (chmod 700 {home})"
+        )
+    return home
 
 
 @dataclass(frozen=True)
@@ -176,9 +210,11 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Build settings for ``home`` (else ``REKEY_HOME``, else ``./.rekey``)."""
+    """Build settings for ``home`` (else ``REKEY_HOME``, else ``./.rekey``), which is created 0700
+    if missing and refused (``InsecureHome``) if other users can write it (``secure_home``)."""
     env = os.environ if environ is None else environ
     home_path = Path(home) if home is not None else Path(env.get("REKEY_HOME", str(DEFAULT_HOME)))
+    secure_home(home_path)
     values: dict[str, Any] = {}
     config_path = home_path / CONFIG_FILE
     if config_path.exists():

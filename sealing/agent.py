@@ -5,7 +5,9 @@ unseals with the platform's sealing keys, and hands hardware-sealed secrets to t
 generation: ``export`` checks the new enclave's evidence against the migration policy (same
 signer and product, SVN not lower, not debug, TCB up to date), unseals, and encrypts each
 secret to the new enclave's attested key; ``import`` decrypts such a package inside the new
-enclave and reseals under its own identity. No answer carries a plaintext secret except
+enclave and reseals under its own identity. The importer issues a single-use import nonce that
+the exporter's package evidence binds together with the items, so a recorded package imports at
+most once (and never after the importer restarts). No answer carries a plaintext secret except
 ``unseal``, which the transport restricts to the local caller.
 
 The agent is typed against the enclave interface (``sealing.tee.platform.Enclave``), so it runs
@@ -30,6 +32,7 @@ from typing import Any
 from attestation.claims import Claims
 from attestation.errors import NonceMismatch, PolicyDenied
 from attestation.platform import PlatformVerifier
+from attestation.policy import CLOCK_SKEW
 from sealing import envelope
 from sealing.envelope import SealingPolicy
 from sealing.generation import GenerationManifest
@@ -46,8 +49,8 @@ from sealing.handoff import (
 from sealing.tee.platform import SEAL_POLICIES, Enclave, SealPolicyName
 
 _POLICY_NAMES: dict[SealingPolicy, SealPolicyName] = {value: name for name, value in SEAL_POLICIES.items()}
-EXPORT_CONTEXT = b"rekey-export-v1"
-PACKAGE_VERSION = 1
+EXPORT_CONTEXT = b"rekey-export-v2"
+PACKAGE_VERSION = 2  # v2: the exporter's evidence binds the importer's nonce
 NONCE_TTL = timedelta(minutes=5)
 # Outstanding nonces are bounded per caller (the caller's own oldest one is evicted, never another
 # caller's) and overall by the number of callers, so a flood from one caller cannot block another's
@@ -102,47 +105,25 @@ def migration_reasons(own: GenerationManifest, peer: Claims, *, peer_is_newer: b
     return reasons
 
 
-def _items_digest(items: list[dict[str, str]]) -> bytes:
+def _package_report_data(import_nonce: bytes, items: list[dict[str, str]]) -> bytes:
+    """What the exporter's evidence binds: SHA-256(context || len(nonce) || nonce || items) || zeros."""
     canonical = json.dumps(items, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(EXPORT_CONTEXT + canonical).digest()
+    material = EXPORT_CONTEXT + len(import_nonce).to_bytes(1, "big") + import_nonce + canonical
+    return hashlib.sha256(material).digest() + bytes(32)
 
 
-class EnclaveAgent:
-    def __init__(
-        self,
-        manifest: GenerationManifest,
-        enclave: Enclave[Any],
-        verifier: PlatformVerifier,
-        *,
-        clock: Callable[[], datetime] = _now,
-        max_evidence_age: timedelta = timedelta(minutes=5),
-    ) -> None:
-        self.manifest = manifest
-        self._enclave = enclave
-        self._verifier = verifier
+class _NoncePool:
+    """Single-use nonces with a lifetime, bounded per caller: each caller keeps at most
+    ``MAX_NONCES_PER_CALLER`` outstanding (a new one evicts that caller's own oldest, never
+    another caller's), and at most ``MAX_NONCE_CALLERS`` callers hold nonces at once. A nonce is
+    spent only by the caller it was issued to."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
         self._clock = clock
-        self._max_age = max_evidence_age
-        self._keys = HandoffKeyPair()
         self._nonces: dict[str, OrderedDict[bytes, datetime]] = {}
         self._lock = threading.Lock()
 
-    @property
-    def public_key(self) -> bytes:
-        return self._keys.public_bytes
-
-    def identity(self) -> dict[str, Any]:
-        return self.manifest.model_dump() | {
-            "handoff_key_sha256": fingerprint(self.public_key),
-            "handoff_suite": SUITE_NAME,
-        }
-
-    # ------------------------------------------------------------------------- attestation
-
-    def new_nonce(self, caller: str = "") -> bytes:
-        """A single-use challenge (for ``caller``) for a peer that wants this agent's state.
-
-        Each caller keeps at most ``MAX_NONCES_PER_CALLER`` outstanding nonces; a new one evicts
-        that caller's oldest. At most ``MAX_NONCE_CALLERS`` callers hold nonces at once."""
+    def issue(self, caller: str = "") -> bytes:
         now = self._clock()
         nonce = secrets.token_bytes(32)
         with self._lock:
@@ -162,13 +143,53 @@ class EnclaveAgent:
             own[nonce] = now + NONCE_TTL
         return nonce
 
-    def _consume_nonce(self, nonce: bytes, caller: str) -> None:
-        """Use up a nonce issued to ``caller``: another caller's nonces are not theirs to spend."""
+    def consume(self, nonce: bytes, what: str, caller: str = "") -> None:
         with self._lock:
             own = self._nonces.get(caller)
             expiry = own.pop(nonce, None) if own is not None else None
         if expiry is None or expiry <= self._clock():
-            raise NonceMismatch("nonce was not issued to this caller, has expired, or was already used")
+            raise NonceMismatch(f"{what} was not issued to this caller, has expired, or was already used")
+
+
+class EnclaveAgent:
+    def __init__(
+        self,
+        manifest: GenerationManifest,
+        enclave: Enclave[Any],
+        verifier: PlatformVerifier,
+        *,
+        clock: Callable[[], datetime] = _now,
+        max_evidence_age: timedelta = timedelta(minutes=5),
+    ) -> None:
+        self.manifest = manifest
+        self._enclave = enclave
+        self._verifier = verifier
+        self._clock = clock
+        self._max_age = max_evidence_age
+        self._keys = HandoffKeyPair()
+        self._export_nonces = _NoncePool(clock)  # challenges for a peer that wants our state
+        self._import_nonces = _NoncePool(clock)  # what an exporter's package must bind for us
+
+    @property
+    def public_key(self) -> bytes:
+        return self._keys.public_bytes
+
+    def identity(self) -> dict[str, Any]:
+        return self.manifest.model_dump() | {
+            "handoff_key_sha256": fingerprint(self.public_key),
+            "handoff_suite": SUITE_NAME,
+        }
+
+    # ------------------------------------------------------------------------- attestation
+
+    def new_nonce(self, caller: str = "") -> bytes:
+        """A single-use challenge (for ``caller``) for a peer that wants this agent's state."""
+        return self._export_nonces.issue(caller)
+
+    def new_import_nonce(self, caller: str = "") -> bytes:
+        """A single-use nonce (for ``caller``) the exporter must bind into the package this
+        agent is to import."""
+        return self._import_nonces.issue(caller)
 
     def attest(self, nonce: bytes) -> Attestation:
         if not 1 <= len(nonce) <= 64:
@@ -180,8 +201,13 @@ class EnclaveAgent:
         claims = self._verifier.verify(evidence, at=now)
         if not hmac.compare_digest(bytes.fromhex(claims.report_data), expected_report_data):
             raise NonceMismatch("peer evidence does not bind the expected nonce and public key")
-        if claims.evidence_time is not None and now - claims.evidence_time > self._max_age:
-            raise PolicyDenied([f"evidence is older than {int(self._max_age.total_seconds())}s"])
+        if claims.evidence_time is not None:
+            if now - claims.evidence_time > self._max_age:
+                raise PolicyDenied([f"evidence is older than {int(self._max_age.total_seconds())}s"])
+            if claims.evidence_time - now > CLOCK_SKEW:
+                raise PolicyDenied(
+                    [f"evidence is dated in the future (more than {int(CLOCK_SKEW.total_seconds())}s ahead)"]
+                )
         return claims
 
     # ------------------------------------------------------------------------------ sealing
@@ -200,13 +226,17 @@ class EnclaveAgent:
         peer_evidence: bytes,
         peer_public_key: bytes,
         nonce: bytes,
+        import_nonce: bytes,
         blobs: list[bytes],
         caller: str = "",
     ) -> dict[str, Any]:
-        """Hand ``blobs`` to an attested newer generation, encrypted to its key.
-
-        ``nonce`` must have been issued to the same ``caller`` by ``new_nonce``."""
-        self._consume_nonce(nonce, caller)
+        """Hand ``blobs`` to an attested newer generation, encrypted to its key. ``nonce`` is
+        this agent's challenge the peer's evidence binds, issued to the same ``caller``;
+        ``import_nonce`` is the peer's (``new_import_nonce``), bound into this agent's evidence
+        over the package."""
+        if not 1 <= len(import_nonce) <= 64:
+            raise HandoffError("import nonce must be 1-64 bytes")
+        self._export_nonces.consume(nonce, "nonce", caller)
         claims = self._verify_peer(peer_evidence, report_data_for(nonce, peer_public_key))
         reasons = migration_reasons(self.manifest, claims, peer_is_newer=True)
         if reasons:
@@ -224,22 +254,26 @@ class EnclaveAgent:
                     "ciphertext": _b64(seal_to(peer_public_key, label, secret)),
                 }
             )
-        # The exporter attests to the package too, so the importer knows who sent it.
-        evidence = self._enclave.report(_items_digest(items) + bytes(32))
+        # The exporter attests to the package too, so the importer knows who sent it, and binds
+        # the importer's nonce, so the package imports once.
+        evidence = self._enclave.report(_package_report_data(import_nonce, items))
         return {
             "version": PACKAGE_VERSION,
             "suite": SUITE_NAME,
             "recipient_key_sha256": fingerprint(peer_public_key),
             "exporter_generation": self.manifest.id,
             "exporter_evidence": _b64(evidence),
+            "import_nonce": _b64(import_nonce),
             "items": items,
         }
 
-    def import_package(self, package: Any) -> list[tuple[str, str, bytes]]:
+    def import_package(self, package: Any, caller: str = "") -> list[tuple[str, str, bytes]]:
         """Decrypt a package sealed for this agent and reseal every item under this identity.
 
         Returns (namespace, name, new blob) per item. Nothing is returned unless every item
-        decrypted: a package is taken whole or not at all."""
+        decrypted: a package is taken whole or not at all. The package's import nonce must be
+        one this agent issued and has not seen used: it is spent by this call, whatever the
+        outcome, so a package (or a replay of it) imports at most once."""
         if not isinstance(package, dict) or package.get("version") != PACKAGE_VERSION:
             raise HandoffError(f"not a version {PACKAGE_VERSION} handoff package")
         if package.get("recipient_key_sha256") != fingerprint(self.public_key):
@@ -247,8 +281,11 @@ class EnclaveAgent:
         items = package.get("items")
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             raise HandoffError("handoff package has no item list")
+        import_nonce = _unb64(package.get("import_nonce"), "import nonce")
+        self._import_nonces.consume(import_nonce, "import nonce", caller)
         exporter = self._verify_peer(
-            _unb64(package.get("exporter_evidence"), "exporter evidence"), _items_digest(items) + bytes(32)
+            _unb64(package.get("exporter_evidence"), "exporter evidence"),
+            _package_report_data(import_nonce, items),
         )
         reasons = migration_reasons(self.manifest, exporter, peer_is_newer=False)
         if reasons:

@@ -40,7 +40,7 @@ def _oaep(alg: str) -> padding.OAEP:
     if alg == "RSA-OAEP-256":
         return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     if alg == "RSA-OAEP":
-        return padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
+        return padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303  # nosec B303 # the emulated HSM's OAEP-SHA1 wrap
     raise ApiError(400, "BadParameter", f"Algorithm {alg} is not supported for RSA keys by this emulator.")
 
 

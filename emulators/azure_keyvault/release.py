@@ -31,7 +31,7 @@ AttestationVerifier = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 _POLICY_CONTENT_TYPE = "application/json; charset=utf-8"
 _RELEASE_ENC: dict[str, hashes.HashAlgorithm] = {
-    "CKM_RSA_AES_KEY_WRAP": hashes.SHA1(),  # noqa: S303 - PKCS#11's CKM_RSA_AES_KEY_WRAP is OAEP-SHA1
+    "CKM_RSA_AES_KEY_WRAP": hashes.SHA1(),  # noqa: S303 - PKCS#11's CKM_RSA_AES_KEY_WRAP is OAEP-SHA1  # nosec B303
     "RSA_AES_KEY_WRAP_256": hashes.SHA256(),
     "RSA_AES_KEY_WRAP_384": hashes.SHA384(),
 }
@@ -202,7 +202,7 @@ class KeyRelease:
         if v.tags:
             released["tags"] = dict(v.tags)
         payload = {"request": request, "response": {"key": released}, "iat": unix_now()}
-        assert self._signing_key is not None
+        assert self._signing_key is not None  # typing only  # nosec B101
         cert_der = base64.b64decode(self._signing_chain[0])
         headers = {
             "x5c": self._signing_chain,

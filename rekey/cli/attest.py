@@ -65,7 +65,8 @@ def _verify(
         claims = platform_verifier.verify(evidence, at=at)
         if nonce is not None and bytes.fromhex(claims.report_data) != report_data_for(nonce, public_key):
             raise NonceMismatch("evidence does not bind the nonce (and public key)")
-        return {"allowed": True, "claims": claims.to_dict(), "token": None}
+        no_token = None  # no signed result without a policy
+        return {"allowed": True, "claims": claims.to_dict(), "token": no_token}
     policy = load_policy(policy_path)
     signer = ResultSigner.load_or_create(settings().home / "verifier" / "es256.pem")
     verifier = Verifier({platform: platform_verifier}, signer, clock=lambda: at)

@@ -35,7 +35,7 @@ class CliState:
 def settings() -> Settings:
     """The settings of the running command."""
     state = click.get_current_context().find_object(CliState)
-    assert state is not None, "commands run under the rekey root group"
+    assert state is not None, "commands run under the rekey root group"  # nosec B101 # typing only
     return state.settings
 
 

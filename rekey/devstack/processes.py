@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
+import subprocess  # starts the dev stack's binaries  # nosec B404
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +31,7 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 def spawn(command: list[str], env: Mapping[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
     """Start ``command`` in a session of its own (it outlives us), output appended to ``log``."""
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # argument list, no shell  # nosec B603
         command,
         env=env,
         stdin=subprocess.DEVNULL,

@@ -7,7 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
-import subprocess
+import subprocess  # starts the dev stack's binaries  # nosec B404
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime

@@ -9,7 +9,7 @@ attribute that already exists with the same type)."""
 
 from __future__ import annotations
 
-import subprocess
+import subprocess  # starts the dev stack's binaries  # nosec B404
 
 from activities.types import SEARCH_ATTRIBUTES
 from emulators import servers
@@ -48,7 +48,7 @@ def register_search_attributes(
     command += ["--namespace", namespace]
     for name, kind in SEARCH_ATTRIBUTES.items():
         command += ["--name", name, "--type", kind]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)  # no shell  # nosec B603
     if done.returncode != 0:
         reason = " ".join((done.stderr or done.stdout).split())[-300:]
         raise SearchAttributeError(f"cannot register search attributes on {namespace}: {reason}")

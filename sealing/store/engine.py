@@ -9,7 +9,9 @@ subclasses whose messages hold neither statement parameters nor the database pas
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +77,38 @@ def _sqlite_on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+def _private_database_file(path: Path, display: str) -> None:
+    """Create the SQLite file 0600 before SQLite does (it would use the umask, typically 0644),
+    and take group and other access away from an existing one and its ``-wal``/``-shm`` files.
+    SQLite creates the ``-wal`` and ``-shm`` files with the database file's permissions."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create {display}: {exc.strerror}") from exc
+    else:
+        try:
+            os.fchmod(fd, 0o600)  # in case a default ACL widened it
+        finally:
+            os.close(fd)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        file = path.with_name(path.name + suffix)
+        try:
+            info = file.lstat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {display}: {exc.strerror}") from exc
+        # Only our own regular files: a symlink's target, or another user's file, is left alone.
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            try:
+                os.chmod(file, 0o600)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot make {display} private: {exc.strerror}") from exc
+
+
 @dataclass(frozen=True)
 class Database:
     """An opened database: its engine for reads, the same pool marked for writes, and how to
@@ -107,10 +141,12 @@ def open_database(url: str) -> Database:
             kwargs["poolclass"] = StaticPool
             serialize = True
         elif not database.startswith("file:"):
+            path = Path(database).expanduser()
             try:
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreUnavailable(f"cannot create the directory for {display}: {exc.strerror}") from exc
+            _private_database_file(path, display)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
     elif backend == "postgresql":
         if "connect_timeout" not in parsed.query:

@@ -81,7 +81,7 @@ PLATFORM_CERT_VALIDITY = timedelta(days=1826)  # ~5 years
 _BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between host and verifier
 
 # Host directory layout. Every file is created 0600 with O_EXCL; the directory is 0700.
-ROOT_SECRET_FILE = "root_secret"  # noqa: S105 (a file name, not a secret)
+ROOT_SECRET_FILE = "root_secret"  # noqa: S105 (a file name, not a secret)  # nosec B105
 ROOT_CA_KEY_FILE = "root_ca.key.pem"
 ROOT_CA_CERT_FILE = "root_ca.pem"
 PLATFORM_KEY_FILE = "platform.key.pem"
@@ -442,7 +442,7 @@ class SimEnclave(Enclave[KeyRequest]):
     def __init__(self, host: SimHost, identity: EnclaveIdentity) -> None:
         if identity.cpu_svn is None:
             identity = replace(identity, cpu_svn=host.cpu_svn)
-        assert identity.cpu_svn is not None
+        assert identity.cpu_svn is not None  # typing only: set just above  # nosec B101
         self._host = host
         self._identity = identity
         self._cpu_svn: bytes = identity.cpu_svn

@@ -11,10 +11,15 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from attestation.sim import SimVerifier
+from sealing.generation import GenerationManifest
+from sealing.tee.sim import EnclaveIdentity, SimHost
 from tests.fixtures.agent import Agent, AgentError, start_agents, stop_agents
 
 pytestmark = pytest.mark.integration
@@ -45,6 +50,9 @@ class AgentApi(Agent):
 
     def attest(self, nonce: str) -> dict[str, Any]:
         return self.call("/v1/attest", {"nonce": nonce})
+
+    def import_nonce(self) -> str:
+        return str(self.call("/v1/import-nonce", {})["nonce"])
 
 
 def b64(data: bytes) -> str:
@@ -98,6 +106,7 @@ def test_handoff_moves_mrenclave_state_to_the_patched_generation(agents: dict[st
             "peer_evidence": attestation["evidence"],
             "peer_public_key": attestation["public_key"],
             "nonce": nonce,
+            "import_nonce": v2.import_nonce(),
             "blobs": blobs,
         },
     )
@@ -119,6 +128,7 @@ def test_handoff_moves_mrenclave_state_to_the_patched_generation(agents: dict[st
                 "peer_evidence": attestation["evidence"],
                 "peer_public_key": attestation["public_key"],
                 "nonce": nonce,
+                "import_nonce": v2.import_nonce(),
                 "blobs": blobs,
             },
         )
@@ -145,6 +155,7 @@ def test_export_refused_with_reason(agents: dict[str, AgentApi], peer: str, reas
                 "peer_evidence": attestation["evidence"],
                 "peer_public_key": attestation["public_key"],
                 "nonce": nonce,
+                "import_nonce": agents[peer].import_nonce(),
                 "blobs": [blob],
             },
         )
@@ -164,6 +175,7 @@ def test_evidence_bound_to_another_key_is_refused(agents: dict[str, AgentApi]) -
                 "peer_evidence": attestation["evidence"],
                 "peer_public_key": impostor_key,
                 "nonce": nonce,
+                "import_nonce": v2.import_nonce(),
                 "blobs": [],
             },
         )
@@ -180,6 +192,7 @@ def test_import_refuses_a_package_for_another_agent(agents: dict[str, AgentApi])
             "peer_evidence": attestation["evidence"],
             "peer_public_key": attestation["public_key"],
             "nonce": nonce,
+            "import_nonce": v2.import_nonce(),
             "blobs": [v1.seal("x", b"y", "mrenclave")],
         },
     )
@@ -191,6 +204,94 @@ def test_import_refuses_a_package_for_another_agent(agents: dict[str, AgentApi])
     with pytest.raises(AgentError) as info:
         v2.call("/v1/import", {"package": tampered})
     assert info.value.status in (403, 422)
+
+
+def _handoff_package(
+    agents: dict[str, AgentApi], import_nonce: str, data: bytes = b"handoff me"
+) -> dict[str, Any]:
+    """v1 exports one MRENCLAVE-sealed secret to v2, binding ``import_nonce``."""
+    v1, v2 = agents["v1"], agents["v2"]
+    nonce = v1.nonce()
+    attestation = v2.attest(nonce)
+    return v1.call(
+        "/v1/export",
+        {
+            "peer_evidence": attestation["evidence"],
+            "peer_public_key": attestation["public_key"],
+            "nonce": nonce,
+            "import_nonce": import_nonce,
+            "blobs": [v1.seal("replayed", data, "mrenclave")],
+        },
+    )
+
+
+def test_a_recorded_package_imports_only_once(agents: dict[str, AgentApi]) -> None:
+    """Issue 12 finding 8: replaying a recorded package must not reseal its secrets again."""
+    v2 = agents["v2"]
+    package = _handoff_package(agents, v2.import_nonce(), b"old secret")
+    imported = v2.call("/v1/import", {"package": package})["blobs"]
+    assert v2.unseal(imported[0]["blob"]) == b"old secret"
+    with pytest.raises(AgentError) as info:
+        v2.call("/v1/import", {"package": package})
+    assert info.value.status == 403 and info.value.type == "NonceMismatch"
+    assert "already used" in info.value.message
+
+
+def test_a_package_must_bind_a_nonce_the_importer_issued(agents: dict[str, AgentApi]) -> None:
+    v2 = agents["v2"]
+    # A nonce v2 never issued (an attacker's own, or one from another agent) does not import.
+    foreign = _handoff_package(agents, agents["v2-debug"].import_nonce())
+    with pytest.raises(AgentError) as info:
+        v2.call("/v1/import", {"package": foreign})
+    assert info.value.status == 403 and info.value.type == "NonceMismatch"
+    # Swapping a fresh, genuine import nonce into a recorded package breaks the exporter's evidence.
+    recorded = _handoff_package(agents, v2.import_nonce())
+    v2.call("/v1/import", {"package": recorded})
+    relabelled = recorded | {"import_nonce": v2.import_nonce()}
+    with pytest.raises(AgentError) as info:
+        v2.call("/v1/import", {"package": relabelled})
+    assert info.value.status == 403 and info.value.type == "NonceMismatch"
+    assert "does not bind" in info.value.message
+    # A package without an import nonce (the version 1 format) is refused.
+    legacy = {k: v for k, v in recorded.items() if k != "import_nonce"} | {"version": 1}
+    with pytest.raises(AgentError) as info:
+        v2.call("/v1/import", {"package": legacy})
+    assert info.value.status == 422 and "version 2" in info.value.message
+    with pytest.raises(AgentError) as info:
+        agents["v1"].call(
+            "/v1/export",
+            {"peer_evidence": "", "peer_public_key": "", "nonce": agents["v1"].nonce(), "blobs": []},
+        )
+    assert info.value.status == 400 and "import_nonce" in info.value.message
+
+
+def _forge_exporter_evidence(agent: AgentApi, genuine: bytes, at: datetime) -> bytes:
+    """Evidence from the same (simulated) host and the same enclave identity as ``genuine``, over
+    the same report data, but dated ``at``: what a pre-recorded future-dated package would carry."""
+    args = [str(arg) for arg in agent.process.args]  # type: ignore[union-attr]
+    host = SimHost.load_or_create(Path(args[args.index("--host-dir") + 1]))
+    claims = SimVerifier(host.root_ca_pem()).verify(genuine, at=datetime.now(UTC))
+    manifest = GenerationManifest.model_validate(GENERATIONS["v1"])
+    enclave = host.enclave(EnclaveIdentity.from_manifest(manifest))
+    return enclave.report(bytes.fromhex(claims.report_data), at=at)
+
+
+@pytest.mark.parametrize(("ahead", "accepted"), [(timedelta(0), True), (timedelta(hours=1), False)])
+def test_future_dated_exporter_evidence_is_refused(
+    agents: dict[str, AgentApi], ahead: timedelta, accepted: bool
+) -> None:
+    v2 = agents["v2"]
+    package = _handoff_package(agents, v2.import_nonce())
+    genuine = base64.b64decode(package["exporter_evidence"])
+    forged = _forge_exporter_evidence(agents["v1"], genuine, datetime.now(UTC) + ahead)
+    package["exporter_evidence"] = b64(forged)
+    if accepted:  # the forgery itself is sound: only its date is refused
+        assert len(v2.call("/v1/import", {"package": package})["blobs"]) == 1
+        return
+    with pytest.raises(AgentError) as info:
+        v2.call("/v1/import", {"package": package})
+    assert info.value.status == 403 and info.value.type == "PolicyDenied"
+    assert any("future" in reason for reason in info.value.reasons), info.value.reasons
 
 
 def test_bad_requests_are_typed(agents: dict[str, AgentApi]) -> None:

@@ -119,7 +119,7 @@ def test_unseal_and_seal_without_the_token_are_refused(agents: dict[str, Agent])
         assert b64(b"top secret") not in json.dumps(answer)
         seal = json.dumps({"name": "planted", "data": b64(b"attacker data")}).encode()
         assert raw(agent, "POST", "/v1/seal", seal, headers)[0] == 401
-    for path in ("/v1/export", "/v1/import", "/v1/nonce", "/v1/attest"):
+    for path in ("/v1/export", "/v1/import", "/v1/nonce", "/v1/import-nonce", "/v1/attest"):
         assert raw(agent, "POST", path, b"{}", {"Content-Type": "application/json"})[0] == 401
     assert raw(agent, "GET", "/v1/identity")[0] == 401
     status, answer = raw(agent, "POST", "/v1/unseal", body, json_headers(agent))
@@ -283,6 +283,7 @@ def test_nonce_flood_from_one_caller_does_not_block_another_callers_handoff(agen
         "peer_evidence": attestation["evidence"],
         "peer_public_key": attestation["public_key"],
         "nonce": nonce,
+        "import_nonce": v2.call("/v1/import-nonce", {})["nonce"],
         "blobs": [blob],
     }
     with pytest.raises(AgentError) as info:  # another caller cannot spend (or burn) this caller's nonce
@@ -301,6 +302,7 @@ def test_nonce_flood_from_one_caller_does_not_block_another_callers_handoff(agen
                 "peer_evidence": flood_attestation["evidence"],
                 "peer_public_key": flood_attestation["public_key"],
                 "nonce": first,
+                "import_nonce": v2.call("/v1/import-nonce", {})["nonce"],
                 "blobs": [],
             },
             caller="flood",

@@ -26,6 +26,7 @@ from kms_adapters.errors import (
     AnswerLost,
     InvalidCiphertext,
     InvalidRequest,
+    NitroAttestationUnverified,
     NotFound,
     PermissionDenied,
     PolicyDenied,
@@ -303,7 +304,7 @@ def _claims(svn: int) -> Claims:
     )
 
 
-def test_release_and_release_for_nitro(make: Callable[..., AwsKmsAdapter]) -> None:
+def test_release_and_release_for_nitro_refused(make: Callable[..., AwsKmsAdapter]) -> None:
     key = make(_name())
     key.create()
     verifier = ResultSigner.generate()
@@ -329,11 +330,15 @@ def test_release_and_release_for_nitro(make: Callable[..., AwsKmsAdapter]) -> No
     released = key.release(wrapped, token(2), recipient.public_bytes)
     assert dek not in released and open_released(released, recipient, key.key_ref) == dek
 
-    nitro = key.release_for_nitro(wrapped, token(2), recipient.public_bytes, b"attestation-document")
-    assert nitro.scheme == "hpke"  # moto ignores Recipient and returns plaintext
-    assert dek not in nitro.ciphertext and open_released(nitro.ciphertext, recipient, key.key_ref) == dek
-
-    with pytest.raises(PolicyDenied):
-        key.release_for_nitro(wrapped, token(1), recipient.public_bytes, b"attestation-document")
-    with pytest.raises(InvalidRequest, match="attestation document"):
-        key.release_for_nitro(wrapped, token(2), recipient.public_bytes, b"")
+    # Issue 12 finding 3: a valid token for an allowed enclave plus an attestation document
+    # from any Nitro enclave (nothing binds the two) must not yield the DEK, so until Nitro
+    # documents are verified the path refuses every request, with a typed error that says why.
+    for svn, document in ((2, b"attestation document of some other (debug) enclave"), (1, b"doc"), (2, b"")):
+        with pytest.raises(NitroAttestationUnverified, match="not verified yet") as refused:
+            key.release_for_nitro(wrapped, token(svn), recipient.public_bytes, document)
+        assert isinstance(refused.value, PolicyDenied) and not refused.value.retryable
+        assert dek.hex() not in str(refused.value)
+    # The verified path still releases.
+    assert (
+        open_released(key.release(wrapped, token(2), recipient.public_bytes), recipient, key.key_ref) == dek
+    )

@@ -27,6 +27,7 @@ from attestation.errors import (
     PolicyDenied,
     RetryAfter,
     TokenInvalid,
+    TokenNonceMismatch,
 )
 from attestation.policy import Policy, parse_policy
 from attestation.token import ResultSigner, verify_result
@@ -552,6 +553,43 @@ async def test_token_not_good_enough_triggers_reverification(
     assert verifier.stats()["tokens_refused"] == 1
     with pytest.raises(TokenInvalid):
         await verifier.accept_or_verify(token, None, **request(**overrides))
+
+
+async def test_old_token_does_not_satisfy_a_fresh_nonce(make_verifier: Callable[..., Verifier]) -> None:
+    """Issue 12 finding 9: a token issued for one challenge must not answer another."""
+    fake = FakePlatform()
+    verifier = make_verifier(fake)
+    old = await verifier.verify(make_evidence(), **request())  # answers NONCE
+    fresh_nonce = b"a-later-challenge-0123456789"
+    with pytest.raises(TokenNonceMismatch, match="another nonce") as refused:
+        await verifier.accept_or_verify(old, None, **request(expected_nonce=fresh_nonce))
+    assert isinstance(refused.value, NonceMismatch) and isinstance(refused.value, TokenInvalid)
+    assert verifier.stats()["tokens_refused"] == 1
+    # With evidence for the fresh nonce the caller re-attests instead of reusing the old token.
+    renewed = await verifier.accept_or_verify(
+        old, make_evidence(nonce=fresh_nonce), **request(expected_nonce=fresh_nonce)
+    )
+    assert renewed != old
+    assert fake.calls["verify"] == 2
+    # Evidence for the old nonce does not help either.
+    with pytest.raises(NonceMismatch):
+        await verifier.accept_or_verify(old, make_evidence(), **request(expected_nonce=fresh_nonce))
+    # The same nonce still accepts the token; no expected nonce accepts it too.
+    assert await verifier.accept_or_verify(old, None, **request()) == old
+    assert await verifier.accept_or_verify(old, None, **request(expected_nonce=None)) == old
+
+
+async def test_token_without_nonce_does_not_satisfy_a_nonce(make_verifier: Callable[..., Verifier]) -> None:
+    fake = FakePlatform()
+    verifier = make_verifier(fake)
+    no_nonce_policy = make_policy(nonce_required=False)
+    unbound = await verifier.verify(
+        make_evidence(nonce=None), **request(expected_nonce=None, policy=no_nonce_policy)
+    )
+    with pytest.raises(TokenNonceMismatch, match="without a nonce"):
+        await verifier.accept_or_verify(unbound, None, **request(policy=no_nonce_policy))
+    with pytest.raises(ValueError, match="must not be empty"):
+        await verifier.accept_or_verify(unbound, None, **request(expected_nonce=b""))
 
 
 async def test_garbage_or_foreign_token_falls_back_to_evidence(
