@@ -10,7 +10,8 @@ but a key of its backend once it is put into a URL path, an alias or an ARN:
 - ``vault``: one segment of at most 128 characters (Transit key names cannot hold ``/``);
 - ``aws``: 1+ segments without dots, joined by single ``/`` (AWS alias characters; the alias is
   ``alias/rekey/NAME``), at most 128 characters, no empty segment, no leading or trailing ``/``;
-- ``azure``: ``[0-9A-Za-z-]``, 1-127 characters (Key Vault key names).
+- ``azure``: ``[0-9a-z-]``, 1-127 characters (Key Vault key names, which ignore case: upper case is
+  refused so that one key has one reference).
 
 Everything is matched with ``fullmatch`` (a trailing newline does not pass). ``InvalidKeyRef``
 carries a one-line message that shows the refused text with ``repr``.
@@ -39,7 +40,13 @@ _NAMES: dict[str, tuple[re.Pattern[str], int, str]] = {
         "1-128 of letters, digits, _ - in segments separated by single '/', each starting with"
         " a letter or digit",
     ),
-    "azure": (re.compile(r"[0-9A-Za-z-]+"), 127, "1-127 of letters, digits and -"),
+    # Key Vault names are case-insensitive: one key must have one reference (and one rotation
+    # id), so only lower case is accepted (`azure:Orders` and `azure:orders` are the same key).
+    "azure": (
+        re.compile(r"[0-9a-z-]+"),
+        127,
+        "1-127 of lower-case letters, digits and - (Key Vault names ignore case)",
+    ),
 }
 
 

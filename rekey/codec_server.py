@@ -161,9 +161,12 @@ class _CodecHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length_header = self.headers.get("Content-Length")
-        try:
-            length = int(length_header) if length_header is not None else -1
-        except ValueError:
+        # Plain decimal digits only (int() would take "1_5" or "+5"), one header, no
+        # Transfer-Encoding: a proxy in front must read the request as this server does.
+        lengths = self.headers.get_all("Content-Length") or []
+        strict = len(lengths) == 1 and lengths[0].isascii() and lengths[0].isdigit()
+        length = int(length_header) if strict and length_header is not None else -1
+        if self.headers.get("Transfer-Encoding") is not None:
             length = -1
         if length < 0:
             self.close_connection = True

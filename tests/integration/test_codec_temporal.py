@@ -463,3 +463,32 @@ async def test_temporal_cli_decodes_with_codec_auth(
     assert not has_secret(anonymous)
     wrong = await show("--codec-auth", "Bearer " + "x" * 43)
     assert not has_secret(wrong)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Length": "1_5"},  # int() would take it
+        {"Content-Length": "+15"},
+        {"Transfer-Encoding": "chunked", "Content-Length": "15"},  # smuggling behind a proxy
+    ],
+)
+def test_codec_server_reads_lengths_strictly(
+    codec_server: CodecServer, home: Path, headers: dict[str, str]
+) -> None:
+    """A proxy in front must read a request as this server does: no lenient Content-Length, no
+    Transfer-Encoding; such a request is refused before its body is read, even with the token."""
+    import socket
+
+    host, port = codec_server.url.removeprefix("http://").split(":")
+    lines = [
+        "POST /encode HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: application/json",
+        f"Authorization: {_auth(home)['Authorization']}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + b'{"payloads":[]}')
+        answer = conn.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.") and " 411 " in answer.split("\r\n", 1)[0], answer[:200]

@@ -52,6 +52,8 @@ BAD = [
     "aws:orders\n",
     "aws:" + "a" * 129,
     "azure:a_b",
+    "azure:Orders",  # Key Vault names ignore case: one key, one reference (one rotation id)
+    "azure:ORDERS",
     "azure:a.b",
     "azure:a/b",
     "azure:" + "a" * 128,
