@@ -117,7 +117,7 @@ class AgentClient:
             self.url + path, data=data, headers=headers, method="GET" if body is None else "POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310  # nosec B310: the URL was checked above to be http://127.0.0.1 or localhost
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (URL checked: loopback http)  # nosec B310
                 result: dict[str, Any] = json.loads(response.read())
                 return result
         except urllib.error.HTTPError as exc:

@@ -20,7 +20,8 @@ from botocore.exceptions import (
 from attestation.claims import Claims
 from attestation.policy import parse_policy
 from attestation.token import ResultSigner
-from kms_adapters.aws_kms import NATIVE_NOTE, AwsKmsAdapter, map_aws_error
+from kms_adapters.aws_errors import map_aws_error
+from kms_adapters.aws_kms import NATIVE_NOTE, AwsKmsAdapter
 from kms_adapters.contract import KmsAdapter, RotationMode
 from kms_adapters.errors import (
     AnswerLost,

@@ -22,7 +22,7 @@ from azure.core.exceptions import (
 )
 from botocore.config import Config
 
-from kms_adapters.aws_kms import map_aws_error
+from kms_adapters.aws_errors import map_aws_error
 from kms_adapters.azure_hsm import map_azure_error
 from kms_adapters.errors import AnswerLost, Throttled, Unavailable
 from kms_adapters.governor import Governor
