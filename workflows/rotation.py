@@ -429,19 +429,10 @@ class RotateKeyWorkflow(RotationControls):
         anything found is swept again (and the census repeated) before any version is disabled."""
         s = self._state
         if not s.retired:
-            try:
-                disabled = await self._mutation(
-                    "retire_versions",
-                    RetireInput(request.key_ref, s.new_version, "disable", census=True),
-                    list[int],
-                )
-            except ActivityError as exc:
-                found = _in_use(exc)
-                if found is None or not self._safety:
-                    raise
-                await self._audit("retire.census", {"action": "disable", "still_wrapped": found})
+            disabled, found = await self._retire_after_census(request, "disable")
+            if found:
                 return await self._sweep_again(request, found)
-            s.retired = list(disabled) or [0]
+            s.retired = disabled or [0]
         await self._record_versions("disabled", s.retired)
         if request.destroy_after_seconds is None or s.destroy_cancelled:
             return await self._done()
@@ -450,6 +441,24 @@ class RotateKeyWorkflow(RotationControls):
         else:  # histories before PATCH_SAFETY: the delay, then the destroy, in RETIRING
             await workflow.sleep(timedelta(seconds=request.destroy_after_seconds))
             await self._destroy(request)
+
+    async def _retire_after_census(self, request: RotateKeyInput, action: str) -> tuple[list[int], int]:
+        """``retire_versions`` (disable or destroy) after its census: (the versions it changed, 0),
+        or ([], how many) when the census found stored blobs still on old versions; that is
+        recorded (``retire.census``) and nothing was changed."""
+        try:
+            changed = await self._mutation(
+                "retire_versions",
+                RetireInput(request.key_ref, self._state.new_version, action, census=True),
+                list[int],
+            )
+        except ActivityError as exc:
+            found = _in_use(exc)
+            if found is None or not self._safety:
+                raise
+            await self._audit("retire.census", {"action": action, "still_wrapped": found})
+            return [], found
+        return list(changed), 0
 
     async def _await_destroy(self, request: RotateKeyInput) -> None:
         """AWAITING_DESTROY: the destroy delay; approve-destroy shortens it, cancel-destroy ends
@@ -474,17 +483,8 @@ class RotateKeyWorkflow(RotationControls):
         BLOCKED, and nothing is destroyed."""
         s = self._state
         if not s.destroyed:
-            try:
-                destroyed = await self._mutation(
-                    "retire_versions",
-                    RetireInput(request.key_ref, s.new_version, "destroy", census=True),
-                    list[int],
-                )
-            except ActivityError as exc:
-                found = _in_use(exc)
-                if found is None or not self._safety:
-                    raise
-                await self._audit("retire.census", {"action": "destroy", "still_wrapped": found})
+            destroyed, found = await self._retire_after_census(request, "destroy")
+            if found:
                 s.destroy_approved = False  # that approval is spent: the destroy did not happen
                 return await self._block(
                     AWAITING_DESTROY,
@@ -493,7 +493,7 @@ class RotateKeyWorkflow(RotationControls):
                     f" {[v for v in s.retired if v]}; nothing was destroyed. resume re-enables them and"
                     " sweeps again; cancel-destroy ends the rotation with them disabled",
                 )
-            s.destroyed = list(destroyed) or [0]
+            s.destroyed = destroyed or [0]
         await self._record_versions("destroyed", s.destroyed)
         await self._done()
 
