@@ -29,6 +29,7 @@ from rekey.client import (
     RekeyClient,
     RotationHandle,
     RotationReport,
+    check_update_id,
     key_ref_of,
     parse_duration,
     parse_rotation_id,
@@ -282,13 +283,6 @@ def failures(id_text: str, version: int | None, after: str | None, limit: int, j
     out.print(grid)
 
 
-def _check_update_id(update_id: str) -> None:
-    from rekey.cli.output import CliError
-
-    if not (1 <= len(update_id) <= 200 and update_id.isprintable()):
-        raise CliError(f"--update-id must be 1-200 printable characters, got {update_id!r}")
-
-
 def _update_command(name: str, help_text: str) -> None:
     method = getattr(RotationHandle, name.replace("-", "_"))
 
@@ -304,7 +298,7 @@ def _update_command(name: str, help_text: str) -> None:
     def command(id_text: str, update_id: str | None, json_out: bool) -> None:
         target = parse_rotation_id(id_text)
         if update_id is not None:
-            _check_update_id(update_id)
+            check_update_id(update_id, "--update-id")  # bad input even when Temporal is down
         answer = with_client(lambda client: method(client.rotation(target), update_id=update_id))
         emit_json({"workflow_id": target, "update": name, "answer": answer}) if json_out else out.print(
             Text(f"{target}: {answer}")

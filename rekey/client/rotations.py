@@ -265,6 +265,8 @@ class RotationHandle:
     async def _update(self, name: str, update_id: str | None = None) -> str:
         """Send update ``name``; the workflow's answer (one line), or `RotationRefused` with its
         reason. Nothing is sent when no worker polls (it could not be answered)."""
+        if update_id is not None:
+            check_update_id(update_id)
         info = await self.describe()
         if info.status != "RUNNING":
             raise RotationRefused(
@@ -328,6 +330,13 @@ def start_attributes(key_ref: str) -> TypedSearchAttributes:
     return TypedSearchAttributes(
         [SearchAttributePair(KEY_REF_ATTRIBUTE, key_ref), SearchAttributePair(PHASE_ATTRIBUTE, PREPARING)]
     )
+
+
+def check_update_id(update_id: str, name: str = "update_id") -> str:
+    """``update_id`` if it is 1-200 printable characters; else `InvalidOption`."""
+    if not (isinstance(update_id, str) and 1 <= len(update_id) <= 200 and update_id.isprintable()):
+        raise InvalidOption(f"{name} must be 1-200 printable characters, got {update_id!r}")
+    return update_id
 
 
 def empty_progress(key_ref: str, note: str) -> Progress:
