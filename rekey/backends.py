@@ -14,10 +14,12 @@ is listed there. Anything else is ``InvalidKeyRef`` and no backend is contacted.
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from urllib.parse import urlparse
 
 import hvac
 
+from audit import default_signing_key_path, load_or_create_signing_key
 from kms_adapters.aws_kms import AwsKmsAdapter
 from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
 from kms_adapters.contract import KmsAdapter
@@ -25,6 +27,8 @@ from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from kms_adapters.release import FileReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.config import ConfigError, Settings
+from sealing.signing import FileSigner, Signer
+from sealing.witness import DirectoryWitness
 
 _MOTO_SECRET = "testing"  # noqa: S105 - moto's fixed dev credential, not a secret  # nosec B105
 DEV_AWS_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": _MOTO_SECRET}
@@ -106,3 +110,16 @@ def _adapter(settings: Settings, ref: KeyRef) -> KmsAdapter:
             release_store=store,
         )
     raise BackendNotAvailable(f"{ref}: unknown backend")
+
+
+def signer_for(settings: Settings) -> Signer:
+    """This installation's signing key (audit records, freshness checkpoints): the Ed25519 key
+    file ``<home>/audit/ed25519.pem``, created on first use."""
+    return FileSigner(load_or_create_signing_key(default_signing_key_path(settings.home)))
+
+
+def witness_for(settings: Settings, *, writable: bool = True) -> DirectoryWitness:
+    """The freshness witness in ``witness_dir``, signing with `signer_for` when ``writable``
+    (checkpoints then verify against the signer's own key)."""
+    signer = signer_for(settings) if writable else None
+    return DirectoryWitness(Path(settings.witness_dir), signer)

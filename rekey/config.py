@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kms_adapters.keyref import BACKENDS, InvalidKeyRef, KeyRef
+from sealing.signing import SigningError, check_fingerprint
 
 DEFAULT_HOME = Path(".rekey")
 CONFIG_FILE = "rekey.toml"
@@ -91,6 +92,8 @@ class Settings:
     azure_token: str = ""
     store_url: str = ""
     allowed_keys: tuple[str, ...] = ()
+    witness_dir: str = ""
+    trusted_key_fingerprints: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,7 +111,10 @@ class Settings:
             object.__setattr__(self, "azure_ca_file", str(home / "azure" / "ca.pem"))
         if not self.store_url:
             object.__setattr__(self, "store_url", f"sqlite:///{home.resolve() / 'state.db'}")
+        if not self.witness_dir:
+            object.__setattr__(self, "witness_dir", str(home / "witness"))
         object.__setattr__(self, "allowed_keys", tuple(self.allowed_keys))
+        object.__setattr__(self, "trusted_key_fingerprints", tuple(self.trusted_key_fingerprints))
         for pattern in self.allowed_keys:
             check_allowed_pattern(pattern)
 
@@ -176,6 +182,7 @@ def check_allowed_pattern(pattern: object) -> str:
     return pattern
 
 
+_TUPLE_CHECKS = {"allowed_keys": check_allowed_pattern, "trusted_key_fingerprints": check_fingerprint}
 _FIELD_TYPES = {f.name: f.type for f in fields(Settings) if f.name not in ("extra",)}
 _FIELD_NAMES = [name for name in _FIELD_TYPES if name != "home"]
 
@@ -195,10 +202,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if kind == "tuple[str, ...]":
         items = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
-            raise ConfigError(f"{source}: {name} must be a list of key refs, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be a list of strings, got {value!r}")
+        check = _TUPLE_CHECKS[name]
         try:
-            return tuple(check_allowed_pattern(item) for item in items if item != "")
-        except ConfigError as exc:
+            return tuple(check(item) for item in items if item != "")
+        except (ConfigError, SigningError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
     if not isinstance(value, str):
         raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
