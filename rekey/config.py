@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from kms_adapters.keyref import BACKENDS, InvalidKeyRef, KeyRef
 from sealing.signing import SigningError, check_fingerprint
@@ -70,6 +70,9 @@ def secure_home(home: Path) -> Path:
     return home
 
 
+BLOB_FRESHNESS: Final = ("tofu", "strict")
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path = DEFAULT_HOME
@@ -94,6 +97,9 @@ class Settings:
     allowed_keys: tuple[str, ...] = ()
     witness_dir: str = ""
     trusted_key_fingerprints: tuple[str, ...] = ()
+    # "tofu": a sealed blob with no freshness checkpoint reads and is anchored on first read;
+    # "strict": it is refused (sealing.state).
+    blob_freshness: str = "tofu"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +123,10 @@ class Settings:
         object.__setattr__(self, "trusted_key_fingerprints", tuple(self.trusted_key_fingerprints))
         for pattern in self.allowed_keys:
             check_allowed_pattern(pattern)
+        if self.blob_freshness not in BLOB_FRESHNESS:
+            raise ConfigError(
+                f"blob_freshness must be one of {', '.join(BLOB_FRESHNESS)}, got {self.blob_freshness!r}"
+            )
 
     def allows_key(self, key_ref: str) -> bool:
         """Whether ``allowed_keys`` admits ``key_ref`` (always, when it is empty)."""

@@ -1,7 +1,8 @@
 """Sealed-blob envelope, format version 1 (specified byte by byte in docs/sealed-blob-format.md).
 
     prefix     magic "RKSB" | version 0x01 | flags 0x00 | header length (u16)
-    header     TLV fields: blob id, namespace, name, key ref, generation, policy, created
+    header     TLV fields: blob id, namespace, name, key ref, generation, policy, created,
+               [key request], blob version
     key slot   key version (u32) | wrapped DEK length (u16) | wrapped DEK
     body       nonce (12) | body length (u32) | AES-256-GCM ciphertext with 16-byte tag
 
@@ -12,6 +13,11 @@ data on purpose: a rotation re-wraps the DEK at the KMS (Transit ``rewrap``, KMS
 body. The slot is still bound: the wrapped DEK is itself authenticated ciphertext that names
 its version, the slot's version must equal that name, and a DEK from any other wrapped key
 fails the body's tag.
+
+The header's blob version (tag 0x09) counts the values a name has held: every seal writes one
+(``sealing.state`` chooses it, one above the last), a re-wrap keeps it, and a blob sealed before
+the field existed reads as version 0. Since it is authenticated, a row restored from a backup
+carries its old version, which ``sealing.state`` compares with a checkpoint kept outside the store.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class Tag(enum.IntEnum):
     POLICY = 0x06
     CREATED_AT = 0x07
     KEY_REQUEST = 0x08  # present exactly when the policy is a TEE policy
+    BLOB_VERSION = 0x09  # u64, >= 1; absent (version 0) only in blobs sealed before it existed
 
 
 _FIRST_EXTENSION_TAG = 0x80
@@ -89,9 +96,10 @@ class BlobHeader(NamedTuple):
     policy: SealingPolicy
     created_at: datetime
     key_request: bytes = b""  # TEE sealing: how to re-derive the sealing key (opaque here)
+    version: int = 0  # the blob version; 0 = sealed before the field existed (no tag 0x09)
 
     def encode(self) -> bytes:
-        """Canonical encoding: every field once, in ascending tag order."""
+        """Canonical encoding: every field once, in ascending tag order (version 0: no tag 0x09)."""
         return _encode_header(
             self.blob_id.bytes,
             self.namespace,
@@ -101,6 +109,7 @@ class BlobHeader(NamedTuple):
             self.policy,
             _millis(self.created_at),
             self.key_request,
+            self.version,
         )
 
 
@@ -128,11 +137,14 @@ def _text(value: str, label: str) -> bytes:
 _BLOB_ID, _NAMESPACE, _NAME = int(Tag.BLOB_ID), int(Tag.NAMESPACE), int(Tag.NAME)
 _KEY_REF, _GENERATION, _POLICY = int(Tag.KEY_REF), int(Tag.GENERATION), int(Tag.POLICY)
 _CREATED_AT, _KEY_REQUEST = int(Tag.CREATED_AT), int(Tag.KEY_REQUEST)
+_BLOB_VERSION = int(Tag.BLOB_VERSION)
 _TEXT_TAG_IDS = (_NAMESPACE, _NAME, _KEY_REF, _GENERATION)
 # The TLV heads of the fixed-size fields never change.
 _BLOB_ID_HEAD = _TLV.pack(Tag.BLOB_ID, 16)
 _POLICY_HEAD = _TLV.pack(Tag.POLICY, 1)
 _CREATED_AT_HEAD = _TLV.pack(Tag.CREATED_AT, _U64.size)
+_BLOB_VERSION_HEAD = _TLV.pack(Tag.BLOB_VERSION, _U64.size)
+MAX_BLOB_VERSION = (1 << 64) - 1
 
 
 def _encode_header(
@@ -144,9 +156,12 @@ def _encode_header(
     policy: SealingPolicy,
     millis: int,
     key_request: bytes,
+    version: int,
 ) -> bytes:
     """The canonical header (``BlobHeader.encode``) from its field values; ``seal`` calls it
     directly, so a fresh blob needs no UUID or datetime object, only their bytes."""
+    if not 0 <= version <= MAX_BLOB_VERSION:
+        raise ValueError(f"blob version must be 0..{MAX_BLOB_VERSION}")
     namespace_raw = _text(namespace, "namespace")
     name_raw = _text(name, "name")
     key_ref_raw = _text(key_ref, "key_ref")
@@ -172,6 +187,8 @@ def _encode_header(
     ]
     if key_request:
         parts += (tlv(_KEY_REQUEST, len(key_request)), key_request)
+    if version:
+        parts += (_BLOB_VERSION_HEAD, _U64.pack(version))
     return b"".join(parts)
 
 
@@ -365,7 +382,7 @@ def replace_key_slot(blob: bytes, slot: KeySlot, wrapped: WrappedKey) -> bytes:
 
 
 _CRITICAL_TAGS = frozenset(int(t) for t in Tag)
-_REQUIRED_TAGS = _CRITICAL_TAGS - {int(Tag.KEY_REQUEST)}
+_REQUIRED_TAGS = _CRITICAL_TAGS - {int(Tag.KEY_REQUEST), int(Tag.BLOB_VERSION)}
 _POLICIES = {int(p): p for p in SealingPolicy}
 
 
@@ -409,12 +426,29 @@ def _decode_header(data: bytes) -> BlobHeader:
     key_request = values.get(_KEY_REQUEST, b"")
     if (policy is SealingPolicy.KMS) == bool(key_request):
         raise TamperedBlob("sealed blob key request does not match its sealing policy")
+    version_raw = values.get(_BLOB_VERSION)
+    if version_raw is None:
+        version = 0  # sealed before blob versions existed
+    else:
+        if len(version_raw) != 8:
+            raise TamperedBlob("sealed blob header has a field of the wrong size")
+        version = int.from_bytes(version_raw)
+        if version == 0:  # canonical: version 0 is written as no field at all
+            raise TamperedBlob("sealed blob header has blob version 0")
     try:
         created_at = datetime.fromtimestamp(int.from_bytes(created) / 1000, UTC)
     except (OverflowError, OSError, ValueError):
         raise TamperedBlob("sealed blob creation time is out of range") from None
     return BlobHeader(
-        uuid.UUID(bytes=blob_id), namespace, name, key_ref, generation, policy, created_at, key_request
+        uuid.UUID(bytes=blob_id),
+        namespace,
+        name,
+        key_ref,
+        generation,
+        policy,
+        created_at,
+        key_request,
+        version,
     )
 
 
@@ -429,10 +463,16 @@ def seal(
     policy: SealingPolicy = SealingPolicy.KMS,
     key_request: bytes = b"",
     now: datetime | None = None,
+    version: int = 1,
 ) -> bytearray:
-    """Encrypt ``data`` under a fresh DEK wrapped by ``wrapper``; return the blob (a new buffer)."""
+    """Encrypt ``data`` under a fresh DEK wrapped by ``wrapper``; return the blob (a new buffer).
+
+    ``version`` is the blob version written into the authenticated header (>= 1): the caller
+    that keeps the blob (``sealing.state``) makes it one above the name's last version."""
     if len(data) > MAX_BODY:
         raise ValueError(f"sealed data is limited to {MAX_BODY} bytes")
+    if not 1 <= version <= MAX_BLOB_VERSION:
+        raise ValueError(f"blob version must be 1..{MAX_BLOB_VERSION}")
     header_bytes = _encode_header(
         blob_id.bytes if blob_id is not None else _random_uuid4(),
         namespace,
@@ -442,6 +482,7 @@ def seal(
         policy,
         _millis(now) if now is not None else time.time_ns() // 1_000_000,
         key_request,
+        version,
     )
     if len(header_bytes) > 0xFFFF:
         raise ValueError("sealed blob header is too large")

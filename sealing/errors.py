@@ -59,3 +59,9 @@ class KeyServiceUnavailable(KeyWrapError):
     """The KMS could not be reached or answered with a server error."""
 
     retryable = True
+
+
+class StaleBlob(TamperedBlob):
+    """The stored blob is older than its freshness checkpoint (a row restored from a backup or
+    an older generation, or a deleted blob put back): its authenticated version is below the
+    checkpoint's, or it is not the blob the checkpoint names. Names the item and versions only."""

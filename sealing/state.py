@@ -4,19 +4,51 @@ This is the one place that joins the envelope, the key wrappers and the store, s
 CLI and (later) the workload-facing activities share the same checks: the generation must be
 registered, a name keeps its blob id across updates, an update is a compare-and-swap, and a
 blob is only opened if its authenticated header agrees with the record it came from.
+
+**Freshness** (with a ``witness``, `sealing.witness`). Whoever can write the store can put back
+an older row (a backup, an older generation's value, a deleted blob): its header and body are
+genuine, so authentication alone cannot tell. So every put writes a blob version into the
+authenticated header, one above both the stored blob's and the name's checkpoint, and after the
+store write commits advances the signed checkpoint ``("blob", namespace NUL name)`` to it; a
+delete advances it past the deleted version to a tombstone. A read refuses (`StaleBlob`) a blob
+whose version is below its checkpoint's, or equal to it but not the blob the checkpoint names
+(or a deleted one), before anything is decrypted.
+
+The guarantee and its limits:
+
+* the store is written first and the witness second, so a crash (or a witness that cannot be
+  written) between the two leaves the checkpoint behind the store: the stored blob still reads
+  (its version is above the checkpoint) and that read moves the checkpoint up to it. During that
+  window a restore of the previous value is not detected; a put that failed to advance the
+  checkpoint raises its `WitnessError` after the store write, so the caller learns of it;
+* a blob with no checkpoint (sealed before this existed, or the witness directory was lost) is
+  trusted on first use: it reads, and the read anchors its checkpoint. With
+  ``require_checkpoint`` (setting ``blob_freshness = "strict"``) it is refused instead;
+* an attacker who can also write the witness directory (delete a checkpoint, then restore the
+  row: trust on first use accepts it; or restore the directory together with the store), or
+  who holds the signing key, can still roll back. Keep the witness on another mount or host
+  than the store, and the key out of reach of the store's writers;
+* without a witness (``witness=None``: benchmarks, some tests) nothing is checked.
+
+A rotation's re-wrap replaces only the key slot, so a blob keeps its version and needs no new
+checkpoint.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Final
 
 from sealing import envelope
-from sealing.errors import SealingError, TamperedBlob
+from sealing.errors import SealedBlobError, SealingError, StaleBlob, TamperedBlob
 from sealing.keywrap import KeyWrapper
 from sealing.store import BlobRecord, DuplicateRecord, RecordNotFound, SealedStateStore, StaleRecord
+from sealing.witness import Checkpoint, Witness
 
 PUT_ATTEMPTS = 5
+BLOB_KIND: Final = "blob"
+"""The witness kind of blob checkpoints (subject: `blob_subject`)."""
 
 
 class UnknownGeneration(SealingError):
@@ -25,16 +57,59 @@ class UnknownGeneration(SealingError):
     exit_code = 2
 
 
+def blob_subject(namespace: str, name: str) -> str:
+    """The witness subject of (namespace, name): NUL never occurs in either (the store's names
+    are text without NUL), so distinct pairs never share a subject."""
+    return f"{namespace}\x00{name}"
+
+
+def _stored_version(record: BlobRecord | None) -> int:
+    """The header version of a stored blob (0 for none, or one that does not parse: the put
+    replacing it still goes above the checkpoint)."""
+    if record is None:
+        return 0
+    try:
+        return envelope.parse(record.blob).header.version
+    except SealedBlobError:
+        return 0
+
+
 class SealedState:
-    def __init__(self, store: SealedStateStore, wrapper_for: Callable[[str], KeyWrapper]) -> None:
+    def __init__(
+        self,
+        store: SealedStateStore,
+        wrapper_for: Callable[[str], KeyWrapper],
+        witness: Witness | None = None,
+        *,
+        require_checkpoint: bool = False,
+    ) -> None:
+        """``witness``: where blob checkpoints are kept (None: no freshness check, see the
+        module docstring). ``require_checkpoint``: refuse a blob that has no checkpoint instead
+        of anchoring it on first read."""
         self._store = store
         self._wrapper_for = wrapper_for
+        self._witness = witness
+        self._require_checkpoint = require_checkpoint
+
+    def _checkpoint(self, namespace: str, name: str) -> Checkpoint | None:
+        if self._witness is None:
+            return None
+        return self._witness.latest(BLOB_KIND, blob_subject(namespace, name))
+
+    def _next_version(self, namespace: str, name: str, existing: BlobRecord | None) -> int:
+        checkpoint = self._checkpoint(namespace, name)
+        version = max(_stored_version(existing), checkpoint.order if checkpoint else 0) + 1
+        if version > envelope.MAX_BLOB_VERSION:
+            raise TamperedBlob(f"sealed blob {namespace}/{name} has an implausible version; not replacing it")
+        return version
 
     def put(self, *, namespace: str, name: str, data: bytes, key_ref: str, generation: str) -> BlobRecord:
         """Seal ``data`` and store it under (namespace, name), replacing any previous value.
 
         Nothing is written unless sealing succeeded, and a concurrent writer is never
-        overwritten: the update is a compare-and-swap on the row version read here.
+        overwritten: the update is a compare-and-swap on the row version read here. With a
+        witness, the new blob's version goes above the stored one's and the checkpoint's, and
+        the checkpoint advances to it once the store write has committed.
         """
         try:
             self._store.get_generation(generation)
@@ -48,7 +123,7 @@ class SealedState:
         except RecordNotFound:
             existing = None
 
-        def seal_as(blob_id: str) -> tuple[bytes, int]:
+        def seal_as(blob_id: str, version: int) -> tuple[bytes, int]:
             sealed = envelope.seal(
                 data,
                 wrapper,
@@ -56,18 +131,20 @@ class SealedState:
                 name=name,
                 generation=generation,
                 blob_id=uuid.UUID(blob_id),
+                version=version,
             )
             return bytes(sealed), envelope.parse(sealed).key_version
 
         blob_id = existing.blob_id if existing is not None else str(uuid.uuid4())
-        blob, key_version = seal_as(blob_id)
+        version = self._next_version(namespace, name, existing)
+        blob, key_version = seal_as(blob_id, version)
         # A put replaces the value, so losing a race (to a rotation re-wrapping the old value, or
         # to another writer) just means comparing against the newer row version: the new blob
-        # does not depend on what it replaces.
+        # does not depend on what it replaces, only its version must stay above the stored one.
         for attempt in range(PUT_ATTEMPTS):
             try:
                 if existing is None:
-                    return self._store.insert(
+                    record = self._store.insert(
                         blob_id=blob_id,
                         namespace=namespace,
                         name=name,
@@ -76,22 +153,52 @@ class SealedState:
                         generation=generation,
                         blob=blob,
                     )
-                return self._store.compare_and_swap(
-                    existing.blob_id,
-                    existing.row_version,
-                    blob=blob,
-                    key_version=key_version,
-                    key_ref=key_ref,
-                    generation=generation,
-                )
+                else:
+                    record = self._store.compare_and_swap(
+                        existing.blob_id,
+                        existing.row_version,
+                        blob=blob,
+                        key_version=key_version,
+                        key_ref=key_ref,
+                        generation=generation,
+                    )
+                break
             except (StaleRecord, DuplicateRecord):
                 if attempt == PUT_ATTEMPTS - 1:
                     raise
                 existing = self._store.get_by_name(namespace, name)
-                if existing.blob_id != blob_id:  # another writer created the name meanwhile
+                # Another writer created the name meanwhile, or wrote a value at our version (a
+                # re-wrap keeps the version, so a rotation's swap does not cost a re-seal).
+                if existing.blob_id != blob_id or _stored_version(existing) >= version:
                     blob_id = existing.blob_id
-                    blob, key_version = seal_as(blob_id)
-        raise AssertionError("unreachable")
+                    version = self._next_version(namespace, name, existing)
+                    blob, key_version = seal_as(blob_id, version)
+        else:  # pragma: no cover - the loop either breaks or raises
+            raise AssertionError("unreachable")
+        if self._witness is not None:
+            # After the commit: a crash here leaves the checkpoint behind the store, which reads
+            # accept (and repair); the other order could leave a checkpoint no blob reaches.
+            self._witness.advance(
+                BLOB_KIND,
+                blob_subject(namespace, name),
+                version,
+                {"blob_id": record.blob_id, "generation": generation},
+            )
+        return record
+
+    def delete(self, *, namespace: str, name: str) -> None:
+        """Delete the blob stored under (namespace, name); with a witness, its checkpoint then
+        becomes a tombstone above the deleted version, so a restored copy of the row is refused."""
+        record = self._store.get_by_name(namespace, name)
+        version = self._next_version(namespace, name, record)
+        self._store.delete(record.blob_id, record.row_version)
+        if self._witness is not None:
+            self._witness.advance(
+                BLOB_KIND,
+                blob_subject(namespace, name),
+                version,
+                {"blob_id": record.blob_id, "deleted": True},
+            )
 
     def get(self, *, namespace: str, name: str) -> bytes:
         """Open the blob stored under (namespace, name)."""
@@ -117,4 +224,42 @@ class SealedState:
                 f"sealed blob {record.namespace}/{record.name} does not match its store record"
                 " (blob moved or record altered)"
             )
-        return envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
+        if self._witness is None:
+            return envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
+        # Refuse a stale blob before anything is unwrapped or decrypted; anchor (or catch up) the
+        # checkpoint only after the body authenticated the header's version.
+        checkpoint = self._checkpoint(header.namespace, header.name)
+        self._check_fresh(header, checkpoint)
+        data = envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
+        if checkpoint is None or header.version > checkpoint.order:
+            self._witness.advance(
+                BLOB_KIND,
+                blob_subject(header.namespace, header.name),
+                header.version,
+                {"blob_id": str(header.blob_id), "generation": header.generation},
+            )
+        return data
+
+    def _check_fresh(self, header: envelope.BlobHeader, checkpoint: Checkpoint | None) -> None:
+        item = f"{header.namespace}/{header.name}"
+        if checkpoint is None:
+            if self._require_checkpoint:
+                raise StaleBlob(
+                    f"sealed blob {item} (version {header.version}) has no freshness checkpoint"
+                    " and blob_freshness is strict"
+                )
+            return  # trust on first use: open_record anchors it
+        deleted = checkpoint.body.get("deleted") is True
+        if header.version < checkpoint.order:
+            what = "a deleted blob" if deleted else "an older value"
+            raise StaleBlob(
+                f"sealed blob {item} is stale ({what}): stored version {header.version},"
+                f" checkpoint version {checkpoint.order}"
+            )
+        if header.version == checkpoint.order and (
+            deleted or checkpoint.body.get("blob_id") != str(header.blob_id)
+        ):
+            raise StaleBlob(
+                f"sealed blob {item} is not the blob its checkpoint names: stored version"
+                f" {header.version}, checkpoint version {checkpoint.order}"
+            )

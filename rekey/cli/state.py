@@ -1,4 +1,4 @@
-"""``rekey state put | get | list``: sealed state in the store."""
+"""``rekey state put | get | delete | list``: sealed state in the store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from rekey.backends import adapter_for
+from rekey.backends import adapter_for, witness_for
 from rekey.cli.context import settings, store
 from rekey.cli.files import read_input, write_output
 from rekey.cli.output import emit_json, err, json_option, out, table
@@ -30,7 +30,13 @@ def _sealed_state(sealed_store: SealedStateStore) -> SealedState:
             wrappers[key_ref] = adapter_for(current, key_ref)
         return wrappers[key_ref]
 
-    return SealedState(sealed_store, resolve)
+    # Every put, get and delete goes through the freshness witness (sealing.state).
+    return SealedState(
+        sealed_store,
+        resolve,
+        witness_for(current),
+        require_checkpoint=current.blob_freshness == "strict",
+    )
 
 
 @cli.command("put")
@@ -91,6 +97,16 @@ def get(name: str, out_file: Path, namespace: str) -> None:
     write_output(out_file, data)
     if str(out_file) != "-":
         err.print(f"wrote {len(data)} bytes to {out_file}")
+
+
+@cli.command("delete")
+@click.option("--name", required=True, help="Name of the state item.")
+@click.option("--namespace", default="default", show_default=True)
+def delete(name: str, namespace: str) -> None:
+    """Delete a stored item (its freshness checkpoint then refuses a restored copy)."""
+    with store() as sealed_store:
+        _sealed_state(sealed_store).delete(namespace=namespace, name=name)
+    err.print(f"deleted {namespace}/{name}")
 
 
 @cli.command("list")

@@ -251,6 +251,53 @@ def test_state_bad_input_changes_nothing(home: Path, tmp_path: Path, rekey: Call
     assert_one_line_error(rekey("state", "get", "--name", "item", "--out", str(target)), 1, "truncated")
 
 
+def test_state_get_refuses_a_restored_older_row(
+    home: Path, tmp_path: Path, rekey: Callable[..., Result]
+) -> None:
+    """Issue 12 finding 5 through the CLI: put v1, put v2, put the v1 row back with SQL (as a
+    backup restore would): `state get` exits non-zero with one error line and writes nothing.
+    The same for a deleted item restored."""
+    assert rekey("key", "create", "vault:cli-fresh").code == 0
+    assert rekey("generation", "register", str(write_manifest(tmp_path / "v1.yaml"))).code == 0
+    source = tmp_path / "in.bin"
+
+    def put(data: bytes) -> None:
+        source.write_bytes(data)
+        args = ("--key", "vault:cli-fresh", "--generation", "app-v1", "--name", "item", "--in", str(source))
+        result = rekey("state", "put", *args)
+        assert result.code == 0, result.err
+
+    def restore(row: tuple[object, ...]) -> None:
+        with sqlite3.connect(home / "state.db") as conn:
+            conn.execute("DELETE FROM sealed_blobs")
+            conn.execute("INSERT INTO sealed_blobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def full_row() -> tuple[object, ...]:
+        with sqlite3.connect(home / "state.db") as conn:
+            (row,) = conn.execute("SELECT * FROM sealed_blobs").fetchall()
+        return tuple(row)
+
+    put(b"OLD-SECRET")
+    old_row = full_row()
+    put(b"NEW-SECRET")
+    target = tmp_path / "out.bin"
+    restore(old_row)
+    result = rekey("state", "get", "--name", "item", "--out", str(target))
+    assert_one_line_error(result, 1, "default/item is stale")
+    assert "stored version 1, checkpoint version 2" in result.err
+    assert not target.exists() and "OLD-SECRET" not in result.out
+    # Deleted, then the last row put back.
+    put(b"NEWER-SECRET")
+    last_row = full_row()
+    deleted = rekey("state", "delete", "--name", "item")
+    assert deleted.code == 0, deleted.err
+    assert blob_rows(home) == []
+    restore(last_row)
+    assert_one_line_error(rekey("state", "get", "--name", "item", "--out", str(target)), 1, "deleted blob")
+    assert not target.exists()
+    assert_one_line_error(rekey("state", "delete", "--name", "absent"), 1, "absent")
+
+
 def test_unreachable_server_is_one_line(
     home: Path, tmp_path: Path, rekey, monkeypatch: pytest.MonkeyPatch
 ) -> None:

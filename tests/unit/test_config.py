@@ -71,3 +71,11 @@ def test_key_refs() -> None:
     for bad in ("orders", "gcp:orders", "vault:", "vault:a b"):
         with pytest.raises(InvalidKeyRef):
             KeyRef.parse(bad)
+
+
+def test_blob_freshness_setting(tmp_path: Path) -> None:
+    assert load_settings(tmp_path, environ={}).blob_freshness == "tofu"
+    assert load_settings(tmp_path, environ={"REKEY_BLOB_FRESHNESS": "strict"}).blob_freshness == "strict"
+    (tmp_path / "rekey.toml").write_text('blob_freshness = "off"\n')
+    with pytest.raises(ConfigError, match="blob_freshness must be one of tofu, strict"):
+        load_settings(tmp_path, environ={})

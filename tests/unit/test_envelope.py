@@ -258,7 +258,8 @@ def test_unknown_critical_field_is_unsupported_but_extension_is_skipped(
 ) -> None:
     """A newer writer's extension field (tag >= 0x80) is authenticated and ignored."""
     dek_blob = parse(_seal(wrapper))
-    for tag, expected in ((0x09, UnsupportedFormat), (0x90, TamperedBlob)):
+    # 0x09 is the blob version (known); 0x0a is the first critical tag this build does not know.
+    for tag, expected in ((0x0A, UnsupportedFormat), (0x7F, UnsupportedFormat), (0x90, TamperedBlob)):
         header = dek_blob.aad[8:] + struct.pack(">BH", tag, 3) + b"abc"
         aad = struct.pack(">4sBBH", b"RKSB", 1, 0, len(header)) + header
         forged = envelope.SealedBlob(
@@ -272,6 +273,57 @@ def test_unknown_critical_field_is_unsupported_but_extension_is_skipped(
         # The extension parses; only the tag check (AAD changed) fails it.
         with pytest.raises(expected):
             open_blob(forged, wrapper)
+
+
+def test_blob_version_is_in_the_authenticated_header(wrapper: LocalKeyWrapper) -> None:
+    """Every seal writes tag 0x09 (u64) as the header's last field; changing it fails the tag."""
+    blob = seal(b"v", wrapper, namespace="ns", name="n", generation="g", version=7)
+    parsed = parse(blob)
+    assert parsed.header.version == 7
+    assert parsed.aad.endswith(b"\x09\x00\x08" + (7).to_bytes(8, "big"))
+    assert parsed.aad == struct.pack(">4sBBH", b"RKSB", 1, 0, len(parsed.aad) - 8) + parsed.header.encode()
+    assert parse(_seal(wrapper)).header.version == 1  # the default for a fresh blob
+    at = len(parsed.aad) - 1
+    forged = bytearray(blob)
+    forged[at] = 6  # version 7 -> 6: a rolled-back version must not authenticate
+    assert parse(forged).header.version == 6
+    with pytest.raises(TamperedBlob, match="failed authentication"):
+        open_blob(forged, wrapper)
+    for bad in (0, -1, 1 << 64):
+        with pytest.raises(ValueError, match="blob version"):
+            seal(b"v", wrapper, namespace="ns", name="n", generation="g", version=bad)
+
+
+def test_blob_without_a_version_reads_as_version_0(wrapper: LocalKeyWrapper) -> None:
+    """A blob sealed before tag 0x09 existed (built here byte for byte) opens, as version 0;
+    an explicit version 0 is not canonical and is refused."""
+    dek = bytes(range(32))
+    wrapped = wrapper.wrap(dek)
+    old_header = parse(_seal(wrapper)).header._replace(version=0)
+    header = old_header.encode()
+    assert b"\x09\x00\x08" not in header[-11:]
+    aad = struct.pack(">4sBBH", b"RKSB", 1, 0, len(header)) + header
+    nonce = bytes(12)
+    body = AESGCM(dek).encrypt(nonce, b"legacy", aad)
+    legacy = envelope.SealedBlob(
+        old_header, wrapped.key_version, wrapped.ciphertext, nonce, body, aad
+    ).to_bytes()
+    assert parse(legacy).header.version == 0
+    assert open_blob(legacy, wrapper) == b"legacy"
+    # A re-wrap of the legacy blob keeps it at version 0 (and its header bytes).
+    assert parse(rewrap(legacy, wrapper)).aad == aad
+    zero = header + b"\x09\x00\x08" + bytes(8)
+    aad0 = struct.pack(">4sBBH", b"RKSB", 1, 0, len(zero)) + zero
+    explicit = envelope.SealedBlob(
+        old_header,
+        wrapped.key_version,
+        wrapped.ciphertext,
+        nonce,
+        AESGCM(dek).encrypt(nonce, b"x", aad0),
+        aad0,
+    ).to_bytes()
+    with pytest.raises(TamperedBlob, match="version 0"):
+        open_blob(explicit, wrapper)
 
 
 def test_trailing_bytes_are_refused(wrapper: LocalKeyWrapper) -> None:
