@@ -16,9 +16,9 @@ from temporalio.worker import Worker
 
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
-from audit import AuditLog, default_actor, default_signing_key_path, load_or_create_signing_key
+from audit import AuditLog, default_actor
 from kms_adapters.contract import KmsAdapter
-from rekey.backends import adapter_for
+from rekey.backends import adapter_for, signer_for, witness_for
 from rekey.client import check_namespace, connect
 from rekey.config import Settings
 from sealing.store import SealedStateStore
@@ -33,10 +33,11 @@ chunk boundary (a chunk is a second or so, longer only on a throttling KMS)."""
 
 
 def open_audit_log(settings: Settings, *, actor: str | None = None) -> AuditLog:
-    """The audit log of ``settings.store_url``, signing with ``<home>/audit/ed25519.pem``
-    (created on first use)."""
-    key = load_or_create_signing_key(default_signing_key_path(settings.home))
-    return AuditLog(settings.store_url, key, actor=actor)
+    """The audit log of ``settings.store_url``, signing with the configured ``signing_key``
+    (``rekey.backends.signer_for``: by default ``<home>/audit/ed25519.pem``, created on first
+    use) and publishing its head to the freshness witness after every append."""
+    signer = signer_for(settings)
+    return AuditLog(settings.store_url, signer, actor=actor, witness=witness_for(settings, signer=signer))
 
 
 def audit_sink(settings: Settings) -> AuditSink:
