@@ -216,7 +216,7 @@ def test_missing_head_fails_closed(settings: Settings, capsys: Cli) -> None:
         "-1:" + "a" * 64,
         "3:" + "a" * 63,
         "3:" + "g" * 64,
-        "３:" + "a" * 64,
+        "\uff13:" + "a" * 64,  # a full-width digit is not a record number
     ],
 )
 def test_bad_head_text_is_a_usage_error(settings: Settings, capsys: Cli, bad: str) -> None:
