@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Row, func, insert, select
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 
 from audit.errors import AuditError
@@ -100,7 +100,8 @@ def head_subject(store_url: str) -> str:
         url = make_url(store_url)
     except ArgumentError:
         raise AuditError("the store URL cannot be parsed") from None
-    return url.set(username=None, password=None).render_as_string(hide_password=False)
+    bare = URL.create(url.drivername, host=url.host, port=url.port, database=url.database, query=url.query)
+    return bare.render_as_string(hide_password=False)
 
 
 def _read_head(witness: Witness, subject: str) -> Head | None:

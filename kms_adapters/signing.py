@@ -10,7 +10,9 @@ home) can read. Selected by the ``signing_key`` setting and built by
   key does not silently change the key records are signed with.
 * `AwsKmsSigner` (``aws:KEYID``): an AWS KMS ``ECC_NIST_P256`` key with usage ``SIGN_VERIFY``:
   ``Sign`` with ``ECDSA_SHA_256`` and ``MessageType=DIGEST`` (a DER signature over the prehashed
-  digest), public key from ``GetPublicKey``.
+  digest), public key from ``GetPublicKey``. (moto, up to at least 5.2, ignores
+  ``MessageType=DIGEST`` and hashes the digest again, getmoto/moto#10202: its signatures then
+  verify over SHA-256 of the digest; real AWS KMS signs the digest itself.)
 
 Errors are `SigningError` with messages of our own (never the SDK's text, which may embed
 URLs or request details). Creating such keys: docs/audit-log-format.md, "Signing keys in a KMS".
@@ -158,22 +160,26 @@ class AwsKmsSigner:
         endpoint_url: str | None,
         region: str,
         credentials: dict[str, str] | None = None,
+        client: Any = None,
     ) -> None:
         try:
             check_name("aws", key_id)
         except InvalidKeyRef as exc:
             raise SigningError(str(exc)) from None
         self._kms_key = key_id
-        config = Config(
-            retries={"total_max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30
-        )
-        self._client: Any = boto3.session.Session().client(
-            "kms", region_name=region, endpoint_url=endpoint_url, config=config, **(credentials or {})
-        )
+        if client is None:
+            config = Config(
+                retries={"total_max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30
+            )
+            client = boto3.session.Session().client(
+                "kms", region_name=region, endpoint_url=endpoint_url, config=config, **(credentials or {})
+            )
+        self._client: Any = client
         answer = self._call("read the public key of", "get_public_key", KeyId=key_id)
-        if answer.get("KeySpec") != "ECC_NIST_P256" or answer.get("KeyUsage") != "SIGN_VERIFY":
+        spec = answer.get("KeySpec") or answer.get("CustomerMasterKeySpec")  # moto: the older name only
+        if spec != "ECC_NIST_P256" or answer.get("KeyUsage") != "SIGN_VERIFY":
             raise KmsSigningError(
-                f"AWS KMS key {key_id!r} is {answer.get('KeySpec')!r}/{answer.get('KeyUsage')!r};"
+                f"AWS KMS key {key_id!r} is {spec!r}/{answer.get('KeyUsage')!r};"
                 " audit signing needs ECC_NIST_P256 with SIGN_VERIFY"
             )
         if "ECDSA_SHA_256" not in (answer.get("SigningAlgorithms") or ["ECDSA_SHA_256"]):

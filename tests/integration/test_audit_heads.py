@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import create_engine, delete, select
+from sqlalchemy import create_engine, delete, make_url, select
 
 from audit import AuditLog, head_subject, load_or_create_signing_key
 from audit.schema import audit_log
@@ -91,6 +91,8 @@ def test_verify_prints_the_head_and_accepts_it_back(settings: Settings, capsys: 
     doc = json.loads(out)
     assert doc["ok"] is True and doc["head"] == head and doc["witness_head"] == head
     assert doc["heads_checked"] == 2
+    password = make_url(settings.store_url).password
+    assert not password or str(password) not in head_file(settings).read_text()  # no credentials
     own = FileSigner(load_or_create_signing_key(settings.home / "audit" / "ed25519.pem"))
     assert doc["keys"] == [{"key_id": own.key_id, "fingerprint": fingerprint(own.public_key)}]
 
