@@ -69,7 +69,7 @@ def test_transit_signer_refuses_bad_keys(openbao: OpenBao) -> None:
     with pytest.raises(SigningError, match="name must be"):
         TransitSigner(openbao.client(), "x/../../sys/seal")
     denied = openbao.client()
-    denied.token = "not-a-token"  # noqa: S105 - a wrong token, not a secret  # nosec B105
+    denied.token = "not-a-token"  # a wrong token, not a secret  # nosec B105
     with pytest.raises(KmsSigningError, match="denied") as caught:
         TransitSigner(denied, transit_key(openbao))
     assert "not-a-token" not in str(caught.value)
