@@ -245,3 +245,21 @@ def test_audit_key_shows_the_fingerprint_to_pin(settings: Settings, capsys: Cli)
     pub = str(settings.home / "audit" / "ed25519.pub.pem")
     code, out, _ = run_cli(capsys, "--home", str(settings.home), "audit", "key", "--public-key", pub)
     assert code == 0 and fingerprint(own) in out
+
+
+def test_head_moves_on_after_a_key_rotation(
+    settings: Settings, capsys: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    append(settings, 2)
+    old = settings.home / "audit" / "ed25519.pem"
+    old_fp = fingerprint(load_or_create_signing_key(old).public_key())
+    old.rename(settings.home / "audit" / "previous.pem")  # rotate: a new key file on next use
+    (settings.home / "audit" / "ed25519.pub.pem").rename(settings.home / "audit" / "previous.pub.pem")
+    monkeypatch.setenv("REKEY_TRUSTED_KEY_FINGERPRINTS", old_fp)
+    rotated = Settings(home=settings.home, store_url=settings.store_url, trusted_key_fingerprints=(old_fp,))
+    append(rotated, 2, start=3)  # the old head (old key, pinned) is read and moved forward
+    code, out, err = verify(capsys, settings)
+    assert code == 0, err
+    assert out.startswith("4 records verified") and f"head: 4:{hashes(settings)[4]}" in out
+    code, out, _ = verify(capsys, settings, "--json")
+    assert code == 0 and json.loads(out)["witness_head"] == f"4:{hashes(settings)[4]}"
