@@ -21,20 +21,23 @@ from audit.format import (
 from audit.keys import (
     audit_dir,
     default_signing_key_path,
+    found_public_keys,
     load_or_create_signing_key,
     load_public_key,
     load_signing_key,
     public_key_path_for,
     trusted_public_keys,
 )
-from audit.log import AuditLog
-from audit.verify import VerifyReport, verify_records
+from audit.log import HEAD_KIND, AuditLog, head_subject
+from audit.verify import Head, VerifyReport, parse_head, verify_records
 
 __all__ = [
     "GENESIS_HASH",
+    "HEAD_KIND",
     "AuditError",
     "AuditLog",
     "AuditRecord",
+    "Head",
     "VerifyReport",
     "audit_dir",
     "canonical_bytes",
@@ -44,10 +47,13 @@ __all__ = [
     "default_actor",
     "default_signing_key_path",
     "format_time",
+    "found_public_keys",
+    "head_subject",
     "key_id_of",
     "load_or_create_signing_key",
     "load_public_key",
     "load_signing_key",
+    "parse_head",
     "public_key_path_for",
     "trusted_public_keys",
     "verify_records",

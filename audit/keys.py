@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from audit.errors import AuditError
 from audit.format import key_id_of
+from sealing.signing import PublicKey, SigningError, load_public_key_pem
+from sealing.signing import key_id_of as any_key_id_of
 
 __all__ = [
     "AUDIT_DIR",
@@ -24,6 +26,7 @@ __all__ = [
     "SIGNING_KEY_FILE",
     "audit_dir",
     "default_signing_key_path",
+    "found_public_keys",
     "load_or_create_signing_key",
     "load_public_key",
     "load_signing_key",
@@ -187,9 +190,34 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+def found_public_keys(home: Path, paths: Iterable[Path] = ()) -> dict[str, PublicKey]:
+    """Key id -> Ed25519 or P-256 public key for ``paths``, or, if none are given, for every
+    ``*.pub.pem`` in ``<home>/audit/``. These are *candidates*, not trusted keys: anyone who can
+    write that directory can plant a file there, so `rekey audit verify` trusts one only if
+    its fingerprint is pinned (`sealing.signing.pinned_keys`)."""
+    chosen = list(paths)
+    if not chosen:
+        directory = audit_dir(home)
+        chosen = sorted(directory.glob(f"*{PUBLIC_KEY_SUFFIX}")) if directory.is_dir() else []
+    keys: dict[str, PublicKey] = {}
+    for path in chosen:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise AuditError(f"cannot read the audit public key {path}: {exc.strerror}") from None
+        try:
+            key = load_public_key_pem(data, f"audit public key {path}")
+        except SigningError as exc:
+            raise AuditError(str(exc)) from None
+        keys[any_key_id_of(key)] = key
+    return keys
+
+
 def trusted_public_keys(home: Path, paths: Iterable[Path] = ()) -> dict[str, Ed25519PublicKey]:
     """Key id -> public key for ``paths``, or, if none are given, for every ``*.pub.pem`` in
-    ``<home>/audit/`` (this installation's key and any others copied there)."""
+    ``<home>/audit/`` (this installation's key and any others copied there). For tests and
+    tools that trust their own directory; `rekey audit verify` pins keys instead
+    (`found_public_keys`)."""
     chosen = list(paths)
     if not chosen:
         directory = audit_dir(home)

@@ -1,19 +1,24 @@
 """`AuditLog`: appends signed, hash-chained records to the ``audit_log`` table in the store's
-database and reads them back (records, verify, export). Records, encoding and concurrency are
-specified in docs/audit-log-format.md."""
+database and reads them back (records, verify, export). After every append commits, the log's
+head (``seq``, ``hash``) is published to the freshness witness (`sealing.witness`), outside the
+table, as checkpoint ``audit-head`` of `head_subject` (the store URL without credentials).
+Records, encoding, heads and concurrency are specified in docs/audit-log-format.md."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Row, func, insert, select
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError
 
 from audit.errors import AuditError
 from audit.format import (
@@ -26,14 +31,19 @@ from audit.format import (
     check_text,
     default_actor,
     format_time,
-    key_id_of,
     parse_time,
 )
 from audit.schema import AUDIT_SCHEMA, audit_log
-from audit.verify import UnreadableRecord, VerifyReport, verify_records
+from audit.verify import Head, UnreadableRecord, VerifyReport, verify_records
+from sealing.signing import FileSigner, PublicKey, Signer
 from sealing.store import DuplicateRecord, SealedStateStore
+from sealing.witness import Witness, WitnessError
 
-__all__ = ["AuditLog"]
+__all__ = ["HEAD_KIND", "AuditLog", "head_subject"]
+
+HEAD_KIND: Final = "audit-head"
+"""Witness checkpoint kind of the audit log's head: order = ``seq``, body ``{"hash": ...}``."""
+_log = logging.getLogger(__name__)
 
 _PG_AUDIT_LOCK_KEY: Final = 0x72656B65795F6175  # "rekey_au": advisory lock serialising appends
 _BATCH: Final = 500
@@ -83,28 +93,58 @@ def _export_row(row: Row[Any]) -> dict[str, Any]:
     return data
 
 
+def head_subject(store_url: str) -> str:
+    """The witness subject naming the log in ``store_url``: the URL without user name and
+    password (never credentials in a checkpoint), e.g. ``postgresql+psycopg://db:5432/rekey``."""
+    try:
+        url = make_url(store_url)
+    except ArgumentError:
+        raise AuditError("the store URL cannot be parsed") from None
+    bare = URL.create(url.drivername, host=url.host, port=url.port, database=url.database, query=url.query)
+    return bare.render_as_string(hide_password=False)
+
+
+def _read_head(witness: Witness, subject: str) -> Head | None:
+    """The witness's head of ``subject``; `WitnessError` if the checkpoint is tampered with."""
+    point = witness.latest(HEAD_KIND, subject)
+    if point is None:
+        return None
+    digest = point.body.get("hash")
+    if not isinstance(digest, str):
+        raise WitnessError(f"the audit head of {subject} has no hash")
+    return Head(point.order, digest, "witness")
+
+
 class AuditLog:
     """The audit log in the store database at ``store_url``. Opening applies the pending
-    migrations of the store and of the audit table (`AUDIT_SCHEMA`). ``signing_key`` may be
-    None for a read-only log (records, verify, export).
+    migrations of the store and of the audit table (`AUDIT_SCHEMA`). ``signing_key`` (a
+    `sealing.signing.Signer`, e.g. a KMS key, or an Ed25519 private key) may be None for a
+    read-only log (records, verify, export).
 
-    ``actor`` is the default actor of appends (else `default_actor`); ``clock`` returns the
-    current aware time (tests). Safe to use from several threads and processes at once.
+    ``witness``: where each append publishes the new head (see the module docstring); None
+    publishes nothing (tests, tools). ``actor`` is the default actor of appends (else
+    `default_actor`); ``clock`` returns the current aware time (tests). Safe to use from several
+    threads and processes at once.
     """
 
     def __init__(
         self,
         store_url: str,
-        signing_key: Ed25519PrivateKey | None,
+        signing_key: Signer | Ed25519PrivateKey | None,
         *,
         actor: str | None = None,
         clock: Callable[[], datetime] | None = None,
+        witness: Witness | None = None,
     ) -> None:
-        if signing_key is not None and not isinstance(signing_key, Ed25519PrivateKey):
-            raise TypeError("signing_key must be an Ed25519 private key")
+        if isinstance(signing_key, Ed25519PrivateKey):
+            signing_key = FileSigner(signing_key)
+        if signing_key is not None and not isinstance(signing_key, Signer):
+            raise TypeError("signing_key must be a sealing.signing.Signer or an Ed25519 private key")
         self._actor = None if actor is None else check_text("actor", actor)
-        self._key = signing_key
-        self._key_id = None if signing_key is None else key_id_of(signing_key.public_key())
+        self._key: Signer | None = signing_key
+        self._key_id = None if signing_key is None else signing_key.key_id
+        self._witness = witness
+        self._subject = head_subject(store_url)
         self._clock = clock if clock is not None else (lambda: datetime.now(UTC))
         self._store = SealedStateStore(store_url)
         try:
@@ -119,8 +159,51 @@ class AuditLog:
         return self._key_id
 
     @property
-    def public_key(self) -> Ed25519PublicKey | None:
-        return None if self._key is None else self._key.public_key()
+    def public_key(self) -> PublicKey | None:
+        return None if self._key is None else self._key.public_key
+
+    @property
+    def subject(self) -> str:
+        """The witness subject of this log's heads (`head_subject` of the store URL)."""
+        return self._subject
+
+    def head_from(self, witness: Witness) -> Head | None:
+        """The latest head ``witness`` holds for this log (None if none); `WitnessError` if its
+        checkpoint is tampered with or signed by a key the witness does not trust."""
+        return _read_head(witness, self._subject)
+
+    def _anchored(self, witness: Witness, conn: Connection, seq: int) -> bool:
+        """Whether the table, about to get record ``seq``, still holds the witness's head: if
+        not, the log was cut (and perhaps re-grown) and the head must stay where it is, so
+        that verify keeps failing; appending a record on top must not launder the cut."""
+        try:
+            head = _read_head(witness, self._subject)
+        except (WitnessError, ValueError) as exc:
+            _log.warning("audit head not published: %s", exc)
+            return False
+        if head is None:
+            return True
+        stored = None
+        if head.seq < seq:
+            stored = conn.execute(select(audit_log.c.hash).where(audit_log.c.seq == head.seq)).scalar()
+        if stored != head.hash:
+            _log.warning(
+                "audit log %s no longer holds its signed head (record %d): it was truncated or rewritten;"
+                " the head is not moved (run rekey audit verify)",
+                self._subject,
+                head.seq,
+            )
+            return False
+        return True
+
+    def _publish(self, witness: Witness, seq: int, digest: str) -> None:
+        try:
+            witness.advance(HEAD_KIND, self._subject, seq, {"hash": digest})
+        except (WitnessError, ValueError, OSError) as exc:
+            # The record is committed: failing now would only make the caller append it again.
+            # A head that lags is caught up by the next append; one that cannot be written at
+            # all shows at verify (no signed head).
+            _log.warning("audit record %d appended but its head was not published: %s", seq, exc)
 
     def __repr__(self) -> str:
         return f"AuditLog({self._store.url!r}, key_id={self._key_id!r})"
@@ -150,7 +233,10 @@ class AuditLog:
 
         ``details`` must never hold key material or other secrets (see docs/audit-log-format.md);
         bytes values are refused. Raises ValueError/TypeError for bad input, `AuditError` for a
-        read-only log, `sealing.store.StoreError` if the database fails.
+        read-only log, `sealing.store.StoreError` if the database fails, the signer's error if
+        the key cannot sign. After the commit the head is published to the witness, unless the
+        table no longer holds the witness's head (cut or rewritten: logged as a warning, the head
+        stays so that verify fails); a witness that cannot be written is logged, not raised.
         """
         if self._key is None or self._key_id is None:
             raise AuditError("this audit log was opened without a signing key; it can only be read")
@@ -160,6 +246,7 @@ class AuditLog:
         clean = check_details({} if details is None else details)
         details_text = canonical_json(clean).decode("utf-8")
         for _attempt in range(3):
+            publish = False
             try:
                 # The store's public transaction: BEGIN IMMEDIATE on SQLite, errors mapped onto
                 # StoreError, in-memory databases serialised.
@@ -183,6 +270,7 @@ class AuditLog:
                             prev_hash=prev_hash,
                         )
                     ).digest()
+                    publish = self._witness is not None and self._anchored(self._witness, conn, seq)
                     signature = self._key.sign(digest).hex()
                     conn.execute(
                         insert(audit_log).values(
@@ -200,6 +288,8 @@ class AuditLog:
                     )
             except DuplicateRecord:
                 continue  # cannot happen while appenders take the lock; retry from the new end
+            if publish and self._witness is not None:
+                self._publish(self._witness, seq, digest.hex())
             return AuditRecord(
                 seq=seq,
                 recorded_at=parse_time(recorded_at),
@@ -239,10 +329,18 @@ class AuditLog:
                 )
             yield item
 
-    def verify(self, public_keys: Mapping[str, Ed25519PublicKey]) -> VerifyReport:
-        """Check every record in ``seq`` order against ``public_keys`` (key id -> public key)
-        and report the first bad one. An empty log verifies with count 0."""
-        return verify_records(self._items(), public_keys)
+    def verify(
+        self,
+        public_keys: Mapping[str, PublicKey],
+        heads: Iterable[Head] = (),
+        *,
+        untrusted: Mapping[str, PublicKey] | None = None,
+    ) -> VerifyReport:
+        """Check every record in ``seq`` order against ``public_keys`` (key id -> trusted public
+        key), report the first bad one, then check ``heads`` (e.g. `head_from` the witness and
+        one kept elsewhere): see `audit.verify.verify_records`. An empty log without heads
+        verifies with count 0."""
+        return verify_records(self._items(), public_keys, heads, untrusted=untrusted)
 
     def export(self) -> list[dict[str, Any]]:
         """Every stored record as a JSON-ready dict (the `AuditRecord.to_dict` shape), in ``seq``

@@ -19,15 +19,16 @@ from urllib.parse import urlparse
 
 import hvac
 
-from audit import default_signing_key_path, load_or_create_signing_key
+from audit import default_signing_key_path, load_or_create_signing_key, load_signing_key
 from kms_adapters.aws_kms import AwsKmsAdapter
 from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from kms_adapters.release import FileReleasePolicyStore
+from kms_adapters.signing import AwsKmsSigner, TransitSigner
 from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.config import ConfigError, Settings
-from sealing.signing import FileSigner, Signer
+from sealing.signing import FileSigner, PublicKey, Signer
 from sealing.witness import DirectoryWitness
 
 _MOTO_SECRET = "testing"  # noqa: S105 - moto's fixed dev credential, not a secret  # nosec B105
@@ -113,13 +114,44 @@ def _adapter(settings: Settings, ref: KeyRef) -> KmsAdapter:
 
 
 def signer_for(settings: Settings) -> Signer:
-    """This installation's signing key (audit records, freshness checkpoints): the Ed25519 key
-    file ``<home>/audit/ed25519.pem``, created on first use."""
+    """This installation's signing key (audit records, freshness checkpoints), as the
+    ``signing_key`` setting says: ``file`` (default), the Ed25519 key file
+    ``<home>/audit/ed25519.pem``, created on first use; ``vault:NAME``, a Transit ``ed25519``
+    key on ``vault_addr``; ``aws:KEYID``, an AWS KMS ``ECC_NIST_P256`` key on ``aws_endpoint``."""
+    backend, _, name = settings.signing_key.partition(":")
+    if backend == "vault":
+        return TransitSigner(vault_client(settings), name, mount_point=settings.transit_mount)
+    if backend == "aws":
+        credentials = DEV_AWS_CREDENTIALS if _is_loopback(settings.aws_endpoint) else None
+        return AwsKmsSigner(
+            name, endpoint_url=settings.aws_endpoint, region=settings.aws_region, credentials=credentials
+        )
     return FileSigner(load_or_create_signing_key(default_signing_key_path(settings.home)))
 
 
-def witness_for(settings: Settings, *, writable: bool = True) -> DirectoryWitness:
-    """The freshness witness in ``witness_dir``, signing with `signer_for` when ``writable``
-    (checkpoints then verify against the signer's own key)."""
-    signer = signer_for(settings) if writable else None
-    return DirectoryWitness(Path(settings.witness_dir), signer)
+def own_public_key(settings: Settings) -> PublicKey | None:
+    """This installation's own public key, derived from what signs (never from a public key file
+    found beside it): the private key file's (None if there is none yet: nothing creates it
+    here), or the configured KMS key's."""
+    if settings.signing_key != "file":
+        return signer_for(settings).public_key
+    try:
+        return load_signing_key(default_signing_key_path(settings.home)).public_key()
+    except FileNotFoundError:
+        return None
+
+
+def witness_for(
+    settings: Settings,
+    *,
+    writable: bool = True,
+    signer: Signer | None = None,
+    trusted: dict[str, PublicKey] | None = None,
+) -> DirectoryWitness:
+    """The freshness witness in ``witness_dir``, signing with ``signer`` (default `signer_for`)
+    when ``writable`` (checkpoints then verify against the signer's own key). ``trusted``
+    (key id -> public key, pinned keys only) adds keys that checkpoints may be signed with; a
+    read-only witness trusts only those."""
+    if writable and signer is None:
+        signer = signer_for(settings)
+    return DirectoryWitness(Path(settings.witness_dir), signer if writable else None, trusted)

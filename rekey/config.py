@@ -10,6 +10,14 @@ refuses every other key ref, including one read from a store record before its b
 authenticated (someone with write access to the store could otherwise point a record at any key
 of a configured backend). Empty (the default): any key ref with a safe name
 (``kms_adapters.keyref``) of a configured backend.
+
+``signing_key`` says which key signs audit records and freshness checkpoints: ``file`` (the
+default: the Ed25519 key file ``<home>/audit/ed25519.pem``), ``vault:NAME`` (an OpenBao/Vault
+Transit key of type ``ed25519`` on ``vault_addr``/``transit_mount``) or ``aws:KEYID`` (an AWS KMS
+``ECC_NIST_P256`` ``SIGN_VERIFY`` key, by key id or ``alias/NAME``). A KMS key cannot be read
+by whoever can read the worker's files. ``trusted_key_fingerprints`` (``sha256:<64 hex>``, a list
+or one comma-separated string) pins the other keys ``rekey audit verify`` trusts: this
+installation's own key is always trusted; a public key merely found in a directory never is.
 """
 
 from __future__ import annotations
@@ -100,6 +108,7 @@ class Settings:
     # "tofu": a sealed blob with no freshness checkpoint reads and is anchored on first read;
     # "strict": it is refused (sealing.state).
     blob_freshness: str = "tofu"
+    signing_key: str = "file"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +136,7 @@ class Settings:
             raise ConfigError(
                 f"blob_freshness must be one of {', '.join(BLOB_FRESHNESS)}, got {self.blob_freshness!r}"
             )
+        object.__setattr__(self, "signing_key", check_signing_key(self.signing_key))
 
     def allows_key(self, key_ref: str) -> bool:
         """Whether ``allowed_keys`` admits ``key_ref`` (always, when it is empty)."""
@@ -171,6 +181,25 @@ class Settings:
             return ""
         token = data.get("root_token", "")
         return token if isinstance(token, str) else ""
+
+
+SIGNING_KEY_BACKENDS = ("vault", "aws")
+
+
+def check_signing_key(value: object) -> str:
+    """A ``signing_key`` setting: ``file``, ``vault:NAME`` or ``aws:KEYID`` (safe names, as key
+    refs); `ConfigError` otherwise."""
+    if value == "file":
+        return "file"
+    if isinstance(value, str):
+        backend, sep, _name = value.partition(":")
+        if sep and backend in SIGNING_KEY_BACKENDS:
+            try:
+                return str(KeyRef.parse(value))
+            except InvalidKeyRef as exc:
+                raise ConfigError(f"signing_key: {exc}") from None
+    shown = value[:80] if isinstance(value, str) else value
+    raise ConfigError(f"signing_key {shown!r} is not 'file', 'vault:NAME' or 'aws:KEYID'")
 
 
 _PREFIX = re.compile(r"[A-Za-z0-9_./-]{0,128}")

@@ -16,11 +16,12 @@ from temporalio.worker import Worker
 
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
-from audit import AuditLog, default_actor, default_signing_key_path, load_or_create_signing_key
+from audit import AuditLog, default_actor, found_public_keys
 from kms_adapters.contract import KmsAdapter
-from rekey.backends import adapter_for
+from rekey.backends import adapter_for, signer_for, witness_for
 from rekey.client import check_namespace, connect
 from rekey.config import Settings
+from sealing.signing import pinned_keys
 from sealing.store import SealedStateStore
 from workflows.launcher import LaunchRotationWorkflow
 from workflows.rotation import RotateKeyWorkflow
@@ -33,10 +34,15 @@ chunk boundary (a chunk is a second or so, longer only on a throttling KMS)."""
 
 
 def open_audit_log(settings: Settings, *, actor: str | None = None) -> AuditLog:
-    """The audit log of ``settings.store_url``, signing with ``<home>/audit/ed25519.pem``
-    (created on first use)."""
-    key = load_or_create_signing_key(default_signing_key_path(settings.home))
-    return AuditLog(settings.store_url, key, actor=actor)
+    """The audit log of ``settings.store_url``, signing with the configured ``signing_key``
+    (``rekey.backends.signer_for``: by default ``<home>/audit/ed25519.pem``, created on first
+    use) and publishing its head to the freshness witness after every append. The witness also
+    trusts pinned keys (``trusted_key_fingerprints``), so a head signed before a key rotation
+    still reads and is moved forward."""
+    signer = signer_for(settings)
+    pinned = pinned_keys(found_public_keys(settings.home).values(), settings.trusted_key_fingerprints)
+    witness = witness_for(settings, signer=signer, trusted=pinned)
+    return AuditLog(settings.store_url, signer, actor=actor, witness=witness)
 
 
 def audit_sink(settings: Settings) -> AuditSink:
