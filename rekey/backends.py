@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import hvac
 
-from audit import default_signing_key_path, load_or_create_signing_key, load_signing_key
+from audit import default_signing_key_path, found_public_keys, load_or_create_signing_key, load_signing_key
 from kms_adapters.aws_kms import AwsKmsAdapter
 from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
 from kms_adapters.contract import KmsAdapter
@@ -28,7 +28,7 @@ from kms_adapters.release import FileReleasePolicyStore
 from kms_adapters.signing import AwsKmsSigner, TransitSigner
 from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.config import ConfigError, Settings
-from sealing.signing import FileSigner, PublicKey, Signer
+from sealing.signing import FileSigner, PublicKey, Signer, pinned_keys
 from sealing.witness import DirectoryWitness
 
 _MOTO_SECRET = "testing"  # noqa: S105 - moto's fixed dev credential, not a secret  # nosec B105
@@ -151,7 +151,11 @@ def witness_for(
     """The freshness witness in ``witness_dir``, signing with ``signer`` (default `signer_for`)
     when ``writable`` (checkpoints then verify against the signer's own key). ``trusted``
     (key id -> public key, pinned keys only) adds keys that checkpoints may be signed with; a
-    read-only witness trusts only those."""
+    read-only witness trusts only those. By default these are the public keys in
+    ``<home>/audit/`` whose fingerprints ``trusted_key_fingerprints`` pins, so checkpoints
+    signed before a signing-key rotation still verify."""
     if writable and signer is None:
         signer = signer_for(settings)
+    if trusted is None:
+        trusted = pinned_keys(found_public_keys(settings.home).values(), settings.trusted_key_fingerprints)
     return DirectoryWitness(Path(settings.witness_dir), signer if writable else None, trusted)

@@ -16,12 +16,11 @@ from temporalio.worker import Worker
 
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
-from audit import AuditLog, default_actor, found_public_keys
+from audit import AuditLog, default_actor
 from kms_adapters.contract import KmsAdapter
 from rekey.backends import adapter_for, signer_for, witness_for
 from rekey.client import check_namespace, connect
 from rekey.config import Settings
-from sealing.signing import pinned_keys
 from sealing.store import SealedStateStore
 from workflows.launcher import LaunchRotationWorkflow
 from workflows.rotation import RotateKeyWorkflow
@@ -40,8 +39,7 @@ def open_audit_log(settings: Settings, *, actor: str | None = None) -> AuditLog:
     trusts pinned keys (``trusted_key_fingerprints``), so a head signed before a key rotation
     still reads and is moved forward."""
     signer = signer_for(settings)
-    pinned = pinned_keys(found_public_keys(settings.home).values(), settings.trusted_key_fingerprints)
-    witness = witness_for(settings, signer=signer, trusted=pinned)
+    witness = witness_for(settings, signer=signer)
     return AuditLog(settings.store_url, signer, actor=actor, witness=witness)
 
 
