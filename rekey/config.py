@@ -10,6 +10,15 @@ refuses every other key ref, including one read from a store record before its b
 authenticated (someone with write access to the store could otherwise point a record at any key
 of a configured backend). Empty (the default): any key ref with a safe name
 (``kms_adapters.keyref``) of a configured backend.
+
+``codec_min_format`` (1, 2 or 3; ``REKEY_CODEC_MIN_FORMAT``): the oldest payload codec format
+(``rekey.codec``) workers and clients decode. 3 accepts only payloads bound to their namespace
+and workflow, so an encrypted payload copied from another workflow's history is refused in
+every case; set it once no retained history, pending workflow, schedule or running rotation
+still holds a format 1 or 2 payload (those were written before format 3, and continuing
+rotations and existing schedules carry them on). The default, 1, keeps them readable: a
+format 3 payload is still refused in another workflow, but a format 2 one copied from an old
+history is not.
 """
 
 from __future__ import annotations
@@ -94,6 +103,7 @@ class Settings:
     allowed_keys: tuple[str, ...] = ()
     witness_dir: str = ""
     trusted_key_fingerprints: tuple[str, ...] = ()
+    codec_min_format: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +127,8 @@ class Settings:
         object.__setattr__(self, "trusted_key_fingerprints", tuple(self.trusted_key_fingerprints))
         for pattern in self.allowed_keys:
             check_allowed_pattern(pattern)
+        if self.codec_min_format not in (1, 2, 3):
+            raise ConfigError(f"codec_min_format must be 1, 2 or 3, got {self.codec_min_format!r}")
 
     def allows_key(self, key_ref: str) -> bool:
         """Whether ``allowed_keys`` admits ``key_ref`` (always, when it is empty)."""
@@ -196,6 +208,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {name} must be an integer, got {value!r}") from None
         if name.endswith("_port") and not 0 < port < 65536:
             raise ConfigError(f"{source}: {name} must be a port number (1-65535), got {port}")
+        if name == "codec_min_format" and port not in (1, 2, 3):
+            raise ConfigError(f"{source}: {name} must be 1, 2 or 3, got {port}")
         return port
     if kind == "Path":
         return Path(str(value))
