@@ -10,24 +10,52 @@ shows them through the codec server (:mod:`rekey.codec_server`).
 Not covered by any codec, by Temporal's design: workflow and activity ids, types, task
 queues, search attributes and headers. Never put key material in those.
 
-Wire format of an encrypted payload (format 2, what :meth:`EncryptionCodec.encode` writes)::
+Wire format of an encrypted payload (format 3, what :meth:`EncryptionCodec.encode` writes
+whenever Temporal says where the payload goes, which it does for every workflow and
+activity payload of a client and a worker)::
 
     metadata: encoding = "binary/encrypted", encryption-key-id = <key id>,
-              encryption-format = "2", encrypted-encoding = <the original payload's encoding>
+              encryption-format = "3", encrypted-encoding = <the original payload's encoding>,
+              encryption-namespace = <namespace>,
+              encryption-workflow-id = <workflow id> (absent for an activity no workflow started)
     data:     nonce (12 random bytes) || AES-256-GCM(serialized original Payload) || tag (16 bytes)
-    AAD:      "rekey-codec/2" NUL, then every outer metadata entry sorted by key, each key and
+    AAD:      "rekey-codec/3" NUL, then every outer metadata entry sorted by key, each key and
               value preceded by its 4-byte big-endian length
 
-so the key id, the format and the visible encoding are authenticated, a ciphertext moved
-into a payload with other metadata fails its tag, and the decrypted payload's own
-``encoding`` must equal ``encrypted-encoding``. (``encrypted-encoding`` reveals only the
-kind of value, e.g. ``json/plain`` or ``binary/null``.) The codec cannot bind a ciphertext
-to its workflow or history slot: it is not told where a payload goes, and the codec server
-(the UI) could not supply it either; a ciphertext copied whole into another slot of the
-same kind still decodes.
+Where a payload goes is Temporal's serialization context (``with_context``): the namespace
+and the workflow of which it is an input or output. Workflow input, memo, signals, queries,
+updates and their results and the workflow's result and failure carry that workflow's id; an
+activity's input, result, heartbeat details and failure carry the id of the workflow that
+scheduled it; a child workflow's input and result the child's id; a signal to another
+workflow the target's id. The bound namespace and workflow id are in clear (authenticated by
+the tag), so the codec server can decode for display knowing only the namespace.
 
-Format 1 (no ``encryption-format`` metadata; AAD: the key id only) is still accepted on
-decode, so histories recorded before format 2 stay readable; it is never written.
+Decode with a context refuses a format 3 payload bound to another namespace or workflow: an
+encrypted payload copied from workflow A's history (a start input naming another key, an
+approval update or signal) into a request for workflow B, or into another namespace, fails
+B's workflow task and nothing acts on it. One exception: a schedule encrypts its action's
+input for the configured workflow id, and the server starts each run as ``<id>-<time>``
+(``2026-12-02T00:33:00Z``), so for ids starting with one of ``scheduled_prefixes`` (rekey's
+launcher prefix) a run ``<id>-<RFC 3339 UTC second>`` reads what ``<id>`` bound; starting
+such a run by hand with that input is what triggering the schedule does anyway. A schedule
+copied by hand under another id must decode its action's input and encode it again (the
+encrypted input ``describe()`` returns is bound to the old id). Decode without a context (a
+bare client, the codec server without ``X-Namespace``) checks no binding.
+
+The key id, the format, the visible encoding and the bound ids are authenticated: a
+ciphertext moved into a payload with other metadata fails its tag, and the decrypted
+payload's own ``encoding`` must equal ``encrypted-encoding``. (``encrypted-encoding``
+reveals only the kind of value, e.g. ``json/plain`` or ``binary/null``.) Not bound: the slot
+within one workflow; a ciphertext copied into another payload of the same workflow (an
+activity result into an update of the same workflow, say) still decodes.
+
+Format 2 (``encryption-format = "2"``, no bound ids; AAD prefix ``"rekey-codec/2" NUL``) is
+written by a codec that has no context (the codec server's ``/encode``, so with
+``codec_min_format = 3`` workers refuse input encoded there, e.g. by ``temporal workflow
+start --codec-endpoint``). Format 1 (no
+``encryption-format`` metadata; AAD: the key id only) is never written. Both still decode by
+default, so histories, pending inputs and schedules recorded before format 3 stay readable;
+the setting ``codec_min_format = 3`` (``min_format``) refuses them once none is left.
 
 Payloads without ``encoding: binary/encrypted`` are refused by decode (a forged plain
 payload handed to a worker must not be accepted), unless the codec is built with
