@@ -10,24 +10,52 @@ shows them through the codec server (:mod:`rekey.codec_server`).
 Not covered by any codec, by Temporal's design: workflow and activity ids, types, task
 queues, search attributes and headers. Never put key material in those.
 
-Wire format of an encrypted payload (format 2, what :meth:`EncryptionCodec.encode` writes)::
+Wire format of an encrypted payload (format 3, what :meth:`EncryptionCodec.encode` writes
+whenever Temporal says where the payload goes, which it does for every workflow and
+activity payload of a client and a worker)::
 
     metadata: encoding = "binary/encrypted", encryption-key-id = <key id>,
-              encryption-format = "2", encrypted-encoding = <the original payload's encoding>
+              encryption-format = "3", encrypted-encoding = <the original payload's encoding>,
+              encryption-namespace = <namespace>,
+              encryption-workflow-id = <workflow id> (absent for an activity no workflow started)
     data:     nonce (12 random bytes) || AES-256-GCM(serialized original Payload) || tag (16 bytes)
-    AAD:      "rekey-codec/2" NUL, then every outer metadata entry sorted by key, each key and
+    AAD:      "rekey-codec/3" NUL, then every outer metadata entry sorted by key, each key and
               value preceded by its 4-byte big-endian length
 
-so the key id, the format and the visible encoding are authenticated, a ciphertext moved
-into a payload with other metadata fails its tag, and the decrypted payload's own
-``encoding`` must equal ``encrypted-encoding``. (``encrypted-encoding`` reveals only the
-kind of value, e.g. ``json/plain`` or ``binary/null``.) The codec cannot bind a ciphertext
-to its workflow or history slot: it is not told where a payload goes, and the codec server
-(the UI) could not supply it either; a ciphertext copied whole into another slot of the
-same kind still decodes.
+Where a payload goes is Temporal's serialization context (``with_context``): the namespace
+and the workflow of which it is an input or output. Workflow input, memo, signals, queries,
+updates and their results and the workflow's result and failure carry that workflow's id; an
+activity's input, result, heartbeat details and failure carry the id of the workflow that
+scheduled it; a child workflow's input and result the child's id; a signal to another
+workflow the target's id. The bound namespace and workflow id are in clear (authenticated by
+the tag), so the codec server can decode for display knowing only the namespace.
 
-Format 1 (no ``encryption-format`` metadata; AAD: the key id only) is still accepted on
-decode, so histories recorded before format 2 stay readable; it is never written.
+Decode with a context refuses a format 3 payload bound to another namespace or workflow: an
+encrypted payload copied from workflow A's history (a start input naming another key, an
+approval update or signal) into a request for workflow B, or into another namespace, fails
+B's workflow task and nothing acts on it. One exception: a schedule encrypts its action's
+input for the configured workflow id, and the server starts each run as ``<id>-<time>``
+(``2026-12-02T00:33:00Z``), so for ids starting with one of ``scheduled_prefixes`` (rekey's
+launcher prefix) a run ``<id>-<RFC 3339 UTC second>`` reads what ``<id>`` bound; starting
+such a run by hand with that input is what triggering the schedule does anyway. A schedule
+copied by hand under another id must decode its action's input and encode it again (the
+encrypted input ``describe()`` returns is bound to the old id). Decode without a context (a
+bare client, the codec server without ``X-Namespace``) checks no binding.
+
+The key id, the format, the visible encoding and the bound ids are authenticated: a
+ciphertext moved into a payload with other metadata fails its tag, and the decrypted
+payload's own ``encoding`` must equal ``encrypted-encoding``. (``encrypted-encoding``
+reveals only the kind of value, e.g. ``json/plain`` or ``binary/null``.) Not bound: the slot
+within one workflow; a ciphertext copied into another payload of the same workflow (an
+activity result into an update of the same workflow, say) still decodes.
+
+Format 2 (``encryption-format = "2"``, no bound ids; AAD prefix ``"rekey-codec/2" NUL``) is
+written by a codec that has no context (the codec server's ``/encode``, so with
+``codec_min_format = 3`` workers refuse input encoded there, e.g. by ``temporal workflow
+start --codec-endpoint``). Format 1 (no
+``encryption-format`` metadata; AAD: the key id only) is never written. Both still decode by
+default, so histories, pending inputs and schedules recorded before format 3 stay readable;
+the setting ``codec_min_format = 3`` (``min_format``) refuses them once none is left.
 
 Payloads without ``encoding: binary/encrypted`` are refused by decode (a forged plain
 payload handed to a worker must not be accepted), unless the codec is built with
@@ -56,16 +84,19 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import temporalio.converter
 from cryptography.exceptions import InvalidTag
@@ -77,8 +108,18 @@ ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
 FORMAT_METADATA = "encryption-format"
 INNER_ENCODING_METADATA = "encrypted-encoding"
+NAMESPACE_METADATA = "encryption-namespace"
+WORKFLOW_ID_METADATA = "encryption-workflow-id"
 FORMAT_VERSION = b"2"
 AAD_PREFIX = b"rekey-codec/2\0"
+BOUND_FORMAT_VERSION = b"3"
+BOUND_AAD_PREFIX = b"rekey-codec/3\0"
+FORMATS = (1, 2, 3)
+# Workflow-id prefixes of schedule actions (rekey.client.ids.LAUNCH_PREFIX; a unit test keeps
+# them equal). A schedule's action input is encoded bound to the configured id, and the server
+# starts each run as "<id>-<RFC 3339 UTC second>".
+SCHEDULED_ID_PREFIXES: tuple[str, ...] = ("launch:",)
+_SCHEDULED_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -139,9 +180,10 @@ class Keyring:
         return cls(current=current, keys=keys)
 
 
-def associated_data(metadata: Mapping[str, bytes]) -> bytes:
-    """Format 2 AAD: every outer metadata entry, sorted, length-prefixed (unambiguous)."""
-    parts = [AAD_PREFIX]
+def associated_data(metadata: Mapping[str, bytes], prefix: bytes = AAD_PREFIX) -> bytes:
+    """Format 2 (and, with ``BOUND_AAD_PREFIX``, 3) AAD: every outer metadata entry, sorted,
+    length-prefixed (unambiguous)."""
+    parts = [prefix]
     for key in sorted(metadata):
         raw_key = key.encode("utf-8")
         value = metadata[key]
@@ -149,36 +191,134 @@ def associated_data(metadata: Mapping[str, bytes]) -> bytes:
     return b"".join(parts)
 
 
-class EncryptionCodec(temporalio.converter.PayloadCodec):
+def _show(workflow_id: str | None) -> str:
+    return "none (an activity without a workflow)" if workflow_id is None else repr(workflow_id[:200])
+
+
+@dataclass(frozen=True)
+class CodecContext:
+    """Where a payload goes: its namespace and workflow id (``None``: an activity not started
+    by a workflow). ``check_workflow=False``: only the namespace is known (the codec server)."""
+
+    namespace: str
+    workflow_id: str | None
+    check_workflow: bool = True
+
+
+class EncryptionCodec(temporalio.converter.PayloadCodec, temporalio.converter.WithSerializationContext):
     """AES-256-GCM payload codec over a :class:`Keyring` (see the module docstring).
 
     ``allow_unencrypted``: decode returns payloads without the codec's encoding unchanged
     instead of refusing them. Only for reading (the codec server, histories from before
     encryption was enabled); never for a worker.
+
+    ``min_format``: decode refuses encrypted payloads of an older format (3: only payloads
+    bound to their namespace and workflow). ``scheduled_prefixes``: workflow ids whose
+    payloads a schedule writes (see :data:`SCHEDULED_ID_PREFIXES`).
+
+    Temporal gives the codec the payload's :class:`CodecContext` through
+    :meth:`with_context`; a codec without one (a bare client, the codec server) writes
+    format 2 and decodes every format without checking where a payload came from.
     """
 
-    def __init__(self, keyring: Keyring, *, allow_unencrypted: bool = False) -> None:
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        allow_unencrypted: bool = False,
+        min_format: int = 1,
+        scheduled_prefixes: Sequence[str] = SCHEDULED_ID_PREFIXES,
+    ) -> None:
+        if min_format not in FORMATS:
+            raise CodecError(f"min_format must be one of {FORMATS}, got {min_format!r}")
         self._keyring = keyring
         self._ciphers = {key_id: AESGCM(key) for key_id, key in keyring.keys.items()}
         self._allow_unencrypted = allow_unencrypted
+        self._min_format = min_format
+        self._scheduled_prefixes = tuple(scheduled_prefixes)
+        self._context: CodecContext | None = None
 
     @property
     def key_id(self) -> str:
         """Id of the key new payloads are encrypted under."""
         return self._keyring.current
 
+    @property
+    def context(self) -> CodecContext | None:
+        """Where this codec's payloads go, if Temporal said so."""
+        return self._context
+
+    def bound_to(self, context: CodecContext | None) -> EncryptionCodec:
+        """This codec (same keys and options) for payloads of ``context``."""
+        bound = copy.copy(self)
+        bound._context = context
+        return bound
+
+    def for_namespace(self, namespace: str | None) -> EncryptionCodec:
+        """For the codec server: check only the namespace (``None``: check nothing)."""
+        if not namespace:
+            return self.bound_to(None)
+        return self.bound_to(CodecContext(namespace, None, check_workflow=False))
+
+    def with_context(self, context: temporalio.converter.SerializationContext) -> Self:
+        if isinstance(context, temporalio.converter.WorkflowSerializationContext):
+            return self.bound_to(CodecContext(context.namespace, context.workflow_id))  # type: ignore[return-value]
+        if isinstance(context, temporalio.converter.ActivitySerializationContext):
+            return self.bound_to(CodecContext(context.namespace, context.workflow_id))  # type: ignore[return-value]
+        return self.bound_to(None)  # type: ignore[return-value]  # Nexus: rekey has none
+
     def encode_payload(self, payload: Payload) -> Payload:
         key_id = self._keyring.current
+        context = self._context
         metadata = {
             "encoding": ENCODING,
             KEY_ID_METADATA: key_id.encode("ascii"),
             FORMAT_METADATA: FORMAT_VERSION,
         }
+        prefix = AAD_PREFIX
+        if context is not None and context.check_workflow:
+            metadata[FORMAT_METADATA] = BOUND_FORMAT_VERSION
+            metadata[NAMESPACE_METADATA] = context.namespace.encode("utf-8")
+            if context.workflow_id is not None:
+                metadata[WORKFLOW_ID_METADATA] = context.workflow_id.encode("utf-8")
+            prefix = BOUND_AAD_PREFIX
         if "encoding" in payload.metadata:
             metadata[INNER_ENCODING_METADATA] = payload.metadata["encoding"]
         nonce = os.urandom(NONCE_BYTES)
-        sealed = self._ciphers[key_id].encrypt(nonce, payload.SerializeToString(), associated_data(metadata))
+        sealed = self._ciphers[key_id].encrypt(
+            nonce, payload.SerializeToString(), associated_data(metadata, prefix)
+        )
         return Payload(metadata=metadata, data=nonce + sealed)
+
+    def _workflow_matches(self, bound: str | None, target: str | None) -> bool:
+        if bound == target:
+            return True
+        if bound is None or target is None or not bound.startswith(self._scheduled_prefixes):
+            return False
+        # A schedule's run "<id>-<time>" decodes the action input bound to "<id>".
+        return target.startswith(bound) and _SCHEDULED_SUFFIX.fullmatch(target[len(bound) :]) is not None
+
+    def _check_binding(self, metadata: Mapping[str, bytes], key_id: str) -> None:
+        """Refuse a format 3 payload bound to another namespace or workflow than the context's."""
+        raw_ns = metadata.get(NAMESPACE_METADATA)
+        if raw_ns is None:
+            raise CodecError(f"format 3 encrypted payload has no {NAMESPACE_METADATA!r} metadata")
+        context = self._context
+        if context is None:
+            return
+        raw_wf = metadata.get(WORKFLOW_ID_METADATA)
+        bound_ns = raw_ns.decode("utf-8", errors="replace")
+        bound_wf = None if raw_wf is None else raw_wf.decode("utf-8", errors="replace")
+        if bound_ns != context.namespace:
+            raise CodecError(
+                f"encrypted payload under key {key_id!r} belongs to namespace {bound_ns[:200]!r}, "
+                f"not {context.namespace[:200]!r}; refused (copied from another namespace?)"
+            )
+        if context.check_workflow and not self._workflow_matches(bound_wf, context.workflow_id):
+            raise CodecError(
+                f"encrypted payload under key {key_id!r} belongs to workflow {_show(bound_wf)}, "
+                f"not {_show(context.workflow_id)}; refused (copied from another workflow?)"
+            )
 
     def decode_payload(self, payload: Payload) -> Payload:
         if payload.metadata.get("encoding") != ENCODING:
@@ -199,15 +339,28 @@ class EncryptionCodec(temporalio.converter.PayloadCodec):
                 f"(known: {', '.join(sorted(self._ciphers))})"
             )
         version = payload.metadata.get(FORMAT_METADATA)
-        if version == FORMAT_VERSION:
+        if version == BOUND_FORMAT_VERSION:
+            number = 3
+            aad = associated_data(dict(payload.metadata), BOUND_AAD_PREFIX)
+        elif version == FORMAT_VERSION:
+            number = 2
+            extra = {NAMESPACE_METADATA, WORKFLOW_ID_METADATA} & set(payload.metadata)
+            if extra:
+                raise CodecError(f"format 2 encrypted payload has format 3 metadata {sorted(extra)}")
             aad = associated_data(dict(payload.metadata))
         elif version is None:  # format 1, written before the metadata was bound
+            number = 1
             extra = set(payload.metadata) - {"encoding", KEY_ID_METADATA}
             if extra:
                 raise CodecError(f"format 1 encrypted payload has unexpected metadata {sorted(extra)}")
             aad = raw_id
         else:
             raise CodecError(f"encrypted payload has unknown {FORMAT_METADATA!r} {version[:16]!r}")
+        if number < self._min_format:
+            raise CodecError(
+                f"encrypted payload under key {key_id!r} is format {number}, not bound to its workflow; "
+                f"refused because codec_min_format is {self._min_format}"
+            )
         data = payload.data
         if len(data) < NONCE_BYTES + TAG_BYTES:
             raise CodecError(f"encrypted payload under key {key_id!r} is too short ({len(data)} bytes)")
@@ -218,6 +371,8 @@ class EncryptionCodec(temporalio.converter.PayloadCodec):
                 f"encrypted payload under key {key_id!r} failed authentication "
                 "(tampered, moved from a payload with other metadata, or wrong key)"
             ) from None
+        if number == 3:  # the bound ids are authentic now
+            self._check_binding(payload.metadata, key_id)
         try:
             inner = Payload.FromString(plain)
         except DecodeError as err:
@@ -319,18 +474,27 @@ def data_converter(
     keyring: Keyring | None = None,
     encrypt_failures: bool = True,
     allow_unencrypted: bool = False,
+    min_format: int = 1,
+    scheduled_prefixes: Sequence[str] = SCHEDULED_ID_PREFIXES,
 ) -> temporalio.converter.DataConverter:
     """The default Temporal data converter with :class:`EncryptionCodec`; use it for every client.
 
     Workers take the converter of the client they are built on, so they refuse unencrypted
-    payloads. ``encrypt_failures`` moves failure messages and stack traces into the
-    encrypted failure attributes. ``allow_unencrypted`` (reading pre-encryption histories
-    only) lets plain payloads decode unchanged.
+    payloads, and Temporal hands the codec each payload's namespace and workflow (format 3).
+    ``encrypt_failures`` moves failure messages and stack traces into the encrypted failure
+    attributes. ``allow_unencrypted`` (reading pre-encryption histories only) lets plain
+    payloads decode unchanged. ``min_format`` (setting ``codec_min_format``): refuse older
+    formats on decode.
     """
     ring = keyring if keyring is not None else load_or_create_codec_keys(home)
     converter = dataclasses.replace(
         temporalio.converter.DataConverter.default,
-        payload_codec=EncryptionCodec(ring, allow_unencrypted=allow_unencrypted),
+        payload_codec=EncryptionCodec(
+            ring,
+            allow_unencrypted=allow_unencrypted,
+            min_format=min_format,
+            scheduled_prefixes=scheduled_prefixes,
+        ),
     )
     if encrypt_failures:
         converter = dataclasses.replace(

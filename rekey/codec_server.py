@@ -189,7 +189,8 @@ class _CodecHandler(http.server.BaseHTTPRequestHandler):
         if path == "/encode":
             transform = self.codec.encode_sync
         elif path == "/decode":
-            transform = self.codec.decode_sync
+            # The UI names the namespace (not the workflow): a format 3 payload of another is refused.
+            transform = self.codec.for_namespace(self.headers.get("X-Namespace")).decode_sync
         else:
             self._error(404, "not found; use POST /encode or POST /decode")
             return

@@ -18,6 +18,15 @@ Transit key of type ``ed25519`` on ``vault_addr``/``transit_mount``) or ``aws:KE
 by whoever can read the worker's files. ``trusted_key_fingerprints`` (``sha256:<64 hex>``, a list
 or one comma-separated string) pins the other keys ``rekey audit verify`` trusts: this
 installation's own key is always trusted; a public key merely found in a directory never is.
+
+``codec_min_format`` (1, 2 or 3; ``REKEY_CODEC_MIN_FORMAT``): the oldest payload codec format
+(``rekey.codec``) workers and clients decode. 3 accepts only payloads bound to their namespace
+and workflow, so an encrypted payload copied from another workflow's history is refused in
+every case; set it once no retained history, pending workflow, schedule or running rotation
+still holds a format 1 or 2 payload (those were written before format 3, and continuing
+rotations and existing schedules carry them on). The default, 1, keeps them readable: a
+format 3 payload is still refused in another workflow, but a format 2 one copied from an old
+history is not.
 """
 
 from __future__ import annotations
@@ -109,6 +118,7 @@ class Settings:
     # "strict": it is refused (sealing.state).
     blob_freshness: str = "tofu"
     signing_key: str = "file"
+    codec_min_format: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,6 +147,8 @@ class Settings:
                 f"blob_freshness must be one of {', '.join(BLOB_FRESHNESS)}, got {self.blob_freshness!r}"
             )
         object.__setattr__(self, "signing_key", check_signing_key(self.signing_key))
+        if self.codec_min_format not in (1, 2, 3):
+            raise ConfigError(f"codec_min_format must be 1, 2 or 3, got {self.codec_min_format!r}")
 
     def allows_key(self, key_ref: str) -> bool:
         """Whether ``allowed_keys`` admits ``key_ref`` (always, when it is empty)."""
@@ -235,6 +247,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {name} must be an integer, got {value!r}") from None
         if name.endswith("_port") and not 0 < port < 65536:
             raise ConfigError(f"{source}: {name} must be a port number (1-65535), got {port}")
+        if name == "codec_min_format" and port not in (1, 2, 3):
+            raise ConfigError(f"{source}: {name} must be 1, 2 or 3, got {port}")
         return port
     if kind == "Path":
         return Path(str(value))

@@ -236,10 +236,14 @@ async def check_namespace(temporal: Client) -> None:
 
 
 def data_converter(settings: Settings) -> Any:
-    """The payload converter with rekey's codec (keys under ``<home>/codec``), as the workers use."""
+    """The payload converter with rekey's codec (keys under ``<home>/codec``), as the workers use:
+    payloads bound to their namespace and workflow, formats older than ``codec_min_format``
+    refused, schedule runs (``LAUNCH_PREFIX``) reading the input their schedule bound."""
     from rekey.codec import data_converter as codec_converter
 
-    return codec_converter(settings.home)
+    return codec_converter(
+        settings.home, min_format=settings.codec_min_format, scheduled_prefixes=(LAUNCH_PREFIX,)
+    )
 
 
 async def connect(settings: Settings) -> Client:

@@ -31,8 +31,16 @@ with workflow.unsafe.imports_passed_through():
     from google.protobuf.message import Message
     from temporalio.api.common.v1 import Payload, Payloads
     from temporalio.api.history.v1 import History
-    from temporalio.client import Client, WorkflowFailureError
+    from temporalio.client import (
+        Client,
+        WorkflowFailureError,
+        WorkflowHandle,
+        WorkflowUpdateRPCTimeoutOrCancelledError,
+        WorkflowUpdateStage,
+    )
+    from temporalio.common import RawValue
     from temporalio.exceptions import ApplicationError
+    from temporalio.service import RPCError
     from temporalio.testing import WorkflowEnvironment
     from temporalio.worker import Worker
 
@@ -45,6 +53,7 @@ pytestmark = pytest.mark.integration
 
 SECRET = "rekey-test-secret-DEK-7f3a9c21e4b8d6a0-never-in-history"
 UI_ORIGIN = "http://127.0.0.1:8233"
+OTHER_NAMESPACE = "codec-other"
 
 
 @dataclass
@@ -75,6 +84,34 @@ class SecretWorkflow:
         if inp.fail:
             raise ApplicationError(f"workflow failed holding {inp.material}", non_retryable=True)
         return result
+
+
+@workflow.defn
+class ApprovalWorkflow:
+    """Waits for an approval (update or signal) naming what to unwrap, then unwraps it."""
+
+    def __init__(self) -> None:
+        self._approved: UnwrapInput | None = None
+
+    @workflow.run
+    async def run(self) -> str:
+        await workflow.wait_condition(lambda: self._approved is not None)
+        assert self._approved is not None
+        return await workflow.execute_activity(
+            unwrap,
+            self._approved,
+            start_to_close_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_attempts=3),
+        )
+
+    @workflow.update
+    async def approve(self, inp: UnwrapInput) -> str:
+        self._approved = inp
+        return "approved"
+
+    @workflow.signal
+    def approve_signal(self, inp: UnwrapInput) -> None:
+        self._approved = inp
 
 
 def _needles(secret: bytes) -> list[bytes]:
@@ -124,7 +161,7 @@ async def env(home: Path) -> AsyncIterator[WorkflowEnvironment]:
     async with await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_cli(),
         data_converter=data_converter(home),
-        dev_server_extra_args=search_attribute_flags(),
+        dev_server_extra_args=[*search_attribute_flags(), "--namespace", OTHER_NAMESPACE],
     ) as env:
         yield env
 
@@ -492,3 +529,146 @@ def test_codec_server_reads_lengths_strictly(
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + b'{"payloads":[]}')
         answer = conn.recv(4096).decode(errors="replace")
     assert answer.startswith("HTTP/1.") and " 411 " in answer.split("\r\n", 1)[0], answer[:200]
+
+
+# -- format 3: a ciphertext copied from one workflow's history into another is refused ------------
+
+
+async def _task_failure(client: Client, handle: WorkflowHandle[object, object]) -> tuple[str, History]:
+    """The first workflow task failure of ``handle`` (decoded by ``client``) and its history then."""
+    for _ in range(600):  # bounded wait for the worker to fail the task, not a timing assertion
+        history = History(events=(await handle.fetch_history()).events)
+        failed = next(
+            (e for e in history.events if e.HasField("workflow_task_failed_event_attributes")), None
+        )
+        if failed is not None:
+            failure = await client.data_converter.decode_failure(
+                failed.workflow_task_failed_event_attributes.failure
+            )
+            return str(failure), history
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the worker accepted the copied payload in {handle.id}")
+
+
+def _nothing_acted(history: History) -> None:
+    kinds = {event.WhichOneof("attributes") for event in history.events}
+    assert "activity_task_scheduled_event_attributes" not in kinds
+    assert "workflow_execution_update_accepted_event_attributes" not in kinds
+    assert "workflow_execution_completed_event_attributes" not in kinds
+
+
+async def _stolen_start_input(env: WorkflowEnvironment) -> tuple[str, Payload]:
+    """Workflow A runs with a secret; the attacker (no codec) copies its encrypted input."""
+    workflow_id, result = await _run(env, fail=False)
+    assert result == f"unwrapped:{SECRET}"
+    started = (await _raw_history(env, workflow_id)).events[0].workflow_execution_started_event_attributes
+    [payload] = started.input.payloads
+    assert payload.metadata["encryption-format"] == b"3"
+    assert payload.metadata["encryption-workflow-id"] == workflow_id.encode()
+    return workflow_id, payload
+
+
+async def test_start_input_copied_to_another_workflow_is_refused(env: WorkflowEnvironment) -> None:
+    """Attack: someone who may start workflows but has no codec key starts workflow B with the
+    encrypted input of workflow A (naming A's key and material); the worker refuses it."""
+    _, stolen = await _stolen_start_input(env)
+    task_queue = f"codec-copy-{uuid.uuid4()}"
+    raw_client = Client(env.client.service_client, namespace=env.client.namespace)
+    victim = f"codec-copy-{uuid.uuid4()}"
+    await raw_client.start_workflow("SecretWorkflow", RawValue(stolen), id=victim, task_queue=task_queue)
+    handle = env.client.get_workflow_handle(victim)
+    async with Worker(env.client, task_queue=task_queue, workflows=[SecretWorkflow], activities=[unwrap]):
+        message, history = await _task_failure(env.client, handle)
+    assert "belongs to workflow" in message and f"not {victim!r}" in message
+    _nothing_acted(history)
+    await handle.terminate("test done")
+
+
+async def test_start_input_copied_to_another_namespace_is_refused(env: WorkflowEnvironment) -> None:
+    """Attack: the same workflow id in another namespace, with A's encrypted input."""
+    workflow_id, stolen = await _stolen_start_input(env)
+    task_queue = f"codec-ns-{uuid.uuid4()}"
+    raw_other = Client(env.client.service_client, namespace=OTHER_NAMESPACE)
+    other = Client(
+        env.client.service_client, namespace=OTHER_NAMESPACE, data_converter=env.client.data_converter
+    )
+    await raw_other.start_workflow("SecretWorkflow", RawValue(stolen), id=workflow_id, task_queue=task_queue)
+    handle = other.get_workflow_handle(workflow_id)
+    async with Worker(other, task_queue=task_queue, workflows=[SecretWorkflow], activities=[unwrap]):
+        message, history = await _task_failure(other, handle)
+    assert f"belongs to namespace 'default', not {OTHER_NAMESPACE!r}" in message
+    _nothing_acted(history)
+    await handle.terminate("test done")
+
+
+async def _stolen_approval(env: WorkflowEnvironment, task_queue: str) -> Payload:
+    """Workflow A is approved (update) for its key; the attacker copies the update's input."""
+    approved = await env.client.start_workflow(
+        ApprovalWorkflow.run, id=f"codec-approved-{uuid.uuid4()}", task_queue=task_queue
+    )
+    assert (
+        await approved.execute_update(
+            ApprovalWorkflow.approve, UnwrapInput(key_ref="vault:a-only", material=SECRET)
+        )
+        == "approved"
+    )
+    assert await approved.result() == f"unwrapped:{SECRET}"
+    history = await _raw_history(env, approved.id)
+    accepted = next(
+        e.workflow_execution_update_accepted_event_attributes
+        for e in history.events
+        if e.HasField("workflow_execution_update_accepted_event_attributes")
+    )
+    [payload] = accepted.accepted_request.input.args.payloads
+    assert payload.metadata["encryption-workflow-id"] == approved.id.encode()
+    return payload
+
+
+@pytest.mark.parametrize("via", ["update", "signal"])
+async def test_approval_copied_to_another_workflow_is_refused(env: WorkflowEnvironment, via: str) -> None:
+    """Attack: workflow B waits for approval; the attacker sends B the encrypted approval
+    recorded in A's history, as an update or a signal. The worker refuses it: B's workflow
+    task fails, the update is never accepted, no activity runs."""
+    task_queue = f"codec-approve-{uuid.uuid4()}"
+    raw_client = Client(env.client.service_client, namespace=env.client.namespace)
+    async with Worker(env.client, task_queue=task_queue, workflows=[ApprovalWorkflow], activities=[unwrap]):
+        stolen = await _stolen_approval(env, task_queue)
+        waiting = await env.client.start_workflow(
+            ApprovalWorkflow.run, id=f"codec-waiting-{uuid.uuid4()}", task_queue=task_queue
+        )
+        raw_handle = raw_client.get_workflow_handle(waiting.id)
+        pending: asyncio.Task[object] | None = None
+        if via == "update":
+            pending = asyncio.create_task(
+                raw_handle.start_update(
+                    "approve", RawValue(stolen), wait_for_stage=WorkflowUpdateStage.ACCEPTED
+                )
+            )
+        else:
+            await raw_handle.signal("approve_signal", RawValue(stolen))
+        message, history = await _task_failure(env.client, waiting)
+        assert "belongs to workflow" in message and f"not {waiting.id!r}" in message
+        _nothing_acted(history)
+        await waiting.terminate("test done")
+        if pending is not None:
+            with pytest.raises((RPCError, WorkflowUpdateRPCTimeoutOrCancelledError)):
+                await pending  # never accepted; it ends with the workflow
+
+
+async def test_codec_server_checks_the_namespace_it_is_told(
+    env: WorkflowEnvironment, codec_server: CodecServer, home: Path
+) -> None:
+    """The UI sends X-Namespace: a payload of another namespace is refused, its own decodes."""
+    _, stolen = await _stolen_start_input(env)
+    body = json_format.MessageToJson(Payloads(payloads=[stolen]))
+    headers = {"Content-Type": "application/json", "Origin": UI_ORIGIN, **_auth(home)}
+    async with httpx.AsyncClient(base_url=codec_server.url) as http:
+        refused = await http.post(
+            "/decode", content=body, headers={**headers, "X-Namespace": OTHER_NAMESPACE}
+        )
+        shown = await http.post("/decode", content=body, headers={**headers, "X-Namespace": "default"})
+    assert refused.status_code == 422 and "belongs to namespace 'default'" in refused.text
+    assert SECRET not in refused.text
+    assert shown.status_code == 200
+    [payload] = json_format.Parse(shown.content, Payloads()).payloads
+    assert json.loads(payload.data)["material"] == SECRET

@@ -52,6 +52,7 @@ from workflows.rotation import (
     DONE,
     REWRAPPING,
 )
+from workflows.rotation_state import LaunchRotationInput
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -98,7 +99,11 @@ async def copy_schedule(rig: Rig, schedule_id: str, copy_id: str) -> None:
     description = await rig.env.client.get_schedule_handle(schedule_id).describe()
     assert isinstance(description.schedule.action, ScheduleActionStartWorkflow)
     # Its launcher id follows rekey's rule (one per schedule), as a copy made by hand should.
-    action = dataclasses.replace(description.schedule.action, id=f"{LAUNCH_PREFIX}{copy_id}")
+    # describe() returns the action's input still encrypted, bound to the first launcher id
+    # (codec format 3): the copy decodes it so that create_schedule encrypts it for its own id.
+    raw = description.schedule.action
+    args = await rig.env.client.data_converter.decode(list(raw.args), [LaunchRotationInput])
+    action = dataclasses.replace(raw, id=f"{LAUNCH_PREFIX}{copy_id}", args=args)
     await rig.env.client.create_schedule(
         copy_id,
         Schedule(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import threading
 from dataclasses import dataclass
@@ -13,14 +14,18 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.api.failure.v1 import Failure
-from temporalio.converter import DataConverter
+from temporalio.converter import ActivitySerializationContext, DataConverter, WorkflowSerializationContext
 from temporalio.exceptions import ApplicationError
 
 from rekey.codec import (
+    BOUND_AAD_PREFIX,
     ENCODING,
     FORMAT_METADATA,
     INNER_ENCODING_METADATA,
     KEY_ID_METADATA,
+    NAMESPACE_METADATA,
+    SCHEDULED_ID_PREFIXES,
+    WORKFLOW_ID_METADATA,
     CodecError,
     EncryptionCodec,
     Keyring,
@@ -135,8 +140,11 @@ async def test_outer_metadata_is_bound(key: str, value: bytes | None) -> None:
 async def test_unknown_format_is_refused() -> None:
     codec = EncryptionCodec(Keyring.generate())
     [encoded] = await codec.encode([_payload()])
-    encoded.metadata[FORMAT_METADATA] = b"3"
+    encoded.metadata[FORMAT_METADATA] = b"4"
     with pytest.raises(CodecError, match="unknown 'encryption-format'"):
+        await codec.decode([encoded])
+    encoded.metadata[FORMAT_METADATA] = b"3"  # known now, and a format 2 ciphertext fails as format 3
+    with pytest.raises(CodecError, match="failed authentication"):
         await codec.decode([encoded])
 
 
@@ -333,3 +341,204 @@ def test_keyring_repr_hides_keys() -> None:
 def test_default_converter_is_untouched(tmp_path: Path) -> None:
     data_converter(tmp_path)
     assert DataConverter.default.payload_codec is None
+
+
+# --------------------------------------------------------------- format 3: bound to namespace and workflow
+
+
+def _wf(workflow_id: str, namespace: str = "default") -> WorkflowSerializationContext:
+    return WorkflowSerializationContext(namespace=namespace, workflow_id=workflow_id)
+
+
+def _act(workflow_id: str | None, namespace: str = "default") -> ActivitySerializationContext:
+    return ActivitySerializationContext(
+        namespace=namespace,
+        activity_id="1",
+        activity_type="rewrap",
+        activity_task_queue="q",
+        workflow_id=workflow_id,
+        workflow_type=None if workflow_id is None else "RotateKeyWorkflow",
+        is_local=False,
+    )
+
+
+async def test_format3_binds_namespace_and_workflow_in_clear() -> None:
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.with_context(_wf("rotate:vault:orders")).encode([_payload()])
+    assert encoded.metadata[FORMAT_METADATA] == b"3"
+    assert encoded.metadata[NAMESPACE_METADATA] == b"default"
+    assert encoded.metadata[WORKFLOW_ID_METADATA] == b"rotate:vault:orders"
+    assert SECRET.encode() not in encoded.SerializeToString()
+    for reader in (
+        codec.with_context(_wf("rotate:vault:orders")),
+        codec.with_context(_act("rotate:vault:orders")),  # the workflow's activities
+        codec,  # no context: a bare client
+        codec.for_namespace("default"),  # the codec server, told the namespace by the UI
+        codec.for_namespace(None),
+    ):
+        assert await reader.decode([encoded]) == [_payload()]
+
+
+@pytest.mark.parametrize(
+    ("reader", "message"),
+    [
+        (
+            _wf("rotate:vault:payments"),
+            "belongs to workflow 'rotate:vault:orders', not 'rotate:vault:payments'",
+        ),
+        (_wf("rotate:vault:orders", "other"), "belongs to namespace 'default', not 'other'"),
+        (_act("rotate:vault:payments"), "belongs to workflow"),
+        (_act(None), "belongs to workflow"),
+        (_wf("rotate:vault:orders-2026-12-02T00:33:00Z"), "belongs to workflow"),  # not a schedule id
+    ],
+)
+async def test_format3_payload_copied_elsewhere_is_refused(
+    reader: WorkflowSerializationContext | ActivitySerializationContext, message: str
+) -> None:
+    """Attack: a ciphertext from workflow A's history handed to workflow B (or another namespace)."""
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.with_context(_wf("rotate:vault:orders")).encode([_payload()])
+    with pytest.raises(CodecError, match=re.escape(message)):
+        await codec.with_context(reader).decode([encoded])
+
+
+async def test_codec_server_namespace_check() -> None:
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.with_context(_wf("a", "tenant-1")).encode([_payload()])
+    with pytest.raises(CodecError, match="belongs to namespace 'tenant-1', not 'tenant-2'"):
+        codec.for_namespace("tenant-2").decode_sync([encoded])
+    assert codec.for_namespace("tenant-1").decode_sync([encoded]) == [_payload()]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (WORKFLOW_ID_METADATA, b"rotate:vault:payments"),  # rebind to the target workflow
+        (WORKFLOW_ID_METADATA, None),
+        (NAMESPACE_METADATA, b"other"),
+        (FORMAT_METADATA, b"2"),  # downgrade to the unbound format
+    ],
+)
+async def test_format3_binding_cannot_be_rewritten(key: str, value: bytes | None) -> None:
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.with_context(_wf("rotate:vault:orders")).encode([_payload()])
+    if value is None:
+        del encoded.metadata[key]
+    else:
+        encoded.metadata[key] = value
+    with pytest.raises(CodecError, match=r"failed authentication|has format 3 metadata"):
+        await codec.with_context(_wf("rotate:vault:payments")).decode([encoded])
+    with pytest.raises(CodecError, match=r"failed authentication|has format 3 metadata"):
+        await codec.decode([encoded])
+
+
+async def test_format3_without_namespace_is_refused() -> None:
+    ring = Keyring.generate()
+    metadata = {
+        "encoding": ENCODING,
+        KEY_ID_METADATA: ring.current.encode(),
+        FORMAT_METADATA: b"3",
+        INNER_ENCODING_METADATA: b"json/plain",
+    }
+    nonce = os.urandom(12)
+    sealed = AESGCM(ring.keys[ring.current]).encrypt(
+        nonce, _payload().SerializeToString(), associated_data(metadata, BOUND_AAD_PREFIX)
+    )
+    forged = Payload(metadata=metadata, data=nonce + sealed)
+    with pytest.raises(CodecError, match="no 'encryption-namespace'"):
+        await EncryptionCodec(ring).with_context(_wf("a")).decode([forged])
+
+
+async def test_activity_without_workflow_binds_namespace_only() -> None:
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.with_context(_act(None)).encode([_payload()])
+    assert WORKFLOW_ID_METADATA not in encoded.metadata
+    assert await codec.with_context(_act(None)).decode([encoded]) == [_payload()]
+    with pytest.raises(
+        CodecError, match=re.escape("belongs to workflow none (an activity without a workflow), not 'a'")
+    ):
+        await codec.with_context(_wf("a")).decode([encoded])
+
+
+def test_scheduled_prefixes_are_the_launchers() -> None:
+    from rekey.client.ids import LAUNCH_PREFIX
+
+    assert SCHEDULED_ID_PREFIXES == (LAUNCH_PREFIX,)
+
+
+@pytest.mark.parametrize(
+    ("target", "accepted"),
+    [
+        ("launch:schedule:rotate:vault:orders", True),
+        ("launch:schedule:rotate:vault:orders-2026-12-02T00:33:00Z", True),  # a schedule's run
+        ("launch:schedule:rotate:vault:orders-evil", False),
+        ("launch:schedule:rotate:vault:orders-2026-12-02T00:33:00Z-2026-12-02T00:33:00Z", False),
+        ("launch:schedule:rotate:vault:orders-2026-12-02T00:33:00+01:00", False),
+        ("launch:schedule:rotate:vault:payments-2026-12-02T00:33:00Z", False),
+    ],
+)
+async def test_schedule_runs_read_the_input_their_schedule_bound(target: str, accepted: bool) -> None:
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.with_context(_wf("launch:schedule:rotate:vault:orders")).encode([_payload()])
+    reader = codec.with_context(_wf(target))
+    if accepted:
+        assert await reader.decode([encoded]) == [_payload()]
+    else:
+        with pytest.raises(CodecError, match="belongs to workflow"):
+            await reader.decode([encoded])
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+async def test_old_formats_decode_in_context_unless_min_format_refuses(fmt: int) -> None:
+    """Histories written before format 3 stay readable by default; ``min_format=3`` refuses them."""
+    ring = Keyring.generate()
+    old = _format1(ring, _payload()) if fmt == 1 else (await EncryptionCodec(ring).encode([_payload()]))[0]
+    assert old.metadata.get(FORMAT_METADATA, b"1") == str(fmt).encode()
+    assert await EncryptionCodec(ring).with_context(_wf("any")).decode([old]) == [_payload()]
+    assert await EncryptionCodec(ring, min_format=fmt).with_context(_wf("any")).decode([old]) == [_payload()]
+    for strict in (
+        EncryptionCodec(ring, min_format=3),
+        EncryptionCodec(ring, min_format=3).with_context(_wf("a")),
+    ):
+        with pytest.raises(CodecError, match=f"is format {fmt}, not bound to its workflow; refused"):
+            await strict.decode([old])
+    [new] = await EncryptionCodec(ring, min_format=3).with_context(_wf("a")).encode([_payload()])
+    assert await EncryptionCodec(ring, min_format=3).with_context(_wf("a")).decode([new]) == [_payload()]
+
+
+def test_min_format_must_be_known() -> None:
+    with pytest.raises(CodecError, match="min_format must be one of"):
+        EncryptionCodec(Keyring.generate(), min_format=4)
+
+
+async def test_data_converter_binds_values_to_the_context(tmp_path: Path) -> None:
+    """The converter Temporal gives a context (``DataConverter.with_context``) passes it on."""
+    converter = data_converter(tmp_path)
+    [payload] = await converter.with_context(_wf("wf-a")).encode([Job("vault:orders", SECRET)])
+    assert payload.metadata[WORKFLOW_ID_METADATA] == b"wf-a"
+    assert await converter.with_context(_wf("wf-a")).decode([payload], [Job]) == [Job("vault:orders", SECRET)]
+    with pytest.raises(CodecError, match="belongs to workflow 'wf-a', not 'wf-b'"):
+        await converter.with_context(_wf("wf-b")).decode([payload], [Job])
+    strict = data_converter(tmp_path, min_format=3)
+    [unbound] = await converter.encode([Job("vault:orders", SECRET)])
+    with pytest.raises(CodecError, match="is format 2"):
+        await strict.with_context(_wf("wf-a")).decode([unbound], [Job])
+
+
+def test_setting_codec_min_format(tmp_path: Path) -> None:
+    from rekey.client import data_converter as client_converter
+    from rekey.config import ConfigError, load_settings
+
+    home = tmp_path / "home"
+    assert load_settings(home, environ={}).codec_min_format == 1
+    (home / "rekey.toml").write_text("codec_min_format = 3\n")
+    settings = load_settings(home, environ={})
+    assert settings.codec_min_format == 3
+    codec = client_converter(settings).payload_codec
+    assert isinstance(codec, EncryptionCodec)
+    old = _format1(load_or_create_codec_keys(home), _payload())
+    with pytest.raises(CodecError, match="refused because codec_min_format is 3"):
+        codec.with_context(_wf("a")).decode_sync([old])
+    assert load_settings(home, environ={"REKEY_CODEC_MIN_FORMAT": "2"}).codec_min_format == 2
+    with pytest.raises(ConfigError, match="codec_min_format must be 1, 2 or 3"):
+        load_settings(home, environ={"REKEY_CODEC_MIN_FORMAT": "0"})
