@@ -171,6 +171,7 @@ class GuardedHTTPServer(ThreadingHTTPServer):
     """A thread per connection, at most ``limits.max_connections`` at once (see the module)."""
 
     daemon_threads = True
+    request_queue_size = 128  # a flood of connects is accepted (and evicted), not left in SYN retries
     busy = busy_answer({"error": {"type": "Busy", "message": "too many connections"}})
 
     def __init__(

@@ -6,6 +6,7 @@ re-bodied requests."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import socket
@@ -40,17 +41,30 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
 
 
 def test_anonymous_connections_cannot_keep_an_authenticated_caller_out(agent: Agent) -> None:
-    """64 idle anonymous connections against 32 slots: the workload still seals and unseals."""
-    idle = []
+    """64 anonymous connections against 32 slots, each kept busy with a byte every 0.5 s (so no
+    idle timeout ends them): the workload still seals and unseals."""
+    idle: list[socket.socket] = []
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.5):
+            for sock in list(idle):
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X")
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
     try:
         for index in range(64):
             sock = socket.create_connection(("127.0.0.1", agent.port), timeout=30)
             if index % 2:
-                sock.sendall(b"POST /v1/unseal HTTP/1.1\r\n")  # and nothing more
+                sock.sendall(b"POST /v1/unseal HTTP/1.1\r\n")  # and then a byte at a time
             idle.append(sock)
         blob = agent.call("/v1/seal", {"name": "db-key", "data": b64(b"workload secret")})["blob"]
         assert base64.b64decode(agent.call("/v1/unseal", {"blob": blob})["data"]) == b"workload secret"
     finally:
+        stop.set()
+        trickler.join()
         for sock in idle:
             sock.close()
 
