@@ -1,27 +1,54 @@
-"""The enclave agent's caller credentials, and the client that presents them.
+"""The enclave agent's caller credentials, the request and answer signatures, and the client.
 
-Every ``rekey agent serve`` creates fresh bearer tokens when it starts, one per caller, in its
-state directory (``<home>/agent/<generation id>`` unless ``--state-dir``): the directory is mode
-0700, each token file 0600, owned by the workload's user. A caller proves it may use the agent by
-reading its token file and sending ``Authorization: Bearer <token>``; the agent compares in
-constant time. A Unix socket with a peer-credential check was the alternative; tokens were chosen
-because the agent stays plain HTTP on 127.0.0.1 (every HTTP client works, on every OS), and
-because distinct named callers get distinct tokens (nonces are bounded per caller), whereas
-``SO_PEERCRED`` only tells users apart and is Linux-specific.
+Every ``rekey agent serve`` creates fresh tokens when it starts, one per caller, in its state
+directory (``<home>/agent/<generation id>`` unless ``--state-dir``): the directory is mode 0700,
+each token file 0600, owned by the workload's user; a clean shutdown deletes them. A Unix socket
+with a peer-credential check was the alternative; tokens were chosen because the agent stays
+plain HTTP on 127.0.0.1 (every HTTP client works, on every OS), and because distinct named callers
+get distinct tokens (nonces are bounded per caller), whereas ``SO_PEERCRED`` only tells users
+apart and is Linux-specific.
+
+The token itself never travels. Whoever listens on the agent's port (another local process can
+bind it once the agent has stopped) must learn nothing it can reuse, and the caller must not
+trust an answer the agent did not give. So (scheme ``Rekey-HMAC``):
+
+* a request carries ``X-Rekey-Time`` (Unix seconds), ``X-Rekey-Nonce`` (fresh, 32 random bytes,
+  base64url), ``X-Rekey-Body-SHA256`` (hex) and ``Authorization: Rekey-HMAC <mac>``, the
+  HMAC-SHA256 under the caller's token of (``rekey-agent-request-v1``, method, path, time, nonce,
+  body hash). The agent finds the caller whose token gives that MAC (constant-time compares),
+  refuses a time more than ``MAX_SKEW`` seconds off and a nonce it has already seen, and checks
+  the body against the hash once read. A captured request replays nowhere: its nonce is spent,
+  its time runs out, and an agent that restarts has new tokens;
+* every answer to an authenticated request carries ``X-Rekey-Proof``: the HMAC-SHA256 under the
+  same token of (``rekey-agent-response-v1``, the request's nonce, method, path, status, SHA-256
+  of the body). :class:`AgentClient` refuses any answer without a valid proof
+  (:class:`AgentUnproven`), so a port squatter cannot feed it a forged blob or plaintext.
+
+What a squatter still receives is what the caller sends in a body (the plaintext of ``/v1/seal``,
+a blob for ``/v1/unseal``): the caller cannot know before sending that the listener is not the
+agent. Deleting the tokens at shutdown keeps callers that start after the agent stopped from
+sending anything.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
+import http.client
 import json
 import os
 import re
 import secrets
 import stat
-import urllib.error
-import urllib.request
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from rekey.private_file import PrivateFileError, read_private
 
 DEFAULT_CALLER = "default"
 CALLER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -75,16 +102,75 @@ def create_tokens(state_dir: Path, callers: list[str]) -> dict[str, str]:
 
 
 def read_token(state_dir: Path, caller: str = DEFAULT_CALLER) -> str:
+    """The caller's token, read without following a symlink and only from a private file of ours."""
     path = token_path(state_dir, caller)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise AgentCredentialError(f"cannot read the agent token {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        token = handle.read(1024).decode("ascii", errors="replace").strip()
+        token = read_private(path, limit=1024).decode("ascii", errors="replace").strip()
+    except PrivateFileError as exc:
+        raise AgentCredentialError(f"cannot read the agent token: {exc}") from None
     if not token:
         raise AgentCredentialError(f"agent token {path} is empty")
     return token
+
+
+def remove_tokens(state_dir: Path, tokens: Mapping[str, str]) -> None:
+    """Delete the token files that still hold these tokens (``token -> caller``), at shutdown.
+
+    A file another agent process has since rewritten for itself is left alone."""
+    for token, caller in tokens.items():
+        path = token_path(state_dir, caller)
+        try:
+            current = read_private(path, limit=1024).decode("ascii", errors="replace").strip()
+        except PrivateFileError:
+            continue
+        if hmac.compare_digest(current.encode(), token.encode()):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+# ----------------------------------------------------------------------------- signatures
+
+SCHEME = "Rekey-HMAC"
+TIME_HEADER = "X-Rekey-Time"
+NONCE_HEADER = "X-Rekey-Nonce"
+BODY_HEADER = "X-Rekey-Body-SHA256"
+PROOF_HEADER = "X-Rekey-Proof"
+MAX_SKEW = 60
+"""Seconds a request's time may differ from the agent's clock."""
+NONCE = re.compile(r"[A-Za-z0-9_-]{22,88}")
+BODY_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def _mac(token: str, *fields: str) -> str:
+    digest = hmac.new(token.encode("ascii"), "\n".join(fields).encode("utf-8"), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def request_mac(token: str, *, method: str, path: str, timestamp: str, nonce: str, body_sha256: str) -> str:
+    return _mac(token, "rekey-agent-request-v1", method, path, timestamp, nonce, body_sha256)
+
+
+def response_mac(token: str, *, nonce: str, method: str, path: str, status: int, body: bytes) -> str:
+    body_sha256 = hashlib.sha256(body).hexdigest()
+    return _mac(token, "rekey-agent-response-v1", nonce, method, path, str(status), body_sha256)
+
+
+def sign_request(
+    token: str, method: str, path: str, body: bytes = b"", *, now: float | None = None
+) -> dict[str, str]:
+    """The headers that authenticate one request (its nonce is in ``X-Rekey-Nonce``)."""
+    timestamp = str(int(time.time() if now is None else now))
+    nonce = secrets.token_urlsafe(32)
+    body_sha256 = hashlib.sha256(body).hexdigest()
+    mac = request_mac(
+        token, method=method, path=path, timestamp=timestamp, nonce=nonce, body_sha256=body_sha256
+    )
+    return {
+        "Authorization": f"{SCHEME} {mac}",
+        TIME_HEADER: timestamp,
+        NONCE_HEADER: nonce,
+        BODY_HEADER: body_sha256,
+    }
 
 
 class AgentCallError(Exception):
@@ -98,31 +184,63 @@ class AgentCallError(Exception):
         super().__init__(f"agent answered {status} {self.type}: {self.message}")
 
 
+class AgentUnproven(AgentCallError):
+    """An answer without a valid ``X-Rekey-Proof``: not from the agent that holds this caller's
+    token (a wrong token, or another process on the port). Nothing in it is trusted."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(
+            status,
+            {
+                "type": "Unproven",
+                "message": "the answer is not authenticated by the agent (wrong token, or not the agent)",
+            },
+        )
+
+
 class AgentClient:
-    """JSON calls to an agent at ``url`` (``http://127.0.0.1:PORT``), presenting ``token``."""
+    """JSON calls to an agent at ``url`` (``http://127.0.0.1:PORT``), signed with ``token``;
+    only answers the agent proves are trusted (see the module)."""
 
     def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
-        if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost") or not parts.port:
+            raise AgentCredentialError("the agent URL must be http://127.0.0.1:PORT or http://localhost:PORT")
+        if parts.path.strip("/") or parts.query or parts.username:
             raise AgentCredentialError("the agent URL must be http://127.0.0.1:PORT or http://localhost:PORT")
         self.url = url.rstrip("/")
+        self._host, self._port = parts.hostname, parts.port
         self._token = token
         self.timeout = timeout
 
     def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Authorization": f"Bearer {self._token}"}
-        if data is not None:
+        method = "GET" if body is None else "POST"
+        data = b"" if body is None else json.dumps(body).encode()
+        headers = sign_request(self._token, method, path, data)
+        nonce = headers[NONCE_HEADER]
+        if body is not None:
             headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(  # noqa: S310 (the URL is checked to be http on loopback)
-            self.url + path, data=data, headers=headers, method="GET" if body is None else "POST"
-        )
+        connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (URL checked: loopback http)  # nosec B310
-                result: dict[str, Any] = json.loads(response.read())
-                return result
-        except urllib.error.HTTPError as exc:
-            try:
-                error = json.loads(exc.read()).get("error", {})
-            except ValueError:
-                error = {"type": "HTTPError", "message": exc.reason}
-            raise AgentCallError(exc.code, error) from None
+            connection.request(method, path, body=data if body is not None else None, headers=headers)
+            response = connection.getresponse()
+            raw = response.read()
+            proof = response.getheader(PROOF_HEADER) or ""
+            status = response.status
+        finally:
+            connection.close()
+        expected = response_mac(self._token, nonce=nonce, method=method, path=path, status=status, body=raw)
+        if not hmac.compare_digest(proof.encode("latin-1", errors="replace"), expected.encode()):
+            raise AgentUnproven(status)
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise AgentCallError(
+                status, {"type": "BadAnswer", "message": "the agent's answer is not a JSON object"}
+            )
+        if status != 200:
+            error = answer.get("error")
+            raise AgentCallError(status, error if isinstance(error, dict) else {})
+        return answer

@@ -3,65 +3,88 @@
 Binary values travel as base64 strings. Errors answer ``{"error": {"type", "message"[, "reasons"]}}``
 with 400 (bad request), 401 (no or wrong bearer token), 403 (policy, nonce or Origin refused),
 404, 411 (no Content-Length), 413, 415 (not ``application/json``), 421 (foreign Host), 422
-(evidence or blob unusable) or 503 (too many connections).
+(evidence or blob unusable), 429 (too many requests in the replay window) or 503 (too many
+connections).
 
-Every request must present one of the agent's bearer tokens (``rekey.agent_auth``), name the
+Every request must be signed with one of the agent's caller tokens (``rekey.agent_auth``: an
+HMAC over a fresh nonce, the time, method, path and body; never the token itself), and every
+answer to a signed request carries the agent's proof over it; the request must name the
 agent itself in ``Host`` (``127.0.0.1:PORT`` or ``localhost:PORT``: a DNS-rebinding page names its
 own host) and carry no ``Origin`` unless that origin is allowed (none by default); every POST must
 be ``application/json`` with a plain decimal ``Content-Length`` within the limit, so a browser's
-simple ``text/plain`` POST is refused and nothing is read past the limit. Each connection has an
-idle timeout and a whole-request deadline, and at most ``max_connections`` are served at once;
-the excess gets 503 at once.
+simple ``text/plain`` POST is refused and nothing is read past the limit. Connections are
+guarded by ``rekey.http_guard``: idle timeout, whole-request deadline, a short deadline for the
+headers until the request is authenticated, capped headers, at most ``max_connections`` at once;
+an unauthenticated connection is the first to give its slot to a newcomer, so anonymous clients
+cannot hold the agent's slots, and a request without a valid signature is answered and closed at
+once.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
-import re
-import socket
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from attestation.errors import AttestationError, NonceMismatch, PolicyDenied
+from rekey.agent_auth import (
+    BODY_HASH,
+    BODY_HEADER,
+    MAX_SKEW,
+    NONCE,
+    NONCE_HEADER,
+    PROOF_HEADER,
+    SCHEME,
+    TIME_HEADER,
+    request_mac,
+    response_mac,
+)
+from rekey.http_guard import (
+    MAX_BODY,
+    GuardedHandler,
+    GuardedHTTPServer,
+    GuardLimits,
+    Refused,
+    declared_length,
+    one_header,
+)
 from sealing.agent import EnclaveAgent
 from sealing.errors import SealingError
 
-MAX_BODY = 64 * 1024 * 1024
 DRAIN_LIMIT = 1024 * 1024  # a refused request's body is read and dropped only up to this size
+MAX_SEEN_NONCES = 200_000  # requests accepted within the replay window (2 * MAX_SKEW seconds)
 log = logging.getLogger("rekey.agent")
-_DECIMAL = re.compile(r"[0-9]{1,20}")
-_BUSY_BODY = json.dumps({"error": {"type": "Busy", "message": "too many connections"}}).encode()
-_BUSY = (
-    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    + f"Content-Length: {len(_BUSY_BODY)}\r\n\r\n".encode()
-    + _BUSY_BODY
-)
+ServerLimits = GuardLimits
+__all__ = ["MAX_BODY", "AgentApi", "AgentHTTPServer", "ServerLimits", "make_handler", "make_server"]
 
 
-@dataclass(frozen=True)
-class ServerLimits:
-    max_body: int = MAX_BODY
-    max_connections: int = 32
-    idle_timeout: float = 10.0
-    """Seconds a connection may stay silent (each read)."""
-    request_timeout: float = 60.0
-    """Seconds a whole request may take, however slowly it trickles in (slowloris)."""
+class _SeenNonces:
+    """Request nonces accepted in the last ``2 * MAX_SKEW`` seconds: a replay is refused."""
 
+    def __init__(self) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
 
-class Refused(Exception):
-    """A request refused before it reaches the agent: the status, an error type, a message."""
-
-    def __init__(self, status: HTTPStatus, type_: str, message: str, *, drain: bool = True) -> None:
-        super().__init__(message)
-        self.status, self.type, self.drain = status, type_, drain
+    def spend(self, nonce: str, now: float) -> None:
+        with self._lock:
+            while self._seen and next(iter(self._seen.values())) <= now:
+                self._seen.popitem(last=False)
+            if nonce in self._seen:
+                raise Refused(HTTPStatus.UNAUTHORIZED, "Unauthorized", "this request was already received")
+            if len(self._seen) >= MAX_SEEN_NONCES:
+                raise Refused(
+                    HTTPStatus.TOO_MANY_REQUESTS, "TooManyRequests", "too many requests; try again later"
+                )
+            self._seen[nonce] = now + 2 * MAX_SKEW
 
 
 class BadRequest(Exception):
@@ -168,16 +191,18 @@ def _error(exc: BaseException) -> tuple[HTTPStatus, dict[str, Any]]:
 
 def make_handler(
     api: AgentApi, tokens: Mapping[str, str], allowed_origins: Iterable[str], limits: ServerLimits
-) -> type[BaseHTTPRequestHandler]:
-    """The request handler; ``tokens`` maps each bearer token to its caller's name."""
-    credentials = [(token.encode("ascii"), caller) for token, caller in tokens.items()]
+) -> type[GuardedHandler]:
+    """The request handler; ``tokens`` maps each caller token to its caller's name."""
+    credentials = [(token, caller) for token, caller in tokens.items()]
     if not credentials:
         raise ValueError("the agent needs at least one caller token")
     origins = frozenset(allowed_origins)
+    seen = _SeenNonces()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(GuardedHandler):
         server_version = "rekey-agent/1"
-        timeout = limits.idle_timeout
+        signer: tuple[str, str] | None = None
+        """(token, request nonce) of an authenticated request: its answers carry the proof."""
 
         def log_message(self, format: str, *args: Any) -> None:  # request line only; bodies never logged
             log.info("%s %s", self.address_string(), format % args)
@@ -190,39 +215,19 @@ def make_handler(
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
+            if self.signer is not None:
+                token, nonce = self.signer
+                proof = response_mac(
+                    token, nonce=nonce, method=self.command, path=self.path, status=int(status), body=data
+                )
+                self.send_header(PROOF_HEADER, proof)
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
         def _one(self, name: str) -> str | None:
-            values = self.headers.get_all(name) or []
-            if len(values) > 1:
-                raise Refused(
-                    HTTPStatus.BAD_REQUEST, "BadRequest", f"more than one {name} header", drain=False
-                )
-            return values[0] if values else None
-
-        def _length(self) -> int | None:
-            """The declared body length, checked before anything is read; None when absent."""
-            if self._one("Transfer-Encoding") is not None:
-                raise Refused(
-                    HTTPStatus.BAD_REQUEST, "BadRequest", "Transfer-Encoding is not accepted", drain=False
-                )
-            text = self._one("Content-Length")
-            if text is None:
-                return None
-            if not _DECIMAL.fullmatch(text.strip()):
-                raise Refused(
-                    HTTPStatus.BAD_REQUEST,
-                    "BadRequest",
-                    "Content-Length must be a decimal number",
-                    drain=False,
-                )
-            length = int(text)
-            if length > limits.max_body:
-                raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "TooLarge", "body too large", drain=False)
-            return length
+            return one_header(self.headers, name)
 
         def _check_host_and_origin(self) -> None:
             port = self.connection.getsockname()[1]
@@ -239,24 +244,52 @@ def make_handler(
                     HTTPStatus.FORBIDDEN, "OriginRefused", "requests from this Origin are not allowed"
                 )
 
-        def _caller(self) -> str:
-            value = self._one("Authorization") or ""
-            scheme, _, presented = value.partition(" ")
+        def _caller(self, method: str) -> tuple[str, str]:
+            """The authenticated caller's (name, declared body hash); refuses an unsigned,
+            wrongly signed, stale or replayed request."""
+            unauthorized = Refused(
+                HTTPStatus.UNAUTHORIZED,
+                "Unauthorized",
+                "a request signed with an agent caller token is required",
+            )
+            scheme, _, presented = (self._one("Authorization") or "").strip().partition(" ")
+            timestamp = (self._one(TIME_HEADER) or "").strip()
+            nonce = (self._one(NONCE_HEADER) or "").strip()
+            body_sha256 = (self._one(BODY_HEADER) or "").strip()
+            if scheme.lower() != SCHEME.lower() or not timestamp.isascii() or not timestamp.isdigit():
+                raise unauthorized
+            if not NONCE.fullmatch(nonce) or not BODY_HASH.fullmatch(body_sha256):
+                raise unauthorized
             candidate = presented.strip().encode("latin-1", errors="replace")
-            caller = None
-            for token, name in credentials:  # every token compared, in constant time
-                if hmac.compare_digest(candidate, token) and scheme.lower() == "bearer":
-                    caller = name
-            if caller is None:
-                raise Refused(
-                    HTTPStatus.UNAUTHORIZED, "Unauthorized", "a valid agent bearer token is required"
+            found = None
+            for token, name in credentials:  # every token tried, each compared in constant time
+                expected = request_mac(
+                    token,
+                    method=method,
+                    path=self.path,
+                    timestamp=timestamp,
+                    nonce=nonce,
+                    body_sha256=body_sha256,
                 )
-            return caller
+                if hmac.compare_digest(candidate, expected.encode("ascii")):
+                    found = (token, name)
+            if found is None:
+                raise unauthorized
+            now = time.time()
+            if abs(now - int(timestamp[:20])) > MAX_SKEW:
+                raise Refused(
+                    HTTPStatus.UNAUTHORIZED, "Unauthorized", f"request time is more than {MAX_SKEW}s off"
+                )
+            seen.spend(nonce, now)
+            self.signer = (found[0], nonce)
+            return found[1], body_sha256
 
-        def _body(self, method: str, length: int | None) -> dict[str, Any]:
+        def _body(self, method: str, length: int | None, body_sha256: str) -> dict[str, Any]:
             if method == "GET":
                 if length:
                     raise Refused(HTTPStatus.BAD_REQUEST, "BadRequest", "GET takes no body")
+                if body_sha256 != hashlib.sha256(b"").hexdigest():
+                    raise Refused(HTTPStatus.UNAUTHORIZED, "Unauthorized", "the body is not the one signed")
                 return {}
             content_type = (self._one("Content-Type") or "").split(";", 1)[0].strip().lower()
             if content_type != "application/json":
@@ -279,6 +312,8 @@ def make_handler(
                 raise Refused(
                     HTTPStatus.BAD_REQUEST, "BadRequest", "body shorter than Content-Length", drain=False
                 )
+            if not hmac.compare_digest(hashlib.sha256(raw).hexdigest(), body_sha256):
+                raise Refused(HTTPStatus.UNAUTHORIZED, "Unauthorized", "the body is not the one signed")
             try:
                 body = json.loads(raw)
             except ValueError:
@@ -297,19 +332,21 @@ def make_handler(
             self.close_connection = True
             length: int | None = None
             try:
-                length = self._length()
+                length = declared_length(self.headers, limits.max_body)
                 self._check_host_and_origin()
-                caller = self._caller()
+                caller, body_sha256 = self._caller(method)
+                if not self.trust():  # evicted or past the header deadline meanwhile
+                    return
                 route = api.routes.get((method, self.path))
                 if route is None:
                     raise Refused(HTTPStatus.NOT_FOUND, "NotFound", self.path)
-                body = self._body(method, length)
+                body = self._body(method, length, body_sha256)
                 length = None  # read
             except Refused as refused:
                 if refused.drain:
                     self._drain(length)
                 headers = (
-                    {"WWW-Authenticate": 'Bearer realm="rekey-agent"'} if refused.status == 401 else None
+                    {"WWW-Authenticate": f'{SCHEME} realm="rekey-agent"'} if refused.status == 401 else None
                 )
                 self._reply(
                     refused.status, {"error": {"type": refused.type, "message": str(refused)}}, headers
@@ -334,54 +371,8 @@ def make_handler(
     return Handler
 
 
-def _drop(connection: socket.socket) -> None:
-    """End a connection past its deadline: the handler's blocked read returns at once."""
-    with contextlib.suppress(OSError):
-        connection.shutdown(socket.SHUT_RDWR)
-
-
-class AgentHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most ``limits.max_connections`` at once, each with a deadline."""
-
-    daemon_threads = True
-
-    def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], limits: ServerLimits
-    ) -> None:
-        self.limits = limits
-        self._slots = threading.BoundedSemaphore(limits.max_connections)
-        super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            try:  # best effort, never blocking the accept loop
-                request.setblocking(False)
-                with contextlib.suppress(OSError):
-                    request.recv(65536)  # what already arrived, so closing sends no reset
-                request.send(_BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that went away or was dropped at its deadline; no traceback on stderr.
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        deadline = threading.Timer(self.limits.request_timeout, _drop, (request,))
-        deadline.daemon = True
-        deadline.start()
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            deadline.cancel()
-            self._slots.release()
+class AgentHTTPServer(GuardedHTTPServer):
+    """The agent's server: ``rekey.http_guard`` limits."""
 
 
 def make_server(
@@ -394,7 +385,7 @@ def make_server(
 ) -> AgentHTTPServer:
     """Bind 127.0.0.1:port (0 picks a free port); the caller runs ``serve_forever``.
 
-    ``tokens`` maps each accepted bearer token to its caller's name (``rekey.agent_auth``)."""
+    ``tokens`` maps each accepted caller token to its caller's name (``rekey.agent_auth``)."""
     limits = limits or ServerLimits()
     handler = make_handler(AgentApi(agent), tokens, allowed_origins, limits)
     return AgentHTTPServer(("127.0.0.1", port), handler, limits)

@@ -15,6 +15,13 @@ allowed UI origin, and rejects ``Host`` headers other than its own loopback addr
 rebinding). CORS preflights (``OPTIONS``) carry no credentials by the browser's rules and
 are answered without one; they reveal nothing. Payload contents are never logged.
 
+Connections are guarded by :mod:`rekey.http_guard`, like the agent's: socket timeouts, a short
+deadline for the headers until the bearer token is checked, capped headers, at most
+``max_connections`` at once (an unauthenticated connection gives its slot to a newcomer first;
+503 only when all serve authenticated requests), strict ``Content-Length`` (anything else, or
+``Transfer-Encoding``, gets 411 before the body is read). The ``Bearer`` scheme name is matched
+in any case (RFC 7235).
+
 ``/decode`` returns payloads that are not encrypted unchanged (display only: the reader
 could see them anyway); workers refuse them (:class:`rekey.codec.EncryptionCodec`).
 
@@ -40,7 +47,6 @@ import json
 import logging
 import secrets
 import signal
-import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,6 +64,15 @@ from rekey.codec import (
     load_or_create_codec_keys,
     write_private,
 )
+from rekey.http_guard import (
+    GuardedHandler,
+    GuardedHTTPServer,
+    GuardLimits,
+    Refused,
+    busy_answer,
+    declared_length,
+)
+from rekey.private_file import PrivateFileError, read_private
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +96,21 @@ def load_or_create_server_token(home: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
             write_private(path, secrets.token_urlsafe(TOKEN_BYTES) + "\n", replace=False)
-    mode = stat.S_IMODE(path.lstat().st_mode)
-    if not stat.S_ISREG(path.lstat().st_mode) or mode & 0o077:
-        raise CodecError(
-            f"{path} must be a regular file not group/world accessible (mode {mode:04o}; chmod 600)"
-        )
-    token = path.read_text().strip()
+    try:  # opened once without following a symlink; checked and read through that descriptor
+        token = read_private(path, limit=1024).decode("ascii", errors="replace").strip()
+    except PrivateFileError as exc:
+        raise CodecError(f"{exc} (the token file must be a regular file of ours, chmod 600)") from None
     if len(token) < 32:
         raise CodecError(f"{path} holds a token shorter than 32 characters")
     return token
 
 
-class _CodecHandler(http.server.BaseHTTPRequestHandler):
+class _CodecHandler(GuardedHandler):
     """Request handler; :func:`make_codec_app` binds ``codec`` and ``cors_origins``."""
 
     codec: ClassVar[EncryptionCodec]
     cors_origins: ClassVar[frozenset[str]]
-    expected_authorization: ClassVar[bytes]
+    token: ClassVar[bytes]
     server_version = "rekey-codec"
     sys_version = ""
     protocol_version = "HTTP/1.1"
@@ -119,8 +132,11 @@ class _CodecHandler(http.server.BaseHTTPRequestHandler):
         return host in {f"127.0.0.1:{port}", f"localhost:{port}"}
 
     def _authorized(self) -> bool:
-        presented = self.headers.get("Authorization", "").encode("latin-1", errors="replace")
-        return hmac.compare_digest(presented, self.expected_authorization)
+        values = self.headers.get_all("Authorization") or []
+        scheme, _, presented = (values[0] if len(values) == 1 else "").strip().partition(" ")
+        candidate = presented.strip().encode("latin-1", errors="replace")
+        matches = hmac.compare_digest(candidate, self.token)  # the token compared in constant time
+        return matches and scheme.lower() == "bearer"  # the scheme name in any case (RFC 7235)
 
     def _send(self, status: int, body: bytes = b"", content_type: str = "application/json") -> None:
         self.send_response(status)
@@ -160,28 +176,24 @@ class _CodecHandler(http.server.BaseHTTPRequestHandler):
             self._send(204)
 
     def do_POST(self) -> None:
-        length_header = self.headers.get("Content-Length")
-        # Plain decimal digits only (int() would take "1_5" or "+5"), one header, no
-        # Transfer-Encoding: a proxy in front must read the request as this server does.
-        lengths = self.headers.get_all("Content-Length") or []
-        strict = len(lengths) == 1 and lengths[0].isascii() and lengths[0].isdigit()
-        length = int(length_header) if strict and length_header is not None else -1
-        if self.headers.get("Transfer-Encoding") is not None:
-            length = -1
-        if length < 0:
-            self.close_connection = True
+        self.close_connection = True
+        try:
+            length = declared_length(self.headers, MAX_BODY_BYTES)
+        except Refused as refused:
+            if refused.status == 413:
+                self._error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            else:  # a lenient length, two of them, or Transfer-Encoding: as if none was given
+                self._error(411, "Content-Length required")
+            return
+        if length is None:
             self._error(411, "Content-Length required")
             return
-        if not self._guard():
-            self.close_connection = True  # the body is left unread
+        if not self._guard():  # the body is left unread
             return
         if not self._authorized():
-            self.close_connection = True
             self._error(401, "Authorization: Bearer <codec server token> required")
             return
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        if not self.trust():  # evicted or past the header deadline meanwhile
             return
         body = self.rfile.read(length)
         transform: Callable[[Sequence[Payload]], list[Payload]]
@@ -226,13 +238,13 @@ def make_codec_app(
         {
             "codec": EncryptionCodec(keyring, allow_unencrypted=True),
             "cors_origins": frozenset(cors_origins),
-            "expected_authorization": f"Bearer {token}".encode("latin-1"),
+            "token": token.encode("latin-1"),
         },
     )
 
 
-class CodecServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class CodecServer(GuardedHTTPServer):
+    busy = busy_answer({"error": "too many connections"})
     key_id: str = ""
     """Id of the current codec key (what /encode encrypts under)."""
 
@@ -251,7 +263,11 @@ class CodecServer(http.server.ThreadingHTTPServer):
 
 
 def serve_codec(
-    home: Path, port: int = DEFAULT_PORT, cors_origins: Sequence[str] | None = None
+    home: Path,
+    port: int = DEFAULT_PORT,
+    cors_origins: Sequence[str] | None = None,
+    *,
+    limits: GuardLimits | None = None,
 ) -> CodecServer:
     """Start a codec server for ``<home>``'s keyring on 127.0.0.1:``port`` (0: any free port).
 
@@ -263,7 +279,7 @@ def serve_codec(
         load_or_create_server_token(home),
         cors_origins=DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins,
     )
-    server = CodecServer((BIND_HOST, port), handler)
+    server = CodecServer((BIND_HOST, port), handler, limits or GuardLimits(max_body=MAX_BODY_BYTES))
     server.key_id = keyring.current
     threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="rekey-codec-server", daemon=True

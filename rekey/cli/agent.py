@@ -19,6 +19,7 @@ from rekey.agent_auth import (
     AgentCredentialError,
     create_tokens,
     read_token,
+    remove_tokens,
     token_path,
 )
 from rekey.agent_server import ServerLimits, make_server
@@ -135,6 +136,13 @@ def cli() -> None:
     show_default=True,
     help="Seconds a whole request may take.",
 )
+@click.option(
+    "--auth-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=2.0,
+    show_default=True,
+    help="Seconds for a request's line and headers to arrive and be authenticated.",
+)
 def serve(
     manifest_path: Path,
     platform: str,
@@ -146,11 +154,13 @@ def serve(
     max_connections: int,
     idle_timeout: float,
     request_timeout: float,
+    auth_timeout: float,
 ) -> None:
     """Serve the agent API on 127.0.0.1 until stopped (SIGINT/SIGTERM).
 
-    Fresh bearer tokens are written at every start to the state directory (0700, files 0600):
-    callers read theirs and send ``Authorization: Bearer <token>``."""
+    Fresh caller tokens are written at every start to the state directory (0700, files 0600)
+    and deleted at a clean stop: callers read theirs and sign their requests with it
+    (``rekey.agent_auth``); the token itself is never sent."""
     manifest = load_manifest(manifest_path)
     if manifest.platform != platform:
         raise ManifestError(f"{manifest_path}: field 'platform': {manifest.platform} is not {platform}")
@@ -163,11 +173,15 @@ def serve(
     except AgentCredentialError as exc:
         raise AgentCredentialProblem(str(exc)) from None
     limits = ServerLimits(
-        max_connections=max_connections, idle_timeout=idle_timeout, request_timeout=request_timeout
+        max_connections=max_connections,
+        idle_timeout=idle_timeout,
+        request_timeout=request_timeout,
+        auth_timeout=auth_timeout,
     )
     try:
         server = make_server(agent, port, tokens=tokens, allowed_origins=allowed_origins, limits=limits)
     except OSError as exc:
+        remove_tokens(directory, tokens)
         raise PortUnavailable(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
 
     def stop(_signum: int, _frame: object) -> None:
@@ -176,7 +190,7 @@ def serve(
     signal.signal(signal.SIGTERM, stop)
     bound = server.server_address[1]
     out.print(f"rekey agent for generation {manifest.id} listening on http://127.0.0.1:{bound}")
-    out.print(f"bearer token in {token_path(directory)}")
+    out.print(f"caller token in {token_path(directory)}")
     sys.stdout.flush()
     try:
         server.serve_forever()
@@ -184,6 +198,7 @@ def serve(
         pass
     finally:
         server.server_close()
+        remove_tokens(directory, tokens)  # a process that later takes the port learns nothing
 
 
 @cli.command("call")
@@ -204,7 +219,7 @@ def serve(
 def call(
     path: str, url: str, generation: str | None, state_dir: Path | None, caller: str, body: str | None
 ) -> None:
-    """Call the agent at URL with its bearer token and print the JSON answer."""
+    """Call the agent at URL, signing with the caller's token, and print the JSON answer."""
     if state_dir is None and generation is None:
         raise click.UsageError("give --generation ID or --state-dir DIR (where the agent's token is)")
     directory = _state_dir(state_dir, generation or "")

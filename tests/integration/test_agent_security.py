@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from rekey.agent_auth import sign_request
 from tests.fixtures.agent import Agent, AgentError, start_agents, stop_agents
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,12 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Agent
 def raw(
     agent: Agent, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
 ) -> Any:
-    """One request with exactly these headers (Host and Content-Length added unless given)."""
+    """One request with exactly these headers (Host and Content-Length added unless given);
+    ``Authorization: sign:TOKEN`` is replaced by the headers that sign this request with TOKEN."""
+    headers = dict(headers or {})
+    if headers.get("Authorization", "").startswith("sign:"):
+        token = headers.pop("Authorization").removeprefix("sign:")
+        headers |= sign_request(token, method, path, body)
     connection = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
     try:
         connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
@@ -80,7 +86,7 @@ def raw(
 
 
 def json_headers(agent: Agent, token: str | None = None) -> dict[str, str]:
-    return {"Content-Type": "application/json", "Authorization": f"Bearer {token or agent.token}"}
+    return {"Content-Type": "application/json", "Authorization": f"sign:{token or agent.token}"}
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -109,7 +115,10 @@ def test_unseal_and_seal_without_the_token_are_refused(agents: dict[str, Agent])
         "Bearer wrong",
         f"Basic {agent.token}",
         f"Bearer {agents['v2'].token}",
+        f"Bearer {agent.token}",  # the token itself, in clear, is not a credential
         "Bearer ",
+        f"sign:{agents['v2'].token}",  # signed with another agent's token
+        "Rekey-HMAC ",
     ):
         headers = {"Content-Type": "application/json"}
         if authorization is not None:
@@ -152,7 +161,7 @@ def test_browser_simple_post_and_foreign_origin_are_refused(agents: dict[str, Ag
         "application/x-www-form-urlencoded",
         None,
     ):
-        headers = {"Authorization": f"Bearer {agent.token}"}
+        headers = {"Authorization": f"sign:{agent.token}"}
         if content_type is not None:
             headers["Content-Type"] = content_type
         status, answer = raw(agent, "POST", "/v1/unseal", body, headers)
@@ -172,10 +181,10 @@ def test_malformed_content_length_is_refused(agents: dict[str, Agent], length: s
 
 def test_missing_content_length_and_chunked_bodies_are_refused(agents: dict[str, Agent]) -> None:
     agent = agents["v1"]
+    signed = "".join(f"{k}: {v}\r\n" for k, v in sign_request(agent.token, "POST", "/v1/nonce").items())
     with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as sock:
         sock.sendall(
-            f"POST /v1/nonce HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n"
-            f"Authorization: Bearer {agent.token}\r\n"
+            f"POST /v1/nonce HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n{signed}"
             "Content-Type: application/json\r\n\r\n".encode()
         )
         assert sock.recv(65536).startswith(b"HTTP/1.0 411")
@@ -246,11 +255,20 @@ def test_slowloris_client_is_dropped(agents: dict[str, Agent]) -> None:
 
 
 def test_excess_connections_get_503(agents: dict[str, Agent]) -> None:
+    """Every slot busy with an authenticated request (whose body never comes): a further
+    connection gets 503 at once. (Anonymous connections give their slots away instead:
+    test_agent_connections.py.)"""
     agent = agents["busy"]  # at most 2 connections at once
     held = [socket.create_connection(("127.0.0.1", agent.port), timeout=30) for _ in range(2)]
     try:
         for sock in held:
-            sock.sendall(b"POST /v1/nonce HTTP/1.1\r\n")  # and nothing more
+            signed = sign_request(agent.token, "POST", "/v1/nonce", b"{}")
+            head = "".join(f"{name}: {value}\r\n" for name, value in signed.items())
+            sock.sendall(
+                f"POST /v1/nonce HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n{head}"
+                "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n".encode()
+            )  # and no body
+        time.sleep(0.5)  # let the agent read and authenticate both (a newcomer evicts anonymous ones)
         with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as extra:
             answer = extra.recv(65536)
         assert answer.startswith(b"HTTP/1.0 503") and b"Busy" in answer
