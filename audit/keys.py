@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from audit.errors import AuditError
 from audit.format import key_id_of
+from sealing.private_file import PrivateFileError, PrivateFileMissing, read_private
 from sealing.signing import PublicKey, SigningError, load_public_key_pem
 from sealing.signing import key_id_of as any_key_id_of
 
@@ -135,12 +136,12 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 private key in the PKCS#8 PEM file at ``path``. FileNotFoundError if
     there is none; `AuditError` if it cannot be read or is not an Ed25519 key."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise AuditError(f"cannot read the audit signing key {path}: {exc.strerror}") from None
+    try:  # no symlink followed; a regular file of ours, mode 0600, checked on the opened file
+        data = read_private(path, limit=64 * 1024)
+    except PrivateFileMissing:
+        raise FileNotFoundError(path) from None
+    except PrivateFileError as exc:
+        raise AuditError(f"the audit signing key: {exc}") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

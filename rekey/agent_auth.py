@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from rekey.private_file import PrivateFileError, read_private
+from sealing.private_file import PrivateFileError, read_private
 
 DEFAULT_CALLER = "default"
 CALLER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")

@@ -92,7 +92,6 @@ import json
 import os
 import re
 import secrets
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +102,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 from temporalio.api.common.v1 import Payload
+
+from sealing.private_file import PrivateFileError, read_private
+
+MAX_KEYRING_BYTES = 4 * 1024 * 1024  # a keyring of ~50,000 keys
 
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
@@ -426,12 +429,17 @@ def write_private(path: Path, text: str, *, replace: bool) -> None:
 
 
 def _read_keyring(path: Path) -> Keyring:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise CodecError(
-            f"{path} has mode {mode:04o}; the codec keyring must not be group/world accessible (chmod 600)"
-        )
-    return Keyring.from_json(path.read_text())
+    # Opened once without following a symlink; owner, type and mode are checked on that
+    # descriptor and the keys read from it (no check-then-read race on the path).
+    try:
+        data = read_private(path, limit=MAX_KEYRING_BYTES)
+    except PrivateFileError as exc:
+        raise CodecError(f"the codec keyring: {exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"{path} is not a codec keyring (not UTF-8)") from None
+    return Keyring.from_json(text)
 
 
 def load_or_create_codec_keys(home: Path) -> Keyring:

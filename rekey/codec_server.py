@@ -72,7 +72,7 @@ from rekey.http_guard import (
     busy_answer,
     declared_length,
 )
-from rekey.private_file import PrivateFileError, read_private
+from sealing.private_file import PrivateFileError, read_private
 
 log = logging.getLogger(__name__)
 

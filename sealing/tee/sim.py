@@ -45,6 +45,7 @@ from cryptography.x509.oid import NameOID
 
 from sealing.errors import SealingError
 from sealing.generation import GenerationManifest
+from sealing.private_file import PrivateFileError, PrivateFileMissing, read_private
 from sealing.tee.platform import (
     SEAL_KEY_BYTES,
     Enclave,
@@ -60,6 +61,7 @@ PLATFORM = "sim"
 TEE_KEY_REF = tee_key_ref(PLATFORM)  # key_ref of every sim-sealed blob
 DEFAULT_CPU_SVN = bytes([0x02] * 16)
 ROOT_SECRET_BYTES = 32
+MAX_HOST_FILE_BYTES = 64 * 1024  # PEM keys and certificates, the 32-byte secret
 MEASUREMENT_BYTES = 32
 SIGNER_BYTES = 32
 CPU_SVN_BYTES = 16
@@ -362,17 +364,14 @@ class SimHost:
         contents: dict[str, bytes] = {}
         for name in HOST_FILES:
             path = host_dir / name
+            # Opened once without following a symlink; type, owner and mode checked on that
+            # descriptor and the content read from it (no check-then-read race on the path).
             try:
-                mode = path.lstat().st_mode
-            except FileNotFoundError:
+                contents[name] = read_private(path, limit=MAX_HOST_FILE_BYTES)
+            except PrivateFileMissing:
                 raise SimHostError(f"{host_dir} is not a sim host directory: {name} is missing") from None
-            if not stat.S_ISREG(mode):
-                raise SimHostError(f"{path} is not a regular file")
-            if mode & 0o077:
-                raise SimHostError(
-                    f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); it must be 0600"
-                )
-            contents[name] = path.read_bytes()
+            except PrivateFileError as exc:
+                raise SimHostError(f"{exc} (host files must be regular files of ours, mode 0600)") from None
         root_secret = contents[ROOT_SECRET_FILE]
         if len(root_secret) != ROOT_SECRET_BYTES:
             raise SimHostError(f"{host_dir / ROOT_SECRET_FILE} must hold {ROOT_SECRET_BYTES} bytes")

@@ -105,3 +105,47 @@ def test_unsafe_token_files_are_refused(tmp_path: Path, kind: str) -> None:
     with pytest.raises(AgentCredentialError) as info:
         read_token(state)
     assert PLANTED not in str(info.value)
+
+
+def _make_unsafe(path: Path, kind: str, tmp_path: Path) -> None:
+    content = path.read_bytes()
+    path.unlink()
+    if kind == "symlink":
+        target = tmp_path / f"planted-{path.name}"
+        target.write_bytes(content)
+        target.chmod(0o600)
+        path.symlink_to(target)
+    else:  # group-readable
+        path.write_bytes(content)
+        path.chmod(0o640)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "group-readable"])
+def test_the_same_reader_guards_codec_keys_sim_host_secrets_and_the_audit_key(
+    tmp_path: Path, kind: str
+) -> None:
+    """The same class elsewhere: the codec keyring, the sim host's root secret and the audit
+    signing key were checked by path and then read (or, for the audit key, not checked at all)."""
+    from audit import AuditError, default_signing_key_path, load_or_create_signing_key, load_signing_key
+    from rekey.codec import codec_keys_path, load_or_create_codec_keys
+    from sealing.tee.sim import ROOT_SECRET_FILE, SimHost, SimHostError
+
+    home = tmp_path / "home"
+    load_or_create_codec_keys(home)
+    _make_unsafe(codec_keys_path(home), kind, tmp_path)
+    with pytest.raises(CodecError, match="codec keyring"):
+        load_or_create_codec_keys(home)
+
+    host_dir = tmp_path / "host"
+    SimHost.load_or_create(host_dir)
+    _make_unsafe(host_dir / ROOT_SECRET_FILE, kind, tmp_path)
+    with pytest.raises(SimHostError):
+        SimHost.load_or_create(host_dir)
+
+    key_path = default_signing_key_path(home)
+    load_or_create_signing_key(key_path)
+    _make_unsafe(key_path, kind, tmp_path)
+    with pytest.raises(AuditError):
+        load_signing_key(key_path)
+    with pytest.raises(AuditError):  # and never replaced by a new key either
+        load_or_create_signing_key(key_path)

@@ -19,11 +19,17 @@ class PrivateFileError(Exception):
     """The file is missing, not a regular file of ours, or readable by others (no content in the text)."""
 
 
+class PrivateFileMissing(PrivateFileError, FileNotFoundError):
+    """There is no file at the path (also a FileNotFoundError, for callers that create it then)."""
+
+
 def read_private(path: Path, *, limit: int = 4096) -> bytes:
     """The content of ``path`` (at most ``limit`` bytes, else refused), checked as described above."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise PrivateFileMissing(f"cannot read {path}: no such file") from None
     except OSError as exc:
         reason = "a symlink is refused" if exc.errno == errno.ELOOP else exc.strerror
         raise PrivateFileError(f"cannot read {path}: {reason}") from None
