@@ -371,7 +371,7 @@ class SimHost:
             except PrivateFileMissing:
                 raise SimHostError(f"{host_dir} is not a sim host directory: {name} is missing") from None
             except PrivateFileError as exc:
-                raise SimHostError(f"{exc} (host files must be regular files of ours, mode 0600)") from None
+                raise SimHostError(str(exc)) from None
         root_secret = contents[ROOT_SECRET_FILE]
         if len(root_secret) != ROOT_SECRET_BYTES:
             raise SimHostError(f"{host_dir / ROOT_SECRET_FILE} must hold {ROOT_SECRET_BYTES} bytes")

@@ -427,6 +427,7 @@ def test_signing_key_is_created_once_private_and_with_its_public_key(tmp_path: P
 
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"not a key")
+    garbage.chmod(0o600)  # a private file of ours, only its content is wrong
     with pytest.raises(AuditError, match="cannot load the audit signing key"):
         load_or_create_signing_key(garbage)
     assert garbage.read_bytes() == b"not a key"  # never overwritten
@@ -436,6 +437,7 @@ def test_signing_key_is_created_once_private_and_with_its_public_key(tmp_path: P
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
+    ec_path.chmod(0o600)
     with pytest.raises(AuditError, match="not an Ed25519 key"):
         load_or_create_signing_key(ec_path)
 

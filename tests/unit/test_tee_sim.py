@@ -169,7 +169,7 @@ def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
     SimHost.load_or_create(tmp_path / "host")
     secret = tmp_path / "host" / sim_tee.ROOT_SECRET_FILE
     os.chmod(secret, 0o644)
-    with pytest.raises(SimHostError, match="must be 0600") as caught:
+    with pytest.raises(SimHostError, match="must not be accessible by group or others") as caught:
         SimHost.load_or_create(tmp_path / "host")
     assert secret.read_bytes().hex() not in str(caught.value)
     os.chmod(secret, 0o600)
