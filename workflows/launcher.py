@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 from temporalio import workflow
@@ -11,7 +12,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.types import AuditInput
 
 from workflows.rotation import LOCAL_RETRY, RotateKeyWorkflow
-from workflows.rotation_state import LaunchRotationInput
+from workflows.rotation_state import PATCH_FRESH_LAUNCH, LaunchRotationInput
 
 
 @workflow.defn(name="LaunchRotationWorkflow")
@@ -23,10 +24,14 @@ class LaunchRotationWorkflow:
 
     @workflow.run
     async def run(self, launch: LaunchRotationInput) -> str:
+        request = launch.request
+        if workflow.patched(PATCH_FRESH_LAUNCH):
+            # The schedule's input was bound when the schedule was made; each run asks anew.
+            request = dataclasses.replace(request, requested_at=workflow.now().isoformat())
         try:
             await workflow.start_child_workflow(
                 RotateKeyWorkflow.run,
-                launch.request,
+                request,
                 id=launch.rotation_id,
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
             )

@@ -53,6 +53,8 @@ from workflows.rotation_state import (
     DESTROYING,
     DONE,
     MAX_REASON,
+    MAX_START_DELAY_SECONDS,
+    MAX_START_SKEW_SECONDS,
     MAX_SWEEPS,
     MAX_WAIT_SECONDS,
     PATCH_SAFETY,
@@ -231,6 +233,8 @@ class RotateKeyWorkflow(RotationControls):
                 raise ApplicationError(
                     f"{name} must be 0..{MAX_WAIT_SECONDS} (ten years), got {wait}", non_retryable=True
                 )
+        if request.state is None and request.requested_at:
+            self._refuse_replayed_start(request.requested_at)
         if request.state is not None:
             self._state = request.state
         s = self._state
@@ -245,6 +249,32 @@ class RotateKeyWorkflow(RotationControls):
                     if request.destroy_after_seconds is None
                     else int(request.destroy_after_seconds),
                 },
+            )
+
+    @staticmethod
+    def _refuse_replayed_start(requested_at: str) -> None:
+        """A start input is bound to its workflow id, not to its run: someone who can start
+        workflows could start a finished rotation's recorded input again under the same id.
+        Such an input carries the time it was first requested, so it is refused here, before
+        any activity, once it is older than MAX_START_DELAY_SECONDS."""
+        try:
+            requested = datetime.fromisoformat(requested_at)
+        except ValueError:
+            requested = None
+        if requested is None or requested.tzinfo is None:
+            raise ApplicationError(
+                "requested_at must be an ISO 8601 time with an offset",
+                type="InvalidStart",
+                non_retryable=True,
+            )
+        age = (workflow.info().start_time - requested).total_seconds()
+        if not -MAX_START_SKEW_SECONDS <= age <= MAX_START_DELAY_SECONDS:
+            raise ApplicationError(
+                f"start request dated {requested_at} is {int(age)} s from this run's start"
+                f" (allowed: -{MAX_START_SKEW_SECONDS}..{MAX_START_DELAY_SECONDS}): a replayed start input"
+                " is refused; start the rotation again",
+                type="StaleStartRequest",
+                non_retryable=True,
             )
 
     async def _aborted(self) -> None:

@@ -31,6 +31,13 @@ BEFORE_RETIREMENT = (PREPARING, REWRAPPING, VERIFYING, AWAITING_COMMIT)
 MAX_SWEEPS = 5
 MAX_REASON = 300
 MAX_WAIT_SECONDS = 10 * 366 * 24 * 3600
+MAX_START_DELAY_SECONDS = 15 * 60
+"""A start request (``RotateKeyInput.requested_at``) older than this when its run starts is
+refused: it is a recorded start input replayed under the same workflow id (the payload codec
+binds a ciphertext to its workflow id, not to its run)."""
+MAX_START_SKEW_SECONDS = 5 * 60
+"""How far in the future of the run's start a request may be dated (client clock skew)."""
+PATCH_FRESH_LAUNCH = "launch-fresh-request"
 """Longest grace period or destroy delay: ten years. Longer waits are mistakes, and a value
 beyond what timers and the audit log's integers take would stall the workflow task."""
 
@@ -91,6 +98,9 @@ class RotateKeyInput:
     verify_sample: int = 20
     started_by: str = ""
     state: RotationState | None = None  # carried over by continue-as-new
+    # When the client (or a schedule's launcher) asked for this run, ISO 8601 with offset; ""
+    # for inputs recorded before it existed (not checked). See MAX_START_DELAY_SECONDS.
+    requested_at: str = ""
 
 
 @dataclass

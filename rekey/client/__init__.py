@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -351,6 +351,7 @@ class RekeyClient:
             batch_size=batch_size,
             batches_in_flight=in_flight,
             started_by=started_by,
+            requested_at=datetime.now(UTC).isoformat(),
         )
 
     # ------------------------------------------------------------------------- rotations

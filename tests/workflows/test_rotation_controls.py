@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -547,3 +547,21 @@ async def test_a_pause_holds_through_a_block_and_its_resume(rotation: Rotation) 
     assert held.paused and len(fleet.called("rewrap_batch")) == 2
     await asyncio.wait_for(handle.execute_update(RotateKeyWorkflow.resume), WAIT)
     assert (await result(handle)).phase == DONE
+
+
+async def test_a_schedule_made_long_ago_still_starts_a_rotation(rotation: Rotation) -> None:
+    # The launcher's input is bound when the schedule is made; each run dates the rotation's
+    # start request anew, so the replayed-start check never refuses a scheduled rotation.
+    env = rotation.env
+    rotation_id = f"rotate:{KEY_REF}-{uuid.uuid4()}"
+    made = (datetime.now(UTC) - timedelta(days=30)).isoformat()
+    request = RotateKeyInput(KEY_REF, grace_seconds=0, batch_size=10, started_by="test", requested_at=made)
+    handle = await env.client.start_workflow(
+        LaunchRotationWorkflow.run,
+        LaunchRotationInput(rotation_id, request),
+        id=f"launch:{uuid.uuid4()}",
+        task_queue=rotation.task_queue,
+    )
+    assert await asyncio.wait_for(handle.result(), WAIT) == f"started {rotation_id}"
+    progress = await result(env.client.get_workflow_handle_for(RotateKeyWorkflow.run, rotation_id))
+    assert progress.phase == DONE

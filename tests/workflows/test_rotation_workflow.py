@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from temporalio.api.enums.v1 import EventType
@@ -39,6 +39,7 @@ from workflows.rotation import (
     VERIFYING,
     RotateKeyWorkflow,
 )
+from workflows.rotation_state import MAX_START_DELAY_SECONDS, MAX_START_SKEW_SECONDS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -329,3 +330,34 @@ async def test_waits_no_timer_could_take_are_refused_before_any_activity(
     assert failure.value.cause.non_retryable
     assert failure.value.cause.message.startswith(f"{option} must be 0..{MAX_WAIT_SECONDS} (ten years)")
     assert rotation.fleet.calls == []
+
+
+@pytest.mark.parametrize(
+    ("offset", "kind"),
+    [
+        (timedelta(hours=-3), "StaleStartRequest"),  # a finished rotation's input, started again
+        (timedelta(seconds=-(MAX_START_DELAY_SECONDS + 60)), "StaleStartRequest"),
+        (timedelta(seconds=MAX_START_SKEW_SECONDS + 60), "StaleStartRequest"),
+        (None, "InvalidStart"),
+    ],
+)
+async def test_a_replayed_start_input_is_refused_before_any_activity(
+    rotation: Rotation, offset: timedelta | None, kind: str
+) -> None:
+    # The codec binds a start input to its workflow id, not to its run: someone who can start
+    # workflows but holds no codec key could start a recorded input again under the same id.
+    now = datetime.now(UTC)  # each workflow's virtual clock starts at the real time
+    requested_at = "yesterday" if offset is None else (now + offset).isoformat()
+    handle = await rotation.start(requested_at=requested_at)
+    with pytest.raises(WorkflowFailureError) as failure:
+        await asyncio.wait_for(handle.result(), WAIT)
+
+    assert isinstance(failure.value.cause, ApplicationError)
+    assert failure.value.cause.type == kind and failure.value.cause.non_retryable
+    assert rotation.fleet.calls == []
+
+
+async def test_a_fresh_start_request_runs(rotation: Rotation) -> None:
+    now = datetime.now(UTC)
+    _, progress = await rotation.run(requested_at=(now - timedelta(seconds=30)).isoformat(), grace_seconds=0)
+    assert progress.phase == "DONE"
