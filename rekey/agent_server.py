@@ -61,30 +61,38 @@ from sealing.agent import EnclaveAgent
 from sealing.errors import SealingError
 
 DRAIN_LIMIT = 1024 * 1024  # a refused request's body is read and dropped only up to this size
-MAX_SEEN_NONCES = 200_000  # requests accepted within the replay window (2 * MAX_SKEW seconds)
+MAX_SEEN_NONCES = 200_000  # requests one caller may make within the replay window (2 * MAX_SKEW s)
 log = logging.getLogger("rekey.agent")
 ServerLimits = GuardLimits
 __all__ = ["MAX_BODY", "AgentApi", "AgentHTTPServer", "ServerLimits", "make_handler", "make_server"]
 
 
 class _SeenNonces:
-    """Request nonces accepted in the last ``2 * MAX_SKEW`` seconds: a replay is refused."""
+    """Request nonces accepted in the last ``2 * MAX_SKEW`` seconds, per caller: a replay is
+    refused, and a caller that fills its own window (429) never fills another caller's."""
 
     def __init__(self) -> None:
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._per_caller: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def spend(self, nonce: str, now: float) -> None:
+    def spend(self, caller: str, nonce: str, now: float) -> None:
         with self._lock:
             while self._seen and next(iter(self._seen.values())) <= now:
-                self._seen.popitem(last=False)
-            if nonce in self._seen:
+                (who, _), _ = self._seen.popitem(last=False)
+                left = self._per_caller[who] - 1
+                if left:
+                    self._per_caller[who] = left
+                else:
+                    del self._per_caller[who]
+            if (caller, nonce) in self._seen:
                 raise Refused(HTTPStatus.UNAUTHORIZED, "Unauthorized", "this request was already received")
-            if len(self._seen) >= MAX_SEEN_NONCES:
+            if self._per_caller.get(caller, 0) >= MAX_SEEN_NONCES:
                 raise Refused(
                     HTTPStatus.TOO_MANY_REQUESTS, "TooManyRequests", "too many requests; try again later"
                 )
-            self._seen[nonce] = now + 2 * MAX_SKEW
+            self._seen[(caller, nonce)] = now + 2 * MAX_SKEW
+            self._per_caller[caller] = self._per_caller.get(caller, 0) + 1
 
 
 class BadRequest(Exception):
@@ -280,7 +288,7 @@ def make_handler(
                 raise Refused(
                     HTTPStatus.UNAUTHORIZED, "Unauthorized", f"request time is more than {MAX_SKEW}s off"
                 )
-            seen.spend(nonce, now)
+            seen.spend(found[1], nonce, now)
             self.signer = (found[0], nonce)
             return found[1], body_sha256
 

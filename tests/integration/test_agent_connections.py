@@ -175,3 +175,41 @@ def test_a_port_squatter_gets_no_token_and_cannot_forge_answers(tmp_path: Path) 
         squatter.close()
     assert squatter.received.count(b"HTTP/1.1") == 3
     assert victim.token.encode() not in squatter.received, "the caller sent its token to a squatter"
+
+
+def test_one_caller_filling_its_replay_window_does_not_refuse_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window of accepted request nonces (kept to refuse replays) is bounded per caller: a
+    named caller sending as fast as it can gets 429 itself, never the workload."""
+    import rekey.agent_server as agent_server
+    from attestation.sim import SimVerifier
+    from sealing.agent import EnclaveAgent
+    from sealing.generation import parse_manifest
+    from sealing.tee.sim import EnclaveIdentity, SimHost
+
+    monkeypatch.setattr(agent_server, "MAX_SEEN_NONCES", 5)
+    manifest = parse_manifest(SLOTS | {"id": "conn-window"})
+    host = SimHost.load_or_create(tmp_path / "host")
+    agent = EnclaveAgent(
+        manifest, host.enclave(EnclaveIdentity.from_manifest(manifest)), SimVerifier(host.root_ca_pem())
+    )
+    tokens = {"w" * 43: "default", "n" * 43: "noisy"}
+    server = agent_server.make_server(agent, tokens=tokens)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        noisy, workload = AgentClient(url, "n" * 43), AgentClient(url, "w" * 43)
+        statuses = []
+        for _ in range(8):
+            try:
+                noisy.call("/v1/identity")
+                statuses.append(200)
+            except Exception as exc:  # AgentCallError carries the status
+                statuses.append(getattr(exc, "status", 0))
+        assert statuses[:5] == [200] * 5 and set(statuses[5:]) == {429}
+        assert workload.call("/v1/identity")["id"] == "conn-window"
+    finally:
+        server.shutdown()
+        server.server_close()
