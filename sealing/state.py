@@ -8,7 +8,9 @@ blob is only opened if its authenticated header agrees with the record it came f
 **Freshness** (with a ``witness``, `sealing.witness`). Whoever can write the store can put back
 an older row (a backup, an older generation's value, a deleted blob): its header and body are
 genuine, so authentication alone cannot tell. So every put writes a blob version into the
-authenticated header, one above both the stored blob's and the name's checkpoint, and after the
+authenticated header, one above the name's checkpoint (or above the stored blob's version, if
+that is higher and the stored blob opens: a version that merely parses is never taken over, or a
+store writer could push the checkpoint to the maximum and wedge the name), and after the
 store write commits advances the signed checkpoint ``("blob", namespace NUL name)`` to it; a
 delete advances it past the deleted version to a tombstone. A read refuses (`StaleBlob`) a blob
 whose version is below its checkpoint's, or equal to it but not the blob the checkpoint names
@@ -29,6 +31,10 @@ The guarantee and its limits:
   who holds the signing key, can still roll back. Keep the witness on another mount or host
   than the store, and the key out of reach of the store's writers;
 * without a witness (``witness=None``: benchmarks, some tests) nothing is checked.
+
+After a legitimate restore of the store, `SealedState.accept` (``rekey state accept``, needs
+the signing key) re-anchors the checkpoints to the restored blobs; see docs/sealed-blob-format.md,
+"Recovery".
 
 A rotation's re-wrap replaces only the key slot, so a blob keeps its version and needs no new
 checkpoint.
