@@ -204,6 +204,21 @@ class AuditLog:
                 head.seq,
             )
             return False
+        if head.seq < seq - 1:
+            # The records after the head must be contiguous: a row planted far ahead (its seq is
+            # not authenticated until verify) must not carry the signed head to a number no
+            # legitimate log reaches for ages.
+            between = conn.execute(
+                select(func.count()).select_from(audit_log).where(audit_log.c.seq > head.seq)
+            ).scalar_one()
+            if int(between) != seq - 1 - head.seq:
+                _log.warning(
+                    "audit log %s has a gap after its signed head (record %d): records were removed or"
+                    " planted; the head is not moved (run rekey audit verify)",
+                    self._subject,
+                    head.seq,
+                )
+                return False
         return True
 
     def _publish(self, witness: Witness, seq: int, digest: str) -> None:

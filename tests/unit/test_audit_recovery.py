@@ -156,3 +156,27 @@ def test_a_new_signing_key_keeps_the_old_public_key(tmp_path: Path) -> None:
     (audit / "ed25519.pub.pem").write_bytes(b"garbage")
     load_or_create_signing_key(audit / "ed25519.pem")
     assert len(list(audit.glob("*.pub.pem"))) == 2
+
+
+def test_a_row_planted_far_ahead_does_not_carry_the_head(
+    store_url: str, witness: DirectoryWitness, signer: FileSigner
+) -> None:
+    keys = {signer.key_id: signer.public_key}
+    with AuditLog(store_url, signer, witness=witness) as log:
+        fill(log, 3)
+        engine = create_engine(store_url)
+        try:
+            with engine.begin() as conn:
+                row = dict(conn.execute(select(audit_log).where(audit_log.c.seq == 3)).one()._mapping)
+                conn.execute(audit_log.insert().values(**(row | {"seq": 1 << 30})))
+        finally:
+            engine.dispose()
+        fill(log, 1)  # links onto the planted row: verify reports it, the head stays at 3
+        head = head_of(log, witness)
+        assert head is not None and head.seq == 3
+        assert not log.verify(keys, [head]).ok
+        # Once the planted row and the record on top are removed, the log is whole again.
+        restore_to(store_url, 3)
+        fill(log, 1)
+        head = head_of(log, witness)
+        assert head is not None and head.seq == 4 and log.verify(keys, [head]).ok
