@@ -132,6 +132,26 @@ def _write_public_key(path: Path, key: Ed25519PublicKey) -> None:
         raise
 
 
+def _keep_old_public_key(path: Path, key: Ed25519PublicKey) -> Path | None:
+    """If the public key file at ``path`` holds another valid key than ``key`` (the signing key
+    was lost or replaced), keep that one as ``<key id>.pub.pem`` beside it, created exclusively
+    (an existing copy is never overwritten), so that records and checkpoints it signed can
+    still be verified once its fingerprint is pinned. Returns the copy's path, if any."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        old = load_public_key_pem(data, "old audit public key")
+    except SigningError:
+        return None  # not a key: nothing worth keeping
+    if any_key_id_of(old) == any_key_id_of(key):
+        return None
+    kept = path.with_name(any_key_id_of(old) + PUBLIC_KEY_SUFFIX)
+    _create_exclusive(kept, data, 0o644)  # False: already kept
+    return kept
+
+
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 private key in the PKCS#8 PEM file at ``path``. FileNotFoundError if
     there is none; `AuditError` if it cannot be read or is not an Ed25519 key."""
@@ -155,7 +175,10 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     """Load the signing key at ``path``, or generate one there (PKCS#8 PEM, mode 0600, created
     exclusively; parent directories mode 0700). If another process creates it first, its key
-    is loaded. The public key is (re)written beside it as ``<name>.pub.pem``."""
+    is loaded. The public key is (re)written beside it as ``<name>.pub.pem``; if that file held
+    another key (the old one of a lost or replaced signing key), it is first kept as
+    ``<key id>.pub.pem`` (never overwritten): pin its fingerprint to keep verifying what it
+    signed."""
     path = Path(path)
     try:
         key = load_signing_key(path)
@@ -171,6 +194,7 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
         except OSError as exc:
             raise AuditError(f"cannot create the audit signing key {path}: {exc.strerror}") from None
     try:
+        _keep_old_public_key(public_key_path_for(path), key.public_key())
         _write_public_key(public_key_path_for(path), key.public_key())
     except OSError as exc:
         raise AuditError(f"cannot write the audit public key beside {path}: {exc.strerror}") from None

@@ -37,13 +37,23 @@ from audit.schema import AUDIT_SCHEMA, audit_log
 from audit.verify import Head, UnreadableRecord, VerifyReport, verify_records
 from sealing.signing import FileSigner, PublicKey, Signer
 from sealing.store import DuplicateRecord, SealedStateStore
-from sealing.witness import Witness, WitnessError
+from sealing.witness import ResettableWitness, Witness, WitnessError
 
-__all__ = ["HEAD_KIND", "AuditLog", "head_subject"]
+__all__ = ["HEAD_KIND", "RESTORED_EVENT", "AuditLog", "ReanchorRefused", "head_subject"]
 
 HEAD_KIND: Final = "audit-head"
 """Witness checkpoint kind of the audit log's head: order = ``seq``, body ``{"hash": ...}``."""
+RESTORED_EVENT: Final = "audit.restored"
+"""The record `AuditLog.reanchor` appends: the operator acknowledged a restored log."""
 _log = logging.getLogger(__name__)
+
+
+class ReanchorRefused(AuditError):
+    """`AuditLog.reanchor` refused (the acknowledged head is not the log's last record, the log
+    still holds its signed head, no witness that can be reset); nothing was changed."""
+
+    exit_code = 2
+
 
 _PG_AUDIT_LOCK_KEY: Final = 0x72656B65795F6175  # "rekey_au": advisory lock serialising appends
 _BATCH: Final = 500
@@ -194,6 +204,21 @@ class AuditLog:
                 head.seq,
             )
             return False
+        if head.seq < seq - 1:
+            # The records after the head must be contiguous: a row planted far ahead (its seq is
+            # not authenticated until verify) must not carry the signed head to a number no
+            # legitimate log reaches for ages.
+            between = conn.execute(
+                select(func.count()).select_from(audit_log).where(audit_log.c.seq > head.seq)
+            ).scalar_one()
+            if int(between) != seq - 1 - head.seq:
+                _log.warning(
+                    "audit log %s has a gap after its signed head (record %d): records were removed or"
+                    " planted; the head is not moved (run rekey audit verify)",
+                    self._subject,
+                    head.seq,
+                )
+                return False
         return True
 
     def _publish(self, witness: Witness, seq: int, digest: str) -> None:
@@ -238,6 +263,67 @@ class AuditLog:
         table no longer holds the witness's head (cut or rewritten: logged as a warning, the head
         stays so that verify fails); a witness that cannot be written is logged, not raised.
         """
+        return self._append(event, subject, details, actor, None)
+
+    def reanchor(self, acknowledged: Head, actor: str | None = None) -> AuditRecord:
+        """The operator's recovery after a legitimate restore of the database (or a failover
+        that lost commits): ``acknowledged`` must be the log's current last record. Appends a
+        signed `RESTORED_EVENT` record naming the witness's old head and the acknowledged one,
+        then resets the witness head to the new record (`ResettableWitness.reset`), so that
+        verify passes again while the record keeps the restore visible. Refused
+        (`ReanchorRefused`, nothing changed) if ``acknowledged`` is not the last record, if the
+        log still holds its signed head, or without a signing key or a resettable witness."""
+        if not isinstance(self._witness, ResettableWitness):
+            raise ReanchorRefused("no freshness witness that can be re-anchored is configured")
+        return self._append(RESTORED_EVENT, self._subject, None, actor, acknowledged)
+
+    def _restore_details(
+        self, witness: Witness, conn: Connection, last: Head | None, ack: Head
+    ) -> dict[str, Any]:
+        """The details of a `RESTORED_EVENT` record, or `ReanchorRefused` (see `reanchor`)."""
+        if last is None or last != Head(ack.seq, ack.hash, last.source):
+            actual = "empty" if last is None else f"at record {last.seq}, hash {last.hash}"
+            raise ReanchorRefused(
+                f"{ack.seq}:{ack.hash} is not the audit log's last record (the log is {actual});"
+                " nothing was changed"
+            )
+        try:
+            head = _read_head(witness, self._subject)
+            state = "none" if head is None else "behind"
+        except (WitnessError, ValueError):
+            head, state = None, "unverifiable"
+        if head is not None:
+            stored = None
+            if head.seq <= last.seq:
+                stored = conn.execute(select(audit_log.c.hash).where(audit_log.c.seq == head.seq)).scalar()
+            if stored == head.hash:
+                raise ReanchorRefused(
+                    f"the audit log still holds its signed head (record {head.seq}); there is nothing to"
+                    " re-anchor (rekey audit verify says what is wrong)"
+                )
+            state = "truncated" if head.seq > last.seq else "rewritten"
+        old = None if head is None else {"seq": head.seq, "hash": head.hash}
+        return {
+            "acknowledged": {"seq": ack.seq, "hash": ack.hash},
+            "witness_head": old,
+            "witness_state": state,
+        }
+
+    def restores(self) -> list[AuditRecord]:
+        """The `RESTORED_EVENT` records (unverified; `verify` checks them with the rest)."""
+        query = select(audit_log).where(audit_log.c.event == RESTORED_EVENT).order_by(audit_log.c.seq)
+        with self._store.transaction("read of the audit log") as conn:
+            rows = conn.execute(query).all()
+        return [item for item in map(_from_row, rows) if isinstance(item, AuditRecord)]
+
+    def _append(
+        self,
+        event: str,
+        subject: str,
+        details: Mapping[str, Any] | None,
+        actor: str | None,
+        acknowledged: Head | None,
+    ) -> AuditRecord:
         if self._key is None or self._key_id is None:
             raise AuditError("this audit log was opened without a signing key; it can only be read")
         event = check_event(event)
@@ -258,6 +344,10 @@ class AuditLog:
                     ).first()
                     seq = 1 if last is None else int(last.seq) + 1
                     prev_hash = GENESIS_HASH if last is None else str(last.hash)
+                    if acknowledged is not None and self._witness is not None:
+                        end = None if last is None else Head(int(last.seq), str(last.hash), "table")
+                        clean = check_details(self._restore_details(self._witness, conn, end, acknowledged))
+                        details_text = canonical_json(clean).decode("utf-8")
                     recorded_at = format_time(self._clock())
                     digest = hashlib.sha256(
                         canonical_bytes(
@@ -270,7 +360,9 @@ class AuditLog:
                             prev_hash=prev_hash,
                         )
                     ).digest()
-                    publish = self._witness is not None and self._anchored(self._witness, conn, seq)
+                    publish = acknowledged is not None or (
+                        self._witness is not None and self._anchored(self._witness, conn, seq)
+                    )
                     signature = self._key.sign(digest).hex()
                     conn.execute(
                         insert(audit_log).values(
@@ -288,7 +380,11 @@ class AuditLog:
                     )
             except DuplicateRecord:
                 continue  # cannot happen while appenders take the lock; retry from the new end
-            if publish and self._witness is not None:
+            if acknowledged is not None and isinstance(self._witness, ResettableWitness):
+                # The record is committed; the head must move to it (a failure here raises: the
+                # operator runs reanchor again, acknowledging the new record).
+                self._witness.reset(HEAD_KIND, self._subject, seq, {"hash": digest.hex()})
+            elif publish and self._witness is not None:
                 self._publish(self._witness, seq, digest.hex())
             return AuditRecord(
                 seq=seq,

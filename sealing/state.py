@@ -8,7 +8,9 @@ blob is only opened if its authenticated header agrees with the record it came f
 **Freshness** (with a ``witness``, `sealing.witness`). Whoever can write the store can put back
 an older row (a backup, an older generation's value, a deleted blob): its header and body are
 genuine, so authentication alone cannot tell. So every put writes a blob version into the
-authenticated header, one above both the stored blob's and the name's checkpoint, and after the
+authenticated header, one above the name's checkpoint (or above the stored blob's version, if
+that is higher and the stored blob opens: a version that merely parses is never taken over, or a
+store writer could push the checkpoint to the maximum and wedge the name), and after the
 store write commits advances the signed checkpoint ``("blob", namespace NUL name)`` to it; a
 delete advances it past the deleted version to a tombstone. A read refuses (`StaleBlob`) a blob
 whose version is below its checkpoint's, or equal to it but not the blob the checkpoint names
@@ -30,6 +32,10 @@ The guarantee and its limits:
   than the store, and the key out of reach of the store's writers;
 * without a witness (``witness=None``: benchmarks, some tests) nothing is checked.
 
+After a legitimate restore of the store, `SealedState.accept` (``rekey state accept``, needs
+the signing key) re-anchors the checkpoints to the restored blobs; see docs/sealed-blob-format.md,
+"Recovery".
+
 A rotation's re-wrap replaces only the key slot, so a blob keeps its version and needs no new
 checkpoint.
 """
@@ -37,16 +43,19 @@ checkpoint.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from sealing import envelope
 from sealing.errors import SealedBlobError, SealingError, StaleBlob, TamperedBlob
 from sealing.keywrap import KeyWrapper
 from sealing.store import BlobRecord, DuplicateRecord, RecordNotFound, SealedStateStore, StaleRecord
-from sealing.witness import Checkpoint, Witness
+from sealing.witness import Checkpoint, ResettableWitness, Witness, WitnessError
 
 PUT_ATTEMPTS = 5
+RESTORED_OVER: Final = "restored_over"
+"""Checkpoint body field of an accepted restore: the version the checkpoint had reached before."""
 BLOB_KIND: Final = "blob"
 """The witness kind of blob checkpoints (subject: `blob_subject`)."""
 
@@ -74,6 +83,72 @@ def _stored_version(record: BlobRecord | None) -> int:
         return 0
 
 
+def _floor(checkpoint: Checkpoint | None) -> int:
+    """The highest version ``checkpoint`` rules out: its order, or the order a restore superseded
+    (``restored_over``, written by `SealedState.accept`) if that is higher."""
+    if checkpoint is None:
+        return 0
+    over = checkpoint.body.get(RESTORED_OVER)
+    if isinstance(over, int) and not isinstance(over, bool) and 0 <= over <= envelope.MAX_BLOB_VERSION:
+        return max(checkpoint.order, over)
+    return checkpoint.order
+
+
+def _check_matches(record: BlobRecord, parsed: envelope.SealedBlob) -> None:
+    header = parsed.header
+    if (
+        str(header.blob_id),
+        header.namespace,
+        header.name,
+        header.key_ref,
+        header.generation,
+    ) != (
+        record.blob_id,
+        record.namespace,
+        record.name,
+        record.key_ref,
+        record.generation,
+    ) or parsed.key_version != record.key_version:
+        raise TamperedBlob(
+            f"sealed blob {record.namespace}/{record.name} does not match its store record"
+            " (blob moved or record altered)"
+        )
+
+
+class AcceptRefused(SealingError):
+    """`SealedState.accept` was asked for something it must not do (no witness that can be
+    re-anchored, no such item, a blob that does not authenticate); nothing was changed."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What `SealedState.accept` did for one item. ``previous``: the checkpoint's version before
+    (None if there was none or it did not verify); ``previous_state``: ``"current"`` (nothing to
+    do, ``changed`` is False), ``"stale"`` (the checkpoint was ahead: re-anchored), ``"none"``
+    (anchored) or ``"unverifiable"`` (signed by a key that is not pinned, or damaged: replaced)."""
+
+    namespace: str
+    name: str
+    blob_id: str
+    version: int
+    previous: int | None
+    previous_state: str
+    changed: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "namespace": self.namespace,
+            "name": self.name,
+            "blob_id": self.blob_id,
+            "version": self.version,
+            "previous_version": self.previous,
+            "previous_state": self.previous_state,
+            "changed": self.changed,
+        }
+
+
 class SealedState:
     def __init__(
         self,
@@ -97,8 +172,16 @@ class SealedState:
         return self._witness.latest(BLOB_KIND, blob_subject(namespace, name))
 
     def _next_version(self, namespace: str, name: str, existing: BlobRecord | None) -> int:
-        checkpoint = self._checkpoint(namespace, name)
-        version = max(_stored_version(existing), checkpoint.order if checkpoint else 0) + 1
+        """One above the checkpoint (and above the versions a restore superseded, see
+        `accept`), or above the stored blob's version if that is higher *and* the stored blob
+        authenticates: the header's version is parsed without any key, so whoever writes the
+        store could otherwise push every later version (and the checkpoint) up to the maximum
+        and wedge the name. A higher genuine version is the crash window between a store write
+        and its checkpoint; a higher forged one is ignored (the put replaces it)."""
+        floor = _floor(self._checkpoint(namespace, name))
+        claimed = _stored_version(existing)
+        stored = claimed if existing is not None and claimed > floor and self._authentic(existing) else 0
+        version = max(floor, stored) + 1
         if version > envelope.MAX_BLOB_VERSION:
             raise TamperedBlob(f"sealed blob {namespace}/{name} has an implausible version; not replacing it")
         return version
@@ -200,30 +283,86 @@ class SealedState:
                 {"blob_id": record.blob_id, "deleted": True},
             )
 
+    def accept(self, *, namespace: str, names: Sequence[str]) -> list[Accepted]:
+        """The operator's recovery after a legitimate restore of the store (or a failover that
+        lost commits): make the stored blobs of ``names`` current again. Each stored blob must
+        open (so this accepts only genuine blobs, never a forged one); its checkpoint is then
+        re-signed (`ResettableWitness.reset`) at the blob's version, remembering the version
+        the checkpoint had reached (``restored_over``) so that the values the restore lost stay
+        refused and the next put goes above them. Everything is checked before anything is
+        written: a refusal (`AcceptRefused`) changes nothing. Needs the signing key, so whoever
+        can only write the store cannot do it."""
+        witness = self._witness
+        if not isinstance(witness, ResettableWitness):
+            raise AcceptRefused("no freshness witness that can be re-anchored is configured")
+        if not names:
+            raise AcceptRefused(f"no sealed state stored in namespace {namespace!r}")
+        plans: list[tuple[Accepted, dict[str, object]]] = []
+        for name in dict.fromkeys(names):
+            try:
+                record = self._store.get_by_name(namespace, name)
+            except RecordNotFound:
+                raise AcceptRefused(f"no sealed state {namespace}/{name} is stored") from None
+            try:
+                parsed = envelope.parse(record.blob)
+                _check_matches(record, parsed)
+                envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
+            except (SealedBlobError, ValueError) as exc:
+                raise AcceptRefused(
+                    f"sealed blob {namespace}/{name} does not authenticate, so it is not accepted: {exc}"
+                ) from None
+            header = parsed.header
+            try:
+                checkpoint = witness.latest(BLOB_KIND, blob_subject(namespace, name))
+                state = "none" if checkpoint is None else "stale"
+            except WitnessError:
+                checkpoint, state = None, "unverifiable"
+            if checkpoint is not None:
+                try:
+                    self._check_fresh(header, checkpoint)
+                    state = "current"
+                except StaleBlob:
+                    pass
+            body: dict[str, object] = {"blob_id": record.blob_id, "generation": record.generation}
+            floor = _floor(checkpoint)
+            if floor > header.version:
+                body[RESTORED_OVER] = floor
+            outcome = Accepted(
+                namespace,
+                name,
+                record.blob_id,
+                header.version,
+                None if checkpoint is None else checkpoint.order,
+                state,
+                state != "current",
+            )
+            plans.append((outcome, body))
+        for outcome, body in plans:
+            if outcome.changed:
+                witness.reset(BLOB_KIND, blob_subject(namespace, outcome.name), outcome.version, body)
+        return [outcome for outcome, _body in plans]
+
     def get(self, *, namespace: str, name: str) -> bytes:
         """Open the blob stored under (namespace, name)."""
         return self.open_record(self._store.get_by_name(namespace, name))
 
+    def _authentic(self, record: BlobRecord) -> bool:
+        """Whether the stored blob opens (so its header, version included, is genuine). A blob
+        that does not match its record or fails authentication, or whose key ref the
+        configuration refuses (ValueError: `kms_adapters.keyref.InvalidKeyRef`), is not; a key
+        service that cannot be reached raises (nothing is written then)."""
+        try:
+            parsed = envelope.parse(record.blob)
+            _check_matches(record, parsed)
+            envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
+        except (SealedBlobError, ValueError):
+            return False
+        return True
+
     def open_record(self, record: BlobRecord) -> bytes:
         parsed = envelope.parse(record.blob)
         header = parsed.header
-        if (
-            str(header.blob_id),
-            header.namespace,
-            header.name,
-            header.key_ref,
-            header.generation,
-        ) != (
-            record.blob_id,
-            record.namespace,
-            record.name,
-            record.key_ref,
-            record.generation,
-        ) or parsed.key_version != record.key_version:
-            raise TamperedBlob(
-                f"sealed blob {record.namespace}/{record.name} does not match its store record"
-                " (blob moved or record altered)"
-            )
+        _check_matches(record, parsed)
         if self._witness is None:
             return envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
         # Refuse a stale blob before anything is unwrapped or decrypted; anchor (or catch up) the
@@ -250,6 +389,12 @@ class SealedState:
                 )
             return  # trust on first use: open_record anchors it
         deleted = checkpoint.body.get("deleted") is True
+        floor = _floor(checkpoint)
+        if checkpoint.order < header.version <= floor:
+            raise StaleBlob(
+                f"sealed blob {item} is stale (a value a restore superseded): stored version"
+                f" {header.version}, accepted version {checkpoint.order} over version {floor}"
+            )
         if header.version < checkpoint.order:
             what = "a deleted blob" if deleted else "an older value"
             raise StaleBlob(

@@ -4,7 +4,9 @@ write the store's tables (or restore them from a backup) cannot make an old stat
 A checkpoint says "``subject`` of ``kind`` has reached ``order``" (a blob's version, the audit
 log's last sequence number) with a small ``body`` (the blob id, the record hash), signed by a
 `sealing.signing.Signer`. Checkpoints only move forward: `Witness.advance` replaces one only by
-a higher ``order``, under a lock, so concurrent writers cannot move it back either.
+a higher ``order``, under a lock, so concurrent writers cannot move it back either. The one
+exception is `Witness.reset`, the operator's recovery after a legitimate restore, which signs a
+replacement whatever the current order (so it, too, needs the signing key).
 
 `DirectoryWitness` keeps one JSON file per subject in a directory (default
 ``<home>/witness``, 0700). It protects only if the store's writers cannot write that
@@ -31,7 +33,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 from sealing.errors import SealingError
 from sealing.signing import PublicKey, Signer, verify_digest
@@ -39,6 +41,7 @@ from sealing.signing import PublicKey, Signer, verify_digest
 __all__ = [
     "Checkpoint",
     "DirectoryWitness",
+    "ResettableWitness",
     "Witness",
     "WitnessError",
     "statement_digest",
@@ -73,6 +76,17 @@ class Witness(Protocol):
 
     def latest(self, kind: str, subject: str) -> Checkpoint | None:
         """The verified checkpoint of ``subject``, or None if there is none."""
+        ...
+
+
+@runtime_checkable
+class ResettableWitness(Witness, Protocol):
+    """A witness an operator can re-anchor after a legitimate restore."""
+
+    def reset(self, kind: str, subject: str, order: int, body: Mapping[str, Any]) -> Checkpoint:
+        """Replace the checkpoint of ``subject`` by this one whatever its order (even lower), and
+        whether or not the current one verifies. Only for an operator's recovery after a restore
+        (``rekey state accept``, ``rekey audit reanchor``): it needs the signing key."""
         ...
 
 
@@ -229,20 +243,30 @@ class DirectoryWitness:
                 tmp.unlink()
             raise WitnessError(f"cannot write freshness checkpoint {path}: {exc.strerror}") from None
 
-    def advance(self, kind: str, subject: str, order: int, body: Mapping[str, Any]) -> Checkpoint:
+    def _replace(
+        self, kind: str, subject: str, order: int, body: Mapping[str, Any], *, force: bool
+    ) -> Checkpoint:
         _check(kind, subject, order)
-        if self._signer is None:
+        signer = self._signer
+        if signer is None:
             raise WitnessError("this witness was opened without a signing key; it can only be read")
         clean = json.loads(_canonical(dict(body)))  # JSON values only, as read back
         path = self.path_of(kind, subject)
         self._mkdirs(path.parent)
         with self._locked(path):
-            data = self._read(path)
-            current = None if data is None else self._parse(path, data, kind, subject)
-            if current is not None and current.order >= order:
-                return current
-            signature = self._signer.sign(statement_digest(kind, subject, order, clean))
+            if not force:
+                data = self._read(path)
+                current = None if data is None else self._parse(path, data, kind, subject)
+                if current is not None and current.order >= order:
+                    return current
+            signature = signer.sign(statement_digest(kind, subject, order, clean))
             statement = {"body": clean, "format": FORMAT, "kind": kind, "order": order, "subject": subject}
-            doc = {"key_id": self._signer.key_id, "signature": signature.hex(), "statement": statement}
+            doc = {"key_id": signer.key_id, "signature": signature.hex(), "statement": statement}
             self._write(path, _canonical(doc))
-        return Checkpoint(kind, subject, order, clean, self._signer.key_id)
+        return Checkpoint(kind, subject, order, clean, signer.key_id)
+
+    def advance(self, kind: str, subject: str, order: int, body: Mapping[str, Any]) -> Checkpoint:
+        return self._replace(kind, subject, order, body, force=False)
+
+    def reset(self, kind: str, subject: str, order: int, body: Mapping[str, Any]) -> Checkpoint:
+        return self._replace(kind, subject, order, body, force=True)

@@ -1,8 +1,10 @@
-"""``rekey audit verify | key | export``: the signed, hash-chained audit log of key operations.
+"""``rekey audit verify | key | export | reanchor``: the signed, hash-chained audit log of key
+operations.
 
 ``verify`` trusts only pinned keys (``trusted_key_fingerprints``, ``--trust``) and this
 installation's own key, and checks the log against the witness's signed head and any
-``--head SEQ:HASH`` kept elsewhere (docs/audit-log-format.md)."""
+``--head SEQ:HASH`` kept elsewhere (docs/audit-log-format.md). ``reanchor`` is the operator's
+recovery after a legitimate restore of the database ("Recovery" there)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import click
 from rich.text import Text
 
-from audit import AuditLog, Head, found_public_keys, parse_head
+from audit import AuditLog, AuditRecord, Head, found_public_keys, parse_head
 from rekey.backends import own_public_key, signer_for, witness_for
 from rekey.cli.context import settings
 from rekey.cli.output import EXIT_FAILED, EXIT_USAGE, emit_json, error_line, out, table
@@ -101,7 +103,9 @@ def verify(
         witnessed = log.head_from(witness)  # WitnessError (exit 1) if tampered or not pinned
         heads = ([witnessed] if witnessed is not None else []) + given
         report = log.verify(keys, heads, untrusted=untrusted)
+        restores = log.restores()
     result = report.to_dict()
+    result["restores"] = [_restore_summary(r) for r in restores]
     result["witness_head"] = None if witnessed is None else str(witnessed)
     result["keys"] = [{"key_id": k, "fingerprint": fingerprint(v)} for k, v in sorted(keys.items())]
     if report.ok and report.count and not heads:
@@ -127,6 +131,66 @@ def verify(
         out.print(line, markup=False)
         if report.head is not None:
             out.print(f"head: {report.head}", markup=False)
+        for item in result["restores"]:
+            out.print(
+                f"restored: record {item['seq']} ({item['recorded_at']}, {item['actor']}) acknowledged a"
+                f" log restored to record {item['acknowledged']} (witness head was {item['witness_head']},"
+                f" {item['witness_state']})",
+                markup=False,
+            )
+
+
+def _restore_summary(record: AuditRecord) -> dict[str, Any]:
+    def head(value: Any) -> str | None:
+        if isinstance(value, dict):
+            return f"{value.get('seq')}:{value.get('hash')}"
+        return None
+
+    return {
+        "seq": record.seq,
+        "recorded_at": record.recorded_at.isoformat(),
+        "actor": record.actor,
+        "acknowledged": head(record.details.get("acknowledged")),
+        "witness_head": head(record.details.get("witness_head")),
+        "witness_state": record.details.get("witness_state"),
+    }
+
+
+@cli.command("reanchor")
+@click.option(
+    "--acknowledge",
+    "acknowledge",
+    required=True,
+    metavar="SEQ:HASH",
+    help="The log's current last record (as `rekey audit verify` names it), which you confirm the"
+    " legitimate restore left.",
+)
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+def reanchor(acknowledge: str, json_out: bool) -> None:
+    """After restoring the database from a backup (or a failover that lost commits): acknowledge
+    the log's current end, append a signed audit.restored record and move the witness head to
+    it. Needs the signing key. Refused (exit 2, nothing changed) unless SEQ:HASH is the last
+    record and the log no longer holds its signed head."""
+    current = settings()
+    try:
+        head = parse_head(acknowledge, "--acknowledge")
+    except ValueError as exc:
+        error_line(str(exc).replace("head ", "--acknowledge ", 1))
+        raise click.exceptions.Exit(EXIT_USAGE) from None
+    signer = signer_for(current)
+    witness = witness_for(current, signer=signer)
+    with AuditLog(current.store_url, signer, witness=witness) as log:
+        record = log.reanchor(head)
+    summary = _restore_summary(record) | {"head": f"{record.seq}:{record.hash}"}
+    if json_out:
+        emit_json(summary, sort_keys=True)
+        return
+    out.print(
+        f"re-anchored: record {record.seq} (audit.restored) acknowledges the log restored to record"
+        f" {head.seq}; witness head was {summary['witness_head']} ({summary['witness_state']})",
+        markup=False,
+    )
+    out.print(f"head: {summary['head']}", markup=False)
 
 
 @cli.command("key")

@@ -1,4 +1,6 @@
-"""``rekey state put | get | delete | list``: sealed state in the store."""
+"""``rekey state put | get | delete | list | accept``: sealed state in the store. ``accept`` is the
+operator's recovery after a legitimate restore of the store (docs/sealed-blob-format.md,
+"Recovery")."""
 
 from __future__ import annotations
 
@@ -7,13 +9,15 @@ from typing import Any
 
 import click
 
-from rekey.backends import adapter_for, witness_for
+from audit import AuditLog
+from rekey.backends import adapter_for, signer_for, witness_for
 from rekey.cli.context import settings, store
 from rekey.cli.files import read_input, write_output
-from rekey.cli.output import emit_json, err, json_option, out, table
+from rekey.cli.output import CliError, emit_json, err, json_option, out, table
 from sealing.keywrap import KeyWrapper
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
+from sealing.witness import DirectoryWitness
 
 
 @click.group("state")
@@ -21,7 +25,7 @@ def cli() -> None:
     """Sealed state in the store."""
 
 
-def _sealed_state(sealed_store: SealedStateStore) -> SealedState:
+def _sealed_state(sealed_store: SealedStateStore, witness: DirectoryWitness | None = None) -> SealedState:
     current = settings()
     wrappers: dict[str, KeyWrapper] = {}
 
@@ -34,7 +38,7 @@ def _sealed_state(sealed_store: SealedStateStore) -> SealedState:
     return SealedState(
         sealed_store,
         resolve,
-        witness_for(current),
+        witness if witness is not None else witness_for(current),
         require_checkpoint=current.blob_freshness == "strict",
     )
 
@@ -143,3 +147,53 @@ def list_(namespace: str | None, json_out: bool) -> None:
             i["updated_at"][:19],
         )
     out.print(listing if items else "no sealed state stored")
+
+
+@cli.command("accept")
+@click.option("--namespace", required=True, help="Namespace of the item(s).")
+@click.option("--name", default=None, help="Name of the item to accept.")
+@click.option("--all-in-namespace", is_flag=True, help="Accept every item stored in the namespace.")
+@json_option
+def accept(namespace: str, name: str | None, all_in_namespace: bool, json_out: bool) -> None:
+    """After restoring the store from a backup (or a failover that lost commits): accept the
+    stored value(s) as current. Each must authenticate; its freshness checkpoint is re-signed at
+    its version (the lost newer values stay refused) and a state.accepted audit record is
+    appended. Needs the signing key. Refused (exit 2, nothing changed) if an item is missing or
+    does not authenticate."""
+    if (name is None) == (not all_in_namespace):
+        raise CliError("give either --name NAME or --all-in-namespace")
+    current = settings()
+    signer = signer_for(current)
+    witness = witness_for(current, signer=signer)
+    with store() as sealed_store:
+        names = [name] if name is not None else [s.name for s in sealed_store.summaries(namespace)]
+        results = _sealed_state(sealed_store, witness).accept(namespace=namespace, names=names)
+    changed = [r for r in results if r.changed]
+    if changed:
+        with AuditLog(current.store_url, signer, witness=witness) as log:
+            for r in changed:
+                log.append(
+                    "state.accepted",
+                    f"{r.namespace}/{r.name}",
+                    {
+                        "namespace": r.namespace,
+                        "name": r.name,
+                        "blob_id": r.blob_id,
+                        "old_version": r.previous,
+                        "old_state": r.previous_state,
+                        "new_version": r.version,
+                    },
+                )
+    if json_out:
+        emit_json([r.to_dict() for r in results])
+        return
+    for r in results:
+        if not r.changed:
+            out.print(f"{r.namespace}/{r.name}: already current (version {r.version})", markup=False)
+        else:
+            before = "none" if r.previous is None else f"version {r.previous}"
+            out.print(
+                f"accepted {r.namespace}/{r.name} at version {r.version}"
+                f" (checkpoint was {before}, {r.previous_state})",
+                markup=False,
+            )
