@@ -45,7 +45,13 @@ with workflow.unsafe.imports_passed_through():
     from temporalio.worker import Worker
 
     from rekey.codec import ENCODING, CodecError, data_converter
-    from rekey.codec_server import CodecServer, serve_codec, server_token_path
+    from rekey.codec_server import (
+        CodecServer,
+        read_server_token,
+        serve_codec,
+        server_token_path,
+        write_server_token,
+    )
     from rekey.devstack.temporal import search_attribute_flags, temporal_cli
     from tests.fixtures.ports import free_port
 
@@ -172,7 +178,7 @@ def _auth(home: Path) -> dict[str, str]:
 
 @pytest.fixture
 def codec_server(home: Path) -> Iterator[CodecServer]:
-    server = serve_codec(home, 0, [UI_ORIGIN])
+    server = serve_codec(home, 0, [UI_ORIGIN], allow_encode=True)
     yield server
     server.stop()
 
@@ -386,13 +392,18 @@ def test_codec_server_token_file_is_private(codec_server: CodecServer, home: Pat
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(path.read_text().strip()) >= 32
     token = path.read_text()
-    second = serve_codec(home, 0)  # reused, not regenerated
-    second.stop()
-    assert path.read_text() == token
+    second = serve_codec(home, 0)  # every start writes a fresh token, never reuses one
+    try:
+        assert path.read_text() != token
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        second.stop()
+    assert not path.exists()  # the second server deleted its own token at stop
+    write_server_token(home, token.strip())
     os.chmod(path, 0o644)
     try:
         with pytest.raises(CodecError, match="chmod 600"):
-            serve_codec(home, 0)
+            read_server_token(home)  # a client does not read a token others could have read
     finally:
         os.chmod(path, 0o600)
 
@@ -415,28 +426,40 @@ def test_default_cors_origins_are_the_dev_ui(home: Path) -> None:
         server.stop()
 
 
-async def test_run_codec_server_stops_on_sigterm(home: Path, tmp_path: Path) -> None:
-    """`run_codec_server` in a child process: prints its URL, serves, exits 0 on SIGTERM."""
+@pytest.mark.parametrize("allow_encode", [False, True])
+async def test_run_codec_server_stops_on_sigterm(home: Path, tmp_path: Path, allow_encode: bool) -> None:
+    """`rekey codec-server` in a child process: prints its URL, serves /decode (and /encode only
+    with --allow-encode), exits 0 on SIGTERM and deletes its token file then."""
     port = free_port()
-    code = (
-        "from pathlib import Path; from rekey.codec_server import run_codec_server; "
-        f"raise SystemExit(run_codec_server(Path({str(home)!r}), {port}))"
-    )
+    flags = ["--allow-encode"] if allow_encode else []
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+        sys.executable, "-m", "rekey.cli", "--home", str(home), "codec-server", "--port", str(port), *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     assert f"http://127.0.0.1:{port}" in line
     async with httpx.AsyncClient() as http:
-        r = await http.post(
-            f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json("x"), headers=_auth(home)
+        decoded = await http.post(
+            f"http://127.0.0.1:{port}/decode", content=_plain_payloads_json("x"), headers=_auth(home)
         )
-        assert r.status_code == 200
+        assert decoded.status_code == 200
+        r = await http.post(
+            f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json(SECRET), headers=_auth(home)
+        )
+        if allow_encode:
+            assert r.status_code == 200
+        else:
+            assert r.status_code == 403 and "--allow-encode" in r.json()["error"]
+            assert "payloads" not in r.json()
+            _assert_no_secret(r.content, "refused /encode")
         anonymous = await http.post(f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json("x"))
         assert anonymous.status_code == 401
+    token_file = server_token_path(home)
+    assert token_file.exists()
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert not token_file.exists(), "the stopped codec server left its token for a squatter to be sent"
 
 
 async def test_worker_refuses_forged_plain_input(env: WorkflowEnvironment) -> None:
