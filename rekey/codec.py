@@ -32,8 +32,9 @@ the tag), so the codec server can decode for display knowing only the namespace.
 
 Decode with a context refuses a format 3 payload bound to another namespace or workflow: an
 encrypted payload copied from workflow A's history (a start input naming another key, an
-approval update or signal) into a request for workflow B, or into another namespace, fails
-B's workflow task and nothing acts on it. One exception: a schedule encrypts its action's
+approval update or signal) into a request for workflow B, or into another namespace, is
+refused and nothing acts on it (what a worker then does: "Refused payloads in a worker"
+below). One exception: a schedule encrypts its action's
 input for the configured workflow id, and the server starts each run as ``<id>-<time>``
 (``2026-12-02T00:33:00Z``), so for ids starting with one of ``scheduled_prefixes`` (rekey's
 launcher prefix) a run ``<id>-<RFC 3339 UTC second>`` reads what ``<id>`` bound; starting
@@ -64,6 +65,35 @@ codec server does this for display only). An unknown key id or format, a short o
 ciphertext, or a plaintext that is not a Payload raise :class:`CodecError`; decode never
 returns unauthenticated bytes.
 
+Refused payloads in a worker. A client and the codec server raise :class:`CodecError` for a
+refused payload (the caller sees why). A worker's codec (``drop_refused``, made by
+:func:`worker_converter`; ``rekey.worker.build_worker`` uses it) instead decodes it to
+:func:`refused_payload` (encoding ``binary/rekey-refused``, no data), which no payload
+converter knows, and logs a warning naming the namespace, the workflow and the reason (key
+ids, formats, bound ids; never data). Raising there would fail the whole workflow task, and
+the SDK retries a failed task for ever: one copied or plain signal would keep the workflow
+from processing any later signal, update, pause or abort. With the stand-in, the SDK (1.35;
+``temporalio.worker._workflow_instance``) turns it into a conversion error where the value is
+used, so per path:
+
+* signal: the SDK logs "Failed deserializing signal input ... dropping the signal" and drops
+  it; the workflow goes on and processes later signals;
+* update: rejected before its validator runs (the caller gets the rejection); later updates
+  work;
+* query: the query fails; the workflow is untouched;
+* workflow start input, activity result, child workflow result, memo read, a failure's
+  ``details``: the conversion error fails the workflow task, as the raising codec did (the
+  workflow has nothing to go on without the value); retried until terminated;
+* activity input: the activity fails ("Failed decoding arguments") and is retried by its
+  policy; heartbeat details: fails it non-retryably, both as before;
+* a failure's encrypted message and stack (``encoded_attributes``): the SDK keeps the outer
+  ``"Encoded failure"`` as the message; the failure's type, ``non_retryable`` flag and
+  ``details`` are handled as without a codec. The refused text never reaches the workflow.
+
+Never give a workflow handler or activity a ``RawValue`` (or dynamic, raw) parameter: the SDK
+hands such a parameter the payload unconverted, so the stand-in would reach the code (and, sent
+on to an activity, be encrypted afresh). rekey's workflows have none.
+
 Codec keys live in a keyring: one current key encrypts, every key in the ring decrypts.
 Rotating the codec key (:func:`rotate_codec_key`) adds a new current key and keeps the
 old ones, which stay needed for as long as histories encrypted under them are retained.
@@ -89,6 +119,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -127,6 +158,20 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
 KEYS_FILE = Path("codec") / "keys.json"
+REFUSED_ENCODING = b"binary/rekey-refused"
+"""The encoding of what a worker's codec (``drop_refused``) returns for a payload it refuses: no
+payload converter knows it, so the SDK cannot turn it into a value."""
+
+log = logging.getLogger(__name__)
+
+
+def refused_payload() -> Payload:
+    """The stand-in a worker's codec returns for a refused payload: no data, an unknown encoding."""
+    return Payload(metadata={"encoding": REFUSED_ENCODING}, data=b"")
+
+
+def is_refused(payload: Payload) -> bool:
+    return payload.metadata.get("encoding") == REFUSED_ENCODING
 
 
 class CodecError(Exception):
@@ -219,6 +264,11 @@ class EncryptionCodec(temporalio.converter.PayloadCodec, temporalio.converter.Wi
     bound to their namespace and workflow). ``scheduled_prefixes``: workflow ids whose
     payloads a schedule writes (see :data:`SCHEDULED_ID_PREFIXES`).
 
+    ``drop_refused`` (a worker's codec, :meth:`for_worker`): decode returns
+    :func:`refused_payload` for a payload it refuses, and logs a warning, instead of raising
+    :class:`CodecError`; see the module docstring for what the SDK then does. Clients and the
+    codec server keep raising.
+
     Temporal gives the codec the payload's :class:`CodecContext` through
     :meth:`with_context`; a codec without one (a bare client, the codec server) writes
     format 2 and decodes every format without checking where a payload came from.
@@ -231,6 +281,7 @@ class EncryptionCodec(temporalio.converter.PayloadCodec, temporalio.converter.Wi
         allow_unencrypted: bool = False,
         min_format: int = 1,
         scheduled_prefixes: Sequence[str] = SCHEDULED_ID_PREFIXES,
+        drop_refused: bool = False,
     ) -> None:
         if min_format not in FORMATS:
             raise CodecError(f"min_format must be one of {FORMATS}, got {min_format!r}")
@@ -239,6 +290,7 @@ class EncryptionCodec(temporalio.converter.PayloadCodec, temporalio.converter.Wi
         self._allow_unencrypted = allow_unencrypted
         self._min_format = min_format
         self._scheduled_prefixes = tuple(scheduled_prefixes)
+        self._drop_refused = drop_refused
         self._context: CodecContext | None = None
 
     @property
@@ -250,6 +302,20 @@ class EncryptionCodec(temporalio.converter.PayloadCodec, temporalio.converter.Wi
     def context(self) -> CodecContext | None:
         """Where this codec's payloads go, if Temporal said so."""
         return self._context
+
+    @property
+    def drops_refused(self) -> bool:
+        """Whether decode turns a refused payload into :func:`refused_payload` (a worker's codec)."""
+        return self._drop_refused
+
+    def for_worker(self) -> EncryptionCodec:
+        """This codec (same keys and options) as a worker's: refused payloads decode to
+        :func:`refused_payload` instead of raising (see the module docstring)."""
+        if self._allow_unencrypted:
+            raise CodecError("a worker's codec must not accept unencrypted payloads")
+        worker = copy.copy(self)
+        worker._drop_refused = True
+        return worker
 
     def bound_to(self, context: CodecContext | None) -> EncryptionCodec:
         """This codec (same keys and options) for payloads of ``context``."""
@@ -324,6 +390,24 @@ class EncryptionCodec(temporalio.converter.PayloadCodec, temporalio.converter.Wi
             )
 
     def decode_payload(self, payload: Payload) -> Payload:
+        if not self._drop_refused:
+            return self._decode_payload(payload)
+        try:
+            return self._decode_payload(payload)
+        except CodecError as refused:
+            # The reason names key ids, formats and the bound namespace and workflow, never data.
+            context = self._context
+            log.warning(
+                "payload refused by the worker's codec (namespace %s, workflow %s), handed on as %r so "
+                "nothing acts on it: %s",
+                "unknown" if context is None else repr(context.namespace[:200]),
+                "unknown" if context is None else _show(context.workflow_id),
+                REFUSED_ENCODING.decode(),
+                refused,
+            )
+            return refused_payload()
+
+    def _decode_payload(self, payload: Payload) -> Payload:
         if payload.metadata.get("encoding") != ENCODING:
             if self._allow_unencrypted:
                 return payload
@@ -484,6 +568,7 @@ def data_converter(
     allow_unencrypted: bool = False,
     min_format: int = 1,
     scheduled_prefixes: Sequence[str] = SCHEDULED_ID_PREFIXES,
+    drop_refused: bool = False,
 ) -> temporalio.converter.DataConverter:
     """The default Temporal data converter with :class:`EncryptionCodec`; use it for every client.
 
@@ -492,7 +577,7 @@ def data_converter(
     ``encrypt_failures`` moves failure messages and stack traces into the encrypted failure
     attributes. ``allow_unencrypted`` (reading pre-encryption histories only) lets plain
     payloads decode unchanged. ``min_format`` (setting ``codec_min_format``): refuse older
-    formats on decode.
+    formats on decode. ``drop_refused``: a worker's converter (see :func:`worker_converter`).
     """
     ring = keyring if keyring is not None else load_or_create_codec_keys(home)
     converter = dataclasses.replace(
@@ -502,6 +587,7 @@ def data_converter(
             allow_unencrypted=allow_unencrypted,
             min_format=min_format,
             scheduled_prefixes=scheduled_prefixes,
+            drop_refused=drop_refused,
         ),
     )
     if encrypt_failures:
@@ -510,3 +596,14 @@ def data_converter(
             failure_converter_class=temporalio.converter.DefaultFailureConverterWithEncodedAttributes,
         )
     return converter
+
+
+def worker_converter(converter: temporalio.converter.DataConverter) -> temporalio.converter.DataConverter:
+    """``converter`` (a client's, from :func:`data_converter`) as a worker's: its codec decodes
+    a refused payload to :func:`refused_payload` instead of raising, so one refused signal or
+    update does not fail every workflow task of its workflow. :class:`CodecError` if the
+    converter has no :class:`EncryptionCodec`."""
+    codec = converter.payload_codec
+    if not isinstance(codec, EncryptionCodec):
+        raise CodecError("a rekey worker needs rekey's payload codec (rekey.codec.data_converter)")
+    return dataclasses.replace(converter, payload_codec=codec.for_worker())

@@ -6,11 +6,26 @@ Temporal's remote codec protocol: ``POST /encode`` and ``POST /decode`` take and
 CORS preflights for the configured UI origins. Point the dev server at it with
 ``temporal server start-dev --ui-codec-endpoint http://127.0.0.1:<port>``.
 
-Whoever can call this server can decrypt every payload and encrypt forged ones, so
-``POST /encode`` and ``POST /decode`` require ``Authorization: Bearer <token>``, the
-secret in ``<home>/codec/server-token`` (mode 0600, created on first start), compared in
-constant time; a request without it gets 401 whatever its Origin, before its body is
-read. The server also binds 127.0.0.1 only, rejects requests whose ``Origin`` is not an
+Whoever can call this server can decrypt every payload (and, with ``/encode``, encrypt
+payloads workers accept), so ``POST /encode`` and ``POST /decode`` require ``Authorization:
+Bearer <token>``, compared in constant time; a request without it gets 401 whatever its
+Origin, before its body is read. The token is fresh at every start: the server binds its port
+first, then writes the token to ``<home>/codec/server-token`` (0600, under a temporary name and
+renamed into place, never following a symlink), and deletes the file when it stops (only if it
+still holds this server's token, as the agent does with its tokens in :mod:`rekey.agent_auth`).
+So while the server is down there is no token for a client to read and send: a process that
+binds the port meanwhile (a port squatter) can capture at most the token of a server that has
+stopped, which no later server accepts. A server killed without a chance to clean up (SIGKILL)
+leaves its stale token behind; it is worthless, since the next start replaces it. Two servers on
+one home each write their own token; the file holds the last one started.
+
+``POST /encode`` is refused (403) unless the server was started with ``allow_encode``
+(``rekey codec-server --allow-encode``): the Temporal UI needs only ``/decode``; ``temporal
+workflow start --codec-endpoint`` (and ``signal``/``update`` with inputs) needs ``/encode``.
+A caller of ``/encode`` makes payloads that workers decode (format 2, refused once
+``codec_min_format = 3``), so leave it off unless such a CLI needs it.
+
+The server also binds 127.0.0.1 only, rejects requests whose ``Origin`` is not an
 allowed UI origin, and rejects ``Host`` headers other than its own loopback address (DNS
 rebinding). CORS preflights (``OPTIONS``) carry no credentials by the browser's rules and
 are answered without one; they reveal nothing. Payload contents are never logged.
@@ -28,7 +43,8 @@ could see them anyway); workers refuse them (:class:`rekey.codec.EncryptionCodec
 Giving the token to the clients:
 
 * ``temporal`` CLI: ``--codec-endpoint http://127.0.0.1:8234 --codec-auth "Bearer $(cat
-  <home>/codec/server-token)"``.
+  <home>/codec/server-token)"``, read while the server runs (the token changes at every start;
+  :func:`read_server_token` reads it safely).
 * Temporal UI: the UI sends only the *signed-in user's* access token
   (``codec.passAccessToken`` in the UI server config, ``TEMPORAL_CODEC_PASS_ACCESS_TOKEN``,
   or the "pass access token" switch of the UI's codec settings), never a static secret;
@@ -45,6 +61,7 @@ import hmac
 import http.server
 import json
 import logging
+import os
 import secrets
 import signal
 import threading
@@ -62,7 +79,6 @@ from rekey.codec import (
     Keyring,
     codec_keys_path,
     load_or_create_codec_keys,
-    write_private,
 )
 from rekey.http_guard import (
     GuardedHandler,
@@ -89,20 +105,57 @@ def server_token_path(home: Path) -> Path:
     return Path(home) / TOKEN_FILE
 
 
-def load_or_create_server_token(home: Path) -> str:
-    """The codec server's bearer secret in ``<home>/codec/server-token`` (0600), created if absent."""
+def new_server_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def write_server_token(home: Path, token: str) -> None:
+    """Write ``token`` to ``<home>/codec/server-token`` (0600) in place of any earlier one: under
+    a temporary name (O_EXCL, never following a symlink), then renamed over the path, so no
+    reader sees a partial or a world-readable token."""
     path = server_token_path(home)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
-            write_private(path, secrets.token_urlsafe(TOKEN_BYTES) + "\n", replace=False)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.write(fd, token.encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def read_server_token(home: Path) -> str:
+    """The running codec server's bearer secret, for a client: read without following a symlink
+    and only from a private regular file of ours. :class:`CodecError` if there is none (the
+    server is not running) or the file is unsafe."""
+    path = server_token_path(home)
     try:  # opened once without following a symlink; checked and read through that descriptor
         token = read_private(path, limit=1024).decode("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        raise CodecError(f"{path} does not exist: is the codec server running?") from None
     except PrivateFileError as exc:
         raise CodecError(f"{exc} (the token file must be a regular file of ours, chmod 600)") from None
     if len(token) < 32:
         raise CodecError(f"{path} holds a token shorter than 32 characters")
     return token
+
+
+def remove_server_token(home: Path, token: str) -> None:
+    """Delete ``<home>/codec/server-token`` if it still holds ``token`` (a file another codec
+    server has since written for itself is left alone)."""
+    path = server_token_path(home)
+    try:
+        current = read_private(path, limit=1024).decode("ascii", errors="replace").strip()
+    except (FileNotFoundError, PrivateFileError):
+        return
+    if hmac.compare_digest(current.encode(), token.encode()):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 class _CodecHandler(GuardedHandler):
@@ -111,6 +164,7 @@ class _CodecHandler(GuardedHandler):
     codec: ClassVar[EncryptionCodec]
     cors_origins: ClassVar[frozenset[str]]
     token: ClassVar[bytes]
+    allow_encode: ClassVar[bool]
     server_version = "rekey-codec"
     sys_version = ""
     protocol_version = "HTTP/1.1"
@@ -199,6 +253,13 @@ class _CodecHandler(GuardedHandler):
         transform: Callable[[Sequence[Payload]], list[Payload]]
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/encode":
+            if not self.allow_encode:
+                self._error(
+                    403,
+                    "/encode is disabled on this codec server (start it with `rekey codec-server "
+                    "--allow-encode` for a temporal CLI that starts workflows or sends inputs)",
+                )
+                return
             transform = self.codec.encode_sync
         elif path == "/decode":
             # The UI names the namespace (not the workflow): a format 3 payload of another is refused.
@@ -227,9 +288,14 @@ class _CodecHandler(GuardedHandler):
 
 
 def make_codec_app(
-    keyring: Keyring, token: str, *, cors_origins: Sequence[str] = DEFAULT_CORS_ORIGINS
+    keyring: Keyring,
+    token: str,
+    *,
+    cors_origins: Sequence[str] = DEFAULT_CORS_ORIGINS,
+    allow_encode: bool = False,
 ) -> type[http.server.BaseHTTPRequestHandler]:
-    """A request handler class serving the codec protocol for ``keyring`` to bearers of ``token``."""
+    """A request handler class serving the codec protocol for ``keyring`` to bearers of ``token``
+    (``/encode`` only with ``allow_encode``)."""
     if len(token) < 32:
         raise CodecError("the codec server token must be at least 32 characters")
     return type(
@@ -239,6 +305,7 @@ def make_codec_app(
             "codec": EncryptionCodec(keyring, allow_unencrypted=True),
             "cors_origins": frozenset(cors_origins),
             "token": token.encode("latin-1"),
+            "allow_encode": allow_encode,
         },
     )
 
@@ -247,6 +314,13 @@ class CodecServer(GuardedHTTPServer):
     busy = busy_answer({"error": "too many connections"})
     key_id: str = ""
     """Id of the current codec key (what /encode encrypts under)."""
+    home: Path | None = None
+    token: str = ""
+
+    def remove_token(self) -> None:
+        """Delete this server's token file (if it is still this server's)."""
+        if self.home is not None and self.token:
+            remove_server_token(self.home, self.token)
 
     @property
     def port(self) -> int:
@@ -257,9 +331,13 @@ class CodecServer(GuardedHTTPServer):
         return f"http://{BIND_HOST}:{self.port}"
 
     def stop(self) -> None:
-        """Stop serving and close the socket (call from another thread than serve_forever)."""
-        self.shutdown()
-        self.server_close()
+        """Delete the token file (if still ours), stop serving and close the socket (call from
+        another thread than serve_forever)."""
+        try:
+            self.remove_token()
+        finally:
+            self.shutdown()
+            self.server_close()
 
 
 def serve_codec(
@@ -268,27 +346,46 @@ def serve_codec(
     cors_origins: Sequence[str] | None = None,
     *,
     limits: GuardLimits | None = None,
+    allow_encode: bool = False,
 ) -> CodecServer:
     """Start a codec server for ``<home>``'s keyring on 127.0.0.1:``port`` (0: any free port).
 
-    It serves on a daemon thread; call :meth:`CodecServer.stop` to end it.
+    The port is bound first; only then is a fresh token written to ``<home>/codec/server-token``
+    (a server that cannot bind writes none). It serves on a daemon thread; call
+    :meth:`CodecServer.stop` to end it and delete the token. ``allow_encode``: serve ``/encode``.
     """
     keyring = load_or_create_codec_keys(home)
+    token = new_server_token()
     handler = make_codec_app(
         keyring,
-        load_or_create_server_token(home),
+        token,
         cors_origins=DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins,
+        allow_encode=allow_encode,
     )
     server = CodecServer((BIND_HOST, port), handler, limits or GuardLimits(max_body=MAX_BODY_BYTES))
+    try:
+        write_server_token(home, token)
+    except BaseException:
+        server.server_close()
+        raise
     server.key_id = keyring.current
+    server.home = Path(home)
+    server.token = token
     threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="rekey-codec-server", daemon=True
     ).start()
     return server
 
 
-def run_codec_server(home: Path, port: int = DEFAULT_PORT, cors_origins: Sequence[str] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; prints the URL to give to ``--ui-codec-endpoint``. Returns 0."""
+def run_codec_server(
+    home: Path,
+    port: int = DEFAULT_PORT,
+    cors_origins: Sequence[str] | None = None,
+    *,
+    allow_encode: bool = False,
+) -> int:
+    """Serve until SIGTERM or SIGINT; prints the URL to give to ``--ui-codec-endpoint``. Returns 0.
+    The token file is deleted on the way out."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -296,11 +393,12 @@ def run_codec_server(home: Path, port: int = DEFAULT_PORT, cors_origins: Sequenc
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server = serve_codec(home, port, cors_origins)
+        server = serve_codec(home, port, cors_origins, allow_encode=allow_encode)
         try:
             print(
                 f"codec server on {server.url} (keyring {codec_keys_path(home)}, "
-                f"current key {server.key_id}; bearer token in {server_token_path(home)})",
+                f"current key {server.key_id}; bearer token in {server_token_path(home)} "
+                f"until it stops; /encode {'enabled' if allow_encode else 'disabled'})",
                 flush=True,
             )
             while not stop.wait(1.0):

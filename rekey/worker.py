@@ -20,6 +20,7 @@ from audit import AuditLog, default_actor
 from kms_adapters.contract import KmsAdapter
 from rekey.backends import adapter_for, signer_for, witness_for
 from rekey.client import check_namespace, connect
+from rekey.codec import worker_converter
 from rekey.config import Settings
 from sealing.store import SealedStateStore
 from workflows.launcher import LaunchRotationWorkflow
@@ -52,6 +53,16 @@ def audit_sink(settings: Settings) -> AuditSink:
     return sink
 
 
+def worker_client(client: Client) -> Client:
+    """``client`` with the worker's payload codec (:func:`rekey.codec.worker_converter`): a
+    signal or update whose payload the codec refuses (copied from another workflow, or not
+    encrypted) is dropped or rejected by the SDK instead of failing the workflow task on every
+    attempt, which would keep the workflow from processing any later signal or update."""
+    config = client.config()
+    config["data_converter"] = worker_converter(client.data_converter)
+    return Client(**config)
+
+
 def build_worker(
     client: Client,
     settings: Settings,
@@ -69,7 +80,7 @@ def build_worker(
         audit or audit_sink(settings),
     )
     return Worker(
-        client,
+        worker_client(client),
         task_queue=task_queue,
         workflows=WORKFLOWS,
         activities=activities.all(),

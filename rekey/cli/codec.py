@@ -12,11 +12,18 @@ from rekey.codec_server import run_codec_server
 
 @click.command("codec-server")
 @click.option("--port", type=click.IntRange(0, 65535), default=8234, show_default=True)
-def cli(port: int) -> None:
-    """Serve /encode and /decode for the Temporal UI and CLI (payloads are AES-GCM encrypted).
+@click.option(
+    "--allow-encode",
+    is_flag=True,
+    help="Also serve POST /encode (off by default: the UI needs only /decode; "
+    "`temporal workflow start --codec-endpoint` needs /encode).",
+)
+def cli(port: int, allow_encode: bool) -> None:
+    """Serve /decode (and, with --allow-encode, /encode) for the Temporal UI and CLI.
 
-    Callers need "Authorization: Bearer <token>", the token in <home>/codec/server-token
-    (created 0600 on first start), e.g. temporal workflow show --codec-endpoint URL
-    --codec-auth "Bearer $(cat <home>/codec/server-token)".
+    Callers need "Authorization: Bearer <token>", a fresh token written to
+    <home>/codec/server-token (0600) at every start and deleted when the server stops, e.g.
+    temporal workflow show --codec-endpoint URL --codec-auth "Bearer $(cat
+    <home>/codec/server-token)" while it runs.
     """
-    sys.exit(run_codec_server(settings().home, port))
+    sys.exit(run_codec_server(settings().home, port, allow_encode=allow_encode))

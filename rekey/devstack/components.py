@@ -195,18 +195,22 @@ class CodecServer(Component):
         ]
 
     def probe(self, settings: Settings) -> str | None:
-        from rekey.codec_server import server_token_path  # keeps `rekey` start-up light
+        from rekey.codec import CodecError  # keeps `rekey` start-up light
+        from rekey.codec_server import read_server_token
 
-        token_file = server_token_path(absolute(settings.home))
-        if not token_file.exists():
-            return "has not written its token yet"
+        # Read at every probe: the server writes a fresh token at each start (after binding) and
+        # deletes it when it stops; a stale one left by a killed server is refused until then.
+        try:
+            token = read_server_token(absolute(settings.home))
+        except CodecError as exc:
+            return f"has not written its token yet ({exc})"
         try:
             response = httpx.post(
                 f"http://{HOST}:{settings.codec_port}/decode",
                 content=b'{"payloads": []}',
                 headers={
                     "Content-Type": "application/json",
-                    "Authorization": f"Bearer {token_file.read_text().strip()}",
+                    "Authorization": f"Bearer {token}",
                 },
                 timeout=2.0,
             )

@@ -35,18 +35,24 @@ with workflow.unsafe.imports_passed_through():
         Client,
         WorkflowFailureError,
         WorkflowHandle,
-        WorkflowUpdateRPCTimeoutOrCancelledError,
-        WorkflowUpdateStage,
+        WorkflowQueryFailedError,
+        WorkflowUpdateFailedError,
     )
     from temporalio.common import RawValue
     from temporalio.exceptions import ApplicationError
-    from temporalio.service import RPCError
     from temporalio.testing import WorkflowEnvironment
     from temporalio.worker import Worker
 
     from rekey.codec import ENCODING, CodecError, data_converter
-    from rekey.codec_server import CodecServer, serve_codec, server_token_path
+    from rekey.codec_server import (
+        CodecServer,
+        read_server_token,
+        serve_codec,
+        server_token_path,
+        write_server_token,
+    )
     from rekey.devstack.temporal import search_attribute_flags, temporal_cli
+    from rekey.worker import worker_client
     from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -113,6 +119,10 @@ class ApprovalWorkflow:
     def approve_signal(self, inp: UnwrapInput) -> None:
         self._approved = inp
 
+    @workflow.query
+    def approved_for(self, who: UnwrapInput) -> str:
+        return "" if self._approved is None else f"{who.key_ref}:{self._approved.key_ref}"
+
 
 def _needles(secret: bytes) -> list[bytes]:
     """The secret raw, and every base64 substring that encodes only secret bytes."""
@@ -172,7 +182,7 @@ def _auth(home: Path) -> dict[str, str]:
 
 @pytest.fixture
 def codec_server(home: Path) -> Iterator[CodecServer]:
-    server = serve_codec(home, 0, [UI_ORIGIN])
+    server = serve_codec(home, 0, [UI_ORIGIN], allow_encode=True)
     yield server
     server.stop()
 
@@ -386,13 +396,18 @@ def test_codec_server_token_file_is_private(codec_server: CodecServer, home: Pat
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(path.read_text().strip()) >= 32
     token = path.read_text()
-    second = serve_codec(home, 0)  # reused, not regenerated
-    second.stop()
-    assert path.read_text() == token
+    second = serve_codec(home, 0)  # every start writes a fresh token, never reuses one
+    try:
+        assert path.read_text() != token
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        second.stop()
+    assert not path.exists()  # the second server deleted its own token at stop
+    write_server_token(home, token.strip())
     os.chmod(path, 0o644)
     try:
         with pytest.raises(CodecError, match="chmod 600"):
-            serve_codec(home, 0)
+            read_server_token(home)  # a client does not read a token others could have read
     finally:
         os.chmod(path, 0o600)
 
@@ -415,28 +430,40 @@ def test_default_cors_origins_are_the_dev_ui(home: Path) -> None:
         server.stop()
 
 
-async def test_run_codec_server_stops_on_sigterm(home: Path, tmp_path: Path) -> None:
-    """`run_codec_server` in a child process: prints its URL, serves, exits 0 on SIGTERM."""
+@pytest.mark.parametrize("allow_encode", [False, True])
+async def test_run_codec_server_stops_on_sigterm(home: Path, tmp_path: Path, allow_encode: bool) -> None:
+    """`rekey codec-server` in a child process: prints its URL, serves /decode (and /encode only
+    with --allow-encode), exits 0 on SIGTERM and deletes its token file then."""
     port = free_port()
-    code = (
-        "from pathlib import Path; from rekey.codec_server import run_codec_server; "
-        f"raise SystemExit(run_codec_server(Path({str(home)!r}), {port}))"
-    )
+    flags = ["--allow-encode"] if allow_encode else []
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+        sys.executable, "-m", "rekey.cli", "--home", str(home), "codec-server", "--port", str(port), *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     assert f"http://127.0.0.1:{port}" in line
     async with httpx.AsyncClient() as http:
-        r = await http.post(
-            f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json("x"), headers=_auth(home)
+        decoded = await http.post(
+            f"http://127.0.0.1:{port}/decode", content=_plain_payloads_json("x"), headers=_auth(home)
         )
-        assert r.status_code == 200
+        assert decoded.status_code == 200
+        r = await http.post(
+            f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json(SECRET), headers=_auth(home)
+        )
+        if allow_encode:
+            assert r.status_code == 200
+        else:
+            assert r.status_code == 403 and "--allow-encode" in r.json()["error"]
+            assert "payloads" not in r.json()
+            _assert_no_secret(r.content, "refused /encode")
         anonymous = await http.post(f"http://127.0.0.1:{port}/encode", content=_plain_payloads_json("x"))
         assert anonymous.status_code == 401
+    token_file = server_token_path(home)
+    assert token_file.exists()
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert not token_file.exists(), "the stopped codec server left its token for a squatter to be sent"
 
 
 async def test_worker_refuses_forged_plain_input(env: WorkflowEnvironment) -> None:
@@ -624,35 +651,137 @@ async def _stolen_approval(env: WorkflowEnvironment, task_queue: str) -> Payload
     return payload
 
 
+def _kinds(history: History) -> list[str]:
+    return [str(event.WhichOneof("attributes")) for event in history.events]
+
+
+async def _processed(handle: WorkflowHandle[object, object], after_kind: str) -> History:
+    """The history once the worker has completed a workflow task after the last event of kind
+    ``after_kind`` (bounded wait, not a timing assertion)."""
+    for _ in range(600):
+        history = History(events=(await handle.fetch_history()).events)
+        kinds = _kinds(history)
+        if after_kind in kinds:
+            last = len(kinds) - 1 - kinds[::-1].index(after_kind)
+            if "workflow_task_completed_event_attributes" in kinds[last:]:
+                return history
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the worker never completed a workflow task after {after_kind} in {handle.id}")
+
+
+def _not_wedged(history: History) -> None:
+    assert "workflow_task_failed_event_attributes" not in _kinds(history), "the refused payload failed a task"
+
+
+def _refused_logged(caplog: pytest.LogCaptureFixture, workflow_id: str, reason: str) -> None:
+    records = [r.getMessage() for r in caplog.records if r.name == "rekey.codec"]
+    assert any(reason in m and repr(workflow_id) in m for m in records), records
+    assert not any(SECRET in m for m in records)
+
+
+@pytest.mark.parametrize("kind", ["copied", "plain"])
 @pytest.mark.parametrize("via", ["update", "signal"])
-async def test_approval_copied_to_another_workflow_is_refused(env: WorkflowEnvironment, via: str) -> None:
+async def test_approval_copied_to_another_workflow_is_refused(
+    env: WorkflowEnvironment, via: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Attack: workflow B waits for approval; the attacker sends B the encrypted approval
-    recorded in A's history, as an update or a signal. The worker refuses it: B's workflow
-    task fails, the update is never accepted, no activity runs."""
+    recorded in A's history (``copied``), or a plain one (``plain``), as an update or a signal.
+    The worker's codec refuses it: the update is rejected, the signal dropped, no activity runs,
+    and B is not wedged: the legitimate approval sent afterwards is processed, and only it acts.
+    (With a codec that raised, B's workflow task failed on every attempt, for ever.)"""
+    caplog.set_level("WARNING", logger="rekey.codec")
     task_queue = f"codec-approve-{uuid.uuid4()}"
     raw_client = Client(env.client.service_client, namespace=env.client.namespace)
-    async with Worker(env.client, task_queue=task_queue, workflows=[ApprovalWorkflow], activities=[unwrap]):
+    worker = Worker(
+        worker_client(env.client), task_queue=task_queue, workflows=[ApprovalWorkflow], activities=[unwrap]
+    )
+    async with worker:
         stolen = await _stolen_approval(env, task_queue)
+        bad: object = (
+            RawValue(stolen) if kind == "copied" else UnwrapInput(key_ref="vault:attacker", material="forged")
+        )
         waiting = await env.client.start_workflow(
             ApprovalWorkflow.run, id=f"codec-waiting-{uuid.uuid4()}", task_queue=task_queue
         )
+        await _processed(waiting, "workflow_execution_started_event_attributes")
         raw_handle = raw_client.get_workflow_handle(waiting.id)
-        pending: asyncio.Task[object] | None = None
         if via == "update":
-            pending = asyncio.create_task(
-                raw_handle.start_update(
-                    "approve", RawValue(stolen), wait_for_stage=WorkflowUpdateStage.ACCEPTED
-                )
-            )
+            with pytest.raises(WorkflowUpdateFailedError):  # rejected, not left hanging
+                await raw_handle.execute_update("approve", bad, rpc_timeout=timedelta(seconds=60))
+            history = History(events=(await waiting.fetch_history()).events)
         else:
-            await raw_handle.signal("approve_signal", RawValue(stolen))
-        message, history = await _task_failure(env.client, waiting)
-        assert "belongs to workflow" in message and f"not {waiting.id!r}" in message
+            await raw_handle.signal("approve_signal", bad)
+            history = await _processed(waiting, "workflow_execution_signaled_event_attributes")
         _nothing_acted(history)
-        await waiting.terminate("test done")
-        if pending is not None:
-            with pytest.raises((RPCError, WorkflowUpdateRPCTimeoutOrCancelledError)):
-                await pending  # never accepted; it ends with the workflow
+        _not_wedged(history)
+        _refused_logged(caplog, waiting.id, "belongs to workflow" if kind == "copied" else "not encrypted")
+
+        legit = UnwrapInput(key_ref="vault:b-approved", material=SECRET + "-for-b")
+        if via == "update":
+            assert await waiting.execute_update(ApprovalWorkflow.approve, legit) == "approved"
+        else:
+            await waiting.signal(ApprovalWorkflow.approve_signal, legit)
+        assert await waiting.result() == f"unwrapped:{SECRET}-for-b"
+        history = History(events=(await waiting.fetch_history()).events)
+        _not_wedged(history)
+        assert _kinds(history).count("activity_task_scheduled_event_attributes") == 1
+        assert _kinds(history).count("workflow_execution_update_accepted_event_attributes") == (
+            1 if via == "update" else 0
+        )
+
+
+async def test_refused_query_argument_fails_only_the_query(
+    env: WorkflowEnvironment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A query whose argument the worker's codec refuses fails; the workflow is untouched and
+    later queries, signals and its activity work."""
+    caplog.set_level("WARNING", logger="rekey.codec")
+    task_queue = f"codec-query-{uuid.uuid4()}"
+    raw_client = Client(env.client.service_client, namespace=env.client.namespace)
+    worker = Worker(
+        worker_client(env.client), task_queue=task_queue, workflows=[ApprovalWorkflow], activities=[unwrap]
+    )
+    async with worker:
+        waiting = await env.client.start_workflow(
+            ApprovalWorkflow.run, id=f"codec-query-{uuid.uuid4()}", task_queue=task_queue
+        )
+        with pytest.raises(WorkflowQueryFailedError):
+            await raw_client.get_workflow_handle(waiting.id).query(
+                "approved_for", UnwrapInput(key_ref="plain", material="forged")
+            )
+        _refused_logged(caplog, waiting.id, "not encrypted")
+        assert await waiting.query(ApprovalWorkflow.approved_for, UnwrapInput("me", "")) == ""
+        await waiting.signal(ApprovalWorkflow.approve_signal, UnwrapInput(key_ref="vault:q", material=SECRET))
+        assert await waiting.result() == f"unwrapped:{SECRET}"
+        _not_wedged(History(events=(await waiting.fetch_history()).events))
+
+
+@pytest.mark.parametrize("kind", ["copied", "plain"])
+async def test_refused_start_input_never_runs_with_the_worker_codec(
+    env: WorkflowEnvironment, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack: workflow B started with A's encrypted input, or a plain forged one, on a worker
+    with the worker's codec: B's workflow task fails (it has nothing to run on), as with the
+    raising codec, and nothing acts."""
+    caplog.set_level("WARNING", logger="rekey.codec")
+    task_queue = f"codec-start-{uuid.uuid4()}"
+    raw_client = Client(env.client.service_client, namespace=env.client.namespace)
+    victim = f"codec-start-{uuid.uuid4()}"
+    if kind == "copied":
+        _, stolen = await _stolen_start_input(env)
+        bad: object = RawValue(stolen)
+    else:
+        bad = UnwrapInput(key_ref="vault:attacker-chosen", material="forged")
+    await raw_client.start_workflow("SecretWorkflow", bad, id=victim, task_queue=task_queue)
+    handle = env.client.get_workflow_handle(victim)
+    async with Worker(
+        worker_client(env.client), task_queue=task_queue, workflows=[SecretWorkflow], activities=[unwrap]
+    ):
+        message, history = await _task_failure(env.client, handle)
+    assert message == "RuntimeError: Failed decoding arguments", message  # the stand-in is no value
+    _nothing_acted(history)
+    _refused_logged(caplog, victim, "belongs to workflow" if kind == "copied" else "not encrypted")
+    await handle.terminate("test done")
 
 
 async def test_codec_server_checks_the_namespace_it_is_told(

@@ -24,6 +24,7 @@ from rekey.codec import (
     INNER_ENCODING_METADATA,
     KEY_ID_METADATA,
     NAMESPACE_METADATA,
+    REFUSED_ENCODING,
     SCHEDULED_ID_PREFIXES,
     WORKFLOW_ID_METADATA,
     CodecError,
@@ -34,7 +35,9 @@ from rekey.codec import (
     data_converter,
     key_id_for,
     load_or_create_codec_keys,
+    refused_payload,
     rotate_codec_key,
+    worker_converter,
 )
 
 SECRET = "wrapped-dek-0123456789abcdef-TOP-SECRET"
@@ -542,3 +545,77 @@ def test_setting_codec_min_format(tmp_path: Path) -> None:
     assert load_settings(home, environ={"REKEY_CODEC_MIN_FORMAT": "2"}).codec_min_format == 2
     with pytest.raises(ConfigError, match="codec_min_format must be 1, 2 or 3"):
         load_settings(home, environ={"REKEY_CODEC_MIN_FORMAT": "0"})
+
+
+# ------------------------------------------- a worker's codec: refused payloads become a stand-in
+
+
+async def _refused_kinds(codec: EncryptionCodec) -> dict[str, Payload]:
+    """Payloads workflow B's worker must refuse: plain, copied from A, tampered, unknown key,
+    format 2 under min_format 3 (built by the caller's codec options)."""
+    [from_a] = await codec.with_context(_wf("rotate:vault:orders")).encode([_payload()])
+    tampered = Payload()
+    tampered.CopyFrom(from_a)
+    tampered.data = from_a.data[:-1] + bytes([from_a.data[-1] ^ 1])
+    [other_key] = await EncryptionCodec(Keyring.generate()).with_context(_wf("b")).encode([_payload()])
+    return {
+        "plain": _payload("forged"),
+        "copied": from_a,
+        "tampered": tampered,
+        "unknown key": other_key,
+        "refused encoding": refused_payload(),
+    }
+
+
+async def test_worker_codec_decodes_refused_payloads_to_the_stand_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Attack (issue 12 review finding B): a copied ciphertext or a plain payload sent to
+    workflow B. The worker's codec does not raise (which would fail every workflow task of B) but
+    hands on a stand-in no converter knows, and logs why without any of the data."""
+    codec = EncryptionCodec(Keyring.generate())
+    worker = codec.for_worker().with_context(_wf("b"))
+    assert worker.drops_refused and not codec.drops_refused
+    for kind, payload in (await _refused_kinds(codec)).items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rekey.codec"):
+            [decoded] = await worker.decode([payload])
+        assert decoded == refused_payload(), kind
+        assert decoded.metadata["encoding"] == REFUSED_ENCODING and decoded.data == b""
+        [record] = caplog.records
+        assert "refused" in record.getMessage() and "'b'" in record.getMessage(), kind
+        assert SECRET not in record.getMessage() and "forged" not in record.getMessage()
+        with pytest.raises(CodecError):  # a client's (and the codec server's) codec still raises
+            await codec.with_context(_wf("b")).decode([payload])
+    # what it accepts is unchanged
+    [own] = await worker.encode([_payload()])
+    assert await worker.decode([own]) == [_payload()]
+
+
+async def test_worker_codec_under_min_format_3_drops_format2() -> None:
+    codec = EncryptionCodec(Keyring.generate(), min_format=3)
+    [format2] = await codec.encode([_payload()])  # no context: what /encode writes
+    [decoded] = await codec.for_worker().with_context(_wf("b")).decode([format2])
+    assert decoded == refused_payload()
+
+
+async def test_no_converter_turns_the_stand_in_into_a_value(tmp_path: Path) -> None:
+    converter = worker_converter(data_converter(tmp_path))
+    with pytest.raises(KeyError, match="binary/rekey-refused"):
+        converter.payload_converter.from_payloads([refused_payload()], [Job])
+    with pytest.raises(KeyError):
+        converter.payload_converter.from_payloads([refused_payload()], None)
+    with pytest.raises(KeyError):  # DataConverter.decode: the activity path, codec then converter
+        await converter.with_context(_act("b")).decode([_payload("forged")], [Job])
+
+
+def test_worker_converter_needs_rekeys_codec_and_no_unencrypted(tmp_path: Path) -> None:
+    client = data_converter(tmp_path)
+    worker = worker_converter(client)
+    assert isinstance(worker.payload_codec, EncryptionCodec) and worker.payload_codec.drops_refused
+    assert isinstance(client.payload_codec, EncryptionCodec) and not client.payload_codec.drops_refused
+    assert worker.failure_converter_class is client.failure_converter_class
+    with pytest.raises(CodecError, match="payload codec"):
+        worker_converter(DataConverter.default)
+    with pytest.raises(CodecError, match="unencrypted"):
+        worker_converter(data_converter(tmp_path, allow_unencrypted=True))

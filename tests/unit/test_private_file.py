@@ -11,7 +11,7 @@ import pytest
 
 from rekey.agent_auth import AgentCredentialError, create_tokens, read_token, token_path
 from rekey.codec import CodecError
-from rekey.codec_server import load_or_create_server_token, server_token_path
+from rekey.codec_server import new_server_token, read_server_token, server_token_path, write_server_token
 
 PLANTED = "planted-token-the-attacker-knows-0123456789"
 
@@ -65,10 +65,11 @@ def test_codec_token_swapped_after_the_check_is_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = tmp_path / "home"
-    genuine = load_or_create_server_token(home)
+    genuine = new_server_token()
+    write_server_token(home, genuine)
     _swap_around_checks(monkeypatch, server_token_path(home), _planted(tmp_path, 0o644))
     try:
-        loaded = load_or_create_server_token(home)
+        loaded = read_server_token(home)
     except CodecError:
         return  # refused: also fine
     assert loaded == genuine, "a symlink swapped in after the check was followed"
