@@ -35,7 +35,7 @@ from audit.format import (
 )
 from audit.schema import AUDIT_SCHEMA, audit_log
 from audit.verify import Head, UnreadableRecord, VerifyReport, verify_records
-from sealing.signing import FileSigner, PublicKey, Signer
+from sealing.signing import FileSigner, PublicKey, Signer, verify_digest
 from sealing.store import DuplicateRecord, SealedStateStore
 from sealing.witness import ResettableWitness, Witness, WitnessError
 
@@ -57,6 +57,17 @@ class ReanchorRefused(AuditError):
 
 _PG_AUDIT_LOCK_KEY: Final = 0x72656B65795F6175  # "rekey_au": advisory lock serialising appends
 _BATCH: Final = 500
+
+
+_MAX_UNANCHORED = 10_000
+"""Records an append checks after the signed head before it moves the head over them."""
+
+
+def _hex_or_empty(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return b""
 
 
 def _from_row(row: Row[Any]) -> AuditRecord | UnreadableRecord:
@@ -205,21 +216,45 @@ class AuditLog:
             )
             return False
         if head.seq < seq - 1:
-            # The records after the head must be contiguous: a row planted far ahead (its seq is
-            # not authenticated until verify) must not carry the signed head to a number no
-            # legitimate log reaches for ages.
-            between = conn.execute(
-                select(func.count()).select_from(audit_log).where(audit_log.c.seq > head.seq)
-            ).scalar_one()
-            if int(between) != seq - 1 - head.seq:
-                _log.warning(
-                    "audit log %s has a gap after its signed head (record %d): records were removed or"
-                    " planted; the head is not moved (run rekey audit verify)",
-                    self._subject,
-                    head.seq,
-                )
-                return False
+            self._check_unanchored(conn, head)
         return True
+
+    def _check_unanchored(self, conn: Connection, head: Head) -> None:
+        """Records after the signed head (left by appends whose head could not be published)
+        are anchored by this append only if each one follows the last, hashes right and is
+        signed by this log's key. A row planted after the head (its ``seq`` and content are not
+        authenticated until verify) fails that: the append is refused, loudly, rather than
+        building records on it that are never anchored and could be removed without a trace."""
+        assert self._key is not None  # appends only
+        trusted = self._key.public_key
+        expected, prev = head.seq + 1, head.hash
+        rows = conn.execute(
+            select(audit_log)
+            .where(audit_log.c.seq > head.seq)
+            .order_by(audit_log.c.seq)
+            .limit(_MAX_UNANCHORED + 1)
+        ).all()
+        if len(rows) > _MAX_UNANCHORED:
+            raise AuditError(
+                f"audit log {self._subject} has more than {_MAX_UNANCHORED} records after its signed head"
+                f" (record {head.seq}); nothing appended (run rekey audit verify)"
+            )
+        for row in rows:
+            item = _from_row(row)
+            good = isinstance(item, AuditRecord) and (
+                item.seq == expected
+                and item.prev_hash == prev
+                and item.computed_hash() == item.hash
+                and item.key_id == self._key_id
+                and verify_digest(trusted, _hex_or_empty(item.signature), bytes.fromhex(item.hash))
+            )
+            if not good or not isinstance(item, AuditRecord):
+                raise AuditError(
+                    f"audit log {self._subject}: record {int(row.seq)} after the signed head (record"
+                    f" {head.seq}) does not authenticate (planted, removed or changed); nothing appended"
+                    " (run rekey audit verify)"
+                )
+            expected, prev = item.seq + 1, item.hash
 
     def _publish(self, witness: Witness, seq: int, digest: str) -> None:
         try:

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import create_engine, delete, func, select
 
-from audit import HEAD_KIND, AuditLog, Head, head_subject, load_or_create_signing_key
+from audit import HEAD_KIND, AuditError, AuditLog, Head, head_subject, load_or_create_signing_key
 from audit.log import RESTORED_EVENT, ReanchorRefused
 from audit.schema import audit_log
 from sealing.signing import FileSigner, key_id_of
@@ -69,7 +69,7 @@ def test_reanchor_after_a_restore(
         old = head_of(log, witness)
         assert old is not None and old.seq == 4
         bad = log.verify(keys, [old])
-        assert not bad.ok and ("truncated" if not regrown else "rewritten") in bad.reason
+        assert not bad.ok and ("truncated" if not regrown else "rewritten") in (bad.reason or "")
         record = log.reanchor(last)
         assert record.event == RESTORED_EVENT and record.seq == last.seq + 1
         assert record.details == {
@@ -171,12 +171,35 @@ def test_a_row_planted_far_ahead_does_not_carry_the_head(
                 conn.execute(audit_log.insert().values(**(row | {"seq": 1 << 30})))
         finally:
             engine.dispose()
-        fill(log, 1)  # links onto the planted row: verify reports it, the head stays at 3
+        # Appending on top of the planted row is refused, loudly, and nothing is appended: records
+        # built on it would never be anchored, so removing them later would leave no trace.
+        with pytest.raises(AuditError, match="does not authenticate"):
+            fill(log, 1)
         head = head_of(log, witness)
         assert head is not None and head.seq == 3
+        assert [r.seq for r in log.records()] == [1, 2, 3, 1 << 30]
         assert not log.verify(keys, [head]).ok
-        # Once the planted row and the record on top are removed, the log is whole again.
+        # Once the planted row is removed, the log is whole again and appends go on.
         restore_to(store_url, 3)
         fill(log, 1)
         head = head_of(log, witness)
         assert head is not None and head.seq == 4 and log.verify(keys, [head]).ok
+
+
+def test_records_left_unanchored_are_anchored_only_if_they_authenticate(
+    store_url: str, witness: DirectoryWitness, signer: FileSigner
+) -> None:
+    keys = {signer.key_id: signer.public_key}
+    with AuditLog(store_url, signer, witness=witness) as log:
+        fill(log, 2)
+        with AuditLog(store_url, signer) as unanchored:  # an append whose head was never published
+            unanchored.append("rotation.started", "vault:orders", {})
+        fill(log, 1)  # record 3 authenticates: the head moves over it to 4
+        head = head_of(log, witness)
+        assert head is not None and head.seq == 4 and log.verify(keys, [head]).ok
+        other = FileSigner(Ed25519PrivateKey.generate())
+        with AuditLog(store_url, other) as foreign:  # a well-formed record, but not this log's key
+            foreign.append("rotation.started", "vault:orders", {})
+        with pytest.raises(AuditError, match="record 5 after the signed head"):
+            fill(log, 1)
+        assert count(store_url) == 5
