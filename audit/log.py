@@ -225,7 +225,8 @@ class AuditLog:
         signed by this log's key. A row planted after the head (its ``seq`` and content are not
         authenticated until verify) fails that: the append is refused, loudly, rather than
         building records on it that are never anchored and could be removed without a trace."""
-        assert self._key is not None  # appends only
+        if self._key is None:  # appends only, which need the key
+            raise AuditError("this audit log was opened without a signing key; it can only be read")
         trusted = self._key.public_key
         expected, prev = head.seq + 1, head.hash
         rows = conn.execute(

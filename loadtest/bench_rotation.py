@@ -57,7 +57,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +321,7 @@ async def run_size(
                 grace_seconds=3600,
                 batch_size=args.batch_size,
                 batches_in_flight=args.in_flight,
+                requested_at=datetime.now(UTC).isoformat(),
             ),
             id=rotation_id(adapter.key_ref),
             task_queue=TASK_QUEUE,

@@ -137,6 +137,7 @@ from temporalio.api.common.v1 import Payload
 from sealing.private_file import PrivateFileError, read_private
 
 MAX_KEYRING_BYTES = 4 * 1024 * 1024  # a keyring of ~50,000 keys
+MAX_KEY_ID_BYTES = 64  # key ids are 16 hex digits
 
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
@@ -418,6 +419,8 @@ class EncryptionCodec(temporalio.converter.PayloadCodec, temporalio.converter.Wi
         raw_id = payload.metadata.get(KEY_ID_METADATA)
         if raw_id is None:
             raise CodecError(f"encrypted payload has no {KEY_ID_METADATA!r} metadata")
+        if len(raw_id) > MAX_KEY_ID_BYTES:  # attacker-chosen text never grows a log line unbounded
+            raise CodecError(f"encrypted payload has a malformed {KEY_ID_METADATA!r} ({len(raw_id)} bytes)")
         key_id = raw_id.decode("ascii", errors="replace")
         cipher = self._ciphers.get(key_id)
         if cipher is None:

@@ -58,6 +58,7 @@ from workflows.rotation_state import (
     MAX_SWEEPS,
     MAX_WAIT_SECONDS,
     PATCH_SAFETY,
+    PATCH_START_CHECK,
     PHASES,
     PREPARING,
     RETIRING,
@@ -233,8 +234,17 @@ class RotateKeyWorkflow(RotationControls):
                 raise ApplicationError(
                     f"{name} must be 0..{MAX_WAIT_SECONDS} (ten years), got {wait}", non_retryable=True
                 )
-        if request.state is None and request.requested_at:
-            self._refuse_replayed_start(request.requested_at)
+        if workflow.patched(PATCH_START_CHECK):
+            if request.state is None:
+                self._refuse_replayed_start(request.requested_at)
+            elif workflow.info().continued_run_id is None:
+                # Only continue-as-new carries a state over; a recorded successor input started
+                # again by hand would otherwise run the rest of a finished rotation once more.
+                raise ApplicationError(
+                    "a rotation's carried-over state is accepted only from continue-as-new",
+                    type="InvalidStart",
+                    non_retryable=True,
+                )
         if request.state is not None:
             self._state = request.state
         s = self._state
@@ -258,16 +268,18 @@ class RotateKeyWorkflow(RotationControls):
         Such an input carries the time it was first requested, so it is refused here, before
         any activity, once it is older than MAX_START_DELAY_SECONDS."""
         try:
-            requested = datetime.fromisoformat(requested_at)
+            requested = datetime.fromisoformat(requested_at) if requested_at else None
         except ValueError:
             requested = None
         if requested is None or requested.tzinfo is None:
             raise ApplicationError(
-                "requested_at must be an ISO 8601 time with an offset",
+                "requested_at must be an ISO 8601 time with an offset (rekey.client sets it)",
                 type="InvalidStart",
                 non_retryable=True,
             )
-        age = (workflow.info().start_time - requested).total_seconds()
+        # The server's start time of this execution (deterministic on replay), not the first
+        # workflow task's: a start that waits for a worker is not a replay.
+        age = (workflow.info().workflow_start_time - requested).total_seconds()
         if not -MAX_START_SKEW_SECONDS <= age <= MAX_START_DELAY_SECONDS:
             raise ApplicationError(
                 f"start request dated {requested_at} is {int(age)} s from this run's start"

@@ -38,6 +38,9 @@ binds a ciphertext to its workflow id, not to its run)."""
 MAX_START_SKEW_SECONDS = 5 * 60
 """How far in the future of the run's start a request may be dated (client clock skew)."""
 PATCH_FRESH_LAUNCH = "launch-fresh-request"
+PATCH_START_CHECK = "rotation-start-check"
+"""Runs started since this patch refuse a start input without a fresh ``requested_at``, and a
+carried-over ``state`` anywhere but in a continue-as-new successor."""
 """Longest grace period or destroy delay: ten years. Longer waits are mistakes, and a value
 beyond what timers and the audit log's integers take would stall the workflow task."""
 

@@ -9,6 +9,7 @@ import asyncio
 import secrets
 import socket
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,13 @@ async def test_rotation_survives_a_30s_openbao_outage(
         async with worker:
             handle = await temporal_env.client.start_workflow(
                 RotateKeyWorkflow.run,
-                RotateKeyInput(adapter.key_ref, grace_seconds=0, batch_size=10, batches_in_flight=1),
+                RotateKeyInput(
+                    adapter.key_ref,
+                    grace_seconds=0,
+                    batch_size=10,
+                    batches_in_flight=1,
+                    requested_at=datetime.now(UTC).isoformat(),
+                ),
                 id=rotation_id(adapter.key_ref),
                 task_queue=task_queue,
             )

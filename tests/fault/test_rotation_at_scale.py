@@ -10,6 +10,7 @@ import secrets
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ async def test_rotation_of_20000_blobs(
     async with worker:
         handle = await temporal_env.client.start_workflow(
             RotateKeyWorkflow.run,
-            RotateKeyInput(adapter.key_ref, grace_seconds=0),
+            RotateKeyInput(adapter.key_ref, grace_seconds=0, requested_at=datetime.now(UTC).isoformat()),
             id=rotation_id(adapter.key_ref),
             task_queue=task_queue,
         )

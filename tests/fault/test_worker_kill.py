@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,13 @@ async def test_rotation_survives_three_sigkills(
     worker = _worker(temporal_home, env)
     handle = await temporal_env.client.start_workflow(
         RotateKeyWorkflow.run,
-        RotateKeyInput(adapter.key_ref, grace_seconds=0, batch_size=100, batches_in_flight=2),
+        RotateKeyInput(
+            adapter.key_ref,
+            grace_seconds=0,
+            batch_size=100,
+            batches_in_flight=2,
+            requested_at=datetime.now(UTC).isoformat(),
+        ),
         id=rotation_id(adapter.key_ref),
         task_queue=TASK_QUEUE,
     )

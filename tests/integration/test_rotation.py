@@ -7,7 +7,7 @@ import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +209,9 @@ async def test_out_of_range_sizing_fails_the_workflow_before_anything_changes(se
     # itself refuses it too, before its first activity.
     await setup.env.client.start_workflow(
         RotateKeyWorkflow.run,
-        RotateKeyInput(setup.key_ref, grace_seconds=0, batch_size=20_000),
+        RotateKeyInput(
+            setup.key_ref, grace_seconds=0, batch_size=20_000, requested_at=datetime.now(UTC).isoformat()
+        ),
         id=rotation_id(setup.key_ref),
         task_queue=setup.task_queue,
     )

@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,9 @@ class Bench:
         return gate
 
     def request(self, **options: Any) -> RotateKeyInput:
-        return RotateKeyInput(self.key_ref, started_by="replay-recorder", **options)
+        return RotateKeyInput(
+            self.key_ref, started_by="replay-recorder", requested_at=datetime.now(UTC).isoformat(), **options
+        )
 
     async def start(self, workflow_id: str, **options: Any) -> WorkflowHandle[Any, Progress]:
         return await self.client.start_workflow(

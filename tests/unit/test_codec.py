@@ -237,6 +237,17 @@ async def test_unknown_key_id_is_rejected() -> None:
         await other.decode([encoded])
 
 
+async def test_a_huge_key_id_never_reaches_an_error_or_log_line_whole() -> None:
+    # A refused payload's reason is logged by the worker on every replay: attacker-chosen
+    # metadata must not make that line a megabyte long.
+    codec = EncryptionCodec(Keyring.generate())
+    [encoded] = await codec.encode([_payload()])
+    encoded.metadata["encryption-key-id"] = b"k" * 1_000_000
+    with pytest.raises(CodecError, match="malformed") as refused:
+        await codec.decode([encoded])
+    assert len(str(refused.value)) < 200
+
+
 async def test_key_id_is_bound_by_aad() -> None:
     """Relabelling a payload with another known key id fails instead of decrypting."""
     ring = Keyring.generate().with_new_current()

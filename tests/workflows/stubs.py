@@ -15,7 +15,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import activity
@@ -243,6 +243,7 @@ class Rotation:
         """``skip_time=False``: the workflow's clock moves in real time, or by ``fast_forward``."""
         options.setdefault("batch_size", 10)
         options.setdefault("batches_in_flight", 2)
+        options.setdefault("requested_at", datetime.now(UTC).isoformat())
         request = RotateKeyInput(KEY_REF, started_by="test", **options)
         with contextlib.nullcontext() if skip_time else self.env.with_time_skipping_disabled():
             return await self.env.client.start_workflow(

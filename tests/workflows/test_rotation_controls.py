@@ -341,7 +341,14 @@ async def test_phase_and_counts_are_kept_where_temporal_shows_them(rotation: Rot
 async def test_schedules_and_a_manual_start_at_once_give_one_rotation(rotation: Rotation) -> None:
     env, fleet = rotation.env, rotation.fleet
     rotation_id = f"rotate:{KEY_REF}-{uuid.uuid4()}"
-    request = RotateKeyInput(KEY_REF, grace_seconds=0, batch_size=10, batches_in_flight=2, started_by="test")
+    request = RotateKeyInput(
+        KEY_REF,
+        grace_seconds=0,
+        batch_size=10,
+        batches_in_flight=2,
+        started_by="test",
+        requested_at=datetime.now(UTC).isoformat(),
+    )
     gate = fleet.hold("rotate_key")  # keep the rotation running while the others start
 
     async def launch(n: int) -> str:

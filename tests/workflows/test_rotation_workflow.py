@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,15 +12,18 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from activities.types import MAX_BATCH, MAX_IN_FLIGHT
 from tests.workflows.stubs import (
     EVERY_PHASE,
     GRACE,
+    KEY_REF,
     RESWEPT,
     WAIT,
     Fleet,
     Rotation,
+    StubActivities,
     counts,
     entered,
     rotating,
@@ -39,7 +43,12 @@ from workflows.rotation import (
     VERIFYING,
     RotateKeyWorkflow,
 )
-from workflows.rotation_state import MAX_START_DELAY_SECONDS, MAX_START_SKEW_SECONDS
+from workflows.rotation_state import (
+    MAX_START_DELAY_SECONDS,
+    MAX_START_SKEW_SECONDS,
+    RotateKeyInput,
+    RotationState,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -338,16 +347,17 @@ async def test_waits_no_timer_could_take_are_refused_before_any_activity(
         (timedelta(hours=-3), "StaleStartRequest"),  # a finished rotation's input, started again
         (timedelta(seconds=-(MAX_START_DELAY_SECONDS + 60)), "StaleStartRequest"),
         (timedelta(seconds=MAX_START_SKEW_SECONDS + 60), "StaleStartRequest"),
-        (None, "InvalidStart"),
+        ("yesterday", "InvalidStart"),
+        ("", "InvalidStart"),  # an input without requested_at (not from rekey.client)
     ],
 )
 async def test_a_replayed_start_input_is_refused_before_any_activity(
-    rotation: Rotation, offset: timedelta | None, kind: str
+    rotation: Rotation, offset: timedelta | str, kind: str
 ) -> None:
     # The codec binds a start input to its workflow id, not to its run: someone who can start
     # workflows but holds no codec key could start a recorded input again under the same id.
     now = datetime.now(UTC)  # each workflow's virtual clock starts at the real time
-    requested_at = "yesterday" if offset is None else (now + offset).isoformat()
+    requested_at = offset if isinstance(offset, str) else (now + offset).isoformat()
     handle = await rotation.start(requested_at=requested_at)
     with pytest.raises(WorkflowFailureError) as failure:
         await asyncio.wait_for(handle.result(), WAIT)
@@ -361,3 +371,42 @@ async def test_a_fresh_start_request_runs(rotation: Rotation) -> None:
     now = datetime.now(UTC)
     _, progress = await rotation.run(requested_at=(now - timedelta(seconds=30)).isoformat(), grace_seconds=0)
     assert progress.phase == "DONE"
+
+
+async def test_a_carried_over_state_outside_continue_as_new_is_refused(rotation: Rotation) -> None:
+    # A continued-as-new successor's recorded input (it holds the state) started again by hand
+    # would run the rest of a finished rotation once more.
+    state = RotationState(phase=REWRAPPING, old_primary=3, new_version=4, total=10, started_at="x")
+    handle = await rotation.start(state=state)
+    with pytest.raises(WorkflowFailureError) as failure:
+        await asyncio.wait_for(handle.result(), WAIT)
+    assert isinstance(failure.value.cause, ApplicationError)
+    assert failure.value.cause.type == "InvalidStart" and "continue-as-new" in failure.value.cause.message
+    assert rotation.fleet.calls == []
+
+
+async def test_a_start_that_waits_for_a_worker_is_not_a_replay(
+    temporal_time_skipping_env: WorkflowEnvironment,
+) -> None:
+    # Dated just inside the window when the server starts it, taken up by a worker only after
+    # the window has passed (no worker was polling): the run's start is the server's, so it runs.
+    env = temporal_time_skipping_env
+    task_queue = f"late-{uuid.uuid4()}"
+    requested = datetime.now(UTC) - timedelta(seconds=MAX_START_DELAY_SECONDS - 3)
+    with env.with_time_skipping_disabled():
+        handle = await env.client.start_workflow(
+            RotateKeyWorkflow.run,
+            RotateKeyInput(KEY_REF, grace_seconds=0, batch_size=10, requested_at=requested.isoformat()),
+            id=f"rotate:{KEY_REF}-{uuid.uuid4()}",
+            task_queue=task_queue,
+        )
+        await asyncio.sleep(5)  # past the window before any worker polls
+    fleet = Fleet()
+    async with Worker(
+        env.client,
+        task_queue=task_queue,
+        workflows=[RotateKeyWorkflow],
+        activities=StubActivities(fleet).all(),
+    ):
+        progress = await asyncio.wait_for(handle.result(), WAIT)
+    assert progress.phase == DONE
