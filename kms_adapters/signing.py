@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from kms_adapters.errors import InvalidRequest
 from kms_adapters.keyref import InvalidKeyRef, check_name
 from kms_adapters.vault_transit import checked_mount, path_segment
-from sealing.signing import DIGEST_BYTES, PublicKey, SigningError, key_id_of, load_public_key_pem
+from sealing.signing import DIGEST_BYTES, PublicKey, PublicKeyHolder, SigningError, load_public_key_pem
 
 __all__ = ["AwsKmsSigner", "KmsSigningError", "TransitSigner"]
 
@@ -54,7 +54,7 @@ def _check_digest(digest: bytes) -> None:
         raise SigningError("only 32-byte SHA-256 digests are signed")
 
 
-class TransitSigner:
+class TransitSigner(PublicKeyHolder):
     """An OpenBao/Vault Transit signing key (``vault:NAME``), pinned to its latest version at
     construction."""
 
@@ -80,8 +80,7 @@ class TransitSigner:
         if not isinstance(version, int) or not isinstance(entry, dict):
             raise KmsSigningError(f"transit key {name!r} has no readable public key")
         self._version = version
-        self._public = self._public_of(name, entry.get("public_key"))
-        self._key_id = key_id_of(self._public)
+        self._hold(self._public_of(name, entry.get("public_key")))
 
     def _public_of(self, name: str, text: object) -> PublicKey:
         if not isinstance(text, str) or not text:
@@ -109,14 +108,6 @@ class TransitSigner:
         if not isinstance(answer, dict) or not isinstance(answer.get("data"), dict):
             raise KmsSigningError(f"OpenBao/Vault gave no answer to {what}")
         return answer
-
-    @property
-    def key_id(self) -> str:
-        return self._key_id
-
-    @property
-    def public_key(self) -> PublicKey:
-        return self._public
 
     @property
     def version(self) -> int:
@@ -150,7 +141,7 @@ class TransitSigner:
         return f"TransitSigner({self._name!r}, version={self._version}, key_id={self._key_id!r})"
 
 
-class AwsKmsSigner:
+class AwsKmsSigner(PublicKeyHolder):
     """An AWS KMS ``ECC_NIST_P256`` ``SIGN_VERIFY`` key (``aws:KEYID``: a key id or ``alias/NAME``)."""
 
     def __init__(
@@ -189,11 +180,12 @@ class AwsKmsSigner:
             key = serialization.load_der_public_key(der if isinstance(der, bytes) else b"")
         except (ValueError, TypeError):
             raise KmsSigningError(f"AWS KMS key {key_id!r} has a malformed public key") from None
-        self._public = load_public_key_pem(
-            key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
-            f"public key of AWS KMS key {key_id!r}",
+        self._hold(
+            load_public_key_pem(
+                key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+                f"public key of AWS KMS key {key_id!r}",
+            )
         )
-        self._key_id = key_id_of(self._public)
 
     def _call(self, action: str, op: str, **kwargs: Any) -> dict[str, Any]:
         what = f"{action} AWS KMS key {self._kms_key!r}"
@@ -205,14 +197,6 @@ class AwsKmsSigner:
         except botocore.exceptions.BotoCoreError as exc:
             raise KmsSigningError(f"cannot reach AWS KMS to {what} ({type(exc).__name__})") from None
         return answer
-
-    @property
-    def key_id(self) -> str:
-        return self._key_id
-
-    @property
-    def public_key(self) -> PublicKey:
-        return self._public
 
     def sign(self, digest: bytes) -> bytes:
         _check_digest(digest)

@@ -28,6 +28,7 @@ __all__ = [
     "DIGEST_BYTES",
     "FileSigner",
     "PublicKey",
+    "PublicKeyHolder",
     "Signer",
     "SigningError",
     "check_fingerprint",
@@ -145,14 +146,15 @@ def pinned_keys(keys: Iterable[PublicKey], pins: Iterable[str]) -> dict[str, Pub
     return {key_id_of(key): key for key in keys if fingerprint(key) in wanted}
 
 
-class FileSigner:
-    """An Ed25519 private key held in this process (loaded from a key file)."""
+class PublicKeyHolder:
+    """What every signer shares: its public key and the key id derived from it (set once the
+    key is known, with `_hold`)."""
 
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        if not isinstance(private_key, Ed25519PrivateKey):
-            raise TypeError("private_key must be an Ed25519 private key")
-        self._key = private_key
-        self._public = private_key.public_key()
+    _public: PublicKey
+    _key_id: str
+
+    def _hold(self, public_key: PublicKey) -> None:
+        self._public = _check_public_key(public_key)
         self._key_id = key_id_of(self._public)
 
     @property
@@ -162,6 +164,16 @@ class FileSigner:
     @property
     def public_key(self) -> PublicKey:
         return self._public
+
+
+class FileSigner(PublicKeyHolder):
+    """An Ed25519 private key held in this process (loaded from a key file)."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        if not isinstance(private_key, Ed25519PrivateKey):
+            raise TypeError("private_key must be an Ed25519 private key")
+        self._key = private_key
+        self._hold(private_key.public_key())
 
     def sign(self, digest: bytes) -> bytes:
         if len(digest) != DIGEST_BYTES:
