@@ -7,5 +7,6 @@ pytest_plugins = [
     "tests.fixtures.azure",
     "tests.fixtures.temporal",
     "tests.fixtures.fault_proxy",
+    "tests.fixtures.freshness",  # store, raw, signer, witness, wrapper, state (modules may override)
     "tests.fixtures.adapters",  # last: it builds on the server fixtures above
 ]

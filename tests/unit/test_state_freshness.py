@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import create_engine, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 
 from sealing import envelope
@@ -28,42 +28,6 @@ from sealing.witness import Checkpoint, DirectoryWitness, WitnessError
 
 NS, NAME = "payments", "ledger-key"
 OLD, NEW = b"OLD-SECRET-v1", b"NEW-SECRET-v2"
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[SealedStateStore]:
-    with SealedStateStore(store_url) as s:
-        s.put_generation("gen-1", '{"id":"gen-1"}')
-        s.put_generation("gen-2", '{"id":"gen-2"}')
-        yield s
-
-
-@pytest.fixture
-def raw(store_url: str) -> Iterator[Engine]:
-    """A plain engine on the same database: the attacker with write access to the store."""
-    engine = create_engine(store_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def signer() -> FileSigner:
-    return FileSigner(Ed25519PrivateKey.generate())
-
-
-@pytest.fixture
-def witness(tmp_path: Path, signer: FileSigner) -> DirectoryWitness:
-    return DirectoryWitness(tmp_path / "witness", signer)
-
-
-@pytest.fixture
-def wrapper() -> LocalKeyWrapper:
-    return LocalKeyWrapper("vault:orders")
-
-
-@pytest.fixture
-def state(store: SealedStateStore, wrapper: LocalKeyWrapper, witness: DirectoryWitness) -> SealedState:
-    return SealedState(store, lambda _ref: wrapper, witness)
 
 
 def _row(raw: Engine) -> dict[str, Any]:

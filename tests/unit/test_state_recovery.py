@@ -7,13 +7,13 @@ The attacks are plain SQL behind the store's back, on SQLite and on a real Postg
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import create_engine, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 
 from sealing import envelope
@@ -26,40 +26,6 @@ from sealing.witness import Checkpoint, DirectoryWitness, WitnessError
 
 NS, NAME = "payments", "ledger-key"
 HUGE = (1 << 64) - 2
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[SealedStateStore]:
-    with SealedStateStore(store_url) as s:
-        s.put_generation("gen-1", '{"id":"gen-1"}')
-        yield s
-
-
-@pytest.fixture
-def raw(store_url: str) -> Iterator[Engine]:
-    engine = create_engine(store_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def signer() -> FileSigner:
-    return FileSigner(Ed25519PrivateKey.generate())
-
-
-@pytest.fixture
-def witness(tmp_path: Path, signer: FileSigner) -> DirectoryWitness:
-    return DirectoryWitness(tmp_path / "witness", signer)
-
-
-@pytest.fixture
-def wrapper() -> LocalKeyWrapper:
-    return LocalKeyWrapper("vault:orders")
-
-
-@pytest.fixture
-def state(store: SealedStateStore, wrapper: LocalKeyWrapper, witness: DirectoryWitness) -> SealedState:
-    return SealedState(store, lambda _ref: wrapper, witness)
 
 
 def _put(state: SealedState, data: bytes, name: str = NAME) -> None:
