@@ -145,7 +145,8 @@ class AuditLog:
     ``witness``: where each append publishes the new head (see the module docstring); None
     publishes nothing (tests, tools). ``actor`` is the default actor of appends (else
     `default_actor`); ``clock`` returns the current aware time (tests). Safe to use from several
-    threads and processes at once.
+    threads and processes at once. ``create=False`` (read-only commands): `StoreMissing` if
+    there is no store at ``store_url`` yet, rather than creating one.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class AuditLog:
         actor: str | None = None,
         clock: Callable[[], datetime] | None = None,
         witness: Witness | None = None,
+        create: bool = True,
     ) -> None:
         if isinstance(signing_key, Ed25519PrivateKey):
             signing_key = FileSigner(signing_key)
@@ -167,7 +169,7 @@ class AuditLog:
         self._witness = witness
         self._subject = head_subject(store_url)
         self._clock = clock if clock is not None else (lambda: datetime.now(UTC))
-        self._store = SealedStateStore(store_url)
+        self._store = SealedStateStore(store_url, create=create)
         try:
             self._store.apply_schema(AUDIT_SCHEMA)
         except BaseException:

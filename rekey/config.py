@@ -1,7 +1,9 @@
 """Settings: one state directory, endpoints from ``rekey.toml`` or ``REKEY_*`` variables.
 
 Precedence, highest first: explicit overrides (CLI flags), ``REKEY_<FIELD>`` environment
-variables, ``<home>/rekey.toml``, built-in defaults that point at the dev stack.
+variables, ``<home>/rekey.toml``, built-in defaults that point at the dev stack. An unknown field
+in ``rekey.toml``, or a ``REKEY_`` + upper-case name that is neither ``REKEY_<FIELD>`` nor
+``REKEY_HOME`` (`check_environment`), is a `ConfigError` naming the closest known one.
 
 ``allowed_keys`` (optional; ``rekey.toml``: a list of strings; ``REKEY_ALLOWED_KEYS``: one
 comma-separated string) lists the key references rekey may use: exact refs (``vault:orders``) or a name
@@ -34,13 +36,14 @@ largest plaintext ``rekey state put`` seals; a larger input is refused before it
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -127,7 +130,6 @@ class Settings:
     signing_key: str = "file"
     codec_min_format: int = 1
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         home = Path(self.home)
@@ -244,7 +246,7 @@ def check_allowed_pattern(pattern: object) -> str:
 
 
 _TUPLE_CHECKS = {"allowed_keys": check_allowed_pattern, "trusted_key_fingerprints": check_fingerprint}
-_FIELD_TYPES = {f.name: f.type for f in fields(Settings) if f.name not in ("extra",)}
+_FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
 _FIELD_NAMES = [name for name in _FIELD_TYPES if name != "home"]
 
 
@@ -278,6 +280,30 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+ENV_PREFIX: Final = "REKEY_"
+OTHER_VARIABLES: Final = frozenset({"REKEY_HOME"})
+"""The ``REKEY_*`` variables that are not a setting's ``REKEY_<FIELD>``: only the home."""
+
+_SETTING_LIKE = re.compile(r"REKEY_[A-Z0-9_]+")
+
+
+def _closest(name: str, known: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to ``name``, or nothing."""
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """`ConfigError` for a variable that looks like a setting and is none: every name of the
+    form ``REKEY_`` + upper-case letters, digits and ``_`` must be ``REKEY_<FIELD>`` of a field
+    of `Settings` or ``REKEY_HOME`` (a typo such as ``REKEY_VAULT_ADR`` would else be ignored).
+    Other names (lower or mixed case, no ``REKEY_`` prefix) are never read, so never checked."""
+    known = [f"{ENV_PREFIX}{name.upper()}" for name in _FIELD_NAMES] + sorted(OTHER_VARIABLES)
+    for variable in sorted(environ):
+        if _SETTING_LIKE.fullmatch(variable) and variable not in known:
+            raise ConfigError(f"unknown setting variable {variable}{_closest(variable, known)}")
+
+
 def load_settings(
     home: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -295,13 +321,15 @@ def load_settings(
             document = tomllib.loads(config_path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{config_path}: cannot read settings: {exc}") from None
-        extra = {}
         for key, value in document.items():
-            if key in _FIELD_TYPES and key != "home":
-                values[key] = _coerce(key, value, str(config_path))
-            else:
-                extra[key] = value
-        values["extra"] = extra
+            if key == "home":
+                raise ConfigError(
+                    f"{config_path}: home cannot be set in {CONFIG_FILE} (use --home or REKEY_HOME)"
+                )
+            if key not in _FIELD_NAMES:
+                raise ConfigError(f"{config_path}: unknown setting {key!r}{_closest(key, _FIELD_NAMES)}")
+            values[key] = _coerce(key, value, str(config_path))
+    check_environment(env)
     for name in _FIELD_TYPES:
         if name == "home":
             continue

@@ -46,6 +46,7 @@ from sealing.handoff import (
     report_data_for,
     seal_to,
 )
+from sealing.names import check_name, check_namespace
 from sealing.tee.platform import SEAL_POLICIES, Enclave, SealPolicyName
 
 _POLICY_NAMES: dict[SealingPolicy, SealPolicyName] = {value: name for name, value in SEAL_POLICIES.items()}
@@ -213,6 +214,10 @@ class EnclaveAgent:
     # ------------------------------------------------------------------------------ sealing
 
     def seal(self, *, namespace: str, name: str, data: bytes, policy: SealPolicyName) -> bytes:
+        """Seal ``data`` in the enclave under (namespace, name); `InvalidName` (a ValueError: the
+        agent answers 400) for a name outside `sealing.names`."""
+        check_namespace(namespace)
+        check_name(name)
         return self._enclave.seal(data, policy, namespace=namespace, name=name, generation=self.manifest.id)
 
     def unseal(self, blob: bytes) -> bytes:

@@ -50,6 +50,7 @@ from typing import Final
 from sealing import envelope
 from sealing.errors import SealedBlobError, SealingError, StaleBlob, TamperedBlob
 from sealing.keywrap import KeyWrapper
+from sealing.names import check_generation_id, check_name, check_namespace
 from sealing.store import BlobRecord, DuplicateRecord, RecordNotFound, SealedStateStore, StaleRecord
 from sealing.witness import Checkpoint, ResettableWitness, Witness, WitnessError
 
@@ -192,13 +193,17 @@ class SealedState:
         Nothing is written unless sealing succeeded, and a concurrent writer is never
         overwritten: the update is a compare-and-swap on the row version read here. With a
         witness, the new blob's version goes above the stored one's and the checkpoint's, and
-        the checkpoint advances to it once the store write has committed.
+        the checkpoint advances to it once the store write has committed. `InvalidName`
+        (`sealing.names`) for a namespace, name or generation id outside the allowed ones.
 
         Memory: ``data`` is let go once sealed (a lost race re-seals from the new blob itself),
         and neither the blob replaced nor the one written is read back; a caller that hands
         over its only reference (``put(data=path.read_bytes(), ...)``) lets the plaintext be
         freed before the store write, which then holds the blob plus the database's copies.
         """
+        check_namespace(namespace)
+        check_name(name)
+        check_generation_id(generation)
         try:
             self._store.get_generation(generation)
         except RecordNotFound:
@@ -287,6 +292,8 @@ class SealedState:
     def delete(self, *, namespace: str, name: str) -> None:
         """Delete the blob stored under (namespace, name); with a witness, its checkpoint then
         becomes a tombstone above the deleted version, so a restored copy of the row is refused."""
+        check_namespace(namespace)
+        check_name(name)
         record = self._store.get_by_name(namespace, name)
         version = self._next_version(namespace, name, record)
         self._store.delete(record.blob_id, record.row_version)
@@ -307,6 +314,9 @@ class SealedState:
         refused and the next put goes above them. Everything is checked before anything is
         written: a refusal (`AcceptRefused`) changes nothing. Needs the signing key, so whoever
         can only write the store cannot do it."""
+        check_namespace(namespace)
+        for name in names:
+            check_name(name)
         witness = self._witness
         if not isinstance(witness, ResettableWitness):
             raise AcceptRefused("no freshness witness that can be re-anchored is configured")
@@ -358,7 +368,10 @@ class SealedState:
         return [outcome for outcome, _body in plans]
 
     def get(self, *, namespace: str, name: str) -> bytes:
-        """Open the blob stored under (namespace, name)."""
+        """Open the blob stored under (namespace, name); `InvalidName` for a name outside the
+        allowed ones (`sealing.names`), even if a row stored before the rule has it."""
+        check_namespace(namespace)
+        check_name(name)
         return self.open_record(self._store.get_by_name(namespace, name))
 
     def _authentic(self, record: BlobRecord) -> bool:

@@ -15,9 +15,9 @@ from typing import Any
 import click
 from rich.text import Text
 
-from audit import AuditLog, AuditRecord, Head, found_public_keys, parse_head
+from audit import AuditRecord, Head, found_public_keys, parse_head
 from rekey.backends import own_public_key, signer_for, witness_for
-from rekey.cli.context import settings
+from rekey.cli.context import audit_log, settings
 from rekey.cli.output import EXIT_FAILED, EXIT_USAGE, emit_json, error_line, out, table
 from sealing.signing import (
     SigningError,
@@ -99,7 +99,7 @@ def verify(
         witness_keys[key_id_of(own)] = own
     untrusted = {k: v for k, v in {**in_dir, **listed}.items() if k not in keys}
     witness = witness_for(current, writable=False, trusted=witness_keys)
-    with AuditLog(current.store_url, None) as log:
+    with audit_log(None) as log:
         witnessed = log.head_from(witness)  # WitnessError (exit 1) if tampered or not pinned
         heads = ([witnessed] if witnessed is not None else []) + given
         report = log.verify(keys, heads, untrusted=untrusted)
@@ -179,7 +179,7 @@ def reanchor(acknowledge: str, json_out: bool) -> None:
         raise click.exceptions.Exit(EXIT_USAGE) from None
     signer = signer_for(current)
     witness = witness_for(current, signer=signer)
-    with AuditLog(current.store_url, signer, witness=witness) as log:
+    with audit_log(signer, witness=witness) as log:
         record = log.reanchor(head)
     summary = _restore_summary(record) | {"head": f"{record.seq}:{record.hash}"}
     if json_out:
@@ -234,8 +234,7 @@ def key(public_key_paths: tuple[Path, ...], json_out: bool) -> None:
 @click.option("--json", "json_out", is_flag=True, help="Print JSON (an array of records).")
 def export(json_out: bool) -> None:
     """Print every record as stored (no verification; see `rekey audit verify`)."""
-    current = settings()
-    with AuditLog(current.store_url, None) as log:
+    with audit_log(None) as log:
         records = log.export()
     if json_out:
         emit_json(records, sort_keys=True)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import click
 
+from audit import AuditLog
 from rekey.config import Settings, load_settings
-from sealing.store import SealedStateStore
+from sealing.signing import Signer
+from sealing.store import SealedStateStore, StoreMissing
+from sealing.witness import Witness
 
 if TYPE_CHECKING:
     from rekey.client import RekeyClient
@@ -39,8 +43,32 @@ def settings() -> Settings:
     return state.settings
 
 
-def store() -> SealedStateStore:
-    return SealedStateStore(settings().store_url)
+STORE_SETTING = "store_url / REKEY_STORE_URL"
+
+
+@contextmanager
+def _store_setting_named() -> Iterator[None]:
+    """`StoreMissing` names the setting to fix and the commands that create a store."""
+    try:
+        yield
+    except StoreMissing as exc:
+        raise StoreMissing(
+            f"{exc} (setting {STORE_SETTING}); it is created by the commands that store something"
+            " (rekey state put, rekey generation register, rekey worker, rekey dev up)"
+        ) from None
+
+
+def store(*, create: bool = False) -> SealedStateStore:
+    """The store of the settings. Only a command that stores something passes ``create=True``;
+    any other gets `StoreMissing` (exit 2, naming the setting) when there is none yet."""
+    with _store_setting_named():
+        return SealedStateStore(settings().store_url, create=create)
+
+
+def audit_log(signer: Signer | None, *, witness: Witness | None = None, create: bool = False) -> AuditLog:
+    """The audit log in the settings' store; ``create`` as for `store`."""
+    with _store_setting_named():
+        return AuditLog(settings().store_url, signer, witness=witness, create=create)
 
 
 def sim_host_dir(host_dir: Path | None) -> Path:

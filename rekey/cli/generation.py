@@ -33,7 +33,7 @@ def _registered(sealed_store: SealedStateStore, generation_id: str) -> Generatio
 def register(manifest: Path, json_out: bool) -> None:
     """Register a generation from its manifest (idempotent for an identical manifest)."""
     parsed = load_manifest(manifest)
-    with store() as sealed_store:
+    with store(create=True) as sealed_store:
         created = sealed_store.put_generation(parsed.id, parsed.canonical_json())
     if json_out:
         emit_json(parsed.model_dump() | {"created": created})

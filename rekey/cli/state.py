@@ -4,10 +4,12 @@ operator's recovery after a legitimate restore of the store (docs/sealed-blob-fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
 from audit import AuditLog
 from rekey.backends import adapter_for, signer_for, witness_for
@@ -16,9 +18,34 @@ from rekey.cli.files import read_input, write_output
 from rekey.cli.output import CliError, emit_json, err, json_option, out, table
 from sealing import envelope
 from sealing.keywrap import KeyWrapper
+from sealing.names import InvalidName, check_generation_id, check_name, check_namespace
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
 from sealing.witness import DirectoryWitness
+
+
+def _checked(check: Callable[[object], str]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback refusing a name outside `sealing.names` (exit 2, before any store opens)."""
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except InvalidName as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
+def _cell(value: str) -> Text:
+    """A stored name as one table cell: a row stored before names were checked may hold a
+    newline or markup; it is shown escaped, so the table stays one line per item."""
+    return Text(value if value.isprintable() else value.encode("unicode_escape").decode("ascii"))
+
+
+_NAME = _checked(check_name)
+_NAMESPACE = _checked(check_namespace)
 
 
 @click.group("state")
@@ -46,8 +73,14 @@ def _sealed_state(sealed_store: SealedStateStore, witness: DirectoryWitness | No
 
 @cli.command("put")
 @click.option("--key", required=True, metavar="KEYREF", help="Key that wraps the DEK, e.g. vault:orders.")
-@click.option("--generation", required=True, metavar="GEN", help="Registered generation id.")
-@click.option("--name", required=True, help="Name of the state item.")
+@click.option(
+    "--generation",
+    required=True,
+    metavar="GEN",
+    callback=_checked(check_generation_id),
+    help="Registered generation id.",
+)
+@click.option("--name", required=True, callback=_NAME, help="Name of the state item.")
 @click.option(
     "--in",
     "in_file",
@@ -56,7 +89,7 @@ def _sealed_state(sealed_store: SealedStateStore, witness: DirectoryWitness | No
     metavar="FILE",
     help="File to seal ('-' for stdin).",
 )
-@click.option("--namespace", default="default", show_default=True)
+@click.option("--namespace", default="default", show_default=True, callback=_NAMESPACE)
 @json_option
 def put(key: str, generation: str, name: str, in_file: Path, namespace: str, json_out: bool) -> None:
     """Seal a file under a key and store it (replacing an existing item of that name).
@@ -65,7 +98,7 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
     # is freed once sealed, before the store write (sealing.state.SealedState.put): a put then
     # peaks at about three times the input, not five. Its size is read from the blob.
     pending = [read_input(in_file, max_bytes=settings().max_blob_bytes)]
-    with store() as sealed_store:
+    with store(create=True) as sealed_store:
         record = _sealed_state(sealed_store).put(
             namespace=namespace,
             name=name,
@@ -94,7 +127,7 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
 
 
 @cli.command("get")
-@click.option("--name", required=True, help="Name of the state item.")
+@click.option("--name", required=True, callback=_NAME, help="Name of the state item.")
 @click.option(
     "--out",
     "out_file",
@@ -103,7 +136,7 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
     metavar="FILE",
     help="Where to write ('-' for stdout); created with mode 0600.",
 )
-@click.option("--namespace", default="default", show_default=True)
+@click.option("--namespace", default="default", show_default=True, callback=_NAMESPACE)
 def get(name: str, out_file: Path, namespace: str) -> None:
     """Unseal a stored item into a file."""
     with store() as sealed_store:
@@ -114,8 +147,8 @@ def get(name: str, out_file: Path, namespace: str) -> None:
 
 
 @cli.command("delete")
-@click.option("--name", required=True, help="Name of the state item.")
-@click.option("--namespace", default="default", show_default=True)
+@click.option("--name", required=True, callback=_NAME, help="Name of the state item.")
+@click.option("--namespace", default="default", show_default=True, callback=_NAMESPACE)
 def delete(name: str, namespace: str) -> None:
     """Delete a stored item (its freshness checkpoint then refuses a restored copy)."""
     with store() as sealed_store:
@@ -124,7 +157,7 @@ def delete(name: str, namespace: str) -> None:
 
 
 @cli.command("list")
-@click.option("--namespace", default=None, help="Only this namespace.")
+@click.option("--namespace", default=None, callback=_NAMESPACE, help="Only this namespace.")
 @json_option
 def list_(namespace: str | None, json_out: bool) -> None:
     """List stored items: name, key ref, key version, generation, sealed size in bytes."""
@@ -148,8 +181,8 @@ def list_(namespace: str | None, json_out: bool) -> None:
     listing = table("namespace", "name", "key ref", "version", "generation", "sealed size", "updated")
     for i in items:
         listing.add_row(
-            i["namespace"],
-            i["name"],
+            _cell(i["namespace"]),
+            _cell(i["name"]),
             i["key_ref"],
             str(i["key_version"]),
             i["generation"],
@@ -160,8 +193,8 @@ def list_(namespace: str | None, json_out: bool) -> None:
 
 
 @cli.command("accept")
-@click.option("--namespace", required=True, help="Namespace of the item(s).")
-@click.option("--name", default=None, help="Name of the item to accept.")
+@click.option("--namespace", required=True, callback=_NAMESPACE, help="Namespace of the item(s).")
+@click.option("--name", default=None, callback=_NAME, help="Name of the item to accept.")
 @click.option("--all-in-namespace", is_flag=True, help="Accept every item stored in the namespace.")
 @json_option
 def accept(namespace: str, name: str | None, all_in_namespace: bool, json_out: bool) -> None:

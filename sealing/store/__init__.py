@@ -43,6 +43,7 @@ from sealing.store.errors import (
     SchemaTooNew,
     StaleRecord,
     StoreError,
+    StoreMissing,
     StoreUnavailable,
 )
 from sealing.store.failures import MAX_REASON_CHARS
@@ -84,6 +85,7 @@ __all__ = [
     "SlotSplice",
     "StaleRecord",
     "StoreError",
+    "StoreMissing",
     "StoreUnavailable",
     "SweepRow",
     "UTCDateTime",

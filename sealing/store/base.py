@@ -20,15 +20,18 @@ __all__ = ["StoreBase"]
 
 
 class StoreBase:
-    """The database at ``url``, migrated to `SCHEMA_VERSION` on open; see `SealedStateStore`."""
+    """The database at ``url``, migrated to `SCHEMA_VERSION` on open; see `SealedStateStore`.
 
-    def __init__(self, url: str) -> None:
-        self._db = open_database(url)
+    ``create=False`` (for commands that only read): `StoreMissing` instead of creating a store
+    that does not exist (an SQLite file, its directory, or rekey's tables in a database)."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self._db = open_database(url, create=create)
         self._lock: AbstractContextManager[Any] = threading.RLock() if self._db.serialize else nullcontext()
         self._closed = False
         try:
             with self._lock:
-                self._schema_version = apply_migrations(self._db, SCHEMA_VERSION)
+                self._schema_version = apply_migrations(self._db, SCHEMA_VERSION, create=create)
         except BaseException:
             self._db.engine.dispose()
             raise

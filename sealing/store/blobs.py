@@ -25,6 +25,7 @@ from typing import Any, Final
 from sqlalchemy import Integer, Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from sealing.names import check_generation_id, check_name, check_namespace
 from sealing.store.base import StoreBase
 from sealing.store.errors import DuplicateRecord, RecordNotFound, StaleRecord
 from sealing.store.records import (
@@ -203,11 +204,11 @@ class BlobOperations(StoreBase):
         now = _utcnow()
         record = BlobRecord(
             blob_id=require_str("blob_id", blob_id),
-            namespace=require_str("namespace", namespace),
-            name=require_str("name", name),
+            namespace=check_namespace(namespace),
+            name=check_name(name),
             key_ref=require_str("key_ref", key_ref),
             key_version=require_int("key_version", key_version, 0),
-            generation=require_str("generation", generation),
+            generation=check_generation_id(generation),
             blob=require_bytes(blob),
             row_version=1,
             created_at=now,
@@ -229,11 +230,11 @@ class BlobOperations(StoreBase):
         rows = [
             {
                 "blob_id": require_str("blob_id", new.blob_id or str(uuid.uuid4())),
-                "namespace": require_str("namespace", new.namespace),
-                "name": require_str("name", new.name),
+                "namespace": check_namespace(new.namespace),
+                "name": check_name(new.name),
                 "key_ref": require_str("key_ref", new.key_ref),
                 "key_version": require_int("key_version", new.key_version, 0),
-                "generation": require_str("generation", new.generation),
+                "generation": check_generation_id(new.generation),
                 "blob": require_bytes(new.blob),
                 "row_version": 1,
                 "created_at": now,

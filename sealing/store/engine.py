@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from sealing.store.errors import DuplicateRecord, StoreError, StoreUnavailable
+from sealing.store.errors import DuplicateRecord, StoreError, StoreMissing, StoreUnavailable
 
 __all__ = [
     "POSTGRES_CONNECT_TIMEOUT_S",
@@ -120,9 +120,12 @@ class Database:
     serialize: bool  # one shared connection (in-memory SQLite): serialise all access
 
 
-def open_database(url: str) -> Database:
+def open_database(url: str, *, create: bool = True) -> Database:
     """An engine on ``url`` (``sqlite://`` or ``postgresql+psycopg://``; plain ``postgresql://``
-    means psycopg too). ValueError for a URL the store cannot use; connects lazily."""
+    means psycopg too). ValueError for a URL the store cannot use; connects lazily.
+
+    ``create=False``: `StoreMissing` for an SQLite file that does not exist, and neither the
+    file nor its directory is created."""
     try:
         parsed = make_url(url)
     except (sa_exc.ArgumentError, ValueError):
@@ -142,6 +145,8 @@ def open_database(url: str) -> Database:
             serialize = True
         elif not database.startswith("file:"):
             path = Path(database).expanduser()
+            if not create and not path.exists():
+                raise StoreMissing(f"no store at {display}: {path} does not exist")
             try:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:

@@ -9,6 +9,7 @@ __all__ = [
     "SchemaTooNew",
     "StaleRecord",
     "StoreError",
+    "StoreMissing",
     "StoreUnavailable",
 ]
 
@@ -63,3 +64,10 @@ class SchemaTooNew(StoreError):
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached, or refused the operation (locked, disconnected)."""
+
+
+class StoreMissing(StoreError):
+    """The store was opened to read (``create=False``) but there is none at that URL: no SQLite
+    file, or a database without rekey's tables. Nothing was created."""
+
+    exit_code = 2

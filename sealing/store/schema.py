@@ -36,6 +36,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -44,7 +45,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.types import TypeDecorator
 
 from sealing.store.engine import Database, open_database, translated
-from sealing.store.errors import SchemaTooNew, StoreError
+from sealing.store.errors import SchemaTooNew, StoreError, StoreMissing
 
 __all__ = [
     "MIGRATIONS",
@@ -350,12 +351,15 @@ def _read_schema_version(conn: Connection) -> int | None:
     return _stored_version(versions[0], "rekey_schema") if versions else None
 
 
-def apply_migrations(db: Database, target: int) -> int:
+def apply_migrations(db: Database, target: int, *, create: bool = True) -> int:
     """Apply the store's pending migrations up to ``target``, one transaction per step, and
-    return the version afterwards. `SchemaTooNew` for a database past `SCHEMA_VERSION`."""
+    return the version afterwards. `SchemaTooNew` for a database past `SCHEMA_VERSION`;
+    `StoreMissing` if ``create`` is false and the database has no rekey tables yet."""
     while True:
         with translated(db.display, "schema migration"), db.writer.begin() as conn:
             _lock_schema(conn)
+            if not create and not inspect(conn).has_table("rekey_schema"):
+                raise StoreMissing(f"no store at {db.display}: the database has no rekey tables")
             conn.execute(text("CREATE TABLE IF NOT EXISTS rekey_schema (version INTEGER NOT NULL)"))
             current = _read_schema_version(conn)
             if current is None:

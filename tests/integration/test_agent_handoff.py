@@ -305,6 +305,10 @@ def test_bad_requests_are_typed(agents: dict[str, AgentApi]) -> None:
     with pytest.raises(AgentError) as info:
         v1.call("/v1/seal", {"name": "x", "data": b64(b"d"), "policy": "none"})
     assert info.value.status == 400
+    for field, bad in (("name", "a\nb"), ("name", "x" * 1000), ("namespace", "../etc"), ("name", "..")):
+        with pytest.raises(AgentError) as info:
+            v1.call("/v1/seal", {"name": "x", field: bad, "data": b64(b"d")})
+        assert (info.value.status, info.value.type) == (400, "InvalidName")
     with pytest.raises(AgentError) as info:
         v1.call("/v1/nowhere", {})
     assert info.value.status == 404

@@ -200,6 +200,7 @@ def test_f_tampered_or_forged_head_file_is_refused(settings: Settings, capsys: C
 
 
 def test_missing_head_fails_closed(settings: Settings, capsys: Cli) -> None:
+    append(settings, 0)  # an empty log: verify no longer creates the store it reads
     code, out, _ = verify(capsys, settings)
     assert (code, out) == (0, "0 records verified\n")  # nothing recorded, nothing to anchor
     append(settings, 2)

@@ -125,7 +125,9 @@ def test_invalid_manifests(home: Path, tmp_path: Path, rekey: Callable[..., Resu
     bad = write_manifest(tmp_path / "bad.yaml", svn="high")
     assert_one_line_error(rekey("generation", "register", str(bad)), 2, "field 'svn'")
     assert_one_line_error(rekey("generation", "register", str(tmp_path / "missing.yaml")), 2, "no such file")
-    assert rekey("generation", "list", "--json").json() == []
+    # A refused register created no store, and a read-only command does not create one either.
+    assert_one_line_error(rekey("generation", "list", "--json"), 2, "(setting store_url / REKEY_STORE_URL)")
+    assert not (home / "state.db").exists()
 
 
 def test_state_put_get_list_round_trip(home: Path, tmp_path: Path, rekey: Callable[..., Result]) -> None:
@@ -315,3 +317,107 @@ def test_bad_settings_file_is_one_line(home: Path, rekey: Callable[..., Result])
 def test_usage_errors_exit_2(home: Path, rekey: Callable[..., Result]) -> None:
     result = rekey("state", "put", "--name", "x")
     assert result.code == 2 and "Missing option" in result.err
+
+
+READ_ONLY = [
+    ("state", "list"),
+    ("state", "list", "--json"),
+    ("state", "get", "--name", "item", "--out", "-"),
+    ("state", "delete", "--name", "item"),
+    ("state", "accept", "--namespace", "default", "--all-in-namespace"),
+    ("generation", "list"),
+    ("generation", "diff", "a", "b"),
+    ("audit", "verify"),
+    ("audit", "export", "--json"),
+]
+
+
+def test_read_only_commands_never_create_a_store(
+    home: Path, tmp_path: Path, rekey: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store URL pointing at nothing (a typo, a missing mount): every command that only reads
+    says so in one line naming the setting (exit 2) and creates neither the file nor its
+    directory; a command that stores something creates it."""
+    missing_dir = tmp_path / "nonexistent" / "dir"
+    monkeypatch.setenv("REKEY_STORE_URL", f"sqlite:///{missing_dir / 'x.db'}")
+    for command in READ_ONLY:
+        result = rekey(*command)
+        assert_one_line_error(result, 2, f"no store at sqlite:///{missing_dir / 'x.db'}")
+        assert "(setting store_url / REKEY_STORE_URL)" in result.err
+        assert not (tmp_path / "nonexistent").exists(), command
+    assert rekey("generation", "register", str(write_manifest(tmp_path / "v1.yaml"))).code == 0
+    assert (missing_dir / "x.db").exists()
+    assert rekey("generation", "list", "--json").json()[0]["id"] == "app-v1"
+    assert rekey("state", "list").out.strip() == "no sealed state stored"
+
+
+def test_settings_typos_are_one_line_errors(
+    home: Path, rekey: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home.mkdir(mode=0o700)
+    (home / "rekey.toml").write_text('vault_adr = "http://vault.internal:8200"\n')
+    assert_one_line_error(
+        rekey("state", "list"), 2, "unknown setting 'vault_adr'; did you mean 'vault_addr'?"
+    )
+    (home / "rekey.toml").unlink()
+    monkeypatch.setenv("REKEY_STORE_ULR", "sqlite:////tmp/x.db")
+    assert_one_line_error(
+        rekey("generation", "list"),
+        2,
+        "unknown setting variable REKEY_STORE_ULR; did you mean 'REKEY_STORE_URL'?",
+    )
+    assert not (home / "state.db").exists()
+
+
+HOSTILE_NAMES = ["a\nb", "x" * 1000, "../etc", "..", ".hidden", "a/b", "", "-x", "[red]x"]
+
+
+def test_hostile_names_are_refused_and_nothing_is_stored(
+    home: Path, tmp_path: Path, rekey: Callable[..., Result]
+) -> None:
+    assert rekey("key", "create", "vault:cli-names").code == 0
+    assert rekey("generation", "register", str(write_manifest(tmp_path / "v1.yaml"))).code == 0
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"value")
+    put = ("state", "put", "--key", "vault:cli-names", "--generation", "app-v1", "--in", str(source))
+    assert rekey(*put, "--name", "one").code == 0
+    assert rekey(*put, "--name", "two", "--namespace", "other").code == 0
+    before = blob_rows(home)
+    out = tmp_path / "out.bin"
+    for bad in HOSTILE_NAMES:
+        for command in (
+            (*put, f"--name={bad}"),
+            (*put, "--name", "three", f"--namespace={bad}"),
+            ("state", "get", f"--name={bad}", "--out", str(out)),
+            ("state", "get", "--name", "one", f"--namespace={bad}", "--out", str(out)),
+            ("state", "delete", f"--name={bad}"),
+            ("state", "list", f"--namespace={bad}"),
+            ("state", "accept", f"--namespace={bad}", "--all-in-namespace"),
+            ("state", "accept", "--namespace", "default", f"--name={bad}"),
+        ):
+            result = rekey(*command)
+            assert_one_line_error(result, 2, "Invalid value for")
+            assert "characters of A-Z a-z 0-9" in result.err, command
+    assert_one_line_error(rekey(*put[:5], "a\nb", *put[6:], "--name", "three"), 2, "invalid generation id")
+    assert blob_rows(home) == before
+    assert not out.exists()
+    listing = rekey("state", "list").out.strip().splitlines()
+    assert len(listing) == 3 and listing[1].split()[:2] == ["default", "one"], listing
+    assert listing[2].split()[:2] == ["other", "two"]
+
+
+def test_a_row_named_before_names_were_checked_stays_one_table_row(
+    home: Path, tmp_path: Path, rekey: Callable[..., Result]
+) -> None:
+    assert rekey("key", "create", "vault:cli-oldname").code == 0
+    assert rekey("generation", "register", str(write_manifest(tmp_path / "v1.yaml"))).code == 0
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"value")
+    put = ("state", "put", "--key", "vault:cli-oldname", "--generation", "app-v1", "--in", str(source))
+    assert rekey(*put, "--name", "one").code == 0
+    with sqlite3.connect(home / "state.db") as conn:
+        conn.execute("UPDATE sealed_blobs SET name = ? WHERE name = 'one'", ("[red]old\nname",))
+    listing = rekey("state", "list").out.strip().splitlines()
+    assert len(listing) == 2 and "[red]old\\nname" in listing[1], listing
+    assert rekey("state", "list", "--json").json()[0]["name"] == "[red]old\nname"
+    assert_one_line_error(rekey("state", "get", "--name", "[red]old\nname", "--out", "-"), 2, "Invalid value")

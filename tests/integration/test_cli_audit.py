@@ -31,6 +31,17 @@ def test_cli_verify_and_export(
     def audit(*args: str) -> tuple[int, str, str]:
         return run_cli(capsys, "--home", str(settings.home), "audit", *args)
 
+    # No store yet: the read-only commands say so (exit 2, naming the setting) and create none.
+    for command in ("verify", "export"):
+        code, out, err = audit(command)
+        assert (code, out) == (2, ""), err
+        assert err.startswith("error: no store at ") and err.count("\n") == 1, err
+        assert "(setting store_url / REKEY_STORE_URL)" in err
+    code, out, err = audit("verify")
+    assert code == 2 and "no store" in err, err  # still none: the refusals created nothing
+
+    with open_audit_log(settings, actor="alice@host1"):
+        pass
     code, out, err = audit("verify")
     assert (code, out) == (0, "0 records verified\n"), err
 

@@ -163,6 +163,8 @@ async def test_cli_drives_a_rotation(
 
     monkeypatch.setenv("REKEY_HOME", str(temporal_home))  # the codec keys the test server's clients use
     monkeypatch.setenv("REKEY_TEMPORAL_ADDRESS", setup.env.client.service_client.config.target_host)
+    # The worker's store: status reads the recorded failures there (it creates none of its own).
+    monkeypatch.setenv("REKEY_STORE_URL", setup.store_url)
 
     def rekey(*args: str) -> tuple[int, str, str]:
         return run_cli(capsys, *args)

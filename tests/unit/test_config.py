@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,43 @@ def test_blob_freshness_setting(tmp_path: Path) -> None:
     (tmp_path / "rekey.toml").write_text('blob_freshness = "off"\n')
     with pytest.raises(ConfigError, match="blob_freshness must be one of tofu, strict"):
         load_settings(tmp_path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('vault_adr = "http://vault:8200"', "unknown setting 'vault_adr'; did you mean 'vault_addr'?"),
+        ("store_ulr = 'sqlite:///x.db'", "did you mean 'store_url'?"),
+        ("nothing_like_a_setting = 1", "unknown setting 'nothing_like_a_setting'"),
+        ('home = "/elsewhere"', "home cannot be set in rekey.toml"),
+    ],
+)
+def test_unknown_field_in_the_settings_file_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "rekey.toml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        load_settings(tmp_path, environ={})
+    assert caught.value.exit_code == 2
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_rekey_variable_is_refused_with_the_closest_known(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("REKEY_VAULT_ADR; did you mean 'REKEY_VAULT_ADDR'?")):
+        load_settings(tmp_path, environ={"REKEY_VAULT_ADR": "http://vault:8200"})
+    with pytest.raises(ConfigError, match="unknown setting variable REKEY_STORE"):
+        load_settings(tmp_path, environ={"REKEY_STORE": "sqlite:///x.db"})
+
+
+def test_which_rekey_variables_are_checked(tmp_path: Path) -> None:
+    """Every REKEY_ + upper-case name must be a field's variable or REKEY_HOME; names rekey never
+    reads (no REKEY_ prefix, lower or mixed case) are left alone."""
+    environ = {
+        "REKEY_HOME": str(tmp_path),
+        "REKEY_VAULT_ADDR": "http://vault:8200",
+        "rekey_vault_adr": "x",
+        "REKEY_vault_adr": "x",
+        "MYREKEY_VAULT_ADR": "x",
+    }
+    assert load_settings(tmp_path, environ=environ).vault_addr == "http://vault:8200"
+    # Every variable Settings.environ() hands a child process is a known one.
+    child = load_settings(tmp_path, environ={}).environ()
+    assert load_settings(tmp_path, environ=child).store_url == load_settings(tmp_path, environ={}).store_url

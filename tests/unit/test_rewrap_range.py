@@ -10,13 +10,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from kms_adapters.errors import InvalidCiphertext, Unavailable
 from sealing import envelope
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import LocalKeyWrapper, RewrapOutcome, WrappedKey
 from sealing.rotation import LOST_THE_RACE, MAX_FAILED_IDS, RangeResult, SweepStopped, rewrap_range
-from sealing.store import BlobRecord, NewBlob, SealedStateStore, StaleRecord, StoreUnavailable
+from sealing.store import BlobRecord, NewBlob, SealedStateStore, StaleRecord, StoreUnavailable, sealed_blobs
 
 BLOBS = 50
 
@@ -175,9 +176,17 @@ def test_a_header_longer_than_the_head_read_takes_the_whole_blob(tmp_path: Path)
         envelope.seal(b"long header", kms.key, namespace="x" * 1024, name=long_name, generation="g" * 1024)
     )
     assert envelope.key_slot_in_head(blob[:2048], len(blob)) is None
+    # Names this long are refused since names are checked (sealing.names); a row stored before
+    # that keeps them and must still be re-wrapped: plant one as such a row.
     record = store.insert(
-        namespace="x" * 1024, name=long_name, key_ref=kms.key_ref, key_version=1, generation="g", blob=blob
+        namespace="x", name="n", key_ref=kms.key_ref, key_version=1, generation="g", blob=blob
     )
+    with store.transaction("plant a row named before names were checked", write=True) as conn:
+        conn.execute(
+            update(sealed_blobs)
+            .where(sealed_blobs.c.blob_id == record.blob_id)
+            .values(namespace="x" * 1024, name=long_name)
+        )
     kms.key.rotate()
     result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=10)  # type: ignore[arg-type]
     assert result.rewrapped == 1
@@ -233,7 +242,11 @@ def test_a_long_header_blob_rewritten_between_reads_is_left_to_the_workload(tmp_
 
     store = RacingStore(f"sqlite:///{tmp_path / 'state.db'}")
     blob = bytes(envelope.seal(b"original", kms.key, **names))
-    record = store.insert(key_ref=kms.key_ref, key_version=1, blob=blob, **names)
+    record = store.insert(
+        namespace="x", name="n", generation="g", key_ref=kms.key_ref, key_version=1, blob=blob
+    )
+    with store.transaction("plant a row named before names were checked", write=True) as conn:
+        conn.execute(update(sealed_blobs).where(sealed_blobs.c.blob_id == record.blob_id).values(**names))
     kms.key.rotate()
     result = rewrap_range(store, kms, below_version=2, start=None, end=None, limit=10)  # type: ignore[arg-type]
     assert (result.rewrapped, result.conflicts, result.failed) == (0, 1, 0)

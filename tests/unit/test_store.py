@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -705,3 +706,22 @@ def test_driver_level_errors_become_store_errors(tmp_path: Path) -> None:
             store.splice_key_slots([SlotSplice(record.blob_id, 1, b"SECRET-NEW", 11, 2)])
         assert "SECRET" not in str(failure.value)
         assert store.get(record.blob_id).blob == b"SECRET-HEAD|tail"
+
+
+def test_opening_to_read_never_creates_a_store(tmp_path: Path) -> None:
+    """``create=False``: a missing SQLite file (or one without rekey's tables) is `StoreMissing`
+    (exit 2) and neither the file nor its directory appears; the default still creates."""
+    from sealing.store import StoreMissing
+
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'state.db'}"
+    with pytest.raises(StoreMissing, match="no store at") as caught:
+        SealedStateStore(url, create=False)
+    assert caught.value.exit_code == 2
+    assert not (tmp_path / "no").exists()
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    with pytest.raises(StoreMissing, match="no rekey tables"):
+        SealedStateStore(f"sqlite:///{empty}", create=False)
+    SealedStateStore(url).close()
+    with SealedStateStore(url, create=False) as opened:
+        assert opened.summaries() == []

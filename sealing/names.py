@@ -1,0 +1,70 @@
+"""The names sealed state is stored under: namespaces, item names and generation ids.
+
+A namespace or an item name is 1 to `MAX_NAME_CHARS` characters of ``A-Z a-z 0-9 . _ -``
+starting with a letter, digit or ``_`` (so never ``.``, ``..``, a hidden file's name or
+something a command line would read as an option). A generation id is 1 to 128 of
+``A-Z a-z 0-9 . _ : -`` starting with a letter or digit (the manifest's ``id``,
+`sealing.generation`). Names end up in table rows, file names, witness subjects and audit
+records: no separator, control character, whitespace or path segment fits in them.
+
+Every place a name enters checks it (`SealedState`, the store's writes, the CLI), with
+`InvalidName` (exit 2). Rows stored before the rule with other names stay readable by blob id
+(rotation sweeps, ``state list``); asking for one by such a name is refused at input.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from sealing.errors import SealingError
+
+__all__ = ["MAX_NAME_CHARS", "InvalidName", "check_generation_id", "check_name", "check_namespace"]
+
+MAX_NAME_CHARS: Final = 128
+
+_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_GENERATION_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+class InvalidName(SealingError, ValueError):
+    """A namespace, item name or generation id outside the allowed alphabet or length."""
+
+    exit_code = 2
+
+
+def _shown(value: str) -> str:
+    # Never the whole of a long value in a one-line message; repr escapes newlines.
+    return repr(value[:40] + "…") if len(value) > 40 else repr(value)
+
+
+def _check(kind: str, value: object, pattern: re.Pattern[str], rule: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidName(f"{kind} must be a string, got {type(value).__name__}")
+    if pattern.fullmatch(value) is None:
+        length = f" ({len(value)} characters)" if len(value) > MAX_NAME_CHARS else ""
+        raise InvalidName(f"invalid {kind} {_shown(value)}{length}: {rule}")
+    return value
+
+
+_NAME_RULE: Final = f"1-{MAX_NAME_CHARS} characters of A-Z a-z 0-9 . _ -, starting with a letter, digit or _"
+
+
+def check_namespace(value: object) -> str:
+    """``value`` if it is an allowed namespace, else `InvalidName`."""
+    return _check("namespace", value, _NAME, _NAME_RULE)
+
+
+def check_name(value: object) -> str:
+    """``value`` if it is an allowed item name, else `InvalidName`."""
+    return _check("name", value, _NAME, _NAME_RULE)
+
+
+def check_generation_id(value: object) -> str:
+    """``value`` if it is an allowed generation id, else `InvalidName`."""
+    return _check(
+        "generation id",
+        value,
+        _GENERATION_ID,
+        "1-128 characters of A-Z a-z 0-9 . _ : -, starting with a letter or digit",
+    )
