@@ -29,6 +29,9 @@ still holds a format 1 or 2 payload (those were written before format 3, and con
 rotations and existing schedules carry them on). The default, 1, keeps them readable: a
 format 3 payload is still refused in another workflow, but a format 2 one copied from an old
 history is not.
+
+``max_blob_bytes`` (``REKEY_MAX_BLOB_BYTES``; default 64 MiB, at most ``MAX_BLOB_BYTES``): the
+largest plaintext ``rekey state put`` seals; a larger input is refused before it is read.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from kms_adapters.keyref import BACKENDS, InvalidKeyRef, KeyRef
+from sealing.envelope import MAX_BODY
 from sealing.signing import SigningError, check_fingerprint
 
 DEFAULT_HOME = Path(".rekey")
@@ -91,6 +95,9 @@ def secure_home(home: Path) -> Path:
 
 
 BLOB_FRESHNESS: Final = ("tofu", "strict")
+DEFAULT_MAX_BLOB_BYTES: Final = 64 * 1024 * 1024
+#: The envelope's own limit on a sealed body.
+MAX_BLOB_BYTES: Final = MAX_BODY
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class Settings:
     blob_freshness: str = "tofu"
     signing_key: str = "file"
     codec_min_format: int = 1
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
 
     def __post_init__(self) -> None:
         home = Path(self.home)
@@ -151,6 +159,8 @@ class Settings:
         object.__setattr__(self, "signing_key", check_signing_key(self.signing_key))
         if self.codec_min_format not in (1, 2, 3):
             raise ConfigError(f"codec_min_format must be 1, 2 or 3, got {self.codec_min_format!r}")
+        if not 1 <= self.max_blob_bytes <= MAX_BLOB_BYTES:
+            raise ConfigError(f"max_blob_bytes must be 1 to {MAX_BLOB_BYTES}, got {self.max_blob_bytes!r}")
 
     def allows_key(self, key_ref: str) -> bool:
         """Whether ``allowed_keys`` admits ``key_ref`` (always, when it is empty)."""
@@ -251,6 +261,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {name} must be a port number (1-65535), got {port}")
         if name == "codec_min_format" and port not in (1, 2, 3):
             raise ConfigError(f"{source}: {name} must be 1, 2 or 3, got {port}")
+        if name == "max_blob_bytes" and not 1 <= port <= MAX_BLOB_BYTES:
+            raise ConfigError(f"{source}: {name} must be 1 to {MAX_BLOB_BYTES} (bytes), got {port}")
         return port
     if kind == "Path":
         return Path(str(value))

@@ -31,12 +31,24 @@ done
 rekey state put --key aws:demo-orders --generation payments-v1 --name aws-session.bin --in "$work/aws-session.bin"
 rekey state put --key azure:demo-orders --generation payments-v1 --name azure-session.bin --in "$work/azure-session.bin"
 
-step "Reading them back"
+# Both read-backs alike: every error of `state get` is shown, and one that fails marks the demo failed.
 status=0
-for f in ledger.bin credentials.txt model-weights.bin aws-session.bin azure-session.bin; do
-  rekey state get --name "$f" --out "$work/$f.out"
-  if cmp -s "$work/$f" "$work/$f.out"; then echo "  $f: byte-identical"; else echo "  $f: DIFFERS"; status=1; fi
-done
+read_back() {
+  local f
+  for f in ledger.bin credentials.txt model-weights.bin aws-session.bin azure-session.bin; do
+    rm -f "$work/$f.out"
+    if ! rekey state get --name "$f" --out "$work/$f.out"; then
+      echo "  $f: could not be read back (the error is above)"; status=1
+    elif cmp -s "$work/$f" "$work/$f.out"; then
+      echo "  $f: byte-identical"
+    else
+      echo "  $f: DIFFERS"; status=1
+    fi
+  done
+}
+
+step "Reading them back"
+read_back
 
 step "Rotating each key in two phases (re-wrap every DEK, verify, retire the old version)"
 for key in vault:demo-orders aws:demo-orders azure:demo-orders; do
@@ -44,10 +56,7 @@ for key in vault:demo-orders aws:demo-orders azure:demo-orders; do
 done
 
 step "Reading everything back after the rotations"
-for f in ledger.bin credentials.txt model-weights.bin aws-session.bin azure-session.bin; do
-  rekey state get --name "$f" --out "$work/$f.out" 2>/dev/null
-  if cmp -s "$work/$f" "$work/$f.out"; then echo "  $f: byte-identical"; else echo "  $f: DIFFERS"; status=1; fi
-done
+read_back
 
 step "Verifying the signed audit log"
 rekey audit verify

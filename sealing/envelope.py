@@ -315,6 +315,11 @@ def parse(blob: bytes | bytearray | memoryview) -> SealedBlob:
     return SealedBlob(header, layout.key_version, wrapped, nonce, view[layout.body_at :], aad)
 
 
+def plaintext_size(blob: bytes | bytearray | memoryview) -> int:
+    """How many bytes ``blob`` seals (from its framing; nothing is decrypted or authenticated)."""
+    return len(parse(blob).ciphertext) - TAG_BYTES
+
+
 class KeySlot(NamedTuple):
     """Where a blob's key slot sits (bytes ``start:end``), and what it holds. The framing is
     checked, the header is not decoded: a re-wrap sweep needs only this."""

@@ -195,6 +195,11 @@ class SealedState:
         witness, the new blob's version goes above the stored one's and the checkpoint's, and
         the checkpoint advances to it once the store write has committed. `InvalidName`
         (`sealing.names`) for a namespace, name or generation id outside the allowed ones.
+
+        Memory: ``data`` is let go once sealed (a lost race re-seals from the new blob itself),
+        and neither the blob replaced nor the one written is read back; a caller that hands
+        over its only reference (``put(data=path.read_bytes(), ...)``) lets the plaintext be
+        freed before the store write, which then holds the blob plus the database's copies.
         """
         check_namespace(namespace)
         check_name(name)
@@ -211,9 +216,9 @@ class SealedState:
         except RecordNotFound:
             existing = None
 
-        def seal_as(blob_id: str, version: int) -> tuple[bytes, int]:
+        def seal_as(plain: bytes, blob_id: str, version: int) -> tuple[bytes, int]:
             sealed = envelope.seal(
-                data,
+                plain,
                 wrapper,
                 namespace=namespace,
                 name=name,
@@ -225,13 +230,17 @@ class SealedState:
 
         blob_id = existing.blob_id if existing is not None else str(uuid.uuid4())
         version = self._next_version(namespace, name, existing)
-        blob, key_version = seal_as(blob_id, version)
+        # Only the row version of what is replaced is needed from here on, not its blob.
+        replacing = None if existing is None else existing.row_version
+        existing = None
+        blob, key_version = seal_as(data, blob_id, version)
+        del data
         # A put replaces the value, so losing a race (to a rotation re-wrapping the old value, or
         # to another writer) just means comparing against the newer row version: the new blob
         # does not depend on what it replaces, only its version must stay above the stored one.
         for attempt in range(PUT_ATTEMPTS):
             try:
-                if existing is None:
+                if replacing is None:
                     record = self._store.insert(
                         blob_id=blob_id,
                         namespace=namespace,
@@ -243,8 +252,8 @@ class SealedState:
                     )
                 else:
                     record = self._store.compare_and_swap(
-                        existing.blob_id,
-                        existing.row_version,
+                        blob_id,
+                        replacing,
                         blob=blob,
                         key_version=key_version,
                         key_ref=key_ref,
@@ -260,7 +269,13 @@ class SealedState:
                 if existing.blob_id != blob_id or _stored_version(existing) >= version:
                     blob_id = existing.blob_id
                     version = self._next_version(namespace, name, existing)
-                    blob, key_version = seal_as(blob_id, version)
+                    # The plaintext was let go: our own blob (sealed here, never stored) has it.
+                    plain = envelope.open_blob(blob, wrapper)
+                    blob = b""
+                    blob, key_version = seal_as(plain, blob_id, version)
+                    del plain
+                replacing = existing.row_version
+                existing = None
         else:  # pragma: no cover - the loop either breaks or raises
             raise AssertionError("unreachable")
         if self._witness is not None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
+import re
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,34 @@ class InvalidOptionValue(CliError):
 @click.group("attest")
 def cli() -> None:
     """Attestation evidence and results."""
+
+
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+
+
+def parse_nonce(text: str) -> bytes:
+    """A ``--nonce``: ``hex:...`` or ``base64:...`` explicitly; bare, hex when it is an even
+    number of hex digits, else standard base64 (what an agent's ``/v1/nonce`` answers; its
+    32-byte nonces end in ``=``, so they are never read as hex)."""
+    kind, sep, rest = text.partition(":")
+    if sep and kind in ("hex", "base64"):
+        text = rest
+    else:
+        kind = "hex" if _HEX.fullmatch(text) else "base64"
+    if kind == "hex":
+        if not _HEX.fullmatch(text):
+            raise InvalidOptionValue("--nonce hex:... must be an even number of hex digits")
+        nonce = bytes.fromhex(text)
+    else:
+        try:
+            nonce = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidOptionValue(
+                "--nonce must be hex or base64 (optionally prefixed hex: or base64:)"
+            ) from None
+    if not 1 <= len(nonce) <= 64:
+        raise InvalidOptionValue(f"--nonce must be 1 to 64 bytes, not {len(nonce)}")
+    return nonce
 
 
 def _read_evidence(path: Path) -> tuple[bytes, bytes]:
@@ -65,6 +96,8 @@ def _verify(
         claims = platform_verifier.verify(evidence, at=at)
         if nonce is not None and bytes.fromhex(claims.report_data) != report_data_for(nonce, public_key):
             raise NonceMismatch("evidence does not bind the nonce (and public key)")
+        if nonce is not None:
+            claims = replace(claims, nonce=nonce.hex())
         no_token = None  # no signed result without a policy
         return {"allowed": True, "claims": claims.to_dict(), "token": no_token}
     policy = load_policy(policy_path)
@@ -96,7 +129,13 @@ def _verify(
     default=None,
     help="Policy (YAML/JSON); with it, a signed attestation result is issued.",
 )
-@click.option("--nonce", "nonce_hex", default=None, metavar="HEX", help="Nonce the evidence must bind.")
+@click.option(
+    "--nonce",
+    "nonce_text",
+    default=None,
+    metavar="NONCE",
+    help="Nonce the evidence must bind: hex, or base64 as /v1/nonce answers (hex: or base64: says which).",
+)
 @click.option(
     "--at", "at_text", default=None, metavar="TIME", help="Verify as of this ISO 8601 time (default now)."
 )
@@ -111,7 +150,7 @@ def verify(
     evidence_path: Path,
     platform: str,
     policy_path: Path | None,
-    nonce_hex: str | None,
+    nonce_text: str | None,
     at_text: str | None,
     host_dir: Path | None,
     json_out: bool,
@@ -122,10 +161,7 @@ def verify(
     except ValueError:
         raise InvalidOptionValue(f"--at {at_text!r} is not an ISO 8601 time") from None
     at = at if at.tzinfo else at.replace(tzinfo=UTC)
-    try:
-        nonce = bytes.fromhex(nonce_hex) if nonce_hex is not None else None
-    except ValueError:
-        raise InvalidOptionValue("--nonce must be hex") from None
+    nonce = parse_nonce(nonce_text) if nonce_text is not None else None
     evidence, public_key = _read_evidence(evidence_path)
     root = SimHost.load_or_create(sim_host_dir(host_dir)).root_ca_pem()
     try:
@@ -151,7 +187,7 @@ def verify(
         return
     claims = table("claim", "value")
     for key, value in result["claims"].items():
-        claims.add_row(key, str(value))
+        claims.add_row(key, "not checked" if key == "nonce" and value is None else str(value))
     out.print(claims)
     if result.get("token"):
         out.print(f"attestation result (ES256 JWT, policy {result['policy']}):")

@@ -16,6 +16,7 @@ from rekey.backends import adapter_for, signer_for, witness_for
 from rekey.cli.context import settings, store
 from rekey.cli.files import read_input, write_output
 from rekey.cli.output import CliError, emit_json, err, json_option, out, table
+from sealing import envelope
 from sealing.keywrap import KeyWrapper
 from sealing.names import InvalidName, check_generation_id, check_name, check_namespace
 from sealing.state import SealedState
@@ -91,12 +92,21 @@ def _sealed_state(sealed_store: SealedStateStore, witness: DirectoryWitness | No
 @click.option("--namespace", default="default", show_default=True, callback=_NAMESPACE)
 @json_option
 def put(key: str, generation: str, name: str, in_file: Path, namespace: str, json_out: bool) -> None:
-    """Seal a file under a key and store it (replacing an existing item of that name)."""
-    data = read_input(in_file)
+    """Seal a file under a key and store it (replacing an existing item of that name).
+    Inputs above the max_blob_bytes setting (default 64 MiB) are refused before they are read."""
+    # The plaintext is handed to put with no reference kept here (popped from the list), so it
+    # is freed once sealed, before the store write (sealing.state.SealedState.put): a put then
+    # peaks at about three times the input, not five. Its size is read from the blob.
+    pending = [read_input(in_file, max_bytes=settings().max_blob_bytes)]
     with store(create=True) as sealed_store:
         record = _sealed_state(sealed_store).put(
-            namespace=namespace, name=name, data=data, key_ref=key, generation=generation
+            namespace=namespace,
+            name=name,
+            data=pending.pop(),
+            key_ref=key,
+            generation=generation,
         )
+    size = envelope.plaintext_size(record.blob)
     summary = {
         "namespace": record.namespace,
         "name": record.name,
@@ -104,14 +114,14 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
         "key_ref": record.key_ref,
         "key_version": record.key_version,
         "generation": record.generation,
-        "size": len(data),
+        "size": size,
         "row_version": record.row_version,
     }
     if json_out:
         emit_json(summary)
     else:
         out.print(
-            f"sealed {namespace}/{name} ({len(data)} bytes) under {record.key_ref}"
+            f"sealed {namespace}/{name} ({size} bytes) under {record.key_ref}"
             f" v{record.key_version} for generation {record.generation}"
         )
 

@@ -58,6 +58,8 @@ class Component:
     port_fields: ClassVar[tuple[str, ...]]
     #: Always shown in the status ``note`` (e.g. that state is not persisted).
     note: ClassVar[str] = ""
+    #: What stopping it loses, said by ``down`` (empty: its state is kept under the home).
+    lost_on_stop: ClassVar[str] = ""
     start_timeout: ClassVar[float] = START_TIMEOUT
 
     def ports(self, settings: Settings) -> list[int]:

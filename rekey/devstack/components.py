@@ -113,6 +113,10 @@ class MotoServer(Component):
     binary = "moto_server"
     port_fields = ("moto_port",)
     note = "state is kept in memory only; KMS keys are lost when moto stops"
+    # Replaying moto's recorded calls (its /moto-api/recorder/) would not bring them back: a
+    # replayed CreateKey makes a new key id and new random key material, so what was wrapped
+    # under the old key still does not open.
+    lost_on_stop = "its AWS KMS keys are gone (memory only): blobs sealed under aws: keys no longer open"
 
     def prepare(self, settings: Settings) -> None:
         pass  # no data directory: moto keeps nothing on disk

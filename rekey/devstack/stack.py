@@ -84,7 +84,8 @@ def down(
                 killed = terminate(pid)
                 pid_file.unlink(missing_ok=True)
                 how = "killed after timeout" if killed else "stopped"
-                result = ComponentStatus(component.name, "stopped", pid, note=f"{how} (pid {pid})")
+                lost = f"; {component.lost_on_stop}" if component.lost_on_stop else ""
+                result = ComponentStatus(component.name, "stopped", pid, note=f"{how} (pid {pid}){lost}")
             results.append(result)
             echo(f"{component.name}: {result.note}")
     results.reverse()

@@ -314,6 +314,9 @@ class BlobOperations(StoreBase):
             values["key_ref"] = require_str("key_ref", key_ref)
         if generation is not None:
             values["generation"] = require_str("generation", generation)
+        # SQLite loads the old row of a WITHOUT ROWID table to update it: replacing a large blob
+        # in one UPDATE would hold the old blob too. The compare-and-swap first empties it.
+        first = {**values, "blob": b""} if self.dialect == "sqlite" else values
         with self.transaction(f"update of blob {blob_id}", write=True) as conn:
             result = conn.execute(
                 update(sealed_blobs)
@@ -321,14 +324,35 @@ class BlobOperations(StoreBase):
                     sealed_blobs.c.blob_id == blob_id,
                     sealed_blobs.c.row_version == expected,
                 )
-                .values(**values)
+                .values(**first)
             )
             if result.rowcount == 0:
                 self._raise_cas_failure(conn, blob_id, expected)
+            if first is not values:
+                conn.execute(
+                    update(sealed_blobs).where(sealed_blobs.c.blob_id == blob_id).values(blob=values["blob"])
+                )
             # Our uncommitted write holds the row (PostgreSQL row lock, SQLite write
-            # lock), so this reads back exactly what we wrote.
-            row = conn.execute(select(sealed_blobs).where(sealed_blobs.c.blob_id == blob_id)).one()
-        return _record(row)
+            # lock), so this reads back exactly what we wrote: all but the blob, which we have
+            # (reading it back would hold a second copy of a large blob).
+            row = conn.execute(
+                select(*(c for c in sealed_blobs.columns if c.key != "blob")).where(
+                    sealed_blobs.c.blob_id == blob_id
+                )
+            ).one()
+        m = row._mapping
+        return BlobRecord(
+            blob_id=m["blob_id"],
+            namespace=m["namespace"],
+            name=m["name"],
+            key_ref=m["key_ref"],
+            key_version=int(m["key_version"]),
+            generation=m["generation"],
+            blob=values["blob"],
+            row_version=int(m["row_version"]),
+            created_at=m["created_at"],
+            updated_at=m["updated_at"],
+        )
 
     def splice_key_slots(self, updates: Sequence[SlotSplice]) -> list[bool]:
         """Many compare-and-swaps of key slots in ONE transaction (see `SlotSplice`). Returns,

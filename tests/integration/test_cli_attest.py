@@ -130,3 +130,55 @@ def test_unverifiable_evidence_exits_2(
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
+
+
+NONCE = bytes(range(1, 33))  # 32 bytes, as an agent's /v1/nonce issues
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        NONCE.hex(),
+        base64.b64encode(NONCE).decode(),  # what /v1/nonce answers
+        "hex:" + NONCE.hex(),
+        "base64:" + base64.b64encode(NONCE).decode(),
+    ],
+)
+@pytest.mark.parametrize("with_policy", [False, True])
+def test_nonce_in_hex_or_base64_is_checked_and_shown(
+    home: Path, tmp_path: Path, run: Callable[..., tuple[int, str, str]], given: str, with_policy: bool
+) -> None:
+    evidence = evidence_file(tmp_path / "ev.json", home / "sim-host", nonce=NONCE)
+    policy = ["--policy", str(policy_file(tmp_path / "p.yaml", 2))] if with_policy else []
+    code, out, err = run("attest", "verify", str(evidence), "--platform", "sim", "--nonce", given, *policy)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
+    assert ["nonce", NONCE.hex()] in [[cell for cell in row if cell not in "│┃"] for row in rows], out
+    code, out, err = run(
+        "attest", "verify", str(evidence), "--platform", "sim", "--nonce", given, *policy, "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["claims"]["nonce"] == NONCE.hex()
+
+
+def test_without_a_nonce_the_table_says_none_was_checked(
+    home: Path, tmp_path: Path, run: Callable[..., tuple[int, str, str]]
+) -> None:
+    evidence = evidence_file(tmp_path / "ev.json", home / "sim-host")
+    code, out, err = run("attest", "verify", str(evidence), "--platform", "sim")
+    assert code == 0, err
+    assert "None" not in out and "not checked" in out
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["", "hex:", "base64:", "zz", "hex:abc", "hex:QUJD", "base64:!!", "QUJ", "00" * 65, "hex:" + "00" * 65],
+)
+def test_a_malformed_nonce_is_one_error_line_exit_2(
+    home: Path, tmp_path: Path, run: Callable[..., tuple[int, str, str]], given: str
+) -> None:
+    evidence = evidence_file(tmp_path / "ev.json", home / "sim-host")
+    code, out, err = run("attest", "verify", str(evidence), "--platform", "sim", "--nonce", given)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--nonce" in lines[0], err

@@ -29,6 +29,7 @@ from kms_adapters.azure_hsm import StaticTokenCredential
 from rekey import devstack
 from rekey.backends import adapter_for
 from rekey.config import Settings, load_settings
+from sealing.errors import UnknownKey
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
 from tests.fixtures.ports import free_port
@@ -256,11 +257,27 @@ def test_state_survives_down_and_up(stack: Settings) -> None:
             key_ref="vault:persist-blob",
             generation="gen-persist",
         )
+    # An AWS KMS key (moto) and blob sealed under it: what the README says does not survive.
+    with SealedStateStore(stack.store_url) as store:
+        adapter_for(stack, "aws:persist-blob").create()
+        SealedState(store, lambda ref: adapter_for(stack, ref)).put(
+            namespace="ns",
+            name="aws-sealed",
+            data=b"lost with moto",
+            key_ref="aws:persist-blob",
+            generation="gen-persist",
+        )
     old_pids = {s.name: s.pid for s in devstack.status(stack)}
 
-    stopped = devstack.down(stack, echo=lambda _line: None)
+    lines: list[str] = []
+    stopped = devstack.down(stack, echo=lines.append)
     assert [s.name for s in stopped] == NAMES
     assert all(s.state == "stopped" and "stopped" in s.note for s in stopped)
+    # `down` says what it lost, for moto only.
+    lost = [line for line in lines if "no longer open" in line]
+    assert len(lost) == 1 and lost[0].startswith("moto: stopped") and "AWS KMS keys are gone" in lost[0], (
+        lines
+    )
     for name, pid in old_pids.items():
         assert pid is not None and not _pid_alive(pid), name
     assert all(_port_free(port) for port in _all_ports(stack))
@@ -284,8 +301,14 @@ def test_state_survives_down_and_up(stack: Settings) -> None:
     assert description.status == WorkflowExecutionStatus.RUNNING
 
     with SealedStateStore(stack.store_url) as store:
-        reopened = SealedState(store, lambda ref: adapter_for(stack, ref)).get(namespace="ns", name="kept")
-    assert reopened == b"blob survives restarts"
+        state = SealedState(store, lambda ref: adapter_for(stack, ref))
+        reopened = state.get(namespace="ns", name="kept")
+        assert reopened == b"blob survives restarts"
+        # As documented: the AWS key is gone with moto, and the blob sealed under it with it.
+        with pytest.raises(UnknownKey):
+            adapter_for(stack, "aws:persist-blob").describe()
+        with pytest.raises(UnknownKey):
+            state.get(namespace="ns", name="aws-sealed")
 
 
 def test_port_in_use_stops_what_this_call_started(tmp_path: Path) -> None:
