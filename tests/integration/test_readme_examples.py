@@ -45,7 +45,7 @@ from tests.fixtures.cli import run_cli
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.rotation import wait_phase
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.integration
 
 README: Final = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -331,6 +331,7 @@ def _substituted(command: list[str], ids: Iterator[int]) -> list[str]:
     return [f"readme-{next(ids)}" if word == "ID" else PLACEHOLDERS.get(word, word) for word in command[1:]]
 
 
+@pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.timeout(180)  # a command that waits for ever fails here instead of hanging the suite
 async def test_every_readme_command_runs(stack: Stack) -> None:
     commands = readme_commands(README.read_text())
