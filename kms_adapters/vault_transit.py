@@ -406,6 +406,13 @@ class VaultTransitAdapter(ReleaseGate):
             )
         current = min((v.version for v in info.versions if v.state == "enabled"), default=version + 1)
         if version + 1 > current:
+            # Transit refuses a min_decryption_version above a min_encryption_version that is
+            # set (destroy_below pins it): a rotation after a destroy could never retire.
+            data = self._data(
+                "read key", lambda: self._transit.read_key(name=self.name, mount_point=self._mount)
+            )
+            if 0 < int(data.get("min_encryption_version") or 0) < version + 1:
+                self._configure("pin encryption version", min_encryption_version=info.primary_version)
             self._configure("disable version", min_decryption_version=version + 1)
         return self.describe()
 

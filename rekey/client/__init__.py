@@ -38,10 +38,12 @@ uses for it; none carries key material (the payload codec encrypts workflow inpu
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
@@ -75,6 +77,8 @@ from rekey.client.errors import (
     InvalidDuration,
     InvalidId,
     InvalidOption,
+    KeyCheckFailed,
+    KeyNotFound,
     NamespaceNotReady,
     NoWorker,
     RekeyClientError,
@@ -138,6 +142,9 @@ from workflows.rotation import (
 )
 from workflows.rotation_state import KEY_REF_ATTRIBUTE, PHASE_ATTRIBUTE
 
+if TYPE_CHECKING:
+    from kms_adapters.contract import KmsAdapter
+
 __all__ = [
     "ABORTED",
     "AWAITING_COMMIT",
@@ -163,6 +170,8 @@ __all__ = [
     "InvalidDuration",
     "InvalidId",
     "InvalidOption",
+    "KeyCheckFailed",
+    "KeyNotFound",
     "NamespaceNotReady",
     "NoWorker",
     "PendingActivity",
@@ -202,6 +211,10 @@ DEFAULT_GRACE: Final = 24 * 3600.0
 
 
 # ------------------------------------------------------------------------------- connecting
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    return " ".join(str(error).split())[:limit]
 
 
 async def check_namespace(temporal: Client) -> None:
@@ -310,16 +323,61 @@ class RekeyClient:
 
     Build it with `connect` from settings, or around a connected ``temporalio`` client (whose
     data converter must use rekey's payload codec, as `data_converter` makes it). ``task_queue``
-    is where rotations it starts (and its schedules' rotations) run: a rekey worker must poll it."""
+    is where rotations it starts (and its schedules' rotations) run: a rekey worker must poll it.
 
-    def __init__(self, temporal: Client, *, task_queue: str = TASK_QUEUE) -> None:
+    ``adapters`` (key ref -> KMS adapter; `connect` passes ``rekey.backends.adapter_for`` of the
+    settings) is how `start_rotation` and `create_schedule` check that the key exists on its
+    backend before anything starts (`KeyNotFound`); without it they do not check."""
+
+    def __init__(
+        self,
+        temporal: Client,
+        *,
+        task_queue: str = TASK_QUEUE,
+        adapters: Callable[[str], KmsAdapter] | None = None,
+    ) -> None:
         self.temporal = temporal
         self.task_queue = task_queue
+        self.adapters = adapters
 
     @classmethod
     async def connect(cls, settings: Settings, *, task_queue: str = TASK_QUEUE) -> RekeyClient:
-        """Connect to the Temporal of ``settings``; `TemporalUnreachable` if it does not answer."""
-        return cls(await connect(settings), task_queue=task_queue)
+        """Connect to the Temporal of ``settings``; `TemporalUnreachable` if it does not answer.
+        Keys are checked on the backends of ``settings`` before a rotation or schedule starts."""
+        from rekey.backends import adapter_for
+
+        return cls(
+            await connect(settings),
+            task_queue=task_queue,
+            adapters=lambda key_ref: adapter_for(settings, key_ref),
+        )
+
+    async def check_key(self, key_ref: str) -> None:
+        """Describe ``key_ref`` on its backend (through ``adapters``): `KeyNotFound` if the key
+        does not exist there, `KeyCheckFailed` if the backend cannot say. A rotation of a missing
+        key could only block in its first activity, with the cause in the worker's log."""
+        ref = checked_key_ref(key_ref)
+        if self.adapters is None:
+            return
+        from sealing.errors import KeyWrapError, UnknownKey
+
+        adapters = self.adapters
+
+        def describe() -> None:
+            adapters(str(ref)).describe()
+
+        try:
+            await asyncio.to_thread(describe)
+        except UnknownKey as exc:
+            raise KeyNotFound(
+                f"key {ref} does not exist on backend {ref.backend} ({_one_line(exc)}): nothing was"
+                f" started (create it with `rekey key create {ref}`)"
+            ) from None
+        except KeyWrapError as exc:
+            raise KeyCheckFailed(
+                f"cannot check key {ref} on backend {ref.backend}: {type(exc).__name__}: {_one_line(exc)}"
+                " (nothing was started)"
+            ) from None
 
     def _request(
         self,
@@ -381,6 +439,7 @@ class RekeyClient:
             in_flight=in_flight,
             started_by=default_actor() if started_by is None else started_by,
         )
+        await self.check_key(key_ref)
         workflow_id = rotation_id(key_ref)
         token = uuid.uuid4().hex
         try:
@@ -470,6 +529,7 @@ class RekeyClient:
             in_flight=in_flight,
             started_by=f"schedule by {default_actor()}" if started_by is None else started_by,
         )
+        await self.check_key(key_ref)
         schedule = Schedule(
             action=ScheduleActionStartWorkflow(
                 LaunchRotationWorkflow.run,

@@ -50,6 +50,17 @@ class InvalidOption(RekeyClientError):
     exit_code = 2
 
 
+class KeyNotFound(RekeyClientError):
+    """The key to rotate or schedule does not exist on its backend: nothing was started."""
+
+    exit_code = 2
+
+
+class KeyCheckFailed(RekeyClientError):
+    """The key's backend could not say whether the key exists (unreachable, or the credentials
+    may not describe it): nothing was started."""
+
+
 class RotationRefused(RekeyClientError):
     """The rotation said no to a pause, resume, abort, approve, approve-destroy or cancel-destroy
     (its phase does not allow it), or it has ended; the message says why."""

@@ -165,6 +165,8 @@ async def test_cli_drives_a_rotation(
     monkeypatch.setenv("REKEY_TEMPORAL_ADDRESS", setup.env.client.service_client.config.target_host)
     # The worker's store: status reads the recorded failures there (it creates none of its own).
     monkeypatch.setenv("REKEY_STORE_URL", setup.store_url)
+    monkeypatch.setenv("REKEY_VAULT_ADDR", setup.openbao.addr)  # `rotate start` checks the key there
+    monkeypatch.setenv("REKEY_VAULT_TOKEN", setup.openbao.token)
 
     def rekey(*args: str) -> tuple[int, str, str]:
         return run_cli(capsys, *args)
@@ -361,6 +363,7 @@ async def test_client_schedules_a_rotation(setup: Setup) -> None:
 
 async def test_cli_manages_a_schedule(
     temporal_env: WorkflowEnvironment,
+    openbao: OpenBao,
     temporal_home: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -373,6 +376,8 @@ async def test_cli_manages_a_schedule(
 
     monkeypatch.setenv("REKEY_HOME", str(temporal_home))
     monkeypatch.setenv("REKEY_TEMPORAL_ADDRESS", temporal_env.client.service_client.config.target_host)
+    monkeypatch.setenv("REKEY_VAULT_ADDR", openbao.addr)  # `schedule create` checks the key there
+    monkeypatch.setenv("REKEY_VAULT_TOKEN", openbao.token)
     monkeypatch.setenv("COLUMNS", "200")
     key_ref = f"vault:sched-{secrets.token_hex(4)}"
     schedule_id = f"schedule:rotate:{key_ref}"
@@ -385,6 +390,7 @@ async def test_cli_manages_a_schedule(
         assert code == 0, err
         return next((row for row in json.loads(out) if row["id"] == schedule_id), None)
 
+    assert (await rekey("key", "create", key_ref))[0] == 0
     code, out, err = await rekey("schedule", "create", key_ref, "--every", "30d", "--grace", "0s")
     assert (code, out, err) == (0, f"created {schedule_id}: rotate {key_ref} every 30d\n", "")
     code, _, err = await rekey("schedule", "create", key_ref, "--every", "7d")

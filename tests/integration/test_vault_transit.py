@@ -97,6 +97,23 @@ def test_destroy_trims_and_states(key: VaultTransitAdapter) -> None:
         key.unwrap(old)
 
 
+def test_a_rotation_after_a_destroy_can_retire(key: VaultTransitAdapter) -> None:
+    """destroy_below pins min_encryption_version; disabling above it later used to be refused
+    ("min encryption version of 2 must be greater than or equal to min decryption version of 3"),
+    so the next rotation of the key blocked in RETIRING for ever."""
+    key.rotate()
+    key.destroy_below(2)
+    key.rotate()
+    info = key.disable_version(2)
+    assert [(v.version, v.state) for v in info.versions] == [
+        (1, "destroyed"),
+        (2, "disabled"),
+        (3, "enabled"),
+    ]
+    assert key.enable_version(2).state_of(2) == "enabled"
+    assert key.unwrap(key.wrap(b"\x01" * 32).ciphertext) == b"\x01" * 32
+
+
 def test_typed_errors(key: VaultTransitAdapter, openbao: OpenBao) -> None:
     missing = adapter(openbao.client(), "no-such-key")
     with pytest.raises(NotFound, match="no-such-key"):
