@@ -15,22 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.cli import run_cli
+from tests.fixtures.cli import MANIFEST, run_cli
 from tests.fixtures.openbao import OpenBao
 from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
-
-MANIFEST = {
-    "id": "app-v1",
-    "platform": "sim",
-    "measurement": "11" * 32,
-    "signer": "22" * 32,
-    "product_id": 1,
-    "svn": 2,
-    "debug": False,
-    "tcb": "UpToDate",
-}
 
 
 class Result:

@@ -33,20 +33,10 @@ from sealing import envelope
 from sealing.keywrap import WrappedKey
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
-from tests.fixtures.cli import run_cli
+from tests.fixtures.cli import MANIFEST, run_cli
 
 pytestmark = pytest.mark.integration
 
-MANIFEST = {
-    "id": "app-v1",
-    "platform": "sim",
-    "measurement": "11" * 32,
-    "signer": "22" * 32,
-    "product_id": 1,
-    "svn": 2,
-    "debug": False,
-    "tcb": "UpToDate",
-}
 
 HOSTILE_REFS = ["vault:x/../../../sys/seal", "vault:x/../../keys/orders/rotate"]
 

@@ -15,21 +15,11 @@ import yaml
 
 from rekey.config import Settings
 from rekey.worker import open_audit_log
-from tests.fixtures.cli import run_cli
+from tests.fixtures.cli import MANIFEST, run_cli
 from tests.fixtures.openbao import OpenBao
 
 pytestmark = pytest.mark.integration
 
-MANIFEST = {
-    "id": "app-v1",
-    "platform": "sim",
-    "measurement": "11" * 32,
-    "signer": "22" * 32,
-    "product_id": 1,
-    "svn": 2,
-    "debug": False,
-    "tcb": "UpToDate",
-}
 Run = Callable[..., tuple[int, str, str]]
 
 

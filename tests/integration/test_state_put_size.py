@@ -16,21 +16,11 @@ import pytest
 import yaml
 
 from rekey.config import DEFAULT_MAX_BLOB_BYTES, MAX_BLOB_BYTES
-from tests.fixtures.cli import run_cli
+from tests.fixtures.cli import MANIFEST, run_cli
 from tests.fixtures.openbao import OpenBao
 
 pytestmark = pytest.mark.integration
 
-MANIFEST = {
-    "id": "app-v1",
-    "platform": "sim",
-    "measurement": "11" * 32,
-    "signer": "22" * 32,
-    "product_id": 1,
-    "svn": 2,
-    "debug": False,
-    "tcb": "UpToDate",
-}
 KEY = "vault:put-size"
 Run = Callable[..., tuple[int, str, str]]
 
