@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, update
 from sqlalchemy.engine import Engine
 
 from sealing import envelope
@@ -24,22 +23,13 @@ from sealing.keywrap import LocalKeyWrapper
 from sealing.signing import FileSigner
 from sealing.state import BLOB_KIND, SealedState, blob_subject
 from sealing.store import SealedStateStore, sealed_blobs
-from sealing.witness import Checkpoint, DirectoryWitness, WitnessError
+from sealing.witness import DirectoryWitness, WitnessError
+from tests.fixtures.freshness import crashing_witness as _advance_fails
+from tests.fixtures.freshness import restore_row as _restore
+from tests.fixtures.freshness import stored_row as _row
 
 NS, NAME = "payments", "ledger-key"
 OLD, NEW = b"OLD-SECRET-v1", b"NEW-SECRET-v2"
-
-
-def _row(raw: Engine) -> dict[str, Any]:
-    with raw.connect() as conn:
-        return dict(conn.execute(select(sealed_blobs).where(sealed_blobs.c.name == NAME)).one()._mapping)
-
-
-def _restore(raw: Engine, row: Mapping[str, Any]) -> None:
-    """Put a saved row back, columns and all, as restoring it from a backup would."""
-    with raw.begin() as conn:
-        conn.execute(delete(sealed_blobs).where(sealed_blobs.c.name == row["name"]))
-        conn.execute(insert(sealed_blobs).values(**row))
 
 
 def _put(state: SealedState, data: bytes, generation: str = "gen-1") -> None:
@@ -135,17 +125,6 @@ def test_a_blob_of_the_checkpoints_version_but_another_id_is_refused(
     assert state.get(namespace=NS, name=NAME) == b"fresh"
     _restore(raw, row | {"blob": _legacy_blob(wrapper, row["blob_id"], NEW)})
     _assert_refused(state, 0, 1)
-
-
-def _advance_fails(witness: DirectoryWitness) -> Any:
-    class CrashingWitness:
-        def advance(self, kind: str, subject: str, order: int, body: Mapping[str, Any]) -> Checkpoint:
-            raise WitnessError("simulated crash between the store write and the checkpoint")
-
-        def latest(self, kind: str, subject: str) -> Checkpoint | None:
-            return witness.latest(kind, subject)
-
-    return CrashingWitness()
 
 
 def test_crash_between_store_write_and_checkpoint_keeps_the_current_blob_readable(

@@ -7,13 +7,11 @@ The attacks are plain SQL behind the store's back, on SQLite and on a real Postg
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
 from sealing import envelope
@@ -22,7 +20,10 @@ from sealing.keywrap import LocalKeyWrapper
 from sealing.signing import FileSigner
 from sealing.state import BLOB_KIND, RESTORED_OVER, AcceptRefused, SealedState, blob_subject
 from sealing.store import SealedStateStore, sealed_blobs
-from sealing.witness import Checkpoint, DirectoryWitness, WitnessError
+from sealing.witness import DirectoryWitness, WitnessError
+from tests.fixtures.freshness import crashing_witness as _advance_fails
+from tests.fixtures.freshness import restore_row as _restore
+from tests.fixtures.freshness import stored_row as _row
 
 NS, NAME = "payments", "ledger-key"
 HUGE = (1 << 64) - 2
@@ -30,17 +31,6 @@ HUGE = (1 << 64) - 2
 
 def _put(state: SealedState, data: bytes, name: str = NAME) -> None:
     state.put(namespace=NS, name=name, data=data, key_ref="vault:orders", generation="gen-1")
-
-
-def _row(raw: Engine, name: str = NAME) -> dict[str, Any]:
-    with raw.connect() as conn:
-        return dict(conn.execute(select(sealed_blobs).where(sealed_blobs.c.name == name)).one()._mapping)
-
-
-def _restore(raw: Engine, row: Mapping[str, Any]) -> None:
-    with raw.begin() as conn:
-        conn.execute(delete(sealed_blobs).where(sealed_blobs.c.name == row["name"]))
-        conn.execute(insert(sealed_blobs).values(**row))
 
 
 def _poison(raw: Engine, name: str = NAME, version: int = HUGE) -> None:
@@ -118,17 +108,6 @@ def test_genuine_blob_without_a_checkpoint_keeps_its_version(
     witness.path_of(BLOB_KIND, blob_subject(NS, NAME)).unlink()
     _put(state, b"v4")  # the stored blob authenticates: its version counts
     assert _version(raw) == 4 and _order(witness) == 4
-
-
-def _advance_fails(witness: DirectoryWitness) -> Any:
-    class CrashingWitness:
-        def advance(self, kind: str, subject: str, order: int, body: Mapping[str, Any]) -> Checkpoint:
-            raise WitnessError("simulated crash between the store write and the checkpoint")
-
-        def latest(self, kind: str, subject: str) -> Checkpoint | None:
-            return witness.latest(kind, subject)
-
-    return CrashingWitness()
 
 
 def test_crash_window_still_gives_a_strictly_higher_version(
