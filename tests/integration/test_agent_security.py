@@ -12,7 +12,6 @@ import base64
 import http.client
 import json
 import os
-import select
 import socket
 import stat
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 
 from rekey.agent_auth import sign_request
 from tests.fixtures.agent import Agent, AgentError, start_agents, stop_agents
+from tests.fixtures.slow_client import trickle_until_dropped
 
 pytestmark = pytest.mark.integration
 
@@ -225,31 +225,12 @@ def test_bodies_past_the_limit_are_not_read(agents: dict[str, Agent], length: st
     assert agent.call("/v1/identity")["id"] == "sec-v2"  # still serving
 
 
-def _dropped(sock: socket.socket) -> bool:
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
-        return False
-    try:
-        return sock.recv(65536) == b"" or True
-    except OSError:
-        return True
-
-
 def test_slowloris_client_is_dropped(agents: dict[str, Agent]) -> None:
     agent = agents["v1"]  # idle timeout 1 s, whole request 2 s
     request = f"POST /v1/nonce HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\nX-Padding: {'a' * 400}".encode()
-    with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as sock:
-        dropped = False
-        for byte in request:  # one byte every 0.1 s: never idle for 1 s, but never finishing
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                dropped = True
-            if dropped or _dropped(sock):
-                dropped = True
-                break
-            time.sleep(0.1)
-        assert dropped, "a client trickling one header byte at a time kept its connection"
+    assert trickle_until_dropped(agent.port, request), (
+        "a client trickling one header byte at a time kept its connection"
+    )
     with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as sock:
         assert sock.recv(1) == b""  # a silent client is dropped at the idle timeout (recv would time out)
 

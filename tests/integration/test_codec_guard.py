@@ -5,12 +5,9 @@ token while the server is down, and /encode without --allow-encode."""
 
 from __future__ import annotations
 
-import contextlib
-import select
 import socket
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from rekey.codec_server import (
     server_token_path,
     write_server_token,
 )
+from tests.fixtures.slow_client import trickle_until_dropped
 
 pytestmark = pytest.mark.integration
 
@@ -56,15 +54,6 @@ def _encode(server: CodecServer, authorization: str) -> httpx.Response:
     )
 
 
-def _dropped(sock: socket.socket) -> bool:
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
-        return False
-    with contextlib.suppress(OSError):
-        sock.recv(65536)
-    return True
-
-
 def test_hundreds_of_idle_connections_neither_grow_threads_nor_keep_a_caller_out(
     server: CodecServer, home: Path
 ) -> None:
@@ -89,18 +78,9 @@ def test_hundreds_of_idle_connections_neither_grow_threads_nor_keep_a_caller_out
 
 def test_slow_header_sender_is_dropped(server: CodecServer) -> None:
     request = f"POST /decode HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Padding: {'a' * 600}".encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        dropped = False
-        for byte in request:  # one byte every 0.1 s: never silent for long, never finishing
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                dropped = True
-            if dropped or _dropped(sock):
-                dropped = True
-                break
-            time.sleep(0.1)
-        assert dropped, "a client trickling its headers one byte at a time kept its connection"
+    assert trickle_until_dropped(server.port, request), (
+        "a client trickling its headers one byte at a time kept its connection"
+    )
 
 
 def test_header_flood_is_refused(server: CodecServer, home: Path) -> None:
