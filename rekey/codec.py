@@ -178,6 +178,8 @@ def is_refused(payload: Payload) -> bool:
 class CodecError(Exception):
     """A payload or the codec keyring cannot be used (unknown key, failed tag, bad file)."""
 
+    exit_code = 1
+
 
 def key_id_for(key: bytes) -> str:
     """The id of a codec key: the first 16 hex digits of its SHA-256."""
@@ -426,7 +428,8 @@ class EncryptionCodec(temporalio.converter.PayloadCodec, temporalio.converter.Wi
         if cipher is None:
             raise CodecError(
                 f"payload is encrypted under codec key {key_id!r}, which is not in the keyring "
-                f"(known: {', '.join(sorted(self._ciphers))})"
+                f"(known: {', '.join(sorted(self._ciphers))}); clients and workers need the same"
+                " codec keys (<home>/codec/keys.json: the same REKEY_HOME, or a copy of that file)"
             )
         version = payload.metadata.get(FORMAT_METADATA)
         if version == BOUND_FORMAT_VERSION:

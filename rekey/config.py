@@ -46,6 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from kms_adapters.keyref import BACKENDS, InvalidKeyRef, KeyRef
 from sealing.envelope import MAX_BODY
@@ -148,6 +149,11 @@ class Settings:
             object.__setattr__(self, "store_url", f"sqlite:///{home.resolve() / 'state.db'}")
         if not self.witness_dir:
             object.__setattr__(self, "witness_dir", str(home / "witness"))
+        for name in ("vault_addr", "aws_endpoint", "azure_vault_url"):
+            check_endpoint_url(name, getattr(self, name))
+        check_temporal_address(self.temporal_address)
+        for name in ("vault_token", "azure_token"):
+            check_token(name, getattr(self, name))
         object.__setattr__(self, "allowed_keys", tuple(self.allowed_keys))
         object.__setattr__(self, "trusted_key_fingerprints", tuple(self.trusted_key_fingerprints))
         for pattern in self.allowed_keys:
@@ -205,6 +211,61 @@ class Settings:
             return ""
         token = data.get("root_token", "")
         return token if isinstance(token, str) else ""
+
+
+_HOST: Final = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def _shown(value: str) -> str:
+    return repr(value[:80] + "…") if len(value) > 80 else repr(value)
+
+
+def check_endpoint_url(name: str, value: str) -> str:
+    """An endpoint setting (``vault_addr``, ``aws_endpoint``, ``azure_vault_url``): an
+    ``http://`` or ``https://`` URL with a host and at most a port and a path; `ConfigError`
+    naming the setting otherwise (an SDK would fail later with a message that names neither)."""
+    try:
+        parsed = urlsplit(value)
+    except ValueError:  # an unclosed "[" of an IPv6 address
+        parsed = urlsplit("")
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    host = parsed.netloc.rsplit(":", 1)[0] if port is not None else parsed.netloc
+    if (
+        parsed.scheme not in ("http", "https")
+        or not _HOST.fullmatch(host)
+        or not (port is None or 0 < port < 65536)
+        or parsed.query
+        or parsed.fragment
+        or "@" in parsed.netloc
+        or not value.isprintable()
+        or " " in value
+    ):
+        raise ConfigError(f"{name} {_shown(value)} is not an http:// or https:// URL with a host (and port)")
+    return value
+
+
+def check_temporal_address(value: str) -> str:
+    """``temporal_address``: ``host:port``; `ConfigError` otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not (sep and _HOST.fullmatch(host) and port.isdigit() and port.isascii() and 0 < int(port) < 65536):
+        raise ConfigError(f"temporal_address {_shown(value)} is not host:port (e.g. 127.0.0.1:7233)")
+    return value
+
+
+_TOKEN: Final = re.compile(r"[\x21-\x7e]*")
+
+
+def check_token(name: str, value: str) -> str:
+    """A token setting: empty, or printable ASCII without spaces (it travels in an HTTP
+    header). `ConfigError` otherwise; the message never shows the value, which is a secret."""
+    if not _TOKEN.fullmatch(value):
+        raise ConfigError(
+            f"{name} must be printable ASCII without spaces ({len(value)} characters given; not shown)"
+        )
+    return value
 
 
 SIGNING_KEY_BACKENDS = ("vault", "aws")

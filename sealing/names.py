@@ -19,7 +19,14 @@ from typing import Final
 
 from sealing.errors import SealingError
 
-__all__ = ["MAX_NAME_CHARS", "InvalidName", "check_generation_id", "check_name", "check_namespace"]
+__all__ = [
+    "MAX_NAME_CHARS",
+    "InvalidName",
+    "check_generation_id",
+    "check_name",
+    "check_namespace",
+    "is_valid_name",
+]
 
 MAX_NAME_CHARS: Final = 128
 
@@ -58,6 +65,11 @@ def check_namespace(value: object) -> str:
 def check_name(value: object) -> str:
     """``value`` if it is an allowed item name, else `InvalidName`."""
     return _check("name", value, _NAME, _NAME_RULE)
+
+
+def is_valid_name(value: str) -> bool:
+    """Whether ``value`` is an allowed item name (as `check_name`, without raising)."""
+    return _NAME.fullmatch(value) is not None
 
 
 def check_generation_id(value: object) -> str:

@@ -163,7 +163,13 @@ def verify(
     at = at if at.tzinfo else at.replace(tzinfo=UTC)
     nonce = parse_nonce(nonce_text) if nonce_text is not None else None
     evidence, public_key = _read_evidence(evidence_path)
-    root = SimHost.load_or_create(sim_host_dir(host_dir)).root_ca_pem()
+    trusted = sim_host_dir(host_dir)
+    if not trusted.exists():
+        raise CliError(
+            f"no sim host at {trusted}: its root CA is what sim evidence is verified against"
+            " (rekey agent serve creates it; or pass --host-dir)"
+        )
+    root = SimHost.load(trusted).root_ca_pem()
     try:
         result = _verify(
             evidence,

@@ -13,7 +13,7 @@ import click
 from audit import AuditLog
 from rekey.config import Settings, load_settings
 from sealing.signing import Signer
-from sealing.store import SealedStateStore, StoreMissing
+from sealing.store import InvalidStoreURL, SealedStateStore, StoreMissing
 from sealing.witness import Witness
 
 if TYPE_CHECKING:
@@ -48,13 +48,16 @@ STORE_SETTING = "store_url / REKEY_STORE_URL"
 
 @contextmanager
 def _store_setting_named() -> Iterator[None]:
-    """`StoreMissing` names the setting to fix and the commands that create a store."""
+    """`InvalidStoreURL` and `StoreMissing` name the setting to fix (and the latter the commands
+    that create a store)."""
     try:
         yield
+    except InvalidStoreURL as exc:
+        raise InvalidStoreURL(f"{exc} (setting {STORE_SETTING})") from None
     except StoreMissing as exc:
         raise StoreMissing(
             f"{exc} (setting {STORE_SETTING}); it is created by the commands that store something"
-            " (rekey state put, rekey generation register, rekey worker, rekey dev up)"
+            " (rekey generation register, rekey worker, rekey dev up)"
         ) from None
 
 

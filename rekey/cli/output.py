@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -52,9 +53,25 @@ def emit_json(data: Any, *, sort_keys: bool = False) -> None:
     out.print_json(json.dumps(data, default=str), sort_keys=sort_keys)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (a newline, an escape sequence, a
+    record separator from a hostile name or path) written as its Python escape: one line that
+    cannot move the cursor or recolour the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def error_line(message: str) -> None:
-    """``error: <message>`` on stderr, never read as markup or emoji codes (``:smile:``)."""
-    err.print(f"error: {message}", markup=False, emoji=False)
+    """``error: <message>`` on stderr: one line (`printable`), never read as markup or emoji
+    codes (``:smile:``)."""
+    err.print(f"error: {printable(message)}", markup=False, emoji=False)
+
+
+def _one_line(message: str) -> str:
+    """A click message on one line: click puts the choices of a missing option on lines of
+    their own (``Choose from:\n\tsim,\n\t...``)."""
+    return re.sub(r"[ \t]*\n\s*", " ", message).strip()
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -72,6 +89,7 @@ def known_errors() -> tuple[type[Exception], ...]:
     from kms_adapters.keyref import InvalidKeyRef
     from rekey.backends import BackendNotAvailable
     from rekey.client import RekeyClientError
+    from rekey.codec import CodecError
     from rekey.config import ConfigError
     from rekey.devstack import DevStackError
     from sealing.errors import SealingError
@@ -89,6 +107,7 @@ def known_errors() -> tuple[type[Exception], ...]:
         AuditError,
         DevStackError,
         RekeyClientError,
+        CodecError,
         CliError,
     )
 
@@ -111,7 +130,7 @@ def exit_on_error(debug: bool) -> Iterator[None]:
     except click.exceptions.Abort:
         fail("aborted", EXIT_INTERRUPTED)
     except click.ClickException as exc:
-        fail(exc.format_message(), exc.exit_code)
+        fail(_one_line(exc.format_message()), exc.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
     except Exception as exc:

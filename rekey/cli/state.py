@@ -12,15 +12,16 @@ import click
 from rich.text import Text
 
 from audit import AuditLog
+from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from rekey.backends import adapter_for, signer_for, witness_for
-from rekey.cli.context import settings, store
+from rekey.cli.context import STORE_SETTING, settings, store
 from rekey.cli.files import read_input, write_output
 from rekey.cli.output import CliError, emit_json, err, json_option, out, table
 from sealing import envelope
 from sealing.keywrap import KeyWrapper
-from sealing.names import InvalidName, check_generation_id, check_name, check_namespace
-from sealing.state import SealedState
-from sealing.store import SealedStateStore
+from sealing.names import InvalidName, check_generation_id, check_name, check_namespace, is_valid_name
+from sealing.state import SealedState, UnknownGeneration
+from sealing.store import SealedStateStore, StoreMissing
 from sealing.witness import DirectoryWitness
 
 
@@ -48,6 +49,14 @@ _NAME = _checked(check_name)
 _NAMESPACE = _checked(check_namespace)
 
 
+def _key_ref(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """``--key``: a key ref (`kms_adapters.keyref`), refused (exit 2) before any store opens."""
+    try:
+        return str(KeyRef.parse(value))
+    except InvalidKeyRef as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.group("state")
 def cli() -> None:
     """Sealed state in the store."""
@@ -72,7 +81,13 @@ def _sealed_state(sealed_store: SealedStateStore, witness: DirectoryWitness | No
 
 
 @cli.command("put")
-@click.option("--key", required=True, metavar="KEYREF", help="Key that wraps the DEK, e.g. vault:orders.")
+@click.option(
+    "--key",
+    required=True,
+    metavar="KEYREF",
+    callback=_key_ref,
+    help="Key that wraps the DEK, e.g. vault:orders.",
+)
 @click.option(
     "--generation",
     required=True,
@@ -98,7 +113,15 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
     # is freed once sealed, before the store write (sealing.state.SealedState.put): a put then
     # peaks at about three times the input, not five. Its size is read from the blob.
     pending = [read_input(in_file, max_bytes=settings().max_blob_bytes)]
-    with store(create=True) as sealed_store:
+    try:
+        # Not created here: the generation must be registered, and registering made the store.
+        opened = store()
+    except StoreMissing:
+        raise UnknownGeneration(
+            f"generation {generation!r} is not registered (rekey generation register MANIFEST);"
+            f" there is no store yet ({STORE_SETTING})"
+        ) from None
+    with opened as sealed_store:
         record = _sealed_state(sealed_store).put(
             namespace=namespace,
             name=name,
@@ -206,10 +229,21 @@ def accept(namespace: str, name: str | None, all_in_namespace: bool, json_out: b
     if (name is None) == (not all_in_namespace):
         raise CliError("give either --name NAME or --all-in-namespace")
     current = settings()
-    signer = signer_for(current)
-    witness = witness_for(current, signer=signer)
-    with store() as sealed_store:
-        names = [name] if name is not None else [s.name for s in sealed_store.summaries(namespace)]
+    with store() as sealed_store:  # first: a missing store is refused before any key is made
+        signer = signer_for(current)
+        witness = witness_for(current, signer=signer)
+        if name is not None:
+            names = [name]
+        else:
+            stored = [s.name for s in sealed_store.summaries(namespace)]
+            names = [n for n in stored if is_valid_name(n)]
+            if len(names) < len(stored):
+                # Rows stored before names were checked (sealing.names) are left as they are.
+                err.print(
+                    f"skipped {len(stored) - len(names)} item(s) in {namespace!r} whose names are not"
+                    " valid names (stored before names were checked)",
+                    markup=False,
+                )
         results = _sealed_state(sealed_store, witness).accept(namespace=namespace, names=names)
     changed = [r for r in results if r.changed]
     if changed:

@@ -62,7 +62,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
 )
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.service import RPCError
+from temporalio.service import ConnectConfig, RPCError, ServiceClient
 
 from activities.types import (
     DEFAULT_BATCH,
@@ -81,6 +81,7 @@ from rekey.client.errors import (
     KeyNotFound,
     NamespaceNotReady,
     NoWorker,
+    ProgressUnreadable,
     RekeyClientError,
     RotationBlocked,
     RotationFailed,
@@ -176,6 +177,7 @@ __all__ = [
     "NoWorker",
     "PendingActivity",
     "Progress",
+    "ProgressUnreadable",
     "RekeyClient",
     "RekeyClientError",
     "RotationBlocked",
@@ -260,13 +262,12 @@ def data_converter(settings: Settings) -> Any:
 
 
 async def connect(settings: Settings) -> Client:
-    """A Temporal client for ``settings`` (address, namespace, payload codec)."""
+    """A Temporal client for ``settings`` (address, namespace, payload codec).
+
+    The connection comes first and the codec's keyring (created on first use) second, so a
+    command that cannot reach Temporal leaves the home directory as it was."""
     try:
-        return await Client.connect(
-            settings.temporal_address,
-            namespace=settings.temporal_namespace,
-            data_converter=data_converter(settings),
-        )
+        service = await ServiceClient.connect(ConnectConfig(target_host=settings.temporal_address))
     except ValueError as exc:  # the SDK refuses the address itself ("invalid target URL")
         raise TemporalUnreachable(
             f"cannot reach Temporal at {settings.temporal_address!r}: {str(exc).splitlines()[0]}"
@@ -277,6 +278,7 @@ async def connect(settings: Settings) -> Client:
             f"cannot reach Temporal at {settings.temporal_address}: {str(exc).splitlines()[0]}"
             " (start it with `rekey dev up`)"
         ) from None
+    return Client(service, namespace=settings.temporal_namespace, data_converter=data_converter(settings))
 
 
 # --------------------------------------------------------------------------------- schedules

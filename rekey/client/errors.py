@@ -28,6 +28,10 @@ class TemporalUnreachable(RekeyClientError):
     """The Temporal frontend does not answer at the configured address."""
 
 
+class ProgressUnreadable(RekeyClientError):
+    """A rotation's progress (its memo) does not decode with this client's codec keys."""
+
+
 class TemporalRequestFailed(RekeyClientError):
     """Temporal refused or could not answer a request (other than for a missing rotation or schedule)."""
 

@@ -31,6 +31,7 @@ from rekey.client.errors import (
     InvalidId,
     InvalidOption,
     NoWorker,
+    ProgressUnreadable,
     RekeyClientError,
     RotationBlocked,
     RotationFailed,
@@ -72,10 +73,17 @@ def progress_from_memo(value: object) -> Progress | None:
         return None
 
 
-async def memo_progress(execution: WorkflowExecution) -> Progress | None:
+async def memo_progress(execution: WorkflowExecution, *, strict: bool = False) -> Progress | None:
+    """The progress the rotation last published in its memo; None before a worker took it up.
+
+    A memo this client cannot decode (another home's codec keys) is None too, so that a list
+    shows the row without progress; with ``strict`` it is `ProgressUnreadable`, so that a
+    status never passes it off as a rotation no worker has taken up."""
     try:
         return progress_from_memo((await execution.memo()).get(MEMO_PROGRESS))
-    except Exception:  # a memo this client cannot decode: listed without progress
+    except Exception as exc:
+        if strict:
+            raise ProgressUnreadable(f"cannot read the progress of {execution.id}: {exc}") from None
         return None
 
 
@@ -187,7 +195,7 @@ class RotationHandle:
         """Progress, the workflow's status, whether a worker polls, and the activities it waits
         for with their attempts: one describe and one task-queue request, no worker needed."""
         description = await self._describe()
-        progress = await memo_progress(description)
+        progress = await memo_progress(description, strict=True)
         info = RotationInfo.from_execution(description, progress)
         if progress is None:  # no worker has run its first task yet
             progress = empty_progress(info.key_ref, "waiting for a worker to take the rotation up")
@@ -246,7 +254,7 @@ class RotationHandle:
         try:
             while not ended.done():
                 try:
-                    progress = await memo_progress(await self._describe())
+                    progress = await memo_progress(await self._describe(), strict=True)
                 except (RekeyClientError, TemporalError) as exc:
                     if on_unavailable is not None:
                         on_unavailable(exc)

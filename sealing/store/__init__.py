@@ -39,6 +39,7 @@ from sealing.store.blobs import MAX_PAGE
 from sealing.store.engine import POSTGRES_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_S
 from sealing.store.errors import (
     DuplicateRecord,
+    InvalidStoreURL,
     RecordNotFound,
     SchemaTooNew,
     StaleRecord,
@@ -74,6 +75,7 @@ __all__ = [
     "BlobRecord",
     "BlobSummary",
     "DuplicateRecord",
+    "InvalidStoreURL",
     "MigrationStep",
     "NewBlob",
     "Page",

@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from sealing.store.errors import DuplicateRecord, StoreError, StoreMissing, StoreUnavailable
+from sealing.store.errors import DuplicateRecord, InvalidStoreURL, StoreError, StoreMissing, StoreUnavailable
 
 __all__ = [
     "POSTGRES_CONNECT_TIMEOUT_S",
@@ -122,14 +122,14 @@ class Database:
 
 def open_database(url: str, *, create: bool = True) -> Database:
     """An engine on ``url`` (``sqlite://`` or ``postgresql+psycopg://``; plain ``postgresql://``
-    means psycopg too). ValueError for a URL the store cannot use; connects lazily.
+    means psycopg too). `InvalidStoreURL` (a ValueError) for a URL the store cannot use; connects lazily.
 
     ``create=False``: `StoreMissing` for an SQLite file that does not exist, and neither the
     file nor its directory is created."""
     try:
         parsed = make_url(url)
     except (sa_exc.ArgumentError, ValueError):
-        raise ValueError("invalid database URL (expected e.g. sqlite:///path/state.db)") from None
+        raise InvalidStoreURL("invalid database URL (expected e.g. sqlite:///path/state.db)") from None
     if parsed.drivername == "postgresql":
         # psycopg 3 is the driver rekey ships with; plain postgresql:// means psycopg2.
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -158,13 +158,13 @@ def open_database(url: str, *, create: bool = True) -> Database:
             kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
         kwargs["pool_pre_ping"] = True
     else:
-        raise ValueError(
+        raise InvalidStoreURL(
             f"unsupported database {display}: the store runs on sqlite:// or postgresql+psycopg://"
         )
     try:
         engine = create_engine(parsed, **kwargs)
     except (sa_exc.SQLAlchemyError, ImportError) as exc:
-        raise ValueError(f"cannot use database {display}: {type(exc).__name__}") from exc
+        raise InvalidStoreURL(f"cannot use database {display}: {type(exc).__name__}") from exc
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)

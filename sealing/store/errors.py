@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "DuplicateRecord",
+    "InvalidStoreURL",
     "RecordNotFound",
     "SchemaTooNew",
     "StaleRecord",
@@ -69,5 +70,12 @@ class StoreUnavailable(StoreError):
 class StoreMissing(StoreError):
     """The store was opened to read (``create=False``) but there is none at that URL: no SQLite
     file, or a database without rekey's tables. Nothing was created."""
+
+    exit_code = 2
+
+
+class InvalidStoreURL(StoreError, ValueError):
+    """The store URL is not one the store can use (not a URL, or not SQLite or PostgreSQL).
+    Nothing was opened or created."""
 
     exit_code = 2

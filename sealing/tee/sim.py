@@ -103,6 +103,8 @@ KEY_REQUEST_BYTES = _KEY_REQUEST.size  # 51
 class SimHostError(SealingError):
     """A sim host directory is incomplete, unreadable or readable by other users."""
 
+    exit_code = 2
+
 
 def _check_bytes(value: object, size: int, label: str) -> None:
     if not isinstance(value, bytes) or len(value) != size:
@@ -331,9 +333,16 @@ class SimHost:
         discards its copy and loads the winner's.
         """
         host_dir = Path(host_dir)
+        if host_dir.exists() and not host_dir.is_dir():
+            raise SimHostError(f"sim host directory {host_dir} is not a directory")
         if not host_dir.is_dir() or not any(host_dir.iterdir()):
-            host_dir.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{host_dir.name}.", dir=host_dir.parent))  # 0700
+            try:
+                host_dir.parent.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=f".{host_dir.name}.", dir=host_dir.parent))  # 0700
+            except OSError as exc:
+                raise SimHostError(
+                    f"cannot create the sim host directory {host_dir}: {exc.strerror}"
+                ) from None
             renamed = False
             try:
                 write_new_host(staging)
@@ -351,11 +360,21 @@ class SimHost:
         return cls._load(host_dir)
 
     @classmethod
+    def load(cls, host_dir: Path) -> SimHost:
+        """Load the existing host in ``host_dir``; `SimHostError` if there is none (nothing is
+        created: a verifier trusts a host that exists, it does not make one)."""
+        return cls._load(Path(host_dir))
+
+    @classmethod
     def _load(cls, host_dir: Path) -> SimHost:
         try:
             dir_mode = host_dir.stat().st_mode
         except FileNotFoundError:
             raise SimHostError(f"sim host directory {host_dir} does not exist") from None
+        except OSError as exc:
+            raise SimHostError(f"cannot read the sim host directory {host_dir}: {exc.strerror}") from None
+        if not stat.S_ISDIR(dir_mode):
+            raise SimHostError(f"sim host directory {host_dir} is not a directory")
         if dir_mode & 0o077:
             raise SimHostError(
                 f"sim host directory {host_dir} is accessible by group or others"

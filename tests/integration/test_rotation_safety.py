@@ -339,6 +339,22 @@ async def test_status_with_the_worker_stopped_answers_at_once_and_says_no_worker
     all_readable(rig)
 
 
+async def test_a_client_with_other_codec_keys_gets_one_error_line(
+    rig: Rig, rekey_cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    async with rig.worker():
+        rotation = await rig.start(grace="1h", batch_size=50)
+        await wait_phase(rotation, AWAITING_COMMIT)
+        # Another home: another codec keyring, which cannot read this rotation's payloads.
+        monkeypatch.setenv("REKEY_HOME", str(tmp_path / "other-home"))
+        code, out, err = await rekey_cli("rotate", "status", rotation.id)
+        assert code == 1, (out, err)
+        assert err.count("\n") == 1
+        assert err.startswith(f"error: cannot read the progress of {rotation.id}: payload")
+        assert "clients and workers need the same codec keys" in err and "internal error" not in err
+        await rotation.abort()
+
+
 # ---------------------------------------------------------------- a restore during the delay
 
 

@@ -35,7 +35,7 @@ from rekey.client import (
     schedule_id,
     seconds,
 )
-from rekey.config import Settings
+from rekey.config import ConfigError, Settings
 from tests.fixtures.cli import run_cli
 from tests.fixtures.ports import free_port
 
@@ -234,9 +234,9 @@ def test_a_scheduled_time_is_ascii_digits() -> None:
         parse_rotation_id("rotate:vault:x-\u0662\u0660\u0663\u0660-\u0660\u0661-\u0660\u0661T00:00:00Z")
 
 
-async def test_an_address_that_is_no_address_is_unreachable(tmp_path: Path) -> None:
-    with pytest.raises(TemporalUnreachable, match=r"temporal_address must be host:port"):
-        await connect(Settings(home=tmp_path, temporal_address="not a host"))
+def test_an_address_that_is_no_address_is_refused_by_the_settings(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"temporal_address 'not a host' is not host:port"):
+        Settings(home=tmp_path, temporal_address="not a host")
 
 
 # ------------------------------------------------------------------------------ command line

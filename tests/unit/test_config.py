@@ -120,3 +120,51 @@ def test_which_rekey_variables_are_checked(tmp_path: Path) -> None:
     # Every variable Settings.environ() hands a child process is a known one.
     child = load_settings(tmp_path, environ={}).environ()
     assert load_settings(tmp_path, environ=child).store_url == load_settings(tmp_path, environ={}).store_url
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REKEY_VAULT_ADDR", " "),
+        ("REKEY_VAULT_ADDR", "127.0.0.1:8200"),
+        ("REKEY_VAULT_ADDR", "ftp://127.0.0.1"),
+        ("REKEY_VAULT_ADDR", "http://[::1"),
+        ("REKEY_AWS_ENDPOINT", "http://127.0.0.1:99999"),
+        ("REKEY_AWS_ENDPOINT", "http://user:pw@127.0.0.1:5000"),
+        ("REKEY_AZURE_VAULT_URL", "https://a b"),
+        ("REKEY_AZURE_VAULT_URL", "https://host/?x=1"),
+        ("REKEY_TEMPORAL_ADDRESS", "127.0.0.1"),
+        ("REKEY_TEMPORAL_ADDRESS", "127.0.0.1:0"),
+        ("REKEY_TEMPORAL_ADDRESS", "http://127.0.0.1:7233"),
+    ],
+)
+def test_endpoints_that_no_client_could_use_are_refused_naming_the_setting(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    setting = variable.removeprefix("REKEY_").lower()
+    with pytest.raises(ConfigError, match=f"^{setting} ") as caught:
+        load_settings(tmp_path, environ={variable: value})
+    assert "\n" not in str(caught.value)
+
+
+def test_endpoints_of_a_real_deployment_are_accepted(tmp_path: Path) -> None:
+    settings = load_settings(
+        tmp_path,
+        environ={
+            "REKEY_VAULT_ADDR": "https://vault.internal:8200",
+            "REKEY_AWS_ENDPOINT": "https://kms.eu-west-1.amazonaws.com",
+            "REKEY_AZURE_VAULT_URL": "https://my-hsm.managedhsm.azure.net/",
+            "REKEY_TEMPORAL_ADDRESS": "rekey.a1b2c.tmprl.cloud:7233",
+        },
+    )
+    assert settings.temporal_address == "rekey.a1b2c.tmprl.cloud:7233"
+    assert load_settings(tmp_path, environ={"REKEY_VAULT_ADDR": "http://[::1]:8200"}).vault_addr
+
+
+@pytest.mark.parametrize("token", ["s.ÍX", "a b", "tok\n", "\x00"])
+def test_a_token_that_cannot_travel_in_a_header_is_refused_without_showing_it(
+    tmp_path: Path, token: str
+) -> None:
+    with pytest.raises(ConfigError, match="vault_token must be printable ASCII") as caught:
+        load_settings(tmp_path, environ={"REKEY_VAULT_TOKEN": token})
+    assert token not in str(caught.value)
