@@ -88,6 +88,24 @@ def test_wrap_rotate_rewrap_disable_destroy(key: KmsAdapter) -> None:
     assert key.unwrap(moved.ciphertext) == dek
 
 
+def test_a_second_rotation_retires_and_destroys_after_a_first_one_did(key: KmsAdapter) -> None:
+    """Two rotations in a row, each disabling and destroying the version before: the second
+    one's disable and destroy must work on a key whose oldest version is already destroyed
+    (Transit once refused it, which left the second rotation blocked in RETIRING)."""
+    dek = secrets.token_bytes(32)
+    for old, new in ((1, 2), (2, 3)):
+        assert key.rotate().primary_version == new
+        on_new = key.wrap(dek).ciphertext
+        info = key.disable_version(old)
+        assert info.state_of(old) == "disabled" and info.state_of(new) == "enabled"
+        info = key.destroy_below(new)
+        assert info.state_of(old) in ("destroyed", "pending_deletion"), info
+        assert key.unwrap(on_new) == dek
+    info = key.describe()
+    assert info.primary_version == 3
+    assert [info.state_of(v) in ("destroyed", "pending_deletion") for v in (1, 2)] == [True, True]
+
+
 def test_enable_version_undoes_disable(key: KmsAdapter) -> None:
     dek = secrets.token_bytes(32)
     key.rotate()
