@@ -182,7 +182,7 @@ class AgentApi:
         return {"blobs": [{"namespace": ns, "name": name, "blob": _b64(blob)} for ns, name, blob in resealed]}
 
 
-def _error(exc: BaseException) -> tuple[HTTPStatus, dict[str, Any]]:
+def error_answer(exc: BaseException) -> tuple[HTTPStatus, dict[str, Any]]:
     body: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
     if isinstance(exc, PolicyDenied):
         body["reasons"] = exc.reasons
@@ -361,13 +361,13 @@ def make_handler(
                 )
                 return
             except Exception as exc:
-                status, error = _error(exc)
+                status, error = error_answer(exc)
                 self._reply(status, {"error": error})
                 return
             try:
                 self._reply(HTTPStatus.OK, route(body, caller))
             except Exception as exc:
-                status, error = _error(exc)
+                status, error = error_answer(exc)
                 self._reply(status, {"error": error})
 
         def do_GET(self) -> None:
