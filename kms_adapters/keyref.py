@@ -14,7 +14,8 @@ but a key of its backend once it is put into a URL path, an alias or an ARN:
   refused so that one key has one reference).
 
 Everything is matched with ``fullmatch`` (a trailing newline does not pass). ``InvalidKeyRef``
-carries a one-line message that shows the refused text with ``repr``.
+carries a one-line message that shows the refused text with ``repr``, cut to its first 80
+characters (a hostile reference may be megabytes long).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ _NAMES: dict[str, tuple[re.Pattern[str], int, str]] = {
 }
 
 
+def _shown(text: str) -> str:
+    """``text`` for a message: its repr, of at most its first 80 characters."""
+    return repr(text[:80]) + f" (cut, {len(text)} characters)" if len(text) > 80 else repr(text)
+
+
 class InvalidKeyRef(ValueError):
     """A key reference is not ``backend:name`` with a known backend and a safe name."""
 
@@ -60,7 +66,7 @@ def check_name(backend: str, name: str) -> str:
     """``name`` if it is a safe key name for ``backend``; else ``InvalidKeyRef``."""
     pattern, limit, rule = _NAMES[backend]
     if not (len(name) <= limit and pattern.fullmatch(name)):
-        raise InvalidKeyRef(f"key reference {f'{backend}:{name}'!r}: name must be {rule}")
+        raise InvalidKeyRef(f"key reference {_shown(f'{backend}:{name}')}: name must be {rule}")
     return name
 
 
@@ -73,7 +79,7 @@ class KeyRef:
         if self.backend not in BACKENDS:
             known = ", ".join(BACKENDS)
             raise InvalidKeyRef(
-                f"key reference {str(self)!r}: unknown backend {self.backend!r} (one of {known})"
+                f"key reference {_shown(str(self))}: unknown backend {_shown(self.backend)} (one of {known})"
             )
         check_name(self.backend, self.name)
 
@@ -83,7 +89,9 @@ class KeyRef:
             raise InvalidKeyRef(f"key reference must be text, not {type(text).__name__}")
         backend, sep, name = text.partition(":")
         if not sep:
-            raise InvalidKeyRef(f"key reference {text!r} must look like backend:name (e.g. vault:orders)")
+            raise InvalidKeyRef(
+                f"key reference {_shown(text)} must look like backend:name (e.g. vault:orders)"
+            )
         return cls(backend, name)
 
     def __str__(self) -> str:

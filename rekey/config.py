@@ -154,6 +154,7 @@ class Settings:
         check_temporal_address(self.temporal_address)
         for name in ("vault_token", "azure_token"):
             check_token(name, getattr(self, name))
+        check_aws_region(self.aws_region)
         object.__setattr__(self, "allowed_keys", tuple(self.allowed_keys))
         object.__setattr__(self, "trusted_key_fingerprints", tuple(self.trusted_key_fingerprints))
         for pattern in self.allowed_keys:
@@ -252,6 +253,18 @@ def check_temporal_address(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not (sep and _HOST.fullmatch(host) and port.isdigit() and port.isascii() and 0 < int(port) < 65536):
         raise ConfigError(f"temporal_address {_shown(value)} is not host:port (e.g. 127.0.0.1:7233)")
+    return value
+
+
+_REGION: Final = re.compile(r"(?![0-9]+$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def check_aws_region(value: str) -> str:
+    """``aws_region``: a non-empty host label; `ConfigError` otherwise. botocore raises its own
+    InvalidRegionError for other text when it makes a client, and sends requests for an empty
+    region that the endpoint cannot route (moto answers 500)."""
+    if not _REGION.fullmatch(value):
+        raise ConfigError(f"aws_region {_shown(value)} is not a region name (e.g. us-east-1)")
     return value
 
 

@@ -62,10 +62,18 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+MAX_ERROR_CHARS = 2000
+"""The longest error line shown: a message quoting a hostile value whole (a megabyte-long
+option, say) is cut there, with its length said."""
+
+
 def error_line(message: str) -> None:
-    """``error: <message>`` on stderr: one line (`printable`), never read as markup or emoji
-    codes (``:smile:``)."""
-    err.print(f"error: {printable(message)}", markup=False, emoji=False)
+    """``error: <message>`` on stderr: one line (`printable`) of at most `MAX_ERROR_CHARS`
+    characters, never read as markup or emoji codes (``:smile:``)."""
+    line = printable(message)
+    if len(line) > MAX_ERROR_CHARS:
+        line = f"{line[:MAX_ERROR_CHARS]}… (cut, {len(line)} characters)"
+    err.print(f"error: {line}", markup=False, emoji=False)
 
 
 def _one_line(message: str) -> str:

@@ -29,7 +29,13 @@ def cli(shutdown_timeout: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     worker_log = logging.getLogger("rekey.worker")
+    level = worker_log.level
     worker_log.addHandler(handler)
     worker_log.setLevel(logging.INFO)
-    err.print(f"rekey worker on task queue rekey, Temporal {current.temporal_address}")
-    asyncio.run(run_worker(current, shutdown_timeout=timeout))
+    try:
+        err.print(f"rekey worker on task queue rekey, Temporal {current.temporal_address}")
+        asyncio.run(run_worker(current, shutdown_timeout=timeout))
+    finally:
+        # Run in-process (tests, an embedding tool), the next run must not print every line twice.
+        worker_log.removeHandler(handler)
+        worker_log.setLevel(level)

@@ -86,3 +86,20 @@ def test_state_put_refuses_a_bad_key_ref_and_a_missing_store_and_creates_nothing
     assert code == 2
     assert "generation 'g1' is not registered" in err and "there is no store yet" in err
     assert sorted(p.name for p in home.iterdir()) == []
+
+
+def test_a_huge_hostile_value_is_not_echoed_whole(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REKEY_HOME", str(tmp_path / "home"))
+    huge = "a" * 100_000
+    for argv in (
+        ("rotate", "status", f"rotate:vault:{huge}"),
+        ("rotate", "start", f"vault:{huge}"),
+        ("rotate", "pause", "vault:k", "--update-id", huge),
+        ("rotate", "start", "vault:k", "--grace", huge),
+    ):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, (argv[:2], err[:300])
+        assert err.count("\n") == 1 and err.startswith("error: "), err[:300]
+        assert len(err) < 2200, (argv[:2], len(err))

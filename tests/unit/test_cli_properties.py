@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -286,16 +287,22 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _alarm(seconds: int) -> Iterator[None]:
+    """Raise `Hung` after ``seconds``. The process has one real-time timer, which
+    pytest-timeout arms for the whole test: it is re-armed afterwards with what it had left."""
+
     def ring(_signum: int, _frame: FrameType | None) -> None:
         raise Hung
 
     previous = signal.signal(signal.SIGALRM, ring)
-    signal.alarm(seconds)
+    outer, _interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
     try:
         yield
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 0.001))
 
 
 @pytest.fixture(autouse=True)
@@ -357,6 +364,20 @@ def _check(argv: list[str], code: int | None, out: str, err: str) -> None:
 
 
 COMMANDS = _leaf_commands()
+
+
+def test_the_per_command_alarm_leaves_the_test_timeout_armed() -> None:
+    # pytest-timeout (timeout = 300, the signal method) arms the timer; without it, we do.
+    ours = signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    if ours:
+        signal.setitimer(signal.ITIMER_REAL, 3600)
+    try:
+        with _alarm(LIMIT_S):
+            pass
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > LIMIT_S
+    finally:
+        if ours:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(p) for p in COMMANDS])

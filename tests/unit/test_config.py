@@ -168,3 +168,16 @@ def test_a_token_that_cannot_travel_in_a_header_is_refused_without_showing_it(
     with pytest.raises(ConfigError, match="vault_token must be printable ASCII") as caught:
         load_settings(tmp_path, environ={"REKEY_VAULT_TOKEN": token})
     assert token not in str(caught.value)
+
+
+@pytest.mark.parametrize("region", ["", "../../x", "eu west 1", "us-east-1\n", "-x", "123", "a" * 64])
+def test_an_aws_region_botocore_would_crash_on_is_refused(tmp_path: Path, region: str) -> None:
+    # botocore raises InvalidRegionError (no rekey error: "internal error") when it makes the
+    # client; an empty region is accepted by botocore and answered 500 by the endpoint.
+    with pytest.raises(ConfigError, match=r"^aws_region "):
+        load_settings(tmp_path, environ={"REKEY_AWS_REGION": region})
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-3", "us-gov-west-1", "local"])
+def test_real_aws_regions_are_accepted(tmp_path: Path, region: str) -> None:
+    assert load_settings(tmp_path, environ={"REKEY_AWS_REGION": region}).aws_region == region

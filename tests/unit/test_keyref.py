@@ -142,3 +142,10 @@ def test_adapter_for_refuses_refs_the_configuration_does_not_know(tmp_path: Path
     assert adapter_for(open_settings, "vault:other").key_ref == "vault:other"  # no server call
     with pytest.raises(InvalidKeyRef):
         adapter_for(open_settings, "vault:x/../../keys/orders/rotate")
+
+
+@pytest.mark.parametrize("text", ["vault:" + "a" * 10_000, "x" * 10_000 + ":k", "x" * 10_000])
+def test_a_huge_ref_is_not_shown_whole(text: str) -> None:
+    with pytest.raises(InvalidKeyRef) as refused:
+        KeyRef.parse(text)
+    assert len(str(refused.value)) < 300 and "10" in str(refused.value)

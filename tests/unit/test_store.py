@@ -27,6 +27,7 @@ from sealing.store import (
     SlotSplice,
     StaleRecord,
     StoreError,
+    StoreMissing,
     StoreUnavailable,
     migrate,
     rekey_schema,
@@ -725,3 +726,46 @@ def test_opening_to_read_never_creates_a_store(tmp_path: Path) -> None:
     SealedStateStore(url).close()
     with SealedStateStore(url, create=False) as opened:
         assert opened.summaries() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="create=False opens an existing file that is no store and changes it before refusing it:"
+    " _private_database_file chmods it 0600 and the WAL switch writes a 4 KiB header into an empty"
+    " file (a read-only command pointed at the wrong file by store_url)",
+)
+@pytest.mark.parametrize("content", [b"", b"not a database\n"])
+def test_opening_a_file_that_is_no_store_to_read_leaves_it_as_it_was(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "not-a-store"
+    path.write_bytes(content)
+    path.chmod(0o644)
+    with pytest.raises(StoreError):
+        SealedStateStore(f"sqlite:///{path}", create=False)
+    assert (path.read_bytes(), path.stat().st_mode & 0o777) == (content, 0o644)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-store"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="create=False checks that the SQLite file exists, then creates it (O_CREAT in"
+    " _private_database_file, and SQLite's own open) if it went away in between: open it with"
+    " mode=rw instead of checking first",
+)
+def test_a_store_removed_while_it_is_opened_to_read_is_not_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sealing.store.engine as engine
+
+    path = tmp_path / "state.db"
+    SealedStateStore(f"sqlite:///{path}").close()
+    real = engine._private_database_file
+
+    def removed_first(file: Path, display: str) -> None:
+        for leftover in tmp_path.iterdir():
+            leftover.unlink()
+        real(file, display)
+
+    monkeypatch.setattr(engine, "_private_database_file", removed_first)
+    with pytest.raises(StoreMissing):
+        SealedStateStore(f"sqlite:///{path}", create=False)
+    assert not path.exists()
