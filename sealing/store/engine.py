@@ -13,11 +13,12 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
 import psycopg
 from sqlalchemy import create_engine, event
@@ -77,18 +78,60 @@ def _sqlite_on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
-def _private_database_file(path: Path, display: str) -> None:
+_SQLITE_HEADER: Final = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(path: Path, display: str) -> None:
+    """For a store opened to read: `StoreMissing` unless ``path`` is an SQLite database, read
+    without following a symlink and without changing the file (a read-only command pointed at
+    the wrong file by ``store_url`` leaves it as it was)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise StoreMissing(f"no store at {display}: {path} does not exist") from None
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot read {display}: {exc.strerror}") from exc
+    try:
+        header = os.read(fd, len(_SQLITE_HEADER))
+    except OSError as exc:  # a directory, for one
+        raise StoreMissing(f"no store at {display}: {path} is not a file ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    if not header:  # what sqlite3.connect leaves behind: a database with no tables at all
+        raise StoreMissing(f"no store at {display}: {path} is empty (no rekey tables)")
+    if header != _SQLITE_HEADER:
+        raise StoreMissing(f"no store at {display}: {path} is not an SQLite database")
+
+
+def _read_only_open(path: Path, display: str) -> Callable[[], sqlite3.Connection]:
+    """A connection factory for an existing store: SQLite opens the file with ``mode=rw``, so
+    it never creates one that went away after `_check_sqlite_file` found it."""
+    uri = f"file:{quote(str(path.resolve()))}?mode=rw"
+
+    def connect() -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
+        except sqlite3.OperationalError:
+            if not path.exists():
+                raise StoreMissing(f"no store at {display}: {path} does not exist") from None
+            raise
+
+    return connect
+
+
+def _private_database_file(path: Path, display: str, *, create: bool = True) -> None:
     """Create the SQLite file 0600 before SQLite does (it would use the umask, typically 0644),
     and take group and other access away from an existing one and its ``-wal``/``-shm`` files.
-    SQLite creates the ``-wal`` and ``-shm`` files with the database file's permissions."""
+    SQLite creates the ``-wal`` and ``-shm`` files with the database file's permissions.
+    ``create=False``: only the latter, for a file `_check_sqlite_file` found."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(path, flags, 0o600) if create else None
     except FileExistsError:
-        pass
+        fd = None
     except OSError as exc:
         raise StoreUnavailable(f"cannot create {display}: {exc.strerror}") from exc
-    else:
+    if fd is not None:
         try:
             os.fchmod(fd, 0o600)  # in case a default ACL widened it
         finally:
@@ -145,14 +188,19 @@ def open_database(url: str, *, create: bool = True) -> Database:
             serialize = True
         elif not database.startswith("file:"):
             path = Path(database).expanduser()
-            if not create and not path.exists():
-                raise StoreMissing(f"no store at {display}: {path} does not exist")
-            try:
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreUnavailable(f"cannot create the directory for {display}: {exc.strerror}") from exc
-            _private_database_file(path, display)
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
+            if create:
+                try:
+                    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreUnavailable(
+                        f"cannot create the directory for {display}: {exc.strerror}"
+                    ) from exc
+            else:
+                _check_sqlite_file(path, display)
+                # mode=rw: SQLite opens the file or fails; it never creates one that went away.
+                kwargs["creator"] = _read_only_open(path, display)
+            _private_database_file(path, display, create=create)
+        kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
     elif backend == "postgresql":
         if "connect_timeout" not in parsed.query:
             kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}

@@ -728,12 +728,6 @@ def test_opening_to_read_never_creates_a_store(tmp_path: Path) -> None:
         assert opened.summaries() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="create=False opens an existing file that is no store and changes it before refusing it:"
-    " _private_database_file chmods it 0600 and the WAL switch writes a 4 KiB header into an empty"
-    " file (a read-only command pointed at the wrong file by store_url)",
-)
 @pytest.mark.parametrize("content", [b"", b"not a database\n"])
 def test_opening_a_file_that_is_no_store_to_read_leaves_it_as_it_was(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "not-a-store"
@@ -745,12 +739,6 @@ def test_opening_a_file_that_is_no_store_to_read_leaves_it_as_it_was(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-store"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="create=False checks that the SQLite file exists, then creates it (O_CREAT in"
-    " _private_database_file, and SQLite's own open) if it went away in between: open it with"
-    " mode=rw instead of checking first",
-)
 def test_a_store_removed_while_it_is_opened_to_read_is_not_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -760,10 +748,10 @@ def test_a_store_removed_while_it_is_opened_to_read_is_not_created(
     SealedStateStore(f"sqlite:///{path}").close()
     real = engine._private_database_file
 
-    def removed_first(file: Path, display: str) -> None:
+    def removed_first(file: Path, display: str, **options: bool) -> None:
         for leftover in tmp_path.iterdir():
             leftover.unlink()
-        real(file, display)
+        real(file, display, **options)
 
     monkeypatch.setattr(engine, "_private_database_file", removed_first)
     with pytest.raises(StoreMissing):
