@@ -155,6 +155,21 @@ class Settings:
         for name in ("vault_token", "azure_token"):
             check_token(name, getattr(self, name))
         check_aws_region(self.aws_region)
+        if urlsplit(self.vault_addr).path not in ("", "/"):
+            # hvac appends /v1/...: a path would name another API, and every key "not exist".
+            raise ConfigError(
+                f"vault_addr {_shown(self.vault_addr)} must not have a path (give the server's root)"
+            )
+        check_temporal_namespace(self.temporal_namespace)
+        if not _MOUNT.fullmatch(self.transit_mount):
+            raise ConfigError(
+                f"transit_mount {_shown(self.transit_mount)} is not a mount path (e.g. transit, team/transit)"
+            )
+        for name in ("witness_dir", "azure_ca_file"):
+            if not getattr(self, name).isprintable() or not getattr(self, name):
+                raise ConfigError(
+                    f"{name} {_shown(getattr(self, name))} holds unprintable characters or is empty"
+                )
         object.__setattr__(self, "allowed_keys", tuple(self.allowed_keys))
         object.__setattr__(self, "trusted_key_fingerprints", tuple(self.trusted_key_fingerprints))
         for pattern in self.allowed_keys:
@@ -257,6 +272,18 @@ def check_temporal_address(value: str) -> str:
 
 
 _REGION: Final = re.compile(r"(?![0-9]+$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+_MOUNT: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}(?:/[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}){0,7}")
+_NAMESPACE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+def check_temporal_namespace(value: str) -> str:
+    """``temporal_namespace``: letters, digits, ``.``, ``_`` and ``-`` (``name.account`` on
+    Temporal Cloud); `ConfigError` otherwise (the SDK would log the value unescaped)."""
+    if not _NAMESPACE.fullmatch(value):
+        raise ConfigError(f"temporal_namespace {_shown(value)} is not a namespace name (e.g. default)")
+    return value
 
 
 def check_aws_region(value: str) -> str:

@@ -48,7 +48,7 @@ class KeyWrapError(SealingError):
 class UnknownKey(KeyWrapError):
     """The key reference names a key that does not exist."""
 
-    exit_code = 1
+    exit_code = 2  # bad input: name a key that exists (rekey key create)
 
 
 class InvalidWrappedKey(KeyWrapError):

@@ -84,7 +84,12 @@ def with_client(action: Callable[[RekeyClient], Awaitable[T]]) -> T:
     # Imported here: only the commands that talk to Temporal load its SDK.
     from rekey.client import RekeyClient
 
+    def unchecked(message: str) -> None:
+        from rekey.cli.output import err, printable
+
+        err.print(f"warning: {printable(message)}", markup=False, emoji=False)
+
     async def run() -> T:
-        return await action(await RekeyClient.connect(settings()))
+        return await action(await RekeyClient.connect(settings(), on_unchecked_key=unchecked))
 
     return asyncio.run(run())

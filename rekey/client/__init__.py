@@ -122,7 +122,7 @@ from rekey.client.rotations import (
     start_attributes,
     worker_polling,
 )
-from rekey.config import Settings
+from rekey.config import ConfigError, Settings
 from workflows.launcher import LaunchRotationWorkflow
 from workflows.rotation import (
     ABORTED,
@@ -337,21 +337,35 @@ class RekeyClient:
         *,
         task_queue: str = TASK_QUEUE,
         adapters: Callable[[str], KmsAdapter] | None = None,
+        on_unchecked_key: Callable[[str], object] | None = None,
     ) -> None:
         self.temporal = temporal
         self.task_queue = task_queue
         self.adapters = adapters
+        self.on_unchecked_key = on_unchecked_key
+        """Where a key check that could not get an answer goes (a warning), when the start
+        should go on: the worker may hold credentials or a route to the KMS that this client
+        lacks. None: that check is `KeyCheckFailed` and nothing starts. A key the backend
+        says does not exist is `KeyNotFound` either way."""
 
     @classmethod
-    async def connect(cls, settings: Settings, *, task_queue: str = TASK_QUEUE) -> RekeyClient:
+    async def connect(
+        cls,
+        settings: Settings,
+        *,
+        task_queue: str = TASK_QUEUE,
+        on_unchecked_key: Callable[[str], object] | None = None,
+    ) -> RekeyClient:
         """Connect to the Temporal of ``settings``; `TemporalUnreachable` if it does not answer.
-        Keys are checked on the backends of ``settings`` before a rotation or schedule starts."""
+        Keys are checked on the backends of ``settings`` before a rotation or schedule starts
+        (``on_unchecked_key`` as for the constructor)."""
         from rekey.backends import adapter_for
 
         return cls(
             await connect(settings),
             task_queue=task_queue,
             adapters=lambda key_ref: adapter_for(settings, key_ref),
+            on_unchecked_key=on_unchecked_key,
         )
 
     async def check_key(self, key_ref: str) -> None:
@@ -375,11 +389,11 @@ class RekeyClient:
                 f"key {ref} does not exist on backend {ref.backend} ({_one_line(exc)}): nothing was"
                 f" started (create it with `rekey key create {ref}`)"
             ) from None
-        except KeyWrapError as exc:
-            raise KeyCheckFailed(
-                f"cannot check key {ref} on backend {ref.backend}: {type(exc).__name__}: {_one_line(exc)}"
-                " (nothing was started)"
-            ) from None
+        except (KeyWrapError, ConfigError) as exc:  # no answer, or no credentials here to ask with
+            cause = f"cannot check key {ref} on backend {ref.backend}: {type(exc).__name__}: {_one_line(exc)}"
+            if self.on_unchecked_key is None:
+                raise KeyCheckFailed(f"{cause} (nothing was started)") from None
+            self.on_unchecked_key(f"{cause}; starting anyway (the worker uses its own credentials)")
 
     def _request(
         self,

@@ -255,6 +255,8 @@ class RotationHandle:
             while not ended.done():
                 try:
                     progress = await memo_progress(await self._describe(), strict=True)
+                except ProgressUnreadable:
+                    raise  # not for a moment: this client's codec keys will not read it later either
                 except (RekeyClientError, TemporalError) as exc:
                     if on_unavailable is not None:
                         on_unavailable(exc)

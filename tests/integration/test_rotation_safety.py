@@ -352,6 +352,11 @@ async def test_a_client_with_other_codec_keys_gets_one_error_line(
         assert err.count("\n") == 1
         assert err.startswith(f"error: cannot read the progress of {rotation.id}: payload")
         assert "clients and workers need the same codec keys" in err and "internal error" not in err
+        # Attaching with --wait stops at once with that line, not a bar that never moves.
+        code, out, err = await asyncio.wait_for(rekey_cli("rotate", "start", rotation.key_ref, "--wait"), 30)
+        assert code == 1, (out, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "clients and workers need the same codec keys" in last
         await rotation.abort()
 
 

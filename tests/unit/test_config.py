@@ -181,3 +181,31 @@ def test_an_aws_region_botocore_would_crash_on_is_refused(tmp_path: Path, region
 @pytest.mark.parametrize("region", ["us-east-1", "eu-west-3", "us-gov-west-1", "local"])
 def test_real_aws_regions_are_accepted(tmp_path: Path, region: str) -> None:
     assert load_settings(tmp_path, environ={"REKEY_AWS_REGION": region}).aws_region == region
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("REKEY_VAULT_ADDR", "http://127.0.0.1:8200/v1/", "vault_addr .* must not have a path"),
+        ("REKEY_TEMPORAL_NAMESPACE", "default\nWARN forged", "temporal_namespace .* is not a namespace name"),
+        ("REKEY_TEMPORAL_NAMESPACE", "", "temporal_namespace '' is not a namespace name"),
+        ("REKEY_TRANSIT_MOUNT", "../sys", "transit_mount '../sys' is not a mount path"),
+        ("REKEY_TRANSIT_MOUNT", "transit/../sys", "is not a mount path"),
+        ("REKEY_WITNESS_DIR", "w\x1b[2J", "witness_dir .* holds unprintable characters"),
+        ("REKEY_AZURE_CA_FILE", "ca\n.pem", "azure_ca_file .* holds unprintable characters"),
+    ],
+)
+def test_settings_an_sdk_would_misuse_are_refused(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_settings(tmp_path, environ={variable: value})
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
+def test_mounts_and_namespaces_of_real_deployments_are_accepted(tmp_path: Path) -> None:
+    settings = load_settings(
+        tmp_path,
+        environ={"REKEY_TRANSIT_MOUNT": "team-a/transit", "REKEY_TEMPORAL_NAMESPACE": "rekey-prod.a1b2c"},
+    )
+    assert (settings.transit_mount, settings.temporal_namespace) == ("team-a/transit", "rekey-prod.a1b2c")
