@@ -78,7 +78,7 @@ def test_key_create_and_show(home: Path, rekey: Callable[..., Result]) -> None:
     assert shown["primary_version"] == 1 and shown["rotation_mode"] == "native"
     assert [(v["version"], v["state"], v["primary"]) for v in shown["versions"]] == [(1, "enabled", True)]
     assert shown["versions"][0]["created_at"].startswith("20")
-    assert_one_line_error(rekey("key", "show", "vault:absent"), 1, "does not exist")
+    assert_one_line_error(rekey("key", "show", "vault:absent"), 2, "does not exist")
     assert_one_line_error(rekey("key", "create", "orders"), 2, "backend:name")
     assert_one_line_error(rekey("key", "create", "gcp:orders"), 2, "unknown backend 'gcp'")
     listed = rekey("key", "list", "vault", "--json").json()
@@ -213,7 +213,7 @@ def test_state_bad_input_changes_nothing(home: Path, tmp_path: Path, rekey: Call
     )
     assert_one_line_error(
         put("--key", "vault:no-such", "--generation", "app-v1", "--in", str(source)),
-        1,
+        2,
         "does not exist",
     )
     assert_one_line_error(
