@@ -55,6 +55,10 @@ _SLOT = struct.Struct(">IH")  # key version, wrapped DEK length
 _BODY_LEN = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
+MAX_HEAD_BYTES = _PREFIX.size + 0xFFFF + _SLOT.size + 0xFFFF + NONCE_BYTES + _BODY_LEN.size
+"""The most bytes a blob's prefix, header, key slot, nonce and body length can take (each
+length field is 16 bits): the first this many bytes of a blob always hold its header."""
+
 
 class SealingPolicy(enum.IntEnum):
     """What the DEK is bound to. v1 writes KMS; the TEE policies come with hardware sealing."""
@@ -313,6 +317,17 @@ def parse(blob: bytes | bytearray | memoryview) -> SealedBlob:
     nonce = bytes(data[layout.nonce_at : layout.nonce_at + NONCE_BYTES])
     header = _decode_header(aad[_PREFIX.size :])
     return SealedBlob(header, layout.key_version, wrapped, nonce, view[layout.body_at :], aad)
+
+
+def header_in_head(head: bytes, length: int) -> BlobHeader:
+    """The (not yet authenticated) header of a blob of ``length`` bytes from its first bytes,
+    at least `MAX_HEAD_BYTES` of them or all; the framing is checked against ``length``, so bad
+    blobs raise as with ``parse``. ValueError if ``head`` ends before the body starts."""
+    try:
+        layout = _layout(head, length)
+    except _ShortHead:
+        raise ValueError(f"a blob head of {len(head)} bytes ends before its body starts") from None
+    return _decode_header(bytes(head[_PREFIX.size : layout.slot]))
 
 
 def plaintext_size(blob: bytes | bytearray | memoryview) -> int:

@@ -51,7 +51,16 @@ from sealing import envelope
 from sealing.errors import SealedBlobError, SealingError, StaleBlob, TamperedBlob
 from sealing.keywrap import KeyWrapper
 from sealing.names import check_generation_id, check_name, check_namespace
-from sealing.store import BlobRecord, DuplicateRecord, RecordNotFound, SealedStateStore, StaleRecord
+from sealing.store import (
+    BlobHandover,
+    BlobRecord,
+    BlobSummary,
+    DuplicateRecord,
+    RecordNotFound,
+    SealedStateStore,
+    StaleRecord,
+    SweepRow,
+)
 from sealing.witness import Checkpoint, ResettableWitness, Witness, WitnessError
 
 PUT_ATTEMPTS = 5
@@ -73,12 +82,14 @@ def blob_subject(namespace: str, name: str) -> str:
     return f"{namespace}\x00{name}"
 
 
-def _stored_version(record: BlobRecord | None) -> int:
-    """The header version of a stored blob (0 for none, or one that does not parse: the put
-    replacing it still goes above the checkpoint)."""
+def _stored_version(record: BlobRecord | SweepRow | None) -> int:
+    """The header version of a stored blob, from the whole blob or its head (0 for none, or one
+    that does not parse: the put replacing it still goes above the checkpoint)."""
     if record is None:
         return 0
     try:
+        if isinstance(record, SweepRow):
+            return envelope.header_in_head(record.head, record.length).version
         return envelope.parse(record.blob).header.version
     except SealedBlobError:
         return 0
@@ -172,7 +183,7 @@ class SealedState:
             return None
         return self._witness.latest(BLOB_KIND, blob_subject(namespace, name))
 
-    def _next_version(self, namespace: str, name: str, existing: BlobRecord | None) -> int:
+    def _next_version(self, namespace: str, name: str, existing: BlobRecord | SweepRow | None) -> int:
         """One above the checkpoint (and above the versions a restore superseded, see
         `accept`), or above the stored blob's version if that is higher *and* the stored blob
         authenticates: the header's version is parsed without any key, so whoever writes the
@@ -187,8 +198,9 @@ class SealedState:
             raise TamperedBlob(f"sealed blob {namespace}/{name} has an implausible version; not replacing it")
         return version
 
-    def put(self, *, namespace: str, name: str, data: bytes, key_ref: str, generation: str) -> BlobRecord:
+    def put(self, *, namespace: str, name: str, data: bytes, key_ref: str, generation: str) -> BlobSummary:
         """Seal ``data`` and store it under (namespace, name), replacing any previous value.
+        Returns the summary of the row written.
 
         Nothing is written unless sealing succeeded, and a concurrent writer is never
         overwritten: the update is a compare-and-swap on the row version read here. With a
@@ -196,10 +208,14 @@ class SealedState:
         the checkpoint advances to it once the store write has committed. `InvalidName`
         (`sealing.names`) for a namespace, name or generation id outside the allowed ones.
 
-        Memory: ``data`` is let go once sealed (a lost race re-seals from the new blob itself),
-        and neither the blob replaced nor the one written is read back; a caller that hands
+        Memory: of the blob replaced only the head is fetched (its header holds the version);
+        ``data`` is let go once sealed (a lost race re-seals from the new blob itself), and the
+        blob is handed over to the store (`BlobHandover`), never read back. A caller that hands
         over its only reference (``put(data=path.read_bytes(), ...)``) lets the plaintext be
-        freed before the store write, which then holds the blob plus the database's copies.
+        freed before the store write, so a put peaks at about twice the size of ``data``: the
+        plaintext and the blob while sealing (and on SQLite, which loads the whole value to cut
+        its head, the plaintext and the blob replaced), the database's two copies of the blob
+        while writing it.
         """
         check_namespace(namespace)
         check_name(name)
@@ -212,11 +228,11 @@ class SealedState:
             ) from None
         wrapper = self._wrapper_for(key_ref)
         try:
-            existing: BlobRecord | None = self._store.get_by_name(namespace, name)
+            existing: SweepRow | None = self._store.head_by_name(namespace, name, envelope.MAX_HEAD_BYTES)
         except RecordNotFound:
             existing = None
 
-        def seal_as(plain: bytes, blob_id: str, version: int) -> tuple[bytes, int]:
+        def seal_as(plain: bytes, blob_id: str, version: int) -> tuple[BlobHandover, int]:
             sealed = envelope.seal(
                 plain,
                 wrapper,
@@ -226,18 +242,17 @@ class SealedState:
                 blob_id=uuid.UUID(blob_id),
                 version=version,
             )
-            return bytes(sealed), envelope.parse(sealed).key_version
+            return BlobHandover(sealed), envelope.key_slot(sealed).key_version
 
         blob_id = existing.blob_id if existing is not None else str(uuid.uuid4())
         version = self._next_version(namespace, name, existing)
-        # Only the row version of what is replaced is needed from here on, not its blob.
         replacing = None if existing is None else existing.row_version
-        existing = None
         blob, key_version = seal_as(data, blob_id, version)
         del data
         # A put replaces the value, so losing a race (to a rotation re-wrapping the old value, or
         # to another writer) just means comparing against the newer row version: the new blob
         # does not depend on what it replaces, only its version must stay above the stored one.
+        # A write that lost leaves the blob in its handover.
         for attempt in range(PUT_ATTEMPTS):
             try:
                 if replacing is None:
@@ -263,19 +278,17 @@ class SealedState:
             except (StaleRecord, DuplicateRecord):
                 if attempt == PUT_ATTEMPTS - 1:
                     raise
-                existing = self._store.get_by_name(namespace, name)
+                existing = self._store.head_by_name(namespace, name, envelope.MAX_HEAD_BYTES)
                 # Another writer created the name meanwhile, or wrote a value at our version (a
                 # re-wrap keeps the version, so a rotation's swap does not cost a re-seal).
                 if existing.blob_id != blob_id or _stored_version(existing) >= version:
                     blob_id = existing.blob_id
                     version = self._next_version(namespace, name, existing)
                     # The plaintext was let go: our own blob (sealed here, never stored) has it.
-                    plain = envelope.open_blob(blob, wrapper)
-                    blob = b""
+                    plain = envelope.open_blob(blob.take(), wrapper)
                     blob, key_version = seal_as(plain, blob_id, version)
                     del plain
                 replacing = existing.row_version
-                existing = None
         else:  # pragma: no cover - the loop either breaks or raises
             raise AssertionError("unreachable")
         if self._witness is not None:
@@ -374,11 +387,21 @@ class SealedState:
         check_name(name)
         return self.open_record(self._store.get_by_name(namespace, name))
 
-    def _authentic(self, record: BlobRecord) -> bool:
+    def _authentic(self, record: BlobRecord | SweepRow) -> bool:
         """Whether the stored blob opens (so its header, version included, is genuine). A blob
         that does not match its record or fails authentication, or whose key ref the
         configuration refuses (ValueError: `kms_adapters.keyref.InvalidKeyRef`), is not; a key
-        service that cannot be reached raises (nothing is written then)."""
+        service that cannot be reached raises (nothing is written then). For a head, the whole
+        blob is read, and one written since the head was read is not: the write comparing
+        against the head's row version then fails, and the put reads it again."""
+        if isinstance(record, SweepRow):
+            try:
+                whole = self._store.get(record.blob_id)
+            except RecordNotFound:
+                return False
+            if whole.row_version != record.row_version:
+                return False
+            record = whole
         try:
             parsed = envelope.parse(record.blob)
             _check_matches(record, parsed)

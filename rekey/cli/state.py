@@ -17,7 +17,6 @@ from rekey.backends import adapter_for, signer_for, witness_for
 from rekey.cli.context import STORE_SETTING, settings, store
 from rekey.cli.files import read_input, write_output
 from rekey.cli.output import CliError, emit_json, err, json_option, out, table
-from sealing import envelope
 from sealing.keywrap import KeyWrapper
 from sealing.names import InvalidName, check_generation_id, check_name, check_namespace, is_valid_name
 from sealing.state import SealedState, UnknownGeneration
@@ -111,8 +110,9 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
     Inputs above the max_blob_bytes setting (default 64 MiB) are refused before they are read."""
     # The plaintext is handed to put with no reference kept here (popped from the list), so it
     # is freed once sealed, before the store write (sealing.state.SealedState.put): a put then
-    # peaks at about three times the input, not five. Its size is read from the blob.
+    # peaks at about twice the input, not five times.
     pending = [read_input(in_file, max_bytes=settings().max_blob_bytes)]
+    size = len(pending[0])
     try:
         # Not created here: the generation must be registered, and registering made the store.
         opened = store()
@@ -129,7 +129,6 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
             key_ref=key,
             generation=generation,
         )
-    size = envelope.plaintext_size(record.blob)
     summary = {
         "namespace": record.namespace,
         "name": record.name,

@@ -48,7 +48,16 @@ from sealing.store.errors import (
     StoreUnavailable,
 )
 from sealing.store.failures import MAX_REASON_CHARS
-from sealing.store.records import BlobRecord, BlobSummary, NewBlob, Page, RewrapFailure, SlotSplice, SweepRow
+from sealing.store.records import (
+    BlobHandover,
+    BlobRecord,
+    BlobSummary,
+    NewBlob,
+    Page,
+    RewrapFailure,
+    SlotSplice,
+    SweepRow,
+)
 from sealing.store.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -72,6 +81,7 @@ __all__ = [
     "POSTGRES_CONNECT_TIMEOUT_S",
     "SCHEMA_VERSION",
     "SQLITE_BUSY_TIMEOUT_S",
+    "BlobHandover",
     "BlobRecord",
     "BlobSummary",
     "DuplicateRecord",

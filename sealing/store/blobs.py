@@ -20,15 +20,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, overload
 
-from sqlalchemy import Integer, Row, bindparam, delete, func, insert, select, update
+from sqlalchemy import Integer, LargeBinary, Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from sealing.names import check_generation_id, check_name, check_namespace
 from sealing.store.base import StoreBase
-from sealing.store.errors import DuplicateRecord, RecordNotFound, StaleRecord
+from sealing.store.errors import DuplicateRecord, RecordNotFound, StaleRecord, StoreError
 from sealing.store.records import (
+    BlobHandover,
     BlobRecord,
     BlobSummary,
     NewBlob,
@@ -180,10 +181,38 @@ def _check_filters(
         raise ValueError("after must be a cursor string from a previous page")
 
 
+_TAKE_BLOB: Final = "rekey_take_blob"
+_TAKE_BLOB_SQL: Final = "UPDATE sealed_blobs SET blob = rekey_take_blob() WHERE blob_id = ?"
+
+
+def _write_blob(conn: Connection, blob_id: str, handover: BlobHandover) -> None:
+    """Give the row ``blob_id``, written in this transaction, the handover's blob, and empty the
+    handover: only once every check of the write has passed, so a write that raises
+    `DuplicateRecord` or `StaleRecord` leaves the caller its blob.
+
+    PostgreSQL got the blob in the write itself. On SQLite the row was written with an empty blob
+    and the blob goes in through a function of the statement: SQLite copies its result, the
+    handover's reference goes, and only then does SQLite build the row from its copy. Bound as
+    a parameter it would be held three times (by the caller, as the bound value and in the row);
+    this way twice at most, if the caller kept no other reference."""
+    if conn.dialect.name != "sqlite":
+        handover.take()
+        return
+    driver: Any = conn.connection.driver_connection
+    driver.create_function(_TAKE_BLOB, 0, handover.take)
+    try:
+        result = conn.exec_driver_sql(_TAKE_BLOB_SQL, (blob_id,))
+    finally:
+        driver.create_function(_TAKE_BLOB, 0, None)
+    if result.rowcount != 1 or not handover.taken:  # pragma: no cover - the row was just written
+        raise StoreError(f"blob {blob_id} was not written")
+
+
 class BlobOperations(StoreBase):
     """The sealed blobs of a store (mixed into `SealedStateStore`). Each call is its own
     transaction."""
 
+    @overload
     def insert(
         self,
         *,
@@ -194,33 +223,69 @@ class BlobOperations(StoreBase):
         generation: str,
         blob: bytes,
         blob_id: str | None = None,
-    ) -> BlobRecord:
-        """Store a new blob at row version 1. ``blob_id`` defaults to a fresh uuid4.
+    ) -> BlobRecord: ...
 
-        Raises `DuplicateRecord` if the blob id or (namespace, name) is taken.
+    @overload
+    def insert(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        key_ref: str,
+        key_version: int,
+        generation: str,
+        blob: BlobHandover,
+        blob_id: str | None = None,
+    ) -> BlobSummary: ...
+
+    def insert(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        key_ref: str,
+        key_version: int,
+        generation: str,
+        blob: bytes | BlobHandover,
+        blob_id: str | None = None,
+    ) -> BlobRecord | BlobSummary:
+        """Store a new blob at row version 1. ``blob_id`` defaults to a fresh uuid4. Returns the
+        record as written; for a `BlobHandover`, which the blob is taken from once the row is in,
+        its summary.
+
+        Raises `DuplicateRecord` if the blob id or (namespace, name) is taken (a handover then
+        still holds its blob).
         """
         if blob_id is None:
             blob_id = str(uuid.uuid4())
+        if isinstance(blob, BlobHandover):
+            handover = blob
+        else:
+            blob = require_bytes(blob)
+            handover = BlobHandover(blob)
         now = _utcnow()
-        record = BlobRecord(
-            blob_id=require_str("blob_id", blob_id),
-            namespace=check_namespace(namespace),
-            name=check_name(name),
-            key_ref=require_str("key_ref", key_ref),
-            key_version=require_int("key_version", key_version, 0),
-            generation=check_generation_id(generation),
-            blob=require_bytes(blob),
-            row_version=1,
-            created_at=now,
-            updated_at=now,
-        )
-        values = {col.key: getattr(record, col.key) for col in sealed_blobs.columns}
+        values: dict[str, Any] = {
+            "blob_id": require_str("blob_id", blob_id),
+            "namespace": check_namespace(namespace),
+            "name": check_name(name),
+            "key_ref": require_str("key_ref", key_ref),
+            "key_version": require_int("key_version", key_version, 0),
+            "generation": check_generation_id(generation),
+            "blob": b"" if self.dialect == "sqlite" else handover.blob,
+            "row_version": 1,
+            "created_at": now,
+            "updated_at": now,
+        }
         try:
             with self.transaction(f"insert of blob {blob_id}", write=True) as conn:
                 conn.execute(insert(sealed_blobs).values(**values))
+                _write_blob(conn, blob_id, handover)
         except DuplicateRecord as exc:
             raise self._which_duplicate(blob_id, namespace, name) from exc
-        return record
+        if isinstance(blob, BlobHandover):
+            values.pop("blob")
+            return BlobSummary(**values, size=handover.size)
+        return BlobRecord(**(values | {"blob": blob}))
 
     def insert_many(self, blobs: Sequence[NewBlob]) -> list[str]:
         """Store many new blobs in ONE transaction (bulk import); returns their blob ids.
@@ -287,6 +352,7 @@ class BlobOperations(StoreBase):
         ).scalar_one_or_none()
         return None if version is None else int(version)
 
+    @overload
     def compare_and_swap(
         self,
         blob_id: str,
@@ -296,16 +362,45 @@ class BlobOperations(StoreBase):
         key_version: int,
         key_ref: str | None = None,
         generation: str | None = None,
-    ) -> BlobRecord:
+    ) -> BlobRecord: ...
+
+    @overload
+    def compare_and_swap(
+        self,
+        blob_id: str,
+        expected_row_version: int,
+        *,
+        blob: BlobHandover,
+        key_version: int,
+        key_ref: str | None = None,
+        generation: str | None = None,
+    ) -> BlobSummary: ...
+
+    def compare_and_swap(
+        self,
+        blob_id: str,
+        expected_row_version: int,
+        *,
+        blob: bytes | BlobHandover,
+        key_version: int,
+        key_ref: str | None = None,
+        generation: str | None = None,
+    ) -> BlobRecord | BlobSummary:
         """Replace the blob (and key version, optionally key ref and generation) only if
         its row version is still ``expected_row_version``; the new row version is one more.
 
         Raises `RecordNotFound` if there is no such blob, `StaleRecord` if someone else
-        wrote it since it was read. Returns the record as written.
+        wrote it since it was read (a handover then still holds its blob). Returns the record
+        as written; for a `BlobHandover`, which the blob is taken from once the swap applied,
+        its summary.
         """
         expected = require_int("expected_row_version", expected_row_version, 1)
+        if isinstance(blob, BlobHandover):
+            handover = blob
+        else:
+            blob = require_bytes(blob)
+            handover = BlobHandover(blob)
         values: dict[str, Any] = {
-            "blob": require_bytes(blob),
             "key_version": require_int("key_version", key_version, 0),
             "row_version": expected + 1,
             "updated_at": _utcnow(),
@@ -315,8 +410,9 @@ class BlobOperations(StoreBase):
         if generation is not None:
             values["generation"] = require_str("generation", generation)
         # SQLite loads the old row of a WITHOUT ROWID table to update it: replacing a large blob
-        # in one UPDATE would hold the old blob too. The compare-and-swap first empties it.
-        first = {**values, "blob": b""} if self.dialect == "sqlite" else values
+        # in one UPDATE would hold the old blob too. The compare-and-swap first empties it, and
+        # _write_blob puts the new one in.
+        values["blob"] = b"" if self.dialect == "sqlite" else handover.blob
         with self.transaction(f"update of blob {blob_id}", write=True) as conn:
             result = conn.execute(
                 update(sealed_blobs)
@@ -324,14 +420,11 @@ class BlobOperations(StoreBase):
                     sealed_blobs.c.blob_id == blob_id,
                     sealed_blobs.c.row_version == expected,
                 )
-                .values(**first)
+                .values(**values)
             )
             if result.rowcount == 0:
                 self._raise_cas_failure(conn, blob_id, expected)
-            if first is not values:
-                conn.execute(
-                    update(sealed_blobs).where(sealed_blobs.c.blob_id == blob_id).values(blob=values["blob"])
-                )
+            _write_blob(conn, blob_id, handover)
             # Our uncommitted write holds the row (PostgreSQL row lock, SQLite write
             # lock), so this reads back exactly what we wrote: all but the blob, which we have
             # (reading it back would hold a second copy of a large blob).
@@ -340,19 +433,31 @@ class BlobOperations(StoreBase):
                     sealed_blobs.c.blob_id == blob_id
                 )
             ).one()
-        m = row._mapping
-        return BlobRecord(
-            blob_id=m["blob_id"],
-            namespace=m["namespace"],
-            name=m["name"],
-            key_ref=m["key_ref"],
-            key_version=int(m["key_version"]),
-            generation=m["generation"],
-            blob=values["blob"],
-            row_version=int(m["row_version"]),
-            created_at=m["created_at"],
-            updated_at=m["updated_at"],
-        )
+        fields = dict(row._mapping)
+        fields["key_version"], fields["row_version"] = int(fields["key_version"]), int(fields["row_version"])
+        if isinstance(blob, BlobHandover):
+            return BlobSummary(**fields, size=handover.size)
+        return BlobRecord(**fields, blob=blob)
+
+    def head_by_name(self, namespace: str, name: str, head_bytes: int) -> SweepRow:
+        """The id and row version of the blob named ``namespace``/``name``, its length and its
+        first ``head_bytes`` (where its header is), not the rest; `RecordNotFound` if none."""
+        if not isinstance(head_bytes, int) or not 64 <= head_bytes <= 1 << 20:
+            raise ValueError(f"head_bytes must be an integer in 64..{1 << 20}, got {head_bytes!r}")
+        c = sealed_blobs.c
+        with self.transaction(f"read of {namespace}/{name}") as conn:
+            row = conn.execute(
+                select(
+                    c.blob_id,
+                    c.row_version,
+                    func.substr(c.blob, 1, head_bytes, type_=LargeBinary),
+                    func.length(c.blob, type_=Integer),
+                ).where(c.namespace == namespace, c.name == name)
+            ).first()
+        if row is None:
+            raise RecordNotFound(f"no sealed blob named {namespace}/{name}")
+        blob_id, row_version, head, length = row
+        return SweepRow(blob_id, int(row_version), bytes(head), int(length))
 
     def splice_key_slots(self, updates: Sequence[SlotSplice]) -> list[bool]:
         """Many compare-and-swaps of key slots in ONE transaction (see `SlotSplice`). Returns,

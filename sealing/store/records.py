@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 __all__ = [
+    "BlobHandover",
     "BlobRecord",
     "BlobSummary",
     "NewBlob",
@@ -34,8 +35,9 @@ class NewBlob(NamedTuple):
 
 
 class SweepRow(NamedTuple):
-    """What a re-wrap sweep reads of a record (`SealedStateStore.sweep_page`): the first
-    ``head_bytes`` of the blob (where its header and key slot are) and the blob's length."""
+    """The first ``head_bytes`` of a record's blob (where its header and key slot are), the
+    blob's length and the row version: what a re-wrap sweep (`SealedStateStore.sweep_page`)
+    and a put (`SealedStateStore.head_by_name`) read of a record."""
 
     blob_id: str
     row_version: int
@@ -83,6 +85,46 @@ class BlobRecord:
         )
 
     __str__ = __repr__
+
+
+class BlobHandover:
+    """A blob handed to `SealedStateStore.insert` or `compare_and_swap` to write, which takes it
+    out of here (`take`) only once the write is sure to apply (no duplicate, the row version
+    matched). On SQLite the database then copies it in while this reference is dropped, so a
+    caller that keeps no other reference never holds the blob while the database copies it:
+    a large write peaks at twice the blob's size instead of three times.
+
+    Until it is taken, `blob` gives it back (a write that lost a race raises and leaves it
+    here). Neither the bytes nor a copy are made here; do not change a bytearray handed over."""
+
+    __slots__ = ("_blob", "size")
+
+    def __init__(self, blob: bytes | bytearray) -> None:
+        if not isinstance(blob, bytes | bytearray):
+            raise TypeError(f"blob must be bytes, got {type(blob).__name__}")
+        self._blob: bytes | bytearray | None = blob
+        self.size: int = len(blob)
+        """The blob's length, also once it is taken."""
+
+    @property
+    def taken(self) -> bool:
+        return self._blob is None
+
+    @property
+    def blob(self) -> bytes | bytearray:
+        """The blob, while it has not been taken (ValueError after)."""
+        if self._blob is None:
+            raise ValueError("the blob was handed over to the store")
+        return self._blob
+
+    def take(self) -> bytes | bytearray:
+        """The blob, leaving this without it (ValueError if it was taken already)."""
+        blob = self.blob
+        self._blob = None
+        return blob
+
+    def __repr__(self) -> str:
+        return f"BlobHandover(<{self.size} bytes{', taken' if self._blob is None else ''}>)"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """`rekey state put` of large inputs, against a real OpenBao and a real SQLite store: a size limit
-(max_blob_bytes) refused before the input is read, and a peak memory of about three times the
-input (the blob plus SQLite's own two copies of it), not four to eight."""
+(max_blob_bytes) refused before the input is read, and a peak memory of about twice the input
+(the plaintext and the blob while sealing; SQLite's own two copies of the blob while writing it,
+the blob itself handed over), not three to eight times; the peak also on a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from rekey.config import DEFAULT_MAX_BLOB_BYTES, MAX_BLOB_BYTES
+from sealing.store import SealedStateStore
 from tests.fixtures.cli import MANIFEST, run_cli
 from tests.fixtures.openbao import OpenBao
 
@@ -145,14 +147,28 @@ print(peak() - base)
 """
 
 SIZE = 50 * 1024 * 1024
-#: The blob and SQLite's two copies of it while it writes them (bind and record) are three
-#: times the input; the margin is the allocator's and the header's. Before: 4x for a new name,
-#: 8x when replacing one (the plaintext, the old blob and a read-back were held as well).
-BOUND = 3.3
+#: Twice the input at most. Sealing holds the plaintext and the blob; writing (on SQLite) holds
+#: the database's copy of the blob, taken from the handed-over one, which is then freed, and the
+#: row built from that copy (sealing.store.BlobHandover). Replacing a name fetches only the head
+#: of the blob it replaces, though SQLite loads the whole value to cut it (with the plaintext:
+#: twice again). Measured 2.07 (2.02 at 200 MiB); the margin is the allocator's and the header's.
+#: Before: 3x with the blob bound as a parameter (held by Python, bound, and in the row), and
+#: before that 4x for a new name and 8x when replacing one. PostgreSQL gets the blob in the write
+#: itself: 2.05 for a new name, 2.06 replacing it (before: 3.05, and 7.04 with the replaced blob
+#: read whole).
+BOUND = 2.5
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
-def test_put_peaks_at_about_three_times_the_input(ready: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_put_peaks_at_about_twice_the_input(
+    backend: str, request: pytest.FixtureRequest, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{home.resolve() / 'state.db'}"
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        monkeypatch.setenv("REKEY_STORE_URL", url)
+    request.getfixturevalue("ready")
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(SIZE))
     peaks = []
@@ -167,4 +183,5 @@ def test_put_peaks_at_about_three_times_the_input(ready: Path, tmp_path: Path) -
         assert done.returncode == 0, done.stderr
         peaks.append(int(done.stdout.strip().splitlines()[-1]) / SIZE)
     assert all(peak < BOUND for peak in peaks), peaks
-    assert [row[1] for row in rows(ready) if row[0] == "big"] == [2]
+    with SealedStateStore(url, create=False) as store:
+        assert [s.row_version for s in store.summaries() if s.name == "big"] == [2]

@@ -229,6 +229,41 @@ def test_key_slot_from_a_head_read() -> None:
     assert open_blob(prefix + blob[whole.end :], wrapper) == b"y" * 5000
 
 
+def test_header_from_a_head_read() -> None:
+    """A put reads only the first `MAX_HEAD_BYTES` of the blob it replaces: they hold the header
+    (framing checked against the full length, as ``parse`` does); a head ending before the body
+    starts is a caller's error."""
+    wrapper = LocalKeyWrapper("vault:orders")
+    blob = bytes(
+        seal(
+            b"z" * (2 * envelope.MAX_HEAD_BYTES),
+            wrapper,
+            namespace="n" * 1000,
+            name="s",
+            generation="g",
+            version=7,
+        )
+    )
+    header = parse(blob).header
+    assert header.version == 7
+    for n in (envelope.MAX_HEAD_BYTES, len(blob)):
+        assert envelope.header_in_head(blob[:n], len(blob)) == header
+    small = _seal(wrapper)
+    assert envelope.header_in_head(small, len(small)) == parse(small).header
+    with pytest.raises(ValueError, match="ends before its body"):
+        envelope.header_in_head(blob[:1100], len(blob))
+    with pytest.raises(TamperedBlob):
+        envelope.header_in_head(blob[: envelope.MAX_HEAD_BYTES], len(blob) + 1)
+    with pytest.raises(TruncatedBlob):
+        envelope.header_in_head(blob[: envelope.MAX_HEAD_BYTES], len(blob) - 1)
+    # The largest header and wrapped DEK the length fields allow still end within the head.
+    widest = b"RKSB\x01\x00\xff\xff" + b"\x01" * 0xFFFF + struct.pack(">IH", 1, 0xFFFF) + b"\x02" * 0xFFFF
+    widest += b"\x00" * 12 + struct.pack(">I", 16) + b"\x00" * 16
+    assert len(widest) - 16 == envelope.MAX_HEAD_BYTES
+    with pytest.raises(SealedBlobError):  # reached the header, which does not decode
+        envelope.header_in_head(widest[: envelope.MAX_HEAD_BYTES], len(widest))
+
+
 def test_key_slot_version_must_match_the_wrapped_dek() -> None:
     wrapper = LocalKeyWrapper("vault:orders")
     wrapper.rotate()
@@ -420,3 +455,6 @@ def test_head_read_agrees_with_the_whole_blob_on_any_mutation(data: st.DataObjec
     head = data.draw(st.integers(0, len(blob)))
     assert _verdict(lambda: envelope.key_slot_in_head(bytes(blob[:head]), len(blob))) in (whole, None)
     assert _verdict(lambda: envelope.key_slot_in_head(bytes(blob), len(blob))) == whole
+    assert _verdict(lambda: envelope.header_in_head(bytes(blob), len(blob))) == _verdict(
+        lambda: parse(bytes(blob)).header
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -19,7 +20,7 @@ from sealing.errors import StaleBlob
 from sealing.keywrap import LocalKeyWrapper
 from sealing.signing import FileSigner
 from sealing.state import BLOB_KIND, RESTORED_OVER, AcceptRefused, SealedState, blob_subject
-from sealing.store import SealedStateStore, sealed_blobs
+from sealing.store import BlobRecord, SealedStateStore, sealed_blobs
 from sealing.witness import DirectoryWitness, WitnessError
 from tests.fixtures.freshness import crashing_witness as _advance_fails
 from tests.fixtures.freshness import restore_row as _restore
@@ -129,6 +130,35 @@ def test_crash_window_still_gives_a_strictly_higher_version(
     _restore(raw, window)
     with pytest.raises(StaleBlob):
         state.get(namespace=NS, name=NAME)
+
+
+def test_a_forged_version_replaced_while_a_put_authenticates_it_is_not_taken_over(
+    state: SealedState,
+    raw: Engine,
+    witness: DirectoryWitness,
+    store: SealedStateStore,
+    wrapper: LocalKeyWrapper,
+) -> None:
+    """A put reads the head of the blob it replaces (the version) and, if that version is above
+    the checkpoint, the whole blob to authenticate it. A genuine blob written in between must not
+    vouch for the forged version the head claimed."""
+    _put(state, b"v1")
+    _put(state, b"v2")
+    clean = _row(raw)
+    _poison(raw)
+
+    class SwapsBeforeReading:
+        def get(self, blob_id: str) -> BlobRecord:
+            _restore(raw, clean | {"row_version": clean["row_version"] + 5})  # the genuine blob, rewritten
+            return store.get(blob_id)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+    racing = SealedState(SwapsBeforeReading(), lambda _ref: wrapper, witness)  # type: ignore[arg-type]
+    _put(racing, b"v3-legit")
+    assert _version(raw) == 3 and _order(witness) == 3
+    assert state.get(namespace=NS, name=NAME) == b"v3-legit"
 
 
 # ---------------------------------------------------------------------------- accept (recovery)

@@ -15,10 +15,13 @@ import pytest
 from sqlalchemy import create_engine, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Engine
 
+import sealing.store.blobs
 from sealing.store import (
     MAX_PAGE,
     SCHEMA_VERSION,
+    BlobHandover,
     BlobRecord,
+    BlobSummary,
     DuplicateRecord,
     NewBlob,
     RecordNotFound,
@@ -29,6 +32,7 @@ from sealing.store import (
     StoreError,
     StoreMissing,
     StoreUnavailable,
+    SweepRow,
     migrate,
     rekey_schema,
     sealed_blobs,
@@ -188,6 +192,102 @@ def test_delete_is_compare_and_swap(store: SealedStateStore) -> None:
     store.delete(rec.blob_id, 2)
     with pytest.raises(RecordNotFound):
         store.get(rec.blob_id)
+
+
+# ---------------------------------------------------------------------- handed-over blobs
+
+
+def _summary(store: SealedStateStore, name: str) -> BlobSummary:
+    return next(s for s in store.summaries() if s.name == name)
+
+
+def test_a_handed_over_blob_is_taken_only_by_a_write_that_applies(store: SealedStateStore) -> None:
+    first = add(store, "a")
+    given = BlobHandover(bytearray(SECRET))
+    # A write that loses (a duplicate, a stale or missing row) leaves the blob in its handover.
+    with pytest.raises(DuplicateRecord):
+        add(store, "a", blob=given)
+    with pytest.raises(StaleRecord):
+        store.compare_and_swap(first.blob_id, 2, blob=given, key_version=2)
+    with pytest.raises(RecordNotFound):
+        store.compare_and_swap("missing-id", 1, blob=given, key_version=2)
+    assert not given.taken and given.blob == SECRET
+    assert store.get(first.blob_id) == first
+    # One that applies takes it, and returns the row's summary (a record would hold the blob).
+    written = add(store, "b", blob=given)
+    assert given.taken and given.size == len(SECRET)
+    assert written == _summary(store, "b") and written.size == len(SECRET)
+    assert store.get(written.blob_id).blob == SECRET
+    replaced = BlobHandover(b"replaced")
+    swapped = store.compare_and_swap(first.blob_id, 1, blob=replaced, key_version=2, generation="g2")
+    assert replaced.taken
+    assert swapped == _summary(store, "a")
+    assert (swapped.row_version, swapped.key_version, swapped.generation) == (2, 2, "g2")
+    assert store.get(first.blob_id).blob == b"replaced"
+    with pytest.raises(ValueError, match="handed over"):
+        replaced.take()
+    for text_form in (repr(BlobHandover(SECRET)), str(BlobHandover(SECRET)), repr(given)):
+        assert "TOP-SECRET" not in text_form
+    with pytest.raises(TypeError, match="blob must be bytes"):
+        BlobHandover("text")  # type: ignore[arg-type]
+
+
+class Boom(Exception):
+    """A failure in the middle of a write."""
+
+
+class FailingHandover(BlobHandover):
+    def take(self) -> bytes | bytearray:
+        raise Boom("the blob could not be written")
+
+
+@pytest.mark.parametrize("where", ["before the blob", "while writing it", "after the blob"])
+def test_a_write_failing_midway_leaves_nothing_stored(
+    store: SealedStateStore, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """On SQLite the row goes in with an empty blob first and the blob after it: a failure at any
+    point of that rolls the whole write back (the insert and the compare-and-swap alike)."""
+    kept = add(store, "kept")
+    before = store.summaries()
+    real = sealing.store.blobs._write_blob
+
+    def failing(*args: object) -> None:
+        if where == "after the blob":
+            real(*args)  # type: ignore[arg-type]
+        raise Boom(where)
+
+    if where != "while writing it":
+        monkeypatch.setattr(sealing.store.blobs, "_write_blob", failing)
+
+    def given() -> BlobHandover:
+        return FailingHandover(b"new") if where == "while writing it" else BlobHandover(b"new")
+
+    with pytest.raises((Boom, StoreError)):
+        add(store, "new", blob=given())
+    with pytest.raises((Boom, StoreError)):
+        store.compare_and_swap(kept.blob_id, 1, blob=given(), key_version=2)
+    assert store.summaries() == before
+    assert store.get(kept.blob_id) == kept
+    with pytest.raises(RecordNotFound):
+        store.get_by_name("orders", "new")
+    # The store (and its connection) keep working.
+    monkeypatch.undo()
+    assert add(store, "new", blob=BlobHandover(b"new")).row_version == 1
+    assert store.compare_and_swap(kept.blob_id, 1, blob=b"v2", key_version=2).blob == b"v2"
+    assert store.get_by_name("orders", "new").blob == b"new"
+
+
+def test_head_by_name_reads_only_the_head_of_the_blob(store: SealedStateStore) -> None:
+    blob = SECRET + bytes(range(256)) * 4
+    rec = add(store, "big", blob=blob)
+    store.compare_and_swap(rec.blob_id, 1, blob=blob, key_version=2)
+    assert store.head_by_name("orders", "big", 64) == SweepRow(rec.blob_id, 2, blob[:64], len(blob))
+    assert store.head_by_name("orders", "big", 1 << 20) == SweepRow(rec.blob_id, 2, blob, len(blob))
+    with pytest.raises(RecordNotFound, match="orders/none"):
+        store.head_by_name("orders", "none", 64)
+    for bad in (63, (1 << 20) + 1, "64"):
+        with pytest.raises(ValueError, match="head_bytes"):
+            store.head_by_name("orders", "big", bad)  # type: ignore[arg-type]
 
 
 def test_stale_read_by_one_store_loses_to_write_by_another(store_url: str) -> None:
