@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +25,11 @@ class Claims:
     cpu_svn: str = ""  # platform TCB component (SGX CPUSVN), where the platform has one
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Every field is a str, int, bool or None but one: a flat copy, not ``asdict``'s deep copy
+        # (which cost a result token a quarter of its issuing time).
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["evidence_time"] = self.evidence_time.isoformat() if self.evidence_time else None
         return data
+
+
+_FIELD_NAMES = tuple(item.name for item in fields(Claims))

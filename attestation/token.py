@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from attestation.claims import Claims
 from attestation.errors import TokenInvalid
@@ -89,7 +90,7 @@ def _numeric_date(when: datetime) -> int:
 class ResultSigner:
     """Holds the verifier's ES256 signing key. Its repr shows the kid, never the key."""
 
-    __slots__ = ("_private_key", "issuer", "kid", "public_key", "ttl")
+    __slots__ = ("_header_segment", "_private_key", "issuer", "kid", "public_key", "ttl")
 
     def __init__(
         self,
@@ -109,6 +110,10 @@ class ResultSigner:
         self.issuer = issuer
         self.ttl = ttl
         self.kid = jwk_thumbprint(self.public_key)
+        # The protected header is the same for every token of this key: encoded once, as PyJWT
+        # would (sorted keys, compact separators).
+        header = {"alg": ALGORITHM, "kid": self.kid, "typ": TOKEN_TYPE}
+        self._header_segment = _b64url(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
 
     def __repr__(self) -> str:
         return f"ResultSigner(kid={self.kid!r}, issuer={self.issuer!r}, ttl={self.ttl})"
@@ -245,8 +250,14 @@ class ResultSigner:
             "cnf": {"kid-sha256": cnf_key_hash},
             "claims": claims.to_dict(),
         }
-        headers = {"kid": self.kid, "typ": TOKEN_TYPE}
-        return jwt.encode(payload, self._private_key, algorithm=ALGORITHM, headers=headers)
+        # RFC 7515 compact serialisation, byte for byte what ``jwt.encode`` writes for this key and
+        # header, without its per-call algorithm lookup, key preparation and header validation.
+        signing_input = (
+            f"{self._header_segment}.{_b64url(json.dumps(payload, separators=(',', ':')).encode())}"
+        )
+        der = self._private_key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
     def verify(
         self,

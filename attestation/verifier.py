@@ -18,7 +18,9 @@ Policies need no cache here: a ``Policy`` is compiled once when parsed, and ``lo
 memoises by file content.
 
 One ``Verifier`` serves one event loop; any number of tasks on it may call it concurrently. Platform
-verification (CPU-bound crypto) runs in a thread pool of ``max_concurrent`` threads.
+verification (CPU-bound crypto) runs in a thread pool of ``max_concurrent`` threads, but for the
+signature check against a cached chain of a platform verifier that declares it cheap
+(``verify_with_chain_inline``), which runs on the loop.
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ class CachingPlatformVerifier(PlatformVerifier, Protocol):
     If the chain object has a ``not_after`` (timezone-aware datetime: the earliest expiry in the
     chain, or of the collateral it was checked against), the cache entry ends there; if it has a
     ``not_before``, the entry is not used for an earlier ``at``.
+
+    A verifier whose ``verify_with_chain`` is one signature check (tens of microseconds) may set
+    a class attribute ``verify_with_chain_inline = True``: the core then calls it on the event
+    loop, as it signs result tokens, instead of handing it to a thread, a hand-off that costs
+    about as much as the check. ``verify_chain`` and ``verify`` always run in the thread pool.
     """
 
     def verify_chain(self, evidence: bytes, at: datetime) -> object: ...
@@ -164,6 +171,10 @@ class Verifier:
         self._caching = {
             name: callable(getattr(v, "verify_chain", None))
             and callable(getattr(v, "verify_with_chain", None))
+            for name, v in self._platforms.items()
+        }
+        self._inline = {
+            name: self._caching[name] and getattr(v, "verify_with_chain_inline", False) is True
             for name, v in self._platforms.items()
         }
         self._signer = signer
@@ -445,6 +456,8 @@ class Verifier:
         chain_key = (platform, hashlib.sha256(verifier.chain_cache_key(evidence)).digest())
         chain = await self._chain(caching, chain_key, evidence, at)
         self._counts["platform_verifications"] += 1
+        if self._inline[platform]:
+            return caching.verify_with_chain(evidence, chain, at)
         return await self._in_thread(caching.verify_with_chain, evidence, chain, at)
 
     async def _chain(

@@ -107,6 +107,25 @@ def test_token_layout(signer: ResultSigner) -> None:
     assert {"policy_id", "policy_digest", "jti"} <= payload.keys()
 
 
+def test_tokens_are_the_compact_jws_pyjwt_writes(signer: ResultSigner) -> None:
+    """The issuer writes its tokens itself (a pre-encoded header, the key it holds): header and
+    payload segments are byte for byte what ``jwt.encode`` writes for them, and the signature is
+    the raw 64-byte r || s of JWS ES256 that PyJWT verifies, not DER."""
+    token = issue(signer)
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(pad(payload)))
+    reference = jwt.encode(
+        claims,
+        serialization.load_pem_private_key(signer.private_pem(), None),  # type: ignore[arg-type]
+        algorithm="ES256",
+        headers={"kid": signer.kid, "typ": "rekey-ar+jwt"},
+    )
+    assert reference.split(".")[:2] == [header, payload]
+    assert len(base64.urlsafe_b64decode(pad(signature))) == 64
+    assert json.loads(jwt.PyJWS().decode(token, signer.public_key, algorithms=["ES256"])) == claims
+    assert token != issue(signer)  # a fresh jti (and ECDSA nonce) every time
+
+
 def test_kid_is_the_rfc7638_thumbprint(signer: ResultSigner) -> None:
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signer.public_key))
     canonical = json.dumps(

@@ -229,6 +229,39 @@ async def test_caching_platform_pipeline(make_verifier: Callable[..., Verifier])
     assert fake.calls == Counter({"verify_chain": 1, "verify_with_chain": 1})
 
 
+class InlineFakePlatform(CachingFakePlatform):
+    verify_with_chain_inline = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: Counter[str] = Counter()
+
+    def verify_chain(self, evidence: bytes, at: datetime) -> object:
+        self.threads["verify_chain", threading.current_thread() is threading.main_thread()] += 1
+        return super().verify_chain(evidence, at)
+
+    def verify_with_chain(self, evidence: bytes, chain: object, at: datetime) -> Claims:
+        on_loop = threading.current_thread() is threading.main_thread()
+        self.threads["verify_with_chain", on_loop] += 1
+        return super().verify_with_chain(evidence, chain, at)
+
+
+async def test_a_cheap_check_against_a_cached_chain_runs_on_the_loop(
+    make_verifier: Callable[..., Verifier],
+) -> None:
+    """A platform verifier that declares ``verify_with_chain_inline`` has its per-evidence check
+    run on the event loop (no thread hand-off); the chain is still verified in the pool, and a
+    verifier that does not declare it keeps every check in the pool."""
+    inline, pooled = InlineFakePlatform(), InlineFakePlatform()
+    pooled.verify_with_chain_inline = False  # type: ignore[misc]
+    for fake in (inline, pooled):
+        verifier = make_verifier(fake)
+        for serial in range(3):
+            await verifier.verify(make_evidence(serial=serial), **request())
+    assert inline.threads == Counter({("verify_chain", False): 1, ("verify_with_chain", True): 3})
+    assert pooled.threads == Counter({("verify_chain", False): 1, ("verify_with_chain", False): 3})
+
+
 @pytest.mark.parametrize(
     ("evidence", "overrides", "match"),
     [
