@@ -179,7 +179,13 @@ class EnclaveAgent:
         return self.manifest.model_dump() | {
             "handoff_key_sha256": fingerprint(self.public_key),
             "handoff_suite": SUITE_NAME,
+            "host_id": self._enclave.host_id,
         }
+
+    @property
+    def host_id(self) -> str | None:
+        """The id of the host this agent's enclave runs on (`Enclave.host_id`)."""
+        return self._enclave.host_id
 
     # ------------------------------------------------------------------------- attestation
 

@@ -4,10 +4,12 @@ state, and the checks of their fields."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import NamedTuple
+from datetime import datetime, timedelta
+from typing import Final, NamedTuple
 
 __all__ = [
+    "STALE_AFTER_REFRESHES",
+    "AgentRecord",
     "BlobRecord",
     "BlobSummary",
     "NewBlob",
@@ -122,6 +124,41 @@ class RewrapFailure:
     attempts: int
     first_seen: datetime
     last_seen: datetime
+
+
+STALE_AFTER_REFRESHES: Final = 3
+"""An agent whose ``last_seen`` is older than this many of its refresh intervals is stale."""
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """One enclave agent of the fleet registry (`SealedStateStore.register_agent`).
+
+    ``incarnation`` is a random id of the registering process (a restart gets a new one):
+    `SealedStateStore.refresh_agent` and `stop_agent` take it, so a process updates only its own
+    registration. ``state`` is what the agent last wrote (``live`` or ``stopped``); `status`
+    adds ``stale`` for a live row not refreshed in `STALE_AFTER_REFRESHES` intervals (a crashed
+    agent, or a row restored from a backup)."""
+
+    agent_id: str
+    host_id: str
+    generation: str
+    endpoint: str
+    handoff_key_sha256: str
+    incarnation: str
+    state: str
+    refresh_seconds: int
+    registered_at: datetime
+    started_at: datetime
+    last_seen: datetime
+
+    def status(self, now: datetime) -> str:
+        """``live``, ``stale`` or ``stopped`` at ``now`` (aware)."""
+        if self.state != "live":
+            return "stopped"
+        if now - self.last_seen > timedelta(seconds=STALE_AFTER_REFRESHES * self.refresh_seconds):
+            return "stale"
+        return "live"
 
 
 def require_str(name: str, value: object) -> str:

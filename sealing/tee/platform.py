@@ -229,6 +229,12 @@ class Enclave(ABC, Generic[RequestT]):
     def platform(self) -> str:
         return self.identity.platform
 
+    @property
+    def host_id(self) -> str | None:
+        """The id of the machine this enclave runs on, for platforms whose sealed state is bound
+        to one machine (stable across restarts, derived from nothing secret); None if unknown."""
+        return None
+
     @abstractmethod
     def report(self, report_data: bytes) -> bytes:
         """Evidence binding ``report_data`` (exactly 64 bytes) for ``attestation.<platform>``."""
