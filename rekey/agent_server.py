@@ -30,6 +30,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
@@ -58,6 +59,7 @@ from rekey.http_guard import (
     one_header,
 )
 from sealing.agent import EnclaveAgent
+from sealing.envelope import MAX_BLOB_VERSION
 from sealing.errors import SealingError
 
 DRAIN_LIMIT = 1024 * 1024  # a refused request's body is read and dropped only up to this size
@@ -152,11 +154,26 @@ class AgentApi:
         policy = _text(body, "policy", "mrenclave")
         if policy not in ("mrenclave", "mrsigner"):
             raise BadRequest("field 'policy' must be mrenclave or mrsigner")
+        blob_id = body.get("blob_id")
+        if blob_id is not None:
+            if not isinstance(blob_id, str):
+                raise BadRequest("field 'blob_id' must be a UUID string")
+            try:
+                parsed_id = uuid.UUID(blob_id)
+            except ValueError:
+                raise BadRequest("field 'blob_id' must be a UUID string") from None
+            if str(parsed_id) != blob_id:
+                raise BadRequest("field 'blob_id' must be a UUID string in canonical form")
+        version = body.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_BLOB_VERSION:
+            raise BadRequest(f"field 'version' must be an integer in 1..{MAX_BLOB_VERSION}")
         blob = self.agent.seal(
             namespace=_text(body, "namespace", "default"),
             name=_text(body, "name"),
             data=_bytes(body, "data"),
             policy=policy,  # type: ignore[arg-type]
+            blob_id=None if blob_id is None else parsed_id,
+            version=version,
         )
         return {"blob": _b64(blob)}
 

@@ -23,6 +23,7 @@ import hmac
 import json
 import secrets
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,12 +220,30 @@ class EnclaveAgent:
 
     # ------------------------------------------------------------------------------ sealing
 
-    def seal(self, *, namespace: str, name: str, data: bytes, policy: SealPolicyName) -> bytes:
-        """Seal ``data`` in the enclave under (namespace, name); `InvalidName` (a ValueError: the
-        agent answers 400) for a name outside `sealing.names`."""
+    def seal(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        data: bytes,
+        policy: SealPolicyName,
+        blob_id: uuid.UUID | None = None,
+        version: int = 1,
+    ) -> bytes:
+        """Seal ``data`` in the enclave under (namespace, name), with ``blob_id`` (default:
+        fresh) and ``version`` in the header; `InvalidName` (a ValueError: the agent answers 400)
+        for a name outside `sealing.names`."""
         check_namespace(namespace)
         check_name(name)
-        return self._enclave.seal(data, policy, namespace=namespace, name=name, generation=self.manifest.id)
+        return self._enclave.seal(
+            data,
+            policy,
+            namespace=namespace,
+            name=name,
+            generation=self.manifest.id,
+            blob_id=blob_id,
+            version=version,
+        )
 
     def unseal(self, blob: bytes) -> bytes:
         return self._enclave.unseal(blob)

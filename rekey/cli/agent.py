@@ -31,7 +31,7 @@ from rekey.fleet import DEFAULT_REFRESH_SECONDS, FleetMembership
 from sealing.agent import EnclaveAgent
 from sealing.generation import ManifestError, load_manifest
 from sealing.names import InvalidName, check_agent_id, check_generation_id
-from sealing.store import MAX_REFRESH_SECONDS, AgentRecord
+from sealing.store import MAX_REFRESH_SECONDS, AgentRecord, SealedStateStore
 from sealing.tee.sim import EnclaveIdentity, SimHost
 
 
@@ -80,6 +80,44 @@ state_dir_option = click.option(
     default=None,
     help="The agent's state directory with its token files (default <home>/agent/<generation id>).",
 )
+
+
+def url_option_check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    """A click callback refusing an agent URL that is not http://127.0.0.1:PORT (exit 2)."""
+    if value is None:
+        return None
+    try:
+        AgentClient(value, "unused")
+    except AgentCredentialError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def client_for(
+    url: str,
+    *,
+    generation: str | None,
+    state_dir: Path | None,
+    caller: str,
+    sealed_store: SealedStateStore | None = None,
+) -> AgentClient:
+    """A client of the agent at ``url`` with ``caller``'s token from the agent's state directory:
+    ``state_dir``, else ``<home>/agent/<generation>`` for ``generation``, else for the generation
+    the fleet registry records for an agent at ``url`` (the most recently started)."""
+    if state_dir is None and generation is None and sealed_store is not None:
+        endpoint = url.rstrip("/")
+        found = [a for a in sealed_store.list_agents() if a.endpoint == endpoint]
+        if found:
+            generation = max(found, key=lambda a: a.started_at).generation
+    if state_dir is None and generation is None:
+        raise click.UsageError(
+            f"no registered agent at {url}: give --generation ID or --state-dir DIR (where the"
+            " agent's token is), or start it with --register"
+        )
+    try:
+        return AgentClient(url, read_token(_state_dir(state_dir, generation or ""), caller))
+    except AgentCredentialError as exc:
+        raise AgentCredentialProblem(str(exc)) from None
 
 
 @click.group("agent")

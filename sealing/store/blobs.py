@@ -35,6 +35,7 @@ from sealing.store.records import (
     Page,
     SlotSplice,
     SweepRow,
+    check_kind,
     require_bytes,
     require_int,
     require_str,
@@ -64,6 +65,8 @@ def _record(row: Row[Any]) -> BlobRecord:
         row_version=int(m["row_version"]),
         created_at=m["created_at"],
         updated_at=m["updated_at"],
+        kind=str(m["kind"]),
+        host=None if m["host"] is None else str(m["host"]),
     )
 
 
@@ -194,13 +197,17 @@ class BlobOperations(StoreBase):
         generation: str,
         blob: bytes,
         blob_id: str | None = None,
+        kind: str = "kms",
+        host: str | None = None,
     ) -> BlobRecord:
-        """Store a new blob at row version 1. ``blob_id`` defaults to a fresh uuid4.
+        """Store a new blob at row version 1. ``blob_id`` defaults to a fresh uuid4. ``kind``
+        ``tee`` (hardware-sealed) needs the ``host`` it is bound to and a ``tee:`` key ref.
 
         Raises `DuplicateRecord` if the blob id or (namespace, name) is taken.
         """
         if blob_id is None:
             blob_id = str(uuid.uuid4())
+        kind, host = check_kind(kind, host, require_str("key_ref", key_ref))
         now = _utcnow()
         record = BlobRecord(
             blob_id=require_str("blob_id", blob_id),
@@ -213,6 +220,8 @@ class BlobOperations(StoreBase):
             row_version=1,
             created_at=now,
             updated_at=now,
+            kind=kind,
+            host=host,
         )
         values = {col.key: getattr(record, col.key) for col in sealed_blobs.columns}
         try:
@@ -296,9 +305,13 @@ class BlobOperations(StoreBase):
         key_version: int,
         key_ref: str | None = None,
         generation: str | None = None,
+        kind: str | None = None,
+        host: str | None = None,
     ) -> BlobRecord:
         """Replace the blob (and key version, optionally key ref and generation) only if
         its row version is still ``expected_row_version``; the new row version is one more.
+        ``kind`` (given: with ``host`` for ``tee``, without for ``kms``) sets kind and host
+        together; ``key_ref`` must then be given too and agree with it.
 
         Raises `RecordNotFound` if there is no such blob, `StaleRecord` if someone else
         wrote it since it was read. Returns the record as written.
@@ -314,6 +327,12 @@ class BlobOperations(StoreBase):
             values["key_ref"] = require_str("key_ref", key_ref)
         if generation is not None:
             values["generation"] = require_str("generation", generation)
+        if kind is not None:
+            if key_ref is None:
+                raise ValueError("changing a blob's kind needs its key_ref")
+            values["kind"], values["host"] = check_kind(kind, host, key_ref)
+        elif host is not None:
+            raise ValueError("host is set together with kind")
         # SQLite loads the old row of a WITHOUT ROWID table to update it: replacing a large blob
         # in one UPDATE would hold the old blob too. The compare-and-swap first empties it.
         first = {**values, "blob": b""} if self.dialect == "sqlite" else values
@@ -352,6 +371,8 @@ class BlobOperations(StoreBase):
             row_version=int(m["row_version"]),
             created_at=m["created_at"],
             updated_at=m["updated_at"],
+            kind=str(m["kind"]),
+            host=None if m["host"] is None else str(m["host"]),
         )
 
     def splice_key_slots(self, updates: Sequence[SlotSplice]) -> list[bool]:
@@ -565,6 +586,8 @@ class BlobOperations(StoreBase):
             c.row_version,
             c.created_at,
             c.updated_at,
+            c.kind,
+            c.host,
         ).order_by(c.namespace, c.name)
         if namespace is not None:
             query = query.where(c.namespace == namespace)
@@ -582,6 +605,8 @@ class BlobOperations(StoreBase):
                 row_version=int(r.row_version),
                 created_at=r.created_at,
                 updated_at=r.updated_at,
+                kind=str(r.kind),
+                host=None if r.host is None else str(r.host),
             )
             for r in rows
         ]

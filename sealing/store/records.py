@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, NamedTuple
 
+from sealing.names import check_host_id
+
 __all__ = [
+    "BLOB_KINDS",
     "STALE_AFTER_REFRESHES",
     "AgentRecord",
     "BlobRecord",
@@ -17,6 +20,7 @@ __all__ = [
     "RewrapFailure",
     "SlotSplice",
     "SweepRow",
+    "check_kind",
     "require_bytes",
     "require_int",
     "require_str",
@@ -74,6 +78,10 @@ class BlobRecord:
     row_version: int
     created_at: datetime
     updated_at: datetime
+    kind: str = "kms"
+    """``kms`` (a KMS key wraps the data key) or ``tee`` (an enclave's hardware sealing key)."""
+    host: str | None = None
+    """The host a ``tee`` blob is bound to (None for ``kms``)."""
 
     def __repr__(self) -> str:
         return (
@@ -81,7 +89,7 @@ class BlobRecord:
             f"name={self.name!r}, key_ref={self.key_ref!r}, key_version={self.key_version}, "
             f"generation={self.generation!r}, blob=<{len(self.blob)} bytes>, "
             f"row_version={self.row_version}, created_at={self.created_at.isoformat()}, "
-            f"updated_at={self.updated_at.isoformat()})"
+            f"updated_at={self.updated_at.isoformat()}, kind={self.kind!r}, host={self.host!r})"
         )
 
     __str__ = __repr__
@@ -101,6 +109,8 @@ class BlobSummary:
     row_version: int
     created_at: datetime
     updated_at: datetime
+    kind: str = "kms"
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,25 @@ class AgentRecord:
         if now - self.last_seen > timedelta(seconds=STALE_AFTER_REFRESHES * self.refresh_seconds):
             return "stale"
         return "live"
+
+
+BLOB_KINDS: Final = ("kms", "tee")
+
+
+def check_kind(kind: object, host: object, key_ref: str | None = None) -> tuple[str, str | None]:
+    """(kind, host) if they go together: ``kms`` without a host, ``tee`` with a valid host id
+    (and, given ``key_ref``, a ``tee:`` key ref for ``tee`` only); else ValueError."""
+    if kind not in BLOB_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(BLOB_KINDS)}, got {kind!r}")
+    if kind == "kms":
+        if host is not None:
+            raise ValueError("a kms blob is bound to no host")
+        if key_ref is not None and key_ref.startswith("tee:"):
+            raise ValueError(f"key ref {key_ref} is a hardware sealing key, not a KMS key")
+        return "kms", None
+    if key_ref is not None and not key_ref.startswith("tee:"):
+        raise ValueError(f"a tee blob's key ref is tee:<platform>, not {key_ref}")
+    return "tee", check_host_id(host)
 
 
 def require_str(name: str, value: object) -> str:

@@ -129,6 +129,10 @@ sealed_blobs = Table(
     Column("row_version", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Migration 7: ``kms`` (a KMS key wraps the data key) or ``tee`` (an enclave's hardware
+    # sealing key does: the blob opens only on ``host``, the host id of the agent that sealed it).
+    Column("kind", String, nullable=False, server_default=text("'kms'")),
+    Column("host", String, nullable=True),
     UniqueConstraint("namespace", "name", name="uq_sealed_blobs_namespace_name"),
     Index("ix_sealed_blobs_key_id", "key_ref", "blob_id", "key_version"),
     Index("ix_sealed_blobs_generation", "generation", "blob_id"),
@@ -329,6 +333,13 @@ def _migration_6_agents(conn: Connection) -> None:
     ).create(conn)
 
 
+def _migration_7_blob_kind(conn: Connection) -> None:
+    """Give ``sealed_blobs`` a ``kind`` (``kms`` or ``tee``; every existing row is ``kms``) and the
+    ``host`` a hardware-sealed blob is bound to (NULL for ``kms``)."""
+    conn.execute(text("ALTER TABLE sealed_blobs ADD COLUMN kind VARCHAR NOT NULL DEFAULT 'kms'"))
+    conn.execute(text("ALTER TABLE sealed_blobs ADD COLUMN host VARCHAR"))
+
+
 MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_1_sealed_blobs,
     _migration_2_generations,
@@ -336,6 +347,7 @@ MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_4_sweep_layout,
     _migration_5_rewrap_failures,
     _migration_6_agents,
+    _migration_7_blob_kind,
 )
 """Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
 ``i + 1``. Append new steps; never edit or reorder old ones."""

@@ -173,3 +173,130 @@ def test_hostile_agent_ids_are_refused_before_anything_starts(tmp_path: Path) ->
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.strip().startswith("error:") and refused.stderr.count("\n") == 1
     assert not (tmp_path / "home" / "agent").exists()
+
+
+# ------------------------------------------------------------------ hardware-sealed state
+
+
+def _state(capsys: pytest.CaptureFixture[str], root: Path, *args: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "--home", str(root / "home"), "state", *args)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_tee_put_and_get_through_agents_bound_to_the_host(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = root / "secret.bin"
+    secret.write_bytes(b"\x00hardware sealed\xff" * 10)
+    agents = _start(root, {"v1": MANIFEST})
+    other = _start(root, {"v1": MANIFEST}, host="host-b")
+    try:
+        a, b = agents["v1"], other["v1"]
+        code, stdout, stderr = _state(
+            capsys, root, "put", "--agent", a.url, "--name", "db", "--in", str(secret)
+        )
+        assert code == 0, stderr
+        assert a.host_id in stdout
+        code, stdout, stderr = _state(
+            capsys, root, "put", "--agent", a.url, "--seal", "mrsigner", "--name", "cfg", "--in", str(secret)
+        )
+        assert code == 0, stderr
+        code, stdout, _ = _state(capsys, root, "list", "--json")
+        listed = {i["name"]: i for i in json.loads(stdout)}
+        for name in ("db", "cfg"):
+            assert (listed[name]["kind"], listed[name]["host"], listed[name]["generation"]) == (
+                "tee",
+                a.host_id,
+                "app-v1",
+            )
+        code, table, _ = _state(capsys, root, "list")
+        assert "tee" in table and a.host_id in table
+
+        out = root / "out.bin"
+        code, _, stderr = _state(capsys, root, "get", "--name", "db", "--out", str(out), "--agent", a.url)
+        assert code == 0, stderr
+        assert out.read_bytes() == secret.read_bytes()
+
+        # Another host's agent: refused before the blob is sent, naming both hosts.
+        refused = root / "refused.bin"
+        code, _, stderr = _state(
+            capsys,
+            root,
+            "get",
+            "--name",
+            "db",
+            "--out",
+            str(refused),
+            "--agent",
+            b.url,
+            "--state-dir",
+            str(b.state_dir),
+        )
+        line = _one_error_line(stderr)
+        assert code == 2 and a.host_id in line and b.host_id in line
+        assert not refused.exists()
+        # Without an agent: a hardware-sealed blob does not open.
+        code, _, stderr = _state(capsys, root, "get", "--name", "db", "--out", str(refused))
+        assert code == 2 and "--agent" in _one_error_line(stderr)
+    finally:
+        stop_agents(agents)
+        stop_agents(other)
+
+    # The agent restarted on the same host directory keeps its host id and opens the blobs.
+    again = _start(root, {"v1": MANIFEST})
+    try:
+        a2 = again["v1"]
+        assert a2.host_id == agents["v1"].host_id and a2.url != ""
+        for name in ("db", "cfg"):
+            out = root / f"{name}.again"
+            code, _, stderr = _state(
+                capsys, root, "get", "--name", name, "--out", str(out), "--agent", a2.url
+            )
+            assert code == 0, stderr
+            assert out.read_bytes() == secret.read_bytes()
+    finally:
+        stop_agents(again)
+
+
+def test_a_put_to_a_down_or_hostile_agent_stores_nothing(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = root / "secret.bin"
+    secret.write_bytes(b"never stored")
+    agents = _start(root, {"v1": MANIFEST})
+    down = agents["v1"].url
+    stop_agents(agents)
+    code, _, stderr = _state(
+        capsys, root, "put", "--agent", down, "--generation", "app-v1", "--name", "db", "--in", str(secret)
+    )
+    assert code == 1 and "cannot reach the agent" in _one_error_line(stderr)
+    for hostile in (
+        "http://evil.example:80",
+        "http://127.0.0.1:1/v1/seal",
+        "file:///etc/passwd",
+        "127.0.0.1:1",
+    ):
+        code, _, stderr = _state(capsys, root, "put", "--agent", hostile, "--name", "db", "--in", str(secret))
+        assert code == 2 and "--agent" in _one_error_line(stderr), hostile
+    code, _, stderr = _state(
+        capsys,
+        root,
+        "put",
+        "--agent",
+        "http://127.0.0.1:1",
+        "--key",
+        "vault:k",
+        "--name",
+        "db",
+        "--in",
+        str(secret),
+    )
+    assert code == 2 and "either --key" in _one_error_line(stderr)
+    code, stdout, _ = _state(capsys, root, "list", "--json")
+    assert code == 0 and json.loads(stdout) == []
