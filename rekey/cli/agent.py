@@ -26,7 +26,7 @@ from rekey.agent_auth import (
 )
 from rekey.agent_server import ServerLimits, make_server
 from rekey.cli.context import settings, sim_host_dir, store
-from rekey.cli.output import EXIT_FAILED, CliError, emit_json, err, json_option, out, table
+from rekey.cli.output import EXIT_FAILED, CliError, emit_json, err, json_option, out, printable, table
 from rekey.fleet import DEFAULT_REFRESH_SECONDS, FleetMembership
 from sealing.agent import EnclaveAgent
 from sealing.generation import ManifestError, load_manifest
@@ -317,7 +317,7 @@ def _register(
             endpoint=endpoint,
             agent_id=agent_id,
             refresh_seconds=refresh_every,
-            report=lambda line: err.print(f"warning: {line}", markup=False),
+            report=lambda line: err.print(f"warning: {printable(line)}", markup=False, emoji=False),
         )
         membership.start()
     except BaseException:
@@ -416,12 +416,14 @@ def list_(generation: str | None, json_out: bool) -> None:
         return
     listing = table("agent", "host", "generation", "endpoint", "fingerprint", "last seen", "state")
     for i in items:
+        # A row is whatever the store holds (a writer may have put a newline or an escape
+        # sequence in any field): every cell is shown escaped, one line per agent.
         listing.add_row(
-            Text(i["agent_id"]),
-            Text(i["host"]),
-            Text(i["generation"]),
-            Text(i["endpoint"]),
-            i["handoff_key_sha256"][:12],
+            Text(printable(i["agent_id"])),
+            Text(printable(i["host"])),
+            Text(printable(i["generation"])),
+            Text(printable(i["endpoint"])),
+            Text(printable(i["handoff_key_sha256"][:12])),
             _age(i["last_seen_age_seconds"]),
             i["state"],
         )

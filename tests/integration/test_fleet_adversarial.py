@@ -13,8 +13,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, update
 
 from sealing.store import SealedStateStore
+from sealing.store import agents as agents_table
 from tests.fixtures.agent import stop_agents
 from tests.fixtures.cli import MANIFEST
 from tests.integration.test_fleet import _one_error_line, _start, _state, root  # noqa: F401
@@ -130,4 +132,34 @@ def test_a_missing_token_or_unknown_endpoint_is_one_line_and_stores_nothing(
         code, stdout, _ = _state(capsys, relay_root, "list", "--json")
         assert code == 0 and json.loads(stdout) == []
     finally:
+        stop_agents(agents)
+
+
+def test_a_hostile_row_that_supersedes_an_agent_warns_on_one_escaped_line(
+    relay_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agents = _start(relay_root, {"v1": MANIFEST})
+    agent = agents["v1"]
+    # A safety net only: a missing warning ends the process, and the test fails, instead of hanging.
+    guard = threading.Timer(60, agent.process.kill)
+    guard.start()
+    try:
+        engine = create_engine(f"sqlite:///{relay_root / 'home' / 'state.db'}")
+        with engine.begin() as conn:  # a store writer's row: a later start, an escape sequence
+            conn.execute(
+                update(agents_table)
+                .where(agents_table.c.agent_id == agent.agent_id)
+                .values(
+                    incarnation="f" * 32,
+                    endpoint="http://127.0.0.1:1\x1b]0;owned\x07\n",
+                    started_at=datetime(2999, 1, 1, tzinfo=UTC),
+                )
+            )
+        engine.dispose()
+        assert agent.process.stderr is not None
+        line = agent.process.stderr.readline()
+        assert line.startswith("warning: "), line
+        assert "\x1b" not in line and "\x07" not in line and "no longer refreshes" in line
+    finally:
+        guard.cancel()
         stop_agents(agents)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, inspect, text, update
+from sqlalchemy import create_engine, insert, inspect, text, update
 from sqlalchemy.engine import Engine
 
 from sealing.envelope import MAX_BLOB_VERSION
@@ -30,6 +30,7 @@ from sealing.store import (
     sealed_blobs,
 )
 from sealing.witness import DirectoryWitness
+from tests.fixtures.cli import run_cli
 from tests.unit.test_state_tee import InProcessSealer, _agent
 
 HOST_A = "sim-" + "a" * 32
@@ -294,3 +295,38 @@ def test_a_migration_7_failing_half_way_leaves_version_6_and_retries(
     with SealedStateStore(store_url) as s:
         assert s.schema_version == SCHEMA_VERSION
         assert (s.get("old-1").kind, s.get("old-1").host) == ("kms", None)
+
+
+# ---------------------------------------------------------------------------- agent list
+
+
+def test_agent_list_shows_a_hostile_row_on_one_escaped_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    url = f"sqlite:///{home / 'state.db'}"
+    SealedStateStore(url).close()
+    engine = create_engine(url)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:  # a store writer's row: no field was checked
+        conn.execute(
+            insert(agents).values(
+                agent_id="x\x1b[31mred\x1b]0;title\x07",
+                host_id="h\nfake-row",
+                generation="g",
+                endpoint="http://127.0.0.1:1\x1b[2J",
+                handoff_key_sha256="\x1b[5m",
+                incarnation="i",
+                state="live",
+                refresh_seconds=5,
+                registered_at=now,
+                started_at=now,
+                last_seen=now,
+            )
+        )
+    engine.dispose()
+    code, stdout, stderr = run_cli(capsys, "--home", str(home), "agent", "list")
+    assert code == 0, stderr
+    assert "\x1b" not in stdout and "\x07" not in stdout
+    assert len(stdout.strip().splitlines()) == 2  # the header and one row
+    assert "h\\nfake-row" in stdout
