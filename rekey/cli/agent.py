@@ -277,25 +277,23 @@ def serve(
     bound = server.server_address[1]
     endpoint = f"http://127.0.0.1:{bound}"
     membership: FleetMembership | None = None
+    # From here on every way out (a refused registration, a stop at any point, a failed write to
+    # stdout before serving) closes the server, deletes the tokens and marks the registration
+    # stopped: a token left behind would let a later caller sign requests to whoever takes the
+    # port, and the registry would still list the endpoint as live.
+    signal.signal(signal.SIGTERM, stop)
     try:
         if register:
             membership = _register(agent, endpoint, agent_id, refresh_every)
-    except BaseException:
-        server.server_close()
-        remove_tokens(directory, tokens)
-        raise
-
-    signal.signal(signal.SIGTERM, stop)
-    out.print(f"rekey agent for generation {manifest.id} listening on {endpoint}")
-    out.print(f"caller token in {token_path(directory)}")
-    if membership is not None and membership.registration is not None:
-        registered = membership.registration
-        out.print(f"registered as agent {registered.agent_id} on host {registered.host_id}", markup=False)
-    sys.stdout.flush()
-    try:
+        out.print(f"rekey agent for generation {manifest.id} listening on {endpoint}")
+        out.print(f"caller token in {token_path(directory)}")
+        if membership is not None and membership.registration is not None:
+            registered = membership.registration
+            out.print(f"registered as agent {registered.agent_id} on host {registered.host_id}", markup=False)
+        sys.stdout.flush()
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        pass  # SIGINT or SIGTERM, while registering or serving: a clean stop
     finally:
         server.server_close()
         remove_tokens(directory, tokens)  # a process that later takes the port learns nothing

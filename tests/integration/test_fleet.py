@@ -271,11 +271,29 @@ def test_a_put_to_a_down_or_hostile_agent_stores_nothing(
     secret.write_bytes(b"never stored")
     agents = _start(root, {"v1": MANIFEST})
     down = agents["v1"].url
-    stop_agents(agents)
+    agents["v1"].process.kill()  # a crash: its token stays behind, nothing answers at its port
+    agents["v1"].process.wait()
     code, _, stderr = _state(
         capsys, root, "put", "--agent", down, "--generation", "app-v1", "--name", "db", "--in", str(secret)
     )
     assert code == 1 and "cannot reach the agent" in _one_error_line(stderr)
+    stopped = _start(root, {"v1": MANIFEST})
+    stopped_url = stopped["v1"].url
+    stop_agents(stopped)  # a clean stop deletes the token: nothing is sent at all
+    code, _, stderr = _state(
+        capsys,
+        root,
+        "put",
+        "--agent",
+        stopped_url,
+        "--generation",
+        "app-v1",
+        "--name",
+        "db",
+        "--in",
+        str(secret),
+    )
+    assert code == 2 and "cannot read the agent token" in _one_error_line(stderr)
     for hostile in (
         "http://evil.example:80",
         "http://127.0.0.1:1/v1/seal",

@@ -6,13 +6,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import create_engine, update
 
 from sealing.store import SealedStateStore
@@ -163,3 +167,43 @@ def test_a_hostile_row_that_supersedes_an_agent_warns_on_one_escaped_line(
     finally:
         guard.cancel()
         stop_agents(agents)
+
+
+def test_an_agent_that_cannot_write_its_start_lines_cleans_up(relay_root: Path) -> None:
+    """The start-up lines go to a closed pipe: the agent exits, and leaves no token and no live
+    registration behind (a left token would sign a later caller's requests to whoever takes the
+    port, at an endpoint the registry still lists as live)."""
+    manifest = relay_root / "v1.yaml"
+    manifest.write_text(yaml.safe_dump(MANIFEST))
+    state_dir = relay_root / "home" / "agent" / MANIFEST["id"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rekey.cli",
+                "--home",
+                str(relay_root / "home"),
+                "agent",
+                "serve",
+                "--manifest",
+                str(manifest),
+                "--platform",
+                "sim",
+                "--host-dir",
+                str(relay_root / "host"),
+                "--port",
+                "0",
+                "--register",
+            ],
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(write_end)
+    assert process.wait(timeout=60) != 0
+    assert list(state_dir.glob("token*")) == []
+    with SealedStateStore(f"sqlite:///{relay_root / 'home' / 'state.db'}") as store:
+        assert [a.state for a in store.list_agents()] == ["stopped"]
