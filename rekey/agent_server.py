@@ -58,8 +58,7 @@ from rekey.http_guard import (
     declared_length,
     one_header,
 )
-from sealing.agent import EnclaveAgent
-from sealing.envelope import MAX_BLOB_VERSION
+from sealing.agent import MAX_SEAL_VERSION, EnclaveAgent
 from sealing.errors import SealingError
 
 DRAIN_LIMIT = 1024 * 1024  # a refused request's body is read and dropped only up to this size
@@ -165,8 +164,8 @@ class AgentApi:
             if str(parsed_id) != blob_id:
                 raise BadRequest("field 'blob_id' must be a UUID string in canonical form")
         version = body.get("version", 1)
-        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_BLOB_VERSION:
-            raise BadRequest(f"field 'version' must be an integer in 1..{MAX_BLOB_VERSION}")
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_SEAL_VERSION:
+            raise BadRequest(f"field 'version' must be an integer in 1..{MAX_SEAL_VERSION}")
         blob = self.agent.seal(
             namespace=_text(body, "namespace", "default"),
             name=_text(body, "name"),

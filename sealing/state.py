@@ -43,7 +43,21 @@ checkpoint.
 (`EnclaveSealer`: an agent, reached by ``rekey``) instead of a KMS key, under the same rules: the
 agent's generation must be registered, the name keeps its blob id, the version goes above the
 checkpoint, the store write is a compare-and-swap, and the blob the enclave returns must be the one
-asked for (id, names, generation, version, policy) before anything is stored. The row records the
+asked for (id, names, generation, version, policy) before anything is stored.
+
+Freshness is stricter for ``tee`` blobs. The enclave seals whatever (blob id, names, version) its
+caller asks for: it cannot know the checkpoint, so any caller of the agent can mint a genuine blob
+in another item's identity at any version, and with a store write put it in place. A higher
+version therefore proves nothing, and the rule is exact: a ``tee`` put takes version checkpoint + 1
+(never derived from the stored blob, so a stored blob at a huge version cannot wedge the item; the
+agent also seals versions up to `sealing.agent.MAX_SEAL_VERSION` only) and its checkpoint names
+the blob's id, version and SHA-256; a read with a checkpoint opens a ``tee`` blob only if it is
+exactly that blob (`StaleBlob` otherwise, before it is sent). Only the witness's signing key makes
+a new ``tee`` value current. The cost is the crash window above: a put whose checkpoint was not
+written (it raised `WitnessError`) leaves a blob that does not read until the value is put again,
+and of two concurrent puts of one item that took the same version, the one whose checkpoint lost
+raises `WitnessError` (put it again). Without a checkpoint (trust on first use) the first read
+anchors it, as for KMS blobs. The row records the
 host the blob is bound to (a sealing key derives from that machine's root key, so the blob opens
 nowhere else). `SealedState.get` opens a ``tee`` blob only through an enclave on that host: for
 another host it raises `HostMismatch` (naming both) before the blob is sent anywhere, and without
@@ -53,6 +67,7 @@ gate) is not done here yet: `EnclaveOpenUnsupported`.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -173,6 +188,30 @@ def _floor(checkpoint: Checkpoint | None) -> int:
     return checkpoint.order
 
 
+def _digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _check_tee(record: BlobRecord, header: envelope.BlobHeader, checkpoint: Checkpoint | None) -> None:
+    """A hardware-sealed blob with a checkpoint reads only if it is exactly the blob the
+    checkpoint names: its version, blob id and SHA-256 (any caller of the agent can have it
+    seal a blob in this item's identity at any version, so "above the checkpoint" proves
+    nothing; only a put, which advances the signed checkpoint, makes a blob current)."""
+    if checkpoint is None:
+        return  # trust on first use (or refused by strict freshness in _check_fresh)
+    if (
+        header.version != checkpoint.order
+        or checkpoint.body.get("deleted") is True
+        or checkpoint.body.get("blob_id") != str(header.blob_id)
+        or checkpoint.body.get("sha256") != _digest(record.blob)
+    ):
+        raise StaleBlob(
+            f"sealed blob {record.namespace}/{record.name} is hardware-sealed and is not the blob its"
+            f" checkpoint names (stored version {header.version}, checkpoint version"
+            f" {checkpoint.order}): put the value again"
+        )
+
+
 def _check_matches(record: BlobRecord, parsed: envelope.SealedBlob) -> None:
     header = parsed.header
     if (
@@ -259,7 +298,12 @@ class SealedState:
         store could otherwise push every later version (and the checkpoint) up to the maximum
         and wedge the name. A higher genuine version is the crash window between a store write
         and its checkpoint; a higher forged one is ignored (the put replaces it)."""
-        floor = _floor(self._checkpoint(namespace, name))
+        checkpoint = self._checkpoint(namespace, name)
+        floor = _floor(checkpoint)
+        if sealer is not None and checkpoint is not None:
+            # A hardware-sealed put goes exactly one above the checkpoint: a stored tee blob
+            # above it is never one this put must exceed (it would not read, see _check_tee).
+            return floor + 1
         claimed = _stored_version(existing)
         stored = (
             claimed if existing is not None and claimed > floor and self._authentic(existing, sealer) else 0
@@ -368,7 +412,7 @@ class SealedState:
                 BLOB_KIND,
                 blob_subject(namespace, name),
                 version,
-                {"blob_id": record.blob_id, "generation": generation},
+                {"blob_id": record.blob_id, "generation": generation, "sha256": _digest(blob)},
             )
         return record
 
@@ -469,12 +513,18 @@ class SealedState:
         else:  # pragma: no cover - the loop either breaks or raises
             raise AssertionError("unreachable")
         if self._witness is not None:
-            self._witness.advance(
+            digest = _digest(blob)
+            kept = self._witness.advance(
                 BLOB_KIND,
                 blob_subject(namespace, name),
                 version,
-                {"blob_id": record.blob_id, "generation": generation},
+                {"blob_id": record.blob_id, "generation": generation, "sha256": digest},
             )
+            if kept.order == version and kept.body.get("sha256") != digest:
+                raise WitnessError(
+                    f"the checkpoint of {namespace}/{name} names a concurrent put's blob at version"
+                    f" {version}, not this one; put the value again"
+                )
         return record
 
     def delete(self, *, namespace: str, name: str) -> None:
@@ -619,13 +669,15 @@ class SealedState:
         # checkpoint only after the body authenticated the header's version.
         checkpoint = self._checkpoint(header.namespace, header.name)
         self._check_fresh(header, checkpoint)
+        if record.kind == "tee":
+            _check_tee(record, header, checkpoint)
         data = open_it()
         if checkpoint is None or header.version > checkpoint.order:
+            body = {"blob_id": str(header.blob_id), "generation": header.generation}
+            if record.kind == "tee":
+                body["sha256"] = _digest(record.blob)
             self._witness.advance(
-                BLOB_KIND,
-                blob_subject(header.namespace, header.name),
-                header.version,
-                {"blob_id": str(header.blob_id), "generation": header.generation},
+                BLOB_KIND, blob_subject(header.namespace, header.name), header.version, body
             )
         return data
 

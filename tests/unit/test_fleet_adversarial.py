@@ -14,6 +14,8 @@ import pytest
 from sqlalchemy import create_engine, insert, inspect, text, update
 from sqlalchemy.engine import Engine
 
+from sealing import envelope
+from sealing.agent import MAX_SEAL_VERSION
 from sealing.envelope import MAX_BLOB_VERSION
 from sealing.errors import StaleBlob, TamperedBlob
 from sealing.keywrap import LocalKeyWrapper
@@ -150,12 +152,6 @@ def host_a(tmp_path: Path) -> InProcessSealer:
     return InProcessSealer(_agent(tmp_path / "host-a"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/v1/seal takes any blob_id and version, so any caller of the agent mints a blob in"
-    " another item's identity above its checkpoint: with a store write it replaces the item's"
-    " value and the freshness witness accepts it (with version 1 and a fresh id only it could not)",
-)
 def test_a_caller_cannot_mint_a_fresh_blob_for_another_item(
     tee_state: SealedState, store: SealedStateStore, host_a: InProcessSealer, raw: Engine
 ) -> None:
@@ -177,28 +173,51 @@ def test_a_caller_cannot_mint_a_fresh_blob_for_another_item(
         tee_state.get(namespace="app", name="db", sealer=host_a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a blob sealed at version MAX_BLOB_VERSION through /v1/seal and stored once leaves the"
-    " item that can never be put again (implausible version)",
-)
-def test_a_maximal_version_does_not_wedge_the_item(
+def test_a_caller_cannot_mint_a_blob_at_the_checkpoint_version_either(
     tee_state: SealedState, store: SealedStateStore, host_a: InProcessSealer, raw: Engine
 ) -> None:
+    """Same blob id, same version as the checkpoint: only the checkpoint's digest tells it apart."""
     record = tee_state.put_sealed(
         namespace="app", name="db", data=b"genuine", policy="mrenclave", sealer=host_a
     )
     forged = host_a.agent.seal(
         namespace="app",
         name="db",
-        data=b"x",
+        data=b"attacker's value",
         policy="mrenclave",
         blob_id=uuid.UUID(record.blob_id),
-        version=MAX_BLOB_VERSION,
+        version=1,
+    )
+    with raw.begin() as conn:
+        conn.execute(update(sealed_blobs).values(blob=forged))
+    with pytest.raises(StaleBlob):
+        tee_state.get(namespace="app", name="db", sealer=host_a)
+
+
+def test_a_maximal_version_does_not_wedge_the_item(
+    tee_state: SealedState, store: SealedStateStore, host_a: InProcessSealer, raw: Engine
+) -> None:
+    record = tee_state.put_sealed(
+        namespace="app", name="db", data=b"genuine", policy="mrenclave", sealer=host_a
+    )
+    blob_id = uuid.UUID(record.blob_id)
+    with pytest.raises(ValueError, match="version"):
+        host_a.agent.seal(
+            namespace="app",
+            name="db",
+            data=b"x",
+            policy="mrenclave",
+            blob_id=blob_id,
+            version=MAX_BLOB_VERSION,
+        )
+    forged = host_a.agent.seal(
+        namespace="app", name="db", data=b"x", policy="mrenclave", blob_id=blob_id, version=MAX_SEAL_VERSION
     )
     with raw.begin() as conn:
         conn.execute(update(sealed_blobs).values(blob=forged))
     tee_state.put_sealed(namespace="app", name="db", data=b"next", policy="mrenclave", sealer=host_a)
+    assert tee_state.get(namespace="app", name="db", sealer=host_a) == b"next"
+    assert envelope.parse(store.get_by_name("app", "db").blob).header.version == 2
 
 
 def test_a_kms_row_flipped_to_tee_is_refused_before_it_is_sent(
