@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -407,7 +407,7 @@ def list_(generation: str | None, json_out: bool) -> None:
     fingerprint, when last seen, and live, stale (not refreshed for three intervals) or stopped."""
     with store() as sealed_store:
         records = sealed_store.list_agents(generation=generation)
-    now = datetime.now(UTC)
+        now = sealed_store.clock()
     items = [_agent_json(r, now) for r in records]
     if json_out:
         emit_json(items)

@@ -25,19 +25,28 @@ registered it:
   restored from before the registration) is registered again. A restored row of an agent that
   no longer runs keeps its old ``last_seen`` and so lists as stale.
 
-The registry is bookkeeping, not trust: whoever can write the store can write any row, so a
-migration attests every agent it uses and checks its handoff key against the fingerprint.
+**Clock.** ``started_at`` and ``last_seen`` are the database's clock (`AgentRegistry.clock`),
+not the writer's, and ``agent list`` compares against the same clock. A ``last_seen`` more than
+one refresh interval ahead of it lists as stale (no refresh writes one), and a row whose start is
+that far ahead is not a newer start of the agent: a refresh that finds one re-asserts its own row.
+(``now`` arguments override the clock, for tests.)
+
+**A row is a hint, never trusted.** Whoever can write the store can write any row with any
+endpoint and fingerprint (agent ids, host ids and generations are public). A row says where an
+agent may be; it is trusted only once the agent at that endpoint attests with a fresh nonce and
+its evidence gives the host id, generation and handoff key (the migration's attesting step),
+and callers bind their requests to the endpoint they mean (`rekey.agent_auth`).
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy import Row, delete, func, insert, select, update
 
 from sealing.names import check_agent_id, check_generation_id, check_host_id
 from sealing.store.base import StoreBase
@@ -96,12 +105,16 @@ def _check_refresh(value: object) -> int:
     return value
 
 
-def _now(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(UTC)
+def _given(now: datetime) -> datetime:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     return now
+
+
+def _slack(record: AgentRecord) -> timedelta:
+    """How far ahead of the database clock a start or a last_seen may be (one refresh
+    interval: a concurrent writer's clock read and commit); further ahead is not believed."""
+    return timedelta(seconds=record.refresh_seconds)
 
 
 def _record(row: Row[Any]) -> AgentRecord:
@@ -134,6 +147,21 @@ class AgentRegistry(StoreBase):
     """The enclave agents of a store (mixed into `SealedStateStore`); see the module for who
     may take a registration over."""
 
+    def clock(self) -> datetime:
+        """The database's current time (UTC): what the registry writes and compares against,
+        so that no writer's or reader's own clock decides whether a row is live."""
+        with self.transaction("read of the database clock") as conn:
+            if conn.dialect.name == "sqlite":
+                value = conn.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now"))).scalar_one()
+                return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+            value = conn.execute(select(func.clock_timestamp())).scalar_one()
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise TypeError("the database clock did not answer with an aware timestamp")
+        return value.astimezone(UTC)
+
+    def _now(self, now: datetime | None) -> datetime:
+        return self.clock() if now is None else _given(now)
+
     def _read_agent(self, agent_id: str, what: str) -> AgentRecord | None:
         with self.transaction(what) as conn:
             row = conn.execute(select(agents).where(agents.c.agent_id == agent_id)).first()
@@ -161,7 +189,7 @@ class AgentRegistry(StoreBase):
         endpoint = check_endpoint(endpoint)
         _check_fingerprint(handoff_key_sha256)
         _check_refresh(refresh_seconds)
-        started = _now(now)
+        started = self._now(now)
         incarnation = secrets.token_hex(16)
         values = {
             "host_id": host_id,
@@ -216,7 +244,7 @@ class AgentRegistry(StoreBase):
         newer start of the same agent raises `AgentSuperseded`; another host's or generation's
         row raises `AgentConflict`; neither is changed."""
         agent_id = check_agent_id(registration.agent_id)
-        seen = _now(now)
+        seen = self._now(now)
         what = f"refresh of agent {agent_id}"
         for _attempt in range(_ATTEMPTS):
             fresh = {"last_seen": seen, "state": "live"}
@@ -249,7 +277,7 @@ class AgentRegistry(StoreBase):
                 raise _conflict(existing, registration.host_id, registration.generation)
             if existing.incarnation == registration.incarnation:
                 continue  # our own row after all (the swap raced a re-assertion)
-            if existing.started_at > registration.started_at:
+            if registration.started_at < existing.started_at <= seen + _slack(registration):
                 raise AgentSuperseded(
                     f"agent {agent_id} was registered again by a process started at"
                     f" {existing.started_at.isoformat()} (endpoint {existing.endpoint}); this one"
@@ -265,7 +293,7 @@ class AgentRegistry(StoreBase):
         return self._swap(
             agent_id,
             registration.incarnation,
-            {"state": "stopped", "last_seen": _now(now)},
+            {"state": "stopped", "last_seen": self._now(now)},
             f"stop of agent {agent_id}",
             registration,
         )

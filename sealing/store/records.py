@@ -163,10 +163,14 @@ class AgentRecord:
     last_seen: datetime
 
     def status(self, now: datetime) -> str:
-        """``live``, ``stale`` or ``stopped`` at ``now`` (aware)."""
+        """``live``, ``stale`` or ``stopped`` at ``now`` (aware; the database clock,
+        `SealedStateStore.clock`, which the registry writes with). A ``last_seen`` more than one
+        refresh interval after ``now`` is stale too: no refresh writes a time ahead of the
+        database clock, so such a row was forged or hand-edited."""
         if self.state != "live":
             return "stopped"
-        if now - self.last_seen > timedelta(seconds=STALE_AFTER_REFRESHES * self.refresh_seconds):
+        interval = timedelta(seconds=self.refresh_seconds)
+        if now - self.last_seen > STALE_AFTER_REFRESHES * interval or self.last_seen - now > interval:
             return "stale"
         return "live"
 

@@ -156,7 +156,7 @@ def test_a_hostile_row_that_supersedes_an_agent_warns_on_one_escaped_line(
                 .values(
                     incarnation="f" * 32,
                     endpoint="http://127.0.0.1:1\x1b]0;owned\x07\n",
-                    started_at=datetime(2999, 1, 1, tzinfo=UTC),
+                    started_at=datetime.now(UTC),  # believable: after the agent's, before its refresh
                 )
             )
         engine.dispose()

@@ -78,12 +78,6 @@ def test_any_store_writer_takes_a_live_registration_over_with_public_fields(stor
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a row edited by hand with a started_at in the future takes over a running agent: its"
-    " refresh raises AgentSuperseded and stops, contrary to the module's rule that a restored or"
-    " hand-edited row cannot take over a running agent",
-)
 def test_a_hand_edited_row_with_a_future_start_does_not_take_over(
     store: SealedStateStore, raw: Engine
 ) -> None:
@@ -101,11 +95,6 @@ def test_a_hand_edited_row_with_a_future_start_does_not_take_over(
     assert store.get_agent(real.agent_id).endpoint == real.endpoint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="last_seen is the writer's clock and a future last_seen lists as live until then: a"
-    " forged row (or an agent whose clock runs ahead, then crashes) stays live for as long as it likes",
-)
 def test_a_last_seen_in_the_future_is_not_live(store: SealedStateStore, raw: Engine) -> None:
     _register(store)
     with raw.begin() as conn:
@@ -137,6 +126,21 @@ def test_two_live_agents_of_one_generation_on_one_host_are_both_listed(store: Se
     _register(store, agent_id="other", endpoint="http://127.0.0.1:6666", handoff_key_sha256=FP_EVIL)
     rows = store.list_agents(generation="app-v1", host_id=HOST_A)
     assert [r.endpoint for r in rows] == ["http://127.0.0.1:4001", "http://127.0.0.1:6666"]
+
+
+def test_the_registry_writes_the_database_clock(store: SealedStateStore, raw: Engine) -> None:
+    """No writer's clock: without ``now`` the row's start and last_seen are the database's time."""
+    before = store.clock()
+    row = store.register_agent(
+        agent_id="app-v1@" + HOST_A,
+        host_id=HOST_A,
+        generation="app-v1",
+        endpoint="http://127.0.0.1:4001",
+        handoff_key_sha256=FP_REAL,
+    )
+    after = store.clock()
+    assert before <= row.started_at == row.last_seen <= after
+    assert row.status(store.clock()) == "live"
 
 
 # ---------------------------------------------------------------- /v1/seal blob_id and version
