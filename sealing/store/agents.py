@@ -25,6 +25,14 @@ registered it:
   restored from before the registration) is registered again. A restored row of an agent that
   no longer runs keeps its old ``last_seen`` and so lists as stale.
 
+**Ids and twins.** An id of the default form ``<generation>@<host id>`` (any id with an ``@``) is
+only taken by an agent of that generation on that host (`AgentConflict` otherwise): host ids are
+public, and another host registering it first would keep the real agent out. There is one agent
+per generation and host: registering a second id for a (generation, host) pair while another id's
+row for it is live raises `AgentConflict` (a stale or stopped row does not count). Both checks
+are of `register_agent`; they keep honest agents and mistakes apart, not a store writer, who can
+insert any row.
+
 **Clock.** ``started_at`` and ``last_seen`` are the database's clock (`AgentRegistry.clock`),
 not the writer's, and ``agent list`` compares against the same clock. A ``last_seen`` more than
 one refresh interval ahead of it lists as stale (no refresh writes one), and a row whose start is
@@ -205,6 +213,14 @@ class AgentRegistry(StoreBase):
         what = f"registration of agent {agent_id}"
         for _attempt in range(_ATTEMPTS):
             existing = self._read_agent(agent_id, what)
+            if existing is not None and (existing.host_id, existing.generation) != (host_id, generation):
+                raise _conflict(existing, host_id, generation)
+            if "@" in agent_id and agent_id != f"{generation}@{host_id}":
+                raise AgentConflict(
+                    f"agent id {agent_id} has the form <generation>@<host id> but is not this agent's"
+                    f" ({generation}@{host_id}): only an agent of that generation on that host takes it"
+                )
+            self._refuse_twin(agent_id, host_id, generation, started)
             if existing is None:
                 try:
                     with self.transaction(what, write=True) as conn:
@@ -214,11 +230,20 @@ class AgentRegistry(StoreBase):
                 except DuplicateRecord:
                     continue  # a concurrent registration inserted it first: compare with it
                 return self.get_agent(agent_id)
-            if (existing.host_id, existing.generation) != (host_id, generation):
-                raise _conflict(existing, host_id, generation)
             if self._swap(agent_id, existing.incarnation, values, what):
                 return self.get_agent(agent_id)
         raise AgentSuperseded(f"{what} kept losing to concurrent registrations of the same id")
+
+    def _refuse_twin(self, agent_id: str, host_id: str, generation: str, now: datetime) -> None:
+        """`AgentConflict` if another id has a live row for the same generation and host (one
+        agent per generation and host; a stale or stopped one does not count)."""
+        for other in self.list_agents(generation=generation, host_id=host_id):
+            if other.agent_id != agent_id and other.status(now) == "live":
+                raise AgentConflict(
+                    f"agent {other.agent_id} of generation {generation} on host {host_id} is live"
+                    "; one agent per generation and host: stop it, or"
+                    f" remove its registration once it is gone (rekey agent remove {other.agent_id})"
+                )
 
     def _swap(
         self,

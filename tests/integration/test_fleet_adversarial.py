@@ -12,12 +12,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, insert, update
 
 from sealing.store import SealedStateStore
 from sealing.store import agents as agents_table
@@ -92,17 +92,28 @@ def test_a_relay_registered_as_an_agent_sees_no_plaintext(
     real = agents["v1"]
     relay = Relay(("127.0.0.1", real.port))
     try:
-        with SealedStateStore(f"sqlite:///{relay_root / 'home' / 'state.db'}") as store:
+        url = f"sqlite:///{relay_root / 'home' / 'state.db'}"
+        with SealedStateStore(url) as store:
             row = store.get_agent(real.agent_id)
-            store.register_agent(  # a forged row: public fields, the relay's endpoint
-                agent_id="app-v1-spare",
-                host_id=row.host_id,
-                generation=row.generation,
-                endpoint=relay.url,
-                handoff_key_sha256=row.handoff_key_sha256,
-                refresh_seconds=3600,
-                now=datetime.now(UTC) + timedelta(seconds=1),
+        engine = create_engine(url)
+        now = datetime.now(UTC)
+        with engine.begin() as conn:  # a forged row (register_agent refuses a twin): the relay's endpoint
+            conn.execute(
+                insert(agents_table).values(
+                    agent_id="app-v1-spare",
+                    host_id=row.host_id,
+                    generation=row.generation,
+                    endpoint=relay.url,
+                    handoff_key_sha256=row.handoff_key_sha256,
+                    incarnation="f" * 32,
+                    state="live",
+                    refresh_seconds=3600,
+                    registered_at=now,
+                    started_at=now,
+                    last_seen=now,
+                )
             )
+        engine.dispose()
         code, out, err = _state(
             capsys, relay_root, "put", "--agent", relay.url, "--name", "db", "--in", str(secret)
         )

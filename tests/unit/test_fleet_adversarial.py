@@ -103,11 +103,6 @@ def test_a_last_seen_in_the_future_is_not_live(store: SealedStateStore, raw: Eng
     assert row.status(T0 + timedelta(days=365)) != "live"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an agent id of the default form <generation>@<host id> is accepted for another host:"
-    " whoever registers first (host ids are public) keeps the real agent of that host from registering",
-)
 def test_the_default_id_of_another_host_cannot_be_squatted(store: SealedStateStore) -> None:
     squatter_error: Exception | None = None
     try:
@@ -119,11 +114,15 @@ def test_the_default_id_of_another_host_cannot_be_squatted(store: SealedStateSto
         _register(store, agent_id="app-v2@" + HOST_A, host_id=HOST_A, generation="app-v2")
 
 
-def test_two_live_agents_of_one_generation_on_one_host_are_both_listed(store: SealedStateStore) -> None:
-    """Nothing makes (generation, host) unique: a second id for the same pair (a forged row, or
-    --agent-id) lists beside the real one, so "the new agent on this host" is ambiguous."""
+def test_a_second_live_agent_of_one_generation_on_one_host_is_refused(store: SealedStateStore) -> None:
+    """One agent per generation and host: a second id for the same pair (--agent-id) is refused
+    while the first is live, and registers once that one is stale."""
     _register(store)
-    _register(store, agent_id="other", endpoint="http://127.0.0.1:6666", handoff_key_sha256=FP_EVIL)
+    twin = {"agent_id": "other", "endpoint": "http://127.0.0.1:6666", "handoff_key_sha256": FP_EVIL}
+    with pytest.raises(AgentConflict, match="one agent per generation and host"):
+        _register(store, **twin, now=T0 + timedelta(seconds=1))
+    assert [r.agent_id for r in store.list_agents()] == ["app-v1@" + HOST_A]
+    _register(store, **twin, now=T0 + timedelta(minutes=5))
     rows = store.list_agents(generation="app-v1", host_id=HOST_A)
     assert [r.endpoint for r in rows] == ["http://127.0.0.1:4001", "http://127.0.0.1:6666"]
 

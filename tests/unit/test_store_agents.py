@@ -114,16 +114,17 @@ def test_a_restart_on_the_same_host_takes_its_row_over_and_the_old_process_is_su
 def test_another_host_or_generation_claiming_an_id_is_refused_and_changes_nothing(
     store: SealedStateStore,
 ) -> None:
-    record = register(store)
+    # A chosen id (one of the default form <generation>@<host> is refused for any other pair).
+    record = register(store, agent_id="orders-agent")
     store.stop_agent(record, now=T0)
     before = store.get_agent(record.agent_id)
     with pytest.raises(AgentConflict, match=f"on host {HOST_A}, not for generation app-v1 on host {HOST_B}"):
-        register(store, host_id=HOST_B, endpoint="http://127.0.0.1:6001")
+        register(store, agent_id="orders-agent", host_id=HOST_B, endpoint="http://127.0.0.1:6001")
     with pytest.raises(AgentConflict, match="rekey agent remove"):
-        register(store, generation="app-v2")
+        register(store, agent_id="orders-agent", generation="app-v2")
     assert store.get_agent(record.agent_id) == before  # even a stopped row is not taken over
     store.remove_agent(record.agent_id)
-    taken = register(store, host_id=HOST_B, endpoint="http://127.0.0.1:6001")
+    taken = register(store, agent_id="orders-agent", host_id=HOST_B, endpoint="http://127.0.0.1:6001")
     assert taken.host_id == HOST_B
     with pytest.raises(RecordNotFound):
         store.remove_agent("nobody")
