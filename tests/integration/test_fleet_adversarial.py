@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 class Relay:
     """A TCP relay on a free 127.0.0.1 port to ``target``, keeping every byte it forwards and
     rewriting the ``Host`` header to the target's (the agent refuses a foreign Host; the request
-    MAC does not cover it)."""
+    MAC names the endpoint the caller meant, the relay's)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -77,12 +77,6 @@ def relay_root(root: Path) -> Iterator[Path]:  # noqa: F811
     yield root
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a store writer registers a relay's endpoint for the agent's generation; state put --agent"
-    " RELAY then finds the real agent's token through the registry, the request MACs do not bind the"
-    " endpoint, and the relay reads the plaintext on its way to /v1/seal",
-)
 def test_a_relay_registered_as_an_agent_sees_no_plaintext(
     relay_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -117,8 +111,14 @@ def test_a_relay_registered_as_an_agent_sees_no_plaintext(
         code, out, err = _state(
             capsys, relay_root, "put", "--agent", relay.url, "--name", "db", "--in", str(secret)
         )
-        assert code == 0 and "db" in out, err  # the put went through the relay
+        # The relay forwards the signed identity request, which names the relay's port: the agent
+        # refuses it, so the put fails before any plaintext is sent, and stores nothing.
+        assert code != 0 and out == "", err
+        assert "the answer is not authenticated" in _one_error_line(err)
+        assert bytes(relay.seen)  # the request did go through the relay
         assert base64.b64encode(secret.read_bytes()) not in bytes(relay.seen)
+        code, out, _ = _state(capsys, relay_root, "list", "--json")
+        assert code == 0 and json.loads(out) == []
     finally:
         relay.close()
         stop_agents(agents)
