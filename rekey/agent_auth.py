@@ -14,14 +14,19 @@ trust an answer the agent did not give. So (scheme ``Rekey-HMAC``):
 
 * a request carries ``X-Rekey-Time`` (Unix seconds), ``X-Rekey-Nonce`` (fresh, 32 random bytes,
   base64url), ``X-Rekey-Body-SHA256`` (hex) and ``Authorization: Rekey-HMAC <mac>``, the
-  HMAC-SHA256 under the caller's token of (``rekey-agent-request-v1``, method, path, time, nonce,
-  body hash). The agent finds the caller whose token gives that MAC (constant-time compares),
-  refuses a time more than ``MAX_SKEW`` seconds off and a nonce it has already seen, and checks
-  the body against the hash once read. A captured request replays nowhere: its nonce is spent,
-  its time runs out, and an agent that restarts has new tokens;
+  HMAC-SHA256 under the caller's token of (``rekey-agent-request-v2``, the endpoint the caller
+  means as ``HOST:PORT``, method, path, time, nonce, body hash). The agent checks the endpoint
+  against its own bound address (the ``Host`` header must name it too), so a relay registered or
+  listening in the agent's place cannot forward a caller's signed request: the MAC names the
+  relay's port, not the agent's (and the CLI asks ``/v1/identity`` first, with no body, so
+  a relay's refused request carries no secret). The agent finds the caller whose token gives
+  that MAC (constant-time compares), refuses a time more than ``MAX_SKEW`` seconds off and a
+  nonce it has already seen, and checks the body against the hash once read. A captured
+  request replays nowhere: its nonce is spent, its time runs out, and an agent that restarts
+  has new tokens;
 * every answer to an authenticated request carries ``X-Rekey-Proof``: the HMAC-SHA256 under the
-  same token of (``rekey-agent-response-v1``, the request's nonce, method, path, status, SHA-256
-  of the body). :class:`AgentClient` refuses any answer without a valid proof
+  same token of (``rekey-agent-response-v2``, the endpoint, the request's nonce, method, path,
+  status, SHA-256 of the body). :class:`AgentClient` refuses any answer without a valid proof
   (:class:`AgentUnproven`), so a port squatter cannot feed it a forged blob or plaintext.
 
 What a squatter still receives is what the caller sends in a body (the plaintext of ``/v1/seal``,
@@ -146,24 +151,35 @@ def _mac(token: str, *fields: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def request_mac(token: str, *, method: str, path: str, timestamp: str, nonce: str, body_sha256: str) -> str:
-    return _mac(token, "rekey-agent-request-v1", method, path, timestamp, nonce, body_sha256)
+def request_mac(
+    token: str, *, endpoint: str, method: str, path: str, timestamp: str, nonce: str, body_sha256: str
+) -> str:
+    return _mac(token, "rekey-agent-request-v2", endpoint, method, path, timestamp, nonce, body_sha256)
 
 
-def response_mac(token: str, *, nonce: str, method: str, path: str, status: int, body: bytes) -> str:
+def response_mac(
+    token: str, *, endpoint: str, nonce: str, method: str, path: str, status: int, body: bytes
+) -> str:
     body_sha256 = hashlib.sha256(body).hexdigest()
-    return _mac(token, "rekey-agent-response-v1", nonce, method, path, str(status), body_sha256)
+    return _mac(token, "rekey-agent-response-v2", endpoint, nonce, method, path, str(status), body_sha256)
 
 
 def sign_request(
-    token: str, method: str, path: str, body: bytes = b"", *, now: float | None = None
+    token: str, method: str, path: str, body: bytes = b"", *, endpoint: str, now: float | None = None
 ) -> dict[str, str]:
-    """The headers that authenticate one request (its nonce is in ``X-Rekey-Nonce``)."""
+    """The headers that authenticate one request to the agent at ``endpoint`` (``HOST:PORT``, as
+    the ``Host`` header names it); its nonce is in ``X-Rekey-Nonce``."""
     timestamp = str(int(time.time() if now is None else now))
     nonce = secrets.token_urlsafe(32)
     body_sha256 = hashlib.sha256(body).hexdigest()
     mac = request_mac(
-        token, method=method, path=path, timestamp=timestamp, nonce=nonce, body_sha256=body_sha256
+        token,
+        endpoint=endpoint,
+        method=method,
+        path=path,
+        timestamp=timestamp,
+        nonce=nonce,
+        body_sha256=body_sha256,
     )
     return {
         "Authorization": f"{SCHEME} {mac}",
@@ -216,7 +232,8 @@ class AgentClient:
     def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         method = "GET" if body is None else "POST"
         data = b"" if body is None else json.dumps(body).encode()
-        headers = sign_request(self._token, method, path, data)
+        endpoint = f"{self._host}:{self._port}"
+        headers = sign_request(self._token, method, path, data, endpoint=endpoint)
         nonce = headers[NONCE_HEADER]
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -229,7 +246,9 @@ class AgentClient:
             status = response.status
         finally:
             connection.close()
-        expected = response_mac(self._token, nonce=nonce, method=method, path=path, status=status, body=raw)
+        expected = response_mac(
+            self._token, endpoint=endpoint, nonce=nonce, method=method, path=path, status=status, body=raw
+        )
         if not hmac.compare_digest(proof.encode("latin-1", errors="replace"), expected.encode()):
             raise AgentUnproven(status)
         try:

@@ -7,8 +7,9 @@ with 400 (bad request), 401 (no or wrong bearer token), 403 (policy, nonce or Or
 connections).
 
 Every request must be signed with one of the agent's caller tokens (``rekey.agent_auth``: an
-HMAC over a fresh nonce, the time, method, path and body; never the token itself), and every
-answer to a signed request carries the agent's proof over it; the request must name the
+HMAC over this agent's own address as the caller means it, a fresh nonce, the time, method, path
+and body; never the token itself), and every answer to a signed request carries the agent's
+proof over it (the address included); the request must name the
 agent itself in ``Host`` (``127.0.0.1:PORT`` or ``localhost:PORT``: a DNS-rebinding page names its
 own host) and carry no ``Origin`` unless that origin is allowed (none by default); every POST must
 be ``application/json`` with a plain decimal ``Content-Length`` within the limit, so a browser's
@@ -30,6 +31,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
@@ -57,7 +59,7 @@ from rekey.http_guard import (
     declared_length,
     one_header,
 )
-from sealing.agent import EnclaveAgent
+from sealing.agent import MAX_SEAL_VERSION, EnclaveAgent
 from sealing.errors import SealingError
 
 DRAIN_LIMIT = 1024 * 1024  # a refused request's body is read and dropped only up to this size
@@ -152,11 +154,26 @@ class AgentApi:
         policy = _text(body, "policy", "mrenclave")
         if policy not in ("mrenclave", "mrsigner"):
             raise BadRequest("field 'policy' must be mrenclave or mrsigner")
+        blob_id = body.get("blob_id")
+        if blob_id is not None:
+            if not isinstance(blob_id, str):
+                raise BadRequest("field 'blob_id' must be a UUID string")
+            try:
+                parsed_id = uuid.UUID(blob_id)
+            except ValueError:
+                raise BadRequest("field 'blob_id' must be a UUID string") from None
+            if str(parsed_id) != blob_id:
+                raise BadRequest("field 'blob_id' must be a UUID string in canonical form")
+        version = body.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_SEAL_VERSION:
+            raise BadRequest(f"field 'version' must be an integer in 1..{MAX_SEAL_VERSION}")
         blob = self.agent.seal(
             namespace=_text(body, "namespace", "default"),
             name=_text(body, "name"),
             data=_bytes(body, "data"),
             policy=policy,  # type: ignore[arg-type]
+            blob_id=None if blob_id is None else parsed_id,
+            version=version,
         )
         return {"blob": _b64(blob)}
 
@@ -211,6 +228,8 @@ def make_handler(
         server_version = "rekey-agent/1"
         signer: tuple[str, str] | None = None
         """(token, request nonce) of an authenticated request: its answers carry the proof."""
+        endpoint = ""
+        """This agent's own address as the request's ``Host`` named it (``HOST:PORT``)."""
 
         def log_message(self, format: str, *args: Any) -> None:  # request line only; bodies never logged
             log.info("%s %s", self.address_string(), format % args)
@@ -226,7 +245,13 @@ def make_handler(
             if self.signer is not None:
                 token, nonce = self.signer
                 proof = response_mac(
-                    token, nonce=nonce, method=self.command, path=self.path, status=int(status), body=data
+                    token,
+                    endpoint=self.endpoint,
+                    nonce=nonce,
+                    method=self.command,
+                    path=self.path,
+                    status=int(status),
+                    body=data,
                 )
                 self.send_header(PROOF_HEADER, proof)
             for name, value in (headers or {}).items():
@@ -246,6 +271,7 @@ def make_handler(
                     "MisdirectedRequest",
                     "Host must be this agent's own address",
                 )
+            self.endpoint = host
             origin = self._one("Origin")
             if origin is not None and origin not in origins:
                 raise Refused(
@@ -273,6 +299,7 @@ def make_handler(
             for token, name in credentials:  # every token tried, each compared in constant time
                 expected = request_mac(
                     token,
+                    endpoint=self.endpoint,
                     method=method,
                     path=self.path,
                     timestamp=timestamp,

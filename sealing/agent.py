@@ -23,11 +23,12 @@ import hmac
 import json
 import secrets
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from attestation.claims import Claims
 from attestation.errors import NonceMismatch, PolicyDenied
@@ -58,6 +59,9 @@ NONCE_TTL = timedelta(minutes=5)
 # handoff and memory stays bounded.
 MAX_NONCES_PER_CALLER = 64
 MAX_NONCE_CALLERS = 64
+MAX_SEAL_VERSION: Final = 1 << 48
+"""The highest blob version an agent seals (far below `sealing.envelope.MAX_BLOB_VERSION`): a
+stored blob it sealed can always be replaced by one a version higher."""
 
 
 def _now() -> datetime:
@@ -179,7 +183,13 @@ class EnclaveAgent:
         return self.manifest.model_dump() | {
             "handoff_key_sha256": fingerprint(self.public_key),
             "handoff_suite": SUITE_NAME,
+            "host_id": self._enclave.host_id,
         }
+
+    @property
+    def host_id(self) -> str | None:
+        """The id of the host this agent's enclave runs on (`Enclave.host_id`)."""
+        return self._enclave.host_id
 
     # ------------------------------------------------------------------------- attestation
 
@@ -213,12 +223,33 @@ class EnclaveAgent:
 
     # ------------------------------------------------------------------------------ sealing
 
-    def seal(self, *, namespace: str, name: str, data: bytes, policy: SealPolicyName) -> bytes:
-        """Seal ``data`` in the enclave under (namespace, name); `InvalidName` (a ValueError: the
-        agent answers 400) for a name outside `sealing.names`."""
+    def seal(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        data: bytes,
+        policy: SealPolicyName,
+        blob_id: uuid.UUID | None = None,
+        version: int = 1,
+    ) -> bytes:
+        """Seal ``data`` in the enclave under (namespace, name), with ``blob_id`` (default:
+        fresh) and ``version`` in the header; `InvalidName` (a ValueError: the agent answers 400)
+        for a name outside `sealing.names`, and ValueError for a version outside
+        1..`MAX_SEAL_VERSION` (so one above any blob an agent sealed is still a valid version)."""
         check_namespace(namespace)
         check_name(name)
-        return self._enclave.seal(data, policy, namespace=namespace, name=name, generation=self.manifest.id)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_SEAL_VERSION:
+            raise ValueError(f"version must be an integer in 1..{MAX_SEAL_VERSION}")
+        return self._enclave.seal(
+            data,
+            policy,
+            namespace=namespace,
+            name=name,
+            generation=self.manifest.id,
+            blob_id=blob_id,
+            version=version,
+        )
 
     def unseal(self, blob: bytes) -> bytes:
         return self._enclave.unseal(blob)
@@ -315,4 +346,4 @@ class EnclaveAgent:
         ]
 
 
-__all__ = ["PROTOCOL", "Attestation", "EnclaveAgent", "migration_reasons"]
+__all__ = ["MAX_SEAL_VERSION", "PROTOCOL", "Attestation", "EnclaveAgent", "migration_reasons"]

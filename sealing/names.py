@@ -4,7 +4,10 @@ A namespace or an item name is 1 to `MAX_NAME_CHARS` characters of ``A-Z a-z 0-9
 starting with a letter, digit or ``_`` (so never ``.``, ``..``, a hidden file's name or
 something a command line would read as an option). A generation id is 1 to 128 of
 ``A-Z a-z 0-9 . _ : -`` starting with a letter or digit (the manifest's ``id``,
-`sealing.generation`). Names end up in table rows, file names, witness subjects and audit
+`sealing.generation`). An agent id (the fleet registry's key) is 1 to `MAX_AGENT_ID_CHARS` of
+``A-Z a-z 0-9 . _ : @ -`` starting with a letter or digit (the default,
+``<generation id>@<host id>``, always fits); a host id 1 to 64 of ``a-z 0-9 . _ -`` starting with
+a letter or digit. Names end up in table rows, file names, witness subjects and audit
 records: no separator, control character, whitespace or path segment fits in them.
 
 Every place a name enters checks it (`SealedState`, the store's writes, the CLI), with
@@ -20,18 +23,24 @@ from typing import Final
 from sealing.errors import SealingError
 
 __all__ = [
+    "MAX_AGENT_ID_CHARS",
     "MAX_NAME_CHARS",
     "InvalidName",
+    "check_agent_id",
     "check_generation_id",
+    "check_host_id",
     "check_name",
     "check_namespace",
     "is_valid_name",
 ]
 
 MAX_NAME_CHARS: Final = 128
+MAX_AGENT_ID_CHARS: Final = 200
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _GENERATION_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_AGENT_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
+_HOST_ID: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 class InvalidName(SealingError, ValueError):
@@ -79,4 +88,21 @@ def check_generation_id(value: object) -> str:
         value,
         _GENERATION_ID,
         "1-128 characters of A-Z a-z 0-9 . _ : -, starting with a letter or digit",
+    )
+
+
+def check_agent_id(value: object) -> str:
+    """``value`` if it is an allowed agent id (the fleet registry's key), else `InvalidName`."""
+    return _check(
+        "agent id",
+        value,
+        _AGENT_ID,
+        f"1-{MAX_AGENT_ID_CHARS} characters of A-Z a-z 0-9 . _ : @ -, starting with a letter or digit",
+    )
+
+
+def check_host_id(value: object) -> str:
+    """``value`` if it is an allowed host id, else `InvalidName`."""
+    return _check(
+        "host id", value, _HOST_ID, "1-64 characters of a-z 0-9 . _ -, starting with a letter or digit"
     )

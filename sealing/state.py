@@ -38,19 +38,46 @@ the signing key) re-anchors the checkpoints to the restored blobs; see docs/seal
 
 A rotation's re-wrap replaces only the key slot, so a blob keeps its version and needs no new
 checkpoint.
+
+**Hardware-sealed state** (kind ``tee``). `SealedState.put_sealed` seals through an enclave
+(`EnclaveSealer`: an agent, reached by ``rekey``) instead of a KMS key, under the same rules: the
+agent's generation must be registered, the name keeps its blob id, the version goes above the
+checkpoint, the store write is a compare-and-swap, and the blob the enclave returns must be the one
+asked for (id, names, generation, version, policy) before anything is stored.
+
+Freshness is stricter for ``tee`` blobs. The enclave seals whatever (blob id, names, version) its
+caller asks for: it cannot know the checkpoint, so any caller of the agent can mint a genuine blob
+in another item's identity at any version, and with a store write put it in place. A higher
+version therefore proves nothing, and the rule is exact: a ``tee`` put takes version checkpoint + 1
+(never derived from the stored blob, so a stored blob at a huge version cannot wedge the item; the
+agent also seals versions up to `sealing.agent.MAX_SEAL_VERSION` only) and its checkpoint names
+the blob's id, version and SHA-256; a read with a checkpoint opens a ``tee`` blob only if it is
+exactly that blob (`StaleBlob` otherwise, before it is sent). Only the witness's signing key makes
+a new ``tee`` value current. The cost is the crash window above: a put whose checkpoint was not
+written (it raised `WitnessError`) leaves a blob that does not read until the value is put again,
+and of two concurrent puts of one item that took the same version, the one whose checkpoint lost
+raises `WitnessError` (put it again). Without a checkpoint (trust on first use) the first read
+anchors it, as for KMS blobs. The row records the
+host the blob is bound to (a sealing key derives from that machine's root key, so the blob opens
+nowhere else). `SealedState.get` opens a ``tee`` blob only through an enclave on that host: for
+another host it raises `HostMismatch` (naming both) before the blob is sent anywhere, and without
+an enclave `EnclaveRequired`. Opening a KMS-wrapped blob through an enclave (the attested release
+gate) is not done here yet: `EnclaveOpenUnsupported`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, Protocol
 
 from sealing import envelope
+from sealing.envelope import SealingPolicy
 from sealing.errors import SealedBlobError, SealingError, StaleBlob, TamperedBlob
 from sealing.keywrap import KeyWrapper
-from sealing.names import check_generation_id, check_name, check_namespace
+from sealing.names import check_generation_id, check_host_id, check_name, check_namespace
 from sealing.store import (
     BlobHandover,
     BlobRecord,
@@ -74,6 +101,72 @@ class UnknownGeneration(SealingError):
     """State was put for a generation nobody registered."""
 
     exit_code = 2
+
+
+class HostMismatch(SealingError):
+    """A hardware-sealed blob was to be opened by an enclave on another host than the one it is
+    bound to (nothing was sent to that enclave)."""
+
+    exit_code = 2
+
+
+class EnclaveRequired(SealingError):
+    """A hardware-sealed blob opens only inside an enclave on its host: no enclave was given."""
+
+    exit_code = 2
+
+
+class EnclaveOpenUnsupported(SealingError):
+    """A KMS-wrapped blob was to be opened through an enclave (the attested release gate), which
+    this release does not do; it opens with the operator's KMS credentials."""
+
+    exit_code = 2
+
+
+class EnclaveRefused(SealingError):
+    """The enclave refused to seal or open (a blob of another identity, a bad request): its
+    one-line reason, never a secret."""
+
+    exit_code = 1
+
+
+class EnclaveUnavailable(SealingError):
+    """The enclave could not be reached or did not prove its answer; nothing was stored."""
+
+    exit_code = 1
+
+
+SealPolicy = Literal["mrenclave", "mrsigner"]
+_TEE_POLICIES: Final = {"mrenclave": SealingPolicy.TEE_MRENCLAVE, "mrsigner": SealingPolicy.TEE_MRSIGNER}
+
+
+class EnclaveSealer(Protocol):
+    """An enclave that seals and opens blobs with its hardware sealing keys (an agent).
+
+    ``seal`` and ``unseal`` raise `EnclaveRefused` when the enclave refuses and
+    `EnclaveUnavailable` when it cannot be reached."""
+
+    @property
+    def host_id(self) -> str: ...
+
+    @property
+    def generation(self) -> str: ...
+
+    @property
+    def key_ref(self) -> str:
+        """``tee:<platform>``: the key ref of every blob it seals."""
+        ...
+
+    @property
+    def where(self) -> str:
+        """How messages name it (e.g. ``the agent at http://127.0.0.1:PORT``)."""
+        ...
+
+    def seal(
+        self, *, namespace: str, name: str, data: bytes, policy: SealPolicy, blob_id: str, version: int
+    ) -> bytes: ...
+
+    def unseal(self, blob: bytes) -> bytes: ...
 
 
 def blob_subject(namespace: str, name: str) -> str:
@@ -104,6 +197,30 @@ def _floor(checkpoint: Checkpoint | None) -> int:
     if isinstance(over, int) and not isinstance(over, bool) and 0 <= over <= envelope.MAX_BLOB_VERSION:
         return max(checkpoint.order, over)
     return checkpoint.order
+
+
+def _digest(blob: bytes | bytearray) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _check_tee(record: BlobRecord, header: envelope.BlobHeader, checkpoint: Checkpoint | None) -> None:
+    """A hardware-sealed blob with a checkpoint reads only if it is exactly the blob the
+    checkpoint names: its version, blob id and SHA-256 (any caller of the agent can have it
+    seal a blob in this item's identity at any version, so "above the checkpoint" proves
+    nothing; only a put, which advances the signed checkpoint, makes a blob current)."""
+    if checkpoint is None:
+        return  # trust on first use (or refused by strict freshness in _check_fresh)
+    if (
+        header.version != checkpoint.order
+        or checkpoint.body.get("deleted") is True
+        or checkpoint.body.get("blob_id") != str(header.blob_id)
+        or checkpoint.body.get("sha256") != _digest(record.blob)
+    ):
+        raise StaleBlob(
+            f"sealed blob {record.namespace}/{record.name} is hardware-sealed and is not the blob its"
+            f" checkpoint names (stored version {header.version}, checkpoint version"
+            f" {checkpoint.order}): put the value again"
+        )
 
 
 def _check_matches(record: BlobRecord, parsed: envelope.SealedBlob) -> None:
@@ -183,16 +300,29 @@ class SealedState:
             return None
         return self._witness.latest(BLOB_KIND, blob_subject(namespace, name))
 
-    def _next_version(self, namespace: str, name: str, existing: BlobRecord | SweepRow | None) -> int:
+    def _next_version(
+        self,
+        namespace: str,
+        name: str,
+        existing: BlobRecord | SweepRow | None,
+        sealer: EnclaveSealer | None = None,
+    ) -> int:
         """One above the checkpoint (and above the versions a restore superseded, see
         `accept`), or above the stored blob's version if that is higher *and* the stored blob
         authenticates: the header's version is parsed without any key, so whoever writes the
         store could otherwise push every later version (and the checkpoint) up to the maximum
         and wedge the name. A higher genuine version is the crash window between a store write
         and its checkpoint; a higher forged one is ignored (the put replaces it)."""
-        floor = _floor(self._checkpoint(namespace, name))
+        checkpoint = self._checkpoint(namespace, name)
+        floor = _floor(checkpoint)
+        if sealer is not None and checkpoint is not None:
+            # A hardware-sealed put goes exactly one above the checkpoint: a stored tee blob
+            # above it is never one this put must exceed (it would not read, see _check_tee).
+            return floor + 1
         claimed = _stored_version(existing)
-        stored = claimed if existing is not None and claimed > floor and self._authentic(existing) else 0
+        stored = (
+            claimed if existing is not None and claimed > floor and self._authentic(existing, sealer) else 0
+        )
         version = max(floor, stored) + 1
         if version > envelope.MAX_BLOB_VERSION:
             raise TamperedBlob(f"sealed blob {namespace}/{name} has an implausible version; not replacing it")
@@ -232,7 +362,7 @@ class SealedState:
         except RecordNotFound:
             existing = None
 
-        def seal_as(plain: bytes, blob_id: str, version: int) -> tuple[BlobHandover, int]:
+        def seal_as(plain: bytes, blob_id: str, version: int) -> tuple[BlobHandover, int, str]:
             sealed = envelope.seal(
                 plain,
                 wrapper,
@@ -242,12 +372,13 @@ class SealedState:
                 blob_id=uuid.UUID(blob_id),
                 version=version,
             )
-            return BlobHandover(sealed), envelope.key_slot(sealed).key_version
+            # The digest the checkpoint records, taken before the store takes the blob over.
+            return BlobHandover(sealed), envelope.key_slot(sealed).key_version, _digest(sealed)
 
         blob_id = existing.blob_id if existing is not None else str(uuid.uuid4())
         version = self._next_version(namespace, name, existing)
         replacing = None if existing is None else existing.row_version
-        blob, key_version = seal_as(data, blob_id, version)
+        blob, key_version, digest = seal_as(data, blob_id, version)
         del data
         # A put replaces the value, so losing a race (to a rotation re-wrapping the old value, or
         # to another writer) just means comparing against the newer row version: the new blob
@@ -273,6 +404,7 @@ class SealedState:
                         key_version=key_version,
                         key_ref=key_ref,
                         generation=generation,
+                        kind="kms",
                     )
                 break
             except (StaleRecord, DuplicateRecord):
@@ -286,7 +418,7 @@ class SealedState:
                     version = self._next_version(namespace, name, existing)
                     # The plaintext was let go: our own blob (sealed here, never stored) has it.
                     plain = envelope.open_blob(blob.take(), wrapper)
-                    blob, key_version = seal_as(plain, blob_id, version)
+                    blob, key_version, digest = seal_as(plain, blob_id, version)
                     del plain
                 replacing = existing.row_version
         else:  # pragma: no cover - the loop either breaks or raises
@@ -298,8 +430,119 @@ class SealedState:
                 BLOB_KIND,
                 blob_subject(namespace, name),
                 version,
-                {"blob_id": record.blob_id, "generation": generation},
+                {"blob_id": record.blob_id, "generation": generation, "sha256": digest},
             )
+        return record
+
+    def _registered(self, generation: str) -> None:
+        check_generation_id(generation)
+        try:
+            self._store.get_generation(generation)
+        except RecordNotFound:
+            raise UnknownGeneration(
+                f"generation {generation!r} is not registered (rekey generation register MANIFEST)"
+            ) from None
+
+    def put_sealed(
+        self, *, namespace: str, name: str, data: bytes, policy: SealPolicy, sealer: EnclaveSealer
+    ) -> BlobRecord:
+        """Seal ``data`` inside ``sealer``'s enclave under ``policy`` and store it under
+        (namespace, name) as a ``tee`` blob bound to the enclave's host, for the enclave's
+        generation (which must be registered), replacing any previous value as `put` does.
+
+        The blob the enclave returns must carry the blob id, names, generation, version and
+        policy asked for (`TamperedBlob` otherwise); nothing is stored unless sealing succeeded."""
+        check_namespace(namespace)
+        check_name(name)
+        if policy not in _TEE_POLICIES:
+            raise ValueError("policy must be mrenclave or mrsigner")
+        generation = sealer.generation
+        host = check_host_id(sealer.host_id)
+        self._registered(generation)
+        try:
+            existing: BlobRecord | None = self._store.get_by_name(namespace, name)
+        except RecordNotFound:
+            existing = None
+        blob_id = existing.blob_id if existing is not None else str(uuid.uuid4())
+        version = self._next_version(namespace, name, existing, sealer)
+        replacing = None if existing is None else existing.row_version
+        existing = None
+
+        def seal_as(blob_id: str, version: int) -> tuple[bytes, int]:
+            blob = sealer.seal(
+                namespace=namespace, name=name, data=data, policy=policy, blob_id=blob_id, version=version
+            )
+            try:
+                parsed = envelope.parse(blob)
+            except SealedBlobError:
+                raise TamperedBlob(
+                    f"{sealer.where} answered with something that is not a sealed blob"
+                ) from None
+            header = parsed.header
+            if (
+                str(header.blob_id),
+                header.namespace,
+                header.name,
+                header.generation,
+                header.key_ref,
+                header.version,
+                header.policy,
+            ) != (blob_id, namespace, name, generation, sealer.key_ref, version, _TEE_POLICIES[policy]):
+                raise TamperedBlob(f"{sealer.where} answered with another blob than the one asked for")
+            return blob, parsed.key_version
+
+        blob, key_version = seal_as(blob_id, version)
+        for attempt in range(PUT_ATTEMPTS):
+            try:
+                if replacing is None:
+                    record = self._store.insert(
+                        blob_id=blob_id,
+                        namespace=namespace,
+                        name=name,
+                        key_ref=sealer.key_ref,
+                        key_version=key_version,
+                        generation=generation,
+                        blob=blob,
+                        kind="tee",
+                        host=host,
+                    )
+                else:
+                    record = self._store.compare_and_swap(
+                        blob_id,
+                        replacing,
+                        blob=blob,
+                        key_version=key_version,
+                        key_ref=sealer.key_ref,
+                        generation=generation,
+                        kind="tee",
+                        host=host,
+                    )
+                break
+            except (StaleRecord, DuplicateRecord):
+                if attempt == PUT_ATTEMPTS - 1:
+                    raise
+                existing = self._store.get_by_name(namespace, name)
+                if existing.blob_id != blob_id or _stored_version(existing) >= version:
+                    blob_id = existing.blob_id
+                    version = self._next_version(namespace, name, existing, sealer)
+                    blob, key_version = seal_as(blob_id, version)
+                replacing = existing.row_version
+                existing = None
+        else:  # pragma: no cover - the loop either breaks or raises
+            raise AssertionError("unreachable")
+        if self._witness is not None:
+            digest = _digest(blob)
+            kept = self._witness.advance(
+                BLOB_KIND,
+                blob_subject(namespace, name),
+                version,
+                {"blob_id": record.blob_id, "generation": generation, "sha256": digest},
+            )
+            if kept.order == version and kept.body.get("sha256") != digest:
+                raise WitnessError(
+                    f"the checkpoint of {namespace}/{name} names a concurrent put's blob at version"
+                    f" {version}, not this one; put the value again"
+                )
         return record
 
     def delete(self, *, namespace: str, name: str) -> None:
@@ -380,20 +623,23 @@ class SealedState:
                 witness.reset(BLOB_KIND, blob_subject(namespace, outcome.name), outcome.version, body)
         return [outcome for outcome, _body in plans]
 
-    def get(self, *, namespace: str, name: str) -> bytes:
+    def get(self, *, namespace: str, name: str, sealer: EnclaveSealer | None = None) -> bytes:
         """Open the blob stored under (namespace, name); `InvalidName` for a name outside the
-        allowed ones (`sealing.names`), even if a row stored before the rule has it."""
+        allowed ones (`sealing.names`), even if a row stored before the rule has it. A
+        hardware-sealed blob opens only through ``sealer`` on its host (`HostMismatch`,
+        `EnclaveRequired`); a KMS-wrapped one only without ``sealer`` (`EnclaveOpenUnsupported`)."""
         check_namespace(namespace)
         check_name(name)
-        return self.open_record(self._store.get_by_name(namespace, name))
+        return self.open_record(self._store.get_by_name(namespace, name), sealer)
 
-    def _authentic(self, record: BlobRecord | SweepRow) -> bool:
+    def _authentic(self, record: BlobRecord | SweepRow, sealer: EnclaveSealer | None = None) -> bool:
         """Whether the stored blob opens (so its header, version included, is genuine). A blob
         that does not match its record or fails authentication, or whose key ref the
         configuration refuses (ValueError: `kms_adapters.keyref.InvalidKeyRef`), is not; a key
-        service that cannot be reached raises (nothing is written then). For a head, the whole
-        blob is read, and one written since the head was read is not: the write comparing
-        against the head's row version then fails, and the put reads it again."""
+        service that cannot be reached raises (nothing is written then). A hardware-sealed blob
+        is genuine only if ``sealer`` is on its host and opens it. For a head, the whole blob is
+        read, and one written since the head was read is not: the write comparing against the
+        head's row version then fails, and the put reads it again."""
         if isinstance(record, SweepRow):
             try:
                 whole = self._store.get(record.blob_id)
@@ -405,28 +651,61 @@ class SealedState:
         try:
             parsed = envelope.parse(record.blob)
             _check_matches(record, parsed)
-            envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
-        except (SealedBlobError, ValueError):
+            if record.kind == "tee":
+                if sealer is None or sealer.host_id != record.host:
+                    return False
+                sealer.unseal(record.blob)
+            else:
+                envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
+        except (SealedBlobError, ValueError, EnclaveRefused):
             return False
         return True
 
-    def open_record(self, record: BlobRecord) -> bytes:
+    def open_record(self, record: BlobRecord, sealer: EnclaveSealer | None = None) -> bytes:
         parsed = envelope.parse(record.blob)
         header = parsed.header
         _check_matches(record, parsed)
-        if self._witness is None:
+        item = f"{record.namespace}/{record.name}"
+        if (record.kind == "tee") != (header.policy is not SealingPolicy.KMS):
+            raise TamperedBlob(f"sealed blob {item} is not of the kind its store record says ({record.kind})")
+        if record.kind == "tee":
+            if sealer is None:
+                raise EnclaveRequired(
+                    f"sealed blob {item} is hardware-sealed on host {record.host}: it opens only"
+                    " through an agent on that host (--agent URL)"
+                )
+            if sealer.host_id != record.host:
+                raise HostMismatch(
+                    f"sealed blob {item} is hardware-sealed on host {record.host}, but {sealer.where}"
+                    f" runs on host {sealer.host_id}: it cannot open it (use an agent on {record.host});"
+                    " the blob was not sent"
+                )
+        elif sealer is not None:
+            raise EnclaveOpenUnsupported(
+                f"sealed blob {item} is KMS-wrapped (under {record.key_ref}); opening it through an"
+                " agent (the attested release gate) is not supported yet: get it without --agent"
+            )
+
+        def open_it() -> bytes:
+            if sealer is not None:
+                return sealer.unseal(record.blob)
             return envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
+
+        if self._witness is None:
+            return open_it()
         # Refuse a stale blob before anything is unwrapped or decrypted; anchor (or catch up) the
         # checkpoint only after the body authenticated the header's version.
         checkpoint = self._checkpoint(header.namespace, header.name)
         self._check_fresh(header, checkpoint)
-        data = envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))
+        if record.kind == "tee":
+            _check_tee(record, header, checkpoint)
+        data = open_it()
         if checkpoint is None or header.version > checkpoint.order:
+            body = {"blob_id": str(header.blob_id), "generation": header.generation}
+            if record.kind == "tee":
+                body["sha256"] = _digest(record.blob)
             self._witness.advance(
-                BLOB_KIND,
-                blob_subject(header.namespace, header.name),
-                header.version,
-                {"blob_id": str(header.blob_id), "generation": header.generation},
+                BLOB_KIND, blob_subject(header.namespace, header.name), header.version, body
             )
         return data
 

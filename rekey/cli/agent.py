@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
 from attestation.sim import SimVerifier
 from rekey.agent_auth import (
@@ -23,10 +25,13 @@ from rekey.agent_auth import (
     token_path,
 )
 from rekey.agent_server import ServerLimits, make_server
-from rekey.cli.context import settings, sim_host_dir
-from rekey.cli.output import EXIT_FAILED, CliError, emit_json, out
+from rekey.cli.context import settings, sim_host_dir, store
+from rekey.cli.output import EXIT_FAILED, CliError, emit_json, err, json_option, out, printable, table
+from rekey.fleet import DEFAULT_REFRESH_SECONDS, FleetMembership
 from sealing.agent import EnclaveAgent
 from sealing.generation import ManifestError, load_manifest
+from sealing.names import InvalidName, check_agent_id, check_generation_id
+from sealing.store import MAX_REFRESH_SECONDS, AgentRecord, SealedStateStore
 from sealing.tee.sim import EnclaveIdentity, SimHost
 
 
@@ -49,6 +54,18 @@ def _state_dir(state_dir: Path | None, generation: str) -> Path:
     return state_dir if state_dir is not None else settings().home / "agent" / generation
 
 
+def _checked(check: Any) -> Any:
+    def callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except InvalidName as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
 def _caller_name(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
     names = value if isinstance(value, tuple) else (value,)
     for name in names:
@@ -63,6 +80,44 @@ state_dir_option = click.option(
     default=None,
     help="The agent's state directory with its token files (default <home>/agent/<generation id>).",
 )
+
+
+def url_option_check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    """A click callback refusing an agent URL that is not http://127.0.0.1:PORT (exit 2)."""
+    if value is None:
+        return None
+    try:
+        AgentClient(value, "unused")
+    except AgentCredentialError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def client_for(
+    url: str,
+    *,
+    generation: str | None,
+    state_dir: Path | None,
+    caller: str,
+    sealed_store: SealedStateStore | None = None,
+) -> AgentClient:
+    """A client of the agent at ``url`` with ``caller``'s token from the agent's state directory:
+    ``state_dir``, else ``<home>/agent/<generation>`` for ``generation``, else for the generation
+    the fleet registry records for an agent at ``url`` (the most recently started)."""
+    if state_dir is None and generation is None and sealed_store is not None:
+        endpoint = url.rstrip("/")
+        found = [a for a in sealed_store.list_agents() if a.endpoint == endpoint]
+        if found:
+            generation = max(found, key=lambda a: a.started_at).generation
+    if state_dir is None and generation is None:
+        raise click.UsageError(
+            f"no registered agent at {url}: give --generation ID or --state-dir DIR (where the"
+            " agent's token is), or start it with --register"
+        )
+    try:
+        return AgentClient(url, read_token(_state_dir(state_dir, generation or ""), caller))
+    except AgentCredentialError as exc:
+        raise AgentCredentialProblem(str(exc)) from None
 
 
 @click.group("agent")
@@ -143,6 +198,27 @@ def cli() -> None:
     show_default=True,
     help="Seconds for a request's line and headers to arrive and be authenticated.",
 )
+@click.option(
+    "--register",
+    is_flag=True,
+    help="Record this agent in the store's fleet registry (its generation must be registered)"
+    " and refresh its last-seen time while it runs.",
+)
+@click.option(
+    "--agent-id",
+    default=None,
+    callback=_checked(check_agent_id),
+    metavar="ID",
+    help="The id it registers under (default <generation id>@<host id>).",
+)
+@click.option(
+    "--refresh-every",
+    type=click.IntRange(1, MAX_REFRESH_SECONDS),
+    default=DEFAULT_REFRESH_SECONDS,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often a registered agent refreshes its last-seen time.",
+)
 def serve(
     manifest_path: Path,
     platform: str,
@@ -155,12 +231,23 @@ def serve(
     idle_timeout: float,
     request_timeout: float,
     auth_timeout: float,
+    register: bool,
+    agent_id: str | None,
+    refresh_every: int,
 ) -> None:
     """Serve the agent API on 127.0.0.1 until stopped (SIGINT/SIGTERM).
 
     Fresh caller tokens are written at every start to the state directory (0700, files 0600)
     and deleted at a clean stop: callers read theirs and sign their requests with it
-    (``rekey.agent_auth``); the token itself is never sent."""
+    (``rekey.agent_auth``); the token itself is never sent.
+
+    With --register the agent records itself in the store's fleet registry (agent id, host id,
+    generation, endpoint, handoff key fingerprint), refreshes its last-seen time every
+    --refresh-every seconds and is marked stopped at a clean stop. An id registered for another
+    host or generation is refused (rekey agent remove frees it); the same agent starting again
+    on the same host takes its registration over."""
+    if not register and agent_id is not None:
+        raise click.UsageError("--agent-id needs --register")
     manifest = load_manifest(manifest_path)
     if manifest.platform != platform:
         raise ManifestError(f"{manifest_path}: field 'platform': {manifest.platform} is not {platform}")
@@ -187,18 +274,54 @@ def serve(
     def stop(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
     bound = server.server_address[1]
-    out.print(f"rekey agent for generation {manifest.id} listening on http://127.0.0.1:{bound}")
-    out.print(f"caller token in {token_path(directory)}")
-    sys.stdout.flush()
+    endpoint = f"http://127.0.0.1:{bound}"
+    membership: FleetMembership | None = None
+    # From here on every way out (a refused registration, a stop at any point, a failed write to
+    # stdout before serving) closes the server, deletes the tokens and marks the registration
+    # stopped: a token left behind would let a later caller sign requests to whoever takes the
+    # port, and the registry would still list the endpoint as live.
+    signal.signal(signal.SIGTERM, stop)
     try:
+        if register:
+            membership = _register(agent, endpoint, agent_id, refresh_every)
+        out.print(f"rekey agent for generation {manifest.id} listening on {endpoint}")
+        out.print(f"caller token in {token_path(directory)}")
+        if membership is not None and membership.registration is not None:
+            registered = membership.registration
+            out.print(f"registered as agent {registered.agent_id} on host {registered.host_id}", markup=False)
+        sys.stdout.flush()
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        pass  # SIGINT or SIGTERM, while registering or serving: a clean stop
     finally:
         server.server_close()
         remove_tokens(directory, tokens)  # a process that later takes the port learns nothing
+        if membership is not None:
+            membership.stop()
+            membership.store.close()
+
+
+def _register(
+    agent: EnclaveAgent, endpoint: str, agent_id: str | None, refresh_every: int
+) -> FleetMembership:
+    """Register the agent in the settings' store (which must exist: its generation is registered
+    there) and start refreshing; the store stays open until the agent stops."""
+    opened = store()
+    try:
+        membership = FleetMembership(
+            opened,
+            agent,
+            endpoint=endpoint,
+            agent_id=agent_id,
+            refresh_seconds=refresh_every,
+            report=lambda line: err.print(f"warning: {printable(line)}", markup=False, emoji=False),
+        )
+        membership.start()
+    except BaseException:
+        opened.close()
+        raise
+    return membership
 
 
 @cli.command("call")
@@ -242,3 +365,74 @@ def call(
     except OSError as exc:
         raise AgentRefused(f"cannot reach the agent at {url}: {exc}") from None
     emit_json(result)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{int(seconds)}s ago"
+    if seconds < 7200:
+        return f"{int(seconds // 60)}m ago"
+    if seconds < 172800:
+        return f"{int(seconds // 3600)}h ago"
+    return f"{int(seconds // 86400)}d ago"
+
+
+def _agent_json(record: AgentRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "agent_id": record.agent_id,
+        "host": record.host_id,
+        "generation": record.generation,
+        "endpoint": record.endpoint,
+        "handoff_key_sha256": record.handoff_key_sha256,
+        "state": record.status(now),
+        "last_seen": record.last_seen.isoformat(),
+        "last_seen_age_seconds": round(max(0.0, (now - record.last_seen).total_seconds()), 3),
+        "started_at": record.started_at.isoformat(),
+        "registered_at": record.registered_at.isoformat(),
+        "refresh_seconds": record.refresh_seconds,
+    }
+
+
+@cli.command("list")
+@click.option(
+    "--generation",
+    default=None,
+    callback=_checked(check_generation_id),
+    metavar="GEN",
+    help="Only the agents of this generation.",
+)
+@json_option
+def list_(generation: str | None, json_out: bool) -> None:
+    """List the agents of the fleet registry: id, host, generation, endpoint, handoff key
+    fingerprint, when last seen, and live, stale (not refreshed for three intervals) or stopped."""
+    with store() as sealed_store:
+        records = sealed_store.list_agents(generation=generation)
+        now = sealed_store.clock()
+    items = [_agent_json(r, now) for r in records]
+    if json_out:
+        emit_json(items)
+        return
+    listing = table("agent", "host", "generation", "endpoint", "fingerprint", "last seen", "state")
+    for i in items:
+        # A row is whatever the store holds (a writer may have put a newline or an escape
+        # sequence in any field): every cell is shown escaped, one line per agent.
+        listing.add_row(
+            Text(printable(i["agent_id"])),
+            Text(printable(i["host"])),
+            Text(printable(i["generation"])),
+            Text(printable(i["endpoint"])),
+            Text(printable(i["handoff_key_sha256"][:12])),
+            _age(i["last_seen_age_seconds"]),
+            i["state"],
+        )
+    out.print(listing if items else "no agents registered")
+
+
+@cli.command("remove")
+@click.argument("agent_id", metavar="AGENT_ID", callback=_checked(check_agent_id))
+def remove(agent_id: str) -> None:
+    """Forget an agent's registration (e.g. one whose host is gone, so that its id can be used
+    again). A registered agent that still runs registers itself again at its next refresh."""
+    with store() as sealed_store:
+        sealed_store.remove_agent(agent_id)
+    err.print(f"removed agent {agent_id}", markup=False)

@@ -13,14 +13,17 @@ from rich.text import Text
 
 from audit import AuditLog
 from kms_adapters.keyref import InvalidKeyRef, KeyRef
+from rekey.agent_auth import DEFAULT_CALLER
+from rekey.agent_sealer import AgentSealer
 from rekey.backends import adapter_for, signer_for, witness_for
+from rekey.cli.agent import _caller_name, client_for, url_option_check
 from rekey.cli.context import STORE_SETTING, settings, store
 from rekey.cli.files import read_input, write_output
 from rekey.cli.output import CliError, emit_json, err, json_option, out, table
 from sealing.keywrap import KeyWrapper
 from sealing.names import InvalidName, check_generation_id, check_name, check_namespace, is_valid_name
 from sealing.state import SealedState, UnknownGeneration
-from sealing.store import SealedStateStore, StoreMissing
+from sealing.store import BlobRecord, BlobSummary, SealedStateStore, StoreMissing
 from sealing.witness import DirectoryWitness
 
 
@@ -48,8 +51,10 @@ _NAME = _checked(check_name)
 _NAMESPACE = _checked(check_namespace)
 
 
-def _key_ref(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+def _key_ref(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """``--key``: a key ref (`kms_adapters.keyref`), refused (exit 2) before any store opens."""
+    if value is None:
+        return None
     try:
         return str(KeyRef.parse(value))
     except InvalidKeyRef as exc:
@@ -79,20 +84,53 @@ def _sealed_state(sealed_store: SealedStateStore, witness: DirectoryWitness | No
     )
 
 
+agent_option = click.option(
+    "--agent",
+    "agent_url",
+    default=None,
+    metavar="URL",
+    callback=url_option_check,
+    help="Seal or open through the enclave agent at http://127.0.0.1:PORT (hardware-sealed state).",
+)
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --agent: the agent's state directory with its token (default: found from the agent's"
+    " generation, or from the fleet registry).",
+)
+caller_option = click.option(
+    "--caller",
+    default=DEFAULT_CALLER,
+    show_default=True,
+    callback=_caller_name,
+    help="With --agent: whose token to present.",
+)
+
+
+def _agent_sealer(
+    sealed_store: SealedStateStore, url: str, generation: str | None, state_dir: Path | None, caller: str
+) -> AgentSealer:
+    client = client_for(
+        url, generation=generation, state_dir=state_dir, caller=caller, sealed_store=sealed_store
+    )
+    return AgentSealer.connect(client)
+
+
 @cli.command("put")
 @click.option(
     "--key",
-    required=True,
+    default=None,
     metavar="KEYREF",
     callback=_key_ref,
-    help="Key that wraps the DEK, e.g. vault:orders.",
+    help="Key that wraps the DEK, e.g. vault:orders (or --agent).",
 )
 @click.option(
     "--generation",
-    required=True,
+    default=None,
     metavar="GEN",
     callback=_checked(check_generation_id),
-    help="Registered generation id.",
+    help="Registered generation id (with --agent: the agent's, which it defaults to).",
 )
 @click.option("--name", required=True, callback=_NAME, help="Name of the state item.")
 @click.option(
@@ -104,10 +142,40 @@ def _sealed_state(sealed_store: SealedStateStore, witness: DirectoryWitness | No
     help="File to seal ('-' for stdin).",
 )
 @click.option("--namespace", default="default", show_default=True, callback=_NAMESPACE)
+@agent_option
+@click.option(
+    "--seal",
+    "seal_policy",
+    type=click.Choice(["mrenclave", "mrsigner"]),
+    default=None,
+    help="With --agent: bind the sealing key to the measurement or to signer + product [default: mrenclave].",
+)
+@state_dir_option
+@caller_option
 @json_option
-def put(key: str, generation: str, name: str, in_file: Path, namespace: str, json_out: bool) -> None:
-    """Seal a file under a key and store it (replacing an existing item of that name).
-    Inputs above the max_blob_bytes setting (default 64 MiB) are refused before they are read."""
+def put(
+    key: str | None,
+    generation: str | None,
+    name: str,
+    in_file: Path,
+    namespace: str,
+    agent_url: str | None,
+    seal_policy: str | None,
+    state_dir: Path | None,
+    caller: str,
+    json_out: bool,
+) -> None:
+    """Seal a file under a key, or with --agent inside that enclave agent (hardware-sealed,
+    bound to the agent's host and generation), and store it (replacing an existing item of that
+    name). Inputs above the max_blob_bytes setting (default 64 MiB) are refused before they are
+    read."""
+    if (key is None) == (agent_url is None):
+        raise click.UsageError("give either --key KEYREF or --agent URL")
+    if agent_url is None:
+        if generation is None:
+            raise click.UsageError("--key needs --generation GEN")
+        if seal_policy is not None or state_dir is not None or caller != DEFAULT_CALLER:
+            raise click.UsageError("--seal, --state-dir and --caller go with --agent")
     # The plaintext is handed to put with no reference kept here (popped from the list), so it
     # is freed once sealed, before the store write (sealing.state.SealedState.put): a put then
     # peaks at about twice the input, not five times.
@@ -118,21 +186,39 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
         opened = store()
     except StoreMissing:
         raise UnknownGeneration(
-            f"generation {generation!r} is not registered (rekey generation register MANIFEST);"
-            f" there is no store yet ({STORE_SETTING})"
+            f"generation {(generation or 'of the agent')!r} is not registered (rekey generation register"
+            f" MANIFEST); there is no store yet ({STORE_SETTING})"
         ) from None
     with opened as sealed_store:
-        record = _sealed_state(sealed_store).put(
-            namespace=namespace,
-            name=name,
-            data=pending.pop(),
-            key_ref=key,
-            generation=generation,
-        )
+        record: BlobRecord | BlobSummary
+        if agent_url is not None:
+            sealer = _agent_sealer(sealed_store, agent_url, generation, state_dir, caller)
+            if generation is not None and generation != sealer.generation:
+                raise CliError(
+                    f"the agent at {agent_url} runs generation {sealer.generation}, not {generation}"
+                )
+            record = _sealed_state(sealed_store).put_sealed(
+                namespace=namespace,
+                name=name,
+                data=pending.pop(),
+                policy="mrsigner" if seal_policy == "mrsigner" else "mrenclave",
+                sealer=sealer,
+            )
+        else:
+            assert key is not None and generation is not None  # nosec B101 # checked above
+            record = _sealed_state(sealed_store).put(
+                namespace=namespace,
+                name=name,
+                data=pending.pop(),
+                key_ref=key,
+                generation=generation,
+            )
     summary = {
         "namespace": record.namespace,
         "name": record.name,
         "blob_id": record.blob_id,
+        "kind": record.kind,
+        "host": record.host,
         "key_ref": record.key_ref,
         "key_version": record.key_version,
         "generation": record.generation,
@@ -141,6 +227,12 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
     }
     if json_out:
         emit_json(summary)
+    elif record.kind == "tee":
+        out.print(
+            f"sealed {namespace}/{name} ({size} bytes) in the agent of generation {record.generation}"
+            f" on host {record.host} ({record.key_ref} v{record.key_version})",
+            markup=False,
+        )
     else:
         out.print(
             f"sealed {namespace}/{name} ({size} bytes) under {record.key_ref}"
@@ -159,10 +251,37 @@ def put(key: str, generation: str, name: str, in_file: Path, namespace: str, jso
     help="Where to write ('-' for stdout); created with mode 0600.",
 )
 @click.option("--namespace", default="default", show_default=True, callback=_NAMESPACE)
-def get(name: str, out_file: Path, namespace: str) -> None:
-    """Unseal a stored item into a file."""
+@agent_option
+@click.option(
+    "--generation",
+    default=None,
+    metavar="GEN",
+    callback=_checked(check_generation_id),
+    help="With --agent: the agent's generation id (finds its token).",
+)
+@state_dir_option
+@caller_option
+def get(
+    name: str,
+    out_file: Path,
+    namespace: str,
+    agent_url: str | None,
+    generation: str | None,
+    state_dir: Path | None,
+    caller: str,
+) -> None:
+    """Unseal a stored item into a file. A hardware-sealed item opens only through an agent
+    (--agent) on the host it was sealed on; a KMS-wrapped one with the configured KMS
+    credentials (without --agent)."""
+    if agent_url is None and (generation is not None or state_dir is not None or caller != DEFAULT_CALLER):
+        raise click.UsageError("--generation, --state-dir and --caller go with --agent")
     with store() as sealed_store:
-        data = _sealed_state(sealed_store).get(namespace=namespace, name=name)
+        sealer = (
+            None
+            if agent_url is None
+            else _agent_sealer(sealed_store, agent_url, generation, state_dir, caller)
+        )
+        data = _sealed_state(sealed_store).get(namespace=namespace, name=name, sealer=sealer)
     write_output(out_file, data)
     if str(out_file) != "-":
         err.print(f"wrote {len(data)} bytes to {out_file}")
@@ -182,13 +301,16 @@ def delete(name: str, namespace: str) -> None:
 @click.option("--namespace", default=None, callback=_NAMESPACE, help="Only this namespace.")
 @json_option
 def list_(namespace: str | None, json_out: bool) -> None:
-    """List stored items: name, key ref, key version, generation, sealed size in bytes."""
+    """List stored items: name, kind (kms or tee), host (of a tee item), key ref, key version,
+    generation, sealed size in bytes."""
     with store() as sealed_store:
         rows = sealed_store.summaries(namespace)
     items: list[dict[str, Any]] = [
         {
             "namespace": r.namespace,
             "name": r.name,
+            "kind": r.kind,
+            "host": r.host,
             "key_ref": r.key_ref,
             "key_version": r.key_version,
             "generation": r.generation,
@@ -200,12 +322,16 @@ def list_(namespace: str | None, json_out: bool) -> None:
     if json_out:
         emit_json(items)
         return
-    listing = table("namespace", "name", "key ref", "version", "generation", "sealed size", "updated")
+    listing = table(
+        "namespace", "name", "kind", "host", "key ref", "version", "generation", "sealed size", "updated"
+    )
     for i in items:
         listing.add_row(
             _cell(i["namespace"]),
             _cell(i["name"]),
-            i["key_ref"],
+            i["kind"],
+            _cell(i["host"] or "-"),
+            _cell(i["key_ref"]),
             str(i["key_version"]),
             i["generation"],
             str(i["sealed_size"]),

@@ -19,9 +19,10 @@ The package is split by concern:
   `SchemaOwner`: the migrations of packages above the store that keep their own tables here.
 * `base`: the opened database, `SealedStateStore.transaction` (the public transaction API for
   those packages) and `SealedStateStore.apply_schema`.
-* `blobs`, `failures`, `generations`: the blob operations (including the sweep's driver-level
-  statements), the re-wrap failures and the generation registry, combined into
-  `SealedStateStore` by `store`.
+* `blobs`, `failures`, `generations`, `agents`: the blob operations (including the sweep's
+  driver-level statements), the re-wrap failures, the generation registry and the fleet
+  registry of enclave agents (schema version 6; who may take a registration over is in
+  `sealing.store.agents`), combined into `SealedStateStore` by `store`.
 
 Every blob a re-wrap sweep fails is a row of ``rewrap_failures`` (schema version 5), keyed by
 (``key_ref``, ``target_version``, ``blob_id``): a one-line ``reason`` of at most
@@ -35,9 +36,12 @@ Timestamps are timezone-aware UTC datetimes with microsecond precision: ``timest
 PostgreSQL, naive UTC text on SQLite; both come back as aware UTC.
 """
 
+from sealing.store.agents import MAX_ENDPOINT_CHARS, MAX_REFRESH_SECONDS, check_endpoint
 from sealing.store.blobs import MAX_PAGE
 from sealing.store.engine import POSTGRES_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_S
 from sealing.store.errors import (
+    AgentConflict,
+    AgentSuperseded,
     DuplicateRecord,
     InvalidStoreURL,
     RecordNotFound,
@@ -49,6 +53,8 @@ from sealing.store.errors import (
 )
 from sealing.store.failures import MAX_REASON_CHARS
 from sealing.store.records import (
+    STALE_AFTER_REFRESHES,
+    AgentRecord,
     BlobHandover,
     BlobRecord,
     BlobSummary,
@@ -64,6 +70,7 @@ from sealing.store.schema import (
     MigrationStep,
     SchemaOwner,
     UTCDateTime,
+    agents,
     generations,
     metadata,
     migrate,
@@ -75,12 +82,18 @@ from sealing.store.schema import (
 from sealing.store.store import SealedStateStore
 
 __all__ = [
+    "MAX_ENDPOINT_CHARS",
     "MAX_PAGE",
     "MAX_REASON_CHARS",
+    "MAX_REFRESH_SECONDS",
     "MIGRATIONS",
     "POSTGRES_CONNECT_TIMEOUT_S",
     "SCHEMA_VERSION",
     "SQLITE_BUSY_TIMEOUT_S",
+    "STALE_AFTER_REFRESHES",
+    "AgentConflict",
+    "AgentRecord",
+    "AgentSuperseded",
     "BlobHandover",
     "BlobRecord",
     "BlobSummary",
@@ -101,6 +114,8 @@ __all__ = [
     "StoreUnavailable",
     "SweepRow",
     "UTCDateTime",
+    "agents",
+    "check_endpoint",
     "generations",
     "metadata",
     "migrate",

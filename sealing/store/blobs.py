@@ -36,6 +36,7 @@ from sealing.store.records import (
     Page,
     SlotSplice,
     SweepRow,
+    check_kind,
     require_bytes,
     require_int,
     require_str,
@@ -65,6 +66,8 @@ def _record(row: Row[Any]) -> BlobRecord:
         row_version=int(m["row_version"]),
         created_at=m["created_at"],
         updated_at=m["updated_at"],
+        kind=str(m["kind"]),
+        host=None if m["host"] is None else str(m["host"]),
     )
 
 
@@ -223,6 +226,8 @@ class BlobOperations(StoreBase):
         generation: str,
         blob: bytes,
         blob_id: str | None = None,
+        kind: str = "kms",
+        host: str | None = None,
     ) -> BlobRecord: ...
 
     @overload
@@ -236,6 +241,8 @@ class BlobOperations(StoreBase):
         generation: str,
         blob: BlobHandover,
         blob_id: str | None = None,
+        kind: str = "kms",
+        host: str | None = None,
     ) -> BlobSummary: ...
 
     def insert(
@@ -248,16 +255,20 @@ class BlobOperations(StoreBase):
         generation: str,
         blob: bytes | BlobHandover,
         blob_id: str | None = None,
+        kind: str = "kms",
+        host: str | None = None,
     ) -> BlobRecord | BlobSummary:
-        """Store a new blob at row version 1. ``blob_id`` defaults to a fresh uuid4. Returns the
-        record as written; for a `BlobHandover`, which the blob is taken from once the row is in,
-        its summary.
+        """Store a new blob at row version 1. ``blob_id`` defaults to a fresh uuid4. ``kind``
+        ``tee`` (hardware-sealed) needs the ``host`` it is bound to and a ``tee:`` key ref.
+        Returns the record as written; for a `BlobHandover`, which the blob is taken from once
+        the row is in, its summary.
 
         Raises `DuplicateRecord` if the blob id or (namespace, name) is taken (a handover then
         still holds its blob).
         """
         if blob_id is None:
             blob_id = str(uuid.uuid4())
+        kind, host = check_kind(kind, host, require_str("key_ref", key_ref))
         if isinstance(blob, BlobHandover):
             handover = blob
         else:
@@ -275,6 +286,8 @@ class BlobOperations(StoreBase):
             "row_version": 1,
             "created_at": now,
             "updated_at": now,
+            "kind": kind,
+            "host": host,
         }
         try:
             with self.transaction(f"insert of blob {blob_id}", write=True) as conn:
@@ -362,6 +375,8 @@ class BlobOperations(StoreBase):
         key_version: int,
         key_ref: str | None = None,
         generation: str | None = None,
+        kind: str | None = None,
+        host: str | None = None,
     ) -> BlobRecord: ...
 
     @overload
@@ -374,6 +389,8 @@ class BlobOperations(StoreBase):
         key_version: int,
         key_ref: str | None = None,
         generation: str | None = None,
+        kind: str | None = None,
+        host: str | None = None,
     ) -> BlobSummary: ...
 
     def compare_and_swap(
@@ -385,9 +402,13 @@ class BlobOperations(StoreBase):
         key_version: int,
         key_ref: str | None = None,
         generation: str | None = None,
+        kind: str | None = None,
+        host: str | None = None,
     ) -> BlobRecord | BlobSummary:
         """Replace the blob (and key version, optionally key ref and generation) only if
         its row version is still ``expected_row_version``; the new row version is one more.
+        ``kind`` (given: with ``host`` for ``tee``, without for ``kms``) sets kind and host
+        together; ``key_ref`` must then be given too and agree with it.
 
         Raises `RecordNotFound` if there is no such blob, `StaleRecord` if someone else
         wrote it since it was read (a handover then still holds its blob). Returns the record
@@ -409,6 +430,12 @@ class BlobOperations(StoreBase):
             values["key_ref"] = require_str("key_ref", key_ref)
         if generation is not None:
             values["generation"] = require_str("generation", generation)
+        if kind is not None:
+            if key_ref is None:
+                raise ValueError("changing a blob's kind needs its key_ref")
+            values["kind"], values["host"] = check_kind(kind, host, key_ref)
+        elif host is not None:
+            raise ValueError("host is set together with kind")
         # SQLite loads the old row of a WITHOUT ROWID table to update it: replacing a large blob
         # in one UPDATE would hold the old blob too. The compare-and-swap first empties it, and
         # _write_blob puts the new one in.
@@ -670,6 +697,8 @@ class BlobOperations(StoreBase):
             c.row_version,
             c.created_at,
             c.updated_at,
+            c.kind,
+            c.host,
         ).order_by(c.namespace, c.name)
         if namespace is not None:
             query = query.where(c.namespace == namespace)
@@ -687,6 +716,8 @@ class BlobOperations(StoreBase):
                 row_version=int(r.row_version),
                 created_at=r.created_at,
                 updated_at=r.updated_at,
+                kind=str(r.kind),
+                host=None if r.host is None else str(r.host),
             )
             for r in rows
         ]

@@ -4,6 +4,8 @@ one-line message that never contains sealed bytes, statement parameters or a pas
 from __future__ import annotations
 
 __all__ = [
+    "AgentConflict",
+    "AgentSuperseded",
     "DuplicateRecord",
     "InvalidStoreURL",
     "RecordNotFound",
@@ -79,3 +81,15 @@ class InvalidStoreURL(StoreError, ValueError):
     Nothing was opened or created."""
 
     exit_code = 2
+
+
+class AgentConflict(StoreError):
+    """An agent id is registered for another host or generation than the one claiming it: the
+    registration is left as it is (remove it first, once that agent is gone)."""
+
+    exit_code = 2
+
+
+class AgentSuperseded(StoreError):
+    """A newer start of the same agent (same id, same host) registered since this process did:
+    this process's registration is no longer the agent's; nothing was changed."""

@@ -4,10 +4,15 @@ state, and the checks of their fields."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import NamedTuple
+from datetime import datetime, timedelta
+from typing import Final, NamedTuple
+
+from sealing.names import check_host_id
 
 __all__ = [
+    "BLOB_KINDS",
+    "STALE_AFTER_REFRESHES",
+    "AgentRecord",
     "BlobHandover",
     "BlobRecord",
     "BlobSummary",
@@ -16,6 +21,7 @@ __all__ = [
     "RewrapFailure",
     "SlotSplice",
     "SweepRow",
+    "check_kind",
     "require_bytes",
     "require_int",
     "require_str",
@@ -74,6 +80,10 @@ class BlobRecord:
     row_version: int
     created_at: datetime
     updated_at: datetime
+    kind: str = "kms"
+    """``kms`` (a KMS key wraps the data key) or ``tee`` (an enclave's hardware sealing key)."""
+    host: str | None = None
+    """The host a ``tee`` blob is bound to (None for ``kms``)."""
 
     def __repr__(self) -> str:
         return (
@@ -81,7 +91,7 @@ class BlobRecord:
             f"name={self.name!r}, key_ref={self.key_ref!r}, key_version={self.key_version}, "
             f"generation={self.generation!r}, blob=<{len(self.blob)} bytes>, "
             f"row_version={self.row_version}, created_at={self.created_at.isoformat()}, "
-            f"updated_at={self.updated_at.isoformat()})"
+            f"updated_at={self.updated_at.isoformat()}, kind={self.kind!r}, host={self.host!r})"
         )
 
     __str__ = __repr__
@@ -141,6 +151,8 @@ class BlobSummary:
     row_version: int
     created_at: datetime
     updated_at: datetime
+    kind: str = "kms"
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,64 @@ class RewrapFailure:
     attempts: int
     first_seen: datetime
     last_seen: datetime
+
+
+STALE_AFTER_REFRESHES: Final = 3
+"""An agent whose ``last_seen`` is older than this many of its refresh intervals is stale."""
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """One enclave agent of the fleet registry (`SealedStateStore.register_agent`).
+
+    ``incarnation`` is a random id of the registering process (a restart gets a new one):
+    `SealedStateStore.refresh_agent` and `stop_agent` take it, so a process updates only its own
+    registration. ``state`` is what the agent last wrote (``live`` or ``stopped``); `status`
+    adds ``stale`` for a live row not refreshed in `STALE_AFTER_REFRESHES` intervals (a crashed
+    agent, or a row restored from a backup)."""
+
+    agent_id: str
+    host_id: str
+    generation: str
+    endpoint: str
+    handoff_key_sha256: str
+    incarnation: str
+    state: str
+    refresh_seconds: int
+    registered_at: datetime
+    started_at: datetime
+    last_seen: datetime
+
+    def status(self, now: datetime) -> str:
+        """``live``, ``stale`` or ``stopped`` at ``now`` (aware; the database clock,
+        `SealedStateStore.clock`, which the registry writes with). A ``last_seen`` more than one
+        refresh interval after ``now`` is stale too: no refresh writes a time ahead of the
+        database clock, so such a row was forged or hand-edited."""
+        if self.state != "live":
+            return "stopped"
+        interval = timedelta(seconds=self.refresh_seconds)
+        if now - self.last_seen > STALE_AFTER_REFRESHES * interval or self.last_seen - now > interval:
+            return "stale"
+        return "live"
+
+
+BLOB_KINDS: Final = ("kms", "tee")
+
+
+def check_kind(kind: object, host: object, key_ref: str | None = None) -> tuple[str, str | None]:
+    """(kind, host) if they go together: ``kms`` without a host, ``tee`` with a valid host id
+    (and, given ``key_ref``, a ``tee:`` key ref for ``tee`` only); else ValueError."""
+    if kind not in BLOB_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(BLOB_KINDS)}, got {kind!r}")
+    if kind == "kms":
+        if host is not None:
+            raise ValueError("a kms blob is bound to no host")
+        if key_ref is not None and key_ref.startswith("tee:"):
+            raise ValueError(f"key ref {key_ref} is a hardware sealing key, not a KMS key")
+        return "kms", None
+    if key_ref is not None and not key_ref.startswith("tee:"):
+        raise ValueError(f"a tee blob's key ref is tee:<platform>, not {key_ref}")
+    return "tee", check_host_id(host)
 
 
 def require_str(name: str, value: object) -> str:

@@ -53,6 +53,7 @@ __all__ = [
     "MigrationStep",
     "SchemaOwner",
     "UTCDateTime",
+    "agents",
     "apply_migrations",
     "apply_owner_steps",
     "generations",
@@ -128,6 +129,10 @@ sealed_blobs = Table(
     Column("row_version", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Migration 7: ``kms`` (a KMS key wraps the data key) or ``tee`` (an enclave's hardware
+    # sealing key does: the blob opens only on ``host``, the host id of the agent that sealed it).
+    Column("kind", String, nullable=False, server_default=text("'kms'")),
+    Column("host", String, nullable=True),
     UniqueConstraint("namespace", "name", name="uq_sealed_blobs_namespace_name"),
     Index("ix_sealed_blobs_key_id", "key_ref", "blob_id", "key_version"),
     Index("ix_sealed_blobs_generation", "generation", "blob_id"),
@@ -157,6 +162,28 @@ rewrap_failures = Table(
 why (a short one-line reason), how many sweep attempts failed it, when first and last. Rows of
 blobs since re-wrapped or deleted stay until cleared; listings join ``sealed_blobs`` and show
 only blobs still below the target version (see `sealing.store.failures`)."""
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("agent_id", String, primary_key=True),
+    Column("host_id", String, nullable=False),
+    Column("generation", String, nullable=False),
+    Column("endpoint", String, nullable=False),
+    Column("handoff_key_sha256", String, nullable=False),
+    Column("incarnation", String, nullable=False),
+    Column("state", String, nullable=False),
+    Column("refresh_seconds", Integer, nullable=False),
+    Column("registered_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+    Index("ix_agents_generation", "generation", "host_id"),
+)
+"""The fleet registry (migration 6): one row per enclave agent, keyed by its agent id: the host
+it runs on, its generation, endpoint and handoff key fingerprint, the ``incarnation`` (a random
+id per start, which refreshes compare against), ``state`` (``live`` or ``stopped``), how often it
+refreshes ``last_seen``, when it was first registered and when the running process started
+(see `sealing.store.agents`)."""
 
 
 # --------------------------------------------------------------------------- migration steps
@@ -284,12 +311,43 @@ def _migration_5_rewrap_failures(conn: Connection) -> None:
     ).create(conn)
 
 
+def _migration_6_agents(conn: Connection) -> None:
+    """Create ``agents``: the fleet registry of enclave agents (``rekey agent serve --register``),
+    looked up by generation (a migration lists the agents of one)."""
+    snapshot = MetaData()
+    Table(
+        "agents",
+        snapshot,
+        Column("agent_id", String, primary_key=True),
+        Column("host_id", String, nullable=False),
+        Column("generation", String, nullable=False),
+        Column("endpoint", String, nullable=False),
+        Column("handoff_key_sha256", String, nullable=False),
+        Column("incarnation", String, nullable=False),
+        Column("state", String, nullable=False),
+        Column("refresh_seconds", Integer, nullable=False),
+        Column("registered_at", UTCDateTime, nullable=False),
+        Column("started_at", UTCDateTime, nullable=False),
+        Column("last_seen", UTCDateTime, nullable=False),
+        Index("ix_agents_generation", "generation", "host_id"),
+    ).create(conn)
+
+
+def _migration_7_blob_kind(conn: Connection) -> None:
+    """Give ``sealed_blobs`` a ``kind`` (``kms`` or ``tee``; every existing row is ``kms``) and the
+    ``host`` a hardware-sealed blob is bound to (NULL for ``kms``)."""
+    conn.execute(text("ALTER TABLE sealed_blobs ADD COLUMN kind VARCHAR NOT NULL DEFAULT 'kms'"))
+    conn.execute(text("ALTER TABLE sealed_blobs ADD COLUMN host VARCHAR"))
+
+
 MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_1_sealed_blobs,
     _migration_2_generations,
     _migration_3_audit_log,
     _migration_4_sweep_layout,
     _migration_5_rewrap_failures,
+    _migration_6_agents,
+    _migration_7_blob_kind,
 )
 """Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
 ``i + 1``. Append new steps; never edit or reorder old ones."""

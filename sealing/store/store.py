@@ -1,8 +1,9 @@
-"""`SealedStateStore`: the blob operations, the re-wrap failures and the generation registry
-over one database."""
+"""`SealedStateStore`: the blob operations, the re-wrap failures, the generation registry and the
+fleet registry over one database."""
 
 from __future__ import annotations
 
+from sealing.store.agents import AgentRegistry
 from sealing.store.blobs import BlobOperations
 from sealing.store.failures import RewrapFailures
 from sealing.store.generations import GenerationRegistry
@@ -10,9 +11,9 @@ from sealing.store.generations import GenerationRegistry
 __all__ = ["SealedStateStore"]
 
 
-class SealedStateStore(BlobOperations, RewrapFailures, GenerationRegistry):
-    """Sealed blobs, the blobs re-wrap sweeps failed, and generation manifests in a SQLite or
-    PostgreSQL database.
+class SealedStateStore(BlobOperations, RewrapFailures, GenerationRegistry, AgentRegistry):
+    """Sealed blobs, the blobs re-wrap sweeps failed, generation manifests and the fleet
+    registry of enclave agents in a SQLite or PostgreSQL database.
 
     ``url`` is an SQLAlchemy URL: ``sqlite:///<home>/state.db`` (the parent directory is
     created) or ``postgresql+psycopg://user:pass@host/db``. Opening applies pending schema

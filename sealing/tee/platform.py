@@ -54,6 +54,7 @@ import base64
 import binascii
 import hmac
 import os
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Generic, Literal, Protocol, TypeVar
@@ -229,6 +230,12 @@ class Enclave(ABC, Generic[RequestT]):
     def platform(self) -> str:
         return self.identity.platform
 
+    @property
+    def host_id(self) -> str | None:
+        """The id of the machine this enclave runs on, for platforms whose sealed state is bound
+        to one machine (stable across restarts, derived from nothing secret); None if unknown."""
+        return None
+
     @abstractmethod
     def report(self, report_data: bytes) -> bytes:
         """Evidence binding ``report_data`` (exactly 64 bytes) for ``attestation.<platform>``."""
@@ -257,9 +264,19 @@ class Enclave(ABC, Generic[RequestT]):
         )
 
     def seal(
-        self, data: bytes, policy: SealPolicyName, *, namespace: str, name: str, generation: str
+        self,
+        data: bytes,
+        policy: SealPolicyName,
+        *,
+        namespace: str,
+        name: str,
+        generation: str,
+        blob_id: uuid.UUID | None = None,
+        version: int = 1,
     ) -> bytes:
-        """Seal ``data`` under a fresh key for this enclave's own identity and ``policy``."""
+        """Seal ``data`` under a fresh key for this enclave's own identity and ``policy``;
+        ``blob_id`` (default: fresh) and ``version`` go into the authenticated header (the store
+        keeps a name's blob id across updates and raises its version, `sealing.state`)."""
         if policy not in SEAL_POLICIES:
             raise ValueError("policy must be 'mrenclave' or 'mrsigner'")
         if not self.can_seal:
@@ -279,6 +296,8 @@ class Enclave(ABC, Generic[RequestT]):
             generation=generation,
             policy=SEAL_POLICIES[policy],
             key_request=request.encode(),
+            blob_id=blob_id,
+            version=version,
         )
         return bytes(blob)
 

@@ -27,6 +27,7 @@ What behaves like SGX, because the rest of rekey depends on it:
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -89,6 +90,10 @@ ROOT_CA_CERT_FILE = "root_ca.pem"
 PLATFORM_KEY_FILE = "platform.key.pem"
 PLATFORM_CERT_FILE = "platform.pem"
 HOST_FILES = (ROOT_SECRET_FILE, ROOT_CA_KEY_FILE, ROOT_CA_CERT_FILE, PLATFORM_KEY_FILE, PLATFORM_CERT_FILE)
+
+# The host id (SimHost.host_id): derived from the root CA's public key, never from the root secret.
+HOST_ID_PREFIX = "sim-"
+HOST_ID_CONTEXT = b"rekey-sim host-id v1\x00"
 
 # Key derivation (docs/sim-evidence-format.md, "Sealing keys").
 SEAL_KEY_SALT = b"rekey-sim seal-key v1"
@@ -322,6 +327,11 @@ class SimHost:
         self._platform_key = platform_key
         self._platform_cert_der = platform_cert.public_bytes(serialization.Encoding.DER)
         self._cpu_svn = DEFAULT_CPU_SVN
+        root_public = x509.load_pem_x509_certificate(root_ca_pem).public_key()
+        spki = root_public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self._host_id = HOST_ID_PREFIX + hashlib.sha256(HOST_ID_CONTEXT + spki).hexdigest()[:32]
 
     @classmethod
     def load_or_create(cls, host_dir: Path) -> SimHost:
@@ -413,6 +423,14 @@ class SimHost:
     def host_dir(self) -> Path:
         return self._host_dir
 
+    @property
+    def host_id(self) -> str:
+        """This host's id: ``sim-`` and 32 hex digits of SHA-256 over the root CA's public key
+        (SubjectPublicKeyInfo, DER). Public, so it reveals nothing of the root secret, and
+        stable for as long as the host directory lives (every enclave launched from it, every
+        restart); another host directory has another root CA and so another id."""
+        return self._host_id
+
     def root_ca_pem(self) -> bytes:
         """The sim root CA certificate (public), for ``attestation.sim.SimVerifier``."""
         return self._root_ca_pem
@@ -473,6 +491,10 @@ class SimEnclave(Enclave[KeyRequest]):
     @property
     def host(self) -> SimHost:
         return self._host
+
+    @property
+    def host_id(self) -> str:
+        return self._host.host_id
 
     def report(self, report_data: bytes, *, at: datetime | None = None) -> bytes:
         """Evidence binding ``report_data`` (exactly 64 bytes), signed by the platform key.

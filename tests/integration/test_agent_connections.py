@@ -84,7 +84,7 @@ def _send(port: int, method: str, path: str, body: bytes, headers: dict[str, str
 def test_a_replayed_request_is_refused(agent: Agent) -> None:
     blob = agent.call("/v1/seal", {"name": "replayed", "data": b64(b"seen once")})["blob"]
     body = json.dumps({"blob": blob}).encode()
-    signed = sign_request(agent.token, "POST", "/v1/unseal", body)
+    signed = sign_request(agent.token, "POST", "/v1/unseal", body, endpoint=f"127.0.0.1:{agent.port}")
     status, answer = _send(agent.port, "POST", "/v1/unseal", body, signed)
     assert status == 200 and base64.b64decode(answer["data"]) == b"seen once"
     status, answer = _send(agent.port, "POST", "/v1/unseal", body, signed)  # recorded and sent again
@@ -96,13 +96,29 @@ def test_stale_and_rebodied_requests_are_refused(agent: Agent) -> None:
     body = json.dumps({"blob": blob}).encode()
     import time
 
-    stale = sign_request(agent.token, "POST", "/v1/unseal", body, now=time.time() - 600)
+    stale = sign_request(
+        agent.token, "POST", "/v1/unseal", body, endpoint=f"127.0.0.1:{agent.port}", now=time.time() - 600
+    )
     assert _send(agent.port, "POST", "/v1/unseal", body, stale)[0] == 401
     other = json.dumps({"blob": blob[:-4] + "AAA="}).encode()
-    signed = sign_request(agent.token, "POST", "/v1/unseal", other)  # signed for another body
+    mine = f"127.0.0.1:{agent.port}"
+    signed = sign_request(agent.token, "POST", "/v1/unseal", other, endpoint=mine)  # another body
     assert _send(agent.port, "POST", "/v1/unseal", body, signed)[0] == 401
-    wrong_path = sign_request(agent.token, "POST", "/v1/seal", body)
+    wrong_path = sign_request(agent.token, "POST", "/v1/seal", body, endpoint=mine)
     assert _send(agent.port, "POST", "/v1/unseal", body, wrong_path)[0] == 401
+    # Signed for another endpoint (a relay's port), delivered with the agent's own Host.
+    elsewhere = sign_request(agent.token, "POST", "/v1/unseal", body, endpoint=f"127.0.0.1:{agent.port + 1}")
+    assert _send(agent.port, "POST", "/v1/unseal", body, elsewhere)[0] == 401
+    assert (
+        _send(
+            agent.port,
+            "POST",
+            "/v1/unseal",
+            body,
+            sign_request(agent.token, "POST", "/v1/unseal", body, endpoint=mine),
+        )[0]
+        == 200
+    )
 
 
 class _Squatter:

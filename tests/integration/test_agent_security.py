@@ -67,7 +67,8 @@ def raw(
     headers = dict(headers or {})
     if headers.get("Authorization", "").startswith("sign:"):
         token = headers.pop("Authorization").removeprefix("sign:")
-        headers |= sign_request(token, method, path, body)
+        host = next((v for k, v in headers.items() if k.lower() == "host"), f"127.0.0.1:{agent.port}")
+        headers |= sign_request(token, method, path, body, endpoint=host)
     connection = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
     try:
         connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
@@ -181,7 +182,10 @@ def test_malformed_content_length_is_refused(agents: dict[str, Agent], length: s
 
 def test_missing_content_length_and_chunked_bodies_are_refused(agents: dict[str, Agent]) -> None:
     agent = agents["v1"]
-    signed = "".join(f"{k}: {v}\r\n" for k, v in sign_request(agent.token, "POST", "/v1/nonce").items())
+    signed = "".join(
+        f"{k}: {v}\r\n"
+        for k, v in sign_request(agent.token, "POST", "/v1/nonce", endpoint=f"127.0.0.1:{agent.port}").items()
+    )
     with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as sock:
         sock.sendall(
             f"POST /v1/nonce HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n{signed}"
@@ -243,7 +247,7 @@ def test_excess_connections_get_503(agents: dict[str, Agent]) -> None:
     held = [socket.create_connection(("127.0.0.1", agent.port), timeout=30) for _ in range(2)]
     try:
         for sock in held:
-            signed = sign_request(agent.token, "POST", "/v1/nonce", b"{}")
+            signed = sign_request(agent.token, "POST", "/v1/nonce", b"{}", endpoint=f"127.0.0.1:{agent.port}")
             head = "".join(f"{name}: {value}\r\n" for name, value in signed.items())
             sock.sendall(
                 f"POST /v1/nonce HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n{head}"

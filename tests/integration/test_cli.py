@@ -169,6 +169,8 @@ def test_state_put_get_list_round_trip(home: Path, tmp_path: Path, rekey: Callab
         {
             "namespace": "default",
             "name": "db",
+            "kind": "kms",
+            "host": None,
             "key_ref": "vault:cli-state",
             "key_version": 1,
             "generation": "app-v1",
@@ -262,7 +264,7 @@ def test_state_get_refuses_a_restored_older_row(
     def restore(row: tuple[object, ...]) -> None:
         with sqlite3.connect(home / "state.db") as conn:
             conn.execute("DELETE FROM sealed_blobs")
-            conn.execute("INSERT INTO sealed_blobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            conn.execute(f"INSERT INTO sealed_blobs VALUES ({', '.join('?' * len(row))})", row)  # noqa: S608
 
     def full_row() -> tuple[object, ...]:
         with sqlite3.connect(home / "state.db") as conn:

@@ -498,10 +498,10 @@ def test_generations_are_idempotent_and_conflict_on_change(store: SealedStateSto
 
 def test_fresh_database_is_at_current_version_and_reopen_is_noop(store_url: str, raw: Engine) -> None:
     with SealedStateStore(store_url) as s:
-        assert s.schema_version == SCHEMA_VERSION == 5
+        assert s.schema_version == SCHEMA_VERSION == 7
         rec = add(s, "keep")
     tables = set(inspect(raw).get_table_names())
-    assert {"rekey_schema", "sealed_blobs", "generations", "audit_log"} <= tables
+    assert {"rekey_schema", "sealed_blobs", "generations", "audit_log", "agents"} <= tables
     indexes = {ix["name"] for ix in inspect(raw).get_indexes("sealed_blobs")}
     assert {"ix_sealed_blobs_key_id", "ix_sealed_blobs_generation"} <= indexes
     assert "ix_sealed_blobs_key" not in indexes  # replaced by migration 4

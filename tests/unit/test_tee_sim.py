@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import stat
 import struct
 import threading
@@ -476,3 +477,24 @@ def test_any_truncation_or_byte_change_raises_a_sealing_error(
         mutated = blob[:at] + bytes([blob[at] ^ flip]) + blob[at + 1 :]
     with pytest.raises(SealingError):
         enclave.unseal(mutated)
+
+
+def test_host_id_is_stable_per_host_directory_and_public(tmp_path: Path) -> None:
+    first = sim_tee.SimHost.load_or_create(tmp_path / "a")
+    again = sim_tee.SimHost.load(tmp_path / "a")
+    other = sim_tee.SimHost.load_or_create(tmp_path / "b")
+    assert first.host_id == again.host_id != other.host_id
+    assert re.fullmatch(r"sim-[0-9a-f]{32}", first.host_id)
+    secret = (tmp_path / "a" / "root_secret").read_bytes()
+    assert secret.hex()[:16] not in first.host_id
+    manifest = parse_manifest(
+        {
+            "id": "g",
+            "platform": "sim",
+            "measurement": "11" * 32,
+            "signer": "22" * 32,
+            "product_id": 1,
+            "svn": 1,
+        }
+    )
+    assert first.enclave(sim_tee.EnclaveIdentity.from_manifest(manifest)).host_id == first.host_id
