@@ -93,6 +93,12 @@ class AgentPeer:
     def unseal(self, blob: bytes) -> bytes:
         return self._bytes(self._call("/v1/unseal", {"blob": _b64(blob)}), "data")
 
+    def check(self, blob: bytes) -> bool:
+        answer = self._call("/v1/check", {"blob": _b64(blob)})
+        if answer.get("opens") is not True:
+            raise AgentDown(f"the agent at {self._client.url} answered /v1/check without opens")
+        return True
+
 
 def peers_from_state_dirs(
     state_dir_for: Callable[[AgentRecord], Path], caller: str = "default", timeout: float = 60.0

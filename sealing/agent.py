@@ -261,6 +261,14 @@ class EnclaveAgent:
     def unseal(self, blob: bytes) -> bytes:
         return self._enclave.unseal(blob)
 
+    def check(self, blob: bytes) -> dict[str, Any]:
+        """Open ``blob`` here and answer only that it opened (its namespace, name and version):
+        a health gate learns that the new generation can read its state without the
+        plaintext ever leaving the enclave."""
+        self._enclave.unseal(blob)
+        header = envelope.parse(blob).header
+        return {"opens": True, "namespace": header.namespace, "name": header.name, "version": header.version}
+
     # ------------------------------------------------------------------------------ handoff
 
     def export(

@@ -89,6 +89,10 @@ class AgentPort(Protocol):
 
     def unseal(self, blob: bytes) -> bytes: ...
 
+    def check(self, blob: bytes) -> bool:
+        """Whether the agent opens ``blob``, answered without the plaintext (`/v1/check`)."""
+        ...
+
 
 @dataclass
 class FleetHost:
@@ -322,10 +326,9 @@ def gate_sample(
         if record.generation != new_generation:
             continue  # rewritten through the old generation since: VERIFYING sweeps it
         try:
-            opened = new.unseal(record.blob)
+            new.check(record.blob)  # opened inside the agent: no plaintext reaches the worker
         except AgentRefused as exc:
             failures.append(f"{record.namespace}/{record.name} on {host} does not open: {exc}")
             continue
-        del opened
         checked += 1
     return checked, failures

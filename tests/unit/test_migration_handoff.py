@@ -92,6 +92,10 @@ class LocalPort:
         self._check("unseal")
         return self.agent.unseal(blob)
 
+    def check(self, blob: bytes) -> bool:
+        self._check("check")
+        return bool(self.agent.check(blob)["opens"])
+
 
 class Host:
     def __init__(self, directory: Path, store: SealedStateStore, v2: dict[str, Any] = V2) -> None:
@@ -184,15 +188,17 @@ def test_a_host_hands_off_rolls_back_and_narrows(
         assert state.get(namespace="app", name=name, sealer=InProcessSealer(host.v2)) == secret
         with pytest.raises(EnclaveRefused):
             state.get(namespace="app", name=name, sealer=RefusingSealer(host.v1))
+    gate = LocalPort(host.v2)
     checked, failures = gate_sample(
         store,
-        LocalPort(host.v2),
+        gate,
         migration_id=MIGRATION,
         new_generation="app-v2",
         host=host.host_id,
         sample=3,
     )
     assert (checked, failures) == (3, [])
+    assert gate.calls == ["check"] * 3  # opened in the agent: no plaintext came back to the worker
 
     restored = store.restore_copies(MIGRATION, [host.host_id])
     assert (restored.restored, restored.already_old, restored.kept_new) == (10, 0, [])
