@@ -234,7 +234,11 @@ class MigrateGenerationWorkflow(MigrationControls):
         }
         while s.phase not in (DONE, ROLLED_BACK):
             try:
-                if await self._checkpoint() and s.phase != NARROWING:
+                aborted = await self._checkpoint()
+                if s.rolling_back:  # a rollback that stopped (held) is finished, never forgotten
+                    await self._rollback_all(s.rolling_back)
+                    continue
+                if aborted and s.phase != NARROWING:
                     await self._rollback_all("aborted by an operator")
                     continue
                 await steps[s.phase](request)
@@ -539,7 +543,9 @@ class MigrateGenerationWorkflow(MigrationControls):
     async def _rollback_all(self, reason: str) -> None:
         """Every moved blob back to its old copy, latest wave first; ends ROLLED_BACK."""
         s = self._state
-        self._add_reason(reason)
+        if not s.rolling_back:
+            s.rolling_back = reason[:MAX_REASON]
+            self._add_reason(reason)
         touched = [
             w
             for w in s.waves
@@ -580,6 +586,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 int,
             )
         s.abort_requested = False
+        s.rolling_back = ""
         await self._phase(ROLLED_BACK)
         await self._audit("migration.rolled_back", {"reason": reason[:MAX_REASON]})
 

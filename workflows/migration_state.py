@@ -85,6 +85,7 @@ class MigrationState:
     planned: bool = False
     widened: bool = False
     note: str = ""
+    rolling_back: str = ""  # why a rollback began; kept until it ends, so a held one is finished on resume
 
 
 @dataclass

@@ -70,6 +70,7 @@ class MigrationFleet:
     audit: list[AuditInput] = field(default_factory=list)
     release: list[str] = field(default_factory=list)
     hold: asyncio.Event | None = None  # set: the first hand-off waits for it
+    rollback_fails: int = 0  # how many rollback calls fail (non-retryable) before they work
 
     @classmethod
     def of(cls, hosts: int, per_host: int) -> MigrationFleet:
@@ -157,6 +158,9 @@ class StubMigrationActivities:
     @activity.defn(name="migration_rollback")
     async def rollback(self, request: RollbackInput) -> RollbackResult:
         self.fleet.record("migration_rollback", request)
+        if self.fleet.rollback_fails > 0:
+            self.fleet.rollback_fails -= 1
+            raise ApplicationError("the store is unreachable", type="StoreUnavailable", non_retryable=True)
         result = RollbackResult()
         for blob, host in list(self.fleet.copies.items()):
             if host in request.host_ids:
