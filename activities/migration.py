@@ -41,6 +41,7 @@ from sealing.migration import (
     gate_sample,
     hand_off_batch,
     manifest_of,
+    new_agent_reasons,
     plan_fleet,
 )
 from sealing.store import AgentRecord, RecordNotFound, SealedStateStore, StoreError
@@ -177,6 +178,7 @@ class MigrationActivities:
         activity.heartbeat()
         old = _Side(self._peer(request.old_agent, request.host_id, "old"), "old")
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
+        admit = _translated(lambda: self._admit(request))
         try:
             done = _translated(
                 lambda: hand_off_batch(
@@ -189,6 +191,8 @@ class MigrationActivities:
                     host=request.host_id,
                     after=request.after,
                     size=request.size,
+                    admit=admit,
+                    beat=activity.heartbeat,
                 )
             )
         except _SideFailed as failed:
@@ -203,6 +207,26 @@ class MigrationActivities:
             raise self._failure(failed.side, request.host_id, str(failed.error)) from None
         return HandoffResult(
             done.moved, done.conflicts, done.skipped, done.cursor, done.done, done.attestations
+        )
+
+    def _admit(self, request: HandoffInput) -> Callable[[bytes, bytes, bytes], list[str]]:
+        """The migration policy over the new agent's hand-off evidence, verified on its
+        registered host: the old agent exports only to the generation ATTESTING admitted."""
+        old = manifest_of(self._store, request.from_generation)
+        new = manifest_of(self._store, request.to_generation)
+        record = self._store.get_agent(request.new_agent)
+        if record.host_id != request.host_id:
+            raise SealingError(
+                f"agent {request.new_agent} is registered on another host than {request.host_id}"
+            )
+        verifier = self._verifier_for(request.host_id)
+        return partial(
+            new_agent_reasons,
+            verifier=verifier,
+            old=old,
+            new=new,
+            allow_same_svn=request.allow_same_svn,
+            expected_key_sha256=record.handoff_key_sha256,
         )
 
     @activity.defn(name="migration_gate")

@@ -83,6 +83,7 @@ class HandoffInput:
     new_agent: str
     after: str | None = None
     size: int = DEFAULT_HANDOFF_BATCH
+    allow_same_svn: bool = False  # the migration policy the new agent's hand-off evidence must pass
 
 
 @dataclass

@@ -47,6 +47,7 @@ __all__ = [
     "attest_new_agent",
     "gate_sample",
     "hand_off_batch",
+    "new_agent_reasons",
     "plan_fleet",
 ]
 
@@ -180,6 +181,37 @@ def attest_new_agent(
     product, SVN not lower, equal only with ``allow_same_svn``, not debug, TCB up to date,
     fresh)."""
     evidence, public_key = port.attest(nonce)
+    return new_agent_reasons(
+        evidence,
+        public_key,
+        nonce,
+        verifier,
+        old=old,
+        new=new,
+        allow_same_svn=allow_same_svn,
+        expected_key_sha256=record.handoff_key_sha256,
+        now=now,
+        max_age=max_age,
+    )
+
+
+def new_agent_reasons(
+    evidence: bytes,
+    public_key: bytes,
+    nonce: bytes,
+    verifier: PlatformVerifier,
+    *,
+    old: GenerationManifest,
+    new: GenerationManifest,
+    allow_same_svn: bool,
+    expected_key_sha256: str,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    max_age: timedelta = MAX_AGE,
+) -> list[str]:
+    """Why the enclave behind ``evidence`` (over ``nonce`` and ``public_key``) may not take
+    ``old``'s state as ``new`` (empty: it may); see `attest_new_agent`. The hand-off asks it
+    again of the evidence the new agent gives the old one, so the secrets go only to the
+    attested generation, whatever the registry says by then."""
     at = now()
     try:
         claims = verifier.verify(evidence, at=at)
@@ -188,7 +220,7 @@ def attest_new_agent(
     reasons: list[str] = []
     if not hmac.compare_digest(bytes.fromhex(claims.report_data), report_data_for(nonce, public_key)):
         reasons.append("evidence does not bind the migration's nonce and the agent's handoff key")
-    if fingerprint(public_key) != record.handoff_key_sha256:
+    if fingerprint(public_key) != expected_key_sha256:
         reasons.append("handoff key is not the one the fleet registry recorded for this agent")
     if claims.measurement != new.measurement:
         reasons.append(f"measurement {claims.measurement[:16]}… is not {new.id}'s {new.measurement[:16]}…")
@@ -215,9 +247,18 @@ class BatchOutcome:
     attestations: int = 0
 
 
-def _handed(port_new: AgentPort, port_old: AgentPort, blobs: list[bytes]) -> list[tuple[str, str, bytes]]:
+Admit = Callable[[bytes, bytes, bytes], list[str]]
+"""(evidence, public key, nonce) -> why that enclave may not take the hand-off (`new_agent_reasons`)."""
+
+
+def _handed(
+    port_new: AgentPort, port_old: AgentPort, blobs: list[bytes], admit: Admit, host: str
+) -> list[tuple[str, str, bytes]]:
     nonce = port_old.nonce()
     evidence, public_key = port_new.attest(nonce)
+    reasons = admit(evidence, public_key, nonce)
+    if reasons:  # checked before the old agent exports anything
+        raise AgentRefused(f"the new agent on host {host} may not take the hand-off: {'; '.join(reasons)}")
     import_nonce = port_new.import_nonce()
     package = port_old.export(
         peer_evidence=evidence,
@@ -262,12 +303,16 @@ def hand_off_batch(
     host: str,
     after: str | None,
     size: int,
+    admit: Admit,
+    beat: Callable[[], None] = lambda: None,
 ) -> BatchOutcome:
     """Hand off up to ``size`` of ``host``'s old-generation blobs after ``after`` (see the module).
 
     The old agent is asked who it is first: `AgentDown` from it means nothing on the host was
     changed. A blob rewritten during the hand-off (its swap lost) is read again and handed off
-    again, up to `SWAP_ATTEMPTS` times; a blob the new generation wrote meanwhile is skipped."""
+    again, up to `SWAP_ATTEMPTS` times; a blob the new generation wrote meanwhile is skipped.
+    ``admit`` checks the new agent's hand-off evidence before each export (`AgentRefused`);
+    ``beat`` is called after each export round and each swap (the activity's heartbeat)."""
     old.identity()
     outcome = BatchOutcome()
     records = store.tee_page(generation=old_generation, host=host, after=after, limit=size)
@@ -276,7 +321,8 @@ def hand_off_batch(
         return outcome
     pending = records
     for attempt in range(SWAP_ATTEMPTS):
-        resealed = _handed(new, old, [r.blob for r in pending])
+        resealed = _handed(new, old, [r.blob for r in pending], admit, host)
+        beat()
         outcome.attestations += 2  # the exporter verifies the importer, and the importer the exporter
         by_name = {(ns, name): blob for ns, name, blob in resealed}
         lost = []
@@ -291,6 +337,7 @@ def hand_off_batch(
                 outcome.moved += 1
             else:
                 lost.append(record)
+            beat()
         pending = []
         for record in lost:
             if attempt == 0:

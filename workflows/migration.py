@@ -455,6 +455,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                             h.new_agent,
                             h.cursor,
                             request.batch_size,
+                            request.allow_same_svn,
                         ),
                         HandoffResult,
                         timeout=900,

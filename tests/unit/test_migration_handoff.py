@@ -24,6 +24,7 @@ from sealing.migration import (
     gate_sample,
     hand_off_batch,
     manifest_of,
+    new_agent_reasons,
     plan_fleet,
 )
 from sealing.state import EnclaveRefused, SealedState
@@ -149,6 +150,20 @@ def fill(state: SealedState, host: Host, n: int) -> dict[str, bytes]:
     return secrets
 
 
+def admit_for(store: SealedStateStore, host: Host) -> Callable[[bytes, bytes, bytes], list[str]]:
+    """The migration policy over the new agent's hand-off evidence, as the activity applies it."""
+    return lambda evidence, public_key, nonce: new_agent_reasons(
+        evidence,
+        public_key,
+        nonce,
+        SimVerifier(host.sim.root_ca_pem()),
+        old=manifest_of(store, "app-v1"),
+        new=manifest_of(store, "app-v2"),
+        allow_same_svn=False,
+        expected_key_sha256=host.records["v2"].handoff_key_sha256,
+    )
+
+
 def move(
     store: SealedStateStore, host: Host, old: LocalPort, new: LocalPort, size: int = 4
 ) -> tuple[int, int]:
@@ -165,6 +180,7 @@ def move(
             host=host.host_id,
             after=cursor,
             size=size,
+            admit=admit_for(store, host),
         )
         moved, conflicts, cursor = moved + outcome.moved, conflicts + outcome.conflicts, outcome.cursor
         if outcome.done:
