@@ -142,6 +142,7 @@ class AgentApi:
             ("POST", "/v1/attest"): self.attest,
             ("POST", "/v1/seal"): self.seal,
             ("POST", "/v1/unseal"): self.unseal,
+            ("POST", "/v1/check"): lambda body, _c: self.agent.check(_bytes(body, "blob")),
             ("POST", "/v1/export"): self.export,
             ("POST", "/v1/import"): self.import_,
         }

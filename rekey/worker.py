@@ -14,20 +14,26 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.migration import MigrationActivities, PeerFor
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
+from attestation.platform import PlatformVerifier
+from attestation.sim import SimVerifier
 from audit import AuditLog, default_actor
 from kms_adapters.contract import KmsAdapter
+from rekey.agent_peer import peers_from_state_dirs
 from rekey.backends import adapter_for, signer_for, witness_for
 from rekey.client import check_namespace, connect
 from rekey.codec import worker_converter
 from rekey.config import Settings
 from sealing.store import SealedStateStore
+from sealing.tee.sim import ROOT_CA_CERT_FILE, host_id_of
 from workflows.launcher import LaunchRotationWorkflow
+from workflows.migration import MigrateGenerationWorkflow
 from workflows.rotation import RotateKeyWorkflow
 
 log = logging.getLogger("rekey.worker")
-WORKFLOWS = [RotateKeyWorkflow, LaunchRotationWorkflow]
+WORKFLOWS = [RotateKeyWorkflow, LaunchRotationWorkflow, MigrateGenerationWorkflow]
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 """How long a stopping worker lets its activities finish: a re-wrap batch stops at its next
 chunk boundary (a chunk is a second or so, longer only on a throttling KMS)."""
@@ -53,6 +59,32 @@ def audit_sink(settings: Settings) -> AuditSink:
     return sink
 
 
+def sim_verifiers(settings: Settings) -> Callable[[str], PlatformVerifier]:
+    """Verifiers of sim evidence by host id, from the simulated hosts this worker can read:
+    ``<home>/sim-host`` and every ``<home>/hosts/*`` (their root CAs, nothing secret). An
+    unknown host raises ValueError (the migration names it)."""
+
+    def verifier(host_id: str) -> PlatformVerifier:
+        candidates = [settings.home / "sim-host", *sorted((settings.home / "hosts").glob("*"))]
+        for directory in candidates:
+            try:
+                root = (directory / ROOT_CA_CERT_FILE).read_bytes()
+                found = host_id_of(root)
+            except (OSError, ValueError):
+                continue
+            if found == host_id:
+                return SimVerifier(root)
+        raise ValueError(f"no simulated host with id {host_id} under {settings.home} (sim-host, hosts/*)")
+
+    return verifier
+
+
+def agent_peers(settings: Settings) -> PeerFor:
+    """Registered agents reached with the default caller's token from ``<home>/agent/<generation>``
+    (the state directory ``rekey agent serve`` uses unless ``--state-dir``)."""
+    return peers_from_state_dirs(lambda record: settings.home / "agent" / record.generation)
+
+
 def worker_client(client: Client) -> Client:
     """``client`` with the worker's payload codec (:func:`rekey.codec.worker_converter`): a
     signal or update whose payload the codec refuses (copied from another workflow, or not
@@ -73,17 +105,23 @@ def build_worker(
     audit: AuditSink | None = None,
     max_concurrent_activities: int = 16,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    peers: PeerFor | None = None,
+    verifiers: Callable[[str], PlatformVerifier] | None = None,
 ) -> Worker:
+    store = store or SealedStateStore(settings.store_url)
     activities = RotationActivities(
         adapters or (lambda ref: adapter_for(settings, ref)),
-        store or SealedStateStore(settings.store_url),
+        store,
         audit or audit_sink(settings),
+    )
+    migration = MigrationActivities(
+        store, peers or agent_peers(settings), verifiers or sim_verifiers(settings)
     )
     return Worker(
         worker_client(client),
         task_queue=task_queue,
         workflows=WORKFLOWS,
-        activities=activities.all(),
+        activities=[*activities.all(), *migration.all()],
         activity_executor=ThreadPoolExecutor(max_concurrent_activities),
         max_concurrent_activities=max_concurrent_activities,
         # After shutdown() activities get this long before they are cancelled; the re-wrap batch

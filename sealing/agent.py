@@ -117,6 +117,19 @@ def _package_report_data(import_nonce: bytes, items: list[dict[str, str]]) -> by
     return hashlib.sha256(material).digest() + bytes(32)
 
 
+def _item_identity(item: dict[str, Any]) -> tuple[uuid.UUID | None, int]:
+    """The blob id and version a handed-off item keeps (none given: a fresh id, version 1)."""
+    raw_id, raw_version = item.get("blob_id"), item.get("version", "1")
+    try:
+        blob_id = None if raw_id is None else uuid.UUID(str(raw_id))
+        version = int(str(raw_version)) if str(raw_version).isdigit() else 0
+    except ValueError:
+        raise HandoffError("handoff item has an invalid blob id") from None
+    if not 1 <= version <= envelope.MAX_BLOB_VERSION:
+        raise HandoffError("handoff item has an invalid version")
+    return blob_id, version
+
+
 class _NoncePool:
     """Single-use nonces with a lifetime, bounded per caller: each caller keeps at most
     ``MAX_NONCES_PER_CALLER`` outstanding (a new one evicts that caller's own oldest, never
@@ -254,6 +267,14 @@ class EnclaveAgent:
     def unseal(self, blob: bytes) -> bytes:
         return self._enclave.unseal(blob)
 
+    def check(self, blob: bytes) -> dict[str, Any]:
+        """Open ``blob`` here and answer only that it opened (its namespace, name and version):
+        a health gate learns that the new generation can read its state without the
+        plaintext ever leaving the enclave."""
+        self._enclave.unseal(blob)
+        header = envelope.parse(blob).header
+        return {"opens": True, "namespace": header.namespace, "name": header.name, "version": header.version}
+
     # ------------------------------------------------------------------------------ handoff
 
     def export(
@@ -287,6 +308,10 @@ class EnclaveAgent:
                     "namespace": label.namespace,
                     "name": label.name,
                     "policy": label.policy,
+                    # The blob keeps its id and version across the hand-off, so the store's row
+                    # and the freshness checkpoint still name it (bound by the package evidence).
+                    "blob_id": str(header.blob_id),
+                    "version": str(header.version),
                     "ciphertext": _b64(seal_to(peer_public_key, label, secret)),
                 }
             )
@@ -334,15 +359,23 @@ class EnclaveAgent:
             label = ItemLabel(str(item.get("namespace", "")), str(item.get("name", "")), policy)
             if not label.namespace or not label.name:
                 raise HandoffError("handoff item lacks a namespace or name")
+            blob_id, version = _item_identity(item)
             secret = self._keys.open(_unb64(item.get("ciphertext"), "item ciphertext"), label.info())
-            opened.append((label, secret))
+            opened.append((label, blob_id, version, secret))
         return [
             (
                 label.namespace,
                 label.name,
-                self.seal(namespace=label.namespace, name=label.name, data=secret, policy=label.policy),
+                self.seal(
+                    namespace=label.namespace,
+                    name=label.name,
+                    data=secret,
+                    policy=label.policy,
+                    blob_id=blob_id,
+                    version=version,
+                ),
             )
-            for label, secret in opened
+            for label, blob_id, version, secret in opened
         ]
 
 

@@ -31,6 +31,7 @@ COMMANDS: Final = {
     "dev": "dev",
     "generation": "generation",
     "key": "key",
+    "migrate": "migrate",
     "rotate": "rotate",
     "schedule": "schedule",
     "state": "state",

@@ -59,6 +59,7 @@ __all__ = [
     "generations",
     "metadata",
     "migrate",
+    "migration_copies",
     "rekey_schema",
     "rewrap_failures",
     "schema_owners",
@@ -184,6 +185,26 @@ it runs on, its generation, endpoint and handoff key fingerprint, the ``incarnat
 id per start, which refreshes compare against), ``state`` (``live`` or ``stopped``), how often it
 refreshes ``last_seen``, when it was first registered and when the running process started
 (see `sealing.store.agents`)."""
+
+
+migration_copies = Table(
+    "migration_copies",
+    metadata,
+    Column("migration_id", String, primary_key=True),
+    Column("blob_id", String, primary_key=True),
+    Column("host", String, nullable=True),
+    Column("key_ref", String, nullable=False),
+    Column("key_version", Integer, nullable=False),
+    Column("generation", String, nullable=False),
+    Column("blob", LargeBinary, nullable=False),
+    Column("swapped_row_version", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_migration_copies_host", "migration_id", "host", "blob_id"),
+)
+"""The old generation's copies of the blobs a generation migration has handed off (migration
+8): per (migration id, blob id) the blob as it was before the swap, with its key ref, key version
+and generation, and the row version the swap wrote, so a rollback restores the copy only over
+that very row (see `sealing.store.migrations`). NARROWING deletes them."""
 
 
 # --------------------------------------------------------------------------- migration steps
@@ -340,6 +361,26 @@ def _migration_7_blob_kind(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE sealed_blobs ADD COLUMN host VARCHAR"))
 
 
+def _migration_8_migration_copies(conn: Connection) -> None:
+    """Create ``migration_copies``: the old copies a generation migration keeps until it
+    narrows, looked up by migration and host."""
+    snapshot = MetaData()
+    Table(
+        "migration_copies",
+        snapshot,
+        Column("migration_id", String, primary_key=True),
+        Column("blob_id", String, primary_key=True),
+        Column("host", String, nullable=True),
+        Column("key_ref", String, nullable=False),
+        Column("key_version", Integer, nullable=False),
+        Column("generation", String, nullable=False),
+        Column("blob", LargeBinary, nullable=False),
+        Column("swapped_row_version", Integer, nullable=False),
+        Column("created_at", UTCDateTime, nullable=False),
+        Index("ix_migration_copies_host", "migration_id", "host", "blob_id"),
+    ).create(conn)
+
+
 MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_1_sealed_blobs,
     _migration_2_generations,
@@ -348,6 +389,7 @@ MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_5_rewrap_failures,
     _migration_6_agents,
     _migration_7_blob_kind,
+    _migration_8_migration_copies,
 )
 """Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
 ``i + 1``. Append new steps; never edit or reorder old ones."""

@@ -7,13 +7,15 @@ from sealing.store.agents import AgentRegistry
 from sealing.store.blobs import BlobOperations
 from sealing.store.failures import RewrapFailures
 from sealing.store.generations import GenerationRegistry
+from sealing.store.migrations import MigrationCopies
 
 __all__ = ["SealedStateStore"]
 
 
-class SealedStateStore(BlobOperations, RewrapFailures, GenerationRegistry, AgentRegistry):
+class SealedStateStore(BlobOperations, RewrapFailures, GenerationRegistry, AgentRegistry, MigrationCopies):
     """Sealed blobs, the blobs re-wrap sweeps failed, generation manifests and the fleet
-    registry of enclave agents in a SQLite or PostgreSQL database.
+    registry of enclave agents, and the old copies a generation migration keeps, in a SQLite
+    or PostgreSQL database.
 
     ``url`` is an SQLAlchemy URL: ``sqlite:///<home>/state.db`` (the parent directory is
     created) or ``postgresql+psycopg://user:pass@host/db``. Opening applies pending schema

@@ -310,6 +310,16 @@ def write_new_host(directory: Path) -> None:
     _fsync_dir(directory)
 
 
+def host_id_of(root_ca_pem: bytes) -> str:
+    """The host id of the simulated host whose root CA this is (see `SimHost.host_id`): public,
+    so a verifier can tell which host's root it holds without reading any of the host's secrets."""
+    root_public = x509.load_pem_x509_certificate(root_ca_pem).public_key()
+    spki = root_public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return HOST_ID_PREFIX + hashlib.sha256(HOST_ID_CONTEXT + spki).hexdigest()[:32]
+
+
 class SimHost:
     """One simulated TEE machine, kept in a directory. Create with ``load_or_create``."""
 
@@ -327,11 +337,7 @@ class SimHost:
         self._platform_key = platform_key
         self._platform_cert_der = platform_cert.public_bytes(serialization.Encoding.DER)
         self._cpu_svn = DEFAULT_CPU_SVN
-        root_public = x509.load_pem_x509_certificate(root_ca_pem).public_key()
-        spki = root_public.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        self._host_id = HOST_ID_PREFIX + hashlib.sha256(HOST_ID_CONTEXT + spki).hexdigest()[:32]
+        self._host_id = host_id_of(root_ca_pem)
 
     @classmethod
     def load_or_create(cls, host_dir: Path) -> SimHost:

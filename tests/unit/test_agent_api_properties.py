@@ -32,6 +32,7 @@ FIELDS = {
     "/v1/attest": ["nonce"],
     "/v1/seal": ["policy", "namespace", "name", "data", "blob_id", "version"],
     "/v1/unseal": ["blob"],
+    "/v1/check": ["blob"],
     "/v1/export": ["peer_evidence", "peer_public_key", "nonce", "import_nonce", "blobs"],
     "/v1/import": ["package"],
 }

@@ -1,0 +1,278 @@
+"""Migration activities: thin wrappers over ``sealing.migration`` and the store's migration
+copies. Dependencies come in from the worker: the store, how to reach a registered agent
+(``peer_for``) and how to verify evidence from a host (``verifier_for``). Inputs and results
+are ids, cursors, nonces and counts; the audit records go through the rotation activities'
+``audit`` activity (same log)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.migration_types import (
+    NEW_AGENT_FAILED,
+    OLD_AGENT_UNREACHABLE,
+    AttestInput,
+    AttestResult,
+    FleetInput,
+    FleetPlan,
+    GateInput,
+    GateResult,
+    HandoffInput,
+    HandoffResult,
+    HostPlan,
+    NarrowInput,
+    ReleaseInput,
+    RemainingInput,
+    RollbackInput,
+    RollbackResult,
+)
+from attestation.platform import PlatformVerifier
+from sealing.errors import SealingError
+from sealing.migration import (
+    AgentDown,
+    AgentPort,
+    AgentRefused,
+    attest_new_agent,
+    gate_sample,
+    hand_off_batch,
+    manifest_of,
+    new_agent_reasons,
+    plan_fleet,
+)
+from sealing.store import AgentRecord, RecordNotFound, SealedStateStore, StoreError
+
+T = TypeVar("T")
+PeerFor = Callable[[AgentRecord], AgentPort]
+
+
+def _translated(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except StoreError as exc:  # retried: the store may come back
+        raise ApplicationError(str(exc), type=type(exc).__name__) from None
+    except (SealingError, ValueError) as exc:
+        raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from None
+
+
+class _SideFailed(Exception):
+    def __init__(self, side: str, error: AgentDown | AgentRefused) -> None:
+        super().__init__(str(error))
+        self.side, self.error = side, error
+
+
+class _Side:
+    """An agent port whose failures say which side (old or new) failed."""
+
+    def __init__(self, port: AgentPort, side: str) -> None:
+        self._port, self._side = port, side
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._port, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except (AgentDown, AgentRefused) as exc:
+                raise _SideFailed(self._side, exc) from None
+
+        return call
+
+
+class MigrationActivities:
+    def __init__(
+        self,
+        store: SealedStateStore,
+        peer_for: PeerFor,
+        verifier_for: Callable[[str], PlatformVerifier],
+    ) -> None:
+        self._store = store
+        self._peer_for = peer_for
+        self._verifier_for = verifier_for
+
+    def _peer(self, agent_id: str, host: str, side: str) -> AgentPort:
+        try:
+            record = self._store.get_agent(agent_id)
+        except RecordNotFound:
+            raise self._failure(side, host, f"agent {agent_id} is no longer registered") from None
+        try:
+            return self._peer_for(record)
+        except AgentDown as exc:
+            raise self._failure(side, host, str(exc)) from None
+
+    @staticmethod
+    def _failure(side: str, host: str, message: str) -> ApplicationError:
+        if side == "old":
+            return ApplicationError(
+                f"the old generation's agent on host {host} is unreachable: {message}",
+                host,
+                type=OLD_AGENT_UNREACHABLE,
+                non_retryable=True,
+            )
+        return ApplicationError(
+            f"the new generation's agent on host {host} failed: {message}",
+            host,
+            type=NEW_AGENT_FAILED,
+            non_retryable=True,
+        )
+
+    @activity.defn(name="migration_fleet")
+    def fleet(self, request: FleetInput) -> FleetPlan:
+        view = _translated(lambda: plan_fleet(self._store, request.from_generation, request.to_generation))
+        return FleetPlan(
+            [
+                HostPlan(
+                    h.host_id,
+                    h.old_agent.agent_id if h.old_agent else "",
+                    h.new_agent.agent_id if h.new_agent else "",
+                    h.tee_blobs,
+                )
+                for h in view.hosts
+            ],
+            view.reasons,
+            view.diff(),
+            view.kms_blobs,
+        )
+
+    @activity.defn(name="migration_attest")
+    def attest(self, request: AttestInput) -> AttestResult:
+        old = _translated(lambda: manifest_of(self._store, request.from_generation))
+        new = _translated(lambda: manifest_of(self._store, request.to_generation))
+        result = AttestResult()
+        for agent in request.agents:
+            try:
+                record = self._store.get_agent(agent.agent_id)
+                port = self._peer_for(record)
+                reasons = attest_new_agent(
+                    port,
+                    record,
+                    bytes.fromhex(agent.nonce_hex),
+                    self._verifier_for(record.host_id),
+                    old=old,
+                    new=new,
+                    allow_same_svn=request.allow_same_svn,
+                )
+                result.attested += 1
+            except RecordNotFound:
+                reasons = ["is no longer registered"]
+            except (AgentDown, AgentRefused, SealingError, ValueError) as exc:
+                reasons = [str(exc)]
+            result.reasons += [f"{agent.agent_id}: {reason}" for reason in reasons]
+            activity.heartbeat()
+        return result
+
+    @activity.defn(name="migration_release")
+    def release(self, request: ReleaseInput) -> int:
+        """Release policies of keys wrapping old-generation KMS state: not changed by this
+        release (the migration moves hardware-sealed state only); how many keys were changed."""
+        if request.action not in ("widen", "narrow", "restore"):
+            raise ApplicationError(f"unknown release action {request.action!r}", non_retryable=True)
+        return 0
+
+    @activity.defn(name="migration_handoff")
+    def handoff(self, request: HandoffInput) -> HandoffResult:
+        activity.heartbeat()
+        old = _Side(self._peer(request.old_agent, request.host_id, "old"), "old")
+        new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
+        admit = _translated(lambda: self._admit(request))
+        try:
+            done = _translated(
+                lambda: hand_off_batch(
+                    self._store,
+                    old,
+                    new,
+                    migration_id=request.migration_id,
+                    old_generation=request.from_generation,
+                    new_generation=request.to_generation,
+                    host=request.host_id,
+                    after=request.after,
+                    size=request.size,
+                    admit=admit,
+                    beat=activity.heartbeat,
+                )
+            )
+        except _SideFailed as failed:
+            if failed.side == "old" and isinstance(failed.error, AgentRefused):
+                raise ApplicationError(
+                    f"the old generation's agent on host {request.host_id} refused the hand-off:"
+                    f" {failed.error}",
+                    request.host_id,
+                    type="HandoffRefused",
+                    non_retryable=True,
+                ) from None
+            raise self._failure(failed.side, request.host_id, str(failed.error)) from None
+        return HandoffResult(
+            done.moved, done.conflicts, done.skipped, done.cursor, done.done, done.attestations
+        )
+
+    def _admit(self, request: HandoffInput) -> Callable[[bytes, bytes, bytes], list[str]]:
+        """The migration policy over the new agent's hand-off evidence, verified on its
+        registered host: the old agent exports only to the generation ATTESTING admitted."""
+        old = manifest_of(self._store, request.from_generation)
+        new = manifest_of(self._store, request.to_generation)
+        record = self._store.get_agent(request.new_agent)
+        if record.host_id != request.host_id:
+            raise SealingError(
+                f"agent {request.new_agent} is registered on another host than {request.host_id}"
+            )
+        verifier = self._verifier_for(request.host_id)
+        return partial(
+            new_agent_reasons,
+            verifier=verifier,
+            old=old,
+            new=new,
+            allow_same_svn=request.allow_same_svn,
+            expected_key_sha256=record.handoff_key_sha256,
+        )
+
+    @activity.defn(name="migration_gate")
+    def gate(self, request: GateInput) -> GateResult:
+        result = GateResult()
+        for host in request.hosts:
+            new = self._peer(host.new_agent, host.host_id, "new")
+            try:
+                checked, failures = _translated(partial(self._gate_host, new, request, host))
+            except AgentDown as exc:
+                raise self._failure("new", host.host_id, str(exc)) from None
+            result.checked += checked
+            result.failures += failures
+        return result
+
+    def _gate_host(self, new: AgentPort, request: GateInput, host: HostPlan) -> tuple[int, list[str]]:
+        return gate_sample(
+            self._store,
+            new,
+            migration_id=request.migration_id,
+            new_generation=request.to_generation,
+            host=host.host_id,
+            sample=request.sample,
+        )
+
+    @activity.defn(name="migration_rollback")
+    def rollback(self, request: RollbackInput) -> RollbackResult:
+        done = _translated(lambda: self._store.restore_copies(request.migration_id, request.host_ids))
+        return RollbackResult(done.restored, done.already_old, len(done.kept_new), done.kept_new[:20])
+
+    @activity.defn(name="migration_remaining")
+    def remaining(self, request: RemainingInput) -> dict[str, int]:
+        return _translated(lambda: self._store.count_tee_by_host(request.from_generation))
+
+    @activity.defn(name="migration_narrow")
+    def narrow(self, request: NarrowInput) -> int:
+        return _translated(lambda: self._store.delete_copies(request.migration_id))
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.fleet,
+            self.attest,
+            self.release,
+            self.handoff,
+            self.gate,
+            self.rollback,
+            self.remaining,
+            self.narrow,
+        ]

@@ -1,0 +1,116 @@
+"""An enclave agent as a generation migration uses it (`sealing.migration.AgentPort`): nonces,
+attestation, export and import over `rekey.agent_auth.AgentClient` (signed requests, proven
+answers). Failures are one line: `sealing.migration.AgentDown` when the agent cannot be reached
+or does not prove its answer (or fails), `sealing.migration.AgentRefused` when it refuses."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rekey.agent_auth import AgentCallError, AgentClient, AgentCredentialError, AgentUnproven, read_token
+from sealing.migration import AgentDown, AgentRefused
+from sealing.store import AgentRecord
+
+__all__ = ["AgentPeer", "peers_from_state_dirs"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class AgentPeer:
+    def __init__(self, client: AgentClient) -> None:
+        self._client = client
+
+    def _call(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        try:
+            return self._client.call(path, body)
+        except AgentUnproven as exc:
+            raise AgentDown(f"the agent at {self._client.url}: {exc.message}") from None
+        except AgentCallError as exc:
+            if exc.status >= 500:
+                raise AgentDown(f"the agent at {self._client.url} failed: {exc}") from None
+            reasons = f" ({'; '.join(exc.reasons)})" if exc.reasons else ""
+            raise AgentRefused(f"the agent at {self._client.url} refused: {exc}{reasons}") from None
+        except OSError as exc:
+            raise AgentDown(
+                f"cannot reach the agent at {self._client.url}: {exc.strerror or type(exc).__name__}"
+            ) from None
+
+    def _bytes(self, answer: dict[str, Any], field: str) -> bytes:
+        value = answer.get(field)
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            return base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error):
+            raise AgentDown(f"the agent at {self._client.url} answered without a base64 {field!r}") from None
+
+    def identity(self) -> dict[str, Any]:
+        return self._call("/v1/identity", None)
+
+    def nonce(self) -> bytes:
+        return self._bytes(self._call("/v1/nonce", {}), "nonce")
+
+    def import_nonce(self) -> bytes:
+        return self._bytes(self._call("/v1/import-nonce", {}), "nonce")
+
+    def attest(self, nonce: bytes) -> tuple[bytes, bytes]:
+        answer = self._call("/v1/attest", {"nonce": _b64(nonce)})
+        return self._bytes(answer, "evidence"), self._bytes(answer, "public_key")
+
+    def export(
+        self,
+        *,
+        peer_evidence: bytes,
+        peer_public_key: bytes,
+        nonce: bytes,
+        import_nonce: bytes,
+        blobs: list[bytes],
+    ) -> dict[str, Any]:
+        return self._call(
+            "/v1/export",
+            {
+                "peer_evidence": _b64(peer_evidence),
+                "peer_public_key": _b64(peer_public_key),
+                "nonce": _b64(nonce),
+                "import_nonce": _b64(import_nonce),
+                "blobs": [_b64(b) for b in blobs],
+            },
+        )
+
+    def import_package(self, package: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+        answer = self._call("/v1/import", {"package": package})
+        items = answer.get("blobs")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise AgentDown(f"the agent at {self._client.url} answered without a blob list")
+        return [(str(i.get("namespace")), str(i.get("name")), self._bytes(i, "blob")) for i in items]
+
+    def unseal(self, blob: bytes) -> bytes:
+        return self._bytes(self._call("/v1/unseal", {"blob": _b64(blob)}), "data")
+
+    def check(self, blob: bytes) -> bool:
+        answer = self._call("/v1/check", {"blob": _b64(blob)})
+        if answer.get("opens") is not True:
+            raise AgentDown(f"the agent at {self._client.url} answered /v1/check without opens")
+        return True
+
+
+def peers_from_state_dirs(
+    state_dir_for: Callable[[AgentRecord], Path], caller: str = "default", timeout: float = 60.0
+) -> Callable[[AgentRecord], AgentPeer]:
+    """Agents reached at their registered endpoint, with ``caller``'s token read from the
+    directory ``state_dir_for(record)`` names (an unreadable token: `AgentDown`)."""
+
+    def peer(record: AgentRecord) -> AgentPeer:
+        try:
+            token = read_token(state_dir_for(record), caller)
+            return AgentPeer(AgentClient(record.endpoint, token, timeout=timeout))
+        except AgentCredentialError as exc:
+            raise AgentDown(f"agent {record.agent_id}: {exc}") from None
+
+    return peer

@@ -1,0 +1,187 @@
+"""What a generation migration keeps in the store: the old copies of the blobs it handed off.
+
+A hand-off swaps a hardware-sealed blob for the one the new generation's agent resealed, by
+compare-and-swap on the row version read before the export, and in the same transaction keeps
+the blob it replaced in ``migration_copies`` (with its key ref, key version and generation, and
+the row version the swap wrote). So:
+
+* a blob the workload rewrote meanwhile is never overwritten: the swap loses and nothing is
+  kept; the caller hands the new value off again;
+* a rollback puts a copy back only over the very row the swap wrote (compare-and-swap on
+  ``swapped_row_version``). A row rewritten since by the old generation needs nothing (it is
+  old-generation state already); one rewritten by the new generation is left as it is and
+  reported: the copy would lose that write;
+* narrowing deletes the copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+from sqlalchemy import delete, func, insert, select, update
+
+from sealing.names import check_generation_id, check_host_id
+from sealing.store.base import StoreBase
+from sealing.store.blobs import MAX_PAGE, _record
+from sealing.store.records import BlobRecord, require_bytes, require_int, require_str
+from sealing.store.schema import migration_copies, sealed_blobs
+
+__all__ = ["MigrationCopies", "Restored"]
+
+
+class Restored(NamedTuple):
+    restored: int
+    already_old: int
+    kept_new: list[str]  # blob ids rewritten by the new generation after their swap
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class MigrationCopies(StoreBase):
+    """Hand-off swaps with their old copies (mixed into `SealedStateStore`)."""
+
+    def tee_page(self, *, generation: str, host: str, after: str | None, limit: int) -> list[BlobRecord]:
+        """Up to ``limit`` hardware-sealed blobs of ``generation`` bound to ``host``, in blob id
+        order after ``after``."""
+        check_generation_id(generation)
+        check_host_id(host)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be an integer in 1..{MAX_PAGE}, got {limit!r}")
+        c = sealed_blobs.c
+        query = select(sealed_blobs).where(c.generation == generation, c.kind == "tee", c.host == host)
+        if after is not None:
+            query = query.where(c.blob_id > require_str("after", after))
+        with self.transaction(f"listing of {generation} blobs on {host}") as conn:
+            rows = conn.execute(query.order_by(c.blob_id).limit(limit)).all()
+        return [_record(row) for row in rows]
+
+    def count_tee_by_host(self, generation: str) -> dict[str, int]:
+        """How many hardware-sealed blobs of ``generation`` each host holds."""
+        c = sealed_blobs.c
+        query = (
+            select(c.host, func.count())
+            .where(c.generation == check_generation_id(generation), c.kind == "tee")
+            .group_by(c.host)
+        )
+        with self.transaction(f"count of {generation} blobs by host") as conn:
+            rows = conn.execute(query).all()
+        return {str(host): int(n) for host, n in rows}
+
+    def swap_keeping_copy(
+        self, migration_id: str, old: BlobRecord, *, blob: bytes, generation: str, key_version: int
+    ) -> bool:
+        """Replace ``old``'s blob by ``blob`` of ``generation`` if its row is still at
+        ``old.row_version``, and keep ``old`` as this migration's copy, in one transaction.
+        False (nothing changed) if the row was rewritten or deleted since it was read. A copy
+        kept by an earlier swap of the same blob (the workload rewrote it through the old
+        generation, and it was handed off again) is replaced by this one."""
+        require_str("migration_id", migration_id)
+        check_generation_id(generation)
+        require_bytes(blob)
+        require_int("key_version", key_version, 0)
+        c = sealed_blobs.c
+        written = old.row_version + 1
+        with self.transaction(f"hand-off of blob {old.blob_id}", write=True) as conn:
+            result = conn.execute(
+                update(sealed_blobs)
+                .where(c.blob_id == old.blob_id, c.row_version == old.row_version)
+                .values(
+                    blob=blob,
+                    generation=generation,
+                    key_version=key_version,
+                    row_version=written,
+                    updated_at=_now(),
+                )
+            )
+            if result.rowcount != 1:
+                return False
+            m = migration_copies.c
+            conn.execute(
+                delete(migration_copies).where(m.migration_id == migration_id, m.blob_id == old.blob_id)
+            )
+            conn.execute(
+                insert(migration_copies).values(
+                    migration_id=migration_id,
+                    blob_id=old.blob_id,
+                    host=old.host,
+                    key_ref=old.key_ref,
+                    key_version=old.key_version,
+                    generation=old.generation,
+                    blob=old.blob,
+                    swapped_row_version=written,
+                    created_at=_now(),
+                )
+            )
+        return True
+
+    def copies(self, migration_id: str, host: str, limit: int) -> list[str]:
+        """Blob ids of up to ``limit`` copies this migration keeps for ``host``."""
+        m = migration_copies.c
+        query = (
+            select(m.blob_id)
+            .where(m.migration_id == migration_id, m.host == host)
+            .order_by(m.blob_id)
+            .limit(require_int("limit", limit, 0))
+        )
+        with self.transaction(f"listing of copies of {migration_id}") as conn:
+            return [str(b) for b in conn.execute(query).scalars().all()]
+
+    def count_copies(self, migration_id: str) -> int:
+        m = migration_copies.c
+        with self.transaction(f"count of copies of {migration_id}") as conn:
+            found = conn.execute(select(func.count()).where(m.migration_id == migration_id)).scalar_one()
+        return int(found)
+
+    def restore_copies(self, migration_id: str, hosts: Sequence[str]) -> Restored:
+        """Put this migration's copies of blobs on ``hosts`` back (see the module) and forget
+        them; a copy whose row the new generation rewrote is kept, and reported."""
+        m, c = migration_copies.c, sealed_blobs.c
+        restored = already_old = 0
+        kept: list[str] = []
+        for host in hosts:
+            check_host_id(host)
+            with self.transaction(f"rollback of {migration_id} on {host}", write=True) as conn:
+                rows = conn.execute(
+                    select(migration_copies).where(m.migration_id == migration_id, m.host == host)
+                ).all()
+                for row in rows:
+                    copy = row._mapping
+                    result = conn.execute(
+                        update(sealed_blobs)
+                        .where(c.blob_id == copy["blob_id"], c.row_version == copy["swapped_row_version"])
+                        .values(
+                            blob=copy["blob"],
+                            generation=copy["generation"],
+                            key_ref=copy["key_ref"],
+                            key_version=copy["key_version"],
+                            row_version=c.row_version + 1,
+                            updated_at=_now(),
+                        )
+                    )
+                    if result.rowcount == 1:
+                        restored += 1
+                    else:
+                        current = conn.execute(
+                            select(c.generation).where(c.blob_id == copy["blob_id"])
+                        ).scalar_one_or_none()
+                        if current is not None and current != copy["generation"]:
+                            kept.append(str(copy["blob_id"]))
+                            continue
+                        already_old += 1  # rewritten by the old generation, or deleted
+                    conn.execute(
+                        delete(migration_copies).where(
+                            m.migration_id == migration_id, m.blob_id == copy["blob_id"]
+                        )
+                    )
+        return Restored(restored, already_old, kept)
+
+    def delete_copies(self, migration_id: str) -> int:
+        """Forget every copy this migration kept (NARROWING); how many."""
+        m = migration_copies.c
+        with self.transaction(f"deletion of copies of {migration_id}", write=True) as conn:
+            result = conn.execute(delete(migration_copies).where(m.migration_id == migration_id))
+        return int(result.rowcount)

@@ -1,0 +1,166 @@
+"""The migration workflow's phases, input, carried-over state and progress: plain data, shared
+by ``workflows.migration`` and ``rekey.client``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.migration_types import DEFAULT_HANDOFF_BATCH, HostPlan
+
+ATTESTING, WIDENING, HANDING_OFF, VERIFYING = "ATTESTING", "WIDENING", "HANDING_OFF", "VERIFYING"
+AWAITING_COMMIT, NARROWING = "AWAITING_COMMIT", "NARROWING"
+DONE, ROLLED_BACK = "DONE", "ROLLED_BACK"
+PHASES = (ATTESTING, WIDENING, HANDING_OFF, VERIFYING, AWAITING_COMMIT, NARROWING, DONE, ROLLED_BACK)
+BEFORE_NARROWING = (ATTESTING, WIDENING, HANDING_OFF, VERIFYING, AWAITING_COMMIT)
+ON_FAILURE = ("rollback", "pause")
+DEFAULT_WAVES = (1, 10, 50, 100)
+MAX_SWEEPS = 5
+MAX_REASON = 300
+MAX_REASONS = 50
+MAX_WAIT_SECONDS = 10 * 366 * 24 * 3600
+MAX_START_DELAY_SECONDS = 15 * 60
+MAX_START_SKEW_SECONDS = 5 * 60
+MEMO_PROGRESS = "progress"
+
+# Host states
+PENDING, MOVING, MOVED, HOST_ROLLED_BACK = "pending", "moving", "moved", "rolled_back"
+
+
+@dataclass
+class HostCount:
+    host_id: str
+    old_agent: str = ""
+    new_agent: str = ""
+    wave: int = 0  # 1-based wave the host moves in
+    total: int = 0  # old-generation hardware-sealed blobs on it when planned (and found by sweeps)
+    moved: int = 0
+    conflicts: int = 0
+    rolled_back: int = 0
+    state: str = PENDING
+    cursor: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.moved) if self.state != HOST_ROLLED_BACK else self.total
+
+    def plan(self) -> HostPlan:
+        return HostPlan(self.host_id, self.old_agent, self.new_agent, self.total)
+
+
+@dataclass
+class WaveCount:
+    wave: int  # 1-based
+    hosts: list[str]
+    moved: int = 0
+    conflicts: int = 0
+    rolled_back: int = 0
+    attestations: int = 0
+    gate: str = ""  # "", passed, failed
+    gate_checked: int = 0
+    state: str = PENDING  # pending | moving | moved | rolled_back
+
+
+@dataclass
+class MigrationState:
+    phase: str = ATTESTING
+    started_at: str = ""
+    updated_at: str = ""
+    phase_started: dict[str, str] = field(default_factory=dict)
+    hosts: list[HostCount] = field(default_factory=list)
+    waves: list[WaveCount] = field(default_factory=list)
+    wave: int = 0  # index of the wave in progress (0-based); len(waves) once all moved
+    sweeps: int = 0
+    attestations: int = 0
+    kms_blobs: int = 0
+    refused: bool = False
+    reasons: list[str] = field(default_factory=list)
+    held: str = ""  # why the migration stopped and waits for resume (or abort)
+    paused: bool = False
+    abort_requested: bool = False
+    approved: bool = False
+    committed: bool = False
+    planned: bool = False
+    widened: bool = False
+    note: str = ""
+    rolling_back: str = ""  # why a rollback began; kept until it ends, so a held one is finished on resume
+
+
+@dataclass
+class MigrateInput:
+    from_generation: str
+    to_generation: str
+    waves: list[int] = field(default_factory=lambda: list(DEFAULT_WAVES))
+    """Cumulative percentages of hosts, increasing, ending at 100."""
+    grace_seconds: float = 24 * 3600
+    on_failure: str = "rollback"  # rollback | pause
+    gate_sample: int = 5
+    allow_same_svn: bool = False
+    requested_at: str = ""
+    started_by: str = ""
+    batch_size: int = DEFAULT_HANDOFF_BATCH
+    state: MigrationState | None = None  # carried over by continue-as-new
+
+
+@dataclass
+class HostProgress:
+    host_id: str
+    wave: int
+    state: str
+    total: int
+    moved: int
+    remaining: int
+    conflicts: int
+    rolled_back: int
+
+
+@dataclass
+class MigrationProgress:
+    from_generation: str
+    to_generation: str
+    phase: str
+    wave: int  # 1-based wave in progress (0 before HANDING_OFF)
+    waves: int
+    hosts: list[HostProgress]
+    wave_counts: list[WaveCount]
+    total: int
+    moved: int
+    remaining: int
+    conflicts: int
+    attestations: int
+    kms_blobs: int
+    paused: bool
+    held: str
+    refused: bool
+    reasons: list[str]
+    started_at: str
+    updated_at: str
+    phase_started: dict[str, str] = field(default_factory=dict)
+    commit_due: str = ""
+    grace_seconds: float = 0.0
+    on_failure: str = ""
+    started_by: str = ""
+    note: str = ""
+
+
+def migration_id(from_generation: str, to_generation: str) -> str:
+    return f"migrate:{from_generation}:{to_generation}"
+
+
+def split_waves(host_ids: list[str], waves: list[int]) -> list[list[str]]:
+    """Hosts per wave, in the given order: wave k takes the hosts up to ``ceil(pct_k * n / 100)``
+    (cumulative), at least one host more than the wave before; waves left with none are dropped.
+    Deterministic: the same hosts and percentages give the same waves."""
+    n = len(host_ids)
+    result: list[list[str]] = []
+    taken = 0
+    for pct in waves:
+        upto = min(n, max(taken + 1, -(-pct * n // 100)))
+        if upto > taken:
+            result.append(host_ids[taken:upto])
+            taken = upto
+    if taken < n:  # percentages that end below 100 still move every host
+        result.append(host_ids[taken:])
+    return result
