@@ -43,8 +43,10 @@ from sealing.migration import (
     manifest_of,
     new_agent_reasons,
     plan_fleet,
+    roll_back,
 )
 from sealing.store import AgentRecord, RecordNotFound, SealedStateStore, StoreError
+from sealing.witness import ResettableWitness
 
 T = TypeVar("T")
 PeerFor = Callable[[AgentRecord], AgentPort]
@@ -89,10 +91,12 @@ class MigrationActivities:
         store: SealedStateStore,
         peer_for: PeerFor,
         verifier_for: Callable[[str], PlatformVerifier],
+        witness: ResettableWitness | None = None,
     ) -> None:
         self._store = store
         self._peer_for = peer_for
         self._verifier_for = verifier_for
+        self._witness = witness
 
     def _peer(self, agent_id: str, host: str, side: str) -> AgentPort:
         try:
@@ -193,6 +197,7 @@ class MigrationActivities:
                     size=request.size,
                     admit=admit,
                     beat=activity.heartbeat,
+                    witness=self._witness,
                 )
             )
         except _SideFailed as failed:
@@ -254,7 +259,9 @@ class MigrationActivities:
 
     @activity.defn(name="migration_rollback")
     def rollback(self, request: RollbackInput) -> RollbackResult:
-        done = _translated(lambda: self._store.restore_copies(request.migration_id, request.host_ids))
+        done = _translated(
+            lambda: roll_back(self._store, self._witness, request.migration_id, list(request.host_ids))
+        )
         return RollbackResult(done.restored, done.already_old, len(done.kept_new), done.kept_new[:20])
 
     @activity.defn(name="migration_remaining")

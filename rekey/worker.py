@@ -28,6 +28,7 @@ from rekey.codec import worker_converter
 from rekey.config import Settings
 from sealing.store import SealedStateStore
 from sealing.tee.sim import ROOT_CA_CERT_FILE, host_id_of
+from sealing.witness import ResettableWitness
 from workflows.launcher import LaunchRotationWorkflow
 from workflows.migration import MigrateGenerationWorkflow
 from workflows.rotation import RotateKeyWorkflow
@@ -107,6 +108,7 @@ def build_worker(
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
     peers: PeerFor | None = None,
     verifiers: Callable[[str], PlatformVerifier] | None = None,
+    witness: ResettableWitness | None = None,
 ) -> Worker:
     store = store or SealedStateStore(settings.store_url)
     activities = RotationActivities(
@@ -115,7 +117,11 @@ def build_worker(
         audit or audit_sink(settings),
     )
     migration = MigrationActivities(
-        store, peers or agent_peers(settings), verifiers or sim_verifiers(settings)
+        store,
+        peers or agent_peers(settings),
+        verifiers or sim_verifiers(settings),
+        # Hand-offs keep the freshness checkpoints naming the blobs the store holds.
+        witness if witness is not None else witness_for(settings, signer=signer_for(settings)),
     )
     return Worker(
         worker_client(client),

@@ -20,6 +20,7 @@ once (it is never returned, logged or compared).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from collections.abc import Callable
@@ -35,7 +36,10 @@ from sealing.agent import migration_reasons
 from sealing.errors import SealedBlobError, SealingError
 from sealing.generation import GenerationManifest, diff, parse_manifest
 from sealing.handoff import fingerprint, report_data_for
+from sealing.state import BLOB_KIND, blob_subject
 from sealing.store import AgentRecord, RecordNotFound, SealedStateStore
+from sealing.store.migrations import Restored
+from sealing.witness import ResettableWitness
 
 __all__ = [
     "AgentDown",
@@ -292,6 +296,44 @@ def _check_resealed(new_blob: bytes, old_blob: bytes, new_generation: str) -> in
     return new_header.key_version
 
 
+def _repoint(
+    witness: ResettableWitness | None, namespace: str, name: str, from_sha256: str, to_blob: bytes
+) -> None:
+    """Point the freshness checkpoint of ``namespace``/``name`` from the blob with SHA-256
+    ``from_sha256`` to ``to_blob`` (same version: a hand-off and its rollback keep the version,
+    sealing.state's `_check_tee` reads a tee blob only if its checkpoint names it). A checkpoint
+    that names another blob (a put moved it on meanwhile) is left alone, as is an item without
+    one (trust on first use)."""
+    if witness is None:
+        return
+    subject = blob_subject(namespace, name)
+    current = witness.latest(BLOB_KIND, subject)
+    if current is None or current.body.get("sha256") != from_sha256:
+        return
+    header = envelope.parse(to_blob).header
+    witness.reset(
+        BLOB_KIND,
+        subject,
+        current.order,
+        {"blob_id": str(header.blob_id), "generation": header.generation, "sha256": _sha256(to_blob)},
+    )
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def roll_back(
+    store: SealedStateStore, witness: ResettableWitness | None, migration_id: str, hosts: list[str]
+) -> Restored:
+    """Put this migration's old copies on ``hosts`` back (`SealedStateStore.restore_copies`) and
+    point each restored item's freshness checkpoint back at its old copy."""
+    restored = store.restore_copies(migration_id, hosts)
+    for namespace, name, replaced_sha256, old_blob in restored.put_back:
+        _repoint(witness, namespace, name, replaced_sha256, old_blob)
+    return restored
+
+
 def hand_off_batch(
     store: SealedStateStore,
     old: AgentPort,
@@ -305,6 +347,7 @@ def hand_off_batch(
     size: int,
     admit: Admit,
     beat: Callable[[], None] = lambda: None,
+    witness: ResettableWitness | None = None,
 ) -> BatchOutcome:
     """Hand off up to ``size`` of ``host``'s old-generation blobs after ``after`` (see the module).
 
@@ -312,7 +355,8 @@ def hand_off_batch(
     changed. A blob rewritten during the hand-off (its swap lost) is read again and handed off
     again, up to `SWAP_ATTEMPTS` times; a blob the new generation wrote meanwhile is skipped.
     ``admit`` checks the new agent's hand-off evidence before each export (`AgentRefused`);
-    ``beat`` is called after each export round and each swap (the activity's heartbeat)."""
+    ``beat`` is called after each export round and each swap (the activity's heartbeat).
+    ``witness``: each swapped item's freshness checkpoint is pointed at its new blob."""
     old.identity()
     outcome = BatchOutcome()
     records = store.tee_page(generation=old_generation, host=host, after=after, limit=size)
@@ -334,6 +378,7 @@ def hand_off_batch(
             if store.swap_keeping_copy(
                 migration_id, record, blob=blob, generation=new_generation, key_version=key_version
             ):
+                _repoint(witness, record.namespace, record.name, _sha256(record.blob), blob)
                 outcome.moved += 1
             else:
                 lost.append(record)

@@ -16,6 +16,7 @@ the row version the swap wrote). So:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -35,6 +36,9 @@ class Restored(NamedTuple):
     restored: int
     already_old: int
     kept_new: list[str]  # blob ids rewritten by the new generation after their swap
+    put_back: list[tuple[str, str, str, bytes]] = []  # noqa: RUF012 # NamedTuple default, never mutated
+    """(namespace, name, SHA-256 of the new generation's blob replaced, old copy put back) per
+    restored blob: what `sealing.migration.roll_back` points the freshness checkpoint back at."""
 
 
 def _now() -> datetime:
@@ -142,6 +146,7 @@ class MigrationCopies(StoreBase):
         m, c = migration_copies.c, sealed_blobs.c
         restored = already_old = 0
         kept: list[str] = []
+        put_back: list[tuple[str, str, str, bytes]] = []
         for host in hosts:
             check_host_id(host)
             with self.transaction(f"rollback of {migration_id} on {host}", write=True) as conn:
@@ -150,6 +155,11 @@ class MigrationCopies(StoreBase):
                 ).all()
                 for row in rows:
                     copy = row._mapping
+                    replaced = conn.execute(
+                        select(c.namespace, c.name, c.blob).where(
+                            c.blob_id == copy["blob_id"], c.row_version == copy["swapped_row_version"]
+                        )
+                    ).first()
                     result = conn.execute(
                         update(sealed_blobs)
                         .where(c.blob_id == copy["blob_id"], c.row_version == copy["swapped_row_version"])
@@ -162,8 +172,17 @@ class MigrationCopies(StoreBase):
                             updated_at=_now(),
                         )
                     )
-                    if result.rowcount == 1:
+                    if result.rowcount == 1 and replaced is not None:
                         restored += 1
+                        namespace, name, new_blob = replaced
+                        put_back.append(
+                            (
+                                str(namespace),
+                                str(name),
+                                hashlib.sha256(new_blob).hexdigest(),
+                                bytes(copy["blob"]),
+                            )
+                        )
                     else:
                         current = conn.execute(
                             select(c.generation).where(c.blob_id == copy["blob_id"])
@@ -177,7 +196,7 @@ class MigrationCopies(StoreBase):
                             m.migration_id == migration_id, m.blob_id == copy["blob_id"]
                         )
                     )
-        return Restored(restored, already_old, kept)
+        return Restored(restored, already_old, kept, put_back)
 
     def delete_copies(self, migration_id: str) -> int:
         """Forget every copy this migration kept (NARROWING); how many."""

@@ -15,6 +15,7 @@ import pytest
 
 from attestation.sim import SimVerifier
 from sealing.agent import EnclaveAgent
+from sealing.errors import StaleBlob
 from sealing.generation import parse_manifest
 from sealing.handoff import fingerprint
 from sealing.keywrap import LocalKeyWrapper
@@ -26,6 +27,7 @@ from sealing.migration import (
     manifest_of,
     new_agent_reasons,
     plan_fleet,
+    roll_back,
 )
 from sealing.state import EnclaveRefused, SealedState
 from sealing.store import AgentRecord, SealedStateStore
@@ -165,7 +167,12 @@ def admit_for(store: SealedStateStore, host: Host) -> Callable[[bytes, bytes, by
 
 
 def move(
-    store: SealedStateStore, host: Host, old: LocalPort, new: LocalPort, size: int = 4
+    store: SealedStateStore,
+    host: Host,
+    old: LocalPort,
+    new: LocalPort,
+    size: int = 4,
+    witness: DirectoryWitness | None = None,
 ) -> tuple[int, int]:
     moved = conflicts = 0
     cursor = None
@@ -181,6 +188,7 @@ def move(
             after=cursor,
             size=size,
             admit=admit_for(store, host),
+            witness=witness,
         )
         moved, conflicts, cursor = moved + outcome.moved, conflicts + outcome.conflicts, outcome.cursor
         if outcome.done:
@@ -188,7 +196,7 @@ def move(
 
 
 def test_a_host_hands_off_rolls_back_and_narrows(
-    tmp_path: Path, store: SealedStateStore, state: SealedState
+    tmp_path: Path, store: SealedStateStore, state: SealedState, witness: DirectoryWitness
 ) -> None:
     host = Host(tmp_path / "host", store)
     secrets = fill(state, host, 10)
@@ -196,7 +204,7 @@ def test_a_host_hands_off_rolls_back_and_narrows(
     assert plan.reasons == [] and [(h.host_id, h.tee_blobs) for h in plan.hosts] == [(host.host_id, 10)]
     assert plan.diff()["measurement_changed"]
 
-    assert move(store, host, LocalPort(host.v1), LocalPort(host.v2)) == (10, 0)
+    assert move(store, host, LocalPort(host.v1), LocalPort(host.v2), witness=witness) == (10, 0)
     assert store.count_tee_by_host("app-v1") == {} and store.count_copies(MIGRATION) == 10
     for name, secret in secrets.items():
         record = store.get_by_name("app", name)
@@ -216,13 +224,13 @@ def test_a_host_hands_off_rolls_back_and_narrows(
     assert (checked, failures) == (3, [])
     assert gate.calls == ["check"] * 3  # opened in the agent: no plaintext came back to the worker
 
-    restored = store.restore_copies(MIGRATION, [host.host_id])
+    restored = roll_back(store, witness, MIGRATION, [host.host_id])
     assert (restored.restored, restored.already_old, restored.kept_new) == (10, 0, [])
     for name, secret in secrets.items():  # the old generation reads every blob again
         assert state.get(namespace="app", name=name, sealer=InProcessSealer(host.v1)) == secret
     assert store.count_copies(MIGRATION) == 0
 
-    move(store, host, LocalPort(host.v1), LocalPort(host.v2))
+    move(store, host, LocalPort(host.v1), LocalPort(host.v2), witness=witness)
     assert store.delete_copies(MIGRATION) == 10 and store.count_copies(MIGRATION) == 0
 
 
@@ -235,7 +243,7 @@ class RefusingSealer(InProcessSealer):
 
 
 def test_a_blob_rewritten_during_its_hand_off_is_handed_off_again_never_overwritten(
-    tmp_path: Path, store: SealedStateStore, state: SealedState
+    tmp_path: Path, store: SealedStateStore, state: SealedState, witness: DirectoryWitness
 ) -> None:
     host = Host(tmp_path / "host", store)
     fill(state, host, 3)
@@ -249,30 +257,31 @@ def test_a_blob_rewritten_during_its_hand_off_is_handed_off_again_never_overwrit
             sealer=InProcessSealer(host.v1),
         )
 
-    moved, conflicts = move(store, host, LocalPort(host.v1, before_export=rewrite), LocalPort(host.v2))
+    old = LocalPort(host.v1, before_export=rewrite)
+    moved, conflicts = move(store, host, old, LocalPort(host.v2), witness=witness)
     assert (moved, conflicts) == (3, 1)
     assert state.get(namespace="app", name="item-01", sealer=InProcessSealer(host.v2)) == b"fresh"
     # Its kept copy is the value it replaced (the fresh one), so a rollback loses nothing either.
-    store.restore_copies(MIGRATION, [host.host_id])
+    roll_back(store, witness, MIGRATION, [host.host_id])
     assert state.get(namespace="app", name="item-01", sealer=InProcessSealer(host.v1)) == b"fresh"
 
 
 def test_a_rollback_leaves_a_blob_the_new_generation_rewrote(
-    tmp_path: Path, store: SealedStateStore, state: SealedState
+    tmp_path: Path, store: SealedStateStore, state: SealedState, witness: DirectoryWitness
 ) -> None:
     host = Host(tmp_path / "host", store)
     fill(state, host, 2)
-    move(store, host, LocalPort(host.v1), LocalPort(host.v2))
+    move(store, host, LocalPort(host.v1), LocalPort(host.v2), witness=witness)
     state.put_sealed(
         namespace="app", name="item-00", data=b"v2 wrote", policy="mrenclave", sealer=InProcessSealer(host.v2)
     )
-    restored = store.restore_copies(MIGRATION, [host.host_id])
+    restored = roll_back(store, witness, MIGRATION, [host.host_id])
     assert restored.restored == 1 and restored.kept_new == [store.get_by_name("app", "item-00").blob_id]
     assert state.get(namespace="app", name="item-00", sealer=InProcessSealer(host.v2)) == b"v2 wrote"
 
 
 def test_an_unreachable_old_agent_changes_nothing_on_its_host(
-    tmp_path: Path, store: SealedStateStore, state: SealedState
+    tmp_path: Path, store: SealedStateStore, state: SealedState, witness: DirectoryWitness
 ) -> None:
     host = Host(tmp_path / "host", store)
     fill(state, host, 3)
@@ -280,7 +289,7 @@ def test_an_unreachable_old_agent_changes_nothing_on_its_host(
     old, new = LocalPort(host.v1), LocalPort(host.v2)
     old.down = True
     with pytest.raises(AgentDown):
-        move(store, host, old, new)
+        move(store, host, old, new, witness=witness)
     assert digest(store) == before and new.calls == []
 
 
@@ -339,3 +348,30 @@ def test_attestation_refuses_evidence_over_another_nonce_or_key(
         allow_same_svn=False,
     )
     assert reasons == ["evidence does not bind the migration's nonce and the agent's handoff key"]
+
+
+def test_an_old_copy_restored_after_the_hand_off_is_refused(
+    tmp_path: Path, store: SealedStateStore, state: SealedState, witness: DirectoryWitness
+) -> None:
+    """The hand-off points each item's checkpoint at the new generation's blob, so the old
+    generation's blob put back by a store writer (a backup, after NARROWING) no longer reads,
+    even through a running old-generation agent."""
+    host = Host(tmp_path / "host", store)
+    fill(state, host, 2)
+    before = {r.name: r for r in (store.get_by_name("app", f"item-{i:02d}") for i in range(2))}
+    move(store, host, LocalPort(host.v1), LocalPort(host.v2), witness=witness)
+    old = before["item-00"]
+    now = store.get_by_name("app", "item-00")
+    store.compare_and_swap(
+        now.blob_id,
+        now.row_version,
+        blob=old.blob,
+        key_version=old.key_version,
+        key_ref=old.key_ref,
+        generation=old.generation,
+        kind="tee",
+        host=old.host,
+    )
+    with pytest.raises(StaleBlob):
+        state.get(namespace="app", name="item-00", sealer=InProcessSealer(host.v1))
+    assert state.get(namespace="app", name="item-01", sealer=InProcessSealer(host.v2))
