@@ -301,18 +301,18 @@ def test_a_migration_7_failing_half_way_leaves_version_6_and_retries(
     with raw.begin() as conn:
         conn.execute(insert(sealed_blobs), [_v5_blob(1)])
     raw.dispose()
-    real_step = schema.MIGRATIONS[6]
+    original = schema.MIGRATIONS
 
     def half(conn: Any) -> None:
         conn.execute(text("ALTER TABLE sealed_blobs ADD COLUMN kind VARCHAR NOT NULL DEFAULT 'kms'"))
         raise RuntimeError("crash between the two ALTERs")
 
-    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS[:6], half))
+    monkeypatch.setattr(schema, "MIGRATIONS", (*original[:6], half, *original[7:]))
     with pytest.raises(Exception, match="crash between"):
         migrate(store_url)
     raw.dispose()
     assert "kind" not in {c["name"] for c in inspect(raw).get_columns("sealed_blobs")}
-    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS[:6], real_step))
+    monkeypatch.setattr(schema, "MIGRATIONS", original)
     raw.dispose()
     with SealedStateStore(store_url) as s:
         assert s.schema_version == SCHEMA_VERSION
