@@ -278,6 +278,9 @@ class MigrateGenerationWorkflow(MigrationControls):
             problems.append(f"batch_size must be 1..{MAX_HANDOFF_BATCH}, got {request.batch_size}")
         if request.from_generation == request.to_generation:
             problems.append("from and to are the same generation")
+        if ":" in request.from_generation or ":" in request.to_generation:
+            # migrate:<from>:<to> would be ambiguous (a:b -> c and a -> b:c).
+            problems.append("generation ids with ':' cannot be migrated")
         if workflow.info().workflow_id != migration_id(request.from_generation, request.to_generation):
             problems.append("the workflow id must be migrate:<from>:<to>")
         if problems:

@@ -172,6 +172,11 @@ async def start_migration(
         raise InvalidOption(str(exc)) from None
     if from_generation == to_generation:
         raise InvalidOption("--from and --to must be different generations")
+    if ":" in from_generation or ":" in to_generation:
+        raise InvalidOption(
+            "generation ids with ':' cannot be migrated: migrate:<from>:<to> would name two"
+            " migrations (a:b -> c and a -> b:c); register the generation under an id without ':'"
+        )
     if on_failure not in ON_FAILURE:
         raise InvalidOption(f"--on-failure must be one of {', '.join(ON_FAILURE)}")
     if isinstance(gate_sample, bool) or not 0 <= gate_sample <= 1000:

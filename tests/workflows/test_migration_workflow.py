@@ -6,6 +6,7 @@ the validators."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
@@ -127,6 +128,7 @@ async def test_bad_input_fails_before_any_activity(env: WorkflowEnvironment) -> 
             {"waves": [10, 50]},
             {"on_failure": "retry"},
             {"grace_seconds": -1},
+            {"to_generation": f"app:{uuid.uuid4().hex[:8]}"},  # migrate:<from>:<to> ambiguous
         ):
             handle = await migration.start(**options)
             with pytest.raises(WorkflowFailureError):
