@@ -188,6 +188,11 @@ async def test_an_unreachable_old_agent_stops_before_its_host_and_resumes(env: W
         progress = await wait_for(handle, lambda p: bool(p.held))
         assert "host-01" in progress.held and progress.phase == HANDING_OFF
         assert fleet.on("host-01", OLD) == ["host-01-b000", "host-01-b001"]
+        # The held state is queryable before its audit record's activity has run: wait for it.
+        for _ in range(200):
+            if "migration.held" in events(fleet):
+                break
+            await asyncio.sleep(0.05)
         assert "migration.held" in events(fleet)
         fleet.old_down.clear()
         await handle.execute_update(MigrateGenerationWorkflow.resume)
