@@ -318,7 +318,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                     "on_failure": request.on_failure,
                     "gate_sample": request.gate_sample,
                     "allow_same_svn": request.allow_same_svn,
-                    "jitter_seconds": request.jitter_seconds,
+                    "jitter_ms": round(request.jitter_seconds * 1000),  # the audit log takes no floats
                 },
             )
 
@@ -403,7 +403,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 int,
             )
             s.widened = True
-            await self._audit("migration.widened", {"keys": int(keys), "kms_blobs": s.kms_blobs})
+            await self._audit("migration.widened", {"policies": int(keys), "kms_blobs": s.kms_blobs})
         await self._phase(HANDING_OFF)
 
     # ---------------------------------------------------------------------- HANDING_OFF
@@ -670,7 +670,7 @@ class MigrateGenerationWorkflow(MigrationControls):
         deleted = await self._activity(
             "migration_narrow", NarrowInput(self._id, request.from_generation, request.to_generation), int
         )
-        await self._audit("migration.narrowed", {"keys": int(keys), "old_copies_deleted": int(deleted)})
+        await self._audit("migration.narrowed", {"policies": int(keys), "old_copies_deleted": int(deleted)})
         await self._phase(DONE)
         s = self._state
         await self._audit(

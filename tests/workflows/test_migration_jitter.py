@@ -19,6 +19,7 @@ from temporalio.client import WorkflowHandle, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from audit.format import check_details
 from tests.workflows.migration_stubs import NEW, OLD, WAIT, MigrationFleet, migrating
 from workflows.migration import MigrateGenerationWorkflow, migration_id
 from workflows.migration_jitter import start_delays
@@ -74,7 +75,7 @@ async def test_each_hosts_first_batch_waits_a_timer_within_the_bound(env: Workfl
     assert all(0 < d <= 30 for d in delays), delays
     assert len(set(delays)) == len(delays)  # drawn, not one constant
     assert sorted(first_batches(fleet)) == sorted(fleet.hosts)
-    assert [a.details["jitter_seconds"] for a in fleet.audit if a.event == "migration.started"] == [30]
+    assert [a.details["jitter_ms"] for a in fleet.audit if a.event == "migration.started"] == [30000]
     # The history replays with the same timers: the delays are deterministic.
     replayer = Replayer(
         workflows=[MigrateGenerationWorkflow],
@@ -157,3 +158,20 @@ def test_start_delays_are_a_function_of_the_seed_and_within_the_bound() -> None:
     assert len(set(first.values())) > 100  # spread over the bound, not one value
     assert start_delays(hosts, 0, random.Random(7)) == {}
     assert all(d <= 0.0015 for d in start_delays(hosts, 0.0015, random.Random(1)).values())
+
+
+async def test_every_audit_record_of_a_migration_is_one_the_audit_log_takes(env: WorkflowEnvironment) -> None:
+    """The real audit log refuses floats and secret-looking member names (``keys``): a record it
+    refuses would hold the migration at that step."""
+    done, rolled_back = MigrationFleet.of(hosts=2, per_host=2), MigrationFleet.of(hosts=2, per_host=2)
+    rolled_back.gate_fails = {"host-01"}
+    for fleet in (done, rolled_back):
+        async with migrating(env, fleet) as migration:
+            handle = await migration.start(waves=[50, 100], grace_seconds=0, jitter_seconds=1.5)
+            await asyncio.wait_for(handle.result(), WAIT)
+        events = {a.event for a in fleet.audit}
+        assert {"migration.started", "migration.widened"} <= events
+        for record in fleet.audit:
+            check_details(record.details)
+    assert "migration.narrowed" in {a.event for a in done.audit}
+    assert "migration.rolled_back" in {a.event for a in rolled_back.audit}
