@@ -17,6 +17,7 @@ from rekey.cli.migration_options import MigrationOptions, migration_options
 from rekey.cli.output import EXIT_DENIED, EXIT_FAILED, emit_json, err, json_option, out
 from rekey.client import RekeyClient, parse_duration
 from rekey.client.migrations import (
+    MigrateInput,
     MigrationHandle,
     MigrationProgress,
     migration_handle,
@@ -24,7 +25,6 @@ from rekey.client.migrations import (
     parse_waves,
     start_migration,
 )
-from workflows.migration import MigrateInput
 
 DONE = "DONE"
 

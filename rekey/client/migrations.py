@@ -47,6 +47,7 @@ from workflows.migration_state import (
 __all__ = [
     "DEFAULT_JITTER_SECONDS",
     "MAX_JITTER_SECONDS",
+    "MigrateInput",
     "MigrationHandle",
     "MigrationProgress",
     "migration_request",
