@@ -6,7 +6,6 @@ workflow's seeded randomness."""
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,7 +21,6 @@ from temporalio.worker import Replayer
 from audit.format import check_details
 from tests.workflows.migration_stubs import NEW, OLD, WAIT, MigrationFleet, migrating
 from workflows.migration import MigrateGenerationWorkflow, migration_id
-from workflows.migration_jitter import start_delays
 from workflows.migration_state import DONE
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -146,18 +144,6 @@ async def test_an_input_without_the_field_decodes_with_no_jitter(env: WorkflowEn
         result = await asyncio.wait_for(handle.result(), WAIT)
         assert result["phase"] == DONE
         assert await timers(env, handle) == []
-
-
-def test_start_delays_are_a_function_of_the_seed_and_within_the_bound() -> None:
-    hosts = [f"host-{i:03d}" for i in range(200)]
-    first = start_delays(hosts, 2.0, random.Random(7))
-    assert first == start_delays(list(reversed(hosts)), 2.0, random.Random(7))  # drawn in host order
-    assert first != start_delays(hosts, 2.0, random.Random(8))
-    assert all(0 < d <= 2.0 and round(d, 3) == d for d in first.values())
-    assert len(first) >= 190  # a 0 ms draw is left out, rarely
-    assert len(set(first.values())) > 100  # spread over the bound, not one value
-    assert start_delays(hosts, 0, random.Random(7)) == {}
-    assert all(d <= 0.0015 for d in start_delays(hosts, 0.0015, random.Random(1)).values())
 
 
 async def test_every_audit_record_of_a_migration_is_one_the_audit_log_takes(env: WorkflowEnvironment) -> None:
