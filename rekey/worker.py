@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
@@ -34,7 +35,7 @@ from rekey.backends import (
 from rekey.client import check_namespace, connect
 from rekey.codec import worker_converter
 from rekey.config import Settings
-from sealing.store import SealedStateStore
+from sealing.store import AgentRecord, SealedStateStore
 from sealing.witness import ResettableWitness
 from workflows.launcher import LaunchRotationWorkflow
 from workflows.migration import MigrateGenerationWorkflow
@@ -68,9 +69,16 @@ def audit_sink(settings: Settings) -> AuditSink:
 
 
 def agent_peers(settings: Settings) -> PeerFor:
-    """Registered agents reached with the default caller's token from ``<home>/agent/<generation>``
-    (the state directory ``rekey agent serve`` uses unless ``--state-dir``)."""
-    return peers_from_state_dirs(lambda record: settings.home / "agent" / record.generation)
+    """Registered agents reached with the default caller's token from ``<home>/agent/<agent id>``
+    if that directory exists (one state directory per agent: the same generation on several
+    hosts), else ``<home>/agent/<generation>`` (the state directory ``rekey agent serve`` uses
+    unless ``--state-dir``). An agent id is one path component (no ``/``, never ``.`` or ``..``)."""
+
+    def state_dir(record: AgentRecord) -> Path:
+        own = settings.home / "agent" / record.agent_id
+        return own if own.is_dir() else settings.home / "agent" / record.generation
+
+    return peers_from_state_dirs(state_dir)
 
 
 def worker_client(client: Client) -> Client:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: bring the dev stack up, seal three files under a Transit key, read them back.
+# `make demo`: bring the dev stack up, seal files under every KMS backend, read them back, rotate
+# the keys; then a patch: hardware-sealed state moves from payments-v1's agents to payments-v2's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export REKEY_HOME="${REKEY_HOME:-$PWD/.rekey}"
@@ -7,6 +8,43 @@ work="$REKEY_HOME/demo"
 mkdir -p "$work"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+# The enclave agents this script starts (two simulated hosts, an agent per generation on each):
+# stopped on every way out, so nothing is left listening.
+agent_pids=()
+stop_agents() {
+  local pid
+  for pid in "${agent_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${agent_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap stop_agents EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start_agent MANIFEST GEN HOST: `rekey agent serve --register` for GEN on the simulated host
+# $REKEY_HOME/hosts/HOST (where the worker finds its CA), on a free port, registered as agent
+# GEN.HOST with its tokens in $REKEY_HOME/agent/GEN.HOST (where the worker looks for that agent's).
+# Sets agent_url[GEN.HOST].
+declare -A agent_url
+start_agent() {
+  local manifest=$1 gen=$2 host=$3 log="$work/agent-$2.$3.log" pid tries
+  rekey agent serve --manifest "$manifest" --host-dir "$REKEY_HOME/hosts/$host" --register \
+    --agent-id "$gen.$host" --state-dir "$REKEY_HOME/agent/$gen.$host" >"$log" 2>&1 &
+  pid=$!
+  agent_pids+=("$pid")
+  for tries in $(seq 300); do
+    if grep -q '^registered as agent' "$log"; then
+      agent_url[$gen.$host]=$(sed -n 's/.* listening on //p' "$log")
+      echo "  $gen on host $host: ${agent_url[$gen.$host]}"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "agent $gen on host $host did not start:" >&2
+  cat "$log" >&2
+  return 1
+}
 
 step "Starting the dev stack (Temporal, OpenBao, moto, Azure Key Vault emulator) under $REKEY_HOME"
 rekey dev up
@@ -58,13 +96,63 @@ done
 step "Reading everything back after the rotations"
 read_back
 
+step "A patch: payments-v1 agents on two simulated hosts (a, b) seal state in hardware"
+for host in a b; do start_agent scripts/demo/gen-v1.yaml payments-v1 "$host"; done
+for host in a b; do
+  for i in 1 2; do
+    head -c 512 /dev/urandom > "$work/sealed-$host-$i.bin"
+    rekey state put --agent "${agent_url[payments-v1.$host]}" --seal mrenclave \
+      --state-dir "$REKEY_HOME/agent/payments-v1.$host" --name "sealed-$host-$i" --in "$work/sealed-$host-$i.bin"
+  done
+done
+
+step "Registering the patched generation payments-v2 (new measurement, svn 2) as superseding payments-v1"
+rekey generation register scripts/demo/gen-v2.yaml --supersedes payments-v1
+rekey generation diff payments-v1 payments-v2
+for host in a b; do start_agent scripts/demo/gen-v2.yaml payments-v2 "$host"; done
+
+step "Migrating the hardware-sealed state to payments-v2 in two waves (attested hand-off per host)"
+# A migration that stops (held) waits for an operator: the demo gives up after two minutes instead.
+if ! timeout 120 rekey migrate start --from payments-v1 --to payments-v2 --waves 50,100 --grace 0s --jitter 1s --wait; then
+  rekey migrate status migrate:payments-v1:payments-v2 || true
+  echo "demo FAILED: the migration did not finish (its status is above)" >&2
+  exit 1
+fi
+
+step "Reading the migrated state back through payments-v2's agents"
+for host in a b; do
+  for i in 1 2; do
+    f="sealed-$host-$i"
+    rm -f "$work/$f.out"
+    if ! rekey state get --agent "${agent_url[payments-v2.$host]}" --state-dir "$REKEY_HOME/agent/payments-v2.$host" \
+      --name "$f" --out "$work/$f.out"; then
+      echo "  $f: could not be read back (the error is above)"; status=1
+    elif cmp -s "$work/$f.bin" "$work/$f.out"; then
+      echo "  $f: byte-identical"
+    else
+      echo "  $f: DIFFERS"; status=1
+    fi
+  done
+done
+
+step "The old generation is refused: payments-v1's agent on host a asked for sealed-a-1 (an error is expected)"
+if rekey state get --agent "${agent_url[payments-v1.a]}" --state-dir "$REKEY_HOME/agent/payments-v1.a" \
+  --name sealed-a-1 --out "$work/sealed-a-1.refused"; then
+  echo "  UNEXPECTED: payments-v1 still opens migrated state"; status=1
+else
+  echo "  refused, as expected: the state is sealed to payments-v2 now"
+fi
+stop_agents
+agent_pids=()
+
 step "Verifying the signed audit log"
 rekey audit verify
 
 step "Summary"
 rekey key list
 rekey state list
-rm -f "$work"/*.out "$work/credentials.txt"
+rekey generation list
+rm -f "$work"/*.out "$work"/*.refused "$work"/sealed-*.bin "$work/credentials.txt"
 if [ "$status" -ne 0 ]; then echo "demo FAILED: a file did not round-trip" >&2; exit 1; fi
 echo
 echo "Demo done. The stack is still running (rekey dev status); stop it with: .venv/bin/rekey dev down"

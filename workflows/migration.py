@@ -10,9 +10,11 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
   stored changes (``refused``).
 * WIDENING: the release policies of keys wrapping old-generation state admit both generations.
 * HANDING_OFF: waves over hosts (cumulative percentages, at least one host a wave); within a
-  wave one batch per host at a time, the hosts in parallel: first its hardware-sealed blobs
-  (old agent to new), then its share of the KMS-wrapped ones (a blob-id range the plan gave
-  it), which its new agent re-binds after an attested release. After each wave a health gate (the
+  wave one batch per host at a time, the hosts in parallel, each host's first batch after a
+  random delay up to ``jitter_seconds`` (a durable timer), so a wave's agents do not all attest
+  at once: first its hardware-sealed blobs (old agent to new), then its share of the
+  KMS-wrapped ones (a blob-id range the plan gave it), which its new agent re-binds after an
+  attested release. After each wave a health gate (the
   new agents unseal a sample). A failed gate or a new agent that fails mid-wave rolls back every
   moved blob to its old copy and ends ROLLED_BACK (``rollback``), or pauses (``pause``). A host
   whose old agent does not answer stops the migration (``held``, naming the host) before
@@ -64,12 +66,14 @@ with workflow.unsafe.imports_passed_through():
     from activities.types import AuditInput
 
 from workflows.migration_controls import MigrationControls, Refused
+from workflows.migration_jitter import start_delays
 from workflows.migration_state import (
     ATTESTING,
     AWAITING_COMMIT,
     DONE,
     HANDING_OFF,
     HOST_ROLLED_BACK,
+    MAX_JITTER_SECONDS,
     MAX_REASON,
     MAX_REASONS,
     MAX_START_DELAY_SECONDS,
@@ -172,7 +176,10 @@ class MigrateGenerationWorkflow(MigrationControls):
         timeout: float = 300,
         heartbeat: float | None = None,
         retry: RetryPolicy = LOCAL_RETRY,
+        delay: float = 0.0,
     ) -> Any:
+        if delay > 0:  # a durable timer first (a jittered wave start)
+            await workflow.sleep(delay)
         return await workflow.execute_activity(
             name,
             arg,
@@ -280,6 +287,8 @@ class MigrateGenerationWorkflow(MigrationControls):
             problems.append(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {request.on_failure!r}")
         if not 0 <= request.gate_sample <= 1000:
             problems.append(f"gate_sample must be 0..1000, got {request.gate_sample}")
+        if not 0 <= request.jitter_seconds <= MAX_JITTER_SECONDS:
+            problems.append(f"jitter_seconds must be 0..{MAX_JITTER_SECONDS}, got {request.jitter_seconds}")
         if not 1 <= request.batch_size <= MAX_HANDOFF_BATCH:
             problems.append(f"batch_size must be 1..{MAX_HANDOFF_BATCH}, got {request.batch_size}")
         if request.from_generation == request.to_generation:
@@ -315,6 +324,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                     "on_failure": request.on_failure,
                     "gate_sample": request.gate_sample,
                     "allow_same_svn": request.allow_same_svn,
+                    "jitter_ms": round(request.jitter_seconds * 1000),  # the audit log takes no floats
                 },
             )
 
@@ -411,7 +421,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 int,
             )
             s.widened = True
-            await self._audit("migration.widened", {"keys": int(keys), "kms_blobs": s.kms_blobs})
+            await self._audit("migration.widened", {"policies": int(keys), "kms_blobs": s.kms_blobs})
         await self._phase(HANDING_OFF)
 
     # ---------------------------------------------------------------------- HANDING_OFF
@@ -452,8 +462,19 @@ class MigrateGenerationWorkflow(MigrationControls):
     async def _move(self, request: MigrateInput, hosts: list[HostCount], wave: WaveCount | None) -> bool:
         """Hand off every host in ``hosts`` still MOVING, one batch per host at a time, the
         hosts in parallel. False when the migration stopped (held, paused by a failure, or
-        rolled back); continues as new (raises) when the history asks for it."""
+        rolled back); continues as new (raises) when the history asks for it. In a wave, each
+        host's first batch waits its jitter (`start_delays`) first."""
         s = self._state
+        fresh = [
+            h.host_id
+            for h in hosts
+            if h.state == MOVING
+            and h.cursor is None
+            and not h.moved
+            and h.kms_cursor is None
+            and not h.kms_moved
+        ]
+        delays = start_delays(fresh, request.jitter_seconds, workflow.random()) if wave is not None else {}
         while True:
             for host in hosts:
                 if host.state == MOVING and not host.next_step():
@@ -469,7 +490,11 @@ class MigrateGenerationWorkflow(MigrationControls):
                 workflow.continue_as_new(MigrateInput(**{**request.__dict__, "state": s}))
             steps = [h.next_step() for h in moving]
             results = await asyncio.gather(
-                *(self._step(request, h, step) for h, step in zip(moving, steps, strict=True)),
+                *(
+                    # the first batch only waits its jitter
+                    self._step(request, h, step, delay=delays.pop(h.host_id, 0.0))
+                    for h, step in zip(moving, steps, strict=True)
+                ),
                 return_exceptions=True,
             )
             unreachable: list[str] = []
@@ -523,7 +548,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 )
                 raise _Held
 
-    def _step(self, request: MigrateInput, h: HostCount, step: str) -> Any:
+    def _step(self, request: MigrateInput, h: HostCount, step: str, *, delay: float = 0.0) -> Any:
         """The activity that moves the next batch of ``h``: a hand-off of hardware-sealed blobs
         (old agent to new) or a re-binding of KMS-wrapped ones (new agent)."""
         if step == "kms":
@@ -544,6 +569,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 timeout=900,
                 heartbeat=120,
                 retry=AGENT_RETRY,
+                delay=delay,
             )
         return self._activity(
             "migration_handoff",
@@ -562,6 +588,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             timeout=900,
             heartbeat=120,
             retry=AGENT_RETRY,
+            delay=delay,
         )
 
     async def _gate(self, request: MigrateInput, hosts: list[HostCount]) -> int | None:
@@ -728,7 +755,7 @@ class MigrateGenerationWorkflow(MigrationControls):
         deleted = await self._activity(
             "migration_narrow", NarrowInput(self._id, request.from_generation, request.to_generation), int
         )
-        await self._audit("migration.narrowed", {"keys": int(keys), "old_copies_deleted": int(deleted)})
+        await self._audit("migration.narrowed", {"policies": int(keys), "old_copies_deleted": int(deleted)})
         await self._phase(DONE)
         s = self._state
         await self._audit(

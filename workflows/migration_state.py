@@ -24,6 +24,8 @@ MAX_WAIT_SECONDS = 10 * 366 * 24 * 3600
 MAX_START_DELAY_SECONDS = 15 * 60
 MAX_START_SKEW_SECONDS = 5 * 60
 MEMO_PROGRESS = "progress"
+MAX_JITTER_SECONDS = 600
+"""The largest bound of the jitter before each host's first batch of a wave (ten minutes)."""
 
 # Host states
 PENDING, MOVING, MOVED, HOST_ROLLED_BACK = "pending", "moving", "moved", "rolled_back"
@@ -136,6 +138,10 @@ class MigrateInput:
     started_by: str = ""
     batch_size: int = DEFAULT_HANDOFF_BATCH
     state: MigrationState | None = None  # carried over by continue-as-new
+    jitter_seconds: float = 0.0
+    """Each host's first batch of a wave starts after a random delay up to this (0: at once).
+    0 by default, so an input recorded before the field existed replays with no timer;
+    ``rekey.client`` sends its own default."""
 
 
 @dataclass

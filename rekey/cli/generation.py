@@ -1,15 +1,18 @@
-"""``rekey generation register | list | diff``: enclave generations (measured builds)."""
+"""``rekey generation register | list | show | diff``: enclave generations (measured builds), and
+which one supersedes which (``register --supersedes OLD [--auto-migrate]``)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from rekey.cli.context import store
-from rekey.cli.output import EXIT_DOWNGRADE, emit_json, json_option, out, table
+from rekey.cli.migration_options import NAMES, MigrationOptions, migration_options
+from rekey.cli.output import EXIT_DOWNGRADE, EXIT_FAILED, emit_json, error_line, json_option, out, table
 from sealing.generation import GenerationManifest, ManifestError, diff, load_manifest, parse_manifest
 from sealing.store import RecordNotFound, SealedStateStore
 
@@ -27,32 +30,111 @@ def _registered(sealed_store: SealedStateStore, generation_id: str) -> Generatio
     return parse_manifest(json.loads(document), f"generation {generation_id}")
 
 
+def _option_names(names: tuple[str, ...]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
 @cli.command("register")
 @click.argument("manifest", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.option(
+    "--supersedes",
+    default=None,
+    metavar="OLD",
+    help="Record that this generation supersedes the registered generation OLD (a patch).",
+)
+@click.option(
+    "--auto-migrate",
+    is_flag=True,
+    help="With --supersedes: then start migrate:<OLD>:<NEW> (the options below as for migrate start).",
+)
+@migration_options
 @json_option
-def register(manifest: Path, json_out: bool) -> None:
-    """Register a generation from its manifest (idempotent for an identical manifest)."""
+@click.pass_context
+def register(
+    ctx: click.Context,
+    manifest: Path,
+    supersedes: str | None,
+    auto_migrate: bool,
+    migration: MigrationOptions,
+    json_out: bool,
+) -> None:
+    """Register a generation from its manifest (idempotent for an identical manifest).
+
+    With --supersedes OLD the succession is stored with it (refused, nothing stored, if OLD is
+    not registered, is this generation, is superseded by another one already, or it would make
+    a cycle). With --auto-migrate the migration of OLD's state to it starts next: if that start
+    fails the registration stays, the command exits 1, and `rekey migrate start` starts it."""
+    given = [n for n in NAMES if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    if auto_migrate and supersedes is None:
+        raise click.UsageError("--auto-migrate needs --supersedes OLD")
+    if given and not auto_migrate:
+        raise click.UsageError(f"{_option_names(tuple(given))}: only with --auto-migrate")
     parsed = load_manifest(manifest)
+    request = None
+    if auto_migrate and supersedes is not None:
+        from rekey.cli.migrate import checked_request  # loads the Temporal SDK: only for this
+
+        request = checked_request(supersedes, parsed.id, migration)  # bad options: nothing stored
     with store(create=True) as sealed_store:
-        created = sealed_store.put_generation(parsed.id, parsed.canonical_json())
-    if json_out:
-        emit_json(parsed.model_dump() | {"created": created})
-    else:
+        created = sealed_store.put_generation(parsed.id, parsed.canonical_json(), supersedes=supersedes)
+    registration = parsed.model_dump() | {"created": created, "supersedes": supersedes}
+    if not json_out:
         verb = "registered" if created else "already registered:"
-        out.print(f"{verb} generation {parsed.id} ({parsed.platform}, svn {parsed.svn})")
+        succession = f", supersedes {supersedes}" if supersedes else ""
+        out.print(
+            f"{verb} generation {parsed.id} ({parsed.platform}, svn {parsed.svn}){succession}", markup=False
+        )
+    if request is None:
+        if json_out:
+            emit_json(registration)
+        return
+    sys.exit(_auto_migrate(request, migration.wait, json_out, registration))
+
+
+def _auto_migrate(request: Any, wait: bool, json_out: bool, registration: dict[str, Any]) -> int:
+    """Start the migration the registration asked for; the exit code. A start that fails
+    (Temporal unreachable, say) is one error line saying the registration stays."""
+    from rekey.cli.context import with_client
+    from rekey.cli.migrate import report_start, run_start
+    from rekey.client import RekeyClientError
+
+    workflow_id = f"migrate:{request.from_generation}:{request.to_generation}"
+    try:
+        outcome = with_client(lambda client: run_start(client, request, wait, json_out))
+    except RekeyClientError as exc:
+        if json_out:
+            emit_json(registration | {"migration": {"id": workflow_id, "started": False, "error": str(exc)}})
+        error_line(
+            f"generation {request.to_generation} is registered (superseding {request.from_generation}),"
+            f" but {workflow_id} did not start: {exc}; start it with"
+            f" `rekey migrate start --from {request.from_generation} --to {request.to_generation}`"
+        )
+        return EXIT_FAILED
+    return report_start(outcome, json_out, registration)
+
+
+def _with_succession(item: dict[str, Any], successions: dict[str, str]) -> dict[str, Any]:
+    predecessors = {new: old for old, new in successions.items()}
+    return item | {"supersedes": predecessors.get(item["id"]), "superseded_by": successions.get(item["id"])}
 
 
 @cli.command("list")
 @json_option
 def list_(json_out: bool) -> None:
-    """List registered generations."""
+    """List registered generations (with which supersedes which)."""
     with store() as sealed_store:
         rows = sealed_store.list_generations()
-    items: list[dict[str, Any]] = [json.loads(doc) | {"registered_at": at.isoformat()} for _, doc, at in rows]
+        successions = sealed_store.list_successions()
+    items: list[dict[str, Any]] = [
+        _with_succession(json.loads(doc) | {"registered_at": at.isoformat()}, successions)
+        for _, doc, at in rows
+    ]
     if json_out:
         emit_json(items)
         return
-    listing = table("id", "platform", "svn", "product", "debug", "tcb", "measurement")
+    listing = table(
+        "id", "platform", "svn", "product", "debug", "tcb", "measurement", "supersedes", "superseded by"
+    )
     for i in items:
         listing.add_row(
             i["id"],
@@ -62,8 +144,31 @@ def list_(json_out: bool) -> None:
             str(i["debug"]).lower(),
             i["tcb"],
             i["measurement"][:16] + "…",
+            i["supersedes"] or "-",
+            i["superseded_by"] or "-",
         )
     out.print(listing if items else "no generations registered")
+
+
+@cli.command("show")
+@click.argument("generation_id", metavar="GEN")
+@json_option
+def show(generation_id: str, json_out: bool) -> None:
+    """Show one registered generation: its manifest and which generations it supersedes and is
+    superseded by."""
+    with store() as sealed_store:
+        manifest = _registered(sealed_store, generation_id)
+        supersedes, superseded_by = sealed_store.generation_succession(generation_id)
+    item = manifest.model_dump() | {"supersedes": supersedes, "superseded_by": superseded_by}
+    if json_out:
+        emit_json(item)
+        return
+    fields = table("field", "value")
+    for name, value in item.items():
+        fields.add_row(
+            name, "-" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    out.print(fields)
 
 
 @cli.command("diff")

@@ -13,12 +13,15 @@ from rich.progress import Progress as ProgressBar
 from rich.text import Text
 
 from rekey.cli.context import with_client
+from rekey.cli.migration_options import MigrationOptions, migration_options
 from rekey.cli.output import EXIT_DENIED, EXIT_FAILED, emit_json, err, json_option, out
 from rekey.client import RekeyClient, parse_duration
 from rekey.client.migrations import (
+    MigrateInput,
     MigrationHandle,
     MigrationProgress,
     migration_handle,
+    migration_request,
     parse_waves,
     start_migration,
 )
@@ -85,52 +88,73 @@ def _exit_code(progress: MigrationProgress) -> int:
 @cli.command("start")
 @click.option("--from", "from_generation", required=True, metavar="OLD", help="Generation the state is on.")
 @click.option("--to", "to_generation", required=True, metavar="NEW", help="Generation it moves to.")
-@click.option("--waves", default="1,10,50,100", show_default=True, help="Cumulative percentages of hosts.")
-@click.option("--grace", default="24h", show_default=True, help="Wait before deleting the old copies.")
-@click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback", show_default=True)
-@click.option("--gate-sample", type=click.IntRange(0, 1000), default=5, show_default=True)
-@click.option("--allow-same-svn", is_flag=True, help="Admit a new generation with the old one's SVN.")
-@click.option("--wait", "wait_", is_flag=True, help="Show a progress bar per wave and wait for the end.")
+@migration_options
 @json_option
-def start(
-    from_generation: str,
-    to_generation: str,
-    waves: str,
-    grace: str,
-    on_failure: str,
-    gate_sample: int,
-    allow_same_svn: bool,
-    wait_: bool,
-    json_out: bool,
-) -> None:
+def start(from_generation: str, to_generation: str, migration: MigrationOptions, json_out: bool) -> None:
     """Start migrating OLD's hardware-sealed state to NEW (or attach to the running migration).
 
     With --wait: exits 0 on DONE, 1 on ROLLED_BACK or failure, 3 when refused at ATTESTING."""
-    wave_list = parse_waves(waves)
-    grace_s = parse_duration(grace, "--grace")
+    request = checked_request(from_generation, to_generation, migration)
+    outcome = with_client(lambda client: run_start(client, request, migration.wait, json_out))
+    code = report_start(outcome, json_out)
+    if code:
+        sys.exit(code)
 
-    async def run(client: RekeyClient) -> MigrationProgress | str:
-        migration = await start_migration(
-            client.temporal,
-            from_generation,
-            to_generation,
-            waves=wave_list,
-            grace=grace_s,
-            on_failure=on_failure,
-            gate_sample=gate_sample,
-            allow_same_svn=allow_same_svn,
-            task_queue=client.task_queue,
-        )
-        if not wait_:
-            return migration.id
-        return await (migration.result() if json_out else _follow(migration))
 
-    result = with_client(run)
-    if isinstance(result, str):
-        emit_json({"id": result}) if json_out else out.print(Text(f"started {result}"))
-        return
-    emit_json(dataclasses.asdict(result)) if json_out else _print(result)
-    sys.exit(_exit_code(result))
+def checked_request(from_generation: str, to_generation: str, options: MigrationOptions) -> MigrateInput:
+    """The start input the options describe; a bad option raises before anything is sent."""
+    return migration_request(
+        from_generation,
+        to_generation,
+        waves=parse_waves(options.waves),
+        grace=parse_duration(options.grace, "--grace"),
+        on_failure=options.on_failure,
+        gate_sample=options.gate_sample,
+        allow_same_svn=options.allow_same_svn,
+        jitter=parse_duration(options.jitter, "--jitter"),
+    )
+
+
+@dataclasses.dataclass
+class StartOutcome:
+    id: str
+    started: bool
+    result: MigrationProgress | None = None
+
+
+async def run_start(client: RekeyClient, request: MigrateInput, wait: bool, json_out: bool) -> StartOutcome:
+    """Start (or attach to) the migration of ``request``; with ``wait``, follow it to its end."""
+    migration = await start_migration(
+        client.temporal,
+        request.from_generation,
+        request.to_generation,
+        waves=request.waves,
+        grace=request.grace_seconds,
+        on_failure=request.on_failure,
+        gate_sample=request.gate_sample,
+        allow_same_svn=request.allow_same_svn,
+        jitter=request.jitter_seconds,
+        task_queue=client.task_queue,
+    )
+    outcome = StartOutcome(migration.id, bool(migration.started))
+    if not json_out:
+        verb = "started" if outcome.started else "attached to the running"
+        out.print(Text(f"{verb} {migration.id}"))
+    if wait:
+        outcome.result = await (migration.result() if json_out else _follow(migration))
+    return outcome
+
+
+def report_start(outcome: StartOutcome, json_out: bool, extra: dict[str, Any] | None = None) -> int:
+    """Print what a start did (JSON: with ``extra``); the exit code it ends with."""
+    if json_out:
+        data: dict[str, Any] = {"id": outcome.id, "started": outcome.started}
+        if outcome.result is not None:
+            data |= dataclasses.asdict(outcome.result)
+        emit_json(data if extra is None else extra | {"migration": data})
+    elif outcome.result is not None:
+        _print(outcome.result)
+    return 0 if outcome.result is None else _exit_code(outcome.result)
 
 
 @cli.command("status")

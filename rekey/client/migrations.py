@@ -33,12 +33,30 @@ from rekey.client.errors import (
     rpc_failure,
 )
 from rekey.client.ids import Duration, seconds
+from rekey.client.rotations import START_TOKEN
 from sealing.names import InvalidName, check_generation_id
 from workflows.migration import MigrateGenerationWorkflow, MigrateInput, MigrationProgress, migration_id
-from workflows.migration_state import DEFAULT_WAVES, MEMO_PROGRESS, ON_FAILURE, WaveCount
+from workflows.migration_state import (
+    DEFAULT_WAVES,
+    MAX_JITTER_SECONDS,
+    MEMO_PROGRESS,
+    ON_FAILURE,
+    WaveCount,
+)
 
-__all__ = ["MigrationHandle", "MigrationProgress", "parse_waves", "start_migration"]
+__all__ = [
+    "DEFAULT_JITTER_SECONDS",
+    "MAX_JITTER_SECONDS",
+    "MigrateInput",
+    "MigrationHandle",
+    "MigrationProgress",
+    "migration_request",
+    "parse_waves",
+    "start_migration",
+]
 UPDATE_TIMEOUT = timedelta(seconds=30)
+DEFAULT_JITTER_SECONDS = 2.0
+"""The default bound of the random delay before each host's first batch of a wave."""
 
 
 def parse_waves(text: str) -> list[int]:
@@ -151,8 +169,7 @@ def migration_handle(temporal: Client, workflow_id: str) -> MigrationHandle:
     return MigrationHandle(temporal.get_workflow_handle(workflow_id), temporal)
 
 
-async def start_migration(
-    temporal: Client,
+def migration_request(
     from_generation: str,
     to_generation: str,
     *,
@@ -161,10 +178,11 @@ async def start_migration(
     on_failure: str = "rollback",
     gate_sample: int = 5,
     allow_same_svn: bool = False,
+    jitter: Duration = DEFAULT_JITTER_SECONDS,
     started_by: str = "",
-    task_queue: str = TASK_QUEUE,
-) -> MigrationHandle:
-    """Start ``migrate:<from>:<to>``, or attach to the one running (``started`` says which)."""
+) -> MigrateInput:
+    """The checked start input of ``migrate:<from>:<to>``; `InvalidOption` or `InvalidDuration`
+    for a bad one (nothing is sent)."""
     try:
         check_generation_id(from_generation)
         check_generation_id(to_generation)
@@ -181,7 +199,10 @@ async def start_migration(
         raise InvalidOption(f"--on-failure must be one of {', '.join(ON_FAILURE)}")
     if isinstance(gate_sample, bool) or not 0 <= gate_sample <= 1000:
         raise InvalidOption("--gate-sample must be 0..1000")
-    request = MigrateInput(
+    jitter_seconds = seconds(jitter, "jitter")
+    if jitter_seconds > MAX_JITTER_SECONDS:
+        raise InvalidOption(f"--jitter must be at most {MAX_JITTER_SECONDS // 60}m, got {jitter_seconds:g}s")
+    return MigrateInput(
         from_generation,
         to_generation,
         waves=parse_waves(",".join(str(w) for w in waves)),
@@ -191,8 +212,39 @@ async def start_migration(
         allow_same_svn=allow_same_svn,
         requested_at=datetime.now(UTC).isoformat(),
         started_by=started_by,
+        jitter_seconds=jitter_seconds,
+    )
+
+
+async def start_migration(
+    temporal: Client,
+    from_generation: str,
+    to_generation: str,
+    *,
+    waves: Sequence[int] = DEFAULT_WAVES,
+    grace: Duration = 24 * 3600,
+    on_failure: str = "rollback",
+    gate_sample: int = 5,
+    allow_same_svn: bool = False,
+    jitter: Duration = DEFAULT_JITTER_SECONDS,
+    started_by: str = "",
+    task_queue: str = TASK_QUEUE,
+) -> MigrationHandle:
+    """Start ``migrate:<from>:<to>``, or attach to the one running: the handle's ``started`` is
+    False then. Two starts at once start one workflow (the id's conflict policy)."""
+    request = migration_request(
+        from_generation,
+        to_generation,
+        waves=waves,
+        grace=grace,
+        on_failure=on_failure,
+        gate_sample=gate_sample,
+        allow_same_svn=allow_same_svn,
+        jitter=jitter,
+        started_by=started_by,
     )
     workflow_id = migration_id(from_generation, to_generation)
+    token = uuid.uuid4().hex
     try:
         handle = await temporal.start_workflow(
             MigrateGenerationWorkflow.run,
@@ -201,7 +253,10 @@ async def start_migration(
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            memo={START_TOKEN: token},
         )
+        description = await handle.describe()
+        started = (await description.memo()).get(START_TOKEN) == token
     except RPCError as exc:
         raise TemporalRequestFailed(f"cannot start {workflow_id}: {exc.message}") from None
-    return MigrationHandle(handle, temporal, started=True)
+    return MigrationHandle(handle, temporal, started=started)

@@ -20,7 +20,8 @@ The package is split by concern:
 * `base`: the opened database, `SealedStateStore.transaction` (the public transaction API for
   those packages) and `SealedStateStore.apply_schema`.
 * `blobs`, `failures`, `generations`, `agents`: the blob operations (including the sweep's
-  driver-level statements), the re-wrap failures, the generation registry and the fleet
+  driver-level statements), the re-wrap failures, the generation registry (with which
+  generation supersedes which, schema version 9) and the fleet
   registry of enclave agents (schema version 6; who may take a registration over is in
   `sealing.store.agents`), combined into `SealedStateStore` by `store`.
 
@@ -50,6 +51,7 @@ from sealing.store.errors import (
     StoreError,
     StoreMissing,
     StoreUnavailable,
+    SuccessionRefused,
 )
 from sealing.store.failures import MAX_REASON_CHARS
 from sealing.store.records import (
@@ -71,6 +73,7 @@ from sealing.store.schema import (
     SchemaOwner,
     UTCDateTime,
     agents,
+    generation_successions,
     generations,
     metadata,
     migrate,
@@ -112,10 +115,12 @@ __all__ = [
     "StoreError",
     "StoreMissing",
     "StoreUnavailable",
+    "SuccessionRefused",
     "SweepRow",
     "UTCDateTime",
     "agents",
     "check_endpoint",
+    "generation_successions",
     "generations",
     "metadata",
     "migrate",

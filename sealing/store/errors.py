@@ -14,6 +14,7 @@ __all__ = [
     "StoreError",
     "StoreMissing",
     "StoreUnavailable",
+    "SuccessionRefused",
 ]
 
 
@@ -93,3 +94,11 @@ class AgentConflict(StoreError):
 class AgentSuperseded(StoreError):
     """A newer start of the same agent (same id, same host) registered since this process did:
     this process's registration is no longer the agent's; nothing was changed."""
+
+
+class SuccessionRefused(StoreError):
+    """A generation cannot supersede the one named: that one is not registered, is the same
+    generation, is already superseded by another, or the succession would make a cycle. Nothing
+    was stored."""
+
+    exit_code = 2

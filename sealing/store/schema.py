@@ -56,6 +56,7 @@ __all__ = [
     "agents",
     "apply_migrations",
     "apply_owner_steps",
+    "generation_successions",
     "generations",
     "metadata",
     "migrate",
@@ -148,6 +149,17 @@ generations = Table(
     Column("document", Text, nullable=False),
     Column("registered_at", UTCDateTime, nullable=False),
 )
+
+generation_successions = Table(
+    "generation_successions",
+    metadata,
+    Column("old_generation", String, primary_key=True),
+    Column("new_generation", String, nullable=False, unique=True),
+    Column("recorded_at", UTCDateTime, nullable=False),
+)
+"""Which generation supersedes which (migration 9, ``generation register --supersedes``): one row
+per superseded generation, so a generation is superseded at most once and supersedes at most one
+(a chain, never a tree; `sealing.store.generations` refuses a cycle)."""
 
 rewrap_failures = Table(
     "rewrap_failures",
@@ -410,6 +422,18 @@ def _migration_9_migration_release_policies(conn: Connection) -> None:
     ).create(conn)
 
 
+def _migration_10_generation_successions(conn: Connection) -> None:
+    """Create ``generation_successions``: which registered generation supersedes which."""
+    snapshot = MetaData()
+    Table(
+        "generation_successions",
+        snapshot,
+        Column("old_generation", String, primary_key=True),
+        Column("new_generation", String, nullable=False, unique=True),
+        Column("recorded_at", UTCDateTime, nullable=False),
+    ).create(conn)
+
+
 MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_1_sealed_blobs,
     _migration_2_generations,
@@ -420,6 +444,7 @@ MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_7_blob_kind,
     _migration_8_migration_copies,
     _migration_9_migration_release_policies,
+    _migration_10_generation_successions,
 )
 """Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
 ``i + 1``. Append new steps; never edit or reorder old ones."""

@@ -128,6 +128,8 @@ async def test_bad_input_fails_before_any_activity(env: WorkflowEnvironment) -> 
             {"waves": [10, 50]},
             {"on_failure": "retry"},
             {"grace_seconds": -1},
+            {"jitter_seconds": -1},
+            {"jitter_seconds": 601},
             {"to_generation": f"app:{uuid.uuid4().hex[:8]}"},  # migrate:<from>:<to> ambiguous
         ):
             handle = await migration.start(**options)
