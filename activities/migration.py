@@ -269,7 +269,7 @@ class MigrationActivities:
             self._audit(
                 f"migration.release_policy.{action}",
                 migration,
-                {"key": key_ref, "policy": policy.id, "digest": policy.policy.digest},
+                {"key_ref": key_ref, "policy": policy.id, "digest": policy.policy.digest},
                 "",
             )
         return True

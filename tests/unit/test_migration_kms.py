@@ -21,6 +21,7 @@ from activities.migration_types import FleetInput, GateInput, RebindInput, Relea
 from attestation.policy import parse_policy
 from attestation.sim import SimVerifier
 from attestation.token import ResultSigner
+from audit.format import check_details
 from kms_adapters.errors import PolicyDenied
 from kms_adapters.release import MemoryReleasePolicyStore, ReleaseGate, ReleasePolicy
 from kms_adapters.release_policies import admits, narrowed, policy_for_generations, widened
@@ -113,7 +114,8 @@ class Fleet:
             lambda _host: SimVerifier(self.sim.root_ca_pem()),
             release_policies=self.policies,
             token_signer=self.signer,
-            audit=lambda event, _subject, details, _who: self.audit.append((event, details)),
+            # As the real audit log does: a detail it would refuse fails the test.
+            audit=lambda event, _subject, details, _who: self.audit.append((event, check_details(details))),
         )
         self.env = ActivityEnvironment()
 
