@@ -17,7 +17,9 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
   anything on that host changes; ``resume`` tries again.
 * VERIFYING: no hardware-sealed blob of the old generation may be left (else those hosts are
   swept again, at most MAX_SWEEPS times); the new agents unseal a sample of every host.
-* AWAITING_COMMIT: the grace period (a durable timer) or ``approve``; a pause holds it.
+* AWAITING_COMMIT: the grace period (a durable timer) or ``approve``; a pause holds it. Then
+  the old generation's blobs are counted again: writes through its agents meanwhile are swept
+  (VERIFYING once more) before NARROWING.
 * NARROWING: release policies admit only the new generation; the old copies are deleted.
 
 Deterministic: no I/O, no cryptography; nonces come from ``workflow.uuid4``; only ids, cursors,
@@ -133,6 +135,9 @@ def _failure_type(error: BaseException) -> str:
 
 
 T = TypeVar("T")
+
+PATCH_SWEEP_AFTER_COMMIT = "migration-sweep-after-commit"
+"""From this patch on, the commit counts the old generation's blobs again before NARROWING."""
 
 
 def _as(value: object, kind: type[T]) -> T:
@@ -645,6 +650,17 @@ class MigrateGenerationWorkflow(MigrationControls):
         if s.abort_requested:
             return await self._rollback_all("aborted by an operator")
         s.committed = True
+        if workflow.patched(PATCH_SWEEP_AFTER_COMMIT):
+            # A write through an old agent in the grace period put its item back on the old
+            # generation: counted once more now, and swept (VERIFYING, then NARROWING).
+            ids = [h.host_id for h in s.hosts]
+            remaining = await self._activity(
+                "migration_remaining", RemainingInput(request.from_generation, ids), dict[str, int]
+            )
+            if any(int(n) for n in _as(remaining, dict).values()):
+                s.sweeps = 0
+                await self._phase(VERIFYING)
+                return
         await self._phase(NARROWING)
 
     # ------------------------------------------------------------------------ NARROWING
