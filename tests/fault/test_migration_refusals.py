@@ -34,7 +34,7 @@ from workflows.migration_state import ROLLED_BACK
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 HOST = "h1"
-CHANGED = {
+CHANGED: dict[str, tuple[dict[str, Any], str]] = {
     "debug": ({"debug": True}, "debug enclave not allowed"),
     "signer": ({"signer": "44" * 32}, "signer"),
     "product": ({"product_id": 2}, "product id 2 is not 1"),
