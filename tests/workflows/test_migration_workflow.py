@@ -17,6 +17,7 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpda
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
+from audit.format import check_details, check_event
 from tests.workflows.migration_stubs import OLD, WAIT, Migration, MigrationFleet, migrating, wait_for
 from workflows.migration import MigrateGenerationWorkflow, MigrationProgress
 from workflows.migration_state import (
@@ -38,6 +39,14 @@ async def env(temporal_time_skipping_env: WorkflowEnvironment) -> AsyncIterator[
 
 def phases(fleet: MigrationFleet) -> list[str]:
     return [a.details["to"] for a in fleet.audit if a.event == "migration.phase"]
+
+
+def accepted_by_the_audit_log(fleet: MigrationFleet) -> None:
+    """Every record the migration audited passes the audit log's checks (a detail named like
+    key material is refused there, and the migration would stop on it)."""
+    for record in fleet.audit:
+        check_event(record.event)
+        check_details(record.details)
 
 
 def events(fleet: MigrationFleet) -> list[str]:
@@ -81,6 +90,7 @@ async def test_migration_moves_every_host_in_waves_and_commits_after_the_grace(
     assert narrowing - __import__("datetime").datetime.fromisoformat(entered) >= GRACE
     assert fleet.release == ["widen", "narrow"]
     assert "migration.diff" in events(fleet) and "migration.started" in events(fleet)
+    accepted_by_the_audit_log(fleet)
 
 
 async def test_attestation_nonces_are_fresh_per_agent_and_run(env: WorkflowEnvironment) -> None:
@@ -151,6 +161,7 @@ async def test_a_failed_gate_rolls_every_wave_back(env: WorkflowEnvironment) -> 
     assert not [c for c in fleet.named("migration_handoff") if c.request.host_id == "host-02"]
     assert any("health gate" in r and "host-01" in r for r in result.reasons)
     assert fleet.release == ["widen", "restore"]
+    accepted_by_the_audit_log(fleet)
 
 
 async def test_a_failed_gate_pauses_with_on_failure_pause_and_resume_goes_on(
