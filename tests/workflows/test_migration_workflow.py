@@ -279,6 +279,24 @@ async def test_approve_ends_the_grace_early_and_is_refused_elsewhere(env: Workfl
         assert result.phase == DONE
 
 
+async def test_blobs_written_through_the_old_generation_in_the_grace_are_swept_before_narrowing(
+    env: WorkflowEnvironment,
+) -> None:
+    fleet = MigrationFleet.of(hosts=2, per_host=2)
+    async with migrating(env, fleet) as migration:
+        handle = await migration.start(grace_seconds=10 * 365 * 24 * 3600)
+        await wait_for(handle, lambda p: p.phase == AWAITING_COMMIT)
+        fleet.blobs["host-01-late"] = ("host-01", OLD)  # a workload wrote through its old agent
+        fleet.blobs["host-00-b000"] = ("host-00", OLD)  # and rewrote a handed-off item so
+        await handle.execute_update(MigrateGenerationWorkflow.approve)
+        result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result.phase == DONE
+    assert not any(g == OLD for _, g in fleet.blobs.values())
+    assert phases(fleet)[-4:] == [AWAITING_COMMIT, VERIFYING, "NARROWING", DONE]
+    swept = [c.request.host_id for c in fleet.named("migration_handoff")][-2:]
+    assert sorted(swept) == ["host-00", "host-01"]
+
+
 async def test_a_pause_holds_the_commit_after_the_grace(env: WorkflowEnvironment) -> None:
     fleet = MigrationFleet.of(hosts=1, per_host=1)
     async with migrating(env, fleet) as migration:
