@@ -76,6 +76,7 @@ from workflows.migration_state import (
     MOVING,
     NARROWING,
     ON_FAILURE,
+    PATCH_SWEEP_AFTER_COMMIT,
     PENDING,
     PHASES,
     ROLLED_BACK,
@@ -135,9 +136,6 @@ def _failure_type(error: BaseException) -> str:
 
 
 T = TypeVar("T")
-
-PATCH_SWEEP_AFTER_COMMIT = "migration-sweep-after-commit"
-"""From this patch on, the commit counts the old generation's blobs again before NARROWING."""
 
 
 def _as(value: object, kind: type[T]) -> T:

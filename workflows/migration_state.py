@@ -24,6 +24,8 @@ MAX_WAIT_SECONDS = 10 * 366 * 24 * 3600
 MAX_START_DELAY_SECONDS = 15 * 60
 MAX_START_SKEW_SECONDS = 5 * 60
 MEMO_PROGRESS = "progress"
+PATCH_SWEEP_AFTER_COMMIT = "migration-sweep-after-commit-1"
+"""From this patch on, the commit counts the old generation's blobs again before NARROWING."""
 
 # Host states
 PENDING, MOVING, MOVED, HOST_ROLLED_BACK = "pending", "moving", "moved", "rolled_back"
