@@ -22,7 +22,9 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
 * VERIFYING: no blob of the old generation may be left, hardware-sealed on a host or
   KMS-wrapped in a host's share (else those hosts are swept again, at most MAX_SWEEPS times);
   the new agents open a sample of every host's (both kinds).
-* AWAITING_COMMIT: the grace period (a durable timer) or ``approve``; a pause holds it.
+* AWAITING_COMMIT: the grace period (a durable timer) or ``approve``; a pause holds it. Then
+  the old generation's blobs are counted again: writes through its agents meanwhile are swept
+  (VERIFYING once more) before NARROWING.
 * NARROWING: release policies admit only the new generation; the old copies are deleted.
   A rollback (abort, failed wave) restores the release policies recorded at WIDENING.
 
@@ -84,6 +86,7 @@ from workflows.migration_state import (
     MOVING,
     NARROWING,
     ON_FAILURE,
+    PATCH_SWEEP_AFTER_COMMIT,
     PENDING,
     PHASES,
     ROLLED_BACK,
@@ -421,7 +424,8 @@ class MigrateGenerationWorkflow(MigrationControls):
                 int,
             )
             s.widened = True
-            await self._audit("migration.widened", {"policies": int(keys), "kms_blobs": s.kms_blobs})
+            # "release_policies", not "keys": the audit log refuses detail names that look like key material.
+            await self._audit("migration.widened", {"release_policies": int(keys), "kms_blobs": s.kms_blobs})
         await self._phase(HANDING_OFF)
 
     # ---------------------------------------------------------------------- HANDING_OFF
@@ -744,6 +748,17 @@ class MigrateGenerationWorkflow(MigrationControls):
         if s.abort_requested:
             return await self._rollback_all("aborted by an operator")
         s.committed = True
+        if workflow.patched(PATCH_SWEEP_AFTER_COMMIT):
+            # A write through an old agent in the grace period put its item back on the old
+            # generation: counted once more now, and swept (VERIFYING, then NARROWING).
+            ids = [h.host_id for h in s.hosts]
+            remaining = await self._activity(
+                "migration_remaining", RemainingInput(request.from_generation, ids), dict[str, int]
+            )
+            if any(int(n) for n in _as(remaining, dict).values()):
+                s.sweeps = 0
+                await self._phase(VERIFYING)
+                return
         await self._phase(NARROWING)
 
     # ------------------------------------------------------------------------ NARROWING
@@ -755,7 +770,9 @@ class MigrateGenerationWorkflow(MigrationControls):
         deleted = await self._activity(
             "migration_narrow", NarrowInput(self._id, request.from_generation, request.to_generation), int
         )
-        await self._audit("migration.narrowed", {"policies": int(keys), "old_copies_deleted": int(deleted)})
+        await self._audit(
+            "migration.narrowed", {"release_policies": int(keys), "old_copies_deleted": int(deleted)}
+        )
         await self._phase(DONE)
         s = self._state
         await self._audit(

@@ -26,6 +26,8 @@ MAX_START_SKEW_SECONDS = 5 * 60
 MEMO_PROGRESS = "progress"
 MAX_JITTER_SECONDS = 600
 """The largest bound of the jitter before each host's first batch of a wave (ten minutes)."""
+PATCH_SWEEP_AFTER_COMMIT = "migration-sweep-after-commit-1"
+"""From this patch on, the commit counts the old generation's blobs again before NARROWING."""
 
 # Host states
 PENDING, MOVING, MOVED, HOST_ROLLED_BACK = "pending", "moving", "moved", "rolled_back"

@@ -17,6 +17,7 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpda
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
+from audit.format import check_details, check_event
 from tests.workflows.migration_stubs import OLD, WAIT, Migration, MigrationFleet, migrating, wait_for
 from workflows.migration import MigrateGenerationWorkflow, MigrationProgress
 from workflows.migration_state import (
@@ -38,6 +39,14 @@ async def env(temporal_time_skipping_env: WorkflowEnvironment) -> AsyncIterator[
 
 def phases(fleet: MigrationFleet) -> list[str]:
     return [a.details["to"] for a in fleet.audit if a.event == "migration.phase"]
+
+
+def accepted_by_the_audit_log(fleet: MigrationFleet) -> None:
+    """Every record the migration audited passes the audit log's checks (a detail named like
+    key material is refused there, and the migration would stop on it)."""
+    for record in fleet.audit:
+        check_event(record.event)
+        check_details(record.details)
 
 
 def events(fleet: MigrationFleet) -> list[str]:
@@ -81,6 +90,7 @@ async def test_migration_moves_every_host_in_waves_and_commits_after_the_grace(
     assert narrowing - __import__("datetime").datetime.fromisoformat(entered) >= GRACE
     assert fleet.release == ["widen", "narrow"]
     assert "migration.diff" in events(fleet) and "migration.started" in events(fleet)
+    accepted_by_the_audit_log(fleet)
 
 
 async def test_attestation_nonces_are_fresh_per_agent_and_run(env: WorkflowEnvironment) -> None:
@@ -153,6 +163,7 @@ async def test_a_failed_gate_rolls_every_wave_back(env: WorkflowEnvironment) -> 
     assert not [c for c in fleet.named("migration_handoff") if c.request.host_id == "host-02"]
     assert any("health gate" in r and "host-01" in r for r in result.reasons)
     assert fleet.release == ["widen", "restore"]
+    accepted_by_the_audit_log(fleet)
 
 
 async def test_a_failed_gate_pauses_with_on_failure_pause_and_resume_goes_on(
@@ -268,6 +279,24 @@ async def test_approve_ends_the_grace_early_and_is_refused_elsewhere(env: Workfl
         await handle.execute_update(MigrateGenerationWorkflow.approve)
         result = await asyncio.wait_for(handle.result(), WAIT)
         assert result.phase == DONE
+
+
+async def test_blobs_written_through_the_old_generation_in_the_grace_are_swept_before_narrowing(
+    env: WorkflowEnvironment,
+) -> None:
+    fleet = MigrationFleet.of(hosts=2, per_host=2)
+    async with migrating(env, fleet) as migration:
+        handle = await migration.start(grace_seconds=10 * 365 * 24 * 3600)
+        await wait_for(handle, lambda p: p.phase == AWAITING_COMMIT)
+        fleet.blobs["host-01-late"] = ("host-01", OLD)  # a workload wrote through its old agent
+        fleet.blobs["host-00-b000"] = ("host-00", OLD)  # and rewrote a handed-off item so
+        await handle.execute_update(MigrateGenerationWorkflow.approve)
+        result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result.phase == DONE
+    assert not any(g == OLD for _, g in fleet.blobs.values())
+    assert phases(fleet)[-4:] == [AWAITING_COMMIT, VERIFYING, "NARROWING", DONE]
+    swept = [c.request.host_id for c in fleet.named("migration_handoff")][-2:]
+    assert sorted(swept) == ["host-00", "host-01"]
 
 
 async def test_a_pause_holds_the_commit_after_the_grace(env: WorkflowEnvironment) -> None:
