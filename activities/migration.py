@@ -329,7 +329,7 @@ class MigrationActivities:
     @activity.defn(name="migration_rebind")
     def rebind(self, request: RebindInput) -> HandoffResult:
         """One batch of a host's share of KMS-wrapped blobs, re-bound by its new agent with one
-        release token (attestations: 1)."""
+        release token (attestations: 1, none when the page is empty)."""
         activity.heartbeat()
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
         if request.after is None:  # a share's first batch: a key that appeared since WIDENING is widened too
@@ -337,14 +337,11 @@ class MigrationActivities:
                 lambda: self._widen(request.migration_id, request.from_generation, request.to_generation)
             )
         try:
-            token = _translated(
-                lambda: self._token(new, request.new_agent, request.host_id, request.to_generation)
-            )
             done = _translated(
                 lambda: rebind_batch(
                     self._store,
                     new,
-                    token,
+                    partial(self._token, new, request.new_agent, request.host_id, request.to_generation),
                     migration_id=request.migration_id,
                     old_generation=request.from_generation,
                     new_generation=request.to_generation,
@@ -356,7 +353,9 @@ class MigrationActivities:
             )
         except _SideFailed as failed:
             raise self._failure("new", request.host_id, str(failed.error)) from None
-        return HandoffResult(done.moved, done.conflicts, done.skipped, done.cursor, done.done, 1)
+        return HandoffResult(
+            done.moved, done.conflicts, done.skipped, done.cursor, done.done, done.attestations
+        )
 
     @activity.defn(name="migration_kms_remaining")
     def kms_remaining(self, request: KmsRemainingInput) -> dict[str, int]:

@@ -196,7 +196,7 @@ def _check_rebound(new_blob: bytes, old_blob: bytes, new_generation: str) -> int
 def rebind_batch(
     store: SealedStateStore,
     new: KmsAgentPort,
-    token: str,
+    token_for: Callable[[], str],
     *,
     migration_id: str,
     old_generation: str,
@@ -209,13 +209,16 @@ def rebind_batch(
     """Re-bind up to ``size`` of the share's old-generation KMS-wrapped blobs after ``after``
     (see the module). A blob whose swap lost (rewritten meanwhile) is read again and re-bound
     again, up to `SWAP_ATTEMPTS` times; one the new generation wrote meanwhile, or deleted, is
-    skipped. Old copies are kept under the share's host."""
+    skipped. Old copies are kept under the share's host. ``token_for`` gives the new agent's
+    release token: asked for (one attestation) only when the page holds something to re-bind."""
     host, lo, hi = share
     outcome = BatchOutcome()
     records = store.kms_page(generation=old_generation, lo=lo, hi=hi, after=after, limit=size)
     if not records:
         outcome.cursor, outcome.done = after, True
         return outcome
+    token = token_for()
+    outcome.attestations = 1
     pending = records
     for attempt in range(SWAP_ATTEMPTS):
         rebound = new.rebind([r.blob for r in pending], from_generation=old_generation, token=token)

@@ -190,14 +190,16 @@ def plan_fleet(store: SealedStateStore, old_generation: str, new_generation: str
             view.hosts.append(entry)
     if not any(h.new_agent for h in view.hosts):
         view.reasons.append(f"no agent of {new_generation} is registered")
-    if kms:
-        view.kms_blobs = kms
-        sharing = [h for h in view.hosts if h.new_agent is not None]
-        if not sharing:
-            view.reasons.append(
-                f"{kms} KMS-wrapped blobs of {old_generation} need an agent of {new_generation} to"
-                " re-bind them, and none is registered"
-            )
+    # Every host with a new agent gets a share, KMS-wrapped blobs or not yet: one written
+    # through the old generation during the migration is in some share, and swept.
+    view.kms_blobs = kms
+    sharing = [h for h in view.hosts if h.new_agent is not None]
+    if kms and not sharing:
+        view.reasons.append(
+            f"{kms} KMS-wrapped blobs of {old_generation} need an agent of {new_generation} to"
+            " re-bind them, and none is registered"
+        )
+    if sharing:
         by_host = {h.host_id: h for h in sharing}
         shares = kms_shares(list(by_host))
         found = store.count_kms_in_shares(old_generation, shares)

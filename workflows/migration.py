@@ -685,6 +685,16 @@ class MigrateGenerationWorkflow(MigrationControls):
 
     # ------------------------------------------------------------------------ VERIFYING
 
+    async def _kms_left(self, request: MigrateInput) -> dict[str, int]:
+        """KMS-wrapped blobs of the old generation left in each host's share (hosts with some)."""
+        sharing = [h.plan() for h in self._state.hosts if h.kms_share]
+        if not sharing:
+            return {}
+        found = await self._activity(
+            "migration_kms_remaining", KmsRemainingInput(request.from_generation, sharing), dict[str, int]
+        )
+        return {host: int(n) for host, n in _as(found, dict).items() if n}
+
     async def _verify(self, request: MigrateInput) -> None:
         s = self._state
         ids = [h.host_id for h in s.hosts]
@@ -700,13 +710,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             )
             raise _Held
         left = {host: int(n) for host, n in remaining.items() if n}
-        kms_left: dict[str, int] = {}
-        sharing = [h.plan() for h in s.hosts if h.kms_share]
-        if sharing:
-            found = await self._activity(
-                "migration_kms_remaining", KmsRemainingInput(request.from_generation, sharing), dict[str, int]
-            )
-            kms_left = {host: int(n) for host, n in _as(found, dict).items() if n}
+        kms_left = await self._kms_left(request)
         if left or kms_left:
             s.sweeps += 1
             total = sum(left.values()) + sum(kms_left.values())
@@ -755,7 +759,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             remaining = await self._activity(
                 "migration_remaining", RemainingInput(request.from_generation, ids), dict[str, int]
             )
-            if any(int(n) for n in _as(remaining, dict).values()):
+            if any(int(n) for n in _as(remaining, dict).values()) or await self._kms_left(request):
                 s.sweeps = 0
                 await self._phase(VERIFYING)
                 return

@@ -31,7 +31,9 @@ from activities.migration_types import (
     HandoffInput,
     HandoffResult,
     HostPlan,
+    KmsRemainingInput,
     NarrowInput,
+    RebindInput,
     ReleaseInput,
     RemainingInput,
     RollbackInput,
@@ -59,6 +61,8 @@ class MigrationFleet:
     hosts: list[str]
     blobs: dict[str, tuple[str, str]] = field(default_factory=dict)
     copies: dict[str, str] = field(default_factory=dict)
+    kms: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """KMS-wrapped blobs: blob id -> (the host whose share it is in, generation)."""
     attest_reasons: list[str] = field(default_factory=list)
     fleet_reasons: list[str] = field(default_factory=list)
     old_down: set[str] = field(default_factory=set)
@@ -87,6 +91,9 @@ class MigrationFleet:
     def named(self, name: str) -> list[Call]:
         return [c for c in self.calls if c.name == name]
 
+    def kms_in(self, host: str, generation: str) -> list[str]:
+        return sorted(b for b, (h, g) in self.kms.items() if h == host and g == generation)
+
     def on(self, host: str, generation: str) -> list[str]:
         return sorted(b for b, (h, g) in self.blobs.items() if h == host and g == generation)
 
@@ -99,10 +106,19 @@ class StubMigrationActivities:
     async def fleet_plan(self, request: FleetInput) -> FleetPlan:
         self.fleet.record("migration_fleet", request)
         hosts = [
-            HostPlan(h, f"{OLD}@{h}", f"{NEW}@{h}", len(self.fleet.on(h, request.from_generation)))
+            HostPlan(
+                h,
+                f"{OLD}@{h}",
+                f"{NEW}@{h}",
+                len(self.fleet.on(h, request.from_generation)),
+                kms_share=True,  # as the real plan: every host with a new agent has a share
+                kms_lo=h,
+                kms_blobs=len(self.fleet.kms_in(h, request.from_generation)),
+            )
             for h in reversed(self.fleet.hosts)  # the workflow orders them itself
         ]
-        return FleetPlan(hosts, list(self.fleet.fleet_reasons), {"svn": [1, 2]}, 0)
+        kms = sum(h.kms_blobs for h in hosts)
+        return FleetPlan(hosts, list(self.fleet.fleet_reasons), {"svn": [1, 2]}, kms)
 
     @activity.defn(name="migration_attest")
     async def attest(self, request: AttestInput) -> AttestResult:
@@ -147,6 +163,40 @@ class StubMigrationActivities:
         result.done = len(todo) <= request.size
         return result
 
+    @activity.defn(name="migration_rebind")
+    async def rebind(self, request: RebindInput) -> HandoffResult:
+        self.fleet.record("migration_rebind", request)
+        host = request.host_id
+        if host in self.fleet.new_fails:
+            raise ApplicationError(
+                f"new agent on {host} died", host, type=NEW_AGENT_FAILED, non_retryable=True
+            )
+        assert request.kms_lo == host  # the share the plan gave it
+        todo = [
+            b
+            for b in self.fleet.kms_in(host, request.from_generation)
+            if request.after is None or b > request.after
+        ]
+        batch = todo[: request.size]
+        for blob in batch:
+            self.fleet.kms[blob] = (host, request.to_generation)
+            self.fleet.copies[blob] = host
+        return HandoffResult(
+            moved=len(batch),
+            attestations=1 if batch else 0,
+            cursor=batch[-1] if batch else request.after,
+            done=len(todo) <= request.size,
+        )
+
+    @activity.defn(name="migration_kms_remaining")
+    async def kms_remaining(self, request: KmsRemainingInput) -> dict[str, int]:
+        self.fleet.record("migration_kms_remaining", request)
+        return {
+            h.host_id: len(self.fleet.kms_in(h.host_id, request.from_generation))
+            for h in request.hosts
+            if self.fleet.kms_in(h.host_id, request.from_generation)
+        }
+
     @activity.defn(name="migration_gate")
     async def gate(self, request: GateInput) -> GateResult:
         self.fleet.record("migration_gate", request)
@@ -164,7 +214,10 @@ class StubMigrationActivities:
         result = RollbackResult()
         for blob, host in list(self.fleet.copies.items()):
             if host in request.host_ids:
-                self.fleet.blobs[blob] = (host, OLD)
+                if blob in self.fleet.kms:
+                    self.fleet.kms[blob] = (host, OLD)
+                else:
+                    self.fleet.blobs[blob] = (host, OLD)
                 del self.fleet.copies[blob]
                 result.restored += 1
         return result
@@ -199,6 +252,8 @@ class StubMigrationActivities:
             self.attest,
             self.release,
             self.handoff,
+            self.rebind,
+            self.kms_remaining,
             self.gate,
             self.rollback,
             self.remaining,

@@ -356,3 +356,60 @@ async def test_a_recorded_start_input_is_refused(env: WorkflowEnvironment) -> No
 
 
 _ = Migration
+
+
+# ----------------------------------------------------------------------- KMS-wrapped
+
+
+def with_kms(fleet: MigrationFleet, per_host: int) -> MigrationFleet:
+    for host in fleet.hosts:
+        for n in range(per_host):
+            fleet.kms[f"{host}/k{n:03d}"] = (host, OLD)
+    return fleet
+
+
+async def test_kms_wrapped_blobs_move_with_their_hosts_wave_after_its_hardware_sealed_ones(
+    env: WorkflowEnvironment,
+) -> None:
+    fleet = with_kms(MigrationFleet.of(hosts=3, per_host=2), per_host=3)
+    async with migrating(env, fleet) as migration:
+        result = await asyncio.wait_for((await migration.start(grace_seconds=0, batch_size=2)).result(), WAIT)
+    assert result.phase == DONE
+    assert not any(g == OLD for _, g in fleet.kms.values())
+    assert result.kms_blobs == 9
+    per_host = {h.host_id: (h.moved, h.kms_moved) for h in result.hosts}
+    assert per_host == {h: (2, 3) for h in fleet.hosts}
+    # Per host: every hand-off of its hardware-sealed blobs before its first re-binding.
+    for host in fleet.hosts:
+        steps = [c.name for c in fleet.calls if getattr(c.request, "host_id", None) == host]
+        moves = [n for n in steps if n in ("migration_handoff", "migration_rebind")]
+        assert moves.index("migration_rebind") > max(
+            i for i, n in enumerate(moves) if n == "migration_handoff"
+        )
+    assert fleet.release == ["widen", "narrow"]
+    accepted_by_the_audit_log(fleet)
+
+
+async def test_a_failed_wave_rolls_back_the_kms_wrapped_blobs_too(env: WorkflowEnvironment) -> None:
+    fleet = with_kms(MigrationFleet.of(hosts=2, per_host=1), per_host=2)
+    fleet.gate_fails = {"host-01"}
+    async with migrating(env, fleet) as migration:
+        result = await asyncio.wait_for((await migration.start(waves=[50, 100])).result(), WAIT)
+    assert result.phase == ROLLED_BACK
+    assert all(g == OLD for _, g in fleet.kms.values()) and fleet.copies == {}
+    assert fleet.release == ["widen", "restore"]
+
+
+async def test_kms_wrapped_blobs_written_by_the_old_generation_in_the_grace_are_swept(
+    env: WorkflowEnvironment,
+) -> None:
+    fleet = with_kms(MigrationFleet.of(hosts=2, per_host=1), per_host=1)
+    async with migrating(env, fleet) as migration:
+        handle = await migration.start(grace_seconds=10 * 365 * 24 * 3600)
+        await wait_for(handle, lambda p: p.phase == AWAITING_COMMIT)
+        fleet.kms["host-01/late"] = ("host-01", OLD)  # sealed under the key for the old generation
+        await handle.execute_update(MigrateGenerationWorkflow.approve)
+        result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result.phase == DONE
+    assert fleet.kms["host-01/late"][1] != OLD
+    assert phases(fleet)[-4:] == [AWAITING_COMMIT, VERIFYING, "NARROWING", DONE]
