@@ -156,6 +156,12 @@ def _latest(records: list[AgentRecord]) -> AgentRecord | None:
     return max(live, key=lambda r: r.started_at) if live else None
 
 
+MAX_MIGRATION_HOSTS = 2000
+"""Hosts one migration takes: its state carries a line per host into every continue-as-new
+input (about 0.6 KiB a host) and its progress memo (about 0.2 KiB), under Temporal's 2 MB
+payload limit with room to spare."""
+
+
 def plan_fleet(store: SealedStateStore, old_generation: str, new_generation: str) -> FleetView:
     """Every host with an agent of either generation or old-generation hardware-sealed blobs:
     its (most recently started) old and new agent and its blob count; ``reasons`` lists every
@@ -190,6 +196,11 @@ def plan_fleet(store: SealedStateStore, old_generation: str, new_generation: str
             view.hosts.append(entry)
     if not any(h.new_agent for h in view.hosts):
         view.reasons.append(f"no agent of {new_generation} is registered")
+    if len(view.hosts) > MAX_MIGRATION_HOSTS:
+        view.reasons.append(
+            f"{len(view.hosts)} hosts take part, more than the {MAX_MIGRATION_HOSTS} one migration can"
+            " carry (its progress and continue-as-new state hold every host)"
+        )
     # Every host with a new agent gets a share, KMS-wrapped blobs or not yet: one written
     # through the old generation during the migration is in some share, and swept.
     view.kms_blobs = kms

@@ -127,6 +127,10 @@ AGENT_RETRY = RetryPolicy(
 )
 
 
+_INTERRUPTED = object()
+"""A host's jittered batch that a pause or an abort stopped before it started."""
+
+
 def _reason(error: BaseException) -> str:
     """One printable line for an activity failure: the innermost cause's type and message."""
     while isinstance(error, ActivityError) and error.cause is not None:
@@ -179,10 +183,7 @@ class MigrateGenerationWorkflow(MigrationControls):
         timeout: float = 300,
         heartbeat: float | None = None,
         retry: RetryPolicy = LOCAL_RETRY,
-        delay: float = 0.0,
     ) -> Any:
-        if delay > 0:  # a durable timer first (a jittered wave start)
-            await workflow.sleep(delay)
         return await workflow.execute_activity(
             name,
             arg,
@@ -496,7 +497,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             results = await asyncio.gather(
                 *(
                     # the first batch only waits its jitter
-                    self._step(request, h, step, delay=delays.pop(h.host_id, 0.0))
+                    self._step(request, h, step, delay=delays.get(h.host_id, 0.0))
                     for h, step in zip(moving, steps, strict=True)
                 ),
                 return_exceptions=True,
@@ -512,6 +513,9 @@ class MigrateGenerationWorkflow(MigrationControls):
                     else:
                         failed.append(f"host {host.host_id}: {_reason(result)}")
                     continue
+                if result is _INTERRUPTED:  # paused or aborted in its jitter: it waits again later
+                    continue
+                delays.pop(host.host_id, None)
                 result = _as(result, HandoffResult)
                 s.attestations += result.attestations
                 if wave is not None:
@@ -552,11 +556,19 @@ class MigrateGenerationWorkflow(MigrationControls):
                 )
                 raise _Held
 
-    def _step(self, request: MigrateInput, h: HostCount, step: str, *, delay: float = 0.0) -> Any:
+    async def _step(self, request: MigrateInput, h: HostCount, step: str, *, delay: float = 0.0) -> Any:
         """The activity that moves the next batch of ``h``: a hand-off of hardware-sealed blobs
-        (old agent to new) or a re-binding of KMS-wrapped ones (new agent)."""
+        (old agent to new) or a re-binding of KMS-wrapped ones (new agent). ``delay``: its jitter
+        first, a durable timer that a pause or an abort cuts short (then ``_INTERRUPTED``, and
+        nothing ran)."""
+        if delay > 0:
+            s = self._state
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(lambda: s.paused or s.abort_requested, timeout=delay)
+            if s.paused or s.abort_requested:
+                return _INTERRUPTED
         if step == "kms":
-            return self._activity(
+            return await self._activity(
                 "migration_rebind",
                 RebindInput(
                     self._id,
@@ -573,9 +585,8 @@ class MigrateGenerationWorkflow(MigrationControls):
                 timeout=900,
                 heartbeat=120,
                 retry=AGENT_RETRY,
-                delay=delay,
             )
-        return self._activity(
+        return await self._activity(
             "migration_handoff",
             HandoffInput(
                 self._id,
@@ -592,7 +603,6 @@ class MigrateGenerationWorkflow(MigrationControls):
             timeout=900,
             heartbeat=120,
             retry=AGENT_RETRY,
-            delay=delay,
         )
 
     async def _gate(self, request: MigrateInput, hosts: list[HostCount]) -> int | None:

@@ -161,3 +161,41 @@ async def test_every_audit_record_of_a_migration_is_one_the_audit_log_takes(env:
             check_details(record.details)
     assert "migration.narrowed" in {a.event for a in done.audit}
     assert "migration.rolled_back" in {a.event for a in rolled_back.audit}
+
+
+async def started_timers(handle: WorkflowHandle[Any, Any]) -> int:
+    history = await handle.fetch_history()
+    return sum(1 for e in history.events if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED)
+
+
+async def test_an_abort_in_the_jitter_rolls_back_without_waiting_it_out(env: WorkflowEnvironment) -> None:
+    fleet = MigrationFleet.of(hosts=3, per_host=1)
+    async with migrating(env, fleet) as migration:
+        handle = await migration.start(waves=[100], jitter_seconds=600)
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while await started_timers(handle) < 1:  # a host waits its jitter (real time: no skipping yet)
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.1)
+        waited = len(fleet.named("migration_handoff"))
+        await handle.execute_update(MigrateGenerationWorkflow.abort)
+        result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result.phase == "ROLLED_BACK"
+    # The hosts still in their jitter never started a batch.
+    assert len(fleet.named("migration_handoff")) == waited < 3
+
+
+async def test_a_pause_in_the_jitter_holds_the_batch_until_resume(env: WorkflowEnvironment) -> None:
+    fleet = MigrationFleet.of(hosts=3, per_host=1)
+    async with migrating(env, fleet) as migration:
+        handle = await migration.start(waves=[100], grace_seconds=0, jitter_seconds=600)
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while await started_timers(handle) < 1:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.1)
+        await handle.execute_update(MigrateGenerationWorkflow.pause)
+        before = len(fleet.named("migration_handoff"))
+        await asyncio.sleep(1)
+        assert len(fleet.named("migration_handoff")) == before < 3
+        await handle.execute_update(MigrateGenerationWorkflow.resume)
+        result = await asyncio.wait_for(handle.result(), WAIT * 2)
+    assert result.phase == DONE and result.moved == 3
