@@ -393,7 +393,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 int,
             )
             s.widened = True
-            await self._audit("migration.widened", {"keys": int(keys), "kms_blobs": s.kms_blobs})
+            await self._audit("migration.widened", {"release_policies": int(keys), "kms_blobs": s.kms_blobs})
         await self._phase(HANDING_OFF)
 
     # ---------------------------------------------------------------------- HANDING_OFF
@@ -656,7 +656,7 @@ class MigrateGenerationWorkflow(MigrationControls):
         deleted = await self._activity(
             "migration_narrow", NarrowInput(self._id, request.from_generation, request.to_generation), int
         )
-        await self._audit("migration.narrowed", {"keys": int(keys), "old_copies_deleted": int(deleted)})
+        await self._audit("migration.narrowed", {"release_policies": int(keys), "old_copies_deleted": int(deleted)})
         await self._phase(DONE)
         s = self._state
         await self._audit(
