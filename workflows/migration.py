@@ -37,6 +37,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.migration_types import (
+        HANDOFF_BATCHES_PER_CALL,
         MAX_HANDOFF_BATCH,
         NEW_AGENT_FAILED,
         OLD_AGENT_UNREACHABLE,
@@ -459,6 +460,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                             h.cursor,
                             request.batch_size,
                             request.allow_same_svn,
+                            HANDOFF_BATCHES_PER_CALL,
                         ),
                         HandoffResult,
                         timeout=900,
@@ -656,7 +658,9 @@ class MigrateGenerationWorkflow(MigrationControls):
         deleted = await self._activity(
             "migration_narrow", NarrowInput(self._id, request.from_generation, request.to_generation), int
         )
-        await self._audit("migration.narrowed", {"release_policies": int(keys), "old_copies_deleted": int(deleted)})
+        await self._audit(
+            "migration.narrowed", {"release_policies": int(keys), "old_copies_deleted": int(deleted)}
+        )
         await self._phase(DONE)
         s = self._state
         await self._audit(
