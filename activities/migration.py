@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -27,14 +27,29 @@ from activities.migration_types import (
     HandoffInput,
     HandoffResult,
     HostPlan,
+    KmsRemainingInput,
     NarrowInput,
+    RebindInput,
     ReleaseInput,
     RemainingInput,
     RollbackInput,
     RollbackResult,
 )
 from attestation.platform import PlatformVerifier
+from attestation.token import ResultSigner
+from kms_adapters.errors import KmsError
+from kms_adapters.release import ReleasePolicy, ReleasePolicyStore
+from kms_adapters.release_policies import narrowed, widened
 from sealing.errors import SealingError
+from sealing.generation import GenerationManifest
+from sealing.kms_migration import (
+    RELEASE_AUDIENCE,
+    KmsAgentPort,
+    ReleaseTokenRefused,
+    attested_token,
+    kms_gate_sample,
+    rebind_batch,
+)
 from sealing.migration import (
     AgentDown,
     AgentPort,
@@ -115,12 +130,22 @@ class MigrationActivities:
         verifier_for: Callable[[str], PlatformVerifier],
         witness: ResettableWitness | None = None,
         *,
+        release_policies: ReleasePolicyStore | None = None,
+        token_signer: ResultSigner | None = None,
+        audit: Callable[[str, str, dict[str, Any], str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``release_policies``: where the keys' release policies are kept (the KMS adapters'
+        store); ``token_signer``: the verifier key that signs the new agents' release tokens
+        (the key the release policies trust). Without them a migration refuses KMS-wrapped
+        state at ATTESTING. ``audit``: records each release-policy change."""
         self._store = store
         self._peer_for = peer_for
         self._verifier_for = verifier_for
         self._witness = witness
+        self._release_policies = release_policies
+        self._token_signer = token_signer
+        self._audit = audit
         self._clock = clock
 
     def _peer(self, agent_id: str, host: str, side: str) -> AgentPort:
@@ -152,6 +177,9 @@ class MigrationActivities:
     @activity.defn(name="migration_fleet")
     def fleet(self, request: FleetInput) -> FleetPlan:
         view = _translated(lambda: plan_fleet(self._store, request.from_generation, request.to_generation))
+        reasons = list(view.reasons)
+        if view.kms_blobs:
+            reasons += _translated(lambda: self._release_reasons(request.from_generation))
         return FleetPlan(
             [
                 HostPlan(
@@ -159,13 +187,49 @@ class MigrationActivities:
                     h.old_agent.agent_id if h.old_agent else "",
                     h.new_agent.agent_id if h.new_agent else "",
                     h.tee_blobs,
+                    h.kms_share,
+                    h.kms_lo,
+                    h.kms_hi,
+                    h.kms_blobs,
                 )
                 for h in view.hosts
             ],
-            view.reasons,
+            reasons,
             view.diff(),
             view.kms_blobs,
         )
+
+    def _release_reasons(self, old_generation: str) -> list[str]:
+        """Why the old generation's KMS-wrapped state cannot be re-bound: a key without a
+        release policy, or one whose tokens this worker cannot issue."""
+        if self._release_policies is None or self._token_signer is None:
+            return [
+                f"{old_generation} has KMS-wrapped blobs, and this worker has no release-policy store"
+                " or token signer"
+            ]
+        reasons = []
+        trusted = self._token_signer.public_pem()
+        for key_ref in self._store.kms_keys(old_generation):
+            try:
+                policy = self._release_policies.get(key_ref)
+            except KmsError as exc:
+                reasons.append(f"key {key_ref}: {exc}")
+                continue
+            if policy is None:
+                reasons.append(
+                    f"key {key_ref} wraps KMS-wrapped blobs of {old_generation} but has no release policy"
+                    f" (rekey key release-policy set {key_ref} --generation {old_generation})"
+                )
+            elif (
+                policy.audience != RELEASE_AUDIENCE
+                or policy.verifier_public_key_pem.strip() != trusted.strip()
+            ):
+                reasons.append(
+                    f"key {key_ref}'s release policy does not trust this worker's release tokens"
+                    f" (verifier key and audience {RELEASE_AUDIENCE}): set it again with"
+                    " rekey key release-policy set"
+                )
+        return reasons
 
     @activity.defn(name="migration_attest")
     def attest(self, request: AttestInput) -> AttestResult:
@@ -196,11 +260,133 @@ class MigrationActivities:
 
     @activity.defn(name="migration_release")
     def release(self, request: ReleaseInput) -> int:
-        """Release policies of keys wrapping old-generation KMS state: not changed by this
-        release (the migration moves hardware-sealed state only); how many keys were changed."""
+        """The release policies of the keys wrapping the old generation's KMS-wrapped state:
+        ``widen`` records each one's policy (once) and makes it admit both generations;
+        ``narrow`` makes it admit only the new one; ``restore`` puts the recorded one back. Each
+        is derived from the recorded policy, so a retry writes the same thing. How many
+        policies were changed."""
         if request.action not in ("widen", "narrow", "restore"):
             raise ApplicationError(f"unknown release action {request.action!r}", non_retryable=True)
-        return 0
+        migration = f"migrate:{request.from_generation}:{request.to_generation}"
+        if self._release_policies is None:
+            return 0  # no KMS-wrapped state can be planned without one (see _release_reasons)
+        if request.action == "widen":
+            return _translated(lambda: self._widen(migration, request.from_generation, request.to_generation))
+        return _translated(
+            lambda: self._narrow_or_restore(
+                migration, request.from_generation, request.to_generation, request.action
+            )
+        )
+
+    def _policies(self) -> ReleasePolicyStore:
+        if self._release_policies is None:
+            raise SealingError("this worker has no release-policy store")
+        return self._release_policies
+
+    def _changed(self, migration: str, key_ref: str, action: str, policy: ReleasePolicy) -> bool:
+        """Write ``policy`` for ``key_ref`` unless it is there already; audited."""
+        store = self._policies()
+        if store.get(key_ref) == policy:
+            return False
+        store.put(key_ref, policy)
+        if self._audit is not None:
+            self._audit(
+                f"migration.release_policy.{action}",
+                migration,
+                {"key": key_ref, "policy": policy.id, "digest": policy.policy.digest},
+                "",
+            )
+        return True
+
+    def _widen(self, migration: str, old_generation: str, new_generation: str) -> int:
+        old, new = manifest_of(self._store, old_generation), manifest_of(self._store, new_generation)
+        changed = 0
+        for key_ref in self._store.kms_keys(old_generation):
+            changed += self._widen_key(migration, key_ref, old, new)
+        return changed
+
+    def _widen_key(
+        self, migration: str, key_ref: str, old: GenerationManifest, new: GenerationManifest
+    ) -> bool:
+        recorded = self._store.recorded_release_policies(migration).get(key_ref)
+        if recorded is None:
+            current = self._policies().get(key_ref)
+            if current is None:
+                raise SealingError(
+                    f"key {key_ref} wraps KMS-wrapped blobs of {old.id} but has no release policy"
+                    f" (rekey key release-policy set {key_ref} --generation {old.id})"
+                )
+            recorded = self._store.record_release_policy(migration, key_ref, current.to_json())
+        return self._changed(
+            migration, key_ref, "widen", widened(ReleasePolicy.from_json(recorded), old, new)
+        )
+
+    def _narrow_or_restore(
+        self, migration: str, old_generation: str, new_generation: str, action: str
+    ) -> int:
+        old, new = manifest_of(self._store, old_generation), manifest_of(self._store, new_generation)
+        changed = 0
+        for key_ref, recorded in self._store.recorded_release_policies(migration).items():
+            before = ReleasePolicy.from_json(recorded)
+            if action == "narrow":
+                changed += self._changed(migration, key_ref, "narrow", narrowed(before, old, new))
+            else:
+                changed += self._changed(migration, key_ref, "restore", before)
+                self._store.forget_release_policy(migration, key_ref)
+        return changed
+
+    def _token(self, port: KmsAgentPort, agent_id: str, host: str, generation: str) -> str:
+        """A release token for the new agent ``agent_id`` on ``host`` (fresh evidence)."""
+        if self._token_signer is None:
+            raise SealingError("this worker has no release-token signer")
+        record = self._store.get_agent(agent_id)
+        if record.host_id != host:
+            raise SealingError(f"agent {agent_id} is registered on another host than {host}")
+        return attested_token(
+            port.attest,
+            self._verifier_for(host),
+            self._token_signer,
+            manifest_of(self._store, generation),
+            expected_key_sha256=record.handoff_key_sha256,
+        )
+
+    @activity.defn(name="migration_rebind")
+    def rebind(self, request: RebindInput) -> HandoffResult:
+        """One batch of a host's share of KMS-wrapped blobs, re-bound by its new agent with one
+        release token (attestations: 1)."""
+        activity.heartbeat()
+        new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
+        if request.after is None:  # a share's first batch: a key that appeared since WIDENING is widened too
+            _translated(
+                lambda: self._widen(request.migration_id, request.from_generation, request.to_generation)
+            )
+        try:
+            token = _translated(
+                lambda: self._token(new, request.new_agent, request.host_id, request.to_generation)
+            )
+            done = _translated(
+                lambda: rebind_batch(
+                    self._store,
+                    new,
+                    token,
+                    migration_id=request.migration_id,
+                    old_generation=request.from_generation,
+                    new_generation=request.to_generation,
+                    share=(request.host_id, request.kms_lo, request.kms_hi),
+                    after=request.after,
+                    size=request.size,
+                    beat=_throttled(activity.heartbeat, HEARTBEAT_EVERY, self._clock),
+                )
+            )
+        except _SideFailed as failed:
+            raise self._failure("new", request.host_id, str(failed.error)) from None
+        return HandoffResult(done.moved, done.conflicts, done.skipped, done.cursor, done.done, 1)
+
+    @activity.defn(name="migration_kms_remaining")
+    def kms_remaining(self, request: KmsRemainingInput) -> dict[str, int]:
+        """How many KMS-wrapped blobs of the old generation each host's share still holds."""
+        shares = [(h.host_id, h.kms_lo, h.kms_hi) for h in request.hosts if h.kms_share]
+        return _translated(lambda: self._store.count_kms_in_shares(request.from_generation, shares))
 
     @activity.defn(name="migration_handoff")
     def handoff(self, request: HandoffInput) -> HandoffResult:
@@ -290,7 +476,28 @@ class MigrationActivities:
                 raise self._failure("new", host.host_id, str(exc)) from None
             result.checked += checked
             result.failures += failures
+            if host.kms_share:
+                try:
+                    checked, failures = self._gate_kms(cast(KmsAgentPort, new), request, host)
+                except (AgentDown, AgentRefused, ReleaseTokenRefused) as exc:
+                    raise self._failure("new", host.host_id, str(exc)) from None
+                result.checked += checked
+                result.failures += failures
         return result
+
+    def _gate_kms(self, new: KmsAgentPort, request: GateInput, host: HostPlan) -> tuple[int, list[str]]:
+        if not self._store.copies(request.migration_id, host.host_id, 1, kind="kms"):
+            return 0, []  # nothing re-bound in this share: no attestation needed
+        token = self._token(new, host.new_agent, host.host_id, request.to_generation)
+        return kms_gate_sample(
+            self._store,
+            new,
+            token,
+            migration_id=request.migration_id,
+            new_generation=request.to_generation,
+            host=host.host_id,
+            sample=request.sample,
+        )
 
     def _gate_host(self, new: AgentPort, request: GateInput, host: HostPlan) -> tuple[int, list[str]]:
         return gate_sample(
@@ -323,6 +530,8 @@ class MigrationActivities:
             self.attest,
             self.release,
             self.handoff,
+            self.rebind,
+            self.kms_remaining,
             self.gate,
             self.rollback,
             self.remaining,

@@ -39,6 +39,12 @@ class HostPlan:
     old_agent: str = ""
     new_agent: str = ""
     tee_blobs: int = 0
+    kms_share: bool = False
+    """The host's new agent re-binds the old generation's KMS-wrapped blobs with
+    ``kms_lo <= blob id < kms_hi`` (None: unbounded); ``kms_blobs`` of them when planned."""
+    kms_lo: str | None = None
+    kms_hi: str | None = None
+    kms_blobs: int = 0
 
 
 @dataclass
@@ -75,7 +81,28 @@ class AttestResult:
 class ReleaseInput:
     from_generation: str
     to_generation: str
-    action: str  # widen | narrow
+    action: str  # widen | narrow | restore
+
+
+@dataclass
+class RebindInput:
+    """One batch of a host's share of KMS-wrapped blobs, re-bound by its new agent."""
+
+    migration_id: str
+    from_generation: str
+    to_generation: str
+    host_id: str
+    new_agent: str
+    kms_lo: str | None = None
+    kms_hi: str | None = None
+    after: str | None = None
+    size: int = DEFAULT_HANDOFF_BATCH
+
+
+@dataclass
+class KmsRemainingInput:
+    from_generation: str
+    hosts: list[HostPlan]  # those with a share
 
 
 @dataclass

@@ -30,9 +30,8 @@ from attestation.errors import AttestationError
 from attestation.policy import Policy, parse_policy
 from attestation.token import VerifiedResult, verify_result
 from kms_adapters.errors import InvalidRequest, PolicyDenied
-from sealing.handoff import SUITE, HandoffKeyPair, load_public_key
-
-RELEASE_CONTEXT = b"rekey-release-v1"
+from sealing.handoff import RELEASE_CONTEXT as RELEASE_CONTEXT  # defined beside the agent that opens
+from sealing.handoff import SUITE, HandoffKeyPair, load_public_key, release_info
 
 
 @dataclass(frozen=True)
@@ -154,14 +153,12 @@ def check_release(
 
 def encrypt_for_recipient(dek: bytes, recipient_public_key: bytes, key_ref: str) -> bytes:
     """HPKE-encrypt a released DEK to the attested recipient key (info binds the key ref)."""
-    return SUITE.encrypt(
-        dek, load_public_key(recipient_public_key), info=RELEASE_CONTEXT + b"\x00" + key_ref.encode()
-    )
+    return SUITE.encrypt(dek, load_public_key(recipient_public_key), info=release_info(key_ref))
 
 
 def open_released(ciphertext: bytes, recipient: HandoffKeyPair, key_ref: str) -> bytes:
     """The recipient's side (inside the TEE): decrypt a released DEK."""
-    return recipient.open(ciphertext, RELEASE_CONTEXT + b"\x00" + key_ref.encode())
+    return recipient.open(ciphertext, release_info(key_ref))
 
 
 class ReleaseGate:

@@ -99,6 +99,23 @@ class AgentPeer:
             raise AgentDown(f"the agent at {self._client.url} answered /v1/check without opens")
         return True
 
+    def check_kms(self, blob: bytes, token: str) -> bool:
+        """Whether the agent opens a KMS-wrapped blob through the release gate (no plaintext)."""
+        answer = self._call("/v1/check", {"blob": _b64(blob), "token": token})
+        if answer.get("opens") is not True:
+            raise AgentDown(f"the agent at {self._client.url} answered /v1/check without opens")
+        return True
+
+    def rebind(self, blobs: list[bytes], *, from_generation: str, token: str) -> list[bytes]:
+        answer = self._call(
+            "/v1/rebind",
+            {"blobs": [_b64(b) for b in blobs], "from_generation": from_generation, "token": token},
+        )
+        items = answer.get("blobs")
+        if not isinstance(items, list):
+            raise AgentDown(f"the agent at {self._client.url} answered without a blob list")
+        return [self._bytes({"blob": item}, "blob") for item in items]
+
 
 def peers_from_state_dirs(
     state_dir_for: Callable[[AgentRecord], Path], caller: str = "default", timeout: float = 60.0

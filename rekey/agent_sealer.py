@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from typing import Any
 
 from rekey.agent_auth import AgentCallError, AgentClient, AgentUnproven
@@ -24,15 +25,28 @@ __all__ = ["AgentSealer"]
 class AgentSealer:
     """The agent at ``client.url`` (see `connect`)."""
 
-    def __init__(self, client: AgentClient, *, generation: str, host_id: str, platform: str) -> None:
+    def __init__(
+        self,
+        client: AgentClient,
+        *,
+        generation: str,
+        host_id: str,
+        platform: str,
+        release_token: Callable[[AgentSealer], str] | None = None,
+    ) -> None:
         self._client = client
         self._generation = generation
         self._host_id = host_id
         self._key_ref = tee_key_ref(platform)
+        self._release_token = release_token
 
     @classmethod
-    def connect(cls, client: AgentClient) -> AgentSealer:
-        """Ask the agent for its identity; `EnclaveUnavailable` if it does not answer as an agent."""
+    def connect(
+        cls, client: AgentClient, release_token: Callable[[AgentSealer], str] | None = None
+    ) -> AgentSealer:
+        """Ask the agent for its identity; `EnclaveUnavailable` if it does not answer as an agent.
+        ``release_token``: how a release token for this agent is made (it attests through
+        `attest`), for `open_kms`."""
         identity = cls._call(client, "/v1/identity", None)
         try:
             generation = check_generation_id(identity.get("id"))
@@ -44,7 +58,9 @@ class AgentSealer:
             raise EnclaveUnavailable(
                 f"the agent at {client.url} did not answer with a generation id, host id and platform"
             ) from None
-        return cls(client, generation=generation, host_id=host_id, platform=platform)
+        return cls(
+            client, generation=generation, host_id=host_id, platform=platform, release_token=release_token
+        )
 
     @property
     def host_id(self) -> str:
@@ -101,3 +117,17 @@ class AgentSealer:
     def unseal(self, blob: bytes) -> bytes:
         body = {"blob": base64.b64encode(blob).decode("ascii")}
         return self._bytes(self._call(self._client, "/v1/unseal", body), "data")
+
+    def attest(self, nonce: bytes) -> tuple[bytes, bytes]:
+        """(evidence over ``nonce`` and the agent's key, that key)."""
+        answer = self._call(self._client, "/v1/attest", {"nonce": base64.b64encode(nonce).decode("ascii")})
+        return self._bytes(answer, "evidence"), self._bytes(answer, "public_key")
+
+    def open_kms(self, blob: bytes) -> bytes:
+        """Open a KMS-wrapped blob in the agent (``/v1/open``): it presents a release token made
+        for it just now, the key's gate releases the DEK encrypted to the agent's key."""
+        if self._release_token is None:
+            raise EnclaveRefused(f"{self.where} was connected without a way to make release tokens")
+        token = self._release_token(self)
+        body = {"blob": base64.b64encode(blob).decode("ascii"), "token": token}
+        return self._bytes(self._call(self._client, "/v1/open", body), "data")

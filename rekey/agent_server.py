@@ -38,6 +38,7 @@ from http import HTTPStatus
 from typing import Any
 
 from attestation.errors import AttestationError, NonceMismatch, PolicyDenied
+from kms_adapters.errors import PolicyDenied as ReleaseDenied
 from rekey.agent_auth import (
     BODY_HASH,
     BODY_HEADER,
@@ -142,7 +143,9 @@ class AgentApi:
             ("POST", "/v1/attest"): self.attest,
             ("POST", "/v1/seal"): self.seal,
             ("POST", "/v1/unseal"): self.unseal,
-            ("POST", "/v1/check"): lambda body, _c: self.agent.check(_bytes(body, "blob")),
+            ("POST", "/v1/check"): self.check,
+            ("POST", "/v1/open"): self.open,
+            ("POST", "/v1/rebind"): self.rebind,
             ("POST", "/v1/export"): self.export,
             ("POST", "/v1/import"): self.import_,
         }
@@ -182,6 +185,28 @@ class AgentApi:
         # Only an authenticated caller gets here (the handler checks the bearer token first).
         return {"data": _b64(self.agent.unseal(_bytes(body, "blob")))}
 
+    def check(self, body: dict[str, Any], _caller: str) -> dict[str, Any]:
+        token = body.get("token")
+        if token is not None and not isinstance(token, str):
+            raise BadRequest("field 'token' must be a string")
+        return self.agent.check(_bytes(body, "blob"), token)
+
+    def open(self, body: dict[str, Any], _caller: str) -> dict[str, Any]:
+        # A KMS-wrapped blob, opened through the release gate; only an authenticated caller
+        # gets here, as for /v1/unseal.
+        return {"data": _b64(self.agent.open_kms(_bytes(body, "blob"), _text(body, "token")))}
+
+    def rebind(self, body: dict[str, Any], _caller: str) -> dict[str, Any]:
+        blobs = _field(body, "blobs")
+        if not isinstance(blobs, list):
+            raise BadRequest("field 'blobs' must be a list of base64 strings")
+        rebound = self.agent.rebind(
+            [_bytes({"blob": b}, "blob") for b in blobs],
+            from_generation=_text(body, "from_generation"),
+            token=_text(body, "token"),
+        )
+        return {"blobs": [_b64(blob) for blob in rebound]}
+
     def export(self, body: dict[str, Any], caller: str) -> dict[str, Any]:
         blobs = _field(body, "blobs")
         if not isinstance(blobs, list):
@@ -202,7 +227,7 @@ class AgentApi:
 
 def error_answer(exc: BaseException) -> tuple[HTTPStatus, dict[str, Any]]:
     body: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    if isinstance(exc, PolicyDenied):
+    if isinstance(exc, PolicyDenied | ReleaseDenied):
         body["reasons"] = exc.reasons
         return HTTPStatus.FORBIDDEN, body
     if isinstance(exc, NonceMismatch | PermissionError):

@@ -14,11 +14,15 @@ is listed there. Anything else is ``InvalidKeyRef`` and no backend is contacted.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import hvac
 
+from attestation.platform import PlatformVerifier
+from attestation.sim import SimVerifier
+from attestation.token import ResultSigner
 from audit import default_signing_key_path, found_public_keys, load_or_create_signing_key, load_signing_key
 from kms_adapters.aws_kms import AwsKmsAdapter
 from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
@@ -28,7 +32,9 @@ from kms_adapters.release import FileReleasePolicyStore
 from kms_adapters.signing import AwsKmsSigner, TransitSigner
 from kms_adapters.vault_transit import VaultTransitAdapter
 from rekey.config import ConfigError, Settings
+from sealing.agent import KeyReleaser, KmsUnavailable
 from sealing.signing import FileSigner, PublicKey, Signer, pinned_keys
+from sealing.tee.sim import ROOT_CA_CERT_FILE, host_id_of
 from sealing.witness import DirectoryWitness
 
 _MOTO_SECRET = "testing"  # noqa: S105 - moto's fixed dev credential, not a secret  # nosec B105
@@ -63,6 +69,46 @@ def vault_client(settings: Settings) -> hvac.Client:
 
 def release_store(settings: Settings) -> FileReleasePolicyStore:
     return FileReleasePolicyStore(settings.home / "release-policies")
+
+
+def release_token_signer(settings: Settings) -> ResultSigner:
+    """The verifier key that signs attestation results (``<home>/verifier/es256.pem``, created
+    on first use; `rekey attest verify` signs with it too): the key release policies trust."""
+    return ResultSigner.load_or_create(settings.home / "verifier" / "es256.pem")
+
+
+def agent_releaser(settings: Settings) -> Callable[[str], KeyReleaser]:
+    """The release gate of a key ref for an enclave agent, with the agent's own KMS settings;
+    a key it cannot reach (no token for its backend, a key ref the configuration refuses) is
+    `sealing.agent.KmsUnavailable`, a one-line refusal."""
+
+    def releaser(key_ref: str) -> KeyReleaser:
+        try:
+            return adapter_for(settings, key_ref)
+        except (ConfigError, InvalidKeyRef, BackendNotAvailable) as exc:
+            raise KmsUnavailable(f"this agent cannot reach the KMS of {key_ref}: {exc}") from None
+
+    return releaser
+
+
+def sim_verifiers(settings: Settings) -> Callable[[str], PlatformVerifier]:
+    """Verifiers of sim evidence by host id, from the simulated hosts this worker can read:
+    ``<home>/sim-host`` and every ``<home>/hosts/*`` (their root CAs, nothing secret). An
+    unknown host raises ValueError (the migration names it)."""
+
+    def verifier(host_id: str) -> PlatformVerifier:
+        candidates = [settings.home / "sim-host", *sorted((settings.home / "hosts").glob("*"))]
+        for directory in candidates:
+            try:
+                root = (directory / ROOT_CA_CERT_FILE).read_bytes()
+                found = host_id_of(root)
+            except (OSError, ValueError):
+                continue
+            if found == host_id:
+                return SimVerifier(root)
+        raise ValueError(f"no simulated host with id {host_id} under {settings.home} (sim-host, hosts/*)")
+
+    return verifier
 
 
 def known_key_ref(settings: Settings, key_ref: str) -> KeyRef:

@@ -18,16 +18,23 @@ from activities.migration import MigrationActivities, PeerFor
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
 from attestation.platform import PlatformVerifier
-from attestation.sim import SimVerifier
+from attestation.token import ResultSigner
 from audit import AuditLog, default_actor
 from kms_adapters.contract import KmsAdapter
+from kms_adapters.release import ReleasePolicyStore
 from rekey.agent_peer import peers_from_state_dirs
-from rekey.backends import adapter_for, signer_for, witness_for
+from rekey.backends import (
+    adapter_for,
+    release_store,
+    release_token_signer,
+    signer_for,
+    sim_verifiers,
+    witness_for,
+)
 from rekey.client import check_namespace, connect
 from rekey.codec import worker_converter
 from rekey.config import Settings
 from sealing.store import SealedStateStore
-from sealing.tee.sim import ROOT_CA_CERT_FILE, host_id_of
 from sealing.witness import ResettableWitness
 from workflows.launcher import LaunchRotationWorkflow
 from workflows.migration import MigrateGenerationWorkflow
@@ -60,26 +67,6 @@ def audit_sink(settings: Settings) -> AuditSink:
     return sink
 
 
-def sim_verifiers(settings: Settings) -> Callable[[str], PlatformVerifier]:
-    """Verifiers of sim evidence by host id, from the simulated hosts this worker can read:
-    ``<home>/sim-host`` and every ``<home>/hosts/*`` (their root CAs, nothing secret). An
-    unknown host raises ValueError (the migration names it)."""
-
-    def verifier(host_id: str) -> PlatformVerifier:
-        candidates = [settings.home / "sim-host", *sorted((settings.home / "hosts").glob("*"))]
-        for directory in candidates:
-            try:
-                root = (directory / ROOT_CA_CERT_FILE).read_bytes()
-                found = host_id_of(root)
-            except (OSError, ValueError):
-                continue
-            if found == host_id:
-                return SimVerifier(root)
-        raise ValueError(f"no simulated host with id {host_id} under {settings.home} (sim-host, hosts/*)")
-
-    return verifier
-
-
 def agent_peers(settings: Settings) -> PeerFor:
     """Registered agents reached with the default caller's token from ``<home>/agent/<generation>``
     (the state directory ``rekey agent serve`` uses unless ``--state-dir``)."""
@@ -109,19 +96,24 @@ def build_worker(
     peers: PeerFor | None = None,
     verifiers: Callable[[str], PlatformVerifier] | None = None,
     witness: ResettableWitness | None = None,
+    release_policies: ReleasePolicyStore | None = None,
+    token_signer: ResultSigner | None = None,
 ) -> Worker:
+    """``release_policies`` (default: the KMS adapters' store, `rekey.backends.release_store`)
+    and ``token_signer`` (default `rekey.backends.release_token_signer`): what a migration of
+    KMS-wrapped state widens and narrows, and what signs the new agents' release tokens."""
     store = store or SealedStateStore(settings.store_url)
-    activities = RotationActivities(
-        adapters or (lambda ref: adapter_for(settings, ref)),
-        store,
-        audit or audit_sink(settings),
-    )
+    sink = audit or audit_sink(settings)
+    activities = RotationActivities(adapters or (lambda ref: adapter_for(settings, ref)), store, sink)
     migration = MigrationActivities(
         store,
         peers or agent_peers(settings),
         verifiers or sim_verifiers(settings),
         # Hand-offs keep the freshness checkpoints naming the blobs the store holds.
         witness if witness is not None else witness_for(settings, signer=signer_for(settings)),
+        release_policies=release_policies if release_policies is not None else release_store(settings),
+        token_signer=token_signer or release_token_signer(settings),
+        audit=sink,
     )
     return Worker(
         worker_client(client),

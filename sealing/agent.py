@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from attestation.claims import Claims
 from attestation.errors import NonceMismatch, PolicyDenied
@@ -36,6 +36,7 @@ from attestation.platform import PlatformVerifier
 from attestation.policy import CLOCK_SKEW
 from sealing import envelope
 from sealing.envelope import SealingPolicy
+from sealing.errors import InvalidWrappedKey, SealingError, TamperedBlob
 from sealing.generation import GenerationManifest
 from sealing.handoff import (
     PROTOCOL,
@@ -44,6 +45,7 @@ from sealing.handoff import (
     HandoffKeyPair,
     ItemLabel,
     fingerprint,
+    release_info,
     report_data_for,
     seal_to,
 )
@@ -79,6 +81,21 @@ def _unb64(text: Any, what: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except ValueError:
         raise HandoffError(f"{what} is not valid base64") from None
+
+
+class KmsUnavailable(SealingError):
+    """The agent cannot reach a KMS for this key (it has no KMS settings, or not for that
+    backend): it opens and re-binds hardware-sealed state only."""
+
+
+class KeyReleaser(Protocol):
+    """The attested release gate of one KMS key, as the agent uses it
+    (`kms_adapters.contract.KmsAdapter` is one): ``release`` answers the DEK encrypted to the
+    recipient key (HPKE, `sealing.handoff.release_info`), never in plaintext."""
+
+    def version_of(self, wrapped: bytes) -> int: ...
+
+    def release(self, wrapped: bytes, attestation_result: str, recipient_public_key: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -178,8 +195,12 @@ class EnclaveAgent:
         *,
         clock: Callable[[], datetime] = _now,
         max_evidence_age: timedelta = timedelta(minutes=5),
+        releaser: Callable[[str], KeyReleaser] | None = None,
     ) -> None:
+        """``releaser``: the release gate of a key ref, with this agent's own KMS settings
+        (None: the agent has none and refuses KMS-wrapped state with `KmsUnavailable`)."""
         self.manifest = manifest
+        self._releaser = releaser
         self._enclave = enclave
         self._verifier = verifier
         self._clock = clock
@@ -267,13 +288,79 @@ class EnclaveAgent:
     def unseal(self, blob: bytes) -> bytes:
         return self._enclave.unseal(blob)
 
-    def check(self, blob: bytes) -> dict[str, Any]:
+    def check(self, blob: bytes, token: str | None = None) -> dict[str, Any]:
         """Open ``blob`` here and answer only that it opened (its namespace, name and version):
         a health gate learns that the new generation can read its state without the
-        plaintext ever leaving the enclave."""
-        self._enclave.unseal(blob)
-        header = envelope.parse(blob).header
+        plaintext ever leaving the enclave. A KMS-wrapped blob opens through the release gate
+        with ``token`` (this agent's attestation result)."""
+        parsed = envelope.parse(blob)
+        if parsed.header.policy is SealingPolicy.KMS:
+            if token is None:
+                raise HandoffError("a KMS-wrapped blob opens only with an attestation result token")
+            self.open_kms(blob, token)
+        else:
+            self._enclave.unseal(blob)
+        header = parsed.header
         return {"opens": True, "namespace": header.namespace, "name": header.name, "version": header.version}
+
+    # ------------------------------------------------------------------- KMS-wrapped state
+
+    def _released_dek(self, parsed: envelope.SealedBlob, token: str) -> bytes:
+        """The blob's DEK, released by its key's gate to this agent's attested key and opened
+        here. The gate (`KeyReleaser.release`) checks ``token`` against the key's release
+        policy; for Transit it unwraps in this process, where the KMS token is."""
+        if self._releaser is None:
+            raise KmsUnavailable(
+                "this agent has no KMS settings: it cannot open or re-bind KMS-wrapped state"
+            )
+        if not isinstance(token, str) or not token:
+            raise HandoffError("an attestation result token is required")
+        key_ref = parsed.header.key_ref
+        releaser = self._releaser(key_ref)
+        try:
+            named = releaser.version_of(parsed.wrapped_dek)
+        except InvalidWrappedKey:
+            raise TamperedBlob("sealed blob key slot does not hold a wrapped DEK for this key") from None
+        if named != parsed.key_version:
+            raise TamperedBlob(
+                f"sealed blob key slot says version {parsed.key_version} but its wrapped DEK is"
+                f" version {named}"
+            )
+        released = releaser.release(parsed.wrapped_dek, token, self.public_key)
+        return self._keys.open(released, release_info(key_ref))
+
+    @staticmethod
+    def _kms_blob(blob: bytes) -> envelope.SealedBlob:
+        parsed = envelope.parse(blob)
+        if parsed.header.policy is not SealingPolicy.KMS:
+            raise HandoffError(f"sealed blob {parsed.header.blob_id} is hardware-sealed, not KMS-wrapped")
+        return parsed
+
+    def open_kms(self, blob: bytes, token: str) -> bytes:
+        """Open a KMS-wrapped blob through the attested release gate (`unseal`'s sibling: the
+        transport gives the plaintext to the authenticated local caller only)."""
+        parsed = self._kms_blob(blob)
+        return envelope.open_with_dek(parsed, self._released_dek(parsed, token))
+
+    def rebind(self, blobs: list[bytes], *, from_generation: str, token: str) -> list[bytes]:
+        """Bind each KMS-wrapped blob of ``from_generation`` to this agent's generation: its DEK
+        is released to this agent (``token``: this agent's attestation result), its body
+        decrypted under the old header and encrypted again under the same DEK and a header
+        naming this generation (`sealing.envelope.rebound`). Nothing but the new blobs leaves
+        the agent; all of them or none (a blob of another generation, or a hardware-sealed
+        one, refuses the whole batch before any release)."""
+        if from_generation == self.manifest.id:
+            raise HandoffError(
+                f"the blobs are to be re-bound from {from_generation}, this agent's own generation"
+            )
+        parsed = [self._kms_blob(blob) for blob in blobs]
+        for item in parsed:
+            if item.header.generation != from_generation:
+                raise HandoffError(
+                    f"sealed blob {item.header.blob_id} is bound to generation"
+                    f" {item.header.generation}, not {from_generation}"
+                )
+        return [envelope.rebound(item, self._released_dek(item, token), self.manifest.id) for item in parsed]
 
     # ------------------------------------------------------------------------------ handoff
 
@@ -379,4 +466,12 @@ class EnclaveAgent:
         ]
 
 
-__all__ = ["MAX_SEAL_VERSION", "PROTOCOL", "Attestation", "EnclaveAgent", "migration_reasons"]
+__all__ = [
+    "MAX_SEAL_VERSION",
+    "PROTOCOL",
+    "Attestation",
+    "EnclaveAgent",
+    "KeyReleaser",
+    "KmsUnavailable",
+    "migration_reasons",
+]

@@ -576,3 +576,41 @@ def rewrap(blob: bytes, wrapper: KeyWrapper) -> bytes:
     except InvalidWrappedKey:
         raise TamperedBlob("sealed blob's wrapped DEK does not unwrap") from None
     return parsed.with_key_slot(wrapped).to_bytes()
+
+
+def open_with_dek(blob: SealedBlob, dek: bytes) -> bytes:
+    """Authenticate and decrypt a parsed KMS blob with its already unwrapped DEK (an enclave
+    that obtained the DEK through the attested release gate)."""
+    if blob.header.policy is not SealingPolicy.KMS:
+        raise TamperedBlob(f"sealed blob {blob.header.blob_id} is not KMS-wrapped")
+    if len(dek) != DEK_BYTES:
+        raise TamperedBlob("sealed blob's released DEK has the wrong length")
+    try:
+        return AESGCM(dek).decrypt(blob.nonce, blob.ciphertext, blob.aad)
+    except InvalidTag:
+        raise TamperedBlob(f"sealed blob {blob.header.blob_id} failed authentication") from None
+
+
+def rebound(blob: SealedBlob, dek: bytes, generation: str) -> bytes:
+    """``blob`` bound to ``generation``: the body decrypted with ``dek`` and encrypted again
+    under the same DEK with a fresh nonce and the header naming ``generation`` (the header is
+    the body's associated data, so it cannot just be edited). The key slot (wrapped DEK, key
+    version) is kept: the DEK did not change, so no KMS call is needed to wrap it."""
+    data = open_with_dek(blob, dek)
+    header = blob.header._replace(generation=generation)
+    header_bytes = header.encode()
+    if len(header_bytes) > 0xFFFF:
+        raise ValueError("sealed blob header is too large")
+    aad = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes)) + header_bytes
+    nonce = os.urandom(NONCE_BYTES)
+    ciphertext = AESGCM(dek).encrypt(nonce, data, aad)
+    return b"".join(
+        (
+            aad,
+            _SLOT.pack(blob.key_version, len(blob.wrapped_dek)),
+            blob.wrapped_dek,
+            nonce,
+            _BODY_LEN.pack(len(ciphertext)),
+            ciphertext,
+        )
+    )

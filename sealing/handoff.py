@@ -87,6 +87,15 @@ class ItemLabel:
         return b"\x00".join((PROTOCOL, self.namespace.encode(), self.name.encode(), self.policy.encode()))
 
 
+RELEASE_CONTEXT = b"rekey-release-v1"
+
+
+def release_info(key_ref: str) -> bytes:
+    """The HPKE ``info`` of a DEK released to an attested recipient for ``key_ref``
+    (`kms_adapters.release.encrypt_for_recipient` encrypts under it, the agent opens with it)."""
+    return RELEASE_CONTEXT + b"\x00" + key_ref.encode()
+
+
 def seal_to(public_bytes: bytes, label: ItemLabel, secret: bytes) -> bytes:
     return SUITE.encrypt(secret, load_public_key(public_bytes), info=label.info())
 

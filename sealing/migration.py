@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -105,6 +106,10 @@ class FleetHost:
     old_agent: AgentRecord | None = None
     new_agent: AgentRecord | None = None
     tee_blobs: int = 0
+    kms_share: bool = False  # the host's new agent re-binds the KMS-wrapped blobs in [kms_lo, kms_hi)
+    kms_lo: str | None = None
+    kms_hi: str | None = None
+    kms_blobs: int = 0
 
 
 @dataclass
@@ -117,6 +122,26 @@ class FleetView:
 
     def diff(self) -> dict[str, Any]:
         return diff(self.old, self.new).to_dict()
+
+
+Share = tuple[str, str | None, str | None]
+"""A host's share of the KMS-wrapped blobs: (host id, lowest blob id, first blob id past the
+share); None: unbounded."""
+
+
+def kms_shares(host_ids: list[str]) -> list[Share]:
+    """The blob-id range of each host (sorted): the 128-bit UUID space in equal parts, the
+    first from nothing, the last to nothing, so that every blob id is in exactly one."""
+    hosts = sorted(host_ids)
+    n = len(hosts)
+    bounds: list[str | None] = [None]
+    bounds += [str(uuid.UUID(int=(k << 128) // n)) for k in range(1, n)]
+    bounds.append(None)
+    return [(host, bounds[i], bounds[i + 1]) for i, host in enumerate(hosts)]
+
+
+def in_share(blob_id: str, lo: str | None, hi: str | None) -> bool:
+    return (lo is None or blob_id >= lo) and (hi is None or blob_id < hi)
 
 
 def manifest_of(store: SealedStateStore, generation: str) -> GenerationManifest:
@@ -134,12 +159,16 @@ def _latest(records: list[AgentRecord]) -> AgentRecord | None:
 def plan_fleet(store: SealedStateStore, old_generation: str, new_generation: str) -> FleetView:
     """Every host with an agent of either generation or old-generation hardware-sealed blobs:
     its (most recently started) old and new agent and its blob count; ``reasons`` lists every
-    host that cannot migrate (blobs but no agent of one generation, no new agent at all)."""
+    host that cannot migrate (blobs but no agent of one generation, no new agent at all).
+
+    When the old generation has KMS-wrapped blobs, every host with a new agent takes part and
+    gets a share of them (`sealing.kms_migration.kms_shares`)."""
     view = FleetView(manifest_of(store, old_generation), manifest_of(store, new_generation))
     counts = store.count_tee_by_host(old_generation)
     olds = store.list_agents(generation=old_generation)
     news = store.list_agents(generation=new_generation)
     host_ids = sorted({*counts, *(a.host_id for a in olds), *(a.host_id for a in news)})
+    kms = max(0, store.count_by_generation().get(old_generation, 0) - sum(counts.values()))
     for host in host_ids:
         entry = FleetHost(
             host,
@@ -157,13 +186,25 @@ def plan_fleet(store: SealedStateStore, old_generation: str, new_generation: str
                 f"host {host} holds {entry.tee_blobs} hardware-sealed blobs of {old_generation} but no agent"
                 f" of {old_generation} is registered there to hand them off"
             )
-        if entry.tee_blobs or (entry.old_agent and entry.new_agent):
+        if entry.tee_blobs or (entry.old_agent and entry.new_agent) or (kms and entry.new_agent):
             view.hosts.append(entry)
     if not any(h.new_agent for h in view.hosts):
         view.reasons.append(f"no agent of {new_generation} is registered")
-    by_generation = store.count_by_generation()
-    tee = sum(counts.values())
-    view.kms_blobs = max(0, by_generation.get(old_generation, 0) - tee)
+    if kms:
+        view.kms_blobs = kms
+        sharing = [h for h in view.hosts if h.new_agent is not None]
+        if not sharing:
+            view.reasons.append(
+                f"{kms} KMS-wrapped blobs of {old_generation} need an agent of {new_generation} to"
+                " re-bind them, and none is registered"
+            )
+        by_host = {h.host_id: h for h in sharing}
+        shares = kms_shares(list(by_host))
+        found = store.count_kms_in_shares(old_generation, shares)
+        for host_id, lo, hi in shares:
+            entry = by_host[host_id]
+            entry.kms_share, entry.kms_lo, entry.kms_hi = True, lo, hi
+            entry.kms_blobs = found.get(host_id, 0)
     return view
 
 
@@ -410,7 +451,7 @@ def gate_sample(
     that are still the new generation's): (how many opened, why the others did not)."""
     failures: list[str] = []
     checked = 0
-    for blob_id in store.copies(migration_id, host, sample):
+    for blob_id in store.copies(migration_id, host, sample, kind="tee"):
         try:
             record = store.get(blob_id)
         except RecordNotFound:

@@ -61,8 +61,9 @@ anchors it, as for KMS blobs. The row records the
 host the blob is bound to (a sealing key derives from that machine's root key, so the blob opens
 nowhere else). `SealedState.get` opens a ``tee`` blob only through an enclave on that host: for
 another host it raises `HostMismatch` (naming both) before the blob is sent anywhere, and without
-an enclave `EnclaveRequired`. Opening a KMS-wrapped blob through an enclave (the attested release
-gate) is not done here yet: `EnclaveOpenUnsupported`.
+an enclave `EnclaveRequired`. A KMS-wrapped blob opens with the configured KMS credentials, or
+through an enclave (`EnclaveSealer.open_kms`: its DEK is released to the enclave's attested key
+by the key's release gate, which refuses a generation its release policy does not admit).
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class EnclaveRequired(SealingError):
 
 
 class EnclaveOpenUnsupported(SealingError):
-    """A KMS-wrapped blob was to be opened through an enclave (the attested release gate), which
-    this release does not do; it opens with the operator's KMS credentials."""
+    """A KMS-wrapped blob was to be opened through an enclave that cannot do it (kept for
+    callers of earlier releases; `SealedState` opens KMS-wrapped blobs through enclaves now)."""
 
     exit_code = 2
 
@@ -167,6 +168,12 @@ class EnclaveSealer(Protocol):
     ) -> bytes: ...
 
     def unseal(self, blob: bytes) -> bytes: ...
+
+    def open_kms(self, blob: bytes) -> bytes:
+        """Open a KMS-wrapped blob inside the enclave, its DEK released to it through the
+        key's attested release gate (refused, `EnclaveRefused`, when the key's release policy
+        does not admit the enclave's generation)."""
+        ...
 
 
 def blob_subject(namespace: str, name: str) -> str:
@@ -627,7 +634,8 @@ class SealedState:
         """Open the blob stored under (namespace, name); `InvalidName` for a name outside the
         allowed ones (`sealing.names`), even if a row stored before the rule has it. A
         hardware-sealed blob opens only through ``sealer`` on its host (`HostMismatch`,
-        `EnclaveRequired`); a KMS-wrapped one only without ``sealer`` (`EnclaveOpenUnsupported`)."""
+        `EnclaveRequired`); a KMS-wrapped one with the configured KMS credentials, or with
+        ``sealer`` inside that enclave after an attested release (`EnclaveSealer.open_kms`)."""
         check_namespace(namespace)
         check_name(name)
         return self.open_record(self._store.get_by_name(namespace, name), sealer)
@@ -680,13 +688,10 @@ class SealedState:
                     f" runs on host {sealer.host_id}: it cannot open it (use an agent on {record.host});"
                     " the blob was not sent"
                 )
-        elif sealer is not None:
-            raise EnclaveOpenUnsupported(
-                f"sealed blob {item} is KMS-wrapped (under {record.key_ref}); opening it through an"
-                " agent (the attested release gate) is not supported yet: get it without --agent"
-            )
 
         def open_it() -> bytes:
+            if sealer is not None and record.kind == "kms":
+                return sealer.open_kms(record.blob)  # through the attested release gate
             if sealer is not None:
                 return sealer.unseal(record.blob)
             return envelope.open_parsed(parsed, self._wrapper_for(record.key_ref))

@@ -10,15 +10,19 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
   stored changes (``refused``).
 * WIDENING: the release policies of keys wrapping old-generation state admit both generations.
 * HANDING_OFF: waves over hosts (cumulative percentages, at least one host a wave); within a
-  wave one batch per host at a time, the hosts in parallel. After each wave a health gate (the
+  wave one batch per host at a time, the hosts in parallel: first its hardware-sealed blobs
+  (old agent to new), then its share of the KMS-wrapped ones (a blob-id range the plan gave
+  it), which its new agent re-binds after an attested release. After each wave a health gate (the
   new agents unseal a sample). A failed gate or a new agent that fails mid-wave rolls back every
   moved blob to its old copy and ends ROLLED_BACK (``rollback``), or pauses (``pause``). A host
   whose old agent does not answer stops the migration (``held``, naming the host) before
   anything on that host changes; ``resume`` tries again.
-* VERIFYING: no hardware-sealed blob of the old generation may be left (else those hosts are
-  swept again, at most MAX_SWEEPS times); the new agents unseal a sample of every host.
+* VERIFYING: no blob of the old generation may be left, hardware-sealed on a host or
+  KMS-wrapped in a host's share (else those hosts are swept again, at most MAX_SWEEPS times);
+  the new agents open a sample of every host's (both kinds).
 * AWAITING_COMMIT: the grace period (a durable timer) or ``approve``; a pause holds it.
 * NARROWING: release policies admit only the new generation; the old copies are deleted.
+  A rollback (abort, failed wave) restores the release policies recorded at WIDENING.
 
 Deterministic: no I/O, no cryptography; nonces come from ``workflow.uuid4``; only ids, cursors,
 nonces and counts in its state. Activities (``activities.migration``) do the work.
@@ -50,7 +54,9 @@ with workflow.unsafe.imports_passed_through():
         GateResult,
         HandoffInput,
         HandoffResult,
+        KmsRemainingInput,
         NarrowInput,
+        RebindInput,
         ReleaseInput,
         RemainingInput,
         RollbackInput,
@@ -349,7 +355,19 @@ class MigrateGenerationWorkflow(MigrationControls):
             if fleet.reasons:
                 return await self._refuse(fleet.reasons)
             hosts = sorted(fleet.hosts, key=lambda h: h.host_id)
-            s.hosts = [HostCount(h.host_id, h.old_agent, h.new_agent, total=h.tee_blobs) for h in hosts]
+            s.hosts = [
+                HostCount(
+                    h.host_id,
+                    h.old_agent,
+                    h.new_agent,
+                    total=h.tee_blobs,
+                    kms_share=h.kms_share,
+                    kms_lo=h.kms_lo,
+                    kms_hi=h.kms_hi,
+                    kms_total=h.kms_blobs,
+                )
+                for h in hosts
+            ]
             s.waves = []
             for k, ids in enumerate(split_waves([h.host_id for h in hosts], list(request.waves)), start=1):
                 s.waves.append(WaveCount(k, ids))
@@ -422,6 +440,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                     "of": len(s.waves),
                     "hosts": list(wave.hosts),
                     "moved": wave.moved,
+                    "kms_moved": wave.kms_moved,
                     "conflicts": wave.conflicts,
                     "attestations": wave.attestations,
                     "gate_checked": checked,
@@ -437,6 +456,9 @@ class MigrateGenerationWorkflow(MigrationControls):
         rolled back); continues as new (raises) when the history asks for it."""
         s = self._state
         while True:
+            for host in hosts:
+                if host.state == MOVING and not host.next_step():
+                    host.state = MOVED
             moving = [h for h in hosts if h.state == MOVING]
             if not moving:
                 return True
@@ -446,34 +468,14 @@ class MigrateGenerationWorkflow(MigrationControls):
             if workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(MigrateInput(**{**request.__dict__, "state": s}))
+            steps = [h.next_step() for h in moving]
             results = await asyncio.gather(
-                *(
-                    self._activity(
-                        "migration_handoff",
-                        HandoffInput(
-                            self._id,
-                            request.from_generation,
-                            request.to_generation,
-                            h.host_id,
-                            h.old_agent,
-                            h.new_agent,
-                            h.cursor,
-                            request.batch_size,
-                            request.allow_same_svn,
-                            HANDOFF_BATCHES_PER_CALL,
-                        ),
-                        HandoffResult,
-                        timeout=900,
-                        heartbeat=120,
-                        retry=AGENT_RETRY,
-                    )
-                    for h in moving
-                ),
+                *(self._step(request, h, step) for h, step in zip(moving, steps, strict=True)),
                 return_exceptions=True,
             )
             unreachable: list[str] = []
             failed: list[str] = []
-            for host, result in zip(moving, results, strict=True):
+            for host, step, result in zip(moving, steps, results, strict=True):
                 if isinstance(result, BaseException):
                     if not isinstance(result, ActivityError):
                         raise result
@@ -483,19 +485,33 @@ class MigrateGenerationWorkflow(MigrationControls):
                         failed.append(f"host {host.host_id}: {_reason(result)}")
                     continue
                 result = _as(result, HandoffResult)
-                host.moved += result.moved
-                host.conflicts += result.conflicts
-                # Written by the new generation meanwhile: nothing left to move for those.
-                host.total = max(host.moved, host.total - result.skipped)
-                host.cursor = result.cursor
                 s.attestations += result.attestations
                 if wave is not None:
-                    wave.moved += result.moved
-                    wave.conflicts += result.conflicts
                     wave.attestations += result.attestations
-                if result.done:
+                if step == "kms":
+                    host.kms_moved += result.moved
+                    host.kms_conflicts += result.conflicts
+                    host.kms_total = max(host.kms_moved, host.kms_total - result.skipped)
+                    host.kms_cursor = result.cursor
+                    if wave is not None:
+                        wave.kms_moved += result.moved
+                    if result.done:
+                        host.kms_done = True
+                        host.kms_total = max(host.kms_total, host.kms_moved)
+                else:
+                    host.moved += result.moved
+                    host.conflicts += result.conflicts
+                    # Written by the new generation meanwhile: nothing left to move for those.
+                    host.total = max(host.moved, host.total - result.skipped)
+                    host.cursor = result.cursor
+                    if wave is not None:
+                        wave.moved += result.moved
+                        wave.conflicts += result.conflicts
+                    if result.done:
+                        host.tee_done = True
+                        host.total = max(host.total, host.moved)
+                if not host.next_step():
                     host.state = MOVED
-                    host.total = max(host.total, host.moved)
             s.updated_at = self._now()
             self._publish()
             if failed:
@@ -507,6 +523,48 @@ class MigrateGenerationWorkflow(MigrationControls):
                     + ": nothing on that host was changed; resume once its old agent is back"
                 )
                 raise _Held
+
+    def _step(self, request: MigrateInput, h: HostCount, step: str) -> Any:
+        """The activity that moves the next batch of ``h``: a hand-off of hardware-sealed blobs
+        (old agent to new) or a re-binding of KMS-wrapped ones (new agent)."""
+        if step == "kms":
+            return self._activity(
+                "migration_rebind",
+                RebindInput(
+                    self._id,
+                    request.from_generation,
+                    request.to_generation,
+                    h.host_id,
+                    h.new_agent,
+                    h.kms_lo,
+                    h.kms_hi,
+                    h.kms_cursor,
+                    request.batch_size,
+                ),
+                HandoffResult,
+                timeout=900,
+                heartbeat=120,
+                retry=AGENT_RETRY,
+            )
+        return self._activity(
+            "migration_handoff",
+            HandoffInput(
+                self._id,
+                request.from_generation,
+                request.to_generation,
+                h.host_id,
+                h.old_agent,
+                h.new_agent,
+                h.cursor,
+                request.batch_size,
+                request.allow_same_svn,
+                HANDOFF_BATCHES_PER_CALL,
+            ),
+            HandoffResult,
+            timeout=900,
+            heartbeat=120,
+            retry=AGENT_RETRY,
+        )
 
     async def _gate(self, request: MigrateInput, hosts: list[HostCount]) -> int | None:
         """The new agents unseal a sample of what moved to them; None when it failed (the
@@ -613,19 +671,33 @@ class MigrateGenerationWorkflow(MigrationControls):
             )
             raise _Held
         left = {host: int(n) for host, n in remaining.items() if n}
-        if left:
+        kms_left: dict[str, int] = {}
+        sharing = [h.plan() for h in s.hosts if h.kms_share]
+        if sharing:
+            found = await self._activity(
+                "migration_kms_remaining", KmsRemainingInput(request.from_generation, sharing), dict[str, int]
+            )
+            kms_left = {host: int(n) for host, n in _as(found, dict).items() if n}
+        if left or kms_left:
             s.sweeps += 1
+            total = sum(left.values()) + sum(kms_left.values())
             if s.sweeps > MAX_SWEEPS:
                 s.sweeps = 0
-                self._hold(
-                    f"{sum(left.values())} blobs still on {request.from_generation} after {MAX_SWEEPS} sweeps"
-                )
+                self._hold(f"{total} blobs still on {request.from_generation} after {MAX_SWEEPS} sweeps")
                 raise _Held
-            hosts = [h for h in s.hosts if h.host_id in left]
+            hosts = [h for h in s.hosts if h.host_id in left or h.host_id in kms_left]
             for host in hosts:
-                host.state, host.cursor = MOVING, None
-                host.total += left[host.host_id]
-            await self._audit("migration.sweep", {"sweep": s.sweeps, "remaining": sum(left.values())})
+                host.state = MOVING
+                if host.host_id in left:
+                    host.cursor, host.tee_done = None, False
+                    host.total += left[host.host_id]
+                if host.host_id in kms_left:
+                    host.kms_cursor, host.kms_done = None, False
+                    host.kms_total += kms_left[host.host_id]
+            await self._audit(
+                "migration.sweep",
+                {"sweep": s.sweeps, "remaining": sum(left.values()), "kms_remaining": sum(kms_left.values())},
+            )
             await self._move(request, hosts, None)
             return  # VERIFYING again: count once more
         checked = await self._gate(request, s.hosts)
@@ -664,5 +736,10 @@ class MigrateGenerationWorkflow(MigrationControls):
         await self._phase(DONE)
         s = self._state
         await self._audit(
-            "migration.done", {"moved": sum(h.moved for h in s.hosts), "attestations": s.attestations}
+            "migration.done",
+            {
+                "moved": sum(h.moved for h in s.hosts),
+                "kms_moved": sum(h.kms_moved for h in s.hosts),
+                "attestations": s.attestations,
+            },
         )

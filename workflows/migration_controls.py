@@ -43,7 +43,17 @@ class MigrationControls:
         request = self._input
         hosts = [
             HostProgress(
-                h.host_id, h.wave, h.state, h.total, h.moved, h.remaining, h.conflicts, h.rolled_back
+                h.host_id,
+                h.wave,
+                h.state,
+                h.total,
+                h.moved,
+                h.remaining,
+                h.conflicts,
+                h.rolled_back,
+                h.kms_total,
+                h.kms_moved,
+                h.kms_remaining,
             )
             for h in s.hosts
         ]
@@ -80,6 +90,9 @@ class MigrationControls:
             on_failure=request.on_failure if request else "",
             started_by=request.started_by if request else "",
             note=s.note,
+            kms_moved=sum(h.kms_moved for h in s.hosts),
+            kms_remaining=sum(h.kms_remaining for h in s.hosts),
+            kms_conflicts=sum(h.kms_conflicts for h in s.hosts),
         )
 
     def _publish(self) -> None:

@@ -41,13 +41,46 @@ class HostCount:
     rolled_back: int = 0
     state: str = PENDING
     cursor: str | None = None
+    tee_done: bool = False
+    # The host's share of the KMS-wrapped blobs (blob ids in [kms_lo, kms_hi)), re-bound by its
+    # new agent after its hardware-sealed blobs; counted apart from them.
+    kms_share: bool = False
+    kms_lo: str | None = None
+    kms_hi: str | None = None
+    kms_total: int = 0
+    kms_moved: int = 0
+    kms_conflicts: int = 0
+    kms_cursor: str | None = None
+    kms_done: bool = False
 
     @property
     def remaining(self) -> int:
         return max(0, self.total - self.moved) if self.state != HOST_ROLLED_BACK else self.total
 
+    @property
+    def kms_remaining(self) -> int:
+        return max(0, self.kms_total - self.kms_moved) if self.state != HOST_ROLLED_BACK else self.kms_total
+
+    def next_step(self) -> str:
+        """What the host moves next: ``tee`` (its hardware-sealed blobs, through its old agent),
+        ``kms`` (its share of the KMS-wrapped blobs), or "" (nothing: it has moved)."""
+        if not self.tee_done and self.old_agent:
+            return "tee"
+        if self.kms_share and not self.kms_done:
+            return "kms"
+        return ""
+
     def plan(self) -> HostPlan:
-        return HostPlan(self.host_id, self.old_agent, self.new_agent, self.total)
+        return HostPlan(
+            self.host_id,
+            self.old_agent,
+            self.new_agent,
+            self.total,
+            self.kms_share,
+            self.kms_lo,
+            self.kms_hi,
+            self.kms_total,
+        )
 
 
 @dataclass
@@ -61,6 +94,7 @@ class WaveCount:
     gate: str = ""  # "", passed, failed
     gate_checked: int = 0
     state: str = PENDING  # pending | moving | moved | rolled_back
+    kms_moved: int = 0
 
 
 @dataclass
@@ -114,6 +148,9 @@ class HostProgress:
     remaining: int
     conflicts: int
     rolled_back: int
+    kms_total: int = 0
+    kms_moved: int = 0
+    kms_remaining: int = 0
 
 
 @dataclass
@@ -143,6 +180,9 @@ class MigrationProgress:
     on_failure: str = ""
     started_by: str = ""
     note: str = ""
+    kms_moved: int = 0  # KMS-wrapped blobs re-bound to the new generation
+    kms_remaining: int = 0
+    kms_conflicts: int = 0
 
 
 def migration_id(from_generation: str, to_generation: str) -> str:

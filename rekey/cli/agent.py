@@ -25,6 +25,7 @@ from rekey.agent_auth import (
     token_path,
 )
 from rekey.agent_server import ServerLimits, make_server
+from rekey.backends import agent_releaser
 from rekey.cli.context import settings, sim_host_dir, store
 from rekey.cli.output import EXIT_FAILED, CliError, emit_json, err, json_option, out, printable, table
 from rekey.fleet import DEFAULT_REFRESH_SECONDS, FleetMembership
@@ -253,7 +254,11 @@ def serve(
         raise ManifestError(f"{manifest_path}: field 'platform': {manifest.platform} is not {platform}")
     host = SimHost.load_or_create(sim_host_dir(host_dir))
     enclave = host.enclave(EnclaveIdentity.from_manifest(manifest))
-    agent = EnclaveAgent(manifest, enclave, SimVerifier(host.root_ca_pem()))
+    # KMS-wrapped state opens and is re-bound inside the agent, with its own KMS settings
+    # (`rekey.backends`): for Transit the release gate unwraps in this process.
+    agent = EnclaveAgent(
+        manifest, enclave, SimVerifier(host.root_ca_pem()), releaser=agent_releaser(settings())
+    )
     directory = _state_dir(state_dir, manifest.id)
     try:
         tokens = create_tokens(directory, list(callers))

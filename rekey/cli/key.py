@@ -9,8 +9,9 @@ import click
 from kms_adapters.errors import KmsError
 from kms_adapters.keyref import InvalidKeyRef
 from rekey.backends import adapter_for, lister_for
-from rekey.cli.context import settings
+from rekey.cli.context import settings, store
 from rekey.cli.output import emit_json, json_option, out, table
+from rekey.client.release_policies import admitted_generations, release_policy, set_release_policy
 from rekey.config import ConfigError
 
 
@@ -91,3 +92,69 @@ def list_(backends: tuple[str, ...], json_out: bool) -> None:
         states = ", ".join(f"v{v['version']} {v['state']}" for v in row["versions"])
         keys.add_row(row["key_ref"], row["type"], row["rotation_mode"], str(row["primary_version"]), states)
     out.print(keys if rows else "no keys")
+
+
+@cli.group("release-policy")
+def release_policy_group() -> None:
+    """Which generations' enclaves may obtain a key's DEKs (the attested release gate)."""
+
+
+def _policy_json(key_ref: str, policy: Any, generations: list[str]) -> dict[str, Any]:
+    return {
+        "key_ref": key_ref,
+        "policy": policy.policy.to_dict(),
+        "digest": policy.policy.digest,
+        "audience": policy.audience,
+        "generations": generations,
+    }
+
+
+def _print_policy(data: dict[str, Any]) -> None:
+    out.print(
+        f"{data['key_ref']}  release policy {data['policy']['id']}  audience {data['audience']}"
+        f"  admits {', '.join(data['generations']) or 'no registered generation'}",
+        markup=False,
+    )
+    rules = table("rule", "platform", "admits")
+    for i, rule in enumerate(data["policy"]["rules"], start=1):
+        if rule["measurements"] is not None:
+            what = "measurements " + ", ".join(m[:16] + "…" for m in rule["measurements"])
+        else:
+            what = f"signer {rule['signer'][:16]}… product {rule['product_id']} svn >= {rule['min_svn']}"
+        rules.add_row(str(i), rule["platform"], what)
+    out.print(rules)
+
+
+@release_policy_group.command("set")
+@click.argument("key_ref", metavar="KEYREF")
+@click.option(
+    "--generation",
+    "generations",
+    multiple=True,
+    required=True,
+    metavar="GEN",
+    help="A registered generation whose enclaves may obtain the key's DEKs (repeatable).",
+)
+@json_option
+def release_policy_set(key_ref: str, generations: tuple[str, ...], json_out: bool) -> None:
+    """Give KEYREF a release policy admitting exactly the given generations (one measurement
+    rule each, from the registered manifest), trusting this installation's verifier key
+    (<home>/verifier/es256.pem). It replaces the key's policy; a migration widens and narrows
+    it from there."""
+    current = settings()
+    with store() as sealed_store:
+        policy = set_release_policy(current, sealed_store, key_ref, list(generations))
+        data = _policy_json(key_ref, policy, admitted_generations(sealed_store, policy))
+    emit_json(data) if json_out else _print_policy(data)
+
+
+@release_policy_group.command("show")
+@click.argument("key_ref", metavar="KEYREF")
+@json_option
+def release_policy_show(key_ref: str, json_out: bool) -> None:
+    """Show KEYREF's release policy and the registered generations it admits."""
+    current = settings()
+    policy = release_policy(current, key_ref)
+    with store() as sealed_store:
+        data = _policy_json(key_ref, policy, admitted_generations(sealed_store, policy))
+    emit_json(data) if json_out else _print_policy(data)

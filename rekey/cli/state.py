@@ -20,6 +20,7 @@ from rekey.cli.agent import _caller_name, client_for, url_option_check
 from rekey.cli.context import STORE_SETTING, settings, store
 from rekey.cli.files import read_input, write_output
 from rekey.cli.output import CliError, emit_json, err, json_option, out, table
+from rekey.client.release_policies import agent_release_token
 from sealing.keywrap import KeyWrapper
 from sealing.names import InvalidName, check_generation_id, check_name, check_namespace, is_valid_name
 from sealing.state import SealedState, UnknownGeneration
@@ -90,7 +91,8 @@ agent_option = click.option(
     default=None,
     metavar="URL",
     callback=url_option_check,
-    help="Seal or open through the enclave agent at http://127.0.0.1:PORT (hardware-sealed state).",
+    help="Seal or open through the enclave agent at http://127.0.0.1:PORT (hardware-sealed state;"
+    " with get, KMS-wrapped state too, through the attested release gate).",
 )
 state_dir_option = click.option(
     "--state-dir",
@@ -114,7 +116,9 @@ def _agent_sealer(
     client = client_for(
         url, generation=generation, state_dir=state_dir, caller=caller, sealed_store=sealed_store
     )
-    return AgentSealer.connect(client)
+    # A KMS-wrapped item opens in the agent after an attested release (release tokens signed
+    # with this installation's verifier key; the key's release policy decides).
+    return AgentSealer.connect(client, agent_release_token(settings(), sealed_store))
 
 
 @cli.command("put")
@@ -272,7 +276,9 @@ def get(
 ) -> None:
     """Unseal a stored item into a file. A hardware-sealed item opens only through an agent
     (--agent) on the host it was sealed on; a KMS-wrapped one with the configured KMS
-    credentials (without --agent)."""
+    credentials (without --agent), or through an agent (--agent) after an attested release:
+    the agent attests, the key's release gate releases the DEK encrypted to the agent's key
+    (refused unless the key's release policy admits the agent's generation)."""
     if agent_url is None and (generation is not None or state_dir is not None or caller != DEFAULT_CALLER):
         raise click.UsageError("--generation, --state-dir and --caller go with --agent")
     with store() as sealed_store:

@@ -12,6 +12,11 @@ the row version the swap wrote). So:
   old-generation state already); one rewritten by the new generation is left as it is and
   reported: the copy would lose that write;
 * narrowing deletes the copies.
+
+KMS-wrapped blobs are not bound to a host; a migration gives each host a share of them (a
+blob id range, `kms_page`), and keeps the copy of a re-bound one under the host whose share it
+is, so the same rollback by host puts both kinds back. ``migration_release_policies`` keeps
+the release policy each widened key had before (`record_release_policy`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from sealing.names import check_generation_id, check_host_id
 from sealing.store.base import StoreBase
 from sealing.store.blobs import MAX_PAGE, _record
 from sealing.store.records import BlobRecord, require_bytes, require_int, require_str
-from sealing.store.schema import migration_copies, sealed_blobs
+from sealing.store.schema import migration_copies, migration_release_policies, sealed_blobs
 
 __all__ = ["MigrationCopies", "Restored"]
 
@@ -75,8 +80,98 @@ class MigrationCopies(StoreBase):
             rows = conn.execute(query).all()
         return {str(host): int(n) for host, n in rows}
 
+    def kms_page(
+        self, *, generation: str, lo: str | None, hi: str | None, after: str | None, limit: int
+    ) -> list[BlobRecord]:
+        """Up to ``limit`` KMS-wrapped blobs of ``generation`` with ``lo <= blob_id < hi`` (None:
+        unbounded), in blob id order after ``after``."""
+        check_generation_id(generation)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be an integer in 1..{MAX_PAGE}, got {limit!r}")
+        c = sealed_blobs.c
+        query = select(sealed_blobs).where(c.generation == generation, c.kind == "kms")
+        if lo is not None:
+            query = query.where(c.blob_id >= require_str("lo", lo))
+        if hi is not None:
+            query = query.where(c.blob_id < require_str("hi", hi))
+        if after is not None:
+            query = query.where(c.blob_id > require_str("after", after))
+        with self.transaction(f"listing of KMS-wrapped {generation} blobs") as conn:
+            rows = conn.execute(query.order_by(c.blob_id).limit(limit)).all()
+        return [_record(row) for row in rows]
+
+    def count_kms_in_shares(
+        self, generation: str, shares: Sequence[tuple[str, str | None, str | None]]
+    ) -> dict[str, int]:
+        """How many KMS-wrapped blobs of ``generation`` each (host, lo, hi) share holds."""
+        check_generation_id(generation)
+        c = sealed_blobs.c
+        counts: dict[str, int] = {}
+        with self.transaction(f"count of KMS-wrapped {generation} blobs") as conn:
+            for host, lo, hi in shares:
+                query = select(func.count()).where(c.generation == generation, c.kind == "kms")
+                if lo is not None:
+                    query = query.where(c.blob_id >= lo)
+                if hi is not None:
+                    query = query.where(c.blob_id < hi)
+                counts[host] = counts.get(host, 0) + int(conn.execute(query).scalar_one())
+        return counts
+
+    def kms_keys(self, generation: str) -> list[str]:
+        """The key refs that wrap KMS-wrapped blobs of ``generation``."""
+        c = sealed_blobs.c
+        query = (
+            select(c.key_ref)
+            .where(c.generation == check_generation_id(generation), c.kind == "kms")
+            .group_by(c.key_ref)
+            .order_by(c.key_ref)
+        )
+        with self.transaction(f"keys of KMS-wrapped {generation} blobs") as conn:
+            return [str(k) for k in conn.execute(query).scalars().all()]
+
+    def record_release_policy(self, migration_id: str, key_ref: str, policy: str) -> str:
+        """Record ``policy`` as ``key_ref``'s release policy before ``migration_id`` widened it,
+        unless one is recorded already; the recorded one (so a retried widening keeps the first)."""
+        require_str("migration_id", migration_id)
+        require_str("key_ref", key_ref)
+        require_str("policy", policy)
+        r = migration_release_policies.c
+        where = (r.migration_id == migration_id, r.key_ref == key_ref)
+        with self.transaction(f"release policy of {key_ref} for {migration_id}", write=True) as conn:
+            found = conn.execute(select(r.policy).where(*where)).scalar_one_or_none()
+            if found is not None:
+                return str(found)
+            conn.execute(
+                insert(migration_release_policies).values(
+                    migration_id=migration_id, key_ref=key_ref, policy=policy, recorded_at=_now()
+                )
+            )
+        return policy
+
+    def recorded_release_policies(self, migration_id: str) -> dict[str, str]:
+        """key ref -> the release policy it had before ``migration_id`` widened it."""
+        r = migration_release_policies.c
+        query = select(r.key_ref, r.policy).where(r.migration_id == migration_id).order_by(r.key_ref)
+        with self.transaction(f"release policies recorded for {migration_id}") as conn:
+            return {str(k): str(p) for k, p in conn.execute(query).all()}
+
+    def forget_release_policy(self, migration_id: str, key_ref: str) -> None:
+        """Drop the record of ``key_ref``'s policy before ``migration_id`` (it was put back)."""
+        r = migration_release_policies.c
+        with self.transaction(f"release policy of {key_ref} for {migration_id}", write=True) as conn:
+            conn.execute(
+                delete(migration_release_policies).where(r.migration_id == migration_id, r.key_ref == key_ref)
+            )
+
     def swap_keeping_copy(
-        self, migration_id: str, old: BlobRecord, *, blob: bytes, generation: str, key_version: int
+        self,
+        migration_id: str,
+        old: BlobRecord,
+        *,
+        blob: bytes,
+        generation: str,
+        key_version: int,
+        copy_host: str | None = None,
     ) -> bool:
         """Replace ``old``'s blob by ``blob`` of ``generation`` if its row is still at
         ``old.row_version``, and keep ``old`` as this migration's copy, in one transaction.
@@ -111,7 +206,7 @@ class MigrationCopies(StoreBase):
                 insert(migration_copies).values(
                     migration_id=migration_id,
                     blob_id=old.blob_id,
-                    host=old.host,
+                    host=old.host if copy_host is None else check_host_id(copy_host),
                     key_ref=old.key_ref,
                     key_version=old.key_version,
                     generation=old.generation,
@@ -122,15 +217,16 @@ class MigrationCopies(StoreBase):
             )
         return True
 
-    def copies(self, migration_id: str, host: str, limit: int) -> list[str]:
-        """Blob ids of up to ``limit`` copies this migration keeps for ``host``."""
+    def copies(self, migration_id: str, host: str, limit: int, kind: str | None = None) -> list[str]:
+        """Blob ids of up to ``limit`` copies this migration keeps for ``host`` (only of blobs
+        of ``kind``, ``tee`` or ``kms``, if given)."""
         m = migration_copies.c
-        query = (
-            select(m.blob_id)
-            .where(m.migration_id == migration_id, m.host == host)
-            .order_by(m.blob_id)
-            .limit(require_int("limit", limit, 0))
-        )
+        query = select(m.blob_id).where(m.migration_id == migration_id, m.host == host)
+        if kind is not None:
+            query = query.join(sealed_blobs, sealed_blobs.c.blob_id == m.blob_id).where(
+                sealed_blobs.c.kind == kind
+            )
+        query = query.order_by(m.blob_id).limit(require_int("limit", limit, 0))
         with self.transaction(f"listing of copies of {migration_id}") as conn:
             return [str(b) for b in conn.execute(query).scalars().all()]
 

@@ -60,6 +60,7 @@ __all__ = [
     "metadata",
     "migrate",
     "migration_copies",
+    "migration_release_policies",
     "rekey_schema",
     "rewrap_failures",
     "schema_owners",
@@ -205,6 +206,20 @@ migration_copies = Table(
 8): per (migration id, blob id) the blob as it was before the swap, with its key ref, key version
 and generation, and the row version the swap wrote, so a rollback restores the copy only over
 that very row (see `sealing.store.migrations`). NARROWING deletes them."""
+
+
+migration_release_policies = Table(
+    "migration_release_policies",
+    metadata,
+    Column("migration_id", String, primary_key=True),
+    Column("key_ref", String, primary_key=True),
+    Column("policy", Text, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+)
+"""The release policy each key had before a generation migration widened it (migration 9): per
+(migration id, key ref) the policy document as the release-policy store kept it, recorded once
+(a retried widening finds it and never records the widened one), so that narrowing derives from
+it and a rollback puts it back (see `sealing.store.migrations`)."""
 
 
 # --------------------------------------------------------------------------- migration steps
@@ -381,6 +396,20 @@ def _migration_8_migration_copies(conn: Connection) -> None:
     ).create(conn)
 
 
+def _migration_9_migration_release_policies(conn: Connection) -> None:
+    """Create ``migration_release_policies``: the release policy of every key a generation
+    migration widened, as it was before."""
+    snapshot = MetaData()
+    Table(
+        "migration_release_policies",
+        snapshot,
+        Column("migration_id", String, primary_key=True),
+        Column("key_ref", String, primary_key=True),
+        Column("policy", Text, nullable=False),
+        Column("recorded_at", UTCDateTime, nullable=False),
+    ).create(conn)
+
+
 MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_1_sealed_blobs,
     _migration_2_generations,
@@ -390,6 +419,7 @@ MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_6_agents,
     _migration_7_blob_kind,
     _migration_8_migration_copies,
+    _migration_9_migration_release_policies,
 )
 """Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
 ``i + 1``. Append new steps; never edit or reorder old ones."""

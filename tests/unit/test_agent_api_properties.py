@@ -32,7 +32,9 @@ FIELDS = {
     "/v1/attest": ["nonce"],
     "/v1/seal": ["policy", "namespace", "name", "data", "blob_id", "version"],
     "/v1/unseal": ["blob"],
-    "/v1/check": ["blob"],
+    "/v1/check": ["blob", "token"],
+    "/v1/open": ["blob", "token"],
+    "/v1/rebind": ["blobs", "from_generation", "token"],
     "/v1/export": ["peer_evidence", "peer_public_key", "nonce", "import_nonce", "blobs"],
     "/v1/import": ["package"],
 }

@@ -15,12 +15,12 @@ from sqlalchemy.engine import Engine
 
 from attestation.sim import SimVerifier
 from sealing.agent import EnclaveAgent
-from sealing.errors import StaleBlob, TamperedBlob
+from sealing.errors import SealingError, StaleBlob, TamperedBlob
 from sealing.generation import parse_manifest
 from sealing.keywrap import LocalKeyWrapper
 from sealing.names import InvalidName
 from sealing.state import (
-    EnclaveOpenUnsupported,
+    EnclaveRefused,
     EnclaveRequired,
     EnclaveUnavailable,
     HostMismatch,
@@ -92,6 +92,15 @@ class InProcessSealer:
         self.sent.append("unseal")
         return self.agent.unseal(blob)
 
+    token: str = "no-token"  # what open_kms presents (a test sets a real release token)
+
+    def open_kms(self, blob: bytes) -> bytes:
+        self.sent.append("open_kms")
+        try:
+            return self.agent.open_kms(blob, self.token)
+        except SealingError as exc:  # as the agent's transport answers: a one-line refusal
+            raise EnclaveRefused(f"the test agent refused: {exc}") from None
+
 
 def _agent(host_dir: Path, manifest: dict[str, Any] = MANIFEST) -> EnclaveAgent:
     host = SimHost.load_or_create(host_dir)
@@ -159,9 +168,11 @@ def test_kms_and_tee_blobs_side_by_side_and_a_name_changing_kind(
 ) -> None:
     kms = state.put(namespace="app", name="k", data=b"kms", key_ref="vault:orders", generation="gen-1")
     assert (kms.kind, kms.host) == ("kms", None)
-    with pytest.raises(EnclaveOpenUnsupported, match="KMS-wrapped"):
+    # Through an agent, a KMS-wrapped blob goes to the release gate: this one has no KMS settings.
+    with pytest.raises(EnclaveRefused, match="no KMS settings"):
         state.get(namespace="app", name="k", sealer=host_a)
-    assert host_a.sent == []
+    assert host_a.sent == ["open_kms"]
+    host_a.sent.clear()
     moved = state.put_sealed(namespace="app", name="k", data=b"tee now", policy="mrenclave", sealer=host_a)
     assert (moved.kind, moved.host, moved.blob_id) == ("tee", host_a.host_id, kms.blob_id)
     assert state.get(namespace="app", name="k", sealer=host_a) == b"tee now"

@@ -216,7 +216,7 @@ async def test_blobs_left_on_the_old_generation_are_swept_again(env: WorkflowEnv
     assert result.phase == DONE
     assert fleet.blobs["host-01-late"][1] != OLD
     sweeps = [a.details for a in fleet.audit if a.event == "migration.sweep"]
-    assert sweeps == [{"sweep": 1, "remaining": 1}]
+    assert sweeps == [{"sweep": 1, "remaining": 1, "kms_remaining": 0}]
     assert [c.request.host_id for c in fleet.named("migration_handoff")][-1] == "host-01"
     assert result.moved == 5 and result.remaining == 0
 
