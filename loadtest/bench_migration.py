@@ -31,8 +31,8 @@ Ratios are workflow rate / baseline rate, the baseline being the better of its t
 harder baseline: load from elsewhere on a shared machine during one run does not flatter the
 workflow); goal for the hand-off: >= 0.8 at 20,000 blobs. CPU
 seconds per blob of the agents (all hosts) and of this process (baseline loop or worker) are
-read from ``/proc``. ``--kind kms`` (KMS-wrapped blobs re-bound to the new generation) is not
-available yet: the migration moves hardware-sealed state only.
+read from ``/proc``. ``--kind kms`` (KMS-wrapped blobs re-bound by the new agents,
+``migration_rebind``) and ``both`` are not measured by this benchmark yet: they are refused.
 
     python -m loadtest.bench_migration [--blobs 20000] [--hosts 4] [--batch-size 50]
         [--waves 100] [--gate-sample 5] [--body 32] [--kind tee|kms|both] [--json] [--out FILE]
@@ -464,8 +464,9 @@ def handoff_timeline(history: WorkflowHistory) -> dict[str, float]:
 def check_kind(kind: str) -> None:
     if kind in ("kms", "both"):
         raise NotAvailable(
-            "--kind kms is not available yet: the migration moves hardware-sealed blobs only"
-            " (KMS-wrapped re-binding is not in this version); use --kind tee"
+            f"--kind {kind} is not available yet: this benchmark measures the hand-off of"
+            " hardware-sealed blobs only (the re-binding of KMS-wrapped blobs is not benchmarked"
+            " yet); use --kind tee"
         )
 
 
