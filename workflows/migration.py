@@ -10,7 +10,8 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
   stored changes (``refused``).
 * WIDENING: the release policies of keys wrapping old-generation state admit both generations.
 * HANDING_OFF: waves over hosts (cumulative percentages, at least one host a wave); within a
-  wave one batch per host at a time, the hosts in parallel: first its hardware-sealed blobs
+  wave one activity call per host at a time (a hand-off call moves up to
+  ``HANDOFF_BATCHES_PER_CALL`` batches), the hosts in parallel: first its hardware-sealed blobs
   (old agent to new), then its share of the KMS-wrapped ones (a blob-id range the plan gave
   it), which its new agent re-binds after an attested release. After each wave a health gate (the
   new agents unseal a sample). A failed gate or a new agent that fails mid-wave rolls back every
@@ -451,8 +452,8 @@ class MigrateGenerationWorkflow(MigrationControls):
         await self._phase(VERIFYING)
 
     async def _move(self, request: MigrateInput, hosts: list[HostCount], wave: WaveCount | None) -> bool:
-        """Hand off every host in ``hosts`` still MOVING, one batch per host at a time, the
-        hosts in parallel. False when the migration stopped (held, paused by a failure, or
+        """Hand off every host in ``hosts`` still MOVING, one activity call per host at a time,
+        the hosts in parallel. False when the migration stopped (held, paused by a failure, or
         rolled back); continues as new (raises) when the history asks for it."""
         s = self._state
         while True:
