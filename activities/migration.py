@@ -6,6 +6,7 @@ are ids, cursors, nonces and counts; the audit records go through the rotation a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -14,6 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.migration_types import (
+    MAX_HANDOFF_BATCHES_PER_CALL,
     NEW_AGENT_FAILED,
     OLD_AGENT_UNREACHABLE,
     AttestInput,
@@ -52,6 +54,7 @@ from sealing.migration import (
     AgentDown,
     AgentPort,
     AgentRefused,
+    BatchOutcome,
     attest_new_agent,
     gate_sample,
     hand_off_batch,
@@ -65,6 +68,25 @@ from sealing.witness import ResettableWitness
 
 T = TypeVar("T")
 PeerFor = Callable[[AgentRecord], AgentPort]
+HEARTBEAT_EVERY = 1.0
+"""Seconds between a hand-off's heartbeats (its heartbeat timeout is minutes)."""
+
+
+def _throttled(
+    beat: Callable[[], None], every: float, clock: Callable[[], float] = time.monotonic
+) -> Callable[[], None]:
+    """``beat``, passed on at most once per ``every`` seconds of ``clock``. A hand-off beats after
+    every swap, and a heartbeat from an activity thread waits for the worker's event loop: once
+    per blob it cost the hand-off a tenth of its time (loadtest/bench_migration.py)."""
+    last: list[float] = []
+
+    def call() -> None:
+        now = clock()
+        if not last or now - last[0] >= every:
+            last[:] = [now]
+            beat()
+
+    return call
 
 
 def _translated(fn: Callable[[], T]) -> T:
@@ -111,6 +133,7 @@ class MigrationActivities:
         release_policies: ReleasePolicyStore | None = None,
         token_signer: ResultSigner | None = None,
         audit: Callable[[str, str, dict[str, Any], str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``release_policies``: where the keys' release policies are kept (the KMS adapters'
         store); ``token_signer``: the verifier key that signs the new agents' release tokens
@@ -123,6 +146,7 @@ class MigrationActivities:
         self._release_policies = release_policies
         self._token_signer = token_signer
         self._audit = audit
+        self._clock = clock
 
     def _peer(self, agent_id: str, host: str, side: str) -> AgentPort:
         try:
@@ -348,7 +372,7 @@ class MigrationActivities:
                     share=(request.host_id, request.kms_lo, request.kms_hi),
                     after=request.after,
                     size=request.size,
-                    beat=activity.heartbeat,
+                    beat=_throttled(activity.heartbeat, HEARTBEAT_EVERY, self._clock),
                 )
             )
         except _SideFailed as failed:
@@ -365,13 +389,21 @@ class MigrationActivities:
 
     @activity.defn(name="migration_handoff")
     def handoff(self, request: HandoffInput) -> HandoffResult:
+        if not 1 <= request.batches <= MAX_HANDOFF_BATCHES_PER_CALL:
+            raise ApplicationError(
+                f"batches must be 1..{MAX_HANDOFF_BATCHES_PER_CALL}, got {request.batches}",
+                non_retryable=True,
+            )
         activity.heartbeat()
         old = _Side(self._peer(request.old_agent, request.host_id, "old"), "old")
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
         admit = _translated(lambda: self._admit(request))
+        beat = _throttled(activity.heartbeat, HEARTBEAT_EVERY, self._clock)
+        done = BatchOutcome(cursor=request.after)
         try:
-            done = _translated(
-                lambda: hand_off_batch(
+            for number in range(request.batches):
+                hand_off = partial(
+                    hand_off_batch,
                     self._store,
                     old,
                     new,
@@ -379,13 +411,25 @@ class MigrationActivities:
                     old_generation=request.from_generation,
                     new_generation=request.to_generation,
                     host=request.host_id,
-                    after=request.after,
+                    after=done.cursor,
                     size=request.size,
                     admit=admit,
-                    beat=activity.heartbeat,
+                    beat=beat,
                     witness=self._witness,
                 )
-            )
+                try:
+                    batch = _translated(hand_off)
+                except (_SideFailed, ApplicationError):
+                    if number == 0:
+                        raise
+                    break  # what moved is reported; the next call meets the failure first
+                done.moved += batch.moved
+                done.conflicts += batch.conflicts
+                done.skipped += batch.skipped
+                done.attestations += batch.attestations
+                done.cursor, done.done = batch.cursor, batch.done
+                if done.done:
+                    break
         except _SideFailed as failed:
             if failed.side == "old" and isinstance(failed.error, AgentRefused):
                 raise ApplicationError(

@@ -17,6 +17,11 @@ died or refused mid-wave (``details[0]``: the host id)."""
 
 DEFAULT_HANDOFF_BATCH = 50
 MAX_HANDOFF_BATCH = 500
+HANDOFF_BATCHES_PER_CALL = 10
+"""Batches one ``migration_handoff`` call hands off, one after the other: each round of a wave
+waits for its slowest host and a workflow task, so fewer, longer calls keep the agents busier
+(measured with loadtest/bench_migration.py). A pause or abort takes effect between calls."""
+MAX_HANDOFF_BATCHES_PER_CALL = 20
 
 
 @dataclass
@@ -111,6 +116,7 @@ class HandoffInput:
     after: str | None = None
     size: int = DEFAULT_HANDOFF_BATCH
     allow_same_svn: bool = False  # the migration policy the new agent's hand-off evidence must pass
+    batches: int = 1  # batches of up to ``size`` blobs this call hands off, one after the other
 
 
 @dataclass

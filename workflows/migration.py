@@ -10,7 +10,8 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
   stored changes (``refused``).
 * WIDENING: the release policies of keys wrapping old-generation state admit both generations.
 * HANDING_OFF: waves over hosts (cumulative percentages, at least one host a wave); within a
-  wave one batch per host at a time, the hosts in parallel, each host's first batch after a
+  wave one activity call per host at a time (a hand-off call moves up to
+  ``HANDOFF_BATCHES_PER_CALL`` batches), the hosts in parallel, each host's first call after a
   random delay up to ``jitter_seconds`` (a durable timer), so a wave's agents do not all attest
   at once: first its hardware-sealed blobs (old agent to new), then its share of the
   KMS-wrapped ones (a blob-id range the plan gave it), which its new agent re-binds after an
@@ -45,6 +46,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.migration_types import (
+        HANDOFF_BATCHES_PER_CALL,
         MAX_HANDOFF_BATCH,
         NEW_AGENT_FAILED,
         OLD_AGENT_UNREACHABLE,
@@ -465,10 +467,10 @@ class MigrateGenerationWorkflow(MigrationControls):
         await self._phase(VERIFYING)
 
     async def _move(self, request: MigrateInput, hosts: list[HostCount], wave: WaveCount | None) -> bool:
-        """Hand off every host in ``hosts`` still MOVING, one batch per host at a time, the
-        hosts in parallel. False when the migration stopped (held, paused by a failure, or
+        """Hand off every host in ``hosts`` still MOVING, one activity call per host at a time,
+        the hosts in parallel. False when the migration stopped (held, paused by a failure, or
         rolled back); continues as new (raises) when the history asks for it. In a wave, each
-        host's first batch waits its jitter (`start_delays`) first."""
+        host's first call waits its jitter (`start_delays`) first."""
         s = self._state
         fresh = [
             h.host_id
@@ -598,6 +600,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 h.cursor,
                 request.batch_size,
                 request.allow_same_svn,
+                HANDOFF_BATCHES_PER_CALL,
             ),
             HandoffResult,
             timeout=900,

@@ -318,6 +318,7 @@ class BlobOperations(StoreBase):
                 "created_at": now,
                 "updated_at": now,
             }
+            | dict(zip(("kind", "host"), check_kind(new.kind, new.host, new.key_ref), strict=True))
             for new in blobs
         ]
         if rows:

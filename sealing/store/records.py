@@ -29,7 +29,8 @@ __all__ = [
 
 
 class NewBlob(NamedTuple):
-    """A blob to store with `SealedStateStore.insert_many` (``blob_id`` None: a fresh uuid4)."""
+    """A blob to store with `SealedStateStore.insert_many` (``blob_id`` None: a fresh uuid4;
+    ``kind`` ``tee`` with the ``host`` it is bound to, as for `SealedStateStore.insert`)."""
 
     namespace: str
     name: str
@@ -38,6 +39,8 @@ class NewBlob(NamedTuple):
     generation: str
     blob: bytes
     blob_id: str | None = None
+    kind: str = "kms"
+    host: str | None = None
 
 
 class SweepRow(NamedTuple):

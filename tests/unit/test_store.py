@@ -762,6 +762,30 @@ def test_insert_many_is_all_or_nothing(store_url: str) -> None:
         assert store.insert_many([]) == []
 
 
+def test_insert_many_stores_hardware_sealed_blobs_bound_to_their_host(store_url: str) -> None:
+    host = "sim-" + "ab" * 16
+    with SealedStateStore(store_url) as store:
+        ids = store.insert_many(
+            [NewBlob("ns", f"t{i}", "tee:sim", 1, "g", b"sealed", kind="tee", host=host) for i in range(3)]
+            + [NewBlob("ns", "k", "vault:k", 1, "g", b"wrapped")]
+        )
+        assert [(store.get(i).kind, store.get(i).host) for i in ids] == [("tee", host)] * 3 + [("kms", None)]
+        assert store.count_tee_by_host("g") == {host: 3}
+        assert [r.blob_id for r in store.tee_page(generation="g", host=host, after=None, limit=10)] == sorted(
+            ids[:3]
+        )
+        for bad in (
+            NewBlob("ns", "x", "tee:sim", 1, "g", b"s", kind="tee"),  # no host
+            NewBlob("ns", "x", "vault:k", 1, "g", b"s", kind="tee", host=host),  # a KMS key ref
+            NewBlob("ns", "x", "vault:k", 1, "g", b"s", host=host),  # a kms blob bound to a host
+            NewBlob("ns", "x", "tee:sim", 1, "g", b"s", kind="both", host=host),
+        ):
+            with pytest.raises(ValueError):
+                store.insert_many([NewBlob("ns", "fine", "vault:k", 1, "g", b"f"), bad])
+        with pytest.raises(RecordNotFound):
+            store.get_by_name("ns", "fine")  # refused whole
+
+
 def test_boundaries_split_a_key_into_ranges_of_at_most_size(store_url: str) -> None:
     with SealedStateStore(store_url) as store:
         ids = sorted(store.insert_many([NewBlob("ns", f"n{i}", "vault:k", 1, "g", b"x") for i in range(23)]))

@@ -40,6 +40,7 @@ from activities.migration_types import (
     RollbackResult,
 )
 from activities.types import AuditInput
+from audit.format import check_details
 from workflows.migration import MigrateGenerationWorkflow, MigrateInput, MigrationProgress, migration_id
 
 OLD, NEW = "app-v1", "app-v2"
@@ -244,6 +245,10 @@ class StubMigrationActivities:
     @activity.defn(name="audit")
     async def audit(self, request: AuditInput) -> None:
         self.fleet.record("audit", request)
+        try:
+            check_details(request.details)  # what the real audit log refuses, refused here too
+        except (TypeError, ValueError) as exc:
+            raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from None
         self.fleet.audit.append(request)
 
     def all(self) -> list[Callable[..., Any]]:
