@@ -77,7 +77,9 @@ def _translated(fn: Callable[[], T]) -> T:
 
 
 class _SideFailed(Exception):
-    def __init__(self, side: str, error: AgentDown | AgentRefused) -> None:
+    """Not a SealingError: `_translated` lets it through to the activity, which names the side."""
+
+    def __init__(self, side: str, error: SealingError) -> None:
         super().__init__(str(error))
         self.side, self.error = side, error
 
@@ -426,19 +428,25 @@ class MigrationActivities:
         for host in request.hosts:
             new = self._peer(host.new_agent, host.host_id, "new")
             try:
-                checked, failures = _translated(partial(self._gate_host, new, request, host))
-            except AgentDown as exc:
-                raise self._failure("new", host.host_id, str(exc)) from None
+                checked, failures = _translated(partial(self._gate_one, new, request, host))
+            except _SideFailed as failed:
+                raise self._failure("new", host.host_id, str(failed.error)) from None
             result.checked += checked
             result.failures += failures
-            if host.kms_share:
-                try:
-                    checked, failures = self._gate_kms(cast(KmsAgentPort, new), request, host)
-                except (AgentDown, AgentRefused, ReleaseTokenRefused) as exc:
-                    raise self._failure("new", host.host_id, str(exc)) from None
-                result.checked += checked
-                result.failures += failures
         return result
+
+    def _gate_one(self, new: AgentPort, request: GateInput, host: HostPlan) -> tuple[int, list[str]]:
+        """One host's sample. A new agent that does not answer (or, for the KMS-wrapped share,
+        whose release token is refused) raises `_SideFailed`, which `_translated` lets through:
+        the workflow rolls back (or pauses) on it instead of holding on a bare AgentDown."""
+        try:
+            checked, failures = self._gate_host(new, request, host)
+            if host.kms_share:
+                kms_checked, kms_failures = self._gate_kms(cast(KmsAgentPort, new), request, host)
+                checked, failures = checked + kms_checked, failures + kms_failures
+        except (AgentDown, AgentRefused, ReleaseTokenRefused) as exc:
+            raise _SideFailed("new", exc) from None
+        return checked, failures
 
     def _gate_kms(self, new: KmsAgentPort, request: GateInput, host: HostPlan) -> tuple[int, list[str]]:
         if not self._store.copies(request.migration_id, host.host_id, 1, kind="kms"):

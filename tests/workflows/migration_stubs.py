@@ -68,6 +68,7 @@ class MigrationFleet:
     old_down: set[str] = field(default_factory=set)
     new_fails: set[str] = field(default_factory=set)
     gate_fails: set[str] = field(default_factory=set)
+    gate_dead: set[str] = field(default_factory=set)  # hosts whose new agent is dead at the gate
     rewrite_once: set[str] = field(default_factory=set)  # blob ids the workload rewrites mid-hand-off
     late: list[tuple[str, str]] = field(default_factory=list)  # (blob, host) sealed by the old agent late
     calls: list[Call] = field(default_factory=list)
@@ -200,6 +201,14 @@ class StubMigrationActivities:
     @activity.defn(name="migration_gate")
     async def gate(self, request: GateInput) -> GateResult:
         self.fleet.record("migration_gate", request)
+        for host in request.hosts:
+            if host.host_id in self.fleet.gate_dead:  # as the real gate answers a dead new agent
+                raise ApplicationError(
+                    f"new agent on {host.host_id} died",
+                    host.host_id,
+                    type=NEW_AGENT_FAILED,
+                    non_retryable=True,
+                )
         failures = [
             f"{h.host_id}: sample did not open" for h in request.hosts if h.host_id in self.fleet.gate_fails
         ]

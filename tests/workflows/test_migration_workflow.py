@@ -183,6 +183,16 @@ async def test_a_failed_gate_pauses_with_on_failure_pause_and_resume_goes_on(
     assert not any(g == OLD for _, g in fleet.blobs.values())
 
 
+async def test_a_new_agent_dead_at_the_gate_rolls_back(env: WorkflowEnvironment) -> None:
+    fleet = MigrationFleet.of(hosts=2, per_host=2)
+    fleet.gate_dead = {"host-01"}
+    async with migrating(env, fleet) as migration:
+        result = await asyncio.wait_for((await migration.start()).result(), WAIT)
+    assert result.phase == ROLLED_BACK and not result.held
+    assert all(g == OLD for _, g in fleet.blobs.values()) and fleet.copies == {}
+    assert any("health gate" in r and "host-01" in r and "NewAgentFailed" in r for r in result.reasons)
+
+
 async def test_a_new_agent_failing_mid_wave_rolls_back(env: WorkflowEnvironment) -> None:
     fleet = MigrationFleet.of(hosts=2, per_host=2)
     fleet.new_fails = {"host-01"}
