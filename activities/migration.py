@@ -13,6 +13,7 @@ from typing import Any, TypeVar, cast
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.migration_types import (
     NEW_AGENT_FAILED,
     OLD_AGENT_UNREACHABLE,
@@ -330,6 +331,10 @@ class MigrationActivities:
 
     @activity.defn(name="migration_rebind")
     def rebind(self, request: RebindInput) -> HandoffResult:
+        with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
+            return self._rebind(request)
+
+    def _rebind(self, request: RebindInput) -> HandoffResult:
         """One batch of a host's share of KMS-wrapped blobs, re-bound by its new agent with one
         release token (attestations: 1, none when the page is empty)."""
         activity.heartbeat()
@@ -367,6 +372,10 @@ class MigrationActivities:
 
     @activity.defn(name="migration_handoff")
     def handoff(self, request: HandoffInput) -> HandoffResult:
+        with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
+            return self._handoff(request)
+
+    def _handoff(self, request: HandoffInput) -> HandoffResult:
         activity.heartbeat()
         old = _Side(self._peer(request.old_agent, request.host_id, "old"), "old")
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
@@ -424,6 +433,10 @@ class MigrationActivities:
 
     @activity.defn(name="migration_gate")
     def gate(self, request: GateInput) -> GateResult:
+        with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
+            return self._gate(request)
+
+    def _gate(self, request: GateInput) -> GateResult:
         result = GateResult()
         for host in request.hosts:
             new = self._peer(host.new_agent, host.host_id, "new")

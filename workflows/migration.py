@@ -125,6 +125,10 @@ AGENT_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=10),
     maximum_attempts=3,
 )
+AGENT_HEARTBEAT_S = 20
+"""Heartbeat timeout of the activities that call agents (hand-off, re-binding, gate): they beat
+from a background thread while a call blocks (``activities.heartbeat``), so a killed worker's
+batch is retried on another worker after this, not after the batch's whole timeout."""
 
 
 def _reason(error: BaseException) -> str:
@@ -571,7 +575,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 ),
                 HandoffResult,
                 timeout=900,
-                heartbeat=120,
+                heartbeat=AGENT_HEARTBEAT_S,
                 retry=AGENT_RETRY,
                 delay=delay,
             )
@@ -590,7 +594,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             ),
             HandoffResult,
             timeout=900,
-            heartbeat=120,
+            heartbeat=AGENT_HEARTBEAT_S,
             retry=AGENT_RETRY,
             delay=delay,
         )
@@ -603,6 +607,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 "migration_gate",
                 GateInput(self._id, request.to_generation, [h.plan() for h in hosts], request.gate_sample),
                 GateResult,
+                heartbeat=AGENT_HEARTBEAT_S,
                 retry=AGENT_RETRY,
             )
         except ActivityError as exc:
