@@ -64,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
         RemainingInput,
         RollbackInput,
         RollbackResult,
+        migration_task_queue,
     )
     from activities.types import AuditInput
 
@@ -191,6 +192,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             name,
             arg,
             result_type=result_type,
+            task_queue=migration_task_queue(workflow.info().task_queue),
             start_to_close_timeout=timedelta(seconds=timeout),
             heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
             retry_policy=retry,

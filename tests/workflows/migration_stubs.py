@@ -38,6 +38,7 @@ from activities.migration_types import (
     RemainingInput,
     RollbackInput,
     RollbackResult,
+    migration_task_queue,
 )
 from activities.types import AuditInput
 from workflows.migration import MigrateGenerationWorkflow, MigrateInput, MigrationProgress, migration_id
@@ -296,13 +297,14 @@ class Migration:
 @asynccontextmanager
 async def migrating(env: WorkflowEnvironment, fleet: MigrationFleet) -> AsyncIterator[Migration]:
     task_queue = f"migration-{uuid.uuid4()}"
-    worker = Worker(
+    # As rekey's worker: the workflow on its queue, its activities on the migration queue.
+    worker = Worker(env.client, task_queue=task_queue, workflows=[MigrateGenerationWorkflow])
+    activities = Worker(
         env.client,
-        task_queue=task_queue,
-        workflows=[MigrateGenerationWorkflow],
+        task_queue=migration_task_queue(task_queue),
         activities=StubMigrationActivities(fleet).all(),
     )
-    async with worker:
+    async with worker, activities:
         try:
             yield Migration(env, fleet, task_queue)
         finally:
