@@ -331,12 +331,12 @@ class MigrationActivities:
 
     @activity.defn(name="migration_rebind")
     def rebind(self, request: RebindInput) -> HandoffResult:
+        """One batch of a host's share of KMS-wrapped blobs, re-bound by its new agent with one
+        release token (attestations: 1, none when the page is empty)."""
         with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
             return self._rebind(request)
 
     def _rebind(self, request: RebindInput) -> HandoffResult:
-        """One batch of a host's share of KMS-wrapped blobs, re-bound by its new agent with one
-        release token (attestations: 1, none when the page is empty)."""
         activity.heartbeat()
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
         if request.after is None:  # a share's first batch: a key that appeared since WIDENING is widened too
