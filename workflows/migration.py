@@ -66,6 +66,7 @@ with workflow.unsafe.imports_passed_through():
         RemainingInput,
         RollbackInput,
         RollbackResult,
+        migration_task_queue,
     )
     from activities.types import AuditInput
 
@@ -127,6 +128,10 @@ AGENT_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=10),
     maximum_attempts=3,
 )
+AGENT_HEARTBEAT_S = 20
+"""Heartbeat timeout of the activities that call agents (hand-off, re-binding, gate): they beat
+from a background thread while a call blocks (``activities.heartbeat``), so a killed worker's
+batch is retried on another worker after this, not after the batch's whole timeout."""
 
 
 _INTERRUPTED = object()
@@ -190,6 +195,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             name,
             arg,
             result_type=result_type,
+            task_queue=migration_task_queue(workflow.info().task_queue),
             start_to_close_timeout=timedelta(seconds=timeout),
             heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
             retry_policy=retry,
@@ -585,7 +591,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 ),
                 HandoffResult,
                 timeout=900,
-                heartbeat=120,
+                heartbeat=AGENT_HEARTBEAT_S,
                 retry=AGENT_RETRY,
             )
         return await self._activity(
@@ -604,7 +610,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             ),
             HandoffResult,
             timeout=900,
-            heartbeat=120,
+            heartbeat=AGENT_HEARTBEAT_S,
             retry=AGENT_RETRY,
         )
 
@@ -616,6 +622,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 "migration_gate",
                 GateInput(self._id, request.to_generation, [h.plan() for h in hosts], request.gate_sample),
                 GateResult,
+                heartbeat=AGENT_HEARTBEAT_S,
                 retry=AGENT_RETRY,
             )
         except ActivityError as exc:
