@@ -97,7 +97,7 @@ async def test_a_worker_sigkilled_mid_hand_off_is_replaced_and_the_migration_com
         )
         worker = _worker(home, address)
         handle = await start_migration(
-            client, generations, TASK_QUEUE, grace_seconds=0, batch_size=1, gate_sample=2
+            client, generations, TASK_QUEUE, grace_seconds=0, batch_size=1, batches_per_call=1, gate_sample=2
         )
 
         async def mid_hand_off() -> tuple[MigrationProgress, Any] | None:

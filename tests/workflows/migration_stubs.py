@@ -69,6 +69,7 @@ class MigrationFleet:
     fleet_reasons: list[str] = field(default_factory=list)
     old_down: set[str] = field(default_factory=set)
     new_fails: set[str] = field(default_factory=set)
+    store_down: set[str] = field(default_factory=set)  # hosts whose hand-offs fail retryably (the store)
     gate_fails: set[str] = field(default_factory=set)
     gate_dead: set[str] = field(default_factory=set)  # hosts whose new agent is dead at the gate
     rewrite_once: set[str] = field(default_factory=set)  # blob ids the workload rewrites mid-hand-off
@@ -144,6 +145,8 @@ class StubMigrationActivities:
             raise ApplicationError(
                 f"old agent on {host} unreachable", host, type=OLD_AGENT_UNREACHABLE, non_retryable=True
             )
+        if host in self.fleet.store_down:
+            raise ApplicationError("the store is unreachable", type="StoreUnavailable")
         if host in self.fleet.new_fails:
             raise ApplicationError(
                 f"new agent on {host} died", host, type=NEW_AGENT_FAILED, non_retryable=True

@@ -475,3 +475,21 @@ async def test_a_worker_without_migration_activities_on_the_queue_neither_fails_
             result = await asyncio.wait_for(handle.result(), WAIT)
     assert result.phase == DONE and not result.held and not result.reasons
     assert not any(g == OLD for _, g in fleet.blobs.values())
+
+
+async def test_retries_that_run_out_hold_the_migration_instead_of_rolling_it_back(
+    env: WorkflowEnvironment,
+) -> None:
+    fleet = MigrationFleet.of(hosts=2, per_host=2)
+    fleet.store_down = {"host-01"}
+    async with migrating(env, fleet) as migration:
+        handle = await migration.start(grace_seconds=0, waves=[100])
+        progress = await wait_for(handle, lambda p: bool(p.held))
+        assert "host-01" in progress.held and "StoreUnavailable" in progress.held
+        assert not fleet.named("migration_rollback")
+        assert all(g != OLD for h, g in fleet.blobs.values() if h == "host-00")  # what moved stays moved
+        fleet.store_down.clear()  # the store is back
+        await handle.execute_update(MigrateGenerationWorkflow.resume)
+        result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result.phase == DONE
+    assert not any(g == OLD for _, g in fleet.blobs.values())
