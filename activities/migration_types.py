@@ -15,6 +15,15 @@ NEW_AGENT_FAILED = "NewAgentFailed"
 """``ApplicationError`` type (non-retryable) of a hand-off or gate whose new-generation agent
 died or refused mid-wave (``details[0]``: the host id)."""
 
+RELEASE_POLICY_HELD = "ReleasePolicyHeld"
+"""``ApplicationError`` type (non-retryable) of a release-policy step that changed nothing
+because an operator must act first: a key without a release policy, or one whose policy was
+changed since this migration last wrote it. The migration holds (it never rolls back for it);
+``resume`` tries again."""
+MIGRATION_CLAIMED = "MigrationClaimed"
+"""The reason prefix of a migration refused at ATTESTING because another open migration holds
+one of its generations."""
+
 DEFAULT_HANDOFF_BATCH = 50
 MAX_HANDOFF_BATCH = 500
 
@@ -23,6 +32,13 @@ MAX_HANDOFF_BATCH = 500
 class FleetInput:
     from_generation: str
     to_generation: str
+
+
+@dataclass
+class ClaimsInput:
+    """The claims of migration ``migration_id`` on its generations, released when it ends."""
+
+    migration_id: str
 
 
 @dataclass
