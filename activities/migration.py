@@ -204,7 +204,7 @@ class MigrationActivities:
             held = _translated(
                 lambda: self._store.claim_generations(
                     migration,
-                    activity.info().workflow_run_id,
+                    activity.info().workflow_run_id or "",
                     [request.from_generation, request.to_generation],
                 )
             )
