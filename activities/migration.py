@@ -6,8 +6,10 @@ are ids, cursors, nonces and counts; the audit records go through the rotation a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -17,10 +19,13 @@ from temporalio.exceptions import ApplicationError
 from activities.heartbeat import heartbeating
 from activities.migration_types import (
     MAX_HANDOFF_BATCHES_PER_CALL,
+    MIGRATION_CLAIMED,
     NEW_AGENT_FAILED,
     OLD_AGENT_UNREACHABLE,
+    RELEASE_POLICY_HELD,
     AttestInput,
     AttestResult,
+    ClaimsInput,
     FleetInput,
     FleetPlan,
     GateInput,
@@ -40,9 +45,9 @@ from attestation.platform import PlatformVerifier
 from attestation.token import ResultSigner
 from kms_adapters.errors import KmsError
 from kms_adapters.release import ReleasePolicy, ReleasePolicyStore
-from kms_adapters.release_policies import narrowed, widened
+from kms_adapters.release_policies import added_rules, admits, narrowed, widened, without_rules
 from sealing.errors import SealingError
-from sealing.generation import GenerationManifest
+from sealing.generation import GenerationManifest, ManifestError, parse_manifest
 from sealing.kms_migration import (
     RELEASE_AUDIENCE,
     KmsAgentPort,
@@ -64,7 +69,7 @@ from sealing.migration import (
     plan_fleet,
     roll_back,
 )
-from sealing.store import AgentRecord, RecordNotFound, SealedStateStore, StoreError
+from sealing.store import AgentRecord, MigrationClaim, RecordNotFound, SealedStateStore, StoreError
 from sealing.witness import ResettableWitness
 
 T = TypeVar("T")
@@ -88,6 +93,45 @@ def _throttled(
             beat()
 
     return call
+
+
+class ReleasePolicyHeld(SealingError):
+    """A release-policy step an operator must unblock: `_translated` answers it as the
+    non-retryable `RELEASE_POLICY_HELD` (its class name), which holds the migration."""
+
+
+if ReleasePolicyHeld.__name__ != RELEASE_POLICY_HELD:  # pragma: no cover - the workflow branches on the type
+    raise ImportError("ReleasePolicyHeld must be named as RELEASE_POLICY_HELD")
+
+
+@dataclass
+class _Progress:
+    """A migration's last change to one key's release policy: its step (widen, narrow), the
+    policy it read, the one it wrote, and the rules widening added (what restore takes out)."""
+
+    step: str
+    read: str
+    wrote: str
+    added: list[dict[str, Any]]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> _Progress:
+        data = json.loads(text)
+        return cls(str(data["step"]), str(data["read"]), str(data["wrote"]), list(data["added"]))
+
+
+def claim_message(claim: MigrationClaim) -> str:
+    """Why a migration involving ``claim.generation`` cannot start, and the ways out."""
+    return (
+        f"{MIGRATION_CLAIMED}: generation {claim.generation} is in migration {claim.migration_id}"
+        f" (run {claim.run_id}, claimed {claim.claimed_at.isoformat(timespec='seconds')}), which has"
+        " not ended DONE or ROLLED_BACK: wait for it, or abort it (rekey migrate abort"
+        f" {claim.migration_id}); if that workflow was terminated, release its claim with"
+        f" rekey migrate release-claim {claim.migration_id}"
+    )
 
 
 def _translated(fn: Callable[[], T]) -> T:
@@ -183,6 +227,16 @@ class MigrationActivities:
         reasons = list(view.reasons)
         if view.kms_blobs:
             reasons += _translated(lambda: self._release_reasons(request.from_generation))
+        if not reasons:  # both generations are this migration's until it ends, or it is refused
+            migration = f"migrate:{request.from_generation}:{request.to_generation}"
+            held = _translated(
+                lambda: self._store.claim_generations(
+                    migration,
+                    activity.info().workflow_run_id or "",
+                    [request.from_generation, request.to_generation],
+                )
+            )
+            reasons += [claim_message(claim) for claim in held]
         return FleetPlan(
             [
                 HostPlan(
@@ -263,11 +317,14 @@ class MigrationActivities:
 
     @activity.defn(name="migration_release")
     def release(self, request: ReleaseInput) -> int:
-        """The release policies of the keys wrapping the old generation's KMS-wrapped state:
-        ``widen`` records each one's policy (once) and makes it admit both generations;
-        ``narrow`` makes it admit only the new one; ``restore`` puts the recorded one back. Each
-        is derived from the recorded policy, so a retry writes the same thing. How many
-        policies were changed."""
+        """The release policies of the keys wrapping the old generation's KMS-wrapped state,
+        each changed on its current policy and only as far as this migration is concerned:
+        ``widen`` adds a rule admitting the new generation (recording the policy it read, the
+        one it wrote and the rule); ``narrow`` takes the old generation's admission out;
+        ``restore`` takes out what widening added. A policy changed by anyone else since this
+        migration last wrote it is not overwritten: the step holds (`RELEASE_POLICY_HELD`),
+        as for a key without a release policy. A retry (an answer lost after the write) finds
+        its own write and changes nothing. How many policies were changed."""
         if request.action not in ("widen", "narrow", "restore"):
             raise ApplicationError(f"unknown release action {request.action!r}", non_retryable=True)
         migration = f"migrate:{request.from_generation}:{request.to_generation}"
@@ -281,12 +338,17 @@ class MigrationActivities:
             )
         )
 
+    @activity.defn(name="migration_release_claims")
+    def release_claims(self, request: ClaimsInput) -> int:
+        """Let the generations of ``request.migration_id`` go (it ended); how many claims."""
+        return _translated(lambda: self._store.release_claims(request.migration_id))
+
     def _policies(self) -> ReleasePolicyStore:
         if self._release_policies is None:
             raise SealingError("this worker has no release-policy store")
         return self._release_policies
 
-    def _changed(self, migration: str, key_ref: str, action: str, policy: ReleasePolicy) -> bool:
+    def _write(self, migration: str, key_ref: str, action: str, policy: ReleasePolicy) -> bool:
         """Write ``policy`` for ``key_ref`` unless it is there already; audited."""
         store = self._policies()
         if store.get(key_ref) == policy:
@@ -301,6 +363,14 @@ class MigrationActivities:
             )
         return True
 
+    @staticmethod
+    def _changed_since(key_ref: str, migration: str, what: str) -> ReleasePolicyHeld:
+        return ReleasePolicyHeld(
+            f"key {key_ref}'s release policy was changed since {migration} {what} it (by another"
+            " migration or rekey key release-policy set): it was not overwritten; put back the"
+            f" policy {migration} wrote, or make it admit what this step needs yourself, then resume"
+        )
+
     def _widen(self, migration: str, old_generation: str, new_generation: str) -> int:
         old, new = manifest_of(self._store, old_generation), manifest_of(self._store, new_generation)
         changed = 0
@@ -308,34 +378,124 @@ class MigrationActivities:
             changed += self._widen_key(migration, key_ref, old, new)
         return changed
 
+    def _widen_page(
+        self, migration: str, old: GenerationManifest, new: GenerationManifest, key_refs: list[str]
+    ) -> None:
+        for key_ref in sorted(set(key_refs)):
+            self._widen_key(migration, key_ref, old, new)
+
     def _widen_key(
         self, migration: str, key_ref: str, old: GenerationManifest, new: GenerationManifest
     ) -> bool:
-        recorded = self._store.recorded_release_policies(migration).get(key_ref)
-        if recorded is None:
-            current = self._policies().get(key_ref)
-            if current is None:
-                raise SealingError(
-                    f"key {key_ref} wraps KMS-wrapped blobs of {old.id} but has no release policy"
-                    f" (rekey key release-policy set {key_ref} --generation {old.id})"
+        """Widen ``key_ref``'s current policy for ``new`` once per migration: the first time
+        records the policy read, the one to write and the rule added (one transaction), then
+        writes it; again (a retry, or a later batch meeting the key) writes it only if the
+        first write was lost."""
+        current = self._policies().get(key_ref)
+        record = self._store.release_record(migration, key_ref)
+        if record is None or record.progress is None:
+            base = current if record is None else ReleasePolicy.from_json(record.before)
+            if base is None:
+                raise ReleasePolicyHeld(
+                    f"key {key_ref} wraps KMS-wrapped blobs of {old.id} but has no release policy:"
+                    f" set one (rekey key release-policy set {key_ref} --generation {old.id}), then resume"
                 )
-            recorded = self._store.record_release_policy(migration, key_ref, current.to_json())
-        return self._changed(
-            migration, key_ref, "widen", widened(ReleasePolicy.from_json(recorded), old, new)
-        )
+            after = widened(base, old, new)
+            progress = _Progress("widen", base.to_json(), after.to_json(), added_rules(base, after))
+            self._store.record_release_policy(migration, key_ref, base.to_json(), progress.to_json())
+        progress = self._progress(migration, key_ref)  # the one recorded (maybe by a racing batch)
+        if progress.step != "widen":
+            raise ReleasePolicyHeld(
+                f"key {key_ref}'s release policy was {progress.step}ed by {migration} already"
+            )
+        wrote = ReleasePolicy.from_json(progress.wrote)
+        if current is not None and (current == wrote or admits(current, new)):
+            return False  # written (a retry), or admitting the new generation already
+        if current is not None and current == ReleasePolicy.from_json(progress.read):
+            return self._write(migration, key_ref, "widen", wrote)
+        raise self._changed_since(key_ref, migration, "widened")
+
+    def _progress(self, migration: str, key_ref: str) -> _Progress:
+        record = self._store.release_record(migration, key_ref)
+        if record is None or record.progress is None:
+            raise ReleasePolicyHeld(
+                f"{migration} has no record of its change to key {key_ref}'s release policy"
+            )
+        return _Progress.from_json(record.progress)
 
     def _narrow_or_restore(
         self, migration: str, old_generation: str, new_generation: str, action: str
     ) -> int:
         old, new = manifest_of(self._store, old_generation), manifest_of(self._store, new_generation)
         changed = 0
-        for key_ref, recorded in self._store.recorded_release_policies(migration).items():
-            before = ReleasePolicy.from_json(recorded)
+        registered = self._registered() if action == "narrow" else []
+        for key_ref in self._store.recorded_release_policies(migration):
             if action == "narrow":
-                changed += self._changed(migration, key_ref, "narrow", narrowed(before, old, new))
+                changed += self._narrow_key(migration, key_ref, old, new, registered)
             else:
-                changed += self._changed(migration, key_ref, "restore", before)
-                self._store.forget_release_policy(migration, key_ref)
+                changed += self._restore_key(migration, key_ref)
+        return changed
+
+    def _registered(self) -> list[GenerationManifest]:
+        found = []
+        for _generation, document, _at in self._store.list_generations():
+            try:
+                found.append(parse_manifest(json.loads(document)))
+            except (ValueError, ManifestError):
+                continue  # not one this worker can read: it cannot be admitted by a rule it judges
+        return found
+
+    def _narrow_key(
+        self,
+        migration: str,
+        key_ref: str,
+        old: GenerationManifest,
+        new: GenerationManifest,
+        registered: list[GenerationManifest],
+    ) -> bool:
+        """Take ``old``'s admission out of ``key_ref``'s current policy, which must be the one
+        this migration last wrote (or already admit ``new`` and not ``old``: narrowed by an
+        operator, or by a lost answer's write)."""
+        current = self._policies().get(key_ref)
+        progress = self._progress(migration, key_ref)
+        if current is not None and admits(current, new) and not admits(current, old):
+            if progress.step != "narrow":
+                self._store.set_release_progress(
+                    migration,
+                    key_ref,
+                    _Progress("narrow", current.to_json(), current.to_json(), progress.added).to_json(),
+                )
+            return False
+        if progress.step == "narrow":
+            if current is not None and current == ReleasePolicy.from_json(progress.read):
+                return self._write(migration, key_ref, "narrow", ReleasePolicy.from_json(progress.wrote))
+            raise self._changed_since(key_ref, migration, "narrowed")
+        if current is None or current != ReleasePolicy.from_json(progress.wrote):
+            raise self._changed_since(key_ref, migration, "widened")
+        after = narrowed(current, old, new, registered)
+        self._store.set_release_progress(
+            migration,
+            key_ref,
+            _Progress("narrow", current.to_json(), after.to_json(), progress.added).to_json(),
+        )
+        return self._write(migration, key_ref, "narrow", after)
+
+    def _restore_key(self, migration: str, key_ref: str) -> bool:
+        """Take what widening added out of ``key_ref``'s current policy (only ever less
+        access, so it applies over anyone's later change); after a narrowing, only over the
+        policy this migration wrote (the old generation's admission is put back then)."""
+        current = self._policies().get(key_ref)
+        progress = self._progress(migration, key_ref)
+        if current is None:
+            changed = False  # nothing admits anything: nothing to take out
+        elif progress.step == "narrow":
+            if current != ReleasePolicy.from_json(progress.wrote):
+                raise self._changed_since(key_ref, migration, "narrowed")
+            before = without_rules(ReleasePolicy.from_json(progress.read), progress.added)
+            changed = self._write(migration, key_ref, "restore", before)
+        else:
+            changed = self._write(migration, key_ref, "restore", without_rules(current, progress.added))
+        self._store.forget_release_policy(migration, key_ref)
         return changed
 
     def _token(self, port: KmsAgentPort, agent_id: str, host: str, generation: str) -> str:
@@ -363,10 +523,8 @@ class MigrationActivities:
     def _rebind(self, request: RebindInput) -> HandoffResult:
         activity.heartbeat()
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
-        if request.after is None:  # a share's first batch: a key that appeared since WIDENING is widened too
-            _translated(
-                lambda: self._widen(request.migration_id, request.from_generation, request.to_generation)
-            )
+        old = _translated(lambda: manifest_of(self._store, request.from_generation))
+        new_manifest = _translated(lambda: manifest_of(self._store, request.to_generation))
         try:
             done = _translated(
                 lambda: rebind_batch(
@@ -380,6 +538,9 @@ class MigrationActivities:
                     after=request.after,
                     size=request.size,
                     beat=_throttled(activity.heartbeat, HEARTBEAT_EVERY, self._clock),
+                    # Every page: a key first met since WIDENING (a blob written meanwhile under
+                    # another key) is widened, and recorded for NARROWING and restore, first.
+                    prepare=partial(self._widen_page, request.migration_id, old, new_manifest),
                 )
             )
         except _SideFailed as failed:
@@ -549,6 +710,7 @@ class MigrationActivities:
             self.fleet,
             self.attest,
             self.release,
+            self.release_claims,
             self.handoff,
             self.rebind,
             self.kms_remaining,

@@ -25,6 +25,15 @@ def migration_task_queue(task_queue: str) -> str:
     return f"{task_queue}-migration"
 
 
+RELEASE_POLICY_HELD = "ReleasePolicyHeld"
+"""``ApplicationError`` type (non-retryable) of a release-policy step that changed nothing
+because an operator must act first: a key without a release policy, or one whose policy was
+changed since this migration last wrote it. The migration holds (it never rolls back for it);
+``resume`` tries again."""
+MIGRATION_CLAIMED = "MigrationClaimed"
+"""The reason prefix of a migration refused at ATTESTING because another open migration holds
+one of its generations."""
+
 DEFAULT_HANDOFF_BATCH = 50
 MAX_HANDOFF_BATCH = 500
 HANDOFF_BATCHES_PER_CALL = 10
@@ -38,6 +47,13 @@ MAX_HANDOFF_BATCHES_PER_CALL = 20
 class FleetInput:
     from_generation: str
     to_generation: str
+
+
+@dataclass
+class ClaimsInput:
+    """The claims of migration ``migration_id`` on its generations, released when it ends."""
+
+    migration_id: str
 
 
 @dataclass

@@ -88,6 +88,11 @@ class KmsUnavailable(SealingError):
     backend): it opens and re-binds hardware-sealed state only."""
 
 
+class GenerationMismatch(SealingError):
+    """A KMS-wrapped blob bound to another generation than the agent's (its header says which):
+    the agent does not open it, whatever the key's release policy admits."""
+
+
 class KeyReleaser(Protocol):
     """The attested release gate of one KMS key, as the agent uses it
     (`kms_adapters.contract.KmsAdapter` is one): ``release`` answers the DEK encrypted to the
@@ -297,7 +302,7 @@ class EnclaveAgent:
         if parsed.header.policy is SealingPolicy.KMS:
             if token is None:
                 raise HandoffError("a KMS-wrapped blob opens only with an attestation result token")
-            self.open_kms(blob, token)
+            self.open_kms(blob, token)  # only a blob bound to this agent's generation
         else:
             self._enclave.unseal(blob)
         header = parsed.header
@@ -336,10 +341,24 @@ class EnclaveAgent:
             raise HandoffError(f"sealed blob {parsed.header.blob_id} is hardware-sealed, not KMS-wrapped")
         return parsed
 
-    def open_kms(self, blob: bytes, token: str) -> bytes:
-        """Open a KMS-wrapped blob through the attested release gate (`unseal`'s sibling: the
-        transport gives the plaintext to the authenticated local caller only)."""
+    def _own_kms_blob(self, blob: bytes) -> envelope.SealedBlob:
+        """A KMS-wrapped blob bound to this agent's generation (its authenticated header names
+        it). A key's release policy admits both generations while a migration moves its state,
+        so the policy alone does not keep one generation out of the other's blobs: only
+        `rebind` crosses generations, from the one it is asked to."""
         parsed = self._kms_blob(blob)
+        if parsed.header.generation != self.manifest.id:
+            raise GenerationMismatch(
+                f"sealed blob {parsed.header.blob_id} is bound to generation {parsed.header.generation},"
+                f" not this agent's {self.manifest.id}: it is not opened here"
+            )
+        return parsed
+
+    def open_kms(self, blob: bytes, token: str) -> bytes:
+        """Open a KMS-wrapped blob bound to this agent's generation through the attested release
+        gate (`unseal`'s sibling: the transport gives the plaintext to the authenticated local
+        caller only); `GenerationMismatch` for a blob bound to another generation."""
+        parsed = self._own_kms_blob(blob)
         return envelope.open_with_dek(parsed, self._released_dek(parsed, token))
 
     def rebind(self, blobs: list[bytes], *, from_generation: str, token: str) -> list[bytes]:
@@ -471,6 +490,7 @@ __all__ = [
     "PROTOCOL",
     "Attestation",
     "EnclaveAgent",
+    "GenerationMismatch",
     "KeyReleaser",
     "KmsUnavailable",
     "migration_reasons",

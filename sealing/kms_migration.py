@@ -205,12 +205,15 @@ def rebind_batch(
     after: str | None,
     size: int,
     beat: Callable[[], None] = lambda: None,
+    prepare: Callable[[list[str]], None] = lambda _key_refs: None,
 ) -> BatchOutcome:
     """Re-bind up to ``size`` of the share's old-generation KMS-wrapped blobs after ``after``
     (see the module). A blob whose swap lost (rewritten meanwhile) is read again and re-bound
     again, up to `SWAP_ATTEMPTS` times; one the new generation wrote meanwhile, or deleted, is
     skipped. Old copies are kept under the share's host. ``token_for`` gives the new agent's
-    release token: asked for (one attestation) only when the page holds something to re-bind."""
+    release token: asked for (one attestation) only when the page holds something to re-bind.
+    ``prepare`` is given the key refs of every blob about to be re-bound first (the caller makes
+    sure each key's release policy admits the new generation)."""
     host, lo, hi = share
     outcome = BatchOutcome()
     records = store.kms_page(generation=old_generation, lo=lo, hi=hi, after=after, limit=size)
@@ -221,6 +224,7 @@ def rebind_batch(
     outcome.attestations = 1
     pending = records
     for attempt in range(SWAP_ATTEMPTS):
+        prepare([r.key_ref for r in pending])
         rebound = new.rebind([r.blob for r in pending], from_generation=old_generation, token=token)
         beat()
         if len(rebound) != len(pending):

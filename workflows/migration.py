@@ -27,7 +27,11 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
   the old generation's blobs are counted again: writes through its agents meanwhile are swept
   (VERIFYING once more) before NARROWING.
 * NARROWING: release policies admit only the new generation; the old copies are deleted.
-  A rollback (abort, failed wave) restores the release policies recorded at WIDENING.
+  A rollback (abort, failed wave) takes out of the release policies what WIDENING added.
+  Each release-policy change applies to the key's current policy; one changed by someone else
+  since, or a key without a policy met mid-wave, holds the migration (never rolls it back).
+* ATTESTING claims both generations (the fleet activity); a migration involving a generation
+  another open migration holds is refused there. DONE and ROLLED_BACK release the claims.
 
 Deterministic: no I/O, no cryptography; nonces come from ``workflow.uuid4``; only ids, cursors,
 nonces and counts in its state. Activities (``activities.migration``) do the work.
@@ -50,9 +54,11 @@ with workflow.unsafe.imports_passed_through():
         MAX_HANDOFF_BATCHES_PER_CALL,
         NEW_AGENT_FAILED,
         OLD_AGENT_UNREACHABLE,
+        RELEASE_POLICY_HELD,
         AgentNonce,
         AttestInput,
         AttestResult,
+        ClaimsInput,
         FleetInput,
         FleetPlan,
         GateInput,
@@ -218,6 +224,8 @@ class MigrateGenerationWorkflow(MigrationControls):
         )
 
     async def _phase(self, phase: str) -> None:
+        if phase in (DONE, ROLLED_BACK):  # its generations are free for the next migration
+            await self._activity("migration_release_claims", ClaimsInput(self._id), int)
         previous, self._state.phase = self._state.phase, phase
         self._state.updated_at = self._state.phase_started[phase] = self._now()
         self._publish()
@@ -529,7 +537,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 if isinstance(result, BaseException):
                     if not isinstance(result, ActivityError):
                         raise result
-                    if _failure_type(result) == OLD_AGENT_UNREACHABLE:
+                    if _failure_type(result) in (OLD_AGENT_UNREACHABLE, RELEASE_POLICY_HELD):
                         unreachable.append(f"host {host.host_id}: {_reason(result)}")
                     elif _is_final(result):
                         failed.append(f"host {host.host_id}: {_reason(result)}")
@@ -576,6 +584,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 self._hold(
                     "; ".join(unreachable)
                     + ": nothing on that host was changed; resume once its old agent is back"
+                    " (or the key's release policy is set)"
                 )
                 raise _Held
             if stalled:

@@ -1,4 +1,4 @@
-"""``rekey migrate start | status | pause | resume | abort | approve``: sealed state moves from one
+"""``rekey migrate start | status | pause | resume | abort | approve | release-claim``: state moves from one
 enclave generation to the next (MigrateGenerationWorkflow). A skin over `rekey.client.migrations`."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as ProgressBar
 from rich.text import Text
 
-from rekey.cli.context import with_client
+from rekey.cli.context import store, with_client
 from rekey.cli.migration_options import MigrationOptions, migration_options
 from rekey.cli.output import EXIT_DENIED, EXIT_FAILED, emit_json, err, json_option, out
 from rekey.client import RekeyClient, parse_duration
@@ -23,6 +23,7 @@ from rekey.client.migrations import (
     migration_handle,
     migration_request,
     parse_waves,
+    release_claim,
     start_migration,
 )
 
@@ -191,3 +192,27 @@ _update_command("pause", "Pause: the hand-off stops after the batch in flight; a
 _update_command("resume", "Resume a paused migration, or one stopped (held) once its cause is fixed.")
 _update_command("abort", "Abort before NARROWING: every moved blob goes back to its old copy (ROLLED_BACK).")
 _update_command("approve", "Commit now instead of after the grace period (only in AWAITING_COMMIT).")
+
+
+@cli.command("release-claim")
+@click.argument("migration_id", metavar="ID")
+def release_claim_command(migration_id: str) -> None:
+    """Release the generation claims of migration ID, whose workflow was terminated.
+
+    A migration claims both its generations at ATTESTING and releases them when it ends DONE or
+    ROLLED_BACK; one terminated by an operator keeps them, and every later migration involving
+    either generation is refused. Refused (exit 3, nothing released) while ID still runs."""
+
+    async def run(client: RekeyClient) -> list[str]:
+        with store() as sealed_store:
+            released = await release_claim(client.temporal, sealed_store, migration_id)
+        return [claim.generation for claim in released]
+
+    generations = with_client(run)
+    out.print(
+        Text(
+            f"released the claims of {migration_id} on {', '.join(generations)}"
+            if generations
+            else f"{migration_id} holds no claims"
+        )
+    )

@@ -72,6 +72,13 @@ class RotationRefused(RekeyClientError):
     exit_code = 2
 
 
+class MigrationOverlaps(RekeyClientError):
+    """Another migration involving one of the generations has not ended (DONE or ROLLED_BACK):
+    nothing was started. The message names it."""
+
+    exit_code = 3
+
+
 class NamespaceNotReady(RekeyClientError):
     """The Temporal namespace lacks the search attributes rotations keep their status in."""
 

@@ -12,17 +12,19 @@ from typing import Any
 
 from temporalio.client import (
     Client,
+    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.types import TASK_QUEUE
 from rekey.client.errors import (
     InvalidOption,
+    MigrationOverlaps,
     RekeyClientError,
     RotationFailed,
     RotationNotFound,
@@ -35,6 +37,7 @@ from rekey.client.errors import (
 from rekey.client.ids import Duration, seconds
 from rekey.client.rotations import START_TOKEN
 from sealing.names import InvalidName, check_generation_id
+from sealing.store import MigrationClaim, SealedStateStore
 from workflows.migration import MigrateGenerationWorkflow, MigrateInput, MigrationProgress, migration_id
 from workflows.migration_state import (
     DEFAULT_WAVES,
@@ -51,7 +54,9 @@ __all__ = [
     "MigrationHandle",
     "MigrationProgress",
     "migration_request",
+    "open_migrations",
     "parse_waves",
+    "release_claim",
     "start_migration",
 ]
 UPDATE_TIMEOUT = timedelta(seconds=30)
@@ -216,6 +221,49 @@ def migration_request(
     )
 
 
+def _generations_of(workflow_id: str) -> tuple[str, str] | None:
+    parts = workflow_id.split(":")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "migrate" else None
+
+
+async def open_migrations(temporal: Client, *generations: str) -> list[str]:
+    """Ids of the running migrations that move state from or to any of ``generations``
+    (Temporal's visibility; the workflow's own claim at ATTESTING catches a racing start)."""
+    wanted, found = set(generations), []
+    query = f"WorkflowType = '{MigrateGenerationWorkflow.__name__}' AND ExecutionStatus = 'Running'"
+    try:
+        async for execution in temporal.list_workflows(query):
+            pair = _generations_of(execution.id)
+            if pair is not None and wanted & set(pair):
+                found.append(execution.id)
+    except RPCError as exc:
+        raise TemporalRequestFailed(f"cannot list the running migrations: {exc.message}") from None
+    return sorted(set(found))
+
+
+async def release_claim(temporal: Client, store: SealedStateStore, workflow_id: str) -> list[MigrationClaim]:
+    """Release the generation claims of migration ``workflow_id`` whose workflow is no longer
+    running (an operator terminated it, so it could not release them itself); the claims
+    released. `MigrationOverlaps` while it runs: abort it instead (its rollback releases them)."""
+    if _generations_of(workflow_id) is None:
+        raise InvalidOption(f"a migration id is migrate:<from>:<to>, got {workflow_id!r}")
+    try:
+        description = await temporal.get_workflow_handle(workflow_id).describe()
+        running = description.status == WorkflowExecutionStatus.RUNNING
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise TemporalRequestFailed(f"cannot describe {workflow_id}: {exc.message}") from None
+        running = False
+    if running:
+        raise MigrationOverlaps(
+            f"{workflow_id} is still running: its claims are released when it ends"
+            f" (rekey migrate abort {workflow_id} rolls it back)"
+        )
+    claims = [c for c in store.migration_claims() if c.migration_id == workflow_id]
+    store.release_claims(workflow_id)
+    return claims
+
+
 async def start_migration(
     temporal: Client,
     from_generation: str,
@@ -231,7 +279,9 @@ async def start_migration(
     task_queue: str = TASK_QUEUE,
 ) -> MigrationHandle:
     """Start ``migrate:<from>:<to>``, or attach to the one running: the handle's ``started`` is
-    False then. Two starts at once start one workflow (the id's conflict policy)."""
+    False then. Two starts at once start one workflow (the id's conflict policy).
+    `MigrationOverlaps` (nothing started) while another migration involving either generation
+    runs (``migrate:<from>:<x>``, ``migrate:<x>:<to>``, ...)."""
     request = migration_request(
         from_generation,
         to_generation,
@@ -244,6 +294,14 @@ async def start_migration(
         started_by=started_by,
     )
     workflow_id = migration_id(from_generation, to_generation)
+    overlapping = [
+        m for m in await open_migrations(temporal, from_generation, to_generation) if m != workflow_id
+    ]
+    if overlapping:
+        raise MigrationOverlaps(
+            f"cannot start {workflow_id}: {', '.join(overlapping)} involves {from_generation} or"
+            f" {to_generation} and has not ended (wait for it to end DONE or ROLLED_BACK, or abort it)"
+        )
     token = uuid.uuid4().hex
     try:
         handle = await temporal.start_workflow(

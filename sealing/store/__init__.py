@@ -54,6 +54,7 @@ from sealing.store.errors import (
     SuccessionRefused,
 )
 from sealing.store.failures import MAX_REASON_CHARS
+from sealing.store.migrations import MigrationClaim, ReleaseRecord
 from sealing.store.records import (
     STALE_AFTER_REFRESHES,
     AgentRecord,
@@ -102,10 +103,12 @@ __all__ = [
     "BlobSummary",
     "DuplicateRecord",
     "InvalidStoreURL",
+    "MigrationClaim",
     "MigrationStep",
     "NewBlob",
     "Page",
     "RecordNotFound",
+    "ReleaseRecord",
     "RewrapFailure",
     "SchemaOwner",
     "SchemaTooNew",

@@ -16,7 +16,13 @@ the row version the swap wrote). So:
 KMS-wrapped blobs are not bound to a host; a migration gives each host a share of them (a
 blob id range, `kms_page`), and keeps the copy of a re-bound one under the host whose share it
 is, so the same rollback by host puts both kinds back. ``migration_release_policies`` keeps
-the release policy each widened key had before (`record_release_policy`).
+the release policy each widened key had before (`record_release_policy`) and the migration's
+last change to it (`set_release_progress`).
+
+``migration_claims`` holds the generations of each open migration: `claim_generations` takes
+both of a migration's generations in one transaction, or none when another migration holds
+either; `release_claims` lets them go (the migration ended, or an operator releases the claim
+of one that was terminated).
 """
 
 from __future__ import annotations
@@ -31,10 +37,23 @@ from sqlalchemy import delete, func, insert, select, update
 from sealing.names import check_generation_id, check_host_id
 from sealing.store.base import StoreBase
 from sealing.store.blobs import MAX_PAGE, _record
+from sealing.store.errors import RecordNotFound
 from sealing.store.records import BlobRecord, require_bytes, require_int, require_str
-from sealing.store.schema import migration_copies, migration_release_policies, sealed_blobs
+from sealing.store.schema import migration_claims, migration_copies, migration_release_policies, sealed_blobs
 
-__all__ = ["MigrationCopies", "Restored"]
+__all__ = ["MigrationClaim", "MigrationCopies", "ReleaseRecord", "Restored"]
+
+
+class ReleaseRecord(NamedTuple):
+    before: str  # the key's release policy before the migration widened it
+    progress: str | None  # the migration's last change to it (JSON), None before the first
+
+
+class MigrationClaim(NamedTuple):
+    generation: str
+    migration_id: str
+    run_id: str
+    claimed_at: datetime
 
 
 class Restored(NamedTuple):
@@ -48,6 +67,13 @@ class Restored(NamedTuple):
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _claim(row: object) -> MigrationClaim:
+    data = row._mapping  # type: ignore[attr-defined]
+    return MigrationClaim(
+        str(data["generation"]), str(data["migration_id"]), str(data["run_id"]), data["claimed_at"]
+    )
 
 
 class MigrationCopies(StoreBase):
@@ -129,24 +155,100 @@ class MigrationCopies(StoreBase):
         with self.transaction(f"keys of KMS-wrapped {generation} blobs") as conn:
             return [str(k) for k in conn.execute(query).scalars().all()]
 
-    def record_release_policy(self, migration_id: str, key_ref: str, policy: str) -> str:
-        """Record ``policy`` as ``key_ref``'s release policy before ``migration_id`` widened it,
-        unless one is recorded already; the recorded one (so a retried widening keeps the first)."""
+    def record_release_policy(
+        self, migration_id: str, key_ref: str, policy: str, progress: str | None = None
+    ) -> str:
+        """Record ``policy`` as ``key_ref``'s release policy before ``migration_id`` widened it
+        (and ``progress``, the widening, in the same transaction), unless one is recorded
+        already; the recorded one (so a retried widening keeps the first). A record without
+        progress gets ``progress``."""
         require_str("migration_id", migration_id)
         require_str("key_ref", key_ref)
         require_str("policy", policy)
         r = migration_release_policies.c
         where = (r.migration_id == migration_id, r.key_ref == key_ref)
         with self.transaction(f"release policy of {key_ref} for {migration_id}", write=True) as conn:
-            found = conn.execute(select(r.policy).where(*where)).scalar_one_or_none()
+            found = conn.execute(select(r.policy, r.progress).where(*where)).first()
             if found is not None:
-                return str(found)
+                if found[1] is None and progress is not None:
+                    conn.execute(update(migration_release_policies).where(*where).values(progress=progress))
+                return str(found[0])
             conn.execute(
                 insert(migration_release_policies).values(
-                    migration_id=migration_id, key_ref=key_ref, policy=policy, recorded_at=_now()
+                    migration_id=migration_id,
+                    key_ref=key_ref,
+                    policy=policy,
+                    progress=progress,
+                    recorded_at=_now(),
                 )
             )
         return policy
+
+    def release_record(self, migration_id: str, key_ref: str) -> ReleaseRecord | None:
+        """What ``migration_id`` recorded for ``key_ref``'s release policy, if anything."""
+        r = migration_release_policies.c
+        query = select(r.policy, r.progress).where(r.migration_id == migration_id, r.key_ref == key_ref)
+        with self.transaction(f"release policy of {key_ref} for {migration_id}") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else ReleaseRecord(str(row[0]), None if row[1] is None else str(row[1]))
+
+    def set_release_progress(self, migration_id: str, key_ref: str, progress: str) -> None:
+        """Record ``migration_id``'s latest change to ``key_ref``'s policy (recorded already)."""
+        require_str("progress", progress)
+        r = migration_release_policies.c
+        with self.transaction(f"release policy of {key_ref} for {migration_id}", write=True) as conn:
+            result = conn.execute(
+                update(migration_release_policies)
+                .where(r.migration_id == migration_id, r.key_ref == key_ref)
+                .values(progress=progress)
+            )
+        if result.rowcount != 1:
+            raise RecordNotFound(f"no release policy of {key_ref} is recorded for {migration_id}")
+
+    def claim_generations(
+        self, migration_id: str, run_id: str, generations: Sequence[str]
+    ) -> list[MigrationClaim]:
+        """Claim ``generations`` for ``migration_id`` (its run ``run_id``), all in one
+        transaction: the claims another migration holds on any of them (nothing is claimed
+        then), or [] once all are this migration's (a claim of an earlier run of the same
+        migration id is taken over: one workflow id runs once at a time)."""
+        require_str("migration_id", migration_id)
+        require_str("run_id", run_id)
+        wanted = sorted({check_generation_id(g) for g in generations})
+        m = migration_claims.c
+        with self.transaction(f"claim of {', '.join(wanted)} for {migration_id}", write=True) as conn:
+            rows = conn.execute(select(migration_claims).where(m.generation.in_(wanted))).all()
+            held = [_claim(row) for row in rows]
+            others = [c for c in held if c.migration_id != migration_id]
+            if others:
+                return others
+            mine = {c.generation for c in held}
+            if mine:
+                conn.execute(
+                    update(migration_claims).where(m.generation.in_(sorted(mine))).values(run_id=run_id)
+                )
+            for generation in wanted:
+                if generation not in mine:
+                    conn.execute(
+                        insert(migration_claims).values(
+                            generation=generation, migration_id=migration_id, run_id=run_id, claimed_at=_now()
+                        )
+                    )
+        return []
+
+    def release_claims(self, migration_id: str) -> int:
+        """Drop every claim ``migration_id`` holds; how many."""
+        m = migration_claims.c
+        with self.transaction(f"release of the claims of {migration_id}", write=True) as conn:
+            result = conn.execute(delete(migration_claims).where(m.migration_id == migration_id))
+        return int(result.rowcount)
+
+    def migration_claims(self) -> list[MigrationClaim]:
+        """Every claim, by generation."""
+        m = migration_claims.c
+        with self.transaction("listing of migration claims") as conn:
+            rows = conn.execute(select(migration_claims).order_by(m.generation)).all()
+        return [_claim(row) for row in rows]
 
     def recorded_release_policies(self, migration_id: str) -> dict[str, str]:
         """key ref -> the release policy it had before ``migration_id`` widened it."""

@@ -60,6 +60,7 @@ __all__ = [
     "generations",
     "metadata",
     "migrate",
+    "migration_claims",
     "migration_copies",
     "migration_release_policies",
     "rekey_schema",
@@ -227,11 +228,29 @@ migration_release_policies = Table(
     Column("key_ref", String, primary_key=True),
     Column("policy", Text, nullable=False),
     Column("recorded_at", UTCDateTime, nullable=False),
+    Column("progress", Text, nullable=True),
 )
 """The release policy each key had before a generation migration widened it (migration 9): per
 (migration id, key ref) the policy document as the release-policy store kept it, recorded once
-(a retried widening finds it and never records the widened one), so that narrowing derives from
-it and a rollback puts it back (see `sealing.store.migrations`)."""
+(a retried widening finds it and never records the widened one). ``progress`` (migration 11):
+the migration's last change to that key's policy (its step, the policy it read, the one it
+wrote, the rules it added), so that each step changes the current policy and only what the
+migration itself did (see `sealing.store.migrations`)."""
+
+
+migration_claims = Table(
+    "migration_claims",
+    metadata,
+    Column("generation", String, primary_key=True),
+    Column("migration_id", String, nullable=False),
+    Column("run_id", String, nullable=False),
+    Column("claimed_at", UTCDateTime, nullable=False),
+    Index("ix_migration_claims_migration", "migration_id"),
+)
+"""The generations an open migration moves state from or to (migration 11): one row per
+generation, so that a second migration involving either one is refused at ATTESTING. Claimed
+by the migration (its workflow id and run id) before it changes anything, released when it
+ends DONE or ROLLED_BACK (see `sealing.store.migrations`)."""
 
 
 # --------------------------------------------------------------------------- migration steps
@@ -434,6 +453,22 @@ def _migration_10_generation_successions(conn: Connection) -> None:
     ).create(conn)
 
 
+def _migration_11_migration_claims(conn: Connection) -> None:
+    """Give ``migration_release_policies`` a ``progress`` (a migration's last change to the
+    key's policy) and create ``migration_claims``: the generations of each open migration."""
+    conn.execute(text("ALTER TABLE migration_release_policies ADD COLUMN progress TEXT"))
+    snapshot = MetaData()
+    Table(
+        "migration_claims",
+        snapshot,
+        Column("generation", String, primary_key=True),
+        Column("migration_id", String, nullable=False),
+        Column("run_id", String, nullable=False),
+        Column("claimed_at", UTCDateTime, nullable=False),
+        Index("ix_migration_claims_migration", "migration_id"),
+    ).create(conn)
+
+
 MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_1_sealed_blobs,
     _migration_2_generations,
@@ -445,6 +480,7 @@ MIGRATIONS: Final[Sequence[MigrationStep]] = (
     _migration_8_migration_copies,
     _migration_9_migration_release_policies,
     _migration_10_generation_successions,
+    _migration_11_migration_claims,
 )
 """Migration steps in order: step ``i`` (0-based) takes the schema from version ``i`` to
 ``i + 1``. Append new steps; never edit or reorder old ones."""

@@ -17,6 +17,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from rekey.client.errors import MigrationOverlaps
 from rekey.client.migrations import start_migration
 from tests.fixtures.cli import MANIFEST, run_cli
 
@@ -70,10 +71,14 @@ async def test_auto_migrate_starts_the_migration_once(
         code, out, _ = await rekey("generation", "show", new, "--json")
         assert json.loads(out)["supersedes"] == old
 
+        # The next patch cannot start while this migration is open (it would share its generation).
+        with pytest.raises(MigrationOverlaps, match=f"{workflow_id} involves {new}"):
+            await start_migration(temporal_env.client, new, f"auto-{tag}-v3", grace=0)
+
         # Two starts at once (two registrations racing): one workflow, one of them started it.
-        other = f"auto-{tag}-v3"
+        source, target = f"auto-{tag}-w1", f"auto-{tag}-w2"
         racing = await asyncio.gather(
-            *(start_migration(temporal_env.client, new, other, grace=0) for _ in range(2))
+            *(start_migration(temporal_env.client, source, target, grace=0) for _ in range(2))
         )
         handles.append(temporal_env.client.get_workflow_handle(racing[0].id))
         assert sorted(m.started for m in racing) == [False, True]

@@ -28,6 +28,7 @@ from rekey.agent_auth import AgentClient
 from rekey.agent_peer import peers_from_state_dirs
 from rekey.agent_sealer import AgentSealer
 from rekey.backends import adapter_for
+from rekey.client.errors import MigrationOverlaps
 from rekey.client.migrations import start_migration
 from rekey.config import load_settings
 from rekey.worker import build_worker
@@ -157,8 +158,9 @@ async def test_kms_and_tee_state_migrate_abort_restores_and_v1_is_refused_after_
             secrets[name] = (host, secret)
     code, data, stderr = fleet.get("kms-00", "h1", "app-v1")
     assert (code, data) == (0, secrets["kms-00"][1]), stderr  # v1 reads it through its agent
-    code, _, stderr = fleet.get("kms-00", "h1", "app-v2")
-    assert code != 0 and "release denied" in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = fleet.get("kms-00", "h1", "app-v2")  # the agent refuses another generation's blob
+    assert code != 0 and "bound to generation app-v1, not this agent's app-v2" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
 
     task_queue = f"migration-kms-{uuid.uuid4()}"
     worker = build_worker(
@@ -180,6 +182,14 @@ async def test_kms_and_tee_state_migrate_abort_restores_and_v1_is_refused_after_
         await _wait_phase(handle, "AWAITING_COMMIT")
         assert store.count_by_generation() == {"app-v2": KMS_BLOBS + 2 * TEE_PER_HOST}
         assert _generations(fleet) == ["app-v1", "app-v2"]
+        # Both generations obtain the key's DEKs now, yet v1's agent does not open a blob bound
+        # to v2 (over HTTP, through rekey state get --agent).
+        code, _, stderr = fleet.get("kms-00", "h1", "app-v1")
+        assert code != 0 and "bound to generation app-v2, not this agent's app-v1" in stderr, stderr
+        # A second migration involving either generation is refused while this one is open.
+        assert {c.generation for c in store.migration_claims()} == {"app-v1", "app-v2"}
+        with pytest.raises(MigrationOverlaps, match=f"{migration.id} involves app-v1 or app-v3"):
+            await start_migration(temporal_env.client, "app-v1", "app-v3", task_queue=task_queue)
         await handle.execute_update("abort")
         aborted = await asyncio.wait_for(migration.result(), 120)
         assert aborted.phase == "ROLLED_BACK", aborted
@@ -205,8 +215,9 @@ async def test_kms_and_tee_state_migrate_abort_restores_and_v1_is_refused_after_
         assert fleet.get(name, host, "app-v2")[1] == secret, name
         code, _, stderr = fleet.get(name, host, "app-v1")
         assert code != 0, name
-        if name.startswith("kms-"):  # v1's release request reaches the gate and is refused there
-            assert "release denied" in stderr and "not in the allowlist" in stderr, stderr
+        if name.startswith("kms-"):  # v1's agent refuses a blob bound to v2 (the gate would too)
+            assert "bound to generation app-v2" in stderr, stderr
+    assert store.migration_claims() == []  # released at ROLLED_BACK and at DONE
     store.close()
 
     for history in histories:

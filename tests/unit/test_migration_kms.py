@@ -34,7 +34,7 @@ from kms_adapters.errors import PolicyDenied
 from kms_adapters.release import MemoryReleasePolicyStore, ReleaseGate, ReleasePolicy
 from kms_adapters.release_policies import admits, narrowed, policy_for_generations, widened
 from sealing import envelope
-from sealing.agent import EnclaveAgent, KmsUnavailable
+from sealing.agent import EnclaveAgent, GenerationMismatch, KmsUnavailable
 from sealing.errors import SealingError
 from sealing.generation import GenerationManifest, parse_manifest
 from sealing.handoff import HandoffError, fingerprint
@@ -257,8 +257,10 @@ def test_kms_blobs_are_rebound_in_the_new_agent_rolled_back_and_narrowed(
     narrowed_policy = fleet.policies.get(KEY)
     assert narrowed_policy is not None and not admits(narrowed_policy, fleet.manifests["app-v1"])
     blob = store.get_by_name("app", "kms-03").blob
-    with pytest.raises(PolicyDenied, match="not in the allowlist"):
+    with pytest.raises(GenerationMismatch, match="bound to generation app-v2, not this agent's app-v1"):
         fleet.agents["app-v1"].open_kms(blob, old_token)
+    with pytest.raises(PolicyDenied, match="not in the allowlist"):  # and the key's gate refuses it too
+        fleet.gate.release(envelope.parse(blob).wrapped_dek, old_token, fleet.agents["app-v1"].public_key)
     assert fleet.agents["app-v2"].open_kms(blob, fleet.token("app-v2")) == secrets["kms-03"]
     events = [e for e, _ in fleet.audit]
     assert events.count("migration.release_policy.widen") == 2 and "migration.release_policy.narrow" in events

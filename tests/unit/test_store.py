@@ -498,7 +498,7 @@ def test_generations_are_idempotent_and_conflict_on_change(store: SealedStateSto
 
 def test_fresh_database_is_at_current_version_and_reopen_is_noop(store_url: str, raw: Engine) -> None:
     with SealedStateStore(store_url) as s:
-        assert s.schema_version == SCHEMA_VERSION == 10
+        assert s.schema_version == SCHEMA_VERSION == 11
         rec = add(s, "keep")
     tables = set(inspect(raw).get_table_names())
     assert {"rekey_schema", "sealed_blobs", "generations", "audit_log", "agents"} <= tables

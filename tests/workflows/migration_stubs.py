@@ -22,8 +22,10 @@ from temporalio.worker import Worker
 from activities.migration_types import (
     NEW_AGENT_FAILED,
     OLD_AGENT_UNREACHABLE,
+    RELEASE_POLICY_HELD,
     AttestInput,
     AttestResult,
+    ClaimsInput,
     FleetInput,
     FleetPlan,
     GateInput,
@@ -79,6 +81,7 @@ class MigrationFleet:
     release: list[str] = field(default_factory=list)
     hold: asyncio.Event | None = None  # set: the first hand-off waits for it
     rollback_fails: int = 0  # how many rollback calls fail (non-retryable) before they work
+    unset_policy: set[str] = field(default_factory=set)  # hosts whose share meets a key without a policy
 
     @classmethod
     def of(cls, hosts: int, per_host: int) -> MigrationFleet:
@@ -177,6 +180,12 @@ class StubMigrationActivities:
             raise ApplicationError(
                 f"new agent on {host} died", host, type=NEW_AGENT_FAILED, non_retryable=True
             )
+        if host in self.fleet.unset_policy:
+            raise ApplicationError(
+                f"key vault:late wraps KMS-wrapped blobs of {OLD} but has no release policy",
+                type=RELEASE_POLICY_HELD,
+                non_retryable=True,
+            )
         assert request.kms_lo == host  # the share the plan gave it
         todo = [
             b
@@ -255,6 +264,11 @@ class StubMigrationActivities:
         self.fleet.copies.clear()
         return deleted
 
+    @activity.defn(name="migration_release_claims")
+    async def release_claims(self, request: ClaimsInput) -> int:
+        self.fleet.record("migration_release_claims", request)
+        return 2
+
     @activity.defn(name="audit")
     async def audit(self, request: AuditInput) -> None:
         self.fleet.record("audit", request)
@@ -276,6 +290,7 @@ class StubMigrationActivities:
             self.rollback,
             self.remaining,
             self.narrow,
+            self.release_claims,
             self.audit,
         ]
 

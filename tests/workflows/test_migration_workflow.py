@@ -493,3 +493,35 @@ async def test_retries_that_run_out_hold_the_migration_instead_of_rolling_it_bac
         result = await asyncio.wait_for(handle.result(), WAIT)
     assert result.phase == DONE
     assert not any(g == OLD for _, g in fleet.blobs.values())
+
+
+async def test_a_key_without_a_release_policy_met_mid_wave_holds_and_resumes(
+    env: WorkflowEnvironment,
+) -> None:
+    fleet = with_kms(MigrationFleet.of(hosts=2, per_host=1), per_host=2)
+    fleet.unset_policy = {"host-01"}
+    async with migrating(env, fleet) as migration:
+        handle = await migration.start(grace_seconds=0)
+        progress = await wait_for(handle, lambda p: bool(p.held))
+        assert progress.phase == HANDING_OFF and "vault:late" in progress.held
+        assert "no release policy" in progress.held and "release policy is set" in progress.held
+        assert fleet.release == ["widen"] and not fleet.named("migration_rollback")  # held, not rolled back
+        fleet.unset_policy.clear()  # an operator ran rekey key release-policy set
+        await handle.execute_update(MigrateGenerationWorkflow.resume)
+        result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result.phase == DONE and not any(g == OLD for _, g in fleet.kms.values())
+
+
+async def test_the_generation_claims_are_released_when_the_migration_ends(env: WorkflowEnvironment) -> None:
+    fleet = MigrationFleet.of(hosts=1, per_host=1)
+    async with migrating(env, fleet) as migration:
+        done = await asyncio.wait_for((await migration.start(grace_seconds=0)).result(), WAIT)
+        assert done.phase == DONE
+        [claims] = fleet.named("migration_release_claims")
+        assert claims.request.migration_id == f"migrate:{OLD}:{done.to_generation}"
+        assert fleet.named("audit")[-2].request.details["to"] == DONE  # released before DONE
+        fleet.calls.clear()
+        fleet.fleet_reasons = ["MigrationClaimed: generation app-v1 is in migration migrate:app-v1:x"]
+        refused_ = await asyncio.wait_for((await migration.start()).result(), WAIT)
+    assert refused_.phase == ROLLED_BACK and refused_.refused
+    assert len(fleet.named("migration_release_claims")) == 1
