@@ -17,6 +17,7 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpda
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
+from activities.migration_types import HANDOFF_BATCHES_PER_CALL
 from audit.format import check_details, check_event
 from tests.workflows.migration_stubs import OLD, WAIT, Migration, MigrationFleet, migrating, wait_for
 from workflows.migration import MigrateGenerationWorkflow, MigrationProgress
@@ -386,6 +387,9 @@ async def test_kms_wrapped_blobs_move_with_their_hosts_wave_after_its_hardware_s
         assert moves.index("migration_rebind") > max(
             i for i, n in enumerate(moves) if n == "migration_handoff"
         )
+    # A re-binding call, like a hand-off call, moves several batches (fewer rounds of a wave).
+    calls = fleet.named("migration_rebind") + fleet.named("migration_handoff")
+    assert {c.request.batches for c in calls} == {HANDOFF_BATCHES_PER_CALL}
     assert fleet.release == ["widen", "narrow"]
     accepted_by_the_audit_log(fleet)
 
