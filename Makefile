@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench soak constraints
+.PHONY: venv demo test lint bench soak acceptance constraints
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ bench: venv
 
 soak: venv
 	$(BIN)/python -m pytest -m soak
+
+# The generation migration's acceptance test at full size (5,000 blobs on 4 sim hosts); also in `make soak`.
+acceptance: venv
+	$(BIN)/python -m pytest -m soak -s tests/integration/test_migration_acceptance.py
 
 # Refresh the constraints file from the current venv (after changing dependencies).
 constraints: venv

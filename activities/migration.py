@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeating
 from activities.migration_types import (
     MAX_HANDOFF_BATCHES_PER_CALL,
     NEW_AGENT_FAILED,
@@ -99,7 +100,9 @@ def _translated(fn: Callable[[], T]) -> T:
 
 
 class _SideFailed(Exception):
-    def __init__(self, side: str, error: AgentDown | AgentRefused) -> None:
+    """Not a SealingError: `_translated` lets it through to the activity, which names the side."""
+
+    def __init__(self, side: str, error: SealingError) -> None:
         super().__init__(str(error))
         self.side, self.error = side, error
 
@@ -361,6 +364,10 @@ class MigrationActivities:
                 f"batches must be 1..{MAX_HANDOFF_BATCHES_PER_CALL}, got {request.batches}",
                 non_retryable=True,
             )
+        with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
+            return self._rebind(request)
+
+    def _rebind(self, request: RebindInput) -> HandoffResult:
         activity.heartbeat()
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
         if request.after is None:  # a share's first batch: a key that appeared since WIDENING is widened too
@@ -416,6 +423,10 @@ class MigrationActivities:
                 f"batches must be 1..{MAX_HANDOFF_BATCHES_PER_CALL}, got {request.batches}",
                 non_retryable=True,
             )
+        with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
+            return self._handoff(request)
+
+    def _handoff(self, request: HandoffInput) -> HandoffResult:
         activity.heartbeat()
         old = _Side(self._peer(request.old_agent, request.host_id, "old"), "old")
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
@@ -488,23 +499,33 @@ class MigrationActivities:
 
     @activity.defn(name="migration_gate")
     def gate(self, request: GateInput) -> GateResult:
+        with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
+            return self._gate(request)
+
+    def _gate(self, request: GateInput) -> GateResult:
         result = GateResult()
         for host in request.hosts:
             new = self._peer(host.new_agent, host.host_id, "new")
             try:
-                checked, failures = _translated(partial(self._gate_host, new, request, host))
-            except AgentDown as exc:
-                raise self._failure("new", host.host_id, str(exc)) from None
+                checked, failures = _translated(partial(self._gate_one, new, request, host))
+            except _SideFailed as failed:
+                raise self._failure("new", host.host_id, str(failed.error)) from None
             result.checked += checked
             result.failures += failures
-            if host.kms_share:
-                try:
-                    checked, failures = self._gate_kms(cast(KmsAgentPort, new), request, host)
-                except (AgentDown, AgentRefused, ReleaseTokenRefused) as exc:
-                    raise self._failure("new", host.host_id, str(exc)) from None
-                result.checked += checked
-                result.failures += failures
         return result
+
+    def _gate_one(self, new: AgentPort, request: GateInput, host: HostPlan) -> tuple[int, list[str]]:
+        """One host's sample. A new agent that does not answer (or, for the KMS-wrapped share,
+        whose release token is refused) raises `_SideFailed`, which `_translated` lets through:
+        the workflow rolls back (or pauses) on it instead of holding on a bare AgentDown."""
+        try:
+            checked, failures = self._gate_host(new, request, host)
+            if host.kms_share:
+                kms_checked, kms_failures = self._gate_kms(cast(KmsAgentPort, new), request, host)
+                checked, failures = checked + kms_checked, failures + kms_failures
+        except (AgentDown, AgentRefused, ReleaseTokenRefused) as exc:
+            raise _SideFailed("new", exc) from None
+        return checked, failures
 
     def _gate_kms(self, new: KmsAgentPort, request: GateInput, host: HostPlan) -> tuple[int, list[str]]:
         if not self._store.copies(request.migration_id, host.host_id, 1, kind="kms"):

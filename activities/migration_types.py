@@ -15,6 +15,16 @@ NEW_AGENT_FAILED = "NewAgentFailed"
 """``ApplicationError`` type (non-retryable) of a hand-off or gate whose new-generation agent
 died or refused mid-wave (``details[0]``: the host id)."""
 
+
+def migration_task_queue(task_queue: str) -> str:
+    """The task queue of a migration's activities (the audit one included): the workflow's own
+    queue with ``-migration`` after it, polled only by workers that have them
+    (`rekey.worker.build_worker`). In a rolling upgrade an older worker on the workflow's
+    queue never receives them, so it cannot answer NotFoundError and spend their retries:
+    they wait on this queue until an upgraded worker takes them."""
+    return f"{task_queue}-migration"
+
+
 DEFAULT_HANDOFF_BATCH = 50
 MAX_HANDOFF_BATCH = 500
 HANDOFF_BATCHES_PER_CALL = 10

@@ -1,8 +1,10 @@
-"""The rekey worker: hosts the workflows and activities on task queue ``rekey``."""
+"""The rekey worker: hosts the workflows and the rotation's activities on task queue ``rekey``,
+and the migration's activities on ``rekey-migration`` (`migration_task_queue`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -16,6 +18,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.migration import MigrationActivities, PeerFor
+from activities.migration_types import migration_task_queue
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
 from attestation.platform import PlatformVerifier
@@ -91,6 +94,35 @@ def worker_client(client: Client) -> Client:
     return Client(**config)
 
 
+class RekeyWorker:
+    """The Temporal workers of one rekey worker process, run and stopped together: one on the
+    task queue (workflows, rotation activities), one on its migration queue (the migration's
+    activities and its audit activity), so that a worker without migration activities, in a
+    rolling upgrade, never takes a migration's activity task (see `migration_task_queue`)."""
+
+    def __init__(self, *workers: Worker) -> None:
+        self.workers = workers
+
+    async def run(self) -> None:
+        """Until every worker stops; one that fails stops the others."""
+        async with asyncio.TaskGroup() as group:
+            for worker in self.workers:
+                group.create_task(worker.run())
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(worker.shutdown() for worker in self.workers))
+
+    async def __aenter__(self) -> RekeyWorker:
+        async with contextlib.AsyncExitStack() as stack:
+            for worker in self.workers:
+                await stack.enter_async_context(worker)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+
 def build_worker(
     client: Client,
     settings: Settings,
@@ -106,7 +138,7 @@ def build_worker(
     witness: ResettableWitness | None = None,
     release_policies: ReleasePolicyStore | None = None,
     token_signer: ResultSigner | None = None,
-) -> Worker:
+) -> RekeyWorker:
     """``release_policies`` (default: the KMS adapters' store, `rekey.backends.release_store`)
     and ``token_signer`` (default `rekey.backends.release_token_signer`): what a migration of
     KMS-wrapped state widens and narrows, and what signs the new agents' release tokens."""
@@ -123,16 +155,24 @@ def build_worker(
         token_signer=token_signer or release_token_signer(settings),
         audit=sink,
     )
-    return Worker(
-        worker_client(client),
-        task_queue=task_queue,
-        workflows=WORKFLOWS,
-        activities=[*activities.all(), *migration.all()],
-        activity_executor=ThreadPoolExecutor(max_concurrent_activities),
-        max_concurrent_activities=max_concurrent_activities,
-        # After shutdown() activities get this long before they are cancelled; the re-wrap batch
-        # stops on the worker-shutdown notice already, at a chunk boundary.
-        graceful_shutdown_timeout=timedelta(seconds=shutdown_timeout),
+    client = worker_client(client)
+
+    def worker(queue: str, activities: list[Callable[..., Any]], **options: Any) -> Worker:
+        return Worker(
+            client,
+            task_queue=queue,
+            activities=activities,
+            activity_executor=ThreadPoolExecutor(max_concurrent_activities),
+            max_concurrent_activities=max_concurrent_activities,
+            # After shutdown() activities get this long before they are cancelled; the re-wrap
+            # batch stops on the worker-shutdown notice already, at a chunk boundary.
+            graceful_shutdown_timeout=timedelta(seconds=shutdown_timeout),
+            **options,
+        )
+
+    return RekeyWorker(
+        worker(task_queue, activities.all(), workflows=WORKFLOWS),
+        worker(migration_task_queue(task_queue), [*migration.all(), activities.audit]),
     )
 
 
@@ -170,7 +210,12 @@ async def run_worker(settings: Settings, *, shutdown_timeout: float = DEFAULT_SH
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        log.debug("rekey worker polling task queue %s on %s", TASK_QUEUE, settings.temporal_address)
+        log.debug(
+            "rekey worker polling task queues %s and %s on %s",
+            TASK_QUEUE,
+            migration_task_queue(TASK_QUEUE),
+            settings.temporal_address,
+        )
         running = asyncio.create_task(worker.run())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)

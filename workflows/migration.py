@@ -11,7 +11,7 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
 * WIDENING: the release policies of keys wrapping old-generation state admit both generations.
 * HANDING_OFF: waves over hosts (cumulative percentages, at least one host a wave); within a
   wave one activity call per host at a time (a hand-off or re-binding call moves up to
-  ``HANDOFF_BATCHES_PER_CALL`` batches), the hosts in parallel, each host's first call after a
+  ``batches_per_call`` batches, 10 by default), the hosts in parallel, each host's first call after a
   random delay up to ``jitter_seconds`` (a durable timer), so a wave's agents do not all attest
   at once: first its hardware-sealed blobs (old agent to new), then its share of the
   KMS-wrapped ones (a blob-id range the plan gave it), which its new agent re-binds after an
@@ -46,8 +46,8 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.migration_types import (
-        HANDOFF_BATCHES_PER_CALL,
         MAX_HANDOFF_BATCH,
+        MAX_HANDOFF_BATCHES_PER_CALL,
         NEW_AGENT_FAILED,
         OLD_AGENT_UNREACHABLE,
         AgentNonce,
@@ -66,6 +66,7 @@ with workflow.unsafe.imports_passed_through():
         RemainingInput,
         RollbackInput,
         RollbackResult,
+        migration_task_queue,
     )
     from activities.types import AuditInput
 
@@ -127,6 +128,10 @@ AGENT_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=10),
     maximum_attempts=3,
 )
+AGENT_HEARTBEAT_S = 20
+"""Heartbeat timeout of the activities that call agents (hand-off, re-binding, gate): they beat
+from a background thread while a call blocks (``activities.heartbeat``), so a killed worker's
+batch is retried on another worker after this, not after the batch's whole timeout."""
 
 
 _INTERRUPTED = object()
@@ -141,6 +146,14 @@ def _reason(error: BaseException) -> str:
     message = error.message if isinstance(error, FailureError) else str(error)
     text = " ".join(f"{kind}: {message}".split())
     return "".join(ch if ch.isprintable() else "?" for ch in text)[:MAX_REASON]
+
+
+def _is_final(error: BaseException) -> bool:
+    """A failure the activity declared final (non-retryable: an agent that died or refused, a
+    blob that does not check), not retries that ran out or a timeout."""
+    while isinstance(error, ActivityError) and error.cause is not None:
+        error = error.cause
+    return isinstance(error, ApplicationError) and error.non_retryable
 
 
 def _failure_type(error: BaseException) -> str:
@@ -190,6 +203,7 @@ class MigrateGenerationWorkflow(MigrationControls):
             name,
             arg,
             result_type=result_type,
+            task_queue=migration_task_queue(workflow.info().task_queue),
             start_to_close_timeout=timedelta(seconds=timeout),
             heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
             retry_policy=retry,
@@ -297,6 +311,10 @@ class MigrateGenerationWorkflow(MigrationControls):
             problems.append(f"jitter_seconds must be 0..{MAX_JITTER_SECONDS}, got {request.jitter_seconds}")
         if not 1 <= request.batch_size <= MAX_HANDOFF_BATCH:
             problems.append(f"batch_size must be 1..{MAX_HANDOFF_BATCH}, got {request.batch_size}")
+        if not 1 <= request.batches_per_call <= MAX_HANDOFF_BATCHES_PER_CALL:
+            problems.append(
+                f"batches_per_call must be 1..{MAX_HANDOFF_BATCHES_PER_CALL}, got {request.batches_per_call}"
+            )
         if request.from_generation == request.to_generation:
             problems.append("from and to are the same generation")
         if ":" in request.from_generation or ":" in request.to_generation:
@@ -506,14 +524,17 @@ class MigrateGenerationWorkflow(MigrationControls):
             )
             unreachable: list[str] = []
             failed: list[str] = []
+            stalled: list[str] = []
             for host, step, result in zip(moving, steps, results, strict=True):
                 if isinstance(result, BaseException):
                     if not isinstance(result, ActivityError):
                         raise result
                     if _failure_type(result) == OLD_AGENT_UNREACHABLE:
                         unreachable.append(f"host {host.host_id}: {_reason(result)}")
-                    else:
+                    elif _is_final(result):
                         failed.append(f"host {host.host_id}: {_reason(result)}")
+                    else:  # retries ran out (the store down, workers killed): not the agents' fault
+                        stalled.append(f"host {host.host_id}: {_reason(result)}")
                     continue
                 if result is _INTERRUPTED:  # paused or aborted in its jitter: it waits again later
                     continue
@@ -557,6 +578,9 @@ class MigrateGenerationWorkflow(MigrationControls):
                     + ": nothing on that host was changed; resume once its old agent is back"
                 )
                 raise _Held
+            if stalled:
+                self._hold("; ".join(stalled) + ": nothing was rolled back; resume once the cause is fixed")
+                raise _Held
 
     async def _step(self, request: MigrateInput, h: HostCount, step: str, *, delay: float = 0.0) -> Any:
         """The activity that moves the next batch of ``h``: a hand-off of hardware-sealed blobs
@@ -582,11 +606,11 @@ class MigrateGenerationWorkflow(MigrationControls):
                     h.kms_hi,
                     h.kms_cursor,
                     request.batch_size,
-                    HANDOFF_BATCHES_PER_CALL,
+                    request.batches_per_call,
                 ),
                 HandoffResult,
                 timeout=900,
-                heartbeat=120,
+                heartbeat=AGENT_HEARTBEAT_S,
                 retry=AGENT_RETRY,
             )
         return await self._activity(
@@ -601,11 +625,11 @@ class MigrateGenerationWorkflow(MigrationControls):
                 h.cursor,
                 request.batch_size,
                 request.allow_same_svn,
-                HANDOFF_BATCHES_PER_CALL,
+                request.batches_per_call,
             ),
             HandoffResult,
             timeout=900,
-            heartbeat=120,
+            heartbeat=AGENT_HEARTBEAT_S,
             retry=AGENT_RETRY,
         )
 
@@ -617,6 +641,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                 "migration_gate",
                 GateInput(self._id, request.to_generation, [h.plan() for h in hosts], request.gate_sample),
                 GateResult,
+                heartbeat=AGENT_HEARTBEAT_S,
                 retry=AGENT_RETRY,
             )
         except ActivityError as exc:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.migration_types import DEFAULT_HANDOFF_BATCH, HostPlan
+    from activities.migration_types import DEFAULT_HANDOFF_BATCH, HANDOFF_BATCHES_PER_CALL, HostPlan
 
 ATTESTING, WIDENING, HANDING_OFF, VERIFYING = "ATTESTING", "WIDENING", "HANDING_OFF", "VERIFYING"
 AWAITING_COMMIT, NARROWING = "AWAITING_COMMIT", "NARROWING"
@@ -140,6 +140,8 @@ class MigrateInput:
     started_by: str = ""
     batch_size: int = DEFAULT_HANDOFF_BATCH
     state: MigrationState | None = None  # carried over by continue-as-new
+    batches_per_call: int = HANDOFF_BATCHES_PER_CALL
+    """Hand-off batches one activity call moves (fewer: a pause or a fault is seen sooner)."""
     jitter_seconds: float = 0.0
     """Each host's first batch of a wave starts after a random delay up to this (0: at once).
     0 by default, so an input recorded before the field existed replays with no timer;

@@ -100,7 +100,12 @@ class Migration:
             assert self.state.get(namespace="app", name=item, sealer=self.fleet.sealer(host, name)) == secret
 
     async def start(self, **options: Any) -> WorkflowHandle[Any, MigrationProgress]:
-        chosen: dict[str, Any] = {"waves": [50, 100], "gate_sample": 3, "batch_size": 1} | options
+        chosen: dict[str, Any] = {
+            "waves": [50, 100],
+            "gate_sample": 3,
+            "batch_size": 1,
+            "batches_per_call": 1,
+        } | options
         return await start_migration(self.client, self.fleet.generations, self.task_queue, **chosen)
 
     def later_host(self) -> str:

@@ -4,7 +4,7 @@ migration completes, no blob is lost, and every blob reads back through the v2 a
 
 One sim host (the worker finds the agents' tokens in ``<home>/agent/<generation>`` and the
 host's root CA under ``<home>/hosts/``), one blob a batch so that the hand-off lasts many
-activities. The killed activity is retried once its heartbeat times out (two minutes), from
+activities. The killed activity is retried once its heartbeat times out (20 s), from
 the cursor of the last batch that finished: the blobs it had already swapped are no longer on
 v1 and are not handed off twice."""
 
@@ -97,7 +97,7 @@ async def test_a_worker_sigkilled_mid_hand_off_is_replaced_and_the_migration_com
         )
         worker = _worker(home, address)
         handle = await start_migration(
-            client, generations, TASK_QUEUE, grace_seconds=0, batch_size=1, gate_sample=2
+            client, generations, TASK_QUEUE, grace_seconds=0, batch_size=1, batches_per_call=1, gate_sample=2
         )
 
         async def mid_hand_off() -> tuple[MigrationProgress, Any] | None:

@@ -23,6 +23,9 @@ from typing import Any
 HERE = Path(__file__).parent
 HISTORIES = HERE / "histories"
 INDEX = HISTORIES / "corpus.toml"
+MIGRATION_HISTORIES = HISTORIES / "migration"
+"""MigrateGenerationWorkflow's histories, with their own ``corpus.toml``
+(``python -m tests.replay.record_migration_history``)."""
 PRE_PATCH_ID = "rotate:vault:replay"
 """Workflow id of tests/replay/rotation_done.json (recorded before the index existed)."""
 
@@ -69,9 +72,9 @@ def index(path: Path = INDEX) -> dict[str, Entry]:
     }
 
 
-def write_index(entries: list[Entry], path: Path = INDEX) -> None:
+def write_index(entries: list[Entry], path: Path = INDEX, recorder: str = "record_rotation_history") -> None:
     lines = [
-        "# Written by `python -m tests.replay.record_rotation_history`: one entry per history in",
+        f"# Written by `python -m tests.replay.{recorder}`: one entry per history in",
         "# this directory. `refused`: updates the workflow's validators refused while it was",
         "# recorded (never part of a history), as seen by the recorder.",
         "",

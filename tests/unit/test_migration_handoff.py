@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
+from activities.migration import MigrationActivities
+from activities.migration_types import NEW_AGENT_FAILED, GateInput, HandoffInput, HostPlan
 from attestation.sim import SimVerifier
 from sealing.agent import EnclaveAgent
 from sealing.errors import StaleBlob
@@ -375,3 +379,59 @@ def test_an_old_copy_restored_after_the_hand_off_is_refused(
     with pytest.raises(StaleBlob):
         state.get(namespace="app", name="item-00", sealer=InProcessSealer(host.v1))
     assert state.get(namespace="app", name="item-01", sealer=InProcessSealer(host.v2))
+
+
+# ------------------------------------------------- the real activities over a dead new agent
+
+
+def activities_over(
+    store: SealedStateStore, host: Host, ports: dict[str, LocalPort], witness: DirectoryWitness
+) -> MigrationActivities:
+    return MigrationActivities(
+        store,
+        lambda record: ports[record.generation],  # type: ignore[arg-type,return-value]
+        lambda _host: SimVerifier(host.sim.root_ca_pem()),
+        witness,
+    )
+
+
+def failure_of(fn: Callable[..., Any], arg: Any) -> ApplicationError:
+    with pytest.raises(ApplicationError) as raised:
+        ActivityEnvironment().run(fn, arg)
+    return raised.value
+
+
+def test_a_dead_new_agent_at_the_gate_is_a_new_agent_failure_naming_its_host(
+    tmp_path: Path, store: SealedStateStore, state: SealedState, witness: DirectoryWitness
+) -> None:
+    """Not the AgentDown that the workflow would hold on: the gate's failure rolls back."""
+    host = Host(tmp_path / "host", store)
+    fill(state, host, 4)
+    old, new = LocalPort(host.v1), LocalPort(host.v2)
+    move(store, host, old, new, witness=witness)
+    activities = activities_over(store, host, {"app-v1": old, "app-v2": new}, witness)
+    plan = HostPlan(host.host_id, host.records["v1"].agent_id, host.records["v2"].agent_id, 4)
+    request = GateInput(MIGRATION, "app-v2", [plan], 2)
+    assert ActivityEnvironment().run(activities.gate, request).checked == 2
+
+    new.down = True
+    failure = failure_of(activities.gate, request)
+    assert (failure.type, failure.non_retryable, failure.details) == (NEW_AGENT_FAILED, True, (host.host_id,))
+    assert host.host_id in failure.message and "cannot reach the agent" in failure.message
+
+
+def test_a_new_agent_dying_mid_hand_off_is_a_new_agent_failure_and_changes_nothing(
+    tmp_path: Path, store: SealedStateStore, state: SealedState, witness: DirectoryWitness
+) -> None:
+    host = Host(tmp_path / "host", store)
+    fill(state, host, 4)
+    old, new = LocalPort(host.v1), LocalPort(host.v2)
+    activities = activities_over(store, host, {"app-v1": old, "app-v2": new}, witness)
+    before = digest(store)
+    old.before_export = lambda: setattr(new, "down", True)  # dies after attesting, before the import
+    request = HandoffInput(
+        MIGRATION, "app-v1", "app-v2", host.host_id, host.records["v1"].agent_id, host.records["v2"].agent_id
+    )
+    failure = failure_of(activities.handoff, request)
+    assert (failure.type, failure.details) == (NEW_AGENT_FAILED, (host.host_id,))
+    assert digest(store) == before

@@ -40,7 +40,7 @@ from sealing.generation import GenerationManifest, parse_manifest
 from sealing.handoff import HandoffError, fingerprint
 from sealing.keywrap import LocalKeyWrapper
 from sealing.kms_migration import attested_token, kms_shares
-from sealing.migration import AgentRefused
+from sealing.migration import AgentDown, AgentRefused
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
 from sealing.tee.sim import EnclaveIdentity, SimHost
@@ -386,3 +386,27 @@ def test_kms_shares_cover_every_blob_id_once() -> None:
     for blob_id in ids:
         owners = [h for h, lo, hi in shares if (lo is None or blob_id >= lo) and (hi is None or blob_id < hi)]
         assert len(owners) == 1
+
+
+class DeadPort(KmsPort):
+    def attest(self, nonce: bytes) -> tuple[bytes, bytes]:
+        raise AgentDown("cannot reach the agent")
+
+
+def test_a_dead_new_agent_is_a_new_agent_failure_at_rebind_and_at_the_gate(
+    fleet: Fleet, state: SealedState, store: SealedStateStore
+) -> None:
+    fill(state, 3)
+    first_policy(fleet)
+    fleet.release("widen")
+    assert fleet.rebind_all() == (3, 0)
+    host = fleet.run(fleet.activities.fleet, FleetInput("app-v1", "app-v2")).hosts[0]
+    fleet.ports["app-v2"] = DeadPort(fleet.agents["app-v2"])
+    with pytest.raises(ApplicationError) as gate:
+        fleet.run(fleet.activities.gate, GateInput(MIGRATION, "app-v2", [host], 3))
+    fleet.run(fleet.activities.rollback, RollbackInput(MIGRATION, [fleet.sim.host_id]))
+    with pytest.raises(ApplicationError) as rebind:
+        fleet.rebind_all()
+    for failure in (gate.value, rebind.value):
+        assert (failure.type, failure.details) == (NEW_AGENT_FAILED, (fleet.sim.host_id,))
+        assert "cannot reach the agent" in failure.message

@@ -38,6 +38,7 @@ from activities.migration_types import (
     RemainingInput,
     RollbackInput,
     RollbackResult,
+    migration_task_queue,
 )
 from activities.types import AuditInput
 from audit.format import check_details
@@ -68,7 +69,9 @@ class MigrationFleet:
     fleet_reasons: list[str] = field(default_factory=list)
     old_down: set[str] = field(default_factory=set)
     new_fails: set[str] = field(default_factory=set)
+    store_down: set[str] = field(default_factory=set)  # hosts whose hand-offs fail retryably (the store)
     gate_fails: set[str] = field(default_factory=set)
+    gate_dead: set[str] = field(default_factory=set)  # hosts whose new agent is dead at the gate
     rewrite_once: set[str] = field(default_factory=set)  # blob ids the workload rewrites mid-hand-off
     late: list[tuple[str, str]] = field(default_factory=list)  # (blob, host) sealed by the old agent late
     calls: list[Call] = field(default_factory=list)
@@ -142,6 +145,8 @@ class StubMigrationActivities:
             raise ApplicationError(
                 f"old agent on {host} unreachable", host, type=OLD_AGENT_UNREACHABLE, non_retryable=True
             )
+        if host in self.fleet.store_down:
+            raise ApplicationError("the store is unreachable", type="StoreUnavailable")
         if host in self.fleet.new_fails:
             raise ApplicationError(
                 f"new agent on {host} died", host, type=NEW_AGENT_FAILED, non_retryable=True
@@ -201,6 +206,14 @@ class StubMigrationActivities:
     @activity.defn(name="migration_gate")
     async def gate(self, request: GateInput) -> GateResult:
         self.fleet.record("migration_gate", request)
+        for host in request.hosts:
+            if host.host_id in self.fleet.gate_dead:  # as the real gate answers a dead new agent
+                raise ApplicationError(
+                    f"new agent on {host.host_id} died",
+                    host.host_id,
+                    type=NEW_AGENT_FAILED,
+                    non_retryable=True,
+                )
         failures = [
             f"{h.host_id}: sample did not open" for h in request.hosts if h.host_id in self.fleet.gate_fails
         ]
@@ -292,13 +305,14 @@ class Migration:
 @asynccontextmanager
 async def migrating(env: WorkflowEnvironment, fleet: MigrationFleet) -> AsyncIterator[Migration]:
     task_queue = f"migration-{uuid.uuid4()}"
-    worker = Worker(
+    # As rekey's worker: the workflow on its queue, its activities on the migration queue.
+    worker = Worker(env.client, task_queue=task_queue, workflows=[MigrateGenerationWorkflow])
+    activities = Worker(
         env.client,
-        task_queue=task_queue,
-        workflows=[MigrateGenerationWorkflow],
+        task_queue=migration_task_queue(task_queue),
         activities=StubMigrationActivities(fleet).all(),
     )
-    async with worker:
+    async with worker, activities:
         try:
             yield Migration(env, fleet, task_queue)
         finally:

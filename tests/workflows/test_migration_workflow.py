@@ -8,19 +8,30 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from temporalio import activity
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
-from activities.migration_types import HANDOFF_BATCHES_PER_CALL
+from activities.migration_types import HANDOFF_BATCHES_PER_CALL, migration_task_queue
 from audit.format import check_details, check_event
-from tests.workflows.migration_stubs import OLD, WAIT, Migration, MigrationFleet, migrating, wait_for
-from workflows.migration import MigrateGenerationWorkflow, MigrationProgress
+from tests.workflows.migration_stubs import (
+    NEW,
+    OLD,
+    WAIT,
+    Migration,
+    MigrationFleet,
+    StubMigrationActivities,
+    migrating,
+    wait_for,
+)
+from workflows.migration import MigrateGenerationWorkflow, MigrateInput, MigrationProgress, migration_id
 from workflows.migration_state import (
     AWAITING_COMMIT,
     DONE,
@@ -182,6 +193,16 @@ async def test_a_failed_gate_pauses_with_on_failure_pause_and_resume_goes_on(
         result = await asyncio.wait_for(handle.result(), WAIT)
     assert result.phase == DONE
     assert not any(g == OLD for _, g in fleet.blobs.values())
+
+
+async def test_a_new_agent_dead_at_the_gate_rolls_back(env: WorkflowEnvironment) -> None:
+    fleet = MigrationFleet.of(hosts=2, per_host=2)
+    fleet.gate_dead = {"host-01"}
+    async with migrating(env, fleet) as migration:
+        result = await asyncio.wait_for((await migration.start()).result(), WAIT)
+    assert result.phase == ROLLED_BACK and not result.held
+    assert all(g == OLD for _, g in fleet.blobs.values()) and fleet.copies == {}
+    assert any("health gate" in r and "host-01" in r and "NewAgentFailed" in r for r in result.reasons)
 
 
 async def test_a_new_agent_failing_mid_wave_rolls_back(env: WorkflowEnvironment) -> None:
@@ -417,3 +438,61 @@ async def test_kms_wrapped_blobs_written_by_the_old_generation_in_the_grace_are_
     assert result.phase == DONE
     assert fleet.kms["host-01/late"][1] != OLD
     assert phases(fleet)[-4:] == [AWAITING_COMMIT, VERIFYING, "NARROWING", DONE]
+
+
+# ------------------------------------------------------------------------ rolling upgrade
+
+
+async def test_a_worker_without_migration_activities_on_the_queue_neither_fails_nor_holds_it(
+    env: WorkflowEnvironment,
+) -> None:
+    """In a rolling upgrade an older worker polls the workflow's task queue without the
+    migration's activities (it would answer NotFoundError and spend their retries): they wait
+    on the migration queue until an upgraded worker takes them, and the migration goes on."""
+    fleet = MigrationFleet.of(hosts=2, per_host=2)
+    task_queue, target = f"migration-{uuid.uuid4()}", f"{NEW}-{uuid.uuid4().hex[:8]}"
+
+    @activity.defn(name="rotate_key")
+    async def rotate_key() -> None:  # what the older worker has: it polls activity tasks too
+        raise AssertionError("not called")
+
+    old_worker = Worker(
+        env.client, task_queue=task_queue, workflows=[MigrateGenerationWorkflow], activities=[rotate_key]
+    )
+    async with old_worker:
+        handle = await env.client.start_workflow(
+            MigrateGenerationWorkflow.run,
+            MigrateInput(OLD, target, requested_at=datetime.now(UTC).isoformat(), grace_seconds=0),
+            id=migration_id(OLD, target),
+            task_queue=task_queue,
+        )
+        waiting = await wait_for(handle, lambda p: bool(p.started_at))
+        pending = (await handle.describe()).raw_description.pending_activities
+        assert [a.activity_type.name for a in pending] == ["audit"] and pending[0].attempt == 1
+        assert not waiting.held and waiting.phase == "ATTESTING"
+        async with Worker(
+            env.client,
+            task_queue=migration_task_queue(task_queue),
+            activities=StubMigrationActivities(fleet).all(),
+        ):
+            result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result.phase == DONE and not result.held and not result.reasons
+    assert not any(g == OLD for _, g in fleet.blobs.values())
+
+
+async def test_retries_that_run_out_hold_the_migration_instead_of_rolling_it_back(
+    env: WorkflowEnvironment,
+) -> None:
+    fleet = MigrationFleet.of(hosts=2, per_host=2)
+    fleet.store_down = {"host-01"}
+    async with migrating(env, fleet) as migration:
+        handle = await migration.start(grace_seconds=0, waves=[100])
+        progress = await wait_for(handle, lambda p: bool(p.held))
+        assert "host-01" in progress.held and "StoreUnavailable" in progress.held
+        assert not fleet.named("migration_rollback")
+        assert all(g != OLD for h, g in fleet.blobs.values() if h == "host-00")  # what moved stays moved
+        fleet.store_down.clear()  # the store is back
+        await handle.execute_update(MigrateGenerationWorkflow.resume)
+        result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result.phase == DONE
+    assert not any(g == OLD for _, g in fleet.blobs.values())
