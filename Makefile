@@ -34,7 +34,7 @@ bench: venv
 	$(BIN)/python -m loadtest.bench_attestation
 	$(BIN)/python -m loadtest.bench_throttle
 	$(BIN)/python -m loadtest.bench_rotation
-	$(BIN)/python -m loadtest.bench_migration
+	$(BIN)/python -m loadtest.bench_migration --kind both
 
 soak: venv
 	$(BIN)/python -m pytest -m soak

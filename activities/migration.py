@@ -515,8 +515,15 @@ class MigrationActivities:
 
     @activity.defn(name="migration_rebind")
     def rebind(self, request: RebindInput) -> HandoffResult:
-        """One batch of a host's share of KMS-wrapped blobs, re-bound by its new agent with one
-        release token (attestations: 1, none when the page is empty)."""
+        """Up to ``batches`` batches of a host's share of KMS-wrapped blobs, one after the other,
+        re-bound by its new agent with one release token each (attestations: one a batch, none
+        for an empty page), heartbeating as a hand-off does. A failure after the first batch
+        reports what moved before it; the next call meets it first."""
+        if not 1 <= request.batches <= MAX_HANDOFF_BATCHES_PER_CALL:
+            raise ApplicationError(
+                f"batches must be 1..{MAX_HANDOFF_BATCHES_PER_CALL}, got {request.batches}",
+                non_retryable=True,
+            )
         with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
             return self._rebind(request)
 
@@ -525,26 +532,41 @@ class MigrationActivities:
         new = _Side(self._peer(request.new_agent, request.host_id, "new"), "new")
         old = _translated(lambda: manifest_of(self._store, request.from_generation))
         new_manifest = _translated(lambda: manifest_of(self._store, request.to_generation))
-        try:
-            done = _translated(
-                lambda: rebind_batch(
-                    self._store,
-                    new,
-                    partial(self._token, new, request.new_agent, request.host_id, request.to_generation),
-                    migration_id=request.migration_id,
-                    old_generation=request.from_generation,
-                    new_generation=request.to_generation,
-                    share=(request.host_id, request.kms_lo, request.kms_hi),
-                    after=request.after,
-                    size=request.size,
-                    beat=_throttled(activity.heartbeat, HEARTBEAT_EVERY, self._clock),
-                    # Every page: a key first met since WIDENING (a blob written meanwhile under
-                    # another key) is widened, and recorded for NARROWING and restore, first.
-                    prepare=partial(self._widen_page, request.migration_id, old, new_manifest),
-                )
+        token_for = partial(self._token, new, request.new_agent, request.host_id, request.to_generation)
+        beat = _throttled(activity.heartbeat, HEARTBEAT_EVERY, self._clock)
+        done = BatchOutcome(cursor=request.after)
+        for number in range(request.batches):
+            rebind = partial(
+                rebind_batch,
+                self._store,
+                new,
+                token_for,
+                migration_id=request.migration_id,
+                old_generation=request.from_generation,
+                new_generation=request.to_generation,
+                share=(request.host_id, request.kms_lo, request.kms_hi),
+                after=done.cursor,
+                size=request.size,
+                beat=beat,
+                # Every page: a key first met since WIDENING (a blob written meanwhile under
+                # another key) is widened, and recorded for NARROWING and restore, first.
+                prepare=partial(self._widen_page, request.migration_id, old, new_manifest),
             )
-        except _SideFailed as failed:
-            raise self._failure("new", request.host_id, str(failed.error)) from None
+            try:
+                batch = _translated(rebind)
+            except (_SideFailed, ApplicationError) as exc:
+                if number > 0:
+                    break  # what moved is reported; the next call meets the failure first
+                if isinstance(exc, _SideFailed):
+                    raise self._failure("new", request.host_id, str(exc.error)) from None
+                raise
+            done.moved += batch.moved
+            done.conflicts += batch.conflicts
+            done.skipped += batch.skipped
+            done.attestations += batch.attestations
+            done.cursor, done.done = batch.cursor, batch.done
+            if done.done:
+                break
         return HandoffResult(
             done.moved, done.conflicts, done.skipped, done.cursor, done.done, done.attestations
         )

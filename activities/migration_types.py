@@ -37,9 +37,10 @@ one of its generations."""
 DEFAULT_HANDOFF_BATCH = 50
 MAX_HANDOFF_BATCH = 500
 HANDOFF_BATCHES_PER_CALL = 10
-"""Batches one ``migration_handoff`` call hands off, one after the other: each round of a wave
-waits for its slowest host and a workflow task, so fewer, longer calls keep the agents busier
-(measured with loadtest/bench_migration.py). A pause or abort takes effect between calls."""
+"""Batches one ``migration_handoff`` or ``migration_rebind`` call moves, one after the other:
+each round of a wave waits for its slowest host and a workflow task, so fewer, longer calls keep
+the agents busier (measured with loadtest/bench_migration.py). A pause or abort takes effect
+between calls."""
 MAX_HANDOFF_BATCHES_PER_CALL = 20
 
 
@@ -112,7 +113,7 @@ class ReleaseInput:
 
 @dataclass
 class RebindInput:
-    """One batch of a host's share of KMS-wrapped blobs, re-bound by its new agent."""
+    """Batches of a host's share of KMS-wrapped blobs, re-bound by its new agent."""
 
     migration_id: str
     from_generation: str
@@ -123,6 +124,7 @@ class RebindInput:
     kms_hi: str | None = None
     after: str | None = None
     size: int = DEFAULT_HANDOFF_BATCH
+    batches: int = 1  # batches of up to ``size`` blobs this call re-binds, one after the other
 
 
 @dataclass

@@ -92,7 +92,7 @@ from workflows.rotation import (
 SEED_CHUNK = 5000
 
 
-class _CollectingWrapper:
+class CollectingWrapper:
     """Stands in for the KMS while seeding: hands out placeholder slots, keeps the DEKs so they
     can be wrapped by Transit in batches afterwards (the benchmark's own memory only)."""
 
@@ -108,7 +108,7 @@ class _CollectingWrapper:
 def seed(bao: OpenBao, adapter: VaultTransitAdapter, store: SealedStateStore, count: int, body: int) -> None:
     transit = bao.client().secrets.transit
     for start in range(0, count, SEED_CHUNK):
-        wrapper = _CollectingWrapper(adapter.key_ref)
+        wrapper = CollectingWrapper(adapter.key_ref)
         names = [f"item-{i:07d}" for i in range(start, min(count, start + SEED_CHUNK))]
         ids = [uuid.uuid4() for _ in names]
         blobs = [

@@ -10,7 +10,7 @@ NARROWING -> DONE, or ROLLED_BACK (refused at ATTESTING, aborted, or a failed wa
   stored changes (``refused``).
 * WIDENING: the release policies of keys wrapping old-generation state admit both generations.
 * HANDING_OFF: waves over hosts (cumulative percentages, at least one host a wave); within a
-  wave one activity call per host at a time (a hand-off call moves up to
+  wave one activity call per host at a time (a hand-off or re-binding call moves up to
   ``batches_per_call`` batches, 10 by default), the hosts in parallel, each host's first call after a
   random delay up to ``jitter_seconds`` (a durable timer), so a wave's agents do not all attest
   at once: first its hardware-sealed blobs (old agent to new), then its share of the
@@ -615,6 +615,7 @@ class MigrateGenerationWorkflow(MigrationControls):
                     h.kms_hi,
                     h.kms_cursor,
                     request.batch_size,
+                    request.batches_per_call,
                 ),
                 HandoffResult,
                 timeout=900,

@@ -266,6 +266,49 @@ def test_kms_blobs_are_rebound_in_the_new_agent_rolled_back_and_narrowed(
     assert events.count("migration.release_policy.widen") == 2 and "migration.release_policy.narrow" in events
 
 
+def test_one_rebind_call_moves_several_batches_and_what_moved_before_a_failure(
+    fleet: Fleet, state: SealedState, store: SealedStateStore
+) -> None:
+    """As a hand-off call does: up to ``batches`` batches from the cursor, one release token
+    each; a new agent that fails in a later batch leaves the call answering with what moved
+    before it, and the next call meets the failure first (nothing more changed)."""
+    fill(state, 7)
+    first_policy(fleet)
+    fleet.release("widen")
+    host = fleet.sim.host_id
+    port = fleet.ports["app-v2"]
+
+    def call(after: str | None, batches: int) -> Any:
+        request = RebindInput(
+            MIGRATION, "app-v1", "app-v2", host, f"app-v2@{host}", None, None, after, 2, batches
+        )
+        return fleet.run(fleet.activities.rebind, request)
+
+    def v1_left() -> int:
+        return store.count_kms_in_shares("app-v1", [(host, None, None)])[host]
+
+    def refuse() -> None:
+        raise AgentRefused("enclave crashed")
+
+    def then_refuse() -> None:
+        port.before_rebind = refuse  # the batch after this one
+
+    first = call(None, 2)
+    assert (first.moved, first.done, first.attestations) == (4, False, 2) and v1_left() == 3
+    port.before_rebind = then_refuse
+    second = call(first.cursor, 3)
+    assert (second.moved, second.done, second.attestations) == (2, False, 1) and v1_left() == 1
+    port.before_rebind = refuse
+    with pytest.raises(ApplicationError) as failed:
+        call(second.cursor, 3)
+    assert failed.value.type == NEW_AGENT_FAILED and v1_left() == 1
+    last = call(second.cursor, 3)
+    assert (last.moved, last.done) == (1, True) and v1_left() == 0
+    assert store.count_copies(MIGRATION) == 7
+    with pytest.raises(ApplicationError, match=r"batches must be 1\.\.20"):
+        call(None, 21)
+
+
 def test_rebind_refuses_hostile_input(
     fleet: Fleet, state: SealedState, store: SealedStateStore, tmp_path: Path
 ) -> None:

@@ -19,7 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.migration_types import migration_task_queue
+from activities.migration_types import HANDOFF_BATCHES_PER_CALL, migration_task_queue
 from audit.format import check_details, check_event
 from tests.workflows.migration_stubs import (
     NEW,
@@ -408,6 +408,9 @@ async def test_kms_wrapped_blobs_move_with_their_hosts_wave_after_its_hardware_s
         assert moves.index("migration_rebind") > max(
             i for i, n in enumerate(moves) if n == "migration_handoff"
         )
+    # A re-binding call, like a hand-off call, moves several batches (fewer rounds of a wave).
+    calls = fleet.named("migration_rebind") + fleet.named("migration_handoff")
+    assert {c.request.batches for c in calls} == {HANDOFF_BATCHES_PER_CALL}
     assert fleet.release == ["widen", "narrow"]
     accepted_by_the_audit_log(fleet)
 
