@@ -92,7 +92,7 @@ def _exit_code(progress: MigrationProgress) -> int:
 @migration_options
 @json_option
 def start(from_generation: str, to_generation: str, migration: MigrationOptions, json_out: bool) -> None:
-    """Start migrating OLD's hardware-sealed state to NEW (or attach to the running migration).
+    """Start migrating OLD's state, hardware-sealed and KMS-wrapped, to NEW (or attach to the running one).
 
     With --wait: exits 0 on DONE, 1 on ROLLED_BACK or failure, 3 when refused at ATTESTING."""
     request = checked_request(from_generation, to_generation, migration)
