@@ -42,6 +42,11 @@ def _print(progress: MigrationProgress) -> None:
             f"{progress.from_generation} -> {progress.to_generation}  phase {progress.phase}  {wave}"
             f"  moved {progress.moved}/{progress.total}  remaining {progress.remaining}"
             f"  conflicts {progress.conflicts}  attestations {progress.attestations}"
+            + (
+                f"  kms re-bound {progress.kms_moved}/{progress.kms_moved + progress.kms_remaining}"
+                if progress.kms_blobs or progress.kms_moved
+                else ""
+            )
             + ("  PAUSED" if progress.paused else "")
         )
     )
@@ -50,6 +55,7 @@ def _print(progress: MigrationProgress) -> None:
             Text(
                 f"  {host.host_id}  wave {host.wave}  {host.state}  moved {host.moved}/{host.total}"
                 f"  remaining {host.remaining}  conflicts {host.conflicts}"
+                + (f"  kms {host.kms_moved}/{host.kms_total}" if host.kms_total else "")
             )
         )
     for label, value in (
