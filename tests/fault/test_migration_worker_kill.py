@@ -113,7 +113,7 @@ async def test_a_worker_sigkilled_mid_hand_off_is_replaced_and_the_migration_com
             ]
             return (now, running[0]) if running else None
 
-        at_kill, _activity = await wait_for(mid_hand_off, "a hand-off batch running mid-host", every=0.02)
+        at_kill, in_flight = await wait_for(mid_hand_off, "a hand-off batch running mid-host", every=0.02)
         _kill(worker)
         assert at_kill.hosts[0].moved < BLOBS
         worker = _worker(home, address)
@@ -129,7 +129,23 @@ async def test_a_worker_sigkilled_mid_hand_off_is_replaced_and_the_migration_com
             for e in history.events
             if e.HasField("activity_task_started_event_attributes")
         ]
-        assert max(attempts) >= 2, attempts
+        # Unless the batch in flight finished in the instant between the describe and the kill
+        # (a one-blob batch can): then it completed on its first attempt, before the kill.
+        scheduled = {
+            e.event_id
+            for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+            and e.activity_task_scheduled_event_attributes.activity_id == in_flight.activity_id
+        }
+        finished_first_try = (
+            any(
+                e.HasField("activity_task_completed_event_attributes")
+                and e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
+                for e in history.events
+            )
+            and max(attempts) == 1
+        )
+        assert max(attempts) >= 2 or finished_first_try, attempts
         generation = generations["v2"]["id"]
         assert len(store.summaries()) == BLOBS
         v2 = fleet.sealer("host", "v2")
