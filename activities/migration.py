@@ -134,6 +134,14 @@ def claim_message(claim: MigrationClaim) -> str:
     )
 
 
+def _check_batches(batches: int) -> None:
+    """How many batches one hand-off or re-binding call may move (non-retryable otherwise)."""
+    if not 1 <= batches <= MAX_HANDOFF_BATCHES_PER_CALL:
+        raise ApplicationError(
+            f"batches must be 1..{MAX_HANDOFF_BATCHES_PER_CALL}, got {batches}", non_retryable=True
+        )
+
+
 def _translated(fn: Callable[[], T]) -> T:
     try:
         return fn()
@@ -519,11 +527,7 @@ class MigrationActivities:
         re-bound by its new agent with one release token each (attestations: one a batch, none
         for an empty page), heartbeating as a hand-off does. A failure after the first batch
         reports what moved before it; the next call meets it first."""
-        if not 1 <= request.batches <= MAX_HANDOFF_BATCHES_PER_CALL:
-            raise ApplicationError(
-                f"batches must be 1..{MAX_HANDOFF_BATCHES_PER_CALL}, got {request.batches}",
-                non_retryable=True,
-            )
+        _check_batches(request.batches)
         with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
             return self._rebind(request)
 
@@ -579,11 +583,7 @@ class MigrationActivities:
 
     @activity.defn(name="migration_handoff")
     def handoff(self, request: HandoffInput) -> HandoffResult:
-        if not 1 <= request.batches <= MAX_HANDOFF_BATCHES_PER_CALL:
-            raise ApplicationError(
-                f"batches must be 1..{MAX_HANDOFF_BATCHES_PER_CALL}, got {request.batches}",
-                non_retryable=True,
-            )
+        _check_batches(request.batches)
         with heartbeating():  # beats while an agent call blocks: a killed worker is seen in seconds
             return self._handoff(request)
 
