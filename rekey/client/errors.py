@@ -119,6 +119,15 @@ class RotationFailed(RekeyClientError):
         self.cause = cause
 
 
+class MigrationFailed(RekeyClientError):
+    """The migration workflow failed; ``cause`` is what failed, as the workflow reported it."""
+
+    def __init__(self, migration_id: str, cause: str) -> None:
+        super().__init__(f"migration {migration_id} failed: {cause}")
+        self.migration_id = migration_id
+        self.cause = cause
+
+
 class ScheduleExists(RekeyClientError):
     """A rotation schedule for this key exists already."""
 

@@ -24,9 +24,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.types import TASK_QUEUE
 from rekey.client.errors import (
     InvalidOption,
+    MigrationFailed,
     MigrationOverlaps,
     RekeyClientError,
-    RotationFailed,
     RotationNotFound,
     RotationRefused,
     TemporalRequestFailed,
@@ -115,7 +115,7 @@ class MigrationHandle:
         try:
             result: MigrationProgress = await self._handle.result()
         except WorkflowFailureError as exc:
-            raise RotationFailed(self.id, cause_message(exc.cause)) from None
+            raise MigrationFailed(self.id, cause_message(exc.cause)) from None
         except RPCError as exc:
             rpc_failure(exc, RotationNotFound, f"no migration {self.id}", f"cannot wait for {self.id}")
         return result

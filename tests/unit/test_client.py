@@ -15,6 +15,7 @@ from rekey.client import (
     InvalidDuration,
     InvalidId,
     InvalidOption,
+    MigrationFailed,
     NoWorker,
     RekeyClient,
     RekeyClientError,
@@ -149,6 +150,7 @@ def test_seconds_of_numbers_and_timedeltas() -> None:
         (TemporalUnreachable("x"), EXIT_FAILED),
         (TemporalRequestFailed("x"), EXIT_FAILED),
         (RotationFailed("rotate:vault:x", "boom"), EXIT_FAILED),
+        (MigrationFailed("migrate:gen-a:gen-b", "boom"), EXIT_FAILED),
         (InvalidId("x"), EXIT_USAGE),
         (InvalidDuration("x"), EXIT_USAGE),
         (InvalidOption("x"), EXIT_USAGE),
@@ -170,6 +172,13 @@ def test_rotation_failed_carries_the_cause() -> None:
     failed = RotationFailed("rotate:vault:x", "vault:x does not exist")
     assert str(failed) == "rotation rotate:vault:x failed: vault:x does not exist"
     assert (failed.rotation_id, failed.cause) == ("rotate:vault:x", "vault:x does not exist")
+
+
+def test_migration_failed_says_migration() -> None:
+    failed = MigrationFailed("migrate:gen-a:gen-b", "new agent unreachable")
+    assert str(failed) == "migration migrate:gen-a:gen-b failed: new agent unreachable"
+    assert not isinstance(failed, RotationFailed)
+    assert (failed.migration_id, failed.cause) == ("migrate:gen-a:gen-b", "new agent unreachable")
 
 
 async def test_connect_names_the_address_it_cannot_reach(tmp_path: Path) -> None:
