@@ -98,7 +98,7 @@ from rekey.backends import adapter_for, release_token_signer, signer_for, witnes
 from rekey.client.release_policies import set_release_policy
 from rekey.codec import data_converter
 from rekey.config import Settings, load_settings
-from rekey.devstack.temporal import search_attribute_flags, temporal_cli
+from rekey.devstack.temporal import start_dev_server
 from rekey.worker import build_worker, tune_gc
 from sealing import envelope
 from sealing.generation import parse_manifest
@@ -721,11 +721,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if store.count_by_generation() != {V1: len(kinds) * n}:
                     raise RuntimeError(f"the baselines left {store.count_by_generation()}")
 
-                env = await WorkflowEnvironment.start_local(
-                    dev_server_existing_path=temporal_cli(),
-                    data_converter=data_converter(home),
-                    dev_server_extra_args=search_attribute_flags(),
-                )
+                env = await start_dev_server(data_converter=data_converter(home))
                 try:
                     agents_cpu, bao_cpu = _agents_cpu(fleet), stack.openbao_cpu()
                     progress, worker_cpu, history = await workflow_run(env, stack, args)

@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
 
 from activities.types import DEFAULT_BATCH, DEFAULT_IN_FLIGHT, TASK_QUEUE
 from emulators.servers import OpenBao, openbao_dev, postgres_embedded
@@ -71,7 +70,7 @@ from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
 from rekey.client import rotation_id
 from rekey.codec import data_converter
-from rekey.devstack.temporal import search_attribute_flags, temporal_cli
+from rekey.devstack.temporal import start_dev_server
 from rekey.worker import tune_gc
 from sealing import envelope
 from sealing.keywrap import RewrapOutcome, WrappedKey
@@ -393,11 +392,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             bao = stack.enter_context(openbao_dev())
             new_database = stack.enter_context(postgres_embedded()) if args.store == "postgresql" else None
-            env = await WorkflowEnvironment.start_local(
-                dev_server_existing_path=temporal_cli(),
-                data_converter=data_converter(home),
-                dev_server_extra_args=search_attribute_flags(),
-            )
+            env = await start_dev_server(data_converter=data_converter(home))
             try:
                 address = env.client.service_client.config.target_host
                 results = []

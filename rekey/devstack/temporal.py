@@ -9,12 +9,23 @@ attribute that already exists with the same type)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess  # starts the dev stack's binaries  # nosec B404
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from activities.types import SEARCH_ATTRIBUTES
 from emulators import servers
 
-__all__ = ["SearchAttributeError", "register_search_attributes", "search_attribute_flags", "temporal_cli"]
+__all__ = [
+    "SearchAttributeError",
+    "register_search_attributes",
+    "search_attribute_flags",
+    "start_dev_server",
+    "temporal_cli",
+]
 
 
 class SearchAttributeError(Exception):
@@ -52,3 +63,31 @@ def register_search_attributes(
     if done.returncode != 0:
         reason = " ".join((done.stderr or done.stdout).split())[-300:]
         raise SearchAttributeError(f"cannot register search attributes on {namespace}: {reason}")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 is 2 inside the block: a child started there writes its banner and logs to
+    standard error, so a command's ``--json`` output on standard output stays parseable."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+async def start_dev_server(*, data_converter: Any, extra_args: Sequence[str] = ()) -> Any:
+    """A private Temporal dev server (``WorkflowEnvironment.start_local``) with rekey's search
+    attributes, its output on standard error; the caller shuts it down (``await env.shutdown()``)."""
+    from temporalio.testing import WorkflowEnvironment
+
+    with _stdout_to_stderr():
+        return await WorkflowEnvironment.start_local(
+            dev_server_existing_path=temporal_cli(),
+            data_converter=data_converter,
+            dev_server_extra_args=[*search_attribute_flags(), *extra_args],
+        )
