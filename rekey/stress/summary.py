@@ -75,19 +75,19 @@ class RunDirError(Exception):
 
 @dataclass(frozen=True)
 class Events:
-    """The completed operations of a run, as columns (one element per op)."""
+    """The completed operations of a run, as columns (one element per op), in compact types:
+    a run of millions of ops is read whole."""
 
     intended: NDArray[np.float64]
-    start: NDArray[np.float64]
     end: NDArray[np.float64]
-    op: NDArray[np.int64]
+    op: NDArray[np.int16]
     """Index into `op_names`."""
     op_names: tuple[str, ...]
-    outcome: NDArray[np.int64]
+    outcome: NDArray[np.int16]
     """Index into `outcome_names`."""
     outcome_names: tuple[str, ...]
-    attempts: NDArray[np.int64]
-    throttle_wait: NDArray[np.float64]
+    attempts: NDArray[np.int32]
+    throttle_wait: NDArray[np.float32]
     files: int
     """Parquet chunks read."""
 
@@ -211,14 +211,24 @@ def read_recorded_summary(run_dir: Path) -> dict[str, Any] | None:
     return summary
 
 
-def _strings(table: pa.Table, name: str, path: Path) -> pa.ChunkedArray:
+def _codes(table: pa.Table, name: str, path: Path, vocabulary: dict[str, int]) -> NDArray[np.int16]:
+    """A text column as indices into ``vocabulary`` (extended with the values it meets)."""
     column = table.column(name)
     if column.null_count:
         raise RunDirError(f"{path}: column {name} has missing values")
     try:
-        return column.cast(pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if not pa.types.is_dictionary(column.type):
+            column = column.cast(pa.string()).dictionary_encode()
+        parts = []
+        for chunk in column.chunks:
+            values = chunk.dictionary.cast(pa.string()).to_pylist()
+            if any(value is None for value in values):
+                raise RunDirError(f"{path}: column {name} has missing values")
+            mapping = np.array([vocabulary.setdefault(v, len(vocabulary)) for v in values], dtype=np.int16)
+            parts.append(mapping[np.asarray(chunk.indices.to_numpy(zero_copy_only=False), dtype=np.int64)])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         raise RunDirError(f"{path}: column {name} is not text") from None
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
 
 def _numbers(table: pa.Table, name: str, path: Path, dtype: type[np.generic]) -> NDArray[Any]:
@@ -226,73 +236,59 @@ def _numbers(table: pa.Table, name: str, path: Path, dtype: type[np.generic]) ->
     if column.null_count:
         raise RunDirError(f"{path}: column {name} has missing values")
     try:
-        return np.asarray(column.to_numpy(), dtype=dtype)
-    except (TypeError, ValueError, pa.ArrowInvalid):
+        values = np.asarray(column.to_numpy(), dtype=dtype)
+    except (TypeError, ValueError, pa.ArrowException):
         raise RunDirError(f"{path}: column {name} is not numeric") from None
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        raise RunDirError(f"{path}: column {name} has values that are not finite numbers")
+    return values
+
+
+NUMERIC_COLUMNS: Final[dict[str, type[np.generic]]] = {
+    "intended": np.float64,
+    "end": np.float64,
+    "attempts": np.int32,
+    "throttle_wait": np.float32,
+}
 
 
 def read_events(run_dir: Path) -> Events:
     """Every Parquet chunk of events/ (a run interrupted has only some: they are what there is).
 
     An unreadable chunk or one without the spec's columns is an error; so is a run with no
-    event at all (nothing to report)."""
+    event at all (nothing to report). Chunks are converted one at a time, only the columns a
+    summary needs."""
     events_dir = Path(run_dir) / EVENTS
     if not events_dir.is_dir():
         raise RunDirError(f"{run_dir}: no {EVENTS}/ directory (no operation was recorded)")
     files = sorted(events_dir.glob("*.parquet"))
-    tables: list[pa.Table] = []
+    numbers: dict[str, list[NDArray[Any]]] = {name: [] for name in NUMERIC_COLUMNS}
+    codes: dict[str, list[NDArray[np.int16]]] = {"op": [], "outcome": []}
+    vocabularies: dict[str, dict[str, int]] = {"op": {}, "outcome": {}}
     for path in files:
         try:
-            table = pq.read_table(path)
+            names = pq.read_schema(path).names
+            missing = [name for name in EVENT_COLUMNS if name not in names]
+            if missing:
+                raise RunDirError(f"{path}: no column {', '.join(missing)}")
+            table = pq.read_table(path, columns=[*NUMERIC_COLUMNS, *codes])
         except (OSError, pa.ArrowException) as exc:
             raise RunDirError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
-        missing = [name for name in EVENT_COLUMNS if name not in table.column_names]
-        if missing:
-            raise RunDirError(f"{path}: no column {', '.join(missing)}")
-        tables.append(table)
-    if not tables or sum(t.num_rows for t in tables) == 0:
+        for name, dtype in NUMERIC_COLUMNS.items():
+            numbers[name].append(_numbers(table, name, path, dtype))
+        for name, parts in codes.items():
+            parts.append(_codes(table, name, path, vocabularies[name]))
+        del table
+    if not files or sum(len(part) for part in numbers["end"]) == 0:
         raise RunDirError(f"{run_dir}: empty run (no operation in {EVENTS}/)")
-
-    columns: dict[str, list[NDArray[Any]]] = {
-        "intended": [],
-        "start": [],
-        "end": [],
-        "attempts": [],
-        "throttle_wait": [],
-    }
-    dtypes: dict[str, type[np.generic]] = {
-        "intended": np.float64,
-        "start": np.float64,
-        "end": np.float64,
-        "attempts": np.int64,
-        "throttle_wait": np.float64,
-    }
-    text: dict[str, list[pa.ChunkedArray]] = {"op": [], "outcome": []}
-    for path, table in zip(files, tables, strict=True):
-        for name, dtype in dtypes.items():
-            columns[name].append(_numbers(table, name, path, dtype))
-        for name in text:
-            text[name].append(_strings(table, name, path))
-    coded: dict[str, tuple[NDArray[np.int64], tuple[str, ...]]] = {}
-    for name, parts in text.items():
-        encoded = pa.chunked_array([c for part in parts for c in part.chunks], type=pa.string())
-        dictionary = encoded.combine_chunks().dictionary_encode()
-        coded[name] = (
-            np.asarray(dictionary.indices.to_numpy(zero_copy_only=False), dtype=np.int64),
-            tuple(dictionary.dictionary.to_pylist()),
-        )
-    joined = {name: np.concatenate(parts) for name, parts in columns.items()}
-    for name in ("intended", "start", "end"):
-        if not np.all(np.isfinite(joined[name])):
-            raise RunDirError(f"{events_dir}: column {name} has values that are not finite numbers")
+    joined = {name: np.concatenate(parts) for name, parts in numbers.items()}
     return Events(
         intended=joined["intended"],
-        start=joined["start"],
         end=joined["end"],
-        op=coded["op"][0],
-        op_names=coded["op"][1],
-        outcome=coded["outcome"][0],
-        outcome_names=coded["outcome"][1],
+        op=np.concatenate(codes["op"]),
+        op_names=tuple(vocabularies["op"]),
+        outcome=np.concatenate(codes["outcome"]),
+        outcome_names=tuple(vocabularies["outcome"]),
         attempts=joined["attempts"],
         throttle_wait=joined["throttle_wait"],
         files=len(files),
@@ -415,13 +411,13 @@ def summarize_parts(
             "success_ratio": _ratio(op_ok, count),
         }
 
-    counts = np.bincount(events.outcome, minlength=len(events.outcome_names))
+    counts = np.bincount(events.outcome.astype(np.int64), minlength=len(events.outcome_names))
     present = {events.outcome_names[i]: int(n) for i, n in enumerate(counts) if n}
     outcomes: dict[str, int] = {name: present[name] for name in OUTCOMES if name in present}
     outcomes.update({name: present[name] for name in sorted(set(present) - set(OUTCOMES))})
 
     lag = merge_hdrs((s["lag_hdr"] for s in seconds if isinstance(s.get("lag_hdr"), str)), where=SECONDS)
-    attempts = int(np.sum(events.attempts))
+    attempts = int(np.sum(events.attempts, dtype=np.int64))
     throttled_attempts = sum(_int(second.get("throttled_attempts")) for second in seconds)
 
     def rotations_with(event: str) -> int:
@@ -454,7 +450,7 @@ def summarize_parts(
         "attempts": attempts,
         "throttled_attempts": throttled_attempts,
         "throttled_share": _ratio(throttled_attempts, attempts) or 0.0,
-        "throttle_wait": float(np.sum(events.throttle_wait)),
+        "throttle_wait": float(np.sum(events.throttle_wait, dtype=np.float64)),
         # rotations.jsonl's "start" is the summary's "started".
         "rotations": {
             "started": rotations_with("start"),
