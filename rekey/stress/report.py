@@ -30,6 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from numpy.typing import NDArray
 
 from rekey.stress.summary import (
@@ -347,6 +348,9 @@ def _plot_latency(runs: Sequence[Run], series: Sequence[Series]) -> Figure:
         drawn = drawn or bool(np.any(np.isfinite(s.pmax) & (s.pmax > 0)))
     if drawn:
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("latency, ms (from the intended start)")
     styles = [
         Line2D([], [], color="black", lw=1.2, ls=":", label="p50"),
