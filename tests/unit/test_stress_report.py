@@ -225,12 +225,17 @@ def test_a_summary_that_disagrees_with_the_events_is_pointed_out(tmp_path: Path)
 
 def test_labels_are_escaped_and_told_apart(tmp_path: Path) -> None:
     hostile = "<script>alert(1)</script>"
-    a = write_run(tmp_path / "a", meta=meta_for(label=hostile), summary=False)
-    b = write_run(tmp_path / "b", meta=meta_for(label=hostile), summary=False)
+    ops = known_ops(duration=3)
+    a = write_run(
+        tmp_path / "a", ops, meta=meta_for(label=hostile), rotations=[], incidents=[], summary=False
+    )
+    b = write_run(tmp_path / "b", ops, meta=meta_for(label=hostile), summary=False)
     runs = load_runs([a, b])
     assert [r.label for r in runs] == [f"{hostile} (a)", f"{hostile} (b)"]
     assert runs[0].summary["label"] == hostile
     assert runs[0].colour != runs[1].colour
+    html = render_html(runs[:1])
+    assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; (a)" in html
 
 
 def test_phase_spans_end_with_the_rotation_or_the_run() -> None:

@@ -200,3 +200,12 @@ def test_a_file_is_no_run(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match="not a directory"):
         summarize(tmp_path / "file")
+
+
+def test_a_run_without_rotations_or_incidents_needs_neither_file(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", summary=False)
+    (run / "rotations.jsonl").unlink()
+    (run / "incidents.jsonl").unlink()
+    summary = summarize(run)
+    assert summary["rotations"] == {"started": 0, "done": 0, "failed": 0, "late": 0}
+    assert summary["incidents"] == 0 and summary["done"] == 200
