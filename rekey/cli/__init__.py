@@ -35,6 +35,7 @@ COMMANDS: Final = {
     "rotate": "rotate",
     "schedule": "schedule",
     "state": "state",
+    "stress": "stress",
     "worker": "worker",
 }
 """Command name -> module under ``rekey.cli``."""
