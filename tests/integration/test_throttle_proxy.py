@@ -17,9 +17,9 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from emulators.throttle_proxy import ThrottleProxy, TokenBucket
 from kms_adapters.errors import Throttled
 from kms_adapters.governor import Governor
-from loadtest.throttle_proxy import ThrottleProxy, TokenBucket
 from tests.fixtures.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -174,7 +174,7 @@ def test_token_bucket_accounting() -> None:
 
 def test_standalone(moto_server: str) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "loadtest.throttle_proxy", "--backend", moto_server]
+    command = [sys.executable, "-m", "emulators.throttle_proxy", "--backend", moto_server]
     command += ["--rate", "50", "--port", str(port)]
     proc = subprocess.Popen(
         command,

@@ -39,7 +39,7 @@ In-process::
 
 Standalone (serves until SIGTERM or Ctrl-C, then prints the counters)::
 
-    python -m loadtest.throttle_proxy --backend http://127.0.0.1:5000 --rate 50 --port 8080 \\
+    python -m emulators.throttle_proxy --backend http://127.0.0.1:5000 --rate 50 --port 8080 \\
         [--burst 5] [--profile aws|azure|vault] [--retry-after]
 """
 
@@ -459,7 +459,7 @@ class ThrottleProxy:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest.throttle_proxy", description="A throttling reverse proxy on 127.0.0.1."
+        prog="python -m emulators.throttle_proxy", description="A throttling reverse proxy on 127.0.0.1."
     )
     parser.add_argument(
         "--backend", required=True, help="backend URL, e.g. http://127.0.0.1:5000 (moto_server)"
