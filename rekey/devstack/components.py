@@ -170,7 +170,7 @@ class ThrottleProxyServer(Component):
     name = "throttle"
     binary = "python"
     port_fields = ("moto_port",)
-    note = "aws-kms throttle profile: proxy in front of moto"
+    note = "throttling proxy in front of moto"
     restart_on_change = True  # stateless: a new rate restarts it
 
     def wanted(self, settings: Settings) -> bool:
