@@ -161,7 +161,7 @@ def test_emulator_serves_exactly_r_per_second(emulator: Callable[..., AzureKeyVa
     emu = emulator(limits={**UNTHROTTLED, **managed_hsm_limits(rate)})
     key = _oct_key(emu)
     emu.reset_stats()
-    start, end, statuses = _offer(emu, key, rate=2 * rate, seconds=3.0, threads=4)
+    start, end, statuses = _offer(emu, key, rate=2 * rate, seconds=3.0, threads=8)
     wrap = emu.stats()["classes"]["wrap"]
     allowed = rate + rate * (end - start)  # bucket capacity (one second) + refill over the window
     assert wrap["limit"] == rate
@@ -173,7 +173,7 @@ def test_emulator_serves_exactly_r_per_second(emulator: Callable[..., AzureKeyVa
 
 
 SMALL = SustainedLoad(
-    share=1.5, after=1.0, drop=0.3, latency_step=0.25, latency_cap=0.5, recover_share=1.0, recover_after=1.0
+    share=1.5, after=1.0, drop=0.3, latency_step=0.05, latency_cap=0.1, recover_share=1.0, recover_after=1.0
 )
 
 
@@ -184,7 +184,8 @@ def test_sustained_model_degrades_under_a_hurried_client_and_recovers(
     emu = emulator(limits={**UNTHROTTLED, "wrap": rate}, sustained=SMALL)
     key = _oct_key(emu)
     stop = threading.Event()
-    counts = _hurry(emu, key, stop)
+    # 8 callers sending again at once: even at the latency cap they send 80/s > recover_share x R.
+    counts = _hurry(emu, key, stop, threads=8)
     try:
         _wait_for(lambda: emu.stats()["classes"]["wrap"]["degraded"])
         wrap = emu.stats()["classes"]["wrap"]
@@ -193,25 +194,25 @@ def test_sustained_model_degrades_under_a_hurried_client_and_recovers(
         assert wrap["degradations"] == 1 and wrap["degraded_since"] is not None
         assert wrap["latency_ms"] >= SMALL.latency_step * 1000
         assert emu.stats()["degraded"] == ["wrap"]
-        # The delay is served by the request's own thread: another class answers meanwhile.
-        raw, slow = Raw(emu), Raw(emu)
-        finished = threading.Event()
-
-        def degraded_wrap() -> None:
-            slow.wrap(key)
-            finished.set()
-
-        began = time.monotonic()
-        thread = threading.Thread(target=degraded_wrap)
-        thread.start()
-        time.sleep(0.05)
-        status, _ = raw.call("GET", f"/keys/{key}/")
-        assert status == 200 and not finished.is_set()
-        thread.join(10)
-        assert time.monotonic() - began >= SMALL.latency_step  # the wrap answer was held back
-        raw.close()
-        slow.close()
         assert not emu.stats()["classes"]["read"]["degraded"]
+
+        # Each delayed answer waits in its own thread, no lock held: 10 at once take about one
+        # delay, not ten.
+        raws = [Raw(emu) for _ in range(10)]
+        for raw in raws:
+            raw.call("GET", "/_emulator/health")  # the TLS handshake, before the clock starts
+        began = time.monotonic()
+        workers = [threading.Thread(target=raw.wrap, args=(key,)) for raw in raws]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(30)
+        elapsed = time.monotonic() - began
+        for raw in raws:
+            raw.close()
+        assert elapsed >= SMALL.latency_step  # held back
+        assert elapsed < 10 * SMALL.latency_step / 2  # but not one after the other
+        assert emu.stats()["classes"]["wrap"]["degraded"]  # still, while the hurry goes on
     finally:
         stop.set()
     assert sum(counts) > 0
@@ -303,7 +304,7 @@ def test_emulator_cli_refuses_bad_throttling(tmp_path: Path, args: list[str]) ->
 @pytest.mark.parametrize("name", list(PROFILES))
 def test_profile_starts_throttles_and_answers(tmp_path: Path, name: str) -> None:
     """Each profile through rekey's own adapter, built from the settings it hands out."""
-    rate = 20.0
+    rate = 10.0
     with start_local(name, tmp_path, rate=rate) as local:
         assert local.profile == name and local.backend == PROFILES[name].backend
         assert local.rate == rate
@@ -312,10 +313,22 @@ def test_profile_starts_throttles_and_answers(tmp_path: Path, name: str) -> None
         adapter.create()
         local.reset_stats()
         dek = secrets.token_bytes(32)
-        wrapped = [adapter.wrap(dek) for _ in range(40)]  # the governor retries what is throttled
-        assert adapter.unwrap(wrapped[-1].ciphertext) == dek
+        wrapped: list[bytes] = []
+
+        def caller() -> None:  # the governor retries what is throttled
+            for _ in range(5):
+                wrapped.append(adapter.wrap(dek).ciphertext)
+
+        # 6 callers at once: above R whenever an operation takes less than 0.6 s.
+        callers = [threading.Thread(target=caller) for _ in range(6)]
+        for thread in callers:
+            thread.start()
+        for thread in callers:
+            thread.join(120)
+        assert len(wrapped) == 30
+        assert adapter.unwrap(wrapped[-1]) == dek
         stats = local.stats()
-        assert stats["served"] >= 41 and stats["throttled"] >= 1, stats
+        assert stats["served"] >= 31 and stats["throttled"] >= 1, stats
         local.reset_stats()
         assert local.stats()["served"] == 0 and local.stats()["throttled"] == 0
         described = local.describe()
