@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BIN",
     "HOST",
+    "PROMETHEUS_TELEMETRY",
     "OpenBao",
     "find_binary",
     "free_port",
@@ -136,9 +137,15 @@ class OpenBao:
         return hvac.Client(url=self.addr, token=self.token, timeout=30)
 
 
+#: OpenBao configuration that keeps cumulative Prometheus counters at ``sys/metrics`` (requests
+#: per mount, rate-limit quota violations), for :func:`openbao_dev`'s ``config``.
+PROMETHEUS_TELEMETRY = 'telemetry {\n  prometheus_retention_time = "24h"\n  disable_hostname = true\n}\n'
+
+
 @contextmanager
-def openbao_dev() -> Iterator[OpenBao]:
-    """OpenBao in dev mode (in memory) with Transit mounted at transit/."""
+def openbao_dev(config: str | None = None) -> Iterator[OpenBao]:
+    """OpenBao in dev mode (in memory) with Transit mounted at transit/; ``config`` is HCL merged
+    into the dev server's configuration (e.g. :data:`PROMETHEUS_TELEMETRY`)."""
     port, token = free_port(), secrets.token_hex(16)
     args = [
         _require_binary("bao"),
@@ -148,6 +155,10 @@ def openbao_dev() -> Iterator[OpenBao]:
         f"-dev-listen-address={HOST}:{port}",
         "-dev-no-store-token",
     ]
+    if config is not None:
+        config_file = Path(tempfile.mkdtemp(prefix="rekey-bao-config-")) / "extra.hcl"
+        config_file.write_text(config)
+        args.append(f"-config={config_file}")
     with _process(args, port, "bao.log") as proc:
         server = OpenBao(f"http://{HOST}:{port}", token, proc.pid)
         client = server.client()

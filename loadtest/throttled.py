@@ -23,13 +23,13 @@ from typing import Any
 
 from emulators.azure_keyvault import AzureKeyVaultEmulator
 from emulators.servers import OpenBao, moto_server, openbao_dev
+from emulators.throttle_proxy import ThrottleProxy
 from kms_adapters.aws_kms import AwsKmsAdapter
 from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import VaultTransitAdapter
-from loadtest.throttle_proxy import ThrottleProxy
 
 _MOTO_SECRET = "testing"  # noqa: S105 - moto's fixed dev credential, not a secret  # nosec B105
 MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": _MOTO_SECRET}

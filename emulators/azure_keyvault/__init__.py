@@ -7,7 +7,9 @@ docs/azure-keyvault-emulator.md.
 Keys are kept with their material in the clear: never put real secrets in it.
 
 Run alone: ``python -m emulators.azure_keyvault --port 8443 --state-dir DIR``; in-process:
-``with AzureKeyVaultEmulator(state_dir, port=0, limits={"wrap": 50}) as emu: emu.url, emu.ca_file``.
+``with AzureKeyVaultEmulator(state_dir, port=0, limits={"wrap": 50}) as emu: emu.url, emu.ca_file``;
+Managed HSM's limits scaled to R and the sustained-load model:
+``AzureKeyVaultEmulator(state_dir, limits=managed_hsm_limits(R), sustained=SustainedLoad())``.
 
 Modules: ``emulator`` (the entry point), ``server`` (HTTPS, auth challenge, dispatch), ``routes``,
 ``keys`` (key management), ``crypto`` (wrap/unwrap, encrypt/decrypt), ``release`` (Secure Key
@@ -18,7 +20,21 @@ inside the package; only what this module exports is the emulator's public API.
 
 from emulators.azure_keyvault.cli import main
 from emulators.azure_keyvault.emulator import AzureKeyVaultEmulator
-from emulators.azure_keyvault.throttle import DEFAULT_LIMITS
+from emulators.azure_keyvault.throttle import (
+    CRYPTO_CLASSES,
+    DEFAULT_LIMITS,
+    SustainedLoad,
+    managed_hsm_limits,
+)
 from emulators.azure_keyvault.tls import TlsFiles, ensure_tls
 
-__all__ = ["DEFAULT_LIMITS", "AzureKeyVaultEmulator", "TlsFiles", "ensure_tls", "main"]
+__all__ = [
+    "CRYPTO_CLASSES",
+    "DEFAULT_LIMITS",
+    "AzureKeyVaultEmulator",
+    "SustainedLoad",
+    "TlsFiles",
+    "ensure_tls",
+    "main",
+    "managed_hsm_limits",
+]

@@ -22,7 +22,7 @@ from emulators.azure_keyvault.server import (
     server_context,
 )
 from emulators.azure_keyvault.state import KeyStore
-from emulators.azure_keyvault.throttle import Throttle
+from emulators.azure_keyvault.throttle import SustainedLoad, Throttle
 from emulators.azure_keyvault.tls import ensure_tls
 
 __all__ = ["AzureKeyVaultEmulator"]
@@ -43,6 +43,7 @@ class AzureKeyVaultEmulator:
         limits: Mapping[str, float] | None = None,
         rate_scale: float = 1.0,
         retry_after: bool = True,
+        sustained: SustainedLoad | None = None,
         attestation_verifier: str | os.PathLike[str] | bytes | None = None,
         tenant: str = DEFAULT_TENANT,
         resource: str = DEFAULT_RESOURCE,
@@ -52,7 +53,9 @@ class AzureKeyVaultEmulator:
         self.tenant = tenant
         self.resource = resource
         verifier = load_verifier(attestation_verifier)
-        self._throttle = Throttle(limits or {}, rate_scale=rate_scale, retry_after=retry_after)
+        self._throttle = Throttle(
+            limits or {}, rate_scale=rate_scale, retry_after=retry_after, sustained=sustained
+        )
         self._store = KeyStore(self.state_file)
         self._release = KeyRelease(self._store, self._throttle, verifier)
         self._router = Router(
@@ -137,8 +140,19 @@ class AzureKeyVaultEmulator:
     def limits(self) -> dict[str, float]:
         return self._throttle.limits
 
+    @property
+    def sustained(self) -> SustainedLoad | None:
+        """The sustained-load model's parameters (None: off)."""
+        return self._throttle.sustained
+
+    def set_sustained(self, model: SustainedLoad | None) -> None:
+        """Switch the sustained-load model on (with these parameters) or off, while it runs."""
+        self._throttle.set_sustained(model)
+
     def stats(self) -> dict[str, Any]:
-        """Per class: limit, served, throttled; and request, 401 and status counts."""
+        """Per class: current and normal limit, served, throttled, received rate and the
+        sustained-load state (degraded, since when, added latency); the model's parameters; and
+        request, 401 and status counts."""
         return self._throttle.stats()
 
     def reset_stats(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from emulators.azure_keyvault.crypto import CRYPTO_OPERATIONS, CryptoOperations
 from emulators.azure_keyvault.keys import KeyOperations
 from emulators.azure_keyvault.release import KeyRelease
-from emulators.azure_keyvault.throttle import Throttle
+from emulators.azure_keyvault.throttle import SustainedLoad, Throttle
 from emulators.azure_keyvault.wire import ApiError
 
 __all__ = ["Answer", "Router"]
@@ -133,7 +133,10 @@ class Router:
         raise ApiError(404, "NotFound", f"no such resource: /{'/'.join(seg)}")
 
     def admin(self, method: str, segments: list[str], body: bytes) -> Answer:
-        """``/_emulator/{stats,stats/reset,config,health}``; raises :class:`ApiError` otherwise."""
+        """``/_emulator/{stats,stats/reset,config,health}``; raises :class:`ApiError` otherwise.
+
+        ``POST /_emulator/config`` takes ``{"limits": {CLASS: N}, "retry_after": bool,
+        "sustained": {PARAM: N} | null}`` (each optional)."""
         route = "/".join(segments)
         if method == "GET" and route == "stats":
             return 200, self._throttle.stats()
@@ -151,6 +154,13 @@ class Router:
                     self._throttle.set_limits({str(k): float(v) for k, v in dict(config["limits"]).items()})
                 if "retry_after" in config:
                     self._throttle.retry_after = bool(config["retry_after"])
+                if "sustained" in config:
+                    sustained = config["sustained"]
+                    if sustained is not None and not isinstance(sustained, dict):
+                        raise ValueError("sustained must be a JSON object of parameters or null")
+                    self._throttle.set_sustained(
+                        None if sustained is None else SustainedLoad.from_mapping(sustained)
+                    )
             except (ValueError, TypeError) as exc:
                 raise ApiError(400, "BadParameter", str(exc)) from None
             return 200, self._throttle.stats()

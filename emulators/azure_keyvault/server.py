@@ -10,6 +10,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -153,6 +154,7 @@ class Dispatcher:
             handler.headers.get("Host") or f"127.0.0.1:{cast(EmulatorHttpServer, handler.server).server_port}"
         )
         base = f"https://{host}"
+        self._throttle.begin_answer()
         try:
             if not api_version:
                 raise ApiError(
@@ -164,12 +166,21 @@ class Dispatcher:
                 )
             status, answer = self._router.route(method, segments, query, body, base, api_version)
         except ApiError as error:
+            self._delay()
             self._send(handler, error)
             return
         except Exception as exc:  # an emulator bug: answer like a server error, keep serving
             self._send(handler, ApiError(500, "InternalServerError", f"emulator error: {type(exc).__name__}"))
             return
+        self._delay()
         self._send(handler, status, answer)
+
+    def _delay(self) -> None:
+        """Hold the answer back by the sustained-load latency its class owes (in this request's
+        own thread, no lock held: other requests and classes keep flowing)."""
+        delay = self._throttle.answer_delay()
+        if delay > 0:
+            time.sleep(delay)
 
     def _send(
         self,

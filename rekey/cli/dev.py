@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import click
@@ -14,7 +15,7 @@ from rekey.cli.output import emit_json, err, json_option, out, table
 
 @click.group("dev")
 def cli() -> None:
-    """The embedded dev stack: Temporal, OpenBao, moto."""
+    """The embedded dev stack: Temporal, OpenBao, moto, the Azure emulator, optionally throttled."""
 
 
 def _status_table(rows: list[devstack.ComponentStatus]) -> Table:
@@ -30,12 +31,39 @@ def _echo(json_out: bool) -> Callable[[str], None]:
     return (lambda _msg: None) if json_out else (lambda msg: err.print(msg))
 
 
+def _rate(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise click.BadParameter(f"must be a positive number of requests/s, not {value:g}")
+    return value
+
+
+def _throttle_line(choice: devstack.ThrottleChoice) -> str:
+    if choice.profile is None:
+        return "Throttle profile: none"
+    return f"Throttle profile: {choice.label()}  (kept by later `dev up`; clear with --throttle-profile none)"
+
+
 @cli.command("up")
+@click.option(
+    "--throttle-profile",
+    type=click.Choice([*devstack.PROFILE_NAMES, "none"]),
+    help="Run a backend throttled like the real service: vault-quota (OpenBao rate-limit quota), "
+    "aws-kms (throttling proxy in front of moto), managed-hsm, managed-hsm-sustained (Azure "
+    "emulator). Kept for later `dev up`; `none` clears it.",
+)
+@click.option(
+    "--throttle-rate",
+    type=float,
+    callback=_rate,
+    metavar="R",
+    help="The profile's limit for cryptographic operations in requests/s (default: the documented figure).",
+)
 @json_option
-def up(json_out: bool) -> None:
+def up(throttle_profile: str | None, throttle_rate: float | None, json_out: bool) -> None:
     """Start the dev stack (idempotent) and wait until every component answers."""
     current = settings()
-    rows = devstack.up(current, echo=_echo(json_out))
+    choice = devstack.choose(throttle_profile, throttle_rate, devstack.read_choice(current))
+    rows = devstack.up(current, echo=_echo(json_out), throttle=choice)
     if json_out:
         emit_json([r.to_dict() for r in rows])
         return
@@ -43,6 +71,7 @@ def up(json_out: bool) -> None:
     ui = next((r.endpoints.get("ui") for r in rows if r.endpoints.get("ui")), None)
     if ui:
         out.print(f"Temporal UI: {ui}")
+    out.print(_throttle_line(choice))
     out.print(f"State directory: {current.home.resolve()}  (stop with: rekey dev down)")
 
 
@@ -61,8 +90,10 @@ def down(json_out: bool) -> None:
 @json_option
 def status(json_out: bool) -> None:
     """Show each component, its state and endpoints."""
-    rows = devstack.status(settings())
+    current = settings()
+    rows = devstack.status(current)
     if json_out:
         emit_json([r.to_dict() for r in rows])
     else:
         out.print(_status_table(rows))
+        out.print(_throttle_line(devstack.read_choice(current)))

@@ -13,7 +13,8 @@ pid still belongs to the command line we started (pids get reused).
 
 Modules: ``component`` (what a component is, its status), ``components`` and ``openbao`` (the
 servers), ``processes`` (spawning, pid files, stopping), ``stack`` (up/down/status),
-``errors``, ``files``. Importing this package starts nothing.
+``throttle`` (the stack's throttle profile, ``<home>/devstack.json``), ``errors``, ``files``.
+Importing this package starts nothing.
 """
 
 from rekey.devstack.component import Component, ComponentStatus
@@ -24,14 +25,24 @@ from rekey.devstack.components import (
     MotoServer,
     RekeyWorker,
     TemporalDevServer,
+    ThrottleProxyServer,
 )
 from rekey.devstack.errors import BinaryMissing, ComponentFailed, DevStackError, PortInUse
 from rekey.devstack.openbao import OpenBaoServer, openbao_client
 from rekey.devstack.stack import down, status, up
+from rekey.devstack.throttle import (
+    PROFILE_NAMES,
+    BadThrottleProfile,
+    ThrottleChoice,
+    choose,
+    read_choice,
+)
 
 __all__ = [
     "COMPONENTS",
+    "PROFILE_NAMES",
     "AzureKeyVaultServer",
+    "BadThrottleProfile",
     "BinaryMissing",
     "CodecServer",
     "Component",
@@ -43,8 +54,12 @@ __all__ = [
     "PortInUse",
     "RekeyWorker",
     "TemporalDevServer",
+    "ThrottleChoice",
+    "ThrottleProxyServer",
+    "choose",
     "down",
     "openbao_client",
+    "read_choice",
     "status",
     "up",
 ]

@@ -33,6 +33,8 @@ class ComponentStatus:
     pid: int | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    #: The stack's throttle profile if this component carries it (``{"profile", "rate", ...}``).
+    throttle: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +63,12 @@ class Component:
     #: What stopping it loses, said by ``down`` (empty: its state is kept under the home).
     lost_on_stop: ClassVar[str] = ""
     start_timeout: ClassVar[float] = START_TIMEOUT
+    #: Restarted by ``up`` when its command line changed (a stateless part, e.g. a proxy).
+    restart_on_change: ClassVar[bool] = False
+
+    def wanted(self, settings: Settings) -> bool:
+        """Whether this stack runs the component (some run only with a throttle profile)."""
+        return True
 
     def ports(self, settings: Settings) -> list[int]:
         """Every port on 127.0.0.1 the process will listen on."""

@@ -1,5 +1,6 @@
-"""The servers of the dev stack, in start order: Temporal, OpenBao, moto, the Azure Key Vault
-emulator, the codec server and the rekey worker."""
+"""The servers of the dev stack, in start order: Temporal, OpenBao, moto (and, with the aws-kms
+throttle profile, the throttling proxy in front of it), the Azure Key Vault emulator, the codec
+server and the rekey worker."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import httpx
 from emulators import servers
 from rekey.config import Settings
 from rekey.devstack.component import HOST, Component, executable
-from rekey.devstack.errors import one_line
+from rekey.devstack.errors import ComponentFailed, one_line
 from rekey.devstack.files import absolute
 from rekey.devstack.openbao import OpenBaoServer
 from rekey.devstack.processes import STOP_TIMEOUT
 from rekey.devstack.temporal import register_search_attributes, search_attribute_flags
+from rekey.devstack.throttle import read_choice
 
 __all__ = [
     "COMPONENTS",
@@ -31,6 +33,8 @@ __all__ = [
     "MotoServer",
     "RekeyWorker",
     "TemporalDevServer",
+    "ThrottleProxyServer",
+    "moto_listen_port",
 ]
 
 _T = TypeVar("_T")
@@ -121,24 +125,92 @@ class MotoServer(Component):
     def prepare(self, settings: Settings) -> None:
         pass  # no data directory: moto keeps nothing on disk
 
+    def ports(self, settings: Settings) -> list[int]:
+        return [moto_listen_port(settings)]
+
+    def port_hint(self, settings: Settings, port: int) -> str:
+        hint = "set REKEY_MOTO_PORT or moto_port in rekey.toml to use another port"
+        if port != settings.moto_port:
+            return f"behind the aws-kms throttle moto listens on moto_port + 1; {hint}"
+        return hint
+
     def command(self, settings: Settings) -> list[str]:
         return [
             executable(self.binary, self.name),
             "-H",
             HOST,
             "-p",
-            str(settings.moto_port),
+            str(moto_listen_port(settings)),
         ]
 
     def probe(self, settings: Settings) -> str | None:
         try:
-            httpx.get(f"http://{HOST}:{settings.moto_port}/moto-api/", timeout=2.0)
+            httpx.get(f"http://{HOST}:{moto_listen_port(settings)}/moto-api/", timeout=2.0)
         except httpx.HTTPError as exc:
             return f"does not answer: {exc.__class__.__name__}"
         return None
 
     def endpoints(self, settings: Settings) -> dict[str, str]:
-        return {"kms": f"http://{HOST}:{settings.moto_port}", "region": settings.aws_region}
+        endpoints = {"kms": f"http://{HOST}:{moto_listen_port(settings)}", "region": settings.aws_region}
+        if moto_listen_port(settings) != settings.moto_port:
+            endpoints["behind"] = "throttle"
+        return endpoints
+
+
+def moto_listen_port(settings: Settings) -> int:
+    """moto's port: ``moto_port``, or ``moto_port + 1`` behind the aws-kms throttle proxy (which
+    then listens on ``moto_port``, where the settings' AWS endpoint points)."""
+    return settings.moto_port + 1 if read_choice(settings).profile == "aws-kms" else settings.moto_port
+
+
+class ThrottleProxyServer(Component):
+    """The throttling proxy in front of moto, with the ``aws-kms`` throttle profile only: R req/s
+    for AWS KMS's shared symmetric-crypto operations, ``ThrottlingException`` over it."""
+
+    name = "throttle"
+    binary = "python"
+    port_fields = ("moto_port",)
+    note = "throttling proxy in front of moto"
+    restart_on_change = True  # stateless: a new rate restarts it
+
+    def wanted(self, settings: Settings) -> bool:
+        return read_choice(settings).profile == "aws-kms"
+
+    def prepare(self, settings: Settings) -> None:
+        pass
+
+    def command(self, settings: Settings) -> list[str]:
+        rate = read_choice(settings).effective_rate()
+        return [
+            sys.executable,
+            "-m",
+            "emulators.throttle_proxy",
+            "--backend",
+            f"http://{HOST}:{moto_listen_port(settings)}",
+            "--port",
+            str(settings.moto_port),
+            "--rate",
+            f"{rate:g}",
+            "--profile",
+            "aws",
+            "--kms-crypto",
+        ]
+
+    def probe(self, settings: Settings) -> str | None:
+        try:
+            response = httpx.get(f"http://{HOST}:{settings.moto_port}/moto-api/", timeout=2.0)
+        except httpx.HTTPError as exc:
+            return f"does not answer: {exc.__class__.__name__}"
+        if response.status_code == 502:
+            return "answers, but moto behind it does not"
+        return None
+
+    def endpoints(self, settings: Settings) -> dict[str, str]:
+        return {
+            "kms": f"http://{HOST}:{settings.moto_port}",
+            "backend": f"http://{HOST}:{moto_listen_port(settings)}",
+            "rate": f"{read_choice(settings).effective_rate():g}/s",
+        }
 
 
 class AzureKeyVaultServer(Component):
@@ -150,7 +222,7 @@ class AzureKeyVaultServer(Component):
     note = "emulator: keys (material included) persisted in the state directory"
 
     def command(self, settings: Settings) -> list[str]:
-        return [
+        command = [
             sys.executable,
             "-m",
             "emulators.azure_keyvault",
@@ -159,6 +231,11 @@ class AzureKeyVaultServer(Component):
             "--state-dir",
             str(absolute(self.data_dir(settings))),
         ]
+        choice = read_choice(settings)
+        if choice.backend == "azure" and choice.profile is not None:
+            command += ["--profile", choice.profile, "--throttle-rate", f"{choice.effective_rate():g}"]
+            command += ["--retry-after", "off"]
+        return command
 
     def probe(self, settings: Settings) -> str | None:
         ca_file = Path(settings.azure_ca_file)
@@ -173,6 +250,32 @@ class AzureKeyVaultServer(Component):
         except httpx.HTTPError as exc:
             return f"does not answer: {exc.__class__.__name__}"
         return None
+
+    def after_start(self, settings: Settings, deadline: float) -> None:
+        # A running emulator takes the stack's throttle profile (or its absence) live, so
+        # `dev up --throttle-profile ...` needs no restart (its keys are kept either way).
+        from emulators.azure_keyvault.throttle import DEFAULT_LIMITS, SustainedLoad, managed_hsm_limits
+
+        choice = read_choice(settings)
+        config: dict[str, Any] = {"limits": DEFAULT_LIMITS, "sustained": None, "retry_after": True}
+        if choice.backend == "azure":
+            config["limits"] = managed_hsm_limits(choice.effective_rate())
+            config["retry_after"] = False
+            if choice.profile == "managed-hsm-sustained":
+                config["sustained"] = SustainedLoad().to_dict()
+        try:
+            response = httpx.post(
+                f"https://{HOST}:{settings.azure_port}/_emulator/config",
+                json=config,
+                timeout=5.0,
+                verify=ssl.create_default_context(cafile=str(settings.azure_ca_file)),
+            )
+        except httpx.HTTPError as exc:
+            raise ComponentFailed(f"azure emulator refused its throttle settings: {exc}") from None
+        if response.status_code != 200:
+            raise ComponentFailed(
+                f"azure emulator refused its throttle settings: HTTP {response.status_code}"
+            )
 
     def endpoints(self, settings: Settings) -> dict[str, str]:
         return {"vault": settings.azure_vault_url, "ca_file": str(absolute(Path(settings.azure_ca_file)))}
@@ -262,10 +365,12 @@ class RekeyWorker(Component):
 
 
 #: Start order; ``down`` stops in reverse. The worker comes last: it needs everything above.
+#: A component whose ``wanted`` is false is left out (unless a pid file says it runs).
 COMPONENTS: list[Component] = [
     TemporalDevServer(),
     OpenBaoServer(),
     MotoServer(),
+    ThrottleProxyServer(),  # only with the aws-kms throttle profile
     AzureKeyVaultServer(),
     CodecServer(),
     RekeyWorker(),

@@ -14,6 +14,7 @@ from rekey.config import Settings
 from rekey.devstack.component import HOST, Component, executable
 from rekey.devstack.errors import ComponentFailed, DevStackError
 from rekey.devstack.files import absolute, write_atomic, write_secret_json
+from rekey.devstack.throttle import read_choice
 
 if TYPE_CHECKING:
     import hvac
@@ -137,6 +138,17 @@ class OpenBaoServer(Component):
         mounts = mounts.get("data", mounts)
         if f"{mount}/" not in mounts:
             client.sys.enable_secrets_engine("transit", path=mount)
+        self._apply_throttle(client, settings, mount)
+
+    def _apply_throttle(self, client: hvac.Client, settings: Settings, mount: str) -> None:
+        """The vault-quota throttle profile: a rate-limit quota of R req/s on the Transit mount
+        (every Transit request counts; OpenBao answers 429 over it, to the root token too);
+        without it, no such quota."""
+        from emulators.profiles import set_vault_quota
+
+        choice = read_choice(settings)
+        rate = choice.effective_rate() if choice.profile == "vault-quota" else None
+        set_vault_quota(client, rate, mount=mount)  # None: delete it (a no-op if there is none)
 
     def endpoints(self, settings: Settings) -> dict[str, str]:
         return {

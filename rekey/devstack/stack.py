@@ -17,7 +17,7 @@ from emulators import servers
 from rekey.config import Settings
 from rekey.devstack.component import HOST, Component, ComponentStatus, State
 from rekey.devstack.components import COMPONENTS
-from rekey.devstack.errors import ComponentFailed, PortInUse, one_line
+from rekey.devstack.errors import ComponentFailed, DevStackError, PortInUse, one_line
 from rekey.devstack.files import absolute, log_tail, write_atomic
 from rekey.devstack.processes import (
     pid_alive,
@@ -27,6 +27,7 @@ from rekey.devstack.processes import (
     spawn,
     terminate,
 )
+from rekey.devstack.throttle import ThrottleChoice, carried_by, read_choice, write_choice
 
 __all__ = ["Echo", "down", "status", "up"]
 
@@ -37,16 +38,21 @@ def up(
     settings: Settings,
     echo: Echo = print,
     components: Sequence[Component] | None = None,
+    throttle: ThrottleChoice | None = None,
 ) -> list[ComponentStatus]:
     """Start every component that is not already running; return their status.
 
-    On failure the processes this call started are stopped again (already running ones
-    are left alone) and :class:`DevStackError` is raised.
+    ``throttle`` sets the stack's throttle profile (kept in ``<home>/devstack.json``; None keeps
+    the one it has). On failure the processes this call started are stopped again (already
+    running ones are left alone) and :class:`DevStackError` is raised.
     """
-    chosen = COMPONENTS if components is None else list(components)
     results: list[ComponentStatus] = []
     started: list[tuple[Component, int]] = []
     with _lock(settings):
+        _set_throttle(settings, throttle)
+        chosen = _chosen(settings, components, running_too=False)
+        if components is None:
+            _stop_unwanted(settings, echo)
         try:
             for component in chosen:
                 result = _up_one(component, settings, started)
@@ -66,9 +72,9 @@ def down(
     components: Sequence[Component] | None = None,
 ) -> list[ComponentStatus]:
     """Stop the processes named in the pid files (last started first)."""
-    chosen = COMPONENTS if components is None else list(components)
     results: list[ComponentStatus] = []
     with _lock(settings):
+        chosen = _chosen(settings, components)
         for component in reversed(chosen):
             pid_file = _pid_file(settings, component)
             record = read_record(pid_file)
@@ -97,18 +103,21 @@ def status(
     components: Sequence[Component] | None = None,
 ) -> list[ComponentStatus]:
     """Report each component as running, stopped or unhealthy (starts nothing)."""
-    chosen = COMPONENTS if components is None else list(components)
     results: list[ComponentStatus] = []
-    for component in chosen:
+    for component in _chosen(settings, components):
         record = read_record(_pid_file(settings, component))
         notes = [component.note] if component.note else []
+        throttle = carried_by(settings, component.name)
+        if throttle:
+            notes.append(f"throttle profile {read_choice(settings).label()}")
         if record is None or not record_is_live(record):
             if record is not None:
                 notes.insert(0, "stale pid file")
             busy = [p for p in component.ports(settings) if not servers.port_free(p)]
             if busy:
                 notes.insert(0, f"port {busy[0]} is in use by another process")
-            results.append(ComponentStatus(component.name, "stopped", note="; ".join(notes)))
+            stopped = ComponentStatus(component.name, "stopped", note="; ".join(notes), throttle=throttle)
+            results.append(stopped)
             continue
         reason = component.health(settings)
         state: State = "running" if reason is None else "unhealthy"
@@ -121,9 +130,53 @@ def status(
                 int(record["pid"]),
                 component.endpoints(settings),
                 "; ".join(notes),
+                throttle,
             )
         )
     return results
+
+
+def _chosen(
+    settings: Settings, components: Sequence[Component] | None, *, running_too: bool = True
+) -> list[Component]:
+    """The components a call works on: those given, else every wanted one (and, with
+    ``running_too``, an unwanted one that a live pid file says still runs)."""
+    if components is not None:
+        return list(components)
+    return [c for c in COMPONENTS if c.wanted(settings) or (running_too and _is_running(settings, c))]
+
+
+def _is_running(settings: Settings, component: Component) -> bool:
+    record = read_record(_pid_file(settings, component))
+    return record is not None and record_is_live(record)
+
+
+def _set_throttle(settings: Settings, throttle: ThrottleChoice | None) -> None:
+    """Persist the new throttle choice; refuse one that would move a running moto (the aws-kms
+    profile puts the proxy on moto's port), since moto loses its keys when it stops."""
+    current = read_choice(settings)
+    if throttle is None or throttle == current:
+        return
+    moto = next(c for c in COMPONENTS if c.name == "moto")
+    if (current.profile == "aws-kms") != (throttle.profile == "aws-kms") and _is_running(settings, moto):
+        raise DevStackError(
+            f"the dev stack runs with throttle profile {current.label()}; switching the aws-kms profile "
+            "on or off moves moto, which loses its keys when it stops: run `rekey dev down` first"
+        )
+    write_choice(settings, throttle)
+
+
+def _stop_unwanted(settings: Settings, echo: Echo) -> None:
+    """Stop a stateless optional component the profile no longer wants (the throttle proxy)."""
+    for component in COMPONENTS:
+        if component.wanted(settings) or not component.restart_on_change:
+            continue
+        pid_file = _pid_file(settings, component)
+        record = read_record(pid_file)
+        if record is not None and record_is_live(record):
+            terminate(int(record["pid"]))
+            echo(f"{component.name}: stopped (not part of throttle profile {read_choice(settings).label()})")
+        pid_file.unlink(missing_ok=True)
 
 
 def _up_one(
@@ -134,6 +187,15 @@ def _up_one(
     name = component.name
     pid_file = _pid_file(settings, component)
     record = read_record(pid_file)
+    if (
+        record is not None
+        and record_is_live(record)
+        and component.restart_on_change
+        and record.get("cmdline") != component.command(settings)
+    ):
+        terminate(int(record["pid"]))  # stateless and its settings changed: start it anew
+        pid_file.unlink(missing_ok=True)
+        record = None
     if record is not None and record_is_live(record):
         pid = int(record["pid"])
         deadline = time.monotonic() + component.start_timeout
@@ -198,16 +260,19 @@ def _up_one(
 
 
 def _status_of(component: Component, settings: Settings, pid: int, note: str) -> ComponentStatus:
-    notes = "; ".join(n for n in (note, component.note) if n)
-    return ComponentStatus(component.name, "running", pid, component.endpoints(settings), notes)
+    throttle = carried_by(settings, component.name)
+    profile = f"throttle profile {read_choice(settings).label()}" if throttle else ""
+    notes = "; ".join(n for n in (note, component.note, profile) if n)
+    return ComponentStatus(component.name, "running", pid, component.endpoints(settings), notes, throttle)
 
 
 def _describe(component: Component, result: ComponentStatus) -> str:
     """One line for ``up``: what happened, the pid, the endpoints, the standing note."""
-    how = result.note.removesuffix(component.note).rstrip("; ")
+    how = result.note.split("; ")[0] if result.note else ""
     where = " ".join(f"{key}={value}" for key, value in result.endpoints.items())
     line = f"{result.name}: {how} (pid {result.pid}) {where}".rstrip()
-    return f"{line} [{component.note}]" if component.note else line
+    standing = "; ".join(n for n in result.note.split("; ")[1:] if n)
+    return f"{line} [{standing}]" if standing else line
 
 
 def _now() -> str:

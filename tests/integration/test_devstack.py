@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,11 +21,15 @@ from typing import TypeVar
 
 import boto3
 import httpx
+import hvac
 import pytest
 from azure.keyvault.keys import KeyClient
+from botocore.config import Config
+from botocore.exceptions import ClientError
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
 
+from emulators.azure_keyvault import DEFAULT_LIMITS, SustainedLoad
 from kms_adapters.azure_hsm import StaticTokenCredential
 from rekey import devstack
 from rekey.backends import adapter_for
@@ -32,6 +37,7 @@ from rekey.config import Settings, load_settings
 from sealing.errors import UnknownKey
 from sealing.state import SealedState
 from sealing.store import SealedStateStore
+from tests.fixtures.cli import run_cli
 from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -66,7 +72,7 @@ def _private_settings(home: Path) -> Settings:
         "REKEY_TEMPORAL_PORT": str(pick()),
         "REKEY_TEMPORAL_UI_PORT": str(pick()),
         "REKEY_OPENBAO_PORT": str(pick(pair=True)),
-        "REKEY_MOTO_PORT": str(pick()),
+        "REKEY_MOTO_PORT": str(pick(pair=True)),  # moto_port + 1: moto behind the aws-kms throttle
         "REKEY_AZURE_PORT": str(pick()),
         "REKEY_CODEC_PORT": str(pick()),
     }
@@ -228,6 +234,155 @@ def test_codec_server_requires_its_token(stack: Settings) -> None:
         timeout=10,
     )
     assert authorized.status_code == 200, authorized.text
+
+
+def _env_of(settings: Settings) -> dict[str, str]:
+    return {
+        "REKEY_TEMPORAL_PORT": str(settings.temporal_port),
+        "REKEY_TEMPORAL_UI_PORT": str(settings.temporal_ui_port),
+        "REKEY_OPENBAO_PORT": str(settings.openbao_port),
+        "REKEY_MOTO_PORT": str(settings.moto_port),
+        "REKEY_AZURE_PORT": str(settings.azure_port),
+        "REKEY_CODEC_PORT": str(settings.codec_port),
+    }
+
+
+def _azure_stats(settings: Settings) -> dict[str, object]:
+    verify = ssl.create_default_context(cafile=settings.azure_ca_file)
+    response = httpx.get(f"{settings.azure_vault_url}/_emulator/stats", verify=verify, timeout=10)
+    stats: dict[str, object] = response.json()
+    return stats
+
+
+def test_throttle_profiles_apply_live_and_are_kept(
+    stack: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quiet = lambda _line: None  # noqa: E731
+    client = devstack.openbao_client(stack)
+    mount = stack.transit_mount
+    client.secrets.transit.create_key("throttle-check", mount_point=mount)
+    plaintext = base64.b64encode(b"x").decode()
+
+    def hammer(times: int = 40) -> None:
+        for _ in range(times):
+            client.secrets.transit.encrypt_data("throttle-check", plaintext=plaintext, mount_point=mount)
+
+    try:
+        rows = {
+            r.name: r
+            for r in devstack.up(stack, echo=quiet, throttle=devstack.ThrottleChoice("vault-quota", 5))
+        }
+        assert rows["openbao"].throttle == {"profile": "vault-quota", "rate": 5.0, "default_rate": False}
+        assert "throttle profile vault-quota 5 req/s" in rows["openbao"].note
+        assert [n for n, r in rows.items() if r.throttle] == ["openbao"] and "throttle" not in rows
+        with pytest.raises(hvac.exceptions.RateLimitExceeded):  # the root token is throttled too
+            hammer()
+
+        # Kept by a later `dev up`, shown by `dev status --json`.
+        devstack.up(stack, echo=quiet)
+        assert devstack.read_choice(stack) == devstack.ThrottleChoice("vault-quota", 5)
+        for name, value in _env_of(stack).items():
+            monkeypatch.setenv(name, value)
+        code, out, err = run_cli(capsys, "--home", str(stack.home), "dev", "status", "--json")
+        assert code == 0, err
+        shown = {row["name"]: row for row in json.loads(out)}
+        assert shown["openbao"]["throttle"]["profile"] == "vault-quota" and shown["azure"]["throttle"] is None
+        code, out, _ = run_cli(capsys, "--home", str(stack.home), "dev", "status")
+        assert code == 0 and "Throttle profile: vault-quota 5 req/s" in out
+
+        # Switched live to the Azure emulator's sustained profile: the quota goes.
+        rows = {
+            r.name: r
+            for r in devstack.up(
+                stack, echo=quiet, throttle=devstack.ThrottleChoice("managed-hsm-sustained", 50)
+            )
+        }
+        assert (
+            rows["azure"].throttle is not None
+            and rows["azure"].throttle["profile"] == "managed-hsm-sustained"
+        )
+        stats = _azure_stats(stack)
+        assert stats["sustained"] == SustainedLoad().to_dict() and stats["retry_after"] is False
+        classes = stats["classes"]
+        assert isinstance(classes, dict) and classes["wrap"]["limit"] == 50.0
+        hammer()
+
+        # aws-kms would move a running moto behind the proxy: refused, nothing changed.
+        with pytest.raises(devstack.DevStackError, match="rekey dev down"):
+            devstack.up(stack, echo=quiet, throttle=devstack.ThrottleChoice("aws-kms"))
+        assert devstack.read_choice(stack).profile == "managed-hsm-sustained"
+    finally:
+        devstack.up(stack, echo=quiet, throttle=devstack.ThrottleChoice())
+    stats = _azure_stats(stack)
+    assert stats["sustained"] is None and stats["retry_after"] is True
+    classes = stats["classes"]
+    assert isinstance(classes, dict) and classes["wrap"]["limit"] == DEFAULT_LIMITS["wrap"]
+    assert all(s.throttle is None for s in devstack.status(stack))
+
+
+def test_aws_kms_profile_puts_the_proxy_on_the_aws_endpoint(tmp_path: Path) -> None:
+    settings = _private_settings(tmp_path / "home")
+    parts = [c for c in devstack.COMPONENTS if c.name in ("moto", "throttle")]
+    quiet = lambda _line: None  # noqa: E731
+    try:
+        rows = {
+            r.name: r
+            for r in devstack.up(
+                settings, echo=quiet, components=parts, throttle=devstack.ThrottleChoice("aws-kms", 5)
+            )
+        }
+        assert rows["throttle"].endpoints["kms"] == settings.aws_endpoint
+        assert rows["moto"].endpoints["kms"] == f"http://127.0.0.1:{settings.moto_port + 1}"
+        assert rows["throttle"].throttle == {"profile": "aws-kms", "rate": 5.0, "default_rate": False}
+        kms = boto3.client(
+            "kms",
+            endpoint_url=settings.aws_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+        key_id = kms.create_key()["KeyMetadata"]["KeyId"]  # not a crypto operation: unmetered
+        with pytest.raises(ClientError) as err:
+            for _ in range(40):
+                kms.encrypt(KeyId=key_id, Plaintext=b"dek")
+        assert err.value.response["Error"]["Code"] == "ThrottlingException"
+
+        # A new rate restarts the (stateless) proxy only: moto and its keys stay.
+        again = {
+            r.name: r
+            for r in devstack.up(
+                settings, echo=quiet, components=parts, throttle=devstack.ThrottleChoice("aws-kms", 1000)
+            )
+        }
+        assert again["moto"].pid == rows["moto"].pid and again["throttle"].pid != rows["throttle"].pid
+        assert again["throttle"].endpoints["rate"] == "1000/s"
+        assert kms.describe_key(KeyId=key_id)["KeyMetadata"]["Enabled"]
+        for _ in range(20):
+            kms.encrypt(KeyId=key_id, Plaintext=b"dek")
+    finally:
+        devstack.down(settings, echo=quiet, components=parts)
+    assert all(_port_free(port) for port in (settings.moto_port, settings.moto_port + 1))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--throttle-profile", "bogus"],
+        ["--throttle-profile", "aws-kms", "--throttle-rate", "0"],
+        ["--throttle-profile", "aws-kms", "--throttle-rate", "nan"],
+        ["--throttle-profile", "vault-quota", "--throttle-rate", "fast"],
+        ["--throttle-rate", "5"],
+        ["--throttle-profile", "none", "--throttle-rate", "5"],
+    ],
+)
+def test_dev_up_refuses_a_bad_throttle_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    code, _, err = run_cli(capsys, "--home", str(tmp_path / "home"), "dev", "up", *args)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "home" / "run").exists()  # nothing was started
 
 
 def test_state_survives_down_and_up(stack: Settings) -> None:

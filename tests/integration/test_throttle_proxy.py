@@ -17,9 +17,9 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from emulators.throttle_proxy import KMS_CRYPTO_OPERATIONS, ThrottleProxy, TokenBucket
 from kms_adapters.errors import Throttled
 from kms_adapters.governor import Governor
-from loadtest.throttle_proxy import ThrottleProxy, TokenBucket
 from tests.fixtures.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -81,6 +81,23 @@ def test_empty_bucket_gives_botocore_a_throttling_exception(proxy: ThrottleProxy
         client.encrypt(KeyId=key_id, Plaintext=b"x")
     assert again.value.response["Error"]["Code"] == "ThrottlingException"
     assert (proxy.forwarded, proxy.throttled) == (2, 2)
+
+
+def test_only_kms_crypto_operations_are_metered(moto_server: str) -> None:
+    """AWS meters its operations in separate quotas: with ``operations`` only the shared
+    symmetric-crypto ones take tokens; CreateKey, DescribeKey, ListKeys pass unmetered."""
+    with ThrottleProxy(moto_server, rate=0, profile="aws", operations=KMS_CRYPTO_OPERATIONS) as p:
+        client = kms(p.url)
+        key_id = client.create_key()["KeyMetadata"]["KeyId"]
+        assert client.describe_key(KeyId=key_id)["KeyMetadata"]["Enabled"]
+        with pytest.raises(ClientError) as err:
+            client.encrypt(KeyId=key_id, Plaintext=b"x")
+        assert err.value.response["Error"]["Code"] == "ThrottlingException"
+        with pytest.raises(ClientError):
+            client.generate_data_key(KeyId=key_id, KeySpec="AES_256")
+        stats = p.stats()
+    assert (stats["forwarded"], stats["unmetered"], stats["throttled"]) == (2, 2, 2)
+    assert stats["operations"] == sorted(KMS_CRYPTO_OPERATIONS)
 
 
 @pytest.mark.parametrize("mode", ["legacy", "standard"])
@@ -174,7 +191,7 @@ def test_token_bucket_accounting() -> None:
 
 def test_standalone(moto_server: str) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "loadtest.throttle_proxy", "--backend", moto_server]
+    command = [sys.executable, "-m", "emulators.throttle_proxy", "--backend", moto_server]
     command += ["--rate", "50", "--port", str(port)]
     proc = subprocess.Popen(
         command,

@@ -19,6 +19,11 @@ the request never reaches the backend:
     HTTP 429, ``{"errors":["request path \\"...\\": rate limit quota exceeded"]}`` (OpenBao's
     rate-limit quota).
 
+With ``operations`` (a set of AWS operation names, e.g. :data:`KMS_CRYPTO_OPERATIONS`) only requests
+whose ``X-Amz-Target`` names one of them (``TrentService.Encrypt`` -> ``Encrypt``) take a token;
+the others are forwarded unmetered (AWS KMS meters its operations in separate quotas: the shared
+symmetric-cryptography quota is the one a rotation meets).
+
 With ``retry_after=True`` a throttle response also carries ``Retry-After`` (whole seconds, at
 least 1, until the bucket has a token again); by default it does not (AWS never sends it and
 Key Vault does not always).
@@ -35,12 +40,12 @@ In-process::
     with ThrottleProxy("http://127.0.0.1:5000", rate=50, profile="aws") as proxy:
         client = boto3.client("kms", endpoint_url=proxy.url, ...)
         ...
-        proxy.stats()  # {"forwarded": ..., "throttled": ..., "backend_errors": ..., ...}
+        proxy.stats()  # {"forwarded": ..., "throttled": ..., "unmetered": ..., "backend_errors": ..., ...}
 
 Standalone (serves until SIGTERM or Ctrl-C, then prints the counters)::
 
-    python -m loadtest.throttle_proxy --backend http://127.0.0.1:5000 --rate 50 --port 8080 \\
-        [--burst 5] [--profile aws|azure|vault] [--retry-after]
+    python -m emulators.throttle_proxy --backend http://127.0.0.1:5000 --rate 50 --port 8080 \\
+        [--burst 5] [--profile aws|azure|vault] [--retry-after] [--kms-crypto | --operation OP ...]
 """
 
 from __future__ import annotations
@@ -56,13 +61,27 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
 PROFILES = ("aws", "azure", "vault")
+
+#: The operations of AWS KMS's shared "cryptographic operations (symmetric) request rate" quota.
+KMS_CRYPTO_OPERATIONS = frozenset(
+    {
+        "Decrypt",
+        "Encrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateMac",
+        "GenerateRandom",
+        "ReEncrypt",
+        "VerifyMac",
+    }
+)
 
 # Not forwarded in either direction (RFC 9110 7.6.1), plus what the proxy sets itself.
 _HOP_BY_HOP = frozenset(
@@ -214,7 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, [("Content-Type", "text/plain")], b"unreadable request body\n")
             self.close_connection = True
             return
-        wait = proxy.bucket.take()
+        metered = proxy.metered(self.headers.get("X-Amz-Target", ""))
+        wait = proxy.bucket.take() if metered else 0.0
         if wait > 0:
             proxy._count("throttled")
             status, headers, payload = throttle_response(proxy.profile, self.path, wait, proxy.retry_after)
@@ -227,6 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(502, [("Content-Type", "text/plain")], f"backend unreachable: {exc}\n".encode())
             return
         proxy._count("forwarded")
+        if not metered:
+            proxy._count("unmetered")
         self._reply(status, headers, payload, reason=reason)
 
     do_POST = do_GET
@@ -356,6 +378,7 @@ class ThrottleProxy:
         host: str = "127.0.0.1",
         port: int = 0,
         backend_timeout: float = 30.0,
+        operations: Collection[str] | None = None,
     ) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -370,11 +393,13 @@ class ThrottleProxy:
         self.profile = profile
         self.retry_after = retry_after
         self.bucket = TokenBucket(rate, burst)
+        #: Only these ``X-Amz-Target`` operations are throttled (None: every request).
+        self.operations = frozenset(operations) if operations is not None else None
         self._address = (host, port)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._counts = {"forwarded": 0, "throttled": 0, "backend_errors": 0}
+        self._counts = {"forwarded": 0, "throttled": 0, "unmetered": 0, "backend_errors": 0}
 
     # -- lifecycle
 
@@ -426,6 +451,12 @@ class ThrottleProxy:
 
     # -- control and counters
 
+    def metered(self, target: str) -> bool:
+        """Whether a request with this ``X-Amz-Target`` header takes a token."""
+        if self.operations is None:
+            return True
+        return target.rpartition(".")[2] in self.operations
+
     def set_rate(self, rate: float, burst: float | None = None) -> None:
         """Change the limit of a running proxy (``math.inf``: no limit; 0: throttle everything)."""
         self.bucket.configure(rate, burst)
@@ -445,7 +476,13 @@ class ThrottleProxy:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
-        return {**counts, "rate": self.bucket.rate, "burst": self.bucket.burst, "profile": self.profile}
+        return {
+            **counts,
+            "rate": self.bucket.rate,
+            "burst": self.bucket.burst,
+            "profile": self.profile,
+            "operations": sorted(self.operations) if self.operations is not None else None,
+        }
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -459,7 +496,7 @@ class ThrottleProxy:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest.throttle_proxy", description="A throttling reverse proxy on 127.0.0.1."
+        prog="python -m emulators.throttle_proxy", description="A throttling reverse proxy on 127.0.0.1."
     )
     parser.add_argument(
         "--backend", required=True, help="backend URL, e.g. http://127.0.0.1:5000 (moto_server)"
@@ -468,9 +505,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=float, default=None, help="bucket size (default max(1, rate/10))")
     parser.add_argument("--profile", choices=PROFILES, default="aws")
     parser.add_argument("--retry-after", action="store_true", help="send Retry-After with throttle responses")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument(
+        "--kms-crypto",
+        action="store_true",
+        help="throttle only AWS KMS's shared symmetric-cryptography operations (Encrypt, Decrypt, "
+        "ReEncrypt, GenerateDataKey, ...); forward the rest unmetered",
+    )
+    only.add_argument(
+        "--operation",
+        action="append",
+        metavar="OP",
+        help="throttle only this X-Amz-Target operation (repeatable); forward the rest unmetered",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="listening port (default: a free one)")
     args = parser.parse_args(argv)
+    if math.isnan(args.rate) or args.rate < 0:
+        parser.error(f"--rate must be a number >= 0 (inf: no limit), not {args.rate:g}")
+    operations = KMS_CRYPTO_OPERATIONS if args.kms_crypto else args.operation
 
     proxy = ThrottleProxy(
         args.backend,
@@ -480,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         retry_after=args.retry_after,
         host=args.host,
         port=args.port,
+        operations=operations,
     )
     stop = threading.Event()
 
