@@ -129,3 +129,8 @@ def _retry_after(meta: dict[str, Any]) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def is_throttle_code(code: str) -> bool:
+    """An AWS error code that means "refused for rate"."""
+    return code in _THROTTLE_CODES

@@ -53,7 +53,7 @@ from typing import Any, Literal
 import boto3
 from botocore.config import Config
 
-from kms_adapters.aws_errors import AlreadyExists, map_aws_error
+from kms_adapters.aws_errors import AlreadyExists, is_throttle_code, map_aws_error
 from kms_adapters.contract import (
     KeyInfo,
     KeyVersionInfo,
@@ -72,7 +72,7 @@ from kms_adapters.errors import (
     Unavailable,
     VersionDisabled,
 )
-from kms_adapters.governor import Governor, governor_for
+from kms_adapters.governor import Governor, governor_for, sdk_answered, sdk_sent
 from kms_adapters.keyref import InvalidKeyRef, check_name
 from kms_adapters.release import ReleaseGate, ReleasePolicyStore
 from sealing.errors import InvalidWrappedKey
@@ -155,7 +155,12 @@ class AwsKmsAdapter(ReleaseGate):
         governor: Governor | None = None,
         state_ttl: float = 5.0,
         batch_workers: int = 8,
+        sdk_retries: bool = False,
     ) -> None:
+        """``sdk_retries=True`` turns botocore's own ``standard`` retries back on (3 attempts,
+        exponential backoff): only for measuring the governor against (``rekey stress run
+        --strategy sdk-default``), paired with a ``PassThroughGovernor``; each HTTP attempt is
+        reported to ``governor.accounting()``."""
         # AWS alias names allow [A-Za-z0-9:/_-]; ours are kms_adapters.keyref's safe names (no '.',
         # no empty segment, no leading or trailing '/', fullmatch so no trailing newline).
         try:
@@ -174,7 +179,7 @@ class AwsKmsAdapter(ReleaseGate):
         self._state_ttl = state_ttl
         self._batch_workers = max(1, batch_workers)
         config = Config(
-            retries={"total_max_attempts": 1, "mode": "standard"},
+            retries={"mode": "standard"} if sdk_retries else {"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=5,
             read_timeout=30,
             max_pool_connections=max(10, self._batch_workers * 2),
@@ -182,6 +187,10 @@ class AwsKmsAdapter(ReleaseGate):
         self._client: Any = boto3.session.Session().client(
             "kms", region_name=region, endpoint_url=endpoint_url, config=config, **(credentials or {})
         )
+        if sdk_retries:
+            events = self._client.meta.events
+            events.register("before-send.kms", _sdk_sent)
+            events.register_first("needs-retry.kms", _sdk_answered)
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._primary_cache: tuple[_Primary, float] | None = None
@@ -710,3 +719,15 @@ class AwsKmsAdapter(ReleaseGate):
         to the hash of the document's public key, its PCRs satisfying the policy, and
         ``kms:RecipientAttestation:*`` conditions in the key policy."""
         raise NitroAttestationUnverified()
+
+
+def _sdk_sent(**_kwargs: Any) -> None:
+    sdk_sent()
+
+
+def _sdk_answered(response: Any = None, **_kwargs: Any) -> None:
+    """botocore's ``needs-retry`` hook: called after every attempt's answer (or failure)."""
+    code = ""
+    if isinstance(response, tuple) and len(response) == 2 and isinstance(response[1], dict):
+        code = str(response[1].get("Error", {}).get("Code", ""))
+    sdk_answered(throttled=is_throttle_code(code))

@@ -74,6 +74,8 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.keyvault.keys import KeyClient, KeyOperation, KeyProperties, KeyReleasePolicy, KeyVaultKey
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 
@@ -99,7 +101,7 @@ from kms_adapters.errors import (
     Unavailable,
     VersionDisabled,
 )
-from kms_adapters.governor import Governor, governor_for
+from kms_adapters.governor import Governor, governor_for, sdk_answered, sdk_sent
 from kms_adapters.release import ReleaseGate, ReleasePolicy, ReleasePolicyStore, check_release
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import WrappedKey, parse_versioned_prefix
@@ -356,7 +358,11 @@ class AzureHsmAdapter(ReleaseGate):
         cache_ttl: float = 30.0,
         batch_workers: int = 8,
         timeout: float = 30.0,
+        sdk_retries: bool = False,
     ) -> None:
+        """``sdk_retries=True`` turns azure-core's default retry policy back on: only for measuring
+        the governor against (``rekey stress run --strategy sdk-default``), paired with a
+        ``PassThroughGovernor``; each HTTP attempt is reported to ``governor.accounting()``."""
         if not _AZURE_NAME.fullmatch(name):
             raise InvalidRequest(
                 f"Azure Key Vault key names are 1-127 letters, digits and dashes, not {name!r}"
@@ -378,10 +384,13 @@ class AzureHsmAdapter(ReleaseGate):
         self._options: dict[str, Any] = {
             "verify_challenge_resource": verify_challenge_resource,
             "connection_verify": connection_verify,
-            "retry_total": 0,
             "connection_timeout": min(10.0, timeout),
             "read_timeout": timeout,
         }
+        if sdk_retries:
+            self._options["per_retry_policies"] = [_SdkAttemptPolicy()]
+        else:
+            self._options["retry_total"] = 0
         self._keys = KeyClient(self._vault_url, credential, **self._options)
         self._lock = threading.Lock()
         self._crypto: dict[str, CryptographyClient] = {}
@@ -717,3 +726,13 @@ def _rule_conditions(rule: Rule) -> list[list[dict[str, Any]]]:
             *common,
         ]
     ]
+
+
+class _SdkAttemptPolicy(SansIOHTTPPolicy[Any, Any]):
+    """Placed after azure-core's RetryPolicy: sees every HTTP attempt, for the stress harness."""
+
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        sdk_sent()
+
+    def on_response(self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]) -> None:
+        sdk_answered(throttled=response.http_response.status_code == 429)

@@ -86,6 +86,19 @@ every ``PROGRESS_STEP`` seconds while it waits (pacing, backoff): a Temporal act
 ``activity.heartbeat`` so that its heartbeats are never further apart than one attempt (the SDK's
 connect plus read timeout) or ``PROGRESS_STEP``, however long the governor keeps retrying.
 
+**Accounting.** ``with accounting() as acc:`` (per thread and asyncio task, like progress) counts
+what the governed calls of that block cost: ``acc.requests`` attempts sent, ``acc.throttled``
+attempts answered ``Throttled`` and ``acc.waited`` seconds slept pacing or backing off. The stress
+harness records them per operation. Adapters whose SDK retries by itself (``sdk_retries=True``)
+report each HTTP attempt with ``sdk_sent()`` / ``sdk_answered()`` from SDK hooks, and are paired
+with ``PassThroughGovernor(..., counts=False)`` so that nothing is counted twice.
+
+**Other strategies, for comparison.** ``PassThroughGovernor`` has the same surface and none of
+the mechanisms: ``attempts=1`` sends each call once (the SDK's own retries, if the adapter turned
+them on, are then the only ones: the "sdk-default" strategy of ``rekey stress run``);
+``attempts=10`` resends a retryable error at once, without backoff or pacing, up to 10 times (the
+"naive" client). They exist to be measured against; nothing else in rekey uses them.
+
 ``Governor.snapshot()`` returns the counters and state as a typed ``GovernorStats`` (``stats()``
 is the same as a dict, for reports). Every adapter exposes its governor as ``adapter.governor``
 (``KmsAdapter.governor``), so callers read the counters without reaching into the adapter.
@@ -137,6 +150,74 @@ def reporting_progress(callback: Callable[[], None]) -> Iterator[None]:
         yield
     finally:
         _progress.reset(token)
+
+
+@dataclass
+class Accounting:
+    """What the governed calls of one ``accounting()`` block cost (see the module docstring)."""
+
+    requests: int = 0
+    throttled: int = 0
+    waited: float = 0.0
+    last_answer: float | None = None
+    """When the SDK last answered (``sdk_answered``): its sleep before a resend counts as waited."""
+
+
+_accounting: contextvars.ContextVar[Accounting | None] = contextvars.ContextVar(
+    "kms_governor_accounting", default=None
+)
+
+
+@contextlib.contextmanager
+def accounting() -> Iterator[Accounting]:
+    """Count the attempts, throttles and waiting of every governed call in this block (this
+    thread or asyncio task only)."""
+    acc = Accounting()
+    token = _accounting.set(acc)
+    try:
+        yield acc
+    finally:
+        _accounting.reset(token)
+
+
+def record_attempt() -> None:
+    """One request sent (for an SDK's own retries, which the governor does not see)."""
+    acc = _accounting.get()
+    if acc is not None:
+        acc.requests += 1
+
+
+def record_throttle() -> None:
+    """One request answered ``Throttled`` (for an SDK's own retries)."""
+    acc = _accounting.get()
+    if acc is not None:
+        acc.throttled += 1
+
+
+def sdk_sent() -> None:
+    """An SDK that retries by itself sends one HTTP request (call from its per-attempt hook).
+    The time since its previous answer in this block is the SDK's backoff: counted as waited."""
+    acc = _accounting.get()
+    if acc is not None:
+        acc.requests += 1
+        if acc.last_answer is not None:
+            acc.waited += max(0.0, time.monotonic() - acc.last_answer)
+            acc.last_answer = None
+
+
+def sdk_answered(*, throttled: bool) -> None:
+    """The SDK's request got an HTTP answer (``throttled``: a 429 or throttling code)."""
+    acc = _accounting.get()
+    if acc is not None:
+        if throttled:
+            acc.throttled += 1
+        acc.last_answer = time.monotonic()
+
+
+def _record_wait(seconds: float) -> None:
+    acc = _accounting.get()
+    if acc is not None:
+        acc.waited += seconds
 
 
 def _report_progress() -> None:
@@ -332,9 +413,12 @@ class Governor:
             except BaseException:
                 self._abandon(st)
                 raise
+            record_attempt()
             try:
                 result = fn()
             except BaseException as exc:
+                if isinstance(exc, Throttled):
+                    record_throttle()
                 delay = self._after_error(st, exc, op, idempotent)
                 if delay is None:
                     raise
@@ -355,9 +439,12 @@ class Governor:
             except BaseException:
                 self._abandon(st)
                 raise
+            record_attempt()
             try:
                 result = await asyncio.to_thread(fn)
             except BaseException as exc:
+                if isinstance(exc, Throttled):
+                    record_throttle()
                 delay = self._after_error(st, exc, op, idempotent)
                 if delay is None:
                     raise
@@ -368,6 +455,7 @@ class Governor:
 
     def _wait(self, seconds: float) -> None:
         """Sleep ``seconds``, reporting progress at least every ``PROGRESS_STEP`` if asked to."""
+        _record_wait(seconds)
         if _progress.get() is None:
             self._sleep(seconds)
             return
@@ -378,6 +466,7 @@ class Governor:
         self._sleep(seconds)
 
     async def _await(self, seconds: float) -> None:
+        _record_wait(seconds)
         if _progress.get() is None:
             await self._async_sleep(seconds)
             return
@@ -658,6 +747,76 @@ def _wrap_sync_sleep(sleep: Callable[[float], None]) -> Callable[[float], Awaita
         sleep(seconds)
 
     return _sleep
+
+
+class PassThroughGovernor(Governor):
+    """No pacing, no backoff, no budget, no circuit: each call is sent, and a retryable error is
+    resent at once up to ``attempts`` times in all (1: never). For measuring the governor against
+    (``rekey stress run --strategy sdk-default|naive``); the counters of ``snapshot()`` count
+    attempts, successes, throttles and gave-ups the same way."""
+
+    def __init__(self, endpoint: str, *, attempts: int = 1, counts: bool = True) -> None:
+        """``counts=False`` leaves ``accounting()`` to the adapter's SDK hooks (``sdk_retries``)."""
+        super().__init__(endpoint, max_attempts=attempts)
+        self._pass_attempts = attempts
+        self._counts = counts
+
+    def call(self, fn: Callable[[], T], *, op: str = "", idempotent: bool = True) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            self._count_attempt()
+            try:
+                result = fn()
+            except BaseException as exc:
+                if not self._resend(exc, attempt, idempotent):
+                    raise
+                continue
+            with self._lock:
+                self._successes += 1
+            return result
+
+    async def acall(self, fn: Callable[[], T], *, op: str = "", idempotent: bool = True) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            self._count_attempt()
+            try:
+                result = await asyncio.to_thread(fn)
+            except BaseException as exc:
+                if not self._resend(exc, attempt, idempotent):
+                    raise
+                continue
+            with self._lock:
+                self._successes += 1
+            return result
+
+    def _count_attempt(self) -> None:
+        if self._counts:
+            record_attempt()
+        with self._lock:
+            self._attempts += 1
+            self._meter.record(self._clock())
+
+    def _resend(self, exc: BaseException, attempt: int, idempotent: bool) -> bool:
+        """Count a failed attempt; True to send it again at once."""
+        with self._lock:
+            if isinstance(exc, Throttled):
+                self._throttled += 1
+                if self._counts:
+                    record_throttle()
+            elif isinstance(exc, Unavailable):
+                self._unavailable += 1
+            if not isinstance(exc, KmsError) or not exc.retryable:
+                return False
+            if not idempotent and isinstance(exc, AnswerLost):
+                self._answers_lost += 1
+                return False
+            if attempt >= self._pass_attempts:
+                self._gave_up += 1
+                return False
+            self._retries += 1
+            return True
 
 
 _registry: dict[str, Governor] = {}

@@ -27,6 +27,7 @@ from audit import default_signing_key_path, found_public_keys, load_or_create_si
 from kms_adapters.aws_kms import AwsKmsAdapter
 from kms_adapters.azure_hsm import AzureHsmAdapter, StaticTokenCredential
 from kms_adapters.contract import KmsAdapter
+from kms_adapters.governor import Governor
 from kms_adapters.keyref import InvalidKeyRef, KeyRef
 from kms_adapters.release import FileReleasePolicyStore
 from kms_adapters.signing import AwsKmsSigner, TransitSigner
@@ -121,8 +122,13 @@ def known_key_ref(settings: Settings, key_ref: str) -> KeyRef:
     return ref
 
 
-def adapter_for(settings: Settings, key_ref: str) -> KmsAdapter:
-    return _adapter(settings, known_key_ref(settings, key_ref))
+def adapter_for(
+    settings: Settings, key_ref: str, *, governor: Governor | None = None, sdk_retries: bool = False
+) -> KmsAdapter:
+    """The adapter of ``key_ref``. ``governor``: instead of the endpoint's shared one;
+    ``sdk_retries``: turn the SDK's own retries back on (AWS, Azure; hvac has none). Both only for
+    ``rekey stress run --strategy``: everything else uses the defaults."""
+    return _adapter(settings, known_key_ref(settings, key_ref), governor=governor, sdk_retries=sdk_retries)
 
 
 def lister_for(settings: Settings, backend: str) -> KmsAdapter:
@@ -130,11 +136,15 @@ def lister_for(settings: Settings, backend: str) -> KmsAdapter:
     return _adapter(settings, KeyRef(backend, "rekey-list"))
 
 
-def _adapter(settings: Settings, ref: KeyRef) -> KmsAdapter:
+def _adapter(
+    settings: Settings, ref: KeyRef, *, governor: Governor | None = None, sdk_retries: bool = False
+) -> KmsAdapter:
     store = release_store(settings)
     if ref.backend == "vault":
         client = vault_client(settings)
-        return VaultTransitAdapter(client, ref.name, mount_point=settings.transit_mount, release_store=store)
+        return VaultTransitAdapter(
+            client, ref.name, mount_point=settings.transit_mount, release_store=store, governor=governor
+        )
     if ref.backend == "aws":
         credentials = DEV_AWS_CREDENTIALS if _is_loopback(settings.aws_endpoint) else None
         return AwsKmsAdapter(
@@ -143,6 +153,8 @@ def _adapter(settings: Settings, ref: KeyRef) -> KmsAdapter:
             region=settings.aws_region,
             release_store=store,
             credentials=credentials,
+            governor=governor,
+            sdk_retries=sdk_retries,
         )
     if ref.backend == "azure":
         token = settings.azure_token or ("rekey-dev-token" if _is_loopback(settings.azure_vault_url) else "")
@@ -155,6 +167,8 @@ def _adapter(settings: Settings, ref: KeyRef) -> KmsAdapter:
             credential=StaticTokenCredential(token),
             connection_verify=verify,
             release_store=store,
+            governor=governor,
+            sdk_retries=sdk_retries,
         )
     raise BackendNotAvailable(f"{ref}: unknown backend")
 

@@ -20,6 +20,8 @@ from kms_adapters.governor import (
     PROGRESS_STEP,
     CircuitOpen,
     Governor,
+    PassThroughGovernor,
+    accounting,
     governor_for,
     reporting_progress,
     reset_governors,
@@ -751,3 +753,100 @@ def test_a_failing_progress_callback_fails_the_call_before_it_is_sent() -> None:
     with reporting_progress(cancelled), pytest.raises(RuntimeError):
         gov.call(rotate, op="rotate key", idempotent=False)
     assert rotate.calls == 0  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------- accounting, pass-through
+
+
+def test_accounting_counts_attempts_throttles_and_waiting() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+    with accounting() as acc:
+        gov.call(failing([Throttled("slow down"), Unavailable("503")]), op="wrap")
+    assert (acc.requests, acc.throttled) == (3, 1)
+    assert acc.waited == pytest.approx(sum(ft.sleeps)) and acc.waited > 0
+    with accounting() as other:
+        gov.call(lambda: 1)
+    assert (other.requests, other.throttled) == (1, 0)  # a new block starts from zero
+    gov.call(failing([Throttled("slow down")]))  # outside any block: nothing is counted, nothing breaks
+    assert (acc.requests, other.requests) == (3, 1)
+
+
+def test_accounting_is_per_thread() -> None:
+    gov = Governor(ENDPOINT)
+    counts: list[int] = []
+
+    def worker(n: int) -> None:
+        with accounting() as acc:
+            for _ in range(n):
+                gov.call(lambda: None)
+        counts.append(acc.requests)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (3, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(counts) == [3, 5]
+
+
+def test_async_accounting() -> None:
+    ft = FakeTime()
+    gov = make(ft)
+
+    async def main() -> tuple[int, int]:
+        with accounting() as acc:
+            await gov.acall(failing([Throttled("slow down")]), op="wrap")
+        return acc.requests, acc.throttled
+
+    assert asyncio.run(main()) == (2, 1)
+
+
+def test_pass_through_sends_once_or_resends_at_once() -> None:
+    once = PassThroughGovernor(ENDPOINT, attempts=1)
+    with accounting() as acc, pytest.raises(Throttled):
+        once.call(failing([Throttled("slow down")]))
+    assert (acc.requests, acc.throttled, acc.waited) == (1, 1, 0.0)
+    naive = PassThroughGovernor(ENDPOINT, attempts=10)
+    fn = failing([Throttled("slow down")] * 4, result="done")
+    with accounting() as acc:
+        assert naive.call(fn) == "done"
+    assert fn.calls == 5 and (acc.requests, acc.throttled, acc.waited) == (5, 4, 0.0)  # type: ignore[attr-defined]
+    with accounting() as acc, pytest.raises(Throttled):
+        naive.call(failing([Throttled("slow down")] * 20))
+    assert acc.requests == 10
+    s = naive.stats()
+    assert (s["attempts"], s["successes"], s["throttled"], s["gave_up"], s["current_rate"]) == (
+        15,
+        1,
+        14,
+        1,
+        None,
+    )
+
+
+def test_pass_through_never_resends_what_cannot_succeed_or_may_have_applied() -> None:
+    naive = PassThroughGovernor(ENDPOINT, attempts=10)
+    for error in (NotFound("no such key"), ValueError("bug")):
+        fn = failing([error])
+        with pytest.raises(type(error)):
+            naive.call(fn)
+        assert fn.calls == 1  # type: ignore[attr-defined]
+    fn = failing([AnswerLost("reset after sending")])
+    with pytest.raises(AnswerLost):
+        naive.call(fn, idempotent=False)
+    assert fn.calls == 1  # type: ignore[attr-defined]
+    fn = failing([AnswerLost("reset after sending")])
+    assert naive.call(fn, idempotent=True) == "ok" and fn.calls == 2  # type: ignore[attr-defined]
+
+
+def test_pass_through_async_and_uncounted() -> None:
+    quiet = PassThroughGovernor(ENDPOINT, attempts=3, counts=False)
+
+    async def main() -> tuple[int, int]:
+        with accounting() as acc:
+            await quiet.acall(failing([Throttled("slow down")]))
+        return acc.requests, acc.throttled
+
+    assert asyncio.run(main()) == (0, 0)  # left to the SDK's hooks
+    assert quiet.stats()["attempts"] == 2
