@@ -306,7 +306,7 @@ class IncidentDetector:
             "seconds": span.seconds,
             "attempted": span.attempted,
             "ok": span.ok,
-            "refused": span.refusals,
+            "refused": span.refusals,  # every refusal of those seconds (the rows' outcomes)
             "refused_versions": {str(v): n for v, n in sorted(span.refused.items())},
             "ok_versions": {str(v): n for v, n in sorted(span.ok_versions.items())},
             "errors": dict(sorted(span.outcomes.items())),
@@ -317,8 +317,8 @@ class IncidentDetector:
             newest = max(span.ok_versions, default=None)
             serving = f"newest version serving {newest}" if newest is not None else "no version serving"
             message = (
-                f"{span.refusals} operation(s) refused for key version {_versions(span.refused)} "
-                f"with no successor in use ({serving}) over {span.seconds} s"
+                f"key version {_versions(span.refused)} refused with no successor in use ({serving}) "
+                f"over {span.seconds} s: {span.refusals} operation(s) refused in all"
             )
         else:
             message = (

@@ -5,7 +5,9 @@
 a one-line `ThresholdError`, exit code 2, before any load is offered) and `evaluate` checks them
 against the dict `rekey.stress.summary.summarize` produces, giving the
 ``[{"expr", "value", "ok", "unit"}]`` that `rekey.stress.summary.with_thresholds` records. A run
-that violates any threshold exits with `FAILED_EXIT` (3).
+that violates any threshold exits with `FAILED_EXIT` (3). At the end of a run, `conclude` does it
+all: summarize, evaluate, append a ``threshold`` incident per limit crossed, and return the final
+summary (the only function here that touches files).
 
 Metrics (`METRICS`), the unit each limit is written in, and where the value comes from:
 
@@ -36,9 +38,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
-from rekey.stress.summary import OPS
+from rekey.stress.incidents import threshold_incidents, write_incident
+from rekey.stress.summary import INCIDENTS, OPS, summarize, with_thresholds
 
 FAILED_EXIT: Final = 3
 """Exit code of ``rekey stress run`` when a ``--fail-on`` threshold is violated."""
@@ -360,3 +364,20 @@ def evaluate(thresholds: Sequence[Threshold], summary: Mapping[str, Any]) -> lis
 def exit_code(evaluated: Sequence[Mapping[str, Any]]) -> int:
     """`FAILED_EXIT` if any evaluated threshold is not ok, else 0."""
     return FAILED_EXIT if any(not r.get("ok") for r in evaluated) else 0
+
+
+def conclude(
+    run_dir: Path, thresholds: Sequence[Threshold], *, elapsed: float, interrupted: bool
+) -> dict[str, Any]:
+    """The end of a run in ``run_dir``: its summary, ``thresholds`` evaluated against it, one
+    ``threshold`` incident appended to incidents.jsonl per threshold violated, and the final
+    summary returned (summary.json's content, for the caller to write; `exit_code` of its
+    ``thresholds`` is the run's exit code). The thresholds see the incidents the run had before
+    these; the final summary counts them all, as a report recomputing it from the files does."""
+    run_dir = Path(run_dir)
+    summary = summarize(run_dir, elapsed=elapsed, interrupted=interrupted, thresholds=[])
+    evaluated = evaluate(thresholds, summary)
+    crossed = threshold_incidents(evaluated, elapsed)
+    for incident in crossed:
+        write_incident(run_dir / INCIDENTS, incident)
+    return with_thresholds({**summary, "incidents": summary["incidents"] + len(crossed)}, evaluated)

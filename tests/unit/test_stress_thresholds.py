@@ -16,6 +16,7 @@ from rekey.stress.thresholds import (
     SHOWN,
     Threshold,
     ThresholdError,
+    conclude,
     evaluate,
     exit_code,
     parse,
@@ -195,6 +196,15 @@ def test_a_share_exactly_at_the_limit(summary: dict[str, Any]) -> None:
     assert check("errors<5.01%", summary)["ok"] is True
 
 
+@pytest.mark.parametrize(("ok", "limit"), [(97, "3%"), (93, "7%"), (99, "0.01"), (71, "29%")])
+def test_a_share_whose_floating_point_falls_just_under_the_limit_is_still_at_it(ok: int, limit: str) -> None:
+    summary = {"done": 100, "ok": ok}  # 0.29 / 0.01 == 28.999999999999996
+    assert check(f"errors<{limit}", summary)["ok"] is False
+    assert check(f"errors<={limit}", summary)["ok"] is True
+    assert check(f"errors={limit}", summary)["ok"] is True
+    assert check(f"errors>={limit}", summary)["ok"] is True
+
+
 def test_per_operation_thresholds(summary: dict[str, Any]) -> None:
     for op in ("wrap", "unwrap", "rewrap"):
         figures = summary["ops"][op]
@@ -264,3 +274,32 @@ def test_evaluated_thresholds_render_in_the_report(tmp_path: Path, summary: dict
     (run / "summary.json").write_text(json.dumps(recorded))
     html = render_html(load_runs([run]))
     assert "errors&lt;1%" in html and "FAIL" in html
+
+
+def test_conclude_records_the_crossed_limits_as_incidents(tmp_path: Path) -> None:
+    import json
+
+    from rekey.stress.report import load_runs
+    from rekey.stress.summary import read_incidents
+
+    run = write_run(tmp_path / "run", known_ops(), summary=False)
+    before = len(read_incidents(run))
+    final = conclude(run, parse("p99<10s,errors<1%,incidents=2"), elapsed=10.0, interrupted=False)
+    assert [(t["expr"], t["ok"]) for t in final["thresholds"]] == [
+        ("p99<10s", True),
+        ("errors<1%", False),
+        ("incidents=2", True),  # the run's own incidents, not the threshold one it causes
+    ]
+    assert final["passed"] is False and exit_code(final["thresholds"]) == FAILED_EXIT
+    incidents = read_incidents(run)
+    assert len(incidents) == before + 1 == final["incidents"]
+    [crossed] = [i for i in incidents if i["kind"] == "threshold"]
+    assert (crossed["t"], crossed["evidence"]["expr"], crossed["evidence"]["value"]) == (
+        10.0,
+        "errors<1%",
+        5.0,
+    )
+    assert final == summarize(run, elapsed=10.0, interrupted=False, thresholds=final["thresholds"])
+    (run / "summary.json").write_text(json.dumps(final))
+    [loaded] = load_runs([run])
+    assert loaded.mismatches == []
