@@ -135,7 +135,11 @@ async def run_backend(profile: str, args: argparse.Namespace) -> dict[str, Any]:
             for rate in [None, *args.rates]:
                 stack.set_rate(rate)
                 run = await stack.rotate(
-                    key_ref, args.blobs, batch_size=args.batch_size, in_flight=args.in_flight
+                    key_ref,
+                    args.blobs,
+                    batch_size=args.batch_size,
+                    in_flight=args.in_flight,
+                    workers=args.workers,
                 )
                 row = _row(run, backend, rate)
                 runs.append(row)
@@ -179,6 +183,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rates": args.rates,
         "batch_size": args.batch_size,
         "batches_in_flight": args.in_flight,
+        "workers": args.workers,
         "body_bytes": args.body,
         "cores": os.cpu_count(),
         "goals": {"share": SHARE_GOAL, "failed": 0, "throttled_share": THROTTLED_GOAL},
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"({DEFAULT_BATCH})")
     parser.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=f"({DEFAULT_IN_FLIGHT})")
     parser.add_argument("--body", type=int, default=64, help="plaintext bytes per blob (default 64)")
+    parser.add_argument("--workers", type=int, default=1, help="rekey worker processes (default 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)

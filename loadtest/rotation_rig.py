@@ -297,9 +297,9 @@ class Stack:
         finally:
             self.set_rate(rate)
 
-    def _cpu(self, worker: int) -> dict[str, float]:
+    def _cpu(self, workers: Sequence[int]) -> dict[str, float]:
         out = {
-            "worker": cpu_seconds(worker),
+            "worker": sum(cpu_seconds(pid) for pid in workers),
             "backend": 0.0,
             "temporal": 0.0,
             "this_process": time.process_time(),
@@ -318,18 +318,26 @@ class Stack:
         *,
         batch_size: int = DEFAULT_BATCH,
         in_flight: int = DEFAULT_IN_FLIGHT,
+        workers: int = 1,
         timeout: float = 1800.0,
         settle: float = 1.0,
+        env: dict[str, str] | None = None,
     ) -> RotationRun:
-        """Rotate ``key_ref`` (``blobs`` stored under it) with ``RotateKeyWorkflow`` on a fresh
-        ``rekey worker`` process, throttled as the backend is now; approve the commit and wait
-        for DONE. The server's counters and the CPU cover start -> AWAITING_COMMIT."""
+        """Rotate ``key_ref`` (``blobs`` stored under it) with ``RotateKeyWorkflow`` on fresh
+        ``rekey worker`` processes (``workers`` of them on the task queue; ``env`` added to
+        theirs), throttled as the backend is now; approve the commit and wait for DONE. The
+        server's counters and the CPU cover start -> AWAITING_COMMIT (worker CPU summed, peak
+        memory the largest)."""
         run_home = Path(tempfile.mkdtemp(prefix="worker-", dir=self.home))
         shutil.copytree(self.home / "codec", run_home / "codec", dirs_exist_ok=True)
-        with worker_process(run_home, self.worker_env()) as worker:
-            await asyncio.sleep(settle)  # let the worker connect and poll; quota buckets refill
+        with contextlib.ExitStack() as procs:
+            pids = [
+                procs.enter_context(worker_process(run_home, self.worker_env() | (env or {}), n)).pid
+                for n in range(workers)
+            ]
+            await asyncio.sleep(settle)  # let the workers connect and poll; quota buckets refill
             self.local.reset_stats()
-            before, started = self._cpu(worker.pid), time.monotonic()
+            before, started = self._cpu(pids), time.monotonic()
             handle = await self.client.start_workflow(
                 RotateKeyWorkflow.run,
                 RotateKeyInput(
@@ -344,12 +352,12 @@ class Stack:
                 execution_timeout=timedelta(seconds=timeout + 300),
             )
             committed = await wait_for_phase(handle, AWAITING_COMMIT, timeout=timeout)
-            after, wall = self._cpu(worker.pid), time.monotonic() - started
+            after, wall = self._cpu(pids), time.monotonic() - started
             server = self.local.stats()
             load = load_average()
             await handle.execute_update(RotateKeyWorkflow.approve)
             final: Progress = await handle.result()
-            peak = peak_rss_mib(worker.pid)
+            peak = max(peak_rss_mib(pid) for pid in pids)
         shutil.rmtree(run_home, ignore_errors=True)
         if final.phase != DONE:
             raise RuntimeError(f"rotation of {key_ref} ended in {final.phase}: {final.note}")
