@@ -8,8 +8,8 @@ process involved.
         adapter.create()
         store = SealedStateStore(stack.store_url)
         with stack.unthrottled():                   # seed with the throttle lifted
-            seed_blobs(store, adapter, 20_000, body=64, wrap_many=threaded_wrap_many(adapter))
-        run = await stack.rotate(key_ref)           # a fresh worker, throttled at R
+            seed_blobs(store, key_ref, 20_000, 64, threaded_wrap_many(adapter))
+        run = await stack.rotate(key_ref, 20_000)   # a fresh worker, throttled at R
 
 Seeding never meets the throttle: ``unthrottled()`` lifts it at the server for the while
 (``LocalBackend.set_rate(None)``: OpenBao's quota deleted, the proxy unlimited, the emulator's
