@@ -30,6 +30,7 @@ Python API (what ``rekey stress run --profile`` calls)::
         local.settings     # {"azure_vault_url": ..., "azure_ca_file": ..., "azure_token": ...}
         local.stats()      # {"served": n, "throttled": n, "degraded": False, ...}
         local.reset_stats()
+        local.set_rate(None)  # lift the throttle (e.g. to seed data fast); set_rate(R) puts it back
         local.describe()   # profile, rate, parameters and limits, for the run's meta.json
 
 This module imports nothing of the product (``settings`` uses the field names of rekey's
@@ -241,6 +242,7 @@ class LocalBackend:
     _stats: Callable[[], dict[str, Any]]
     _reset: Callable[[], None]
     _describe: dict[str, Any]
+    _set_rate: Callable[[float | None], None] | None = None
 
     def stats(self) -> dict[str, Any]:
         """Server-side counters since the start or the last :meth:`reset_stats`: ``served`` and
@@ -253,6 +255,17 @@ class LocalBackend:
     def describe(self) -> dict[str, Any]:
         """The profile, its rate, parameters and limits, and the endpoints (for meta.json)."""
         return {**self._describe, "endpoints": dict(self.settings)}
+
+    def set_rate(self, rate: float | None) -> None:
+        """Throttle at ``rate`` requests/s from now on, or with None not at all (OpenBao: the
+        quota is deleted; the proxy: no limit; the emulator: its cryptographic classes
+        unlimited, create/read/manage as documented). ``rate`` and ``describe()`` keep the
+        profile's R; the sustained-load model, if any, is not touched."""
+        if rate is not None:
+            rate = check_rate(rate)
+        if self._set_rate is None:
+            raise ProfileError(f"profile {self.profile} cannot change its rate while it runs")
+        self._set_rate(rate)
 
 
 @contextlib.contextmanager
@@ -328,6 +341,7 @@ def _start_vault(
             stats,
             reset,
             description,
+            lambda r: set_vault_quota(server.client(), r),
         )
 
 
@@ -362,6 +376,7 @@ def _start_aws(
             stats,
             proxy.reset_stats,
             {**description, "backend_url": moto},
+            lambda r: proxy.set_rate(math.inf if r is None else r, params["burst"]),
         )
 
 
@@ -410,4 +425,7 @@ def _start_azure(
             lambda: azure_stats(emulator.stats()),
             emulator.reset_stats,
             description,
+            lambda r: emulator.set_limits(
+                {name: 0.0 for name in CRYPTO_CLASSES} if r is None else managed_hsm_limits(r)
+            ),
         )

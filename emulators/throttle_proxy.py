@@ -29,7 +29,8 @@ least 1, until the bucket has a token again); by default it does not (AWS never 
 Key Vault does not always).
 
 The proxy is a stdlib ``ThreadingHTTPServer`` speaking HTTP/1.1 with keep-alive on 127.0.0.1;
-each client connection has its own keep-alive connection to the backend. Request and response
+each client connection has its own keep-alive connection to the backend; both sockets have
+``TCP_NODELAY`` set (small answers are not held back by Nagle's algorithm). Request and response
 bodies are buffered whole (fine for KMS-sized messages); hop-by-hop headers are dropped and the
 client's ``Host`` is passed through unchanged, so SigV4 signatures stay as the client made
 them. A request that fails on a reused backend connection the backend had closed is sent once
@@ -208,6 +209,11 @@ def throttle_response(
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 120  # an idle client connection is closed after this long
+    # TCP_NODELAY on the client's socket: an answer is written as headers then body, and with
+    # Nagle on the body waited for the client's delayed ACK (~40 ms) on every keep-alive request
+    # (moto's ReEncrypt through the proxy: 323/s with Nagle, 454/s without). The backend side is
+    # set by http.client itself (HTTPConnection.connect sets TCP_NODELAY).
+    disable_nagle_algorithm = True
     server: _Server
 
     def setup(self) -> None:

@@ -92,7 +92,7 @@ from attestation.sim import SimVerifier
 from attestation.token import ResultSigner
 from emulators.servers import OpenBao, openbao_dev
 from kms_adapters.vault_transit import BATCH_ITEMS
-from loadtest.bench_rotation import CollectingWrapper
+from loadtest.rotation_rig import CollectingWrapper
 from rekey.agent_peer import AgentPeer, peers_from_state_dirs
 from rekey.backends import adapter_for, release_token_signer, signer_for, witness_for
 from rekey.client.release_policies import set_release_policy

@@ -26,7 +26,10 @@ Temporal dev server:
    seconds per blob of OpenBao (raw loop, rotation) and of the worker (rotation), from
    ``/proc``; and the CPU ceiling: cores / (worker + OpenBao CPU per blob), the fastest any
    sweep doing that work could go on this machine (the Temporal server's and PostgreSQL's
-   own CPU are not counted, so with ``--store postgresql`` the ceiling is optimistic).
+   own CPU are not counted, so with ``--store postgresql`` the ceiling is optimistic); and the
+   sweep as a share of that ceiling (``sweep_ceiling_share``, the engine's own efficiency; goal
+   >= 0.8, and no worse at the largest size than at the smallest:
+   ``ceiling_share_largest_to_smallest``).
 
 Ratios are workflow rate / raw rate, raw being the better of the two raw runs (the harder
 baseline). The worker's peak memory is its ``VmHWM`` (peak resident set) from ``/proc``, read
@@ -42,21 +45,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
 import random
 import secrets
 import shutil
-import subprocess  # starts workers for the benchmark  # nosec B404
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,15 @@ from emulators.servers import OpenBao, openbao_dev, postgres_embedded
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore
 from kms_adapters.vault_transit import BATCH_ITEMS, VaultTransitAdapter
+from loadtest.rotation_rig import (
+    cpu_seconds,
+    peak_rss_mib,
+    phase_seconds,
+    seed_blobs,
+    transit_wrap_many,
+    wait_for_phase,
+    worker_process,
+)
 from rekey.client import rotation_id
 from rekey.codec import data_converter
 from rekey.devstack.temporal import start_dev_server
@@ -76,7 +84,7 @@ from sealing import envelope
 from sealing.keywrap import RewrapOutcome, WrappedKey
 from sealing.rotation import CHUNK, DEPTH, RangeResult, rewrap_range
 from sealing.state import SealedState
-from sealing.store import NewBlob, SealedStateStore
+from sealing.store import SealedStateStore
 from workflows.rotation import (
     AWAITING_COMMIT,
     DONE,
@@ -88,51 +96,10 @@ from workflows.rotation import (
     RotateKeyWorkflow,
 )
 
-SEED_CHUNK = 5000
-
-
-class CollectingWrapper:
-    """Stands in for the KMS while seeding: hands out placeholder slots, keeps the DEKs so they
-    can be wrapped by Transit in batches afterwards (the benchmark's own memory only)."""
-
-    def __init__(self, key_ref: str) -> None:
-        self.key_ref = key_ref
-        self.deks: list[bytes] = []
-
-    def wrap(self, dek: bytes) -> WrappedKey:
-        self.deks.append(dek)
-        return WrappedKey(b"pending", 1)
-
 
 def seed(bao: OpenBao, adapter: VaultTransitAdapter, store: SealedStateStore, count: int, body: int) -> None:
-    transit = bao.client().secrets.transit
-    for start in range(0, count, SEED_CHUNK):
-        wrapper = CollectingWrapper(adapter.key_ref)
-        names = [f"item-{i:07d}" for i in range(start, min(count, start + SEED_CHUNK))]
-        ids = [uuid.uuid4() for _ in names]
-        blobs = [
-            bytes(
-                envelope.seal(
-                    os.urandom(body),
-                    wrapper,  # type: ignore[arg-type]
-                    namespace="bench",
-                    name=name,
-                    generation="gen-1",
-                    blob_id=blob_id,
-                )
-            )
-            for name, blob_id in zip(names, ids, strict=True)
-        ]
-        wrapped: list[bytes] = []
-        for at in range(0, len(wrapper.deks), BATCH_ITEMS):
-            batch = [{"plaintext": base64.b64encode(d).decode()} for d in wrapper.deks[at : at + BATCH_ITEMS]]
-            answer = transit.encrypt_data(adapter.name, plaintext="", batch_input=batch)
-            wrapped += [item["ciphertext"].encode() for item in answer["data"]["batch_results"]]
-        rows = []
-        for name, blob_id, blob, ciphertext in zip(names, ids, blobs, wrapped, strict=True):
-            sealed = envelope.replace_key_slot(blob, envelope.key_slot(blob), WrappedKey(ciphertext, 1))
-            rows.append(NewBlob("bench", name, adapter.key_ref, 1, "gen-1", sealed, str(blob_id)))
-        store.insert_many(rows)
+    wrap_many = transit_wrap_many(bao.client().secrets.transit, adapter.name, items=BATCH_ITEMS)
+    seed_blobs(store, adapter.key_ref, count, body, wrap_many)
 
 
 def wrapped_deks(store: SealedStateStore, key_ref: str) -> list[str]:
@@ -156,18 +123,6 @@ def raw_rewrap(bao: OpenBao, name: str, ciphertexts: list[str]) -> float:
         if len(results) != len(batch) or not all(r.get("ciphertext") for r in results):
             raise RuntimeError("raw rewrap: OpenBao answered with errors")
     return time.perf_counter() - started
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc status")
 
 
 class _LocalRewrap:
@@ -196,7 +151,7 @@ def kms_stage(bao: OpenBao, adapter: VaultTransitAdapter, ciphertexts: list[byte
     """The sweep's KMS stage alone, in this process: the adapter's batch rewrap over every
     ciphertext, in the sweep's chunks, as many at once as one batch of the sweep keeps at the KMS."""
     chunks = [ciphertexts[at : at + CHUNK] for at in range(0, len(ciphertexts), CHUNK)]
-    bao_cpu, cpu, started = _cpu_seconds(bao.pid), time.process_time(), time.perf_counter()
+    bao_cpu, cpu, started = cpu_seconds(bao.pid), time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(DEPTH) as pool:
         outcomes = [o for chunk in pool.map(adapter.rewrap_batch, chunks) for o in chunk]
     elapsed = time.perf_counter() - started
@@ -205,7 +160,7 @@ def kms_stage(bao: OpenBao, adapter: VaultTransitAdapter, ciphertexts: list[byte
     return {
         "seconds": elapsed,
         "client_cpu_us": (time.process_time() - cpu) / len(ciphertexts) * 1e6,
-        "bao_cpu_us": (_cpu_seconds(bao.pid) - bao_cpu) / len(ciphertexts) * 1e6,
+        "bao_cpu_us": (cpu_seconds(bao.pid) - bao_cpu) / len(ciphertexts) * 1e6,
     }
 
 
@@ -236,45 +191,6 @@ def store_stage(
     return {"seconds": elapsed, "cpu_us": (time.process_time() - cpu) / count * 1e6}
 
 
-@contextmanager
-def worker_process(home: Path, env: dict[str, str], number: int = 0) -> Iterator[subprocess.Popen[bytes]]:
-    log = (home / f"worker-{number}.log").open("wb")
-    proc = subprocess.Popen(  # argument list, no shell  # nosec B603
-        [sys.executable, "-m", "rekey.cli", "--home", str(home), "worker"],
-        env=os.environ | env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _seconds(progress: Progress, since: str, until: str) -> float:
-    stamps = progress.phase_started
-    return (datetime.fromisoformat(stamps[until]) - datetime.fromisoformat(stamps[since])).total_seconds()
-
-
-async def _wait_for(handle: Any, phase: str, timeout: float) -> Progress:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        progress: Progress = await handle.query(RotateKeyWorkflow.progress)
-        if progress.phase == phase:
-            return progress
-        if progress.phase in ("ABORTED", DONE) and phase != DONE:
-            raise RuntimeError(f"rotation ended in {progress.phase}: {progress.note}")
-        await asyncio.sleep(0.25)
-    raise TimeoutError(f"the rotation did not reach {phase} within {timeout:.0f}s")
-
-
 async def run_size(
     bao: OpenBao,
     client: Client,
@@ -299,9 +215,9 @@ async def run_size(
 
     ciphertexts = wrapped_deks(store, adapter.key_ref)
     adapter.rotate()
-    bao_cpu = _cpu_seconds(bao.pid)
+    bao_cpu = cpu_seconds(bao.pid)
     raw_before = raw_rewrap(bao, name, ciphertexts)
-    raw_bao_cpu = _cpu_seconds(bao.pid) - bao_cpu
+    raw_bao_cpu = cpu_seconds(bao.pid) - bao_cpu
 
     env = {
         "REKEY_TEMPORAL_ADDRESS": temporal_address,
@@ -326,14 +242,14 @@ async def run_size(
             task_queue=TASK_QUEUE,
             execution_timeout=timedelta(minutes=30),
         )
-        cpu_before, bao_cpu = sum(_cpu_seconds(w.pid) for w in workers), _cpu_seconds(bao.pid)
-        committed = await _wait_for(handle, AWAITING_COMMIT, timeout=1200)
-        worker_cpu = sum(_cpu_seconds(w.pid) for w in workers) - cpu_before
-        workflow_bao_cpu = _cpu_seconds(bao.pid) - bao_cpu
+        cpu_before, bao_cpu = sum(cpu_seconds(w.pid) for w in workers), cpu_seconds(bao.pid)
+        committed = await wait_for_phase(handle, AWAITING_COMMIT, timeout=1200)
+        worker_cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu_before
+        workflow_bao_cpu = cpu_seconds(bao.pid) - bao_cpu
         raw_after = raw_rewrap(bao, name, ciphertexts)
         await handle.execute_update(RotateKeyWorkflow.approve)
         final: Progress = await handle.result()
-        peak = max(_peak_rss_mib(w.pid) for w in workers)
+        peak = max(peak_rss_mib(w.pid) for w in workers)
     if final.phase != DONE or store.count_by_key_version(adapter.key_ref) != {final.new_version: count}:
         raise RuntimeError(f"rotation of {count} blobs did not leave every blob on the new version")
     state = SealedState(store, lambda _ref: adapter)
@@ -345,8 +261,8 @@ async def run_size(
     kms = kms_stage(bao, adapter, [c.encode() for c in wrapped_deks(store, adapter.key_ref)])
     local = store_stage(store, adapter.key_ref, final.new_version, count, args.batch_size)
     store.close()
-    sweep = _seconds(committed, REWRAPPING, VERIFYING)
-    rotation = _seconds(committed, PREPARING, AWAITING_COMMIT)
+    sweep = phase_seconds(committed, REWRAPPING, VERIFYING)
+    rotation = phase_seconds(committed, PREPARING, AWAITING_COMMIT)
     raw = min(raw_before, raw_after)
     # CPU per blob during the rotation (worker + OpenBao; the Temporal server's is left out):
     # on this machine's cores no sweep with that much work per blob can go faster than this.
@@ -371,6 +287,8 @@ async def run_size(
         },
         "cpu_ceiling_per_s": round(ceiling, 1),
         "cpu_ceiling_ratio": round(ceiling * raw / count, 3),
+        # The engine's own efficiency (issue 15, item 5): the sweep as a share of that ceiling.
+        "sweep_ceiling_share": round(count / sweep / ceiling, 3),
         "stages": {
             "kms_per_s": round(count / kms["seconds"], 1),
             "kms_ratio": round(raw / kms["seconds"], 3),
@@ -414,6 +332,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "memory_ratio_largest_to_smallest": round(
             large["worker_peak_rss_mib"] / small["worker_peak_rss_mib"], 3
+        ),
+        # "No worse at the largest size than at the smallest": sweep rate and ceiling share.
+        "sweep_rate_largest_to_smallest": round(large["sweep_per_s"] / small["sweep_per_s"], 3),
+        "ceiling_share_largest_to_smallest": round(
+            large["sweep_ceiling_share"] / small["sweep_ceiling_share"], 3
         ),
     }
 
@@ -477,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{'blobs':>8} {'KMS alone':>10} {'ratio':>6} {'store alone':>12} {'ratio':>6}"
         f" {'OpenBao raw':>12} {'OpenBao rot':>12} {'worker rot':>11} {'CPU ceiling':>12} {'ratio':>6}"
+        f" {'sweep/ceiling':>13}"
     )
     for r in report["results"]:
         st, cpu = r["stages"], r["cpu_us_per_blob"]
@@ -485,10 +409,17 @@ def main(argv: list[str] | None = None) -> None:
             f" {st['store_per_s']:>12,.0f} {st['store_ratio']:>6.3f}"
             f" {cpu['raw_openbao']:>12.1f} {cpu['rotation_openbao']:>12.1f} {cpu['rotation_worker']:>11.1f}"
             f" {r['cpu_ceiling_per_s']:>12,.0f} {r['cpu_ceiling_ratio']:>6.3f}"
+            f" {r['sweep_ceiling_share']:>13.3f}"
         )
     print(
         "KMS alone: the adapter's batch rewrap in the sweep's chunks; store alone: the sweep with"
-        " a no-op KMS; CPU ceiling: cores / (worker + OpenBao CPU per blob during the rotation)"
+        " a no-op KMS; CPU ceiling: cores / (worker + OpenBao CPU per blob during the rotation);"
+        " sweep/ceiling: the sweep's share of that ceiling (goal >= 0.8)"
+    )
+    print(
+        f"largest / smallest size: sweep rate {report['sweep_rate_largest_to_smallest']:.3f},"
+        f" sweep/ceiling {report['ceiling_share_largest_to_smallest']:.3f} (goal: no worse, >= 1.0"
+        " within the run-to-run spread)"
     )
 
 

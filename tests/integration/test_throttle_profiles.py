@@ -412,3 +412,45 @@ def test_other_strategies_are_counted_request_by_request(tmp_path: Path, name: s
             assert max(r for r, _ in totals) > 1  # some wrap was sent more than once
         snapshot = gov.snapshot()
         assert snapshot.current_rate is None and snapshot.state == "closed"
+
+
+@pytest.mark.parametrize("name", ["vault-quota", "aws-kms", "managed-hsm"])
+def test_set_rate_lifts_the_throttle_and_puts_it_back(tmp_path: Path, name: str) -> None:
+    """``set_rate(None)`` (what the rotation benchmarks seed under): 40 wraps at once at R = 2
+    meet no throttle; ``set_rate(R)`` throttles them again. One attempt per wrap, no retries."""
+    with start_local(name, tmp_path, rate=2.0) as local:
+        settings = Settings(home=tmp_path / "home", **local.settings)  # type: ignore[arg-type]
+        key_ref = f"{local.backend}:lift-{secrets.token_hex(3)}"
+        adapter_for(settings, key_ref).create()
+        gov = PassThroughGovernor(f"lift-{name}", attempts=1)
+        adapter = adapter_for(settings, key_ref, governor=gov)
+
+        def burst() -> dict[str, Any]:
+            local.reset_stats()
+            outcomes: list[str] = []
+
+            def caller() -> None:
+                for _ in range(10):
+                    try:
+                        adapter.wrap(secrets.token_bytes(32))
+                        outcomes.append("ok")
+                    except Throttled:
+                        outcomes.append("throttled")
+
+            callers = [threading.Thread(target=caller) for _ in range(4)]
+            for thread in callers:
+                thread.start()
+            for thread in callers:
+                thread.join(120)
+            assert len(outcomes) == 40
+            return local.stats()
+
+        local.set_rate(None)
+        lifted = burst()
+        assert lifted["throttled"] == 0 and lifted["served"] >= 40, lifted
+        local.set_rate(2.0)
+        time.sleep(1.1)
+        again = burst()
+        assert again["throttled"] >= 30, again
+        with pytest.raises(ProfileError):
+            local.set_rate(0)
