@@ -12,7 +12,7 @@ import click
 from rich.text import Text
 
 from rekey.cli.context import settings
-from rekey.cli.output import CliError, emit_json, err, json_option, out, table
+from rekey.cli.output import CliError, emit_json, err, fail, json_option, out, table
 from rekey.stress.run import RunObserver
 
 
@@ -311,7 +311,15 @@ def run(
 
     Exit codes: 0 ok, 2 bad input (nothing written), 3 a --fail-on threshold crossed,
     130 interrupted (the first Ctrl-C stops the load; the run directory is still reportable)."""
-    from rekey.stress.run import RunOptions, StressRunError, check_options, parse_mix, run_stress
+    from rekey.stress.run import (
+        Interrupted,
+        RunOptions,
+        StressRunError,
+        StressSetupFailed,
+        check_options,
+        parse_mix,
+        run_stress,
+    )
 
     try:
         options = RunOptions(
@@ -350,6 +358,9 @@ def run(
     signal.signal(signal.SIGINT, on_sigint)
     try:
         outcome = run_stress(options, settings=configured, observer=display, stop=stop)
+    except (StressRunError, StressSetupFailed, Interrupted) as exc:
+        display.stop()
+        fail(str(exc), exc.exit_code)
     finally:
         display.stop()
         signal.signal(signal.SIGINT, previous)
