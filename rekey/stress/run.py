@@ -434,6 +434,23 @@ class Stack:
     local: Any = None  # emulators.profiles.LocalBackend
 
 
+def _quietly(action: Callable[[], object]) -> None:
+    """Stopping a part of the local stack must not hide the run's outcome: a server already
+    gone (a Ctrl-C at the terminal reaches the processes of its group too) is fine."""
+    with contextlib.suppress(Exception):
+        action()
+
+
+@contextlib.contextmanager
+def _quiet_exit(manager: contextlib.AbstractContextManager[T]) -> Iterator[T]:
+    """``manager`` entered, and exited with `_quietly`."""
+    value = manager.__enter__()
+    try:
+        yield value
+    finally:
+        _quietly(lambda: manager.__exit__(None, None, None))
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())[:300] or type(error).__name__
 
@@ -825,7 +842,7 @@ def _build_stack(
         env = loop.call(lambda: start_dev_server(data_converter=data_converter(run_settings)))
     except Exception as exc:
         raise StressSetupFailed(f"cannot start a Temporal dev server: {_one_line(exc)}") from None
-    stack.callback(lambda: loop.call(env.shutdown, timeout=30))
+    stack.callback(_quietly, lambda: loop.call(env.shutdown, timeout=30))
     address = env.client.service_client.config.target_host
     run_settings = load_settings(home, environ={}, temporal_address=address, **local.settings)
     built.settings = run_settings
