@@ -104,7 +104,15 @@ class LiveDisplay(RunObserver):
         self._lock = threading.Lock()
         self.meta: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
-        self.totals = {"offered": 0, "done": 0, "ok": 0, "throttled": 0, "errors": 0, "dropped": 0}
+        self.totals = {
+            "offered": 0,
+            "done": 0,
+            "ok": 0,
+            "throttled": 0,
+            "throttled_attempts": 0,
+            "errors": 0,
+            "dropped": 0,
+        }
         self.rotation_text = ""
         self.incidents: list[str] = []
         self.live: Any = None
@@ -133,6 +141,7 @@ class LiveDisplay(RunObserver):
             self.totals["done"] += int(row.get("done") or 0)
             self.totals["ok"] += int(row.get("ok") or 0)
             self.totals["throttled"] += int(outcomes.get("throttled", 0))
+            self.totals["throttled_attempts"] += int(row.get("throttled_attempts") or 0)
             self.totals["dropped"] += int(outcomes.get("dropped", 0))
             self.totals["errors"] += int(row.get("done") or 0) - int(row.get("ok") or 0)
         if self.live is not None:
@@ -169,17 +178,21 @@ class LiveDisplay(RunObserver):
         return (
             f"t={row.get('t', 0):>4}s offered {row.get('offered', 0)}/s done {row.get('done', 0)}/s"
             f" ok {row.get('ok', 0)}/s p50 {row.get('p50_ms', 0):.1f}ms p99 {row.get('p99_ms', 0):.1f}ms"
-            f" throttled {self.totals['throttled']} errors {self.totals['errors']}"
+            f" throttled {self.totals['throttled_attempts']} attempts ({self.totals['throttled']} gave up)"
+            f" errors {self.totals['errors']}"
             f" dropped {self.totals['dropped']} versions {versions or '-'}"
             f" rotation {self.rotation_text or '-'} incidents {len(self.incidents)}"
         )
 
     def _panel(self) -> Any:
         from rich.panel import Panel
+        from rich.table import Table
 
         with self._lock:
             row = self.last
-            grid = table("", "")
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold")
+            grid.add_column()
             grid.add_row("second", Text(f"{row.get('t', 0)} of {self.meta.get('duration', 0):g}"))
             grid.add_row(
                 "rate",
@@ -194,7 +207,8 @@ class LiveDisplay(RunObserver):
             grid.add_row(
                 "so far",
                 Text(
-                    f"done {self.totals['done']}  throttled {self.totals['throttled']}"
+                    f"done {self.totals['done']}  throttled attempts {self.totals['throttled_attempts']}"
+                    f" (gave up {self.totals['throttled']})"
                     f"  errors {self.totals['errors']}  dropped {self.totals['dropped']}"
                 ),
             )
