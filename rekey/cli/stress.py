@@ -325,6 +325,7 @@ def run(
 
     Exit codes: 0 ok, 2 bad input (nothing written), 3 a --fail-on threshold crossed,
     130 interrupted (the first Ctrl-C stops the load; the run directory is still reportable)."""
+    from rekey.stress.generator import GeneratorError
     from rekey.stress.run import (
         Interrupted,
         RunOptions,
@@ -372,7 +373,7 @@ def run(
     signal.signal(signal.SIGINT, on_sigint)
     try:
         outcome = run_stress(options, settings=configured, observer=display, stop=stop)
-    except (StressRunError, StressSetupFailed, Interrupted) as exc:
+    except (StressRunError, StressSetupFailed, Interrupted, GeneratorError) as exc:
         display.stop()
         fail(str(exc), exc.exit_code)
     finally:
