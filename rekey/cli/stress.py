@@ -250,6 +250,13 @@ class LiveDisplay(RunObserver):
     "--rotate-every", default=None, metavar="DUR", help="Rotate the key through RotateKeyWorkflow this often."
 )
 @click.option(
+    "--rotation-grace",
+    default=None,
+    metavar="DUR",
+    help="Each rotation disables the old version this long after verifying"
+    " [default: half of --rotate-every].",
+)
+@click.option(
     "--blobs",
     type=int,
     default=None,
@@ -306,6 +313,7 @@ def run(
     duration: str,
     ramp: str | None,
     rotate_every: str | None,
+    rotation_grace: str | None,
     blobs: int | None,
     mix_text: str,
     strategy: str,
@@ -342,6 +350,7 @@ def run(
             duration=_duration(duration, "--duration") or 0.0,
             ramp=_duration(ramp, "--ramp") or 0.0,
             rotate_every=_duration(rotate_every, "--rotate-every"),
+            rotation_grace=_duration(rotation_grace, "--rotation-grace"),
             out=out_dir,
             backend=backend,
             key=key,

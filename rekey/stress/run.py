@@ -18,11 +18,13 @@ see docs/stress-run.md and the stress spec).
    their DEKs wrapped by the key through its adapter), so that each rotation re-wraps them.
 5. meta.json, then the load (`rekey.stress.generator.run_load`), and, on a thread of its own,
    the rotator: at every ``rotate_every`` since t0 (while before the end of the load) it starts
-   a rotation through `rekey.client.RekeyClient.start_rotation` with a grace period of 0 (the
-   rotation commits, disabling the old version, as soon as it verified) and watches it,
-   appending rotations.jsonl rows. A rotation still running when the next is due gets a
-   ``late`` row (an incident) and the next rotation is **skipped**, not queued: a key has one
-   rotation at a time (its workflow id), as a Temporal Schedule with overlap SKIP does. A
+   a rotation through `rekey.client.RekeyClient.start_rotation` with a grace period of
+   ``rotation_grace`` (default half the interval: then the rotation commits, disabling the old
+   version, so it ends within its interval; meanwhile the workload's adapters pick up the new
+   primary, which some cache for a while) and watches it, appending rotations.jsonl rows. A
+   rotation still running when the next is due gets a ``late`` row (an incident) and the next
+   rotation is **skipped**, not queued: a key has one rotation at a time (its workflow id), as
+   a Temporal Schedule with overlap SKIP does. A
    rotation that stops in BLOCKED is ``failed`` (it needs an operator) and is aborted so the
    next interval can start one (every blob stays readable after an abort). A rotation still
    running at the end of the load is ``unfinished``: with a profile it is lost with the stack;
@@ -141,6 +143,9 @@ class RunOptions:
     key: str | None = None
     ramp: float = 0.0
     rotate_every: float | None = None
+    rotation_grace: float | None = None
+    """Seconds each rotation waits after verifying before it disables the old version (None:
+    half of ``rotate_every``)."""
     blobs: int | None = None
     mix: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_MIX))
     strategy: str = "governor"
@@ -161,6 +166,7 @@ class CheckedOptions:
     backend: str
     key_name: str | None
     blobs: int
+    rotation_grace: float | None
     thresholds: list[Threshold]
     throttle: dict[str, Any] | None
     """The profile's description (meta.json's ``throttle``) without its live endpoints."""
@@ -239,6 +245,17 @@ def check_options(options: RunOptions) -> CheckedOptions:
                 f"--rotate-every ({options.rotate_every:g}s) must be shorter than --duration"
                 f" ({options.duration:g}s): no rotation would start"
             )
+    grace = options.rotation_grace
+    if grace is not None:
+        if options.rotate_every is None:
+            raise StressRunError("--rotation-grace needs --rotate-every")
+        if not (math.isfinite(grace) and 0 <= grace < options.rotate_every):
+            raise StressRunError(
+                f"--rotation-grace must be from 0 to less than --rotate-every ({options.rotate_every:g}s),"
+                f" got {grace:g}s"
+            )
+    elif options.rotate_every is not None:
+        grace = options.rotate_every / 2
     if options.blobs is not None:
         _whole("--blobs", options.blobs, 0, MAX_BLOBS)
         if options.rotate_every is None:
@@ -302,7 +319,7 @@ def check_options(options: RunOptions) -> CheckedOptions:
         if not key_name.isprintable():
             raise StressRunError(f"--key {_shown(key_name)} holds unprintable characters")
     check_out(options.out, force=options.force)
-    return CheckedOptions(options, backend, key_name, blobs, thresholds, throttle)
+    return CheckedOptions(options, backend, key_name, blobs, grace, thresholds, throttle)
 
 
 def check_out(out: Path, *, force: bool) -> None:
@@ -607,6 +624,7 @@ class Rotator:
         key_ref: str,
         *,
         every: float,
+        grace: float,
         until: float,
         run_id: str,
         record: Callable[[dict[str, Any]], None],
@@ -615,6 +633,7 @@ class Rotator:
         self.client = client
         self.key_ref = key_ref
         self.every = every
+        self.grace = grace
         self.until = until
         self.run_id = run_id
         self.record = record
@@ -688,7 +707,7 @@ class Rotator:
         self.counts["started"] += 1
         try:
             handle = await self.client.start_rotation(
-                self.key_ref, grace=0, started_by=f"rekey stress run {self.run_id}"
+                self.key_ref, grace=self.grace, started_by=f"rekey stress run {self.run_id}"
             )
         except RekeyClientError as exc:
             self._row("start", rid, "could not start")
@@ -908,6 +927,7 @@ def _run(
         "processes": options.processes,
         "concurrency": options.concurrency,
         "rotate_every": options.rotate_every,
+        "rotation_grace": checked.rotation_grace,
         "blobs": checked.blobs,
         "fail_on": options.fail_on,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -942,6 +962,7 @@ def _run(
             built.client,
             key_ref,
             every=options.rotate_every,
+            grace=checked.rotation_grace or 0.0,
             until=options.duration,
             run_id=run_id,
             record=record_rotation,

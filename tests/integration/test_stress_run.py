@@ -73,6 +73,8 @@ def test_profile_run_rotates_under_load_and_is_reportable(
         "12s",
         "--rotate-every",
         "4s",
+        "--rotation-grace",
+        "1s",
         "--blobs",
         "60",
         "--label",
@@ -89,6 +91,7 @@ def test_profile_run_rotates_under_load_and_is_reportable(
     meta = read_meta(out)
     assert [name for name in META_FIELDS if name not in meta] == []
     assert meta["backend"] == "azure" and meta["profile"] == "managed-hsm" and meta["blobs"] == 60
+    assert meta["rotate_every"] == 4.0 and meta["rotation_grace"] == 1.0
     assert meta["key_ref"].startswith("azure:stress-") and isinstance(meta["t0_unix"], float)
     assert "token" not in json.dumps(meta["throttle"]["endpoints"])
     assert list((out / "events").glob("*.parquet"))

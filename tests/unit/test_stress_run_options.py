@@ -33,7 +33,7 @@ def test_mix_parses_weights_and_refuses_anything_else() -> None:
 
 def test_profile_implies_the_backend_and_rotations_get_default_blobs(tmp_path: Path) -> None:
     checked = check_options(options(tmp_path, backend=None, profile="aws-kms", rotate_every=2.0))
-    assert checked.backend == "aws" and checked.blobs == DEFAULT_BLOBS
+    assert checked.backend == "aws" and checked.blobs == DEFAULT_BLOBS and checked.rotation_grace == 1.0
     assert checked.throttle is not None and checked.throttle["rate"] == 10000.0
     assert check_options(options(tmp_path)).blobs == 0
 
@@ -47,6 +47,9 @@ def test_profile_implies_the_backend_and_rotations_get_default_blobs(tmp_path: P
         ({"ramp": 11.0}, "--ramp"),
         ({"rotate_every": 10.0}, "shorter than --duration"),
         ({"blobs": 3}, "needs --rotate-every"),
+        ({"rotation_grace": 1.0}, "needs --rotate-every"),
+        ({"rotate_every": 2.0, "rotation_grace": 2.0}, "--rotation-grace"),
+        ({"rotate_every": 2.0, "rotation_grace": -1.0}, "--rotation-grace"),
         ({"rotate_every": 2.0, "blobs": -1}, "--blobs"),
         ({"strategy": "yolo"}, "--strategy"),
         ({"processes": 0}, "--processes"),
