@@ -629,6 +629,7 @@ class Rotator:
         run_id: str,
         record: Callable[[dict[str, Any]], None],
         clock: Callable[[], float],
+        stopped: Callable[[], bool] = lambda: False,
     ) -> None:
         self.client = client
         self.key_ref = key_ref
@@ -638,6 +639,9 @@ class Rotator:
         self.run_id = run_id
         self.record = record
         self.clock = clock
+        self.stopped = stopped
+        """Whether the run is being interrupted: a rotation that cannot be watched any more then
+        is unfinished, not failed (a Ctrl-C at the terminal also stops a profile's Temporal)."""
         self.counts = {"started": 0, "done": 0, "failed": 0, "late": 0, "unfinished": 0, "skipped": 0}
         self._end = asyncio.Event()
         self._current: asyncio.Task[None] | None = None
@@ -740,7 +744,10 @@ class Rotator:
                 self._row("failed", rid, _one_line(exc))
                 return
             except RekeyClientError as exc:
-                self._row("failed", rid, f"cannot watch: {_one_line(exc)}")
+                if self.stopped():
+                    self._row("unfinished", rid, f"run interrupted in {phase}: {_one_line(exc)}"[:300])
+                else:
+                    self._row("failed", rid, f"cannot watch: {_one_line(exc)}")
                 return
         except asyncio.CancelledError:
             self._row("unfinished", rid, f"still running when the load ended (in {phase})")
@@ -967,6 +974,7 @@ def _run(
             run_id=run_id,
             record=record_rotation,
             clock=clock,
+            stopped=stop.is_set,
         )
 
     def on_start(t0: float) -> None:
