@@ -34,6 +34,7 @@ from emulators.profiles import PROFILES, start_local
 from rekey.stress.summary import read_jsonl, read_meta
 from rekey.stress.thresholds import evaluate, parse
 from tests.fixtures.cli import run_cli
+from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -336,6 +337,21 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], stderr
     assert "\x1b" not in stderr and stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_rotations_without_a_profile_need_a_reachable_temporal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REKEY_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REKEY_TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")  # nothing listens
+    out = tmp_path / "run"
+    args = ["--backend", "azure", "--rate", "5", "--duration", "5s", "--rotate-every", "2s"]
+    code, _, stderr = run_cli(capsys, "stress", "run", *args, "--out", str(out))
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "--rotate-every needs Temporal" in lines[0] and "cannot reach" in lines[0]
+    assert not out.exists()
 
 
 def test_non_empty_out_is_refused_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
