@@ -807,15 +807,30 @@ def run_stress(
             raise StressRunError("a run without --profile needs the configured settings")
         if options.rotate_every is not None:
             check_configured_temporal(settings)
+        # The key before the run directory: a --key that does not exist writes nothing.
+        key = _run_key(checked, settings)
+    else:
+        key = None  # made on the profile's backend, once it runs
     out = options.out
     _prepare_out(out, force=options.force)
     loop = _Loop()
     try:
         with contextlib.ExitStack() as stack:
             built = _build_stack(checked, settings, loop, stack, observer, out)
-            return _run(checked, built, loop, observer, stop, stack)
+            return _run(checked, built, loop, observer, stop, key)
     finally:
         loop.close()
+
+
+def _run_key(checked: CheckedOptions, settings: Settings) -> tuple[str, bool]:
+    try:
+        return _key(
+            settings, checked.backend, checked.key_name, create_given=checked.options.profile is not None
+        )
+    except StressRunError:
+        raise
+    except Exception as exc:
+        raise StressSetupFailed(f"cannot set up the key on {checked.backend}: {_one_line(exc)}") from None
 
 
 def _build_stack(
@@ -891,21 +906,14 @@ def _run(
     loop: _Loop,
     observer: RunObserver,
     stop: threading.Event,
-    stack: contextlib.ExitStack,
+    key: tuple[str, bool] | None,
 ) -> RunOutcome:
     from rekey.stress.generator import LoadPlan, WorkloadSpec, run_load
 
     options = checked.options
     out = options.out
     run_id = _new_run_id()
-    try:
-        key_ref, created = _key(
-            built.settings, checked.backend, checked.key_name, create_given=options.profile is not None
-        )
-    except StressRunError:
-        raise
-    except Exception as exc:
-        raise StressSetupFailed(f"cannot set up the key on {checked.backend}: {_one_line(exc)}") from None
+    key_ref, created = key if key is not None else _run_key(checked, built.settings)
     observer.note(
         f"{'created a fresh key' if created else 'using key'} {key_ref} for this run"
         + (" (left in place afterwards)" if created and options.profile is None else "")

@@ -247,6 +247,23 @@ def test_rotation_the_worker_cannot_do_is_a_failed_rotation_incident(
     assert [t["ok"] for t in summary["thresholds"]] == [False]
 
 
+def test_a_key_that_does_not_exist_is_refused_before_anything_is_written(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    azure_backend: dict[str, str],
+) -> None:
+    for name, value in azure_backend.items():
+        monkeypatch.setenv(f"REKEY_{name.upper()}", value)
+    monkeypatch.setenv("REKEY_HOME", str(tmp_path / "home"))
+    out = tmp_path / "run"
+    args = ["--backend", "azure", "--key", "missing", "--rate", "5", "--duration", "2s"]
+    code, _, stderr = run_cli(capsys, "stress", "run", *args, "--out", str(out))
+    assert code == 2, stderr
+    assert "azure:missing does not exist" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_sigint_stops_the_run_and_it_is_still_reportable(tmp_path: Path) -> None:
     out = tmp_path / "run"
     process = subprocess.Popen(
