@@ -237,6 +237,10 @@ def test_rotation_the_worker_cannot_do_is_a_failed_rotation_incident(
     failed = [r for r in rotations if r["event"] == "failed"]
     assert failed and "blocked" in failed[0]["message"] and "allowed" in failed[0]["message"].lower()
     assert not [r for r in rotations if r["event"] == "done"]
+    # The blocked rotation was aborted, so the next interval started a rotation of its own.
+    starts = [r for r in rotations if r["event"] == "start"]
+    assert len(starts) == 2 and all(r["message"].endswith("(started)") for r in starts), starts
+    assert len(failed) == 2
     incidents = _rows(out / "incidents.jsonl")
     kinds = [i["kind"] for i in incidents]
     assert "rotation-failed" in kinds and "threshold" in kinds
