@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench soak acceptance constraints
+.PHONY: venv demo test lint bench soak acceptance constraints stress-smoke
 
 venv: $(STAMP)
 
@@ -43,6 +43,13 @@ soak: venv
 # The generation migration's acceptance test at full size (5,000 blobs on 4 sim hosts); also in `make soak`.
 acceptance: venv
 	$(BIN)/python -m pytest -m soak -s tests/integration/test_migration_acceptance.py
+
+# The stress harness end to end (not part of `make test`): 60 s on the local Managed HSM profile,
+# 200 ops/s offered against its limit of 150/s, a rotation of 300 blobs every 15 s, then the report.
+stress-smoke: venv
+	$(BIN)/python -m rekey.cli stress run --profile managed-hsm --throttle-rate 150 --rate 200 \
+		--duration 60s --rotate-every 15s --blobs 300 --label smoke --force --out stress-smoke/run
+	$(BIN)/python -m rekey.cli stress report stress-smoke/run --out stress-smoke/report.html
 
 # Refresh the constraints file from the current venv (after changing dependencies).
 constraints: venv

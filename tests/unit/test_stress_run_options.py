@@ -1,0 +1,84 @@
+"""`rekey.stress.run`'s option checks: everything refused before anything starts, one line each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rekey.stress.run import DEFAULT_BLOBS, RunOptions, StressRunError, check_options, parse_mix
+
+
+def options(tmp_path: Path, **overrides: object) -> RunOptions:
+    values: dict[str, object] = {"rate": 10.0, "duration": 10.0, "out": tmp_path / "run", "backend": "vault"}
+    values.update(overrides)
+    return RunOptions(**values)  # type: ignore[arg-type]
+
+
+def test_mix_parses_weights_and_refuses_anything_else() -> None:
+    assert parse_mix("wrap=60, unwrap=30,rewrap=10") == {"wrap": 60, "unwrap": 30, "rewrap": 10}
+    assert parse_mix("unwrap=1") == {"unwrap": 1}
+    for bad, says in (
+        ("wrap", "OP=WEIGHT"),
+        ("wrap=1,wrap=2", "twice"),
+        ("sign=1", "unknown operation"),
+        ("wrap=-1", "whole number"),
+        ("wrap=1.5", "whole number"),
+        ("wrap=0,unwrap=0", "above 0"),
+        ("wrap=\u0661", "whole number"),  # an Arabic-Indic digit is not ASCII
+    ):
+        with pytest.raises(StressRunError, match=says):
+            parse_mix(bad)
+
+
+def test_profile_implies_the_backend_and_rotations_get_default_blobs(tmp_path: Path) -> None:
+    checked = check_options(options(tmp_path, backend=None, profile="aws-kms", rotate_every=2.0))
+    assert checked.backend == "aws" and checked.blobs == DEFAULT_BLOBS and checked.rotation_grace == 1.0
+    assert checked.throttle is not None and checked.throttle["rate"] == 10000.0
+    assert check_options(options(tmp_path)).blobs == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"rate": 0.0}, "--rate"),
+        ({"rate": float("nan")}, "--rate"),
+        ({"duration": 0.0}, "--duration"),
+        ({"ramp": 11.0}, "--ramp"),
+        ({"rotate_every": 10.0}, "shorter than --duration"),
+        ({"blobs": 3}, "needs --rotate-every"),
+        ({"rotation_grace": 1.0}, "needs --rotate-every"),
+        ({"rotate_every": 2.0, "rotation_grace": 2.0}, "--rotation-grace"),
+        ({"rotate_every": 2.0, "rotation_grace": -1.0}, "--rotation-grace"),
+        ({"rotate_every": 2.0, "blobs": -1}, "--blobs"),
+        ({"strategy": "yolo"}, "--strategy"),
+        ({"processes": 0}, "--processes"),
+        ({"concurrency": 10**6}, "--concurrency"),
+        ({"label": "x" * 81}, "--label"),
+        ({"label": "a\u202eb"}, "--label"),
+        ({"fail_on": "p99<fast"}, "--fail-on"),
+        ({"backend": None}, "--backend"),
+        ({"backend": "gcp"}, "--backend"),
+        ({"throttle_rate": 5.0}, "needs --profile"),
+        ({"profile": "managed-hsm", "throttle_rate": -1.0}, "--profile"),
+        ({"key": "a/b"}, "--key"),
+        ({"mix": {"wrap": 1, "sign": 1}}, "unknown operation"),
+    ],
+)
+def test_bad_options_are_refused(tmp_path: Path, overrides: dict[str, object], says: str) -> None:
+    with pytest.raises(StressRunError, match=says) as caught:
+        check_options(options(tmp_path, **overrides))
+    assert "\n" not in str(caught.value) and caught.value.exit_code == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_must_be_empty_or_forced(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    check_options(options(tmp_path))  # empty: fine
+    (out / "x").write_text("x")
+    with pytest.raises(StressRunError, match="not empty"):
+        check_options(options(tmp_path))
+    check_options(options(tmp_path, force=True))
+    with pytest.raises(StressRunError, match="not a directory"):
+        check_options(options(tmp_path, out=out / "x"))
