@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench soak acceptance constraints stress-smoke
+.PHONY: venv demo test lint bench soak acceptance constraints stress-smoke stress-compare
 
 venv: $(STAMP)
 
@@ -50,6 +50,17 @@ stress-smoke: venv
 	$(BIN)/python -m rekey.cli stress run --profile managed-hsm --throttle-rate 150 --rate 200 \
 		--duration 60s --rotate-every 15s --blobs 300 --label smoke --force --out stress-smoke/run
 	$(BIN)/python -m rekey.cli stress report stress-smoke/run --out stress-smoke/report.html
+
+# The three retry strategies on each throttled local backend (150 ops/s offered against a limit of
+# 100/s, 60 s each, about 12 minutes), then one report of all nine runs side by side.
+STRESS_PROFILES ?= vault-quota aws-kms managed-hsm
+STRESS_STRATEGIES ?= governor sdk-default naive
+stress-compare: venv
+	set -e; for p in $(STRESS_PROFILES); do for s in $(STRESS_STRATEGIES); do \
+		$(BIN)/python -m rekey.cli stress run --profile $$p --throttle-rate 100 --rate 150 --duration 60s \
+			--strategy $$s --label "$$s / $$p" --force --out stress-compare/$$p-$$s; \
+	done; done
+	$(BIN)/python -m rekey.cli stress report stress-compare/*/ --out stress-compare/report.html
 
 # Refresh the constraints file from the current venv (after changing dependencies).
 constraints: venv

@@ -645,6 +645,8 @@ class Rotator:
         self.counts = {"started": 0, "done": 0, "failed": 0, "late": 0, "unfinished": 0, "skipped": 0}
         self._end = asyncio.Event()
         self._current: asyncio.Task[None] | None = None
+        self._current_id = ""
+        self._late: set[str] = set()
         self._state: dict[str, Any] = {}
 
     def end(self) -> None:
@@ -682,16 +684,18 @@ class Rotator:
                 except TimeoutError:
                     pass
                 if self._current is not None and not self._current.done():
-                    rid = f"rot-{number - 1}"
                     self.counts["skipped"] += 1
-                    self._row(
-                        "late",
-                        rid,
-                        f"still running when rotation {number} was due; rotation {number} skipped"
-                        " (one rotation per key at a time)",
-                    )
+                    if self._current_id not in self._late:  # one late row per rotation
+                        self._late.add(self._current_id)
+                        self._row(
+                            "late",
+                            self._current_id,
+                            f"still running when rotation {number} was due; rotation {number} skipped"
+                            " (one rotation per key at a time; later ones too while it runs)",
+                        )
                     continue
-                self._current = asyncio.create_task(self._rotate(f"rot-{number}"))
+                self._current_id = f"rot-{number}"
+                self._current = asyncio.create_task(self._rotate(self._current_id))
             await self._end.wait()
         finally:
             if self._current is not None and not self._current.done():

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from rekey.stress.run import DEFAULT_BLOBS, RunOptions, StressRunError, check_options, parse_mix
+from rekey.stress.run import DEFAULT_BLOBS, Rotator, RunOptions, StressRunError, check_options, parse_mix
 
 
 def options(tmp_path: Path, **overrides: object) -> RunOptions:
@@ -82,3 +87,60 @@ def test_out_must_be_empty_or_forced(tmp_path: Path) -> None:
     check_options(options(tmp_path, force=True))
     with pytest.raises(StressRunError, match="not a directory"):
         check_options(options(tmp_path, out=out / "x"))
+
+
+class _NeverDone:
+    """A rotation handle whose rotation stays in REWRAPPING until cancelled."""
+
+    started = True
+    id = "rotate:null:k"
+
+    async def watch(self, interval: float) -> AsyncIterator[Any]:
+        while True:
+            yield SimpleNamespace(phase="REWRAPPING", rewrapped=0, total=10)
+            await asyncio.sleep(interval)
+
+    async def abort(self) -> None:
+        raise AssertionError("a late rotation is not aborted")
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.starts = 0
+
+    async def start_rotation(self, key_ref: str, **_: Any) -> _NeverDone:
+        self.starts += 1
+        return _NeverDone()
+
+
+def test_a_rotation_late_over_several_intervals_is_one_late_rotation() -> None:
+    """The rotation still running when later ones were due is late once, under its own id; the
+    ones skipped meanwhile were never started and are not late."""
+    rows: list[dict[str, Any]] = []
+    client = _Client()
+    loop_start = time.monotonic()
+
+    async def main() -> Rotator:
+        rotator = Rotator(
+            client,
+            "null:k",
+            every=0.2,
+            grace=0.0,
+            until=1.15,
+            run_id="r",
+            record=rows.append,
+            clock=lambda: time.monotonic() - loop_start,
+        )
+        task = asyncio.create_task(rotator.run())
+        await asyncio.sleep(1.2)
+        rotator.end()
+        await task
+        return rotator
+
+    rotator = asyncio.run(main())
+    assert client.starts == 1
+    late = [r for r in rows if r["event"] == "late"]
+    assert [r["rotation_id"] for r in late] == ["rot-1"]
+    assert {r["rotation_id"] for r in rows} == {"rot-1"}
+    assert rotator.counts["late"] == 1 and rotator.counts["skipped"] == 4
+    assert rows[-1]["event"] == "unfinished"
