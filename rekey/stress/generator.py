@@ -78,7 +78,12 @@ EXIT_GRACE: Final = 15.0
 """A process still running this long after its drain should have ended is terminated."""
 FLUSH_INTERVAL: Final = 0.05
 SWITCH_INTERVAL: Final = 0.0005
-_LONG_SLEEP: Final = 0.1
+_LONG_SLEEP: Final = 0.05
+HANDOFF_LEAD: Final = 0.004
+"""The scheduler hands each op to the pool up to this long before its intended time, and the
+thread that takes it sleeps until that time: the op then waits for one wake-up (the thread's),
+not two in a row (the scheduler's, then the thread's), and the scheduler wakes about every
+``HANDOFF_LEAD / 2`` instead of once per op."""
 
 
 class GeneratorError(Exception):
@@ -134,6 +139,8 @@ class LoadResult:
     dropped: int
     t0: float = 0.0
     """The wall-clock t0 the run used."""
+    cpu_seconds: float = 0.0
+    """CPU time the processes that reported done used from t0 to their end."""
 
 
 # -- the child process ------------------------------------------------------------------------------
@@ -198,6 +205,7 @@ class _ProcessRun:
             self.stopping = True
 
     def run(self) -> None:
+        cpu = time.process_time()
         workers = [
             threading.Thread(target=self._worker, name=f"stress-op-{n}", daemon=True)
             for n in range(self.plan.concurrency)
@@ -232,6 +240,7 @@ class _ProcessRun:
                     "abandoned": recorder.abandoned,
                     "last_end": recorder.last_end,
                     "stopped": self.stopping,
+                    "cpu": time.process_time() - cpu,
                 },
             )
         )
@@ -241,16 +250,16 @@ class _ProcessRun:
         now, sleep = self.now, time.sleep
         for _i, intended, op in self.plan.schedule().ops(self.index, self.plan.processes):
             recorder.horizon(intended)
-            while True:
-                if self.stopping:
-                    return
-                delay = intended - now()
-                if delay <= 0:
-                    break
-                if delay > _LONG_SLEEP:
-                    sleep(_LONG_SLEEP / 2)  # stay responsive to a stop
-                else:
-                    sleep(delay)
+            if intended - now() > HANDOFF_LEAD:
+                while True:  # until the op is HANDOFF_LEAD / 2 away: then hand out the next LEAD's ops
+                    if self.stopping:
+                        return
+                    delay = intended - HANDOFF_LEAD / 2 - now()
+                    if delay <= 0:
+                        break
+                    sleep(min(delay, _LONG_SLEEP))  # stay responsive to a stop
+            if self.stopping:
+                return
             if queue.qsize() >= cap:
                 recorder.offer(intended, dropped=True, op=op)
             else:
@@ -260,11 +269,15 @@ class _ProcessRun:
 
     def _worker(self) -> None:
         queue, recorder, execute, now = self.queue, self.recorder, self.work.execute, self.now
+        sleep = time.sleep
         while True:
             item = queue.get()
             if item is None:
                 return
             intended, op = item
+            delay = intended - now()
+            if delay > 0:
+                sleep(delay)
             start = now()
             result = execute(op)
             recorder.complete(
@@ -428,6 +441,7 @@ def run_load(
             processes_alive=sum(1 for c in children if not c.dead),
             dropped=merger.dropped,
             t0=start_at,
+            cpu_seconds=sum(float(c.stats.get("cpu", 0.0)) for c in children),
         )
     finally:
         stop_all.set()

@@ -247,7 +247,8 @@ class Recorder:
 
     def offer(self, intended: float, *, dropped: bool, op: str = "") -> None:
         """An op intended at ``intended`` was handed to the pool, or ``dropped`` (queue full):
-        a dropped op is recorded at once (start = end = now, no attempt)."""
+        a dropped op is recorded at once, no attempt, start = end = when it was dropped (its
+        intended time if the scheduler dropped it while handing it out early)."""
         with self._lock:
             t = int(intended)
             self._offered[t] = self._offered.get(t, 0) + 1
@@ -255,7 +256,7 @@ class Recorder:
             if not dropped:
                 self.submitted += 1
                 return
-            end = self._now()
+            end = max(self._now(), intended)
             self._add((intended, end, end, op, "dropped", 0, 0, 0, 0.0))
             self.dropped += 1
 
