@@ -51,7 +51,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, Final
 
-from rekey.stress.recorder import Recorder, merge_partials
+from rekey.stress.recorder import Recorder, merge_partials, warm_up
 from rekey.stress.schedule import DEFAULT_MIX, Schedule, check_mix
 from rekey.stress.summary import EVENTS, SECONDS
 from rekey.stress.workload import PRESEED, Workload, WorkloadError, WorkloadSpec
@@ -72,7 +72,7 @@ STOP_DRAIN_SECONDS: Final = 3.0
 """... and after a stop (the stop event, Ctrl-C)."""
 START_TIMEOUT: Final = 120.0
 """How long the processes may take to start and build their adapters."""
-START_MARGIN: Final = 0.05
+START_MARGIN: Final = 0.2
 """t0, when not given, is this far after the moment every process is ready."""
 EXIT_GRACE: Final = 15.0
 """A process still running this long after its drain should have ended is terminated."""
@@ -160,14 +160,17 @@ def _child_main(
     try:
         work = Workload.build(workload, seed=plan.seed * 1009 + index)
         work.preseed(min(PRESEED, workload.ring))
+        warm_up(Path(events_dir))
     except Exception as exc:
         conn.send(("error", index, f"{type(exc).__name__}: {exc}"))
         return
+    run = _ProcessRun(index, plan, work, Path(events_dir), conn, stop)
+    run.start_workers()  # before t0: threads started on a loaded machine can take a while
     conn.send(("ready", index))
     message = conn.recv()
     if message[0] != "go":
         return
-    _ProcessRun(index, plan, work, Path(events_dir), conn, stop, float(message[1])).run()
+    run.run(float(message[1]))
 
 
 class _ProcessRun:
@@ -179,7 +182,6 @@ class _ProcessRun:
         events_dir: Path,
         conn: multiprocessing.connection.Connection,
         stop: Any,
-        t0: float,
     ) -> None:
         self.index = index
         self.plan = plan
@@ -188,8 +190,8 @@ class _ProcessRun:
         self.stop_event = stop
         self.stopping = False
         self.finishing = threading.Event()
-        base = time.perf_counter() + (t0 - time.time())
-        self.base = base
+        self.base = time.perf_counter()
+        self.workers: list[threading.Thread] = []
         self.recorder = Recorder(index, events_dir, self.now)
         self.queue: SimpleQueue[tuple[float, str] | None] = SimpleQueue()
         self.send_lock = threading.Lock()
@@ -204,14 +206,19 @@ class _ProcessRun:
         except OSError:  # the parent is gone: stop
             self.stopping = True
 
-    def run(self) -> None:
-        cpu = time.process_time()
-        workers = [
+    def start_workers(self) -> None:
+        self.workers = [
             threading.Thread(target=self._worker, name=f"stress-op-{n}", daemon=True)
             for n in range(self.plan.concurrency)
         ]
-        for thread in workers:
+        for thread in self.workers:
             thread.start()
+
+    def run(self, t0: float) -> None:
+        """Offer this process's share of the schedule from ``t0`` (wall clock) on."""
+        self.base = time.perf_counter() + (t0 - time.time())
+        cpu = time.process_time()
+        workers = self.workers
         flusher = threading.Thread(target=self._flusher, name="stress-flush", daemon=True)
         flusher.start()
         self._schedule()
