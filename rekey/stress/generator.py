@@ -7,14 +7,17 @@ clock, shared by all; each process converts it to its own ``perf_counter`` base)
 process is ready the parent picks t0 (unless given), tells them, and calls ``on_start(t0)``.
 
 Open loop. In each process one scheduler thread walks the schedule (`rekey.stress.schedule`:
-process ``p`` takes the ops ``i % P == p``), sleeps until each op's intended time and hands it to
-a pool of ``plan.concurrency`` threads through a queue, whatever the answers. If ``queue_cap``
-ops already wait for a thread, the op is recorded ``dropped`` (start = end = the time it was
-dropped) and never sent. When it is behind, the scheduler hands out every op that is due at once.
-The thread that runs an op reads ``start`` before calling the adapter; the lag is
-``start - intended`` and latency ``end - intended``. Sleeps use ``time.sleep`` on
-``perf_counter`` deadlines (Linux wakes within ~0.1 ms), and each process lowers the
-interpreter's GIL switch interval to 0.5 ms so a busy thread holds the scheduler back less.
+process ``p`` takes the ops ``i % P == p``) and hands each op to a pool of ``plan.concurrency``
+threads through a queue, whatever the answers: `HANDOFF_LEAD` (4 ms) before its intended time
+(it wakes every ~2 ms and hands out what is due in the next 4 ms; when it is behind, everything
+due at once). The thread that takes an op sleeps until the op's intended time, reads ``start``
+and calls the adapter: an op waits for one wake-up (the thread's), not two in a row. If
+``queue_cap`` ops already wait for a thread (those handed out early count), the op is recorded
+``dropped`` (start = end = when it was dropped, or its intended time if that is later) and
+never sent. The lag is ``start - intended``, latency ``end - intended``. Sleeps use
+``time.sleep`` on ``perf_counter`` deadlines (Linux wakes within ~0.1 ms on an idle machine),
+and each process lowers the interpreter's GIL switch interval to 0.5 ms so that a busy thread
+holds a waking one back less. Worker threads and the Parquet writer are set up before t0.
 
 Recording (`rekey.stress.recorder`). Each process closes its seconds, sends their partial
 aggregates to the parent over its own pipe, and writes its own Parquet chunks. The parent merges

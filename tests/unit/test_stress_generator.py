@@ -11,7 +11,10 @@ import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -259,3 +262,53 @@ def test_a_process_that_cannot_build_its_adapter_fails_the_start(tmp_path: Path)
     with pytest.raises(GeneratorError, match="could not start: ConfigError: no OpenBao/Vault token"):
         run_load(LoadPlan(rate=10, duration=1), workload, tmp_path / "run")
     assert not list((tmp_path / "run" / "events").glob("*.parquet"))
+
+
+CTRL_C_SCRIPT = """
+import json, sys
+from pathlib import Path
+from rekey.stress.generator import LoadPlan, run_load
+from rekey.stress.workload import WorkloadSpec
+
+if __name__ == "__main__":
+    plan = LoadPlan(rate=50, duration=120, processes=2, concurrency=4)
+    result = run_load(plan, WorkloadSpec("null:k", "governor"), Path(sys.argv[1]))
+    print(json.dumps({"interrupted": result.interrupted, "offered": result.offered, "done": result.done,
+                      "alive": result.processes_alive}))
+"""
+
+
+def test_ctrl_c_stops_the_run_and_keeps_what_was_recorded(tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: the children ignore it, the
+    parent stops them, and everything recorded so far is there."""
+    run_dir = tmp_path / "run"
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(600):  # wait for two recorded seconds (at most a minute)
+            seconds = run_dir / "seconds.jsonl"
+            if seconds.exists() and seconds.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["interrupted"] and result["alive"] == 2
+    assert 100 <= result["offered"] < 6000 and result["done"] == result["offered"]
+    _meta(run_dir, LoadPlan(rate=50, duration=120))
+    summary = summarize(run_dir, interrupted=True)
+    assert summary["done"] == result["done"] and summary["offered"] == result["offered"]
