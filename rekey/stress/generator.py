@@ -7,14 +7,17 @@ clock, shared by all; each process converts it to its own ``perf_counter`` base)
 process is ready the parent picks t0 (unless given), tells them, and calls ``on_start(t0)``.
 
 Open loop. In each process one scheduler thread walks the schedule (`rekey.stress.schedule`:
-process ``p`` takes the ops ``i % P == p``), sleeps until each op's intended time and hands it to
-a pool of ``plan.concurrency`` threads through a queue, whatever the answers. If ``queue_cap``
-ops already wait for a thread, the op is recorded ``dropped`` (start = end = the time it was
-dropped) and never sent. When it is behind, the scheduler hands out every op that is due at once.
-The thread that runs an op reads ``start`` before calling the adapter; the lag is
-``start - intended`` and latency ``end - intended``. Sleeps use ``time.sleep`` on
-``perf_counter`` deadlines (Linux wakes within ~0.1 ms), and each process lowers the
-interpreter's GIL switch interval to 0.5 ms so a busy thread holds the scheduler back less.
+process ``p`` takes the ops ``i % P == p``) and hands each op to a pool of ``plan.concurrency``
+threads through a queue, whatever the answers: `HANDOFF_LEAD` (4 ms) before its intended time
+(it wakes every ~2 ms and hands out what is due in the next 4 ms; when it is behind, everything
+due at once). The thread that takes an op sleeps until the op's intended time, reads ``start``
+and calls the adapter: an op waits for one wake-up (the thread's), not two in a row. If
+``queue_cap`` ops already wait for a thread (those handed out early count), the op is recorded
+``dropped`` (start = end = when it was dropped, or its intended time if that is later) and
+never sent. The lag is ``start - intended``, latency ``end - intended``. Sleeps use
+``time.sleep`` on ``perf_counter`` deadlines (Linux wakes within ~0.1 ms on an idle machine),
+and each process lowers the interpreter's GIL switch interval to 0.5 ms so that a busy thread
+holds a waking one back less. Worker threads and the Parquet writer are set up before t0.
 
 Recording (`rekey.stress.recorder`). Each process closes its seconds, sends their partial
 aggregates to the parent over its own pipe, and writes its own Parquet chunks. The parent merges
@@ -51,7 +54,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, Final
 
-from rekey.stress.recorder import Recorder, merge_partials
+from rekey.stress.recorder import Recorder, merge_partials, warm_up
 from rekey.stress.schedule import DEFAULT_MIX, Schedule, check_mix
 from rekey.stress.summary import EVENTS, SECONDS
 from rekey.stress.workload import PRESEED, Workload, WorkloadError, WorkloadSpec
@@ -72,13 +75,18 @@ STOP_DRAIN_SECONDS: Final = 3.0
 """... and after a stop (the stop event, Ctrl-C)."""
 START_TIMEOUT: Final = 120.0
 """How long the processes may take to start and build their adapters."""
-START_MARGIN: Final = 0.05
+START_MARGIN: Final = 0.2
 """t0, when not given, is this far after the moment every process is ready."""
 EXIT_GRACE: Final = 15.0
 """A process still running this long after its drain should have ended is terminated."""
 FLUSH_INTERVAL: Final = 0.05
 SWITCH_INTERVAL: Final = 0.0005
-_LONG_SLEEP: Final = 0.1
+_LONG_SLEEP: Final = 0.05
+HANDOFF_LEAD: Final = 0.004
+"""The scheduler hands each op to the pool up to this long before its intended time, and the
+thread that takes it sleeps until that time: the op then waits for one wake-up (the thread's),
+not two in a row (the scheduler's, then the thread's), and the scheduler wakes about every
+``HANDOFF_LEAD / 2`` instead of once per op."""
 
 
 class GeneratorError(Exception):
@@ -134,6 +142,8 @@ class LoadResult:
     dropped: int
     t0: float = 0.0
     """The wall-clock t0 the run used."""
+    cpu_seconds: float = 0.0
+    """CPU time the processes that reported done used from t0 to their end."""
 
 
 # -- the child process ------------------------------------------------------------------------------
@@ -153,14 +163,17 @@ def _child_main(
     try:
         work = Workload.build(workload, seed=plan.seed * 1009 + index)
         work.preseed(min(PRESEED, workload.ring))
+        warm_up(Path(events_dir))
     except Exception as exc:
         conn.send(("error", index, f"{type(exc).__name__}: {exc}"))
         return
+    run = _ProcessRun(index, plan, work, Path(events_dir), conn, stop)
+    run.start_workers()  # before t0: threads started on a loaded machine can take a while
     conn.send(("ready", index))
     message = conn.recv()
     if message[0] != "go":
         return
-    _ProcessRun(index, plan, work, Path(events_dir), conn, stop, float(message[1])).run()
+    run.run(float(message[1]))
 
 
 class _ProcessRun:
@@ -172,7 +185,6 @@ class _ProcessRun:
         events_dir: Path,
         conn: multiprocessing.connection.Connection,
         stop: Any,
-        t0: float,
     ) -> None:
         self.index = index
         self.plan = plan
@@ -181,8 +193,8 @@ class _ProcessRun:
         self.stop_event = stop
         self.stopping = False
         self.finishing = threading.Event()
-        base = time.perf_counter() + (t0 - time.time())
-        self.base = base
+        self.base = time.perf_counter()
+        self.workers: list[threading.Thread] = []
         self.recorder = Recorder(index, events_dir, self.now)
         self.queue: SimpleQueue[tuple[float, str] | None] = SimpleQueue()
         self.send_lock = threading.Lock()
@@ -197,13 +209,19 @@ class _ProcessRun:
         except OSError:  # the parent is gone: stop
             self.stopping = True
 
-    def run(self) -> None:
-        workers = [
+    def start_workers(self) -> None:
+        self.workers = [
             threading.Thread(target=self._worker, name=f"stress-op-{n}", daemon=True)
             for n in range(self.plan.concurrency)
         ]
-        for thread in workers:
+        for thread in self.workers:
             thread.start()
+
+    def run(self, t0: float) -> None:
+        """Offer this process's share of the schedule from ``t0`` (wall clock) on."""
+        self.base = time.perf_counter() + (t0 - time.time())
+        cpu = time.process_time()
+        workers = self.workers
         flusher = threading.Thread(target=self._flusher, name="stress-flush", daemon=True)
         flusher.start()
         self._schedule()
@@ -232,6 +250,7 @@ class _ProcessRun:
                     "abandoned": recorder.abandoned,
                     "last_end": recorder.last_end,
                     "stopped": self.stopping,
+                    "cpu": time.process_time() - cpu,
                 },
             )
         )
@@ -241,16 +260,16 @@ class _ProcessRun:
         now, sleep = self.now, time.sleep
         for _i, intended, op in self.plan.schedule().ops(self.index, self.plan.processes):
             recorder.horizon(intended)
-            while True:
-                if self.stopping:
-                    return
-                delay = intended - now()
-                if delay <= 0:
-                    break
-                if delay > _LONG_SLEEP:
-                    sleep(_LONG_SLEEP / 2)  # stay responsive to a stop
-                else:
-                    sleep(delay)
+            if intended - now() > HANDOFF_LEAD:
+                while True:  # until the op is HANDOFF_LEAD / 2 away: then hand out the next LEAD's ops
+                    if self.stopping:
+                        return
+                    delay = intended - HANDOFF_LEAD / 2 - now()
+                    if delay <= 0:
+                        break
+                    sleep(min(delay, _LONG_SLEEP))  # stay responsive to a stop
+            if self.stopping:
+                return
             if queue.qsize() >= cap:
                 recorder.offer(intended, dropped=True, op=op)
             else:
@@ -260,11 +279,15 @@ class _ProcessRun:
 
     def _worker(self) -> None:
         queue, recorder, execute, now = self.queue, self.recorder, self.work.execute, self.now
+        sleep = time.sleep
         while True:
             item = queue.get()
             if item is None:
                 return
             intended, op = item
+            delay = intended - now()
+            if delay > 0:
+                sleep(delay)
             start = now()
             result = execute(op)
             recorder.complete(
@@ -428,6 +451,7 @@ def run_load(
             processes_alive=sum(1 for c in children if not c.dead),
             dropped=merger.dropped,
             t0=start_at,
+            cpu_seconds=sum(float(c.stats.get("cpu", 0.0)) for c in children),
         )
     finally:
         stop_all.set()

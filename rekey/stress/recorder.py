@@ -10,10 +10,11 @@ process sends to the parent, which merges the partials of all processes into sec
 (`merge_partials`).
 
 Events (the Parquet columns of the stress spec: intended, start, end, op, outcome, key_version,
-attempts, throttle_wait, process) are kept only until their 10 s chunk (``C = floor(end / 10)``)
-is complete, then written as ``events/p{P:02d}-{C:06d}.parquet`` (through a temporary name and a
-rename, so a crash never leaves a half-written file under the reader's ``*.parquet`` glob); a
-chunk written twice (the last flush of an interrupted run) gets ``-{n}`` after its number. Memory
+attempts, throttle_wait, process) are converted to an Arrow batch as their second closes (a
+second at a time: no long conversion holding the interpreter) and kept only until their 10 s
+chunk (``C = floor(end / 10)``) is complete, then written as ``events/p{P:02d}-{C:06d}.parquet``
+(through a temporary name and a rename, so a crash never leaves a half-written file under the
+reader's ``*.parquet`` glob); a chunk written twice gets ``-{n}`` after its number. Memory
 therefore holds at most one open chunk of events and the open seconds.
 
 Times are seconds since the run's t0 on the process's monotonic clock.
@@ -187,18 +188,12 @@ def merge_partials(t: int, partials: Iterable[Mapping[str, Any]], *, processes_a
     }
 
 
-def write_chunk(events_dir: Path, process: int, chunk: int, events: Sequence[Event]) -> Path:
-    """``events`` as ``p{P:02d}-{C:06d}.parquet`` (``-{n}`` appended if that chunk was written
-    before), written through a temporary name."""
-    stem = f"p{process:02d}-{chunk:06d}"
-    path = events_dir / f"{stem}.parquet"
-    n = 0
-    while path.exists():
-        n += 1
-        path = events_dir / f"{stem}-{n}.parquet"
+def event_batch(process: int, events: Sequence[Event]) -> pa.RecordBatch:
+    """``events`` in the Parquet schema (built one closed second at a time, so that no single
+    conversion holds the interpreter long)."""
     columns = list(zip(*events, strict=True)) if events else [()] * 9
     intended, start, end, op, outcome, version, attempts, _throttled, wait = columns
-    table = pa.Table.from_arrays(
+    return pa.RecordBatch.from_arrays(
         [
             pa.array(intended, pa.float64()),
             pa.array(start, pa.float64()),
@@ -212,10 +207,31 @@ def write_chunk(events_dir: Path, process: int, chunk: int, events: Sequence[Eve
         ],
         schema=SCHEMA,
     )
+
+
+def write_chunk(events_dir: Path, process: int, chunk: int, batches: Sequence[pa.RecordBatch]) -> Path:
+    """``batches`` as ``p{P:02d}-{C:06d}.parquet`` (``-{n}`` appended if that chunk was written
+    before), written through a temporary name."""
+    stem = f"p{process:02d}-{chunk:06d}"
+    path = events_dir / f"{stem}.parquet"
+    n = 0
+    while path.exists():
+        n += 1
+        path = events_dir / f"{stem}-{n}.parquet"
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(pa.Table.from_batches(batches, schema=SCHEMA), tmp)
     os.replace(tmp, path)
     return path
+
+
+def warm_up(events_dir: Path) -> None:
+    """Write and delete a one-row file, so that the Parquet writer's first-use set-up (about
+    0.1 s) happens before the run rather than at its first chunk."""
+    tmp = events_dir / f".warm-up-{os.getpid()}.tmp"
+    pq.write_table(
+        pa.Table.from_batches([event_batch(0, [(0.0, 0.0, 0.0, "wrap", "ok", 1, 1, 0, 0.0)])]), tmp
+    )
+    tmp.unlink(missing_ok=True)
 
 
 class Recorder:
@@ -231,7 +247,7 @@ class Recorder:
         self._next_close = 0
         self._horizon = 0.0
         self._closed = False
-        self._chunks: dict[int, list[Event]] = {}
+        self._chunks: dict[int, list[pa.RecordBatch]] = {}
         self.submitted = 0
         self.completed = 0
         self.dropped = 0
@@ -247,7 +263,8 @@ class Recorder:
 
     def offer(self, intended: float, *, dropped: bool, op: str = "") -> None:
         """An op intended at ``intended`` was handed to the pool, or ``dropped`` (queue full):
-        a dropped op is recorded at once (start = end = now, no attempt)."""
+        a dropped op is recorded at once, no attempt, start = end = when it was dropped (its
+        intended time if the scheduler dropped it while handing it out early)."""
         with self._lock:
             t = int(intended)
             self._offered[t] = self._offered.get(t, 0) + 1
@@ -255,7 +272,7 @@ class Recorder:
             if not dropped:
                 self.submitted += 1
                 return
-            end = self._now()
+            end = max(self._now(), intended)
             self._add((intended, end, end, op, "dropped", 0, 0, 0, 0.0))
             self.dropped += 1
 
@@ -314,10 +331,11 @@ class Recorder:
         for t, offered, events in closing:
             rows.append(aggregate(t, offered, events, in_flight))
             chunk = t // CHUNK_SECONDS
-            self._chunks.setdefault(chunk, []).extend(events)
+            if events:
+                self._chunks.setdefault(chunk, []).append(event_batch(self.process, events))
         complete = [c for c in self._chunks if final or (c + 1) * CHUNK_SECONDS <= self._next_close]
         for chunk in sorted(complete):
-            events = self._chunks.pop(chunk)
-            if events:
-                self.files.append(write_chunk(self._events_dir, self.process, chunk, events))
+            batches = self._chunks.pop(chunk)
+            if batches:
+                self.files.append(write_chunk(self._events_dir, self.process, chunk, batches))
         return rows
