@@ -35,6 +35,7 @@ bench: venv
 	$(BIN)/python -m loadtest.bench_throttle
 	$(BIN)/python -m loadtest.bench_rotation
 	$(BIN)/python -m loadtest.bench_rotation_quota
+	$(BIN)/python -m loadtest.bench_stress_generator
 	$(BIN)/python -m loadtest.bench_migration --kind both
 
 soak: venv
