@@ -83,13 +83,14 @@ def aggregate(t: int, offered: int, events: Sequence[Event], in_flight: int) -> 
     record = latency.record_value
     record_lag = lag.record_value
     for intended, start, end, op, outcome, version, tries, throttles, wait in events:
-        value = us(end - intended)
-        record(value)
-        record_lag(us(start - intended))
         entry = per_op.get(op)
         if entry is None:
             entry = per_op[op] = [new_hdr(), 0, 0]
-        entry[0].record_value(value)
+        if outcome != "dropped":  # never sent: no latency (~0 ms would flatter a saturated run)
+            value = us(end - intended)
+            record(value)
+            record_lag(us(start - intended))
+            entry[0].record_value(value)
         entry[1] += 1
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome == "ok":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import jinja2
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -535,7 +536,13 @@ TITLES: Final = {
 
 
 def make_plots(runs: Sequence[Run]) -> list[Plot]:
-    """The report's plots, every run on each (one colour per run)."""
+    """The report's plots, every run on each (one colour per run). Text is drawn as it is:
+    a label with ``$...$`` is not matplotlib mathtext (which would refuse unknown macros)."""
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _make_plots(runs)
+
+
+def _make_plots(runs: Sequence[Run]) -> list[Plot]:
     width = bin_width(runs)
     classes = error_classes(runs)
     series = [series_of(run, width, classes) for run in runs]

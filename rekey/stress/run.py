@@ -71,6 +71,7 @@ from rekey.stress.summary import (
     ROTATIONS,
     SECONDS,
     SUMMARY,
+    RunDirError,
 )
 from rekey.stress.thresholds import Threshold, ThresholdError, conclude
 from rekey.stress.thresholds import exit_code as threshold_exit_code
@@ -327,12 +328,48 @@ def check_out(out: Path, *, force: bool) -> None:
     text = str(out)
     if not text or not text.isprintable():
         raise StressRunError(f"--out {_shown(text)} is not a usable path")
+    if out.is_symlink():
+        raise StressRunError(f"--out {text} is a symbolic link: give the directory itself")
     if out.exists() and not out.is_dir():
         raise StressRunError(f"--out {text} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise StressRunError(
             f"--out {text} exists and is not empty (use --force to write a run into it anyway)"
         )
+    # --force replaces a previous run, and only that: never a directory of something else.
+    entries = {entry.name: entry for entry in out.iterdir()}
+    if _previous_format(out / META) != FORMAT:
+        raise StressRunError(
+            f"--out {text} is not empty and holds no stress run: --force only replaces a run"
+        )
+    known = {*RUN_FILES, EVENTS}
+    unknown = sorted(name for name in entries if name not in known and not _is_leftover_tmp(name))
+    if unknown:
+        raise StressRunError(
+            f"--out {text} holds {_shown(unknown[0])}, which is not part of a run:"
+            " --force only replaces a run"
+        )
+    linked = sorted(name for name, entry in entries.items() if entry.is_symlink())
+    if linked:
+        raise StressRunError(f"--out {text}: {_shown(linked[0])} is a symbolic link: refusing to replace it")
+
+
+def _is_leftover_tmp(name: str) -> bool:
+    """A temporary file of a crashed run's atomic write (``.meta.json.XXXX.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _previous_format(meta: Path) -> str | None:
+    """The ``format`` of an earlier run's meta.json, or None if there is none readable."""
+    try:
+        if meta.is_symlink() or meta.stat().st_size > 1_000_000:
+            return None
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
 
 
 # ------------------------------------------------------------------------------------ outcome
@@ -376,8 +413,10 @@ class RunObserver:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n", encoding="utf-8")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL
+    tmp = Path(name)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
     os.replace(tmp, path)
 
 
@@ -781,11 +820,12 @@ def _new_run_id() -> str:
 
 def _prepare_out(out: Path, *, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    if force:
-        for name in RUN_FILES:
+    if force:  # check_out made sure that this is a previous run, without symbolic links
+        for name in [*RUN_FILES, *filter(_is_leftover_tmp, os.listdir(out))]:
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()
-        shutil.rmtree(out / EVENTS, ignore_errors=True)
+        if (out / EVENTS).is_dir() and not (out / EVENTS).is_symlink():
+            shutil.rmtree(out / EVENTS)
 
 
 def run_stress(
@@ -1028,7 +1068,10 @@ def _run(
     interrupted = bool(result.interrupted or stop.is_set())
     elapsed = float(result.elapsed) if result.elapsed and result.elapsed > 0 else float(options.duration)
     detector.finish(elapsed)
-    summary = conclude(out, checked.thresholds, elapsed=elapsed, interrupted=interrupted)
+    try:
+        summary = conclude(out, checked.thresholds, elapsed=elapsed, interrupted=interrupted)
+    except RunDirError as exc:  # e.g. not one operation completed (all still in flight at the end)
+        raise StressSetupFailed(f"the run recorded nothing to summarize: {exc}") from None
     _write_json_atomic(out / SUMMARY, summary)
     code = EXIT_INTERRUPTED if interrupted else threshold_exit_code(summary.get("thresholds", []))
     counts = dict(rotator.counts) if rotator is not None else {}

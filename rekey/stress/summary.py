@@ -389,7 +389,11 @@ def summarize_parts(
     """The summary (summary.json's shape) of a run already read; see `summarize`."""
     if elapsed is None:
         elapsed = elapsed_of(events)
-    latency = events.latency_ms()
+    # Latency of the ops that were sent: a dropped op (never sent, the in-flight queue was full)
+    # has none, and counting it as ~0 ms would make a saturated run look fast.
+    all_latency = events.latency_ms()
+    sent = ~events.is_outcome("dropped")
+    latency = all_latency[sent]
     ok_mask = events.is_outcome("ok")
     done = len(events)
     ok = int(np.count_nonzero(ok_mask))
@@ -400,12 +404,12 @@ def summarize_parts(
         mask = events.is_op(name)
         count = int(np.count_nonzero(mask))
         op_ok = int(np.count_nonzero(mask & ok_mask))
-        op_latency = latency[mask]
+        op_latency = all_latency[mask & sent]
         ops[name] = {
             "count": count,
             "rate": _ratio(count, elapsed) or 0.0,
             "throughput": _ratio(op_ok, elapsed) or 0.0,
-            "mean_ms": ms(np.mean(op_latency)) if count else None,
+            "mean_ms": ms(np.mean(op_latency)) if len(op_latency) else None,
             "p95_ms": percentile(op_latency, 95),
             "p99_ms": percentile(op_latency, 99),
             "success_ratio": _ratio(op_ok, count),
@@ -436,13 +440,13 @@ def summarize_parts(
         "goodput": _ratio(ok, elapsed) or 0.0,
         "success_ratio": _ratio(ok, done),
         "latency_ms": {
-            "mean": ms(np.mean(latency)),
+            "mean": ms(np.mean(latency)) if len(latency) else None,
             "p50": percentile(latency, 50),
             "p90": percentile(latency, 90),
             "p95": percentile(latency, 95),
             "p99": percentile(latency, 99),
             "p999": percentile(latency, 99.9),
-            "max": ms(np.max(latency)),
+            "max": ms(np.max(latency)) if len(latency) else None,
         },
         "lag_ms": {"p50": hdr_ms(lag, 50), "p99": hdr_ms(lag, 99), "max": hdr_max_ms(lag)},
         "ops": ops,

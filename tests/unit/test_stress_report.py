@@ -289,3 +289,10 @@ def test_the_template_ships_in_the_package() -> None:
     template = package / "templates" / "report.html.j2"
     assert template.is_file()
     assert any(fnmatch(template.relative_to(package).as_posix(), p) for p in patterns)
+
+
+def test_a_label_with_dollar_signs_is_text_not_mathtext(tmp_path: Path) -> None:
+    label = r"x $\undefinedmacro$ y"
+    run = write_run(tmp_path / "a", known_ops(duration=3), meta=meta_for(label=label), summary=False)
+    html = render_html(load_runs([run]))  # matplotlib's mathtext refused the unknown macro
+    assert "undefinedmacro" in html

@@ -84,9 +84,39 @@ def test_out_must_be_empty_or_forced(tmp_path: Path) -> None:
     (out / "x").write_text("x")
     with pytest.raises(StressRunError, match="not empty"):
         check_options(options(tmp_path))
-    check_options(options(tmp_path, force=True))
+    with pytest.raises(StressRunError, match="holds no stress run"):
+        check_options(options(tmp_path, force=True))  # --force replaces a run, nothing else
     with pytest.raises(StressRunError, match="not a directory"):
         check_options(options(tmp_path, out=out / "x"))
+
+
+def test_force_replaces_a_previous_run_and_nothing_else(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "events").mkdir(parents=True)
+    (out / "events" / "p00-000000.parquet").write_bytes(b"x")
+    (out / "meta.json").write_text('{"format": "rekey-stress/1"}')
+    (out / "seconds.jsonl").write_text("")
+    (out / ".summary.json.abc.tmp").write_text("")  # left by a crash
+    check_options(options(tmp_path, force=True))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(StressRunError, match="notes.txt.*not part of a run"):
+        check_options(options(tmp_path, force=True))
+    (out / "notes.txt").unlink()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (out / "seconds.jsonl").unlink()
+    (out / "seconds.jsonl").symlink_to(victim / "secret.txt")
+    with pytest.raises(StressRunError, match="symbolic link"):
+        check_options(options(tmp_path, force=True))
+    (out / "seconds.jsonl").unlink()
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    with pytest.raises(StressRunError, match="symbolic link"):
+        check_options(options(tmp_path, out=link, force=True))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(StressRunError, match="symbolic link"):
+        check_options(options(tmp_path, out=dangling))
 
 
 class _NeverDone:
