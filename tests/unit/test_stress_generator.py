@@ -150,9 +150,9 @@ def test_a_full_queue_drops_ops_without_sending_them(tmp_path: Path) -> None:
     # A dropped op was never sent: it has no latency. Every op that was sent took >= 0.2 s, so
     # every latency figure is at least that (counting the drops as ~0 ms would give p50 = 0).
     assert summary["latency_ms"]["p50"] >= 200 and summary["ops"]["wrap"]["p95_ms"] >= 200
-    assert all(
-        row["p50_ms"] is None or row["p50_ms"] >= 200 for row in seconds
-    ), "the per-second histograms count only what was sent"
+    assert all(row["p50_ms"] is None or row["p50_ms"] >= 200 for row in seconds), (
+        "the per-second histograms count only what was sent"
+    )
 
 
 def test_a_stop_ends_the_run_early_and_leaves_a_reportable_directory(tmp_path: Path) -> None:

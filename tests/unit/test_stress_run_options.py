@@ -99,7 +99,7 @@ def test_force_replaces_a_previous_run_and_nothing_else(tmp_path: Path) -> None:
     (out / ".summary.json.abc.tmp").write_text("")  # left by a crash
     check_options(options(tmp_path, force=True))
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(StressRunError, match="notes.txt.*not part of a run"):
+    with pytest.raises(StressRunError, match=r"notes\.txt.*not part of a run"):
         check_options(options(tmp_path, force=True))
     (out / "notes.txt").unlink()
     victim = tmp_path / "victim"
