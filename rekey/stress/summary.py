@@ -22,8 +22,10 @@ three significant digits).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,12 @@ OUTCOMES: Final = (
     "error",
 )
 """The outcome classes, in the order reports show them; "errors" are all but ``ok``."""
+
+MAX_NAMES: Final = 1000
+"""Distinct operation or outcome names a run may have (it has 3 and 9)."""
+MAX_COUNT: Final = 10**15
+MAX_HDR_BYTES: Final = 4 * 1024 * 1024
+"""The most an encoded histogram may inflate to (one of 1 µs..1 h at 3 digits is ~ 100 KiB)."""
 
 HDR_LOWEST: Final = 1
 HDR_HIGHEST: Final = 3_600_000_000
@@ -224,6 +232,8 @@ def _codes(table: pa.Table, name: str, path: Path, vocabulary: dict[str, int]) -
             values = chunk.dictionary.cast(pa.string()).to_pylist()
             if any(value is None for value in values):
                 raise RunDirError(f"{path}: column {name} has missing values")
+            if len(vocabulary) + len(values) > MAX_NAMES:
+                raise RunDirError(f"{path}: column {name} has more than {MAX_NAMES} distinct values")
             mapping = np.array([vocabulary.setdefault(v, len(vocabulary)) for v in values], dtype=np.int16)
             parts.append(mapping[np.asarray(chunk.indices.to_numpy(zero_copy_only=False), dtype=np.int64)])
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
@@ -303,7 +313,17 @@ def new_hdr() -> HdrHistogram:
 
 
 def decode_hdr(encoded: str, *, where: str = "") -> HdrHistogram:
-    """A base64 HDR histogram of seconds.jsonl; a corrupt one is a `RunDirError`."""
+    """A base64 HDR histogram of seconds.jsonl; a corrupt one is a `RunDirError`. The encoding
+    is zlib-compressed: one that would inflate beyond any histogram of our range is refused
+    before hdrh inflates it (a crafted run directory must not exhaust memory)."""
+    try:
+        inflated = zlib.decompressobj().decompress(
+            base64.b64decode(encoded, validate=True)[8:], MAX_HDR_BYTES
+        )
+    except (ValueError, zlib.error):
+        raise RunDirError(f"{where or SECONDS}: a histogram that cannot be decoded") from None
+    if len(inflated) >= MAX_HDR_BYTES:
+        raise RunDirError(f"{where or SECONDS}: a histogram larger than any this format writes")
     try:
         histogram = HdrHistogram.decode(encoded)
     except Exception:  # hdrh raises whatever its decoder meets (zlib, struct, base64, its own)
@@ -367,7 +387,12 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 def _int(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+    """A count from a JSON file: a number within ``MAX_COUNT`` (a crafted huge one is refused)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return 0
+    if not math.isfinite(value) or abs(value) > MAX_COUNT:
+        raise RunDirError(f"{SECONDS}: a count out of range")
+    return int(value)
 
 
 def elapsed_of(events: Events) -> float:

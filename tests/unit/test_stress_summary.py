@@ -3,8 +3,10 @@ recorded (counts, rates, exact percentiles, success ratios), and an unreadable r
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,6 +186,16 @@ def test_an_interrupted_run_reports_what_it_recorded(tmp_path: Path) -> None:
         ),
         (lambda run: [p.unlink() for p in (run / "events").iterdir()], "empty run"),
         (lambda run: (run / "rotations.jsonl").write_text('{"event": "start"}\n'), "has no time t"),
+        (
+            lambda run: (run / "seconds.jsonl").write_text(
+                '{"t": 0, "offered": 1e400}\n{"t": 1, "offered": 9e99}\n'
+            ),
+            "out of range",
+        ),
+        (
+            lambda run: (run / "seconds.jsonl").write_text(json.dumps({"t": 0, "lag_hdr": _bomb()})),
+            "larger than",
+        ),
     ],
 )
 def test_a_run_that_cannot_be_read_is_refused_in_one_line(
@@ -194,6 +206,12 @@ def test_a_run_that_cannot_be_read_is_refused_in_one_line(
     with pytest.raises(RunDirError, match=message) as caught:
         summarize(run)
     assert "\n" not in str(caught.value)
+
+
+def _bomb() -> str:
+    """An HDR encoding (cookie, length, zlib) that inflates to 64 MiB."""
+    body = zlib.compress(bytes(64 * 1024 * 1024), 9)
+    return base64.b64encode(b"\x1c\x84\x93\x14" + len(body).to_bytes(4, "big") + body).decode()
 
 
 def test_a_file_is_no_run(tmp_path: Path) -> None:
