@@ -686,6 +686,8 @@ class Rotator:
         self._current: asyncio.Task[None] | None = None
         self._current_id = ""
         self._late: set[str] = set()
+        self._stuck = ""
+        """Why no more rotations are started (a BLOCKED rotation the run could not abort)."""
         self._state: dict[str, Any] = {}
 
     def end(self) -> None:
@@ -722,6 +724,9 @@ class Rotator:
                     break  # the load ended first
                 except TimeoutError:
                     pass
+                if self._stuck:  # the key's rotation needs an operator: report it once, start none
+                    self.counts["skipped"] += 1
+                    continue
                 if self._current is not None and not self._current.done():
                     self.counts["skipped"] += 1
                     if self._current_id not in self._late:  # one late row per rotation
@@ -778,10 +783,17 @@ class Rotator:
             except RotationBlocked as exc:
                 where = exc.progress.blocked_in or phase
                 reason = exc.progress.blocked_reason or _one_line(exc)
-                self._row("failed", rid, f"blocked: {reason}"[:300], phase=where)
-                if handle.started:
-                    with contextlib.suppress(RekeyClientError):
+                message = f"blocked: {reason}"
+                if not handle.started:  # an operator's rotation: not ours to abort
+                    self._stuck = f"{handle.id} is BLOCKED and was not started by this run"
+                else:
+                    try:
                         await handle.abort()  # so that the next interval can start one
+                    except RekeyClientError as exc:
+                        self._stuck = f"{handle.id} is BLOCKED and its abort was refused: {_one_line(exc)}"
+                if self._stuck:
+                    message = f"{self._stuck}; no further rotations this run ({message})"
+                self._row("failed", rid, message[:300], phase=where)
                 return
             except RotationFailed as exc:
                 self._row("failed", rid, _one_line(exc))

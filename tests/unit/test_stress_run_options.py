@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from rekey.client import RekeyClientError, RotationBlocked
 from rekey.stress.run import DEFAULT_BLOBS, Rotator, RunOptions, StressRunError, check_options, parse_mix
 
 
@@ -174,3 +175,59 @@ def test_a_rotation_late_over_several_intervals_is_one_late_rotation() -> None:
     assert {r["rotation_id"] for r in rows} == {"rot-1"}
     assert rotator.counts["late"] == 1 and rotator.counts["skipped"] == 4
     assert rows[-1]["event"] == "unfinished"
+
+
+class _Blocked:
+    """A rotation handle that stops BLOCKED in RETIRING, where the workflow refuses an abort."""
+
+    started = True
+    id = "rotate:null:k"
+
+    def __init__(self) -> None:
+        self.aborts = 0
+
+    async def watch(self, interval: float) -> AsyncIterator[Any]:
+        yield SimpleNamespace(phase="RETIRING", rewrapped=10, total=10)
+        progress = SimpleNamespace(blocked_in="RETIRING", blocked_reason="disable refused")
+        raise RotationBlocked(self.id, progress)  # type: ignore[arg-type]
+
+    async def abort(self) -> None:
+        self.aborts += 1
+        raise RekeyClientError("abort is refused once retirement has begun")
+
+
+def test_a_blocked_rotation_that_cannot_be_aborted_is_one_failure_and_ends_the_rotations() -> None:
+    rows: list[dict[str, Any]] = []
+    handle = _Blocked()
+    starts: list[int] = []
+
+    class Client:
+        async def start_rotation(self, key_ref: str, **_: Any) -> _Blocked:
+            starts.append(1)
+            return handle
+
+    loop_start = time.monotonic()
+
+    async def main() -> Rotator:
+        rotator = Rotator(
+            Client(),
+            "null:k",
+            every=0.1,
+            grace=0.0,
+            until=0.75,
+            run_id="r",
+            record=rows.append,
+            clock=lambda: time.monotonic() - loop_start,
+        )
+        task = asyncio.create_task(rotator.run())
+        await asyncio.sleep(0.85)
+        rotator.end()
+        await task
+        return rotator
+
+    rotator = asyncio.run(main())
+    failed = [r for r in rows if r["event"] == "failed"]
+    assert len(starts) == 1 and handle.aborts == 1
+    assert len(failed) == 1 and "abort was refused" in failed[0]["message"]
+    assert "no further rotations" in failed[0]["message"] and failed[0]["phase"] == "RETIRING"
+    assert rotator.counts["failed"] == 1 and rotator.counts["skipped"] >= 4
