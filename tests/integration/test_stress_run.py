@@ -124,6 +124,7 @@ def test_profile_run_rotates_under_load_and_is_reportable(
     assert above[0]["ok"] is True and below[0]["ok"] is False
 
 
+@pytest.mark.soak  # ~40 s; the late/skip logic is also tested on a fake client in test_stress_run_options
 def test_rotation_slower_than_its_interval_is_late_and_the_next_is_skipped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
