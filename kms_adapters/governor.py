@@ -181,14 +181,14 @@ def accounting() -> Iterator[Accounting]:
 
 
 def record_attempt() -> None:
-    """One request sent (for an SDK's own retries, which the governor does not see)."""
+    """One request sent, counted in the current ``accounting()`` block (if any)."""
     acc = _accounting.get()
     if acc is not None:
         acc.requests += 1
 
 
 def record_throttle() -> None:
-    """One request answered ``Throttled`` (for an SDK's own retries)."""
+    """One request answered ``Throttled``, counted in the current ``accounting()`` block."""
     acc = _accounting.get()
     if acc is not None:
         acc.throttled += 1
