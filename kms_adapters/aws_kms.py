@@ -53,6 +53,7 @@ from typing import Any, Literal
 import boto3
 from botocore.config import Config
 
+from kms_adapters.accounting import sdk_answered, sdk_sent
 from kms_adapters.aws_errors import AlreadyExists, is_throttle_code, map_aws_error
 from kms_adapters.contract import (
     KeyInfo,
@@ -72,7 +73,7 @@ from kms_adapters.errors import (
     Unavailable,
     VersionDisabled,
 )
-from kms_adapters.governor import Governor, governor_for, sdk_answered, sdk_sent
+from kms_adapters.governor import Governor, governor_for
 from kms_adapters.keyref import InvalidKeyRef, check_name
 from kms_adapters.release import ReleaseGate, ReleasePolicyStore
 from sealing.errors import InvalidWrappedKey

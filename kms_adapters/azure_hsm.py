@@ -81,6 +81,7 @@ from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 
 from attestation.policy import Rule
 from attestation.token import DEFAULT_ISSUER
+from kms_adapters.accounting import sdk_answered, sdk_sent
 from kms_adapters.contract import (
     KeyInfo,
     KeyVersionInfo,
@@ -101,7 +102,7 @@ from kms_adapters.errors import (
     Unavailable,
     VersionDisabled,
 )
-from kms_adapters.governor import Governor, governor_for, sdk_answered, sdk_sent
+from kms_adapters.governor import Governor, governor_for
 from kms_adapters.release import ReleaseGate, ReleasePolicy, ReleasePolicyStore, check_release
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import WrappedKey, parse_versioned_prefix

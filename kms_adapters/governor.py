@@ -86,12 +86,10 @@ every ``PROGRESS_STEP`` seconds while it waits (pacing, backoff): a Temporal act
 ``activity.heartbeat`` so that its heartbeats are never further apart than one attempt (the SDK's
 connect plus read timeout) or ``PROGRESS_STEP``, however long the governor keeps retrying.
 
-**Accounting.** ``with accounting() as acc:`` (per thread and asyncio task, like progress) counts
-what the governed calls of that block cost: ``acc.requests`` attempts sent, ``acc.throttled``
-attempts answered ``Throttled`` and ``acc.waited`` seconds slept pacing or backing off. The stress
-harness records them per operation. Adapters whose SDK retries by itself (``sdk_retries=True``)
-report each HTTP attempt with ``sdk_sent()`` / ``sdk_answered()`` from SDK hooks, and are paired
-with ``PassThroughGovernor(..., counts=False)`` so that nothing is counted twice.
+**Accounting.** Every attempt, throttle and wait is reported to ``kms_adapters.accounting``
+(``with accounting() as acc:`` counts what the governed calls of a block cost; the stress harness
+records it per operation). ``PassThroughGovernor(..., counts=False)`` leaves the counting to an
+adapter's SDK hooks (``sdk_retries=True``) so that nothing is counted twice.
 
 **Other strategies, for comparison.** ``PassThroughGovernor`` has the same surface and none of
 the mechanisms: ``attempts=1`` sends each call once (the SDK's own retries, if the adapter turned
@@ -122,6 +120,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeVar
 
+from kms_adapters.accounting import record_attempt, record_throttle, record_wait
 from kms_adapters.errors import AnswerLost, KmsError, Throttled, Unavailable
 
 T = TypeVar("T")
@@ -150,74 +149,6 @@ def reporting_progress(callback: Callable[[], None]) -> Iterator[None]:
         yield
     finally:
         _progress.reset(token)
-
-
-@dataclass
-class Accounting:
-    """What the governed calls of one ``accounting()`` block cost (see the module docstring)."""
-
-    requests: int = 0
-    throttled: int = 0
-    waited: float = 0.0
-    last_answer: float | None = None
-    """When the SDK last answered (``sdk_answered``): its sleep before a resend counts as waited."""
-
-
-_accounting: contextvars.ContextVar[Accounting | None] = contextvars.ContextVar(
-    "kms_governor_accounting", default=None
-)
-
-
-@contextlib.contextmanager
-def accounting() -> Iterator[Accounting]:
-    """Count the attempts, throttles and waiting of every governed call in this block (this
-    thread or asyncio task only)."""
-    acc = Accounting()
-    token = _accounting.set(acc)
-    try:
-        yield acc
-    finally:
-        _accounting.reset(token)
-
-
-def record_attempt() -> None:
-    """One request sent, counted in the current ``accounting()`` block (if any)."""
-    acc = _accounting.get()
-    if acc is not None:
-        acc.requests += 1
-
-
-def record_throttle() -> None:
-    """One request answered ``Throttled``, counted in the current ``accounting()`` block."""
-    acc = _accounting.get()
-    if acc is not None:
-        acc.throttled += 1
-
-
-def sdk_sent() -> None:
-    """An SDK that retries by itself sends one HTTP request (call from its per-attempt hook).
-    The time since its previous answer in this block is the SDK's backoff: counted as waited."""
-    acc = _accounting.get()
-    if acc is not None:
-        acc.requests += 1
-        if acc.last_answer is not None:
-            acc.waited += max(0.0, time.monotonic() - acc.last_answer)
-            acc.last_answer = None
-
-
-def sdk_answered(*, throttled: bool) -> None:
-    """The SDK's request got an HTTP answer (``throttled``: a 429 or throttling code)."""
-    acc = _accounting.get()
-    if acc is not None:
-        if throttled:
-            acc.throttled += 1
-        acc.last_answer = time.monotonic()
-
-
-def _record_wait(seconds: float) -> None:
-    acc = _accounting.get()
-    if acc is not None:
-        acc.waited += seconds
 
 
 def _report_progress() -> None:
@@ -455,7 +386,7 @@ class Governor:
 
     def _wait(self, seconds: float) -> None:
         """Sleep ``seconds``, reporting progress at least every ``PROGRESS_STEP`` if asked to."""
-        _record_wait(seconds)
+        record_wait(seconds)
         if _progress.get() is None:
             self._sleep(seconds)
             return
@@ -466,7 +397,7 @@ class Governor:
         self._sleep(seconds)
 
     async def _await(self, seconds: float) -> None:
-        _record_wait(seconds)
+        record_wait(seconds)
         if _progress.get() is None:
             await self._async_sleep(seconds)
             return

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from kms_adapters.accounting import accounting, record_attempt
 from kms_adapters.errors import (
     InvalidCiphertext,
     InvalidRequest,
@@ -53,7 +54,7 @@ from kms_adapters.errors import (
     Unavailable,
     VersionDisabled,
 )
-from kms_adapters.governor import Governor, PassThroughGovernor, accounting, record_attempt
+from kms_adapters.governor import Governor, PassThroughGovernor
 from sealing.errors import InvalidWrappedKey, KeyServiceUnavailable, UnknownKey, UnknownKeyVersion
 from sealing.keywrap import DEK_BYTES, WrappedKey
 

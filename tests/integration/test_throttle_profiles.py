@@ -22,8 +22,9 @@ import pytest
 
 from emulators.azure_keyvault import AzureKeyVaultEmulator, SustainedLoad, managed_hsm_limits
 from emulators.profiles import PROFILES, ProfileError, describe_profile, start_local
+from kms_adapters.accounting import accounting
 from kms_adapters.errors import Throttled
-from kms_adapters.governor import PassThroughGovernor, accounting
+from kms_adapters.governor import PassThroughGovernor
 from rekey.backends import adapter_for
 from rekey.config import Settings
 

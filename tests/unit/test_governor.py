@@ -15,13 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kms_adapters.accounting import accounting
 from kms_adapters.errors import AnswerLost, KmsError, NotFound, PolicyDenied, Throttled, Unavailable
 from kms_adapters.governor import (
     PROGRESS_STEP,
     CircuitOpen,
     Governor,
     PassThroughGovernor,
-    accounting,
     governor_for,
     reporting_progress,
     reset_governors,

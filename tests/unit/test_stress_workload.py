@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from kms_adapters.accounting import accounting
 from kms_adapters.errors import (
     AnswerLost,
     InvalidCiphertext,
@@ -23,7 +24,7 @@ from kms_adapters.errors import (
     Unavailable,
     VersionDisabled,
 )
-from kms_adapters.governor import CircuitOpen, Governor, PassThroughGovernor, accounting
+from kms_adapters.governor import CircuitOpen, Governor, PassThroughGovernor
 from rekey.stress.recorder import Recorder, merge_partials
 from rekey.stress.summary import OUTCOMES, decode_hdr, read_events
 from rekey.stress.workload import (
