@@ -231,16 +231,34 @@ def test_versions_rotated_and_disabled_under_load_are_recorded(tmp_path: Path) -
     assert summarize(run_dir)["outcomes"]["version_disabled"] == int(np.sum(disabled))
 
 
-def test_schedule_lag_at_1000_ops_per_second_stays_under_5_ms_at_p99(tmp_path: Path) -> None:
-    """The issue's acceptance figure, from the lag the generator recorded (start - intended)."""
+def _lag_run(tmp_path: Path) -> tuple[float, float]:
+    """A 5 s run at 1,000 ops/s; the lag p99 (ms) from the recorded histograms and from the
+    raw events (start - intended)."""
     plan = LoadPlan(rate=1000, duration=5, processes=1, concurrency=16)
     run_dir, result = _run(tmp_path, plan)
     assert result.done == result.offered == 5000 and result.dropped == 0
-    seconds = read_seconds(run_dir)
     lag = _events(run_dir)
     recorded = lag["start"] - lag["intended"]
-    assert _lag_p99_ms(seconds) < 5.0, (_lag_p99_ms(seconds), os.getloadavg())
-    assert float(np.percentile(recorded, 99)) * 1000 < 5.0
+    assert float(np.min(recorded)) >= -0.005  # never started well before its time
+    return _lag_p99_ms(read_seconds(run_dir)), float(np.percentile(recorded, 99)) * 1000
+
+
+def test_schedule_lag_histograms_agree_with_the_raw_events_at_1000_ops_per_second(tmp_path: Path) -> None:
+    """What the lag figure is made of, whatever the machine's load: every op offered and done,
+    none dropped, and the per-second HDR histograms' p99 is the raw events' p99 (HDR keeps 3
+    significant digits; the raw figure is an interpolated percentile: 2% or 0.2 ms apart at
+    most). The 5 ms goal itself is a timing, so it is checked on a quiet machine by
+    `make soak` (below) and measured by `loadtest/bench_stress_generator.py`."""
+    from_hdr, from_events = _lag_run(tmp_path)
+    assert abs(from_hdr - from_events) <= max(0.2, 0.02 * from_events), (from_hdr, from_events)
+
+
+@pytest.mark.soak
+def test_schedule_lag_at_1000_ops_per_second_stays_under_5_ms_at_p99(tmp_path: Path) -> None:
+    """The issue's acceptance figure, from the lag the generator recorded (start - intended).
+    A timing: meaningful on a quiet machine only, hence `make soak`, not `make test`."""
+    from_hdr, from_events = _lag_run(tmp_path)
+    assert from_hdr < 5.0 and from_events < 5.0, (from_hdr, from_events, os.getloadavg())
 
 
 def test_bad_plans_and_workloads_are_refused_before_anything_starts(tmp_path: Path) -> None:
