@@ -13,6 +13,8 @@ A policy is a YAML or JSON document::
         tcb_statuses: [UpToDate]   # default [UpToDate]
         max_evidence_age: 5m       # optional; 30s, 5m, 1h, 1d or combined (1h30m)
         nonce_required: true       # default true
+        details:                   # optional: platform fields that must equal (Claims.details)
+          rtmr1: <hex>             #   e.g. TDX RTMRs, SEV-SNP host_data, Nitro pcr1..pcr15
 
 Validation is strict: unknown fields are errors, hex values must be quoted strings (YAML would
 read ``1234`` as a number and drop leading zeros), integers and booleans must be real integers
@@ -157,6 +159,7 @@ def _tcb_status(value: object) -> object:
 Hex = Annotated[str, BeforeValidator(_hex)]
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 TcbStatus = Annotated[StrictStr, BeforeValidator(_tcb_status)]
+DetailName = Annotated[StrictStr, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 
 class Rule(BaseModel):
@@ -173,6 +176,7 @@ class Rule(BaseModel):
     tcb_statuses: tuple[TcbStatus, ...] = Field(default=("UpToDate",), min_length=1)
     max_evidence_age: Duration | None = None
     nonce_required: StrictBool = True
+    details: dict[DetailName, Hex] | None = Field(default=None, min_length=1, max_length=48)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Rule:
@@ -207,7 +211,7 @@ class Rule(BaseModel):
             "tcb_statuses": sorted(set(self.tcb_statuses)),
             "max_evidence_age": format_duration(age) if age is not None else None,
             "nonce_required": self.nonce_required,
-        }
+        } | ({"details": dict(sorted(self.details.items()))} if self.details else {})
 
 
 class _PolicyDocument(BaseModel):
@@ -320,6 +324,12 @@ class Policy:
                     failures.append(f"evidence is {format_duration(age)} old, older than the maximum {limit}")
                 elif age < -CLOCK_SKEW:
                     failures.append(f"evidence is dated {format_duration(-age)} in the future")
+        for name, want in (rule.details or {}).items():
+            got = claims.detail(name)
+            if got is None:
+                failures.append(f"the evidence has no {name}")
+            elif got.lower() != want:
+                failures.append(f"{name} {got.lower()} is not {want}")
         if rule.nonce_required and not nonce_checked:
             failures.append("no nonce was checked but the rule requires one")
         return failures

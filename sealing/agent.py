@@ -219,7 +219,7 @@ class EnclaveAgent:
         return self._keys.public_bytes
 
     def identity(self) -> dict[str, Any]:
-        return self.manifest.model_dump() | {
+        return self.manifest.to_dict() | {
             "handoff_key_sha256": fingerprint(self.public_key),
             "handoff_suite": SUITE_NAME,
             "host_id": self._enclave.host_id,
