@@ -40,8 +40,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -121,13 +123,23 @@ _CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExten
 
 # -- certificates -----------------------------------------------------------------------------------
 
+# ``warnings.catch_warnings`` swaps the process-wide filters, so two threads interleaving it could
+# leave "ignore" installed for good: every use here holds this lock (re-entrant: they nest).
+_WARNINGS_LOCK = threading.RLock()
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
 
 def _load_der(der: bytes, what: str) -> x509.Certificate:
     # AMD issues VCEK/VLEK certificates with serial number 0, which RFC 5280 forbids and
     # ``cryptography`` warns about (CryptographyDeprecationWarning); the serial means nothing here.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             return x509.load_der_x509_certificate(der)
     except _CERT_ERRORS:
         raise MalformedEvidence(f"the {what} is not a DER X.509 certificate") from None
@@ -151,8 +163,7 @@ def _split_certs(blob: bytes) -> tuple[bytes, ...]:
     text = blob.lstrip()
     if text.startswith(b"-----BEGIN"):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _quiet():
                 certs = x509.load_pem_x509_certificates(text)
         except _CERT_ERRORS:
             raise MalformedEvidence("the certificates are not PEM X.509 certificates") from None
@@ -234,8 +245,7 @@ def _check_ca(cert: x509.Certificate, what: str) -> None:
 def _load_root(data: bytes) -> x509.Certificate:
     text = data.lstrip()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             if text.startswith(b"-----BEGIN"):
                 certs = x509.load_pem_x509_certificates(text)
                 root = certs[-1]  # an AMD cert_chain file ends with the ARK
@@ -362,9 +372,7 @@ def _ext_int(value: bytes, what: str) -> int:
     return number
 
 
-def _leaf_extensions(
-    cert: x509.Certificate, product: str, kind: str
-) -> tuple[TcbVersion, bytes | None]:
+def _leaf_extensions(cert: x509.Certificate, product: str, kind: str) -> tuple[TcbVersion, bytes | None]:
     try:
         values: dict[str, bytes] = {}
         for extension in cert.extensions:
@@ -373,8 +381,11 @@ def _leaf_extensions(
     except _CERT_ERRORS:
         raise ChainInvalid(f"the {kind.upper()}'s extensions cannot be read") from None
     name = values.get(_OID_PRODUCT_NAME, b"")
-    if len(name) < 2 or name[0] != 0x16 or name[1] != len(name) - 2 or not name[2:].startswith(
-        product.encode()
+    if (
+        len(name) < 2
+        or name[0] != 0x16
+        or name[1] != len(name) - 2
+        or not name[2:].startswith(product.encode())
     ):
         raise ChainInvalid(f"the {kind.upper()}'s product name extension does not name {product}")
     needed = ["bootloader", "tee", "snp", "microcode"] + (["fmc"] if product == "Turin" else [])
@@ -456,11 +467,14 @@ class SevSnpVerifier:
         if at.tzinfo is None:
             raise ValueError("at must be timezone-aware")
         certs = _parse(evidence, self._collateral).certs
-        try:
-            return self._verify_chain(certs, at)
-        except _CERT_ERRORS:
-            # a field of a hostile certificate that ``cryptography`` parses only when read
-            raise ChainInvalid("a certificate in the SEV-SNP chain cannot be read") from None
+        # ``cryptography`` parses some fields (names, extensions) only when read, and warns about
+        # malformed ones (a country name of the wrong length, serial 0): those warnings say
+        # nothing the checks below do not, and a hostile certificate must not flood the log.
+        with _quiet():
+            try:
+                return self._verify_chain(certs, at)
+            except _CERT_ERRORS:
+                raise ChainInvalid("a certificate in the SEV-SNP chain cannot be read") from None
 
     def _verify_chain(self, certs: tuple[bytes, ...], at: datetime) -> SnpChain:
         leaf = _load_der(certs[0], "VCEK/VLEK certificate")
@@ -518,7 +532,9 @@ class SevSnpVerifier:
             raise ValueError("at must be timezone-aware")
         parsed = _parse(evidence, self._collateral)
         report = parsed.report
-        if not isinstance(chain, SnpChain) or not hmac.compare_digest(chain.cache_key, _cache_key(parsed.certs)):
+        if not isinstance(chain, SnpChain) or not hmac.compare_digest(
+            chain.cache_key, _cache_key(parsed.certs)
+        ):
             raise ChainInvalid("SEV-SNP evidence carries other certificates than the verified chain")
         if not chain.not_before <= at <= chain.not_after:
             raise ChainInvalid(
@@ -594,5 +610,7 @@ def _details(report: SnpReport, chain: SnpChain) -> tuple[tuple[str, str], ...]:
         "vmpl": str(report.vmpl),
     }
     if report.cpuid_family is not None:
-        details["cpuid"] = f"{report.cpuid_family:#04x}/{report.cpuid_model:#04x}/{report.cpuid_stepping:#04x}"
+        details["cpuid"] = (
+            f"{report.cpuid_family:#04x}/{report.cpuid_model:#04x}/{report.cpuid_stepping:#04x}"
+        )
     return tuple(sorted(details.items()))

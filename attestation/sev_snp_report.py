@@ -170,9 +170,19 @@ def parse_report(data: bytes) -> SnpReport:
     if any(r_le[P384_SIZE:]) or any(s_le[P384_SIZE:]) or any(raw[SIG_END:]):
         raise MalformedEvidence("SEV-SNP report has non-zero bytes in the unused part of its signature")
     family, model, stepping, _ = _CPUID.unpack_from(raw, 0x188)
-    (chip_id, committed_tcb, cur_build, cur_minor, cur_major, _, com_build, com_minor, com_major, _, launch) = (
-        _TAIL.unpack_from(raw, 0x1A0)
-    )
+    (
+        chip_id,
+        _committed_tcb,
+        cur_build,
+        cur_minor,
+        cur_major,
+        _,
+        com_build,
+        com_minor,
+        com_major,
+        _,
+        _launch_tcb,
+    ) = _TAIL.unpack_from(raw, 0x1A0)
     v3 = version >= 3
     return SnpReport(
         raw=raw,
