@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from importlib import resources
+from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
@@ -276,7 +277,7 @@ def pinned_roots() -> Mapping[str, bytes]:
         if hashlib.sha256(der).hexdigest() != PINNED_ARK_SHA256[product]:
             raise RuntimeError(f"the bundled ARK for {product} ({name}) does not match its pinned SHA-256")
         roots[product] = der
-    return roots
+    return MappingProxyType(roots)
 
 
 @cache
@@ -541,6 +542,9 @@ class SevSnpVerifier:
                 f"the {chain.signing_key.upper()} chain is not valid at {at.isoformat()} (valid "
                 f"{chain.not_before.isoformat()} to {chain.not_after.isoformat()})"
             )
+        if report.mask_chip_key:
+            # MASK_CHIP_KEY: the firmware wrote zeros instead of a signature; nothing vouches for it.
+            raise EvidenceSignatureInvalid("SEV-SNP report is unsigned (the chip key was masked)")
         signature = encode_dss_signature(report.signature_r, report.signature_s)
         try:
             chain.key.verify(signature, report.signed, ec.ECDSA(hashes.SHA384()))

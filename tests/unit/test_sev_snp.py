@@ -541,6 +541,12 @@ def test_author_key_signer() -> None:
     assert claims.signer == author.hex() and claims.detail("author_key_en") == "true"
 
 
+def test_masked_chip_key_is_unsigned() -> None:
+    fake = hierarchy()
+    with pytest.raises(EvidenceSignatureInvalid, match="unsigned"):
+        SevSnpVerifier(roots=fake.roots).verify(fake.report(key_info=0x2) + fake.certs_der, at=T0)
+
+
 def test_tcb_status_out_of_date_when_current_is_newer() -> None:
     fake = hierarchy()
     newer = bytes((3, 0, 0, 0, 0, 0, 8, 116))
