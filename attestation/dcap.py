@@ -52,7 +52,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.claims import Claims
 from attestation.dcap_quote import (
@@ -327,7 +327,6 @@ class _DcapVerifier:
             raise ValueError("root_ca_der is not a self-signed certificate") from None
         self._root_der = der
         self._root_window = _cert_window(root, f"the trusted root {_name(root)!r}")
-        self._root_public = root.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
 
     # -- PlatformVerifier ---------------------------------------------------------------------
 
@@ -350,12 +349,13 @@ class _DcapVerifier:
         _check_quote_signature(quote, key)
         windows = [self._root_window, *self._windows]
         names = ("the PCK leaf certificate", "the PCK CA certificate", "the PCK chain's root certificate")
-        windows += [_cert_window(cert, what) for cert, what in zip(certs, names, strict=True)]
+        try:
+            windows += [_cert_window(cert, what) for cert, what in zip(certs, names, strict=True)]
+        except _CERT_ERRORS:
+            raise MalformedEvidence("a PCK certificate's validity cannot be read") from None
         _check_windows(windows, at)
-        if not hmac.compare_digest(
-            certs[-1].public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint),
-            self._root_public,
-        ):
+        if not hmac.compare_digest(certs[-1].public_bytes(Encoding.DER), self._root_der):
+            # dcap-qvl anchors at the root it is given and would ignore the quote's copy.
             raise ChainInvalid("the DCAP quote's PCK chain does not end at the trusted root")
         try:
             fmspc = bytes(
