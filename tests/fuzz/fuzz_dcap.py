@@ -21,7 +21,7 @@ import atheris
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["attestation"]):
     from attestation.dcap import SgxDcapVerifier, TdxVerifier
     from attestation.dcap_quote import parse_quote
     from attestation.errors import AttestationError
@@ -43,6 +43,19 @@ SEEDS = [
     (TDX_VERIFIER, TDX_AT, (VECTORS / "tdx" / "dcapqvl_tdx_quote_v4.dat").read_bytes()),
     (TDX_VERIFIER, TDX_AT, (VECTORS / "tdx" / "dcapqvl_tdx_quote_v5_outdated.dat").read_bytes()),
 ]
+
+
+def _fields(seed: bytes) -> list[int]:
+    """Where the seed's length and type fields are: the edits aim there half of the time."""
+    quote = parse_quote(seed)
+    signed = len(quote.signed)
+    qe = seed.index(quote.qe_report)
+    auth = qe + 448
+    cert = auth + 2 + len(quote.qe_auth_data)
+    return [0, 2, 4, 48, 50, signed, signed + 132, signed + 134, qe - 6, qe - 4, auth, cert, cert + 2]
+
+
+FIELDS = {id(seed): _fields(seed) for _, _, seed in SEEDS}
 CHAINS = {
     id(SGX_VERIFIER): SGX_VERIFIER.verify_chain(SEEDS[0][2], SGX_AT),
     id(TDX_VERIFIER): TDX_VERIFIER.verify_chain(SEEDS[2][2], TDX_AT),
@@ -53,7 +66,10 @@ def _edited(fdp: atheris.FuzzedDataProvider, seed: bytes) -> bytes:
     data = bytearray(seed)
     for _ in range(fdp.ConsumeIntInRange(1, 3)):
         action = fdp.ConsumeIntInRange(0, 3)
-        position = fdp.ConsumeIntInRange(0, max(len(data) - 1, 0))
+        if fdp.ConsumeBool():
+            position = fdp.PickValueInList(FIELDS[id(seed)])
+        else:
+            position = fdp.ConsumeIntInRange(0, max(len(data) - 1, 0))
         if action == 0:  # overwrite a few bytes
             chunk = fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 4))
             data[position : position + len(chunk)] = chunk
