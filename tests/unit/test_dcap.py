@@ -7,13 +7,17 @@ import asyncio
 import hashlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 
+import dcap_qvl
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from attestation import dcap
 from attestation.claims import Claims
 from attestation.dcap import (
     INTEL_SGX_ROOT_CA_SHA256,
@@ -59,6 +63,22 @@ def test_the_packaged_root_is_the_intel_sgx_root_ca_of_the_vectors() -> None:
     assert der == (SGX / "intel_sgx_root_ca.der").read_bytes() == (TDX / "intel_sgx_root_ca.der").read_bytes()
     root = x509.load_der_x509_certificate(der)
     assert root.subject.rfc4514_string().endswith("CN=Intel SGX Root CA")
+
+
+def test_the_pinned_root_is_dcap_qvls_embedded_default() -> None:
+    """dcap-qvl embeds the Intel SGX Root CA as its default anchor; the verifiers pass the pinned
+    copy explicitly, and it is the same certificate."""
+    native = Path(dcap_qvl.__file__).parent
+    binaries = [path.read_bytes() for path in native.iterdir() if path.suffix in (".so", ".pyd")]
+    assert binaries and any(intel_sgx_root_ca_der() in binary for binary in binaries)
+
+
+def test_a_tampered_packaged_root_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "roots").mkdir()
+    (tmp_path / "roots" / "intel_sgx_root_ca.der").write_bytes(_self_signed_root())
+    monkeypatch.setattr(dcap, "resources", SimpleNamespace(files=lambda _package: tmp_path))
+    with pytest.raises(RuntimeError, match="pinned SHA-256"):
+        SgxDcapVerifier(SGX_QVL.collateral or "")
 
 
 # -- the samples that verify -------------------------------------------------------------------
