@@ -40,21 +40,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib import resources
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import dcap_qvl
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.claims import Claims
+from attestation.dcap_collateral import (
+    CERT_ERRORS,
+    cert_window,
+    certificate_name,
+    check_windows,
+    parse_collateral,
+)
 from attestation.dcap_quote import (
     ATTESTATION_KEY_ECDSA_P256,
     BODY_SGX,
@@ -82,19 +88,7 @@ __all__ = [
 #: SHA-256 of the DER of the Intel SGX Root CA (CN=Intel SGX Root CA, 2018-05-21 -> 2049-12-31).
 INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
 
-_COLLATERAL_KEYS = (
-    "pck_crl_issuer_chain",
-    "root_ca_crl",
-    "pck_crl",
-    "tcb_info_issuer_chain",
-    "tcb_info",
-    "tcb_info_signature",
-    "qe_identity_issuer_chain",
-    "qe_identity",
-    "qe_identity_signature",
-)
 _PCK_CHAIN_LENGTH = 3  # PCK leaf, PCK Platform or Processor CA, Root CA
-_CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion)
 #: dcap-qvl's status names (and the older spellings) -> the names of ``policy.TCB_STATUSES``.
 _STATUS_NAMES = {
     **{name: name for name in TCB_STATUSES},
@@ -121,13 +115,6 @@ def intel_sgx_root_ca_der() -> bytes:
 
 
 @dataclass(frozen=True)
-class _Window:
-    what: str
-    not_before: datetime
-    not_after: datetime
-
-
-@dataclass(frozen=True)
 class DcapChain:
     """The verified part of a quote that its platform shares: what ``verify_chain`` returns."""
 
@@ -142,78 +129,6 @@ class DcapChain:
     not_after: datetime
 
 
-def _time(value: object, what: str) -> datetime:
-    if not isinstance(value, str):
-        raise ValueError(f"the collateral's {what} is missing")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"the collateral's {what} is not an ISO time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _cert_window(cert: x509.Certificate, what: str) -> _Window:
-    return _Window(what, cert.not_valid_before_utc, cert.not_valid_after_utc)
-
-
-def _pem_certs(text: str, what: str) -> list[x509.Certificate]:
-    try:
-        certs = x509.load_pem_x509_certificates(text.encode())
-    except _CERT_ERRORS:
-        raise ValueError(f"the collateral's {what} is not a PEM certificate chain") from None
-    return certs
-
-
-def _name(cert: x509.Certificate) -> str:
-    try:
-        names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    except _CERT_ERRORS:
-        return "a certificate"
-    value = names[0].value if names else "a certificate"
-    return value if isinstance(value, str) else "a certificate"
-
-
-def _collateral_windows(
-    data: dict[str, Any], tcb_info: dict[str, Any], qe_identity: dict[str, Any]
-) -> list[_Window]:
-    windows = [
-        _Window(
-            "the TCB info",
-            _time(tcb_info.get("issueDate"), "TCB info issueDate"),
-            _time(tcb_info.get("nextUpdate"), "TCB info nextUpdate"),
-        ),
-        _Window(
-            "the QE identity",
-            _time(qe_identity.get("issueDate"), "QE identity issueDate"),
-            _time(qe_identity.get("nextUpdate"), "QE identity nextUpdate"),
-        ),
-    ]
-    for key, what in (("root_ca_crl", "the Root CA CRL"), ("pck_crl", "the PCK CRL")):
-        try:
-            crl = x509.load_der_x509_crl(bytes.fromhex(data[key]))
-        except _CERT_ERRORS:
-            raise ValueError(f"the collateral's {key} is not a hex DER CRL") from None
-        if crl.next_update_utc is None:
-            raise ValueError(f"the collateral's {key} has no nextUpdate")
-        windows.append(_Window(what, crl.last_update_utc, crl.next_update_utc))
-    for key in ("tcb_info_issuer_chain", "qe_identity_issuer_chain", "pck_crl_issuer_chain"):
-        for cert in _pem_certs(data[key], key):
-            windows.append(_cert_window(cert, f"the certificate {_name(cert)!r} of the collateral's {key}"))
-    return windows
-
-
-def _check_windows(windows: list[_Window], at: datetime) -> None:
-    for window in windows:
-        if at < window.not_before:
-            raise ChainInvalid(
-                f"{window.what} is not yet valid at {at.isoformat()} (from {window.not_before.isoformat()})"
-            )
-        if at > window.not_after:
-            raise ChainInvalid(
-                f"{window.what} expired at {window.not_after.isoformat()} (checked at {at.isoformat()})"
-            )
-
-
 def _pck_chain(quote: Quote) -> list[x509.Certificate]:
     """The quote's PCK chain, in its one accepted encoding."""
     pem = quote.cert_data[:-1] if quote.cert_data.endswith(b"\0") else quote.cert_data
@@ -222,7 +137,7 @@ def _pck_chain(quote: Quote) -> list[x509.Certificate]:
         canonical = b"".join(cert.public_bytes(Encoding.PEM) for cert in certs)
         ders = [cert.public_bytes(Encoding.DER) for cert in certs]
         signatures = [cert.signature for cert in certs]
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise MalformedEvidence("the DCAP quote's PCK chain is not PEM X.509") from None
     if len(certs) != _PCK_CHAIN_LENGTH:
         raise MalformedEvidence(f"the DCAP quote's PCK chain has {len(certs)} certificates, expected 3")
@@ -285,48 +200,17 @@ class _DcapVerifier:
         identity, their signatures and issuer chains, the Root CA and PCK CRLs, hex DER).
         ``root_ca_der``: the trusted root (default: the pinned Intel SGX Root CA). Raises
         ``ValueError`` for collateral or a root that cannot be used."""
-        text = collateral.decode() if isinstance(collateral, bytes) else collateral
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise ValueError("the DCAP collateral is not JSON") from None
-        if not isinstance(data, dict) or any(not isinstance(data.get(key), str) for key in _COLLATERAL_KEYS):
-            raise ValueError("the DCAP collateral lacks one of: " + ", ".join(_COLLATERAL_KEYS))
-        try:
-            tcb_info = json.loads(data["tcb_info"])
-            qe_identity = json.loads(data["qe_identity"])
-        except ValueError:
-            raise ValueError("the DCAP collateral's tcb_info or qe_identity is not JSON") from None
-        if not isinstance(tcb_info, dict) or not isinstance(qe_identity, dict):
-            raise ValueError("the DCAP collateral's tcb_info and qe_identity must be JSON objects")
-        if tcb_info.get("version") != 3 or tcb_info.get("id") != self._tcb_info_id:
-            raise ValueError(
-                f"the DCAP collateral's TCB info is {tcb_info.get('id')!r}"
-                f" version {tcb_info.get('version')!r};"
-                f" the {self.platform} verifier reads {self._tcb_info_id!r} version 3 (Intel PCS API v4)"
-            )
-        if qe_identity.get("id") != self._qe_identity_id:
-            raise ValueError(
-                f"the DCAP collateral's QE identity is {qe_identity.get('id')!r},"
-                f" not {self._qe_identity_id!r}"
-            )
-        self._windows = _collateral_windows(data, tcb_info, qe_identity)
-        try:
-            self._collateral = dcap_qvl.QuoteCollateralV3.from_json(text)
-        except Exception as exc:  # the extension raises ValueError; be sure nothing else escapes
-            raise ValueError(
-                f"dcap-qvl cannot read the collateral: {str(exc).splitlines()[0][:200]}"
-            ) from None
-        self._collateral_digest = hashlib.sha256(text.encode()).digest()
-        self._fmspc = str(tcb_info.get("fmspc", "")).lower()
+        self._collateral = parse_collateral(
+            collateral, tcb_info_id=self._tcb_info_id, qe_identity_id=self._qe_identity_id
+        )
         der = intel_sgx_root_ca_der() if root_ca_der is None else bytes(root_ca_der)
         try:
             root = x509.load_der_x509_certificate(der)
             root.verify_directly_issued_by(root)
-        except (*_CERT_ERRORS, InvalidSignature):
+        except (*CERT_ERRORS, InvalidSignature):
             raise ValueError("root_ca_der is not a self-signed certificate") from None
         self._root_der = der
-        self._root_window = _cert_window(root, f"the trusted root {_name(root)!r}")
+        self._root_window = cert_window(root, f"the trusted root {certificate_name(root)!r}")
 
     # -- PlatformVerifier ---------------------------------------------------------------------
 
@@ -347,13 +231,13 @@ class _DcapVerifier:
         # Checked here too, so a bad quote signature is reported as such and not as a chain
         # failure that the verifier core would share with every quote of the same platform.
         _check_quote_signature(quote, key)
-        windows = [self._root_window, *self._windows]
+        windows = [self._root_window, *self._collateral.windows]
         names = ("the PCK leaf certificate", "the PCK CA certificate", "the PCK chain's root certificate")
         try:
-            windows += [_cert_window(cert, what) for cert, what in zip(certs, names, strict=True)]
-        except _CERT_ERRORS:
+            windows += [cert_window(cert, what) for cert, what in zip(certs, names, strict=True)]
+        except CERT_ERRORS:
             raise MalformedEvidence("a PCK certificate's validity cannot be read") from None
-        _check_windows(windows, at)
+        check_windows(windows, at)
         if not hmac.compare_digest(certs[-1].public_bytes(Encoding.DER), self._root_der):
             # dcap-qvl anchors at the root it is given and would ignore the quote's copy.
             raise ChainInvalid("the DCAP quote's PCK chain does not end at the trusted root")
@@ -365,11 +249,13 @@ class _DcapVerifier:
             raise
         except BaseException:  # ValueError, or a Rust panic (pyo3 PanicException)
             raise ChainInvalid("the PCK leaf certificate has no readable Intel SGX extension") from None
-        if fmspc != self._fmspc:
-            raise ChainInvalid(f"the quote's platform FMSPC {fmspc} is not the collateral's {self._fmspc}")
+        if fmspc != self._collateral.fmspc:
+            raise ChainInvalid(
+                f"the quote's platform FMSPC {fmspc} is not the collateral's {self._collateral.fmspc}"
+            )
         try:
             report = dcap_qvl.verify_with_root_ca(
-                quote.raw, self._collateral, self._root_der, int(at.timestamp())
+                quote.raw, self._collateral.native, self._root_der, int(at.timestamp())
             )
             status = str(report.status)
             advisories = tuple(sorted(str(item) for item in report.advisory_ids))
@@ -432,7 +318,7 @@ class _DcapVerifier:
     def _cache_key(self, quote: Quote) -> bytes:
         parts = [
             self.platform.encode(),
-            self._collateral_digest,
+            self._collateral.digest,
             quote.header,
             quote.attestation_key,
             quote.qe_report,
