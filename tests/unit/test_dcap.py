@@ -27,8 +27,14 @@ from attestation.dcap import (
     intel_sgx_root_ca_der,
 )
 from attestation.dcap_quote import SgxReport, TdReport, parse_quote
-from attestation.errors import ChainInvalid, EvidenceSignatureInvalid, MalformedEvidence, NonceMismatch
-from attestation.policy import parse_policy
+from attestation.errors import (
+    ChainInvalid,
+    EvidenceSignatureInvalid,
+    MalformedEvidence,
+    NonceMismatch,
+    PolicyDenied,
+)
+from attestation.policy import Policy, parse_policy
 from attestation.token import ResultSigner, verify_result
 from attestation.verifier import CachingPlatformVerifier, Verifier, expected_report_data
 from tests.unit.dcap_vectors import (
@@ -382,14 +388,24 @@ NONCE = b"fresh nonce from the relying party"
 CNF_KEY = b"the enclave's confirmation key"
 
 
+def _rebound(claims: Claims) -> Claims:
+    return replace(claims, report_data=expected_report_data(NONCE, CNF_KEY).hex())
+
+
 class _Rebound(TdxVerifier):
     """The real quotes bind report data of their own, not this test's nonce and key. This verifier
     verifies them unchanged and then replaces the claims' report data with the expected binding,
     so the core's chain cache and token issuing can be exercised with real quotes."""
 
     def verify_with_chain(self, evidence: bytes, chain: object, at: datetime) -> Claims:
-        claims = super().verify_with_chain(evidence, chain, at)
-        return replace(claims, report_data=expected_report_data(NONCE, CNF_KEY).hex())
+        return _rebound(super().verify_with_chain(evidence, chain, at))
+
+
+class _ReboundSgx(SgxDcapVerifier):
+    """As ``_Rebound``, for SGX."""
+
+    def verify_with_chain(self, evidence: bytes, chain: object, at: datetime) -> Claims:
+        return _rebound(super().verify_with_chain(evidence, chain, at))
 
 
 def test_the_core_issues_a_token_and_reuses_the_verified_chain() -> None:
@@ -416,12 +432,26 @@ def test_the_core_issues_a_token_and_reuses_the_verified_chain() -> None:
                 # Two evidences with one chain: the second carries padding after its signature data.
                 for evidence in (TDX_QVL.evidence, TDX_QVL.evidence + b"\0" * 8)
             ]
+            # A third quote of the same platform, with a changed TD report: the cached chain's
+            # attestation key does not verify it.
+            tampered = bytearray(TDX_QVL.evidence)
+            tampered[48 + 136] ^= 1  # MRTD
+            with pytest.raises(EvidenceSignatureInvalid):
+                await verifier.verify(
+                    bytes(tampered),
+                    platform="tdx",
+                    expected_nonce=NONCE,
+                    policy=policy,
+                    audience="kms",
+                    cnf_public_key=CNF_KEY,
+                )
             return tokens, verifier.stats()
 
     tokens, stats = asyncio.run(run())
     assert stats["chain_cache_misses"] == 1
-    assert stats["chain_cache_hits"] == 1
+    assert stats["chain_cache_hits"] == 2
     assert stats["verified"] == 2
+    assert stats["failed"] == 1
     result = verify_result(
         tokens[1], public_key=signer.public_key, audience="kms", policy_id="tdx-release", now=TDX_QVL.at
     )
@@ -446,3 +476,39 @@ def test_the_core_refuses_the_real_quote_for_another_binding() -> None:
 
     with pytest.raises(NonceMismatch):
         asyncio.run(run())
+
+
+def test_the_core_appraises_the_sgx_tcb_status_and_carries_the_advisories() -> None:
+    signer = ResultSigner.generate()
+    rule = {
+        "platform": "sgx",
+        "signer": "815f42f11cf64430c30bab7816ba596a1da0130c3b028b673133a66cf9a3e0e6",
+        "product_id": 0,
+        "min_svn": 0,
+    }
+    strict = parse_policy({"id": "sgx-strict", "rules": [rule]})
+    lenient = parse_policy(
+        {"id": "sgx-lenient", "rules": [{**rule, "tcb_statuses": ["ConfigurationAndSWHardeningNeeded"]}]}
+    )
+
+    async def attest(policy: Policy) -> str:
+        async with Verifier(
+            {"sgx": _ReboundSgx(SGX_QVL.collateral or "")}, signer, clock=lambda: SGX_QVL.at
+        ) as v:
+            return await v.verify(
+                SGX_QVL.evidence,
+                platform="sgx",
+                expected_nonce=NONCE,
+                policy=policy,
+                audience="kms",
+                cnf_public_key=CNF_KEY,
+            )
+
+    with pytest.raises(PolicyDenied, match="TCB status ConfigurationAndSWHardeningNeeded is not allowed"):
+        asyncio.run(attest(strict))
+    token = asyncio.run(attest(lenient))
+    result = verify_result(
+        token, public_key=signer.public_key, audience="kms", policy_id="sgx-lenient", now=SGX_QVL.at
+    )
+    assert result.claims.advisories == ("INTEL-SA-00289", "INTEL-SA-00615")
+    assert result.claims.detail("fmspc") == "00a067110000"
