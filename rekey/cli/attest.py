@@ -277,7 +277,13 @@ def verify(
         return
     claims = table("claim", "value")
     for key, value in result["claims"].items():
-        claims.add_row(key, "not checked" if key == "nonce" and value is None else str(value))
+        if key == "details":
+            for name, item in sorted(value.items()):
+                claims.add_row(f"details.{name}", item)
+        elif key == "advisories":
+            claims.add_row(key, ", ".join(value) if value else "none")
+        else:
+            claims.add_row(key, "not checked" if key == "nonce" and value is None else str(value))
     out.print(claims)
     if result.get("token"):
         out.print(f"attestation result (ES256 JWT, policy {result['policy']}):")
