@@ -98,14 +98,23 @@ def _verify(
     nonce: bytes | None,
     at: datetime,
 ) -> dict[str, Any]:
-    """Claims of verified evidence; with a policy, also the signed attestation result."""
+    """Claims of verified evidence; with a policy, also the signed attestation result when the
+    evidence came with the public key it binds (an agent's /v1/attest answer): a result token
+    names that key. Evidence on its own (a published quote, report or document) is appraised
+    against the policy without a token."""
     platform = claims_platform(platform)
-    if policy_path is None:
+    if policy_path is None or not public_key:
+        policy = load_policy(policy_path) if policy_path is not None else None
         claims = platform_verifier.verify(evidence, at=at)
         if nonce is not None and bytes.fromhex(claims.report_data) != report_data_for(nonce, public_key):
             raise NonceMismatch("evidence does not bind the nonce (and public key)")
         if nonce is not None:
             claims = replace(claims, nonce=nonce.hex())
+        if policy is not None:
+            decision = policy.evaluate(claims, now=at, nonce_checked=nonce is not None)
+            if not decision.allowed:
+                raise PolicyDenied(decision.reasons)
+            return {"allowed": True, "policy": policy.id, "claims": claims.to_dict(), "token": None}
         no_token = None  # no signed result without a policy
         return {"allowed": True, "claims": claims.to_dict(), "token": no_token}
     policy = load_policy(policy_path)
