@@ -48,6 +48,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,12 +205,13 @@ def _parse(evidence: bytes) -> _Document:
         if outer.tag != _COSE_TAG:
             raise MalformedEvidence(f"nitro evidence has CBOR tag {outer.tag}, not 18 (COSE_Sign1)")
         envelope = outer.value
-    if not isinstance(envelope, list) or len(envelope) != 4:
+    # Inside a tag cbor2 builds immutable containers: a tuple and a frozendict.
+    if not isinstance(envelope, list | tuple) or len(envelope) != 4:
         raise MalformedEvidence("nitro evidence is not a COSE_Sign1 array of 4")
     protected, unprotected, payload, signature = envelope
     if not isinstance(protected, bytes) or not isinstance(payload, bytes) or not isinstance(signature, bytes):
         raise MalformedEvidence("nitro COSE_Sign1 fields have the wrong types")
-    if unprotected != {}:
+    if not isinstance(unprotected, Mapping) or unprotected:
         raise MalformedEvidence("nitro COSE_Sign1 unprotected header is not empty")
     if len(signature) != SIGNATURE_BYTES:
         raise MalformedEvidence(f"nitro COSE_Sign1 signature is not {SIGNATURE_BYTES} bytes (ES384 r || s)")
