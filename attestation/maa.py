@@ -5,8 +5,8 @@ returns a JWT signed with one of the keys that its ``/certs`` endpoint publishes
 module trusts a JWKS given at construction (never the token's ``jku``: that would let the token
 name its own trust anchor) and checks, in order:
 
-1. Structure (``MalformedEvidence``): a compact JWS of at most 64 KiB, its header JSON with a
-   ``kid``.
+1. Structure (``MalformedEvidence``): a compact JWS of at most 64 KiB in canonical base64url, its
+   header JSON with a ``kid``.
 2. Key (``ChainInvalid``): the JWKS has a key for that ``kid`` whose certificate is valid at
    ``at``.
 3. Signature (``EvidenceSignatureInvalid``): the header ``alg`` is RS256 (``none``, HS* and
@@ -126,6 +126,17 @@ def _token_text(evidence: bytes) -> str:
         raise MalformedEvidence(f"MAA token is larger than {MAX_TOKEN_BYTES} bytes")
     if not _JWS_RE.fullmatch(data):
         raise MalformedEvidence("MAA evidence is not a compact JWS (header.payload.signature)")
+    # base64url lets the last character of a segment carry unused bits; the signature segment is
+    # not signed, so without this one token would have several spellings that all verify.
+    for segment in data.split(b"."):
+        try:
+            canonical = base64.urlsafe_b64encode(
+                base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+            )
+        except (binascii.Error, ValueError):
+            raise MalformedEvidence("MAA token segment is not base64url") from None
+        if canonical.rstrip(b"=") != segment:
+            raise MalformedEvidence("MAA token segment is not canonical base64url")
     return data.decode("ascii")
 
 
