@@ -53,6 +53,7 @@ __all__ = ["MaaVerifier"]
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_JWKS_BYTES = 1 << 20
 MIN_RSA_BITS = 2048
+_MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime holds
 ALGORITHM = "RS256"
 _TCB_STATUSES = frozenset(
     {
@@ -126,8 +127,8 @@ def _token_text(evidence: bytes) -> str:
         raise MalformedEvidence(f"MAA token is larger than {MAX_TOKEN_BYTES} bytes")
     if not _JWS_RE.fullmatch(data):
         raise MalformedEvidence("MAA evidence is not a compact JWS (header.payload.signature)")
-    # base64url lets the last character of a segment carry unused bits; the signature segment is
-    # not signed, so without this one token would have several spellings that all verify.
+    # base64url lets the last character of a segment carry unused bits, and the signature
+    # segment is not signed: a lenient decoder would accept several spellings of one token.
     for segment in data.split(b"."):
         try:
             canonical = base64.urlsafe_b64encode(
@@ -171,7 +172,7 @@ def _time(payload: dict[str, Any], name: str, *, required: bool) -> datetime | N
     value = payload.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1 << 40:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= _MAX_SECONDS:
         raise MalformedEvidence(f"MAA token claim {name} is missing or not a NumericDate")
     return datetime.fromtimestamp(value, UTC)
 

@@ -87,6 +87,7 @@ MAX_PCR_INDEX = 31
 PCR_BYTES = 48  # SHA-384
 SIGNATURE_BYTES = 96  # P-384 r || s
 REPORT_DATA_SIZE = 64
+_MAX_MILLIS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last millisecond datetime holds
 _ES384 = -35
 _COSE_TAG = 18
 
@@ -170,7 +171,7 @@ def _check_fields(fields: object) -> dict[str, Any]:
     if fields.get("digest") != "SHA384":
         raise MalformedEvidence("nitro attestation document digest is not SHA384")
     timestamp = fields.get("timestamp")
-    if type(timestamp) is not int or not 0 < timestamp < 1 << 53:
+    if type(timestamp) is not int or not 0 < timestamp <= _MAX_MILLIS:
         raise MalformedEvidence("nitro attestation document timestamp is missing or out of range")
     pcrs = fields.get("pcrs")
     if not isinstance(pcrs, dict) or not 0 < len(pcrs) <= MAX_PCR_INDEX + 1:

@@ -233,6 +233,8 @@ BAD_CLAIMS: list[dict[str, Any]] = [
     {"iat": "1695737747"},
     {"exp": None},
     {"exp": 1e300},
+    {"exp": 253402300800},  # year 10000: past what datetime holds
+    {"nbf": 1 << 40},
     {"nbf": True},
 ]
 

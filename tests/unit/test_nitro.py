@@ -446,6 +446,7 @@ HOSTILE_FIELDS = [
     {"timestamp": "now"},
     {"timestamp": -1},
     {"timestamp": 1 << 70},
+    {"timestamp": 253402300800000},  # year 10000: past what datetime holds
     {"timestamp": True},
     {"pcrs": [b"\x00" * 48]},
     {"pcrs": {}},
