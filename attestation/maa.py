@@ -41,10 +41,10 @@ import re
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from jwt.algorithms import RSAAlgorithm
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from attestation.claims import Claims
 from attestation.errors import ChainInvalid, EvidenceSignatureInvalid, MalformedEvidence
