@@ -68,6 +68,7 @@ __all__ = [
     "PINNED_ROOT_SHA256",
     "NitroVerifier",
     "VerifiedNitroChain",
+    "cose",
     "nitro_recipient_conditions",
     "pinned_root_pem",
 ]
@@ -149,6 +150,12 @@ def _cose_bytes(evidence: bytes) -> bytes:
     if len(raw) > MAX_DOCUMENT_BYTES:
         raise MalformedEvidence(f"nitro attestation document is larger than {MAX_DOCUMENT_BYTES} bytes")
     return raw
+
+
+def cose(evidence: bytes) -> bytes:
+    """The document's COSE_Sign1 bytes from raw or base64 evidence (what KMS takes as a
+    ``Recipient``'s ``AttestationDocument``). Raises ``MalformedEvidence``."""
+    return _cose_bytes(evidence)
 
 
 def _optional_bytes(fields: dict[str, Any], name: str) -> bytes | None:
