@@ -126,6 +126,7 @@ class GuardedHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.limits.idle_timeout)
+        self.rfile, self.wfile = self.server.wrap_streams(self.connection, self.rfile, self.wfile)
         self.rfile = _HeaderBudget(self.rfile, self.server.limits)  # type: ignore[assignment]
 
     def handle_one_request(self) -> None:
@@ -185,6 +186,10 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         super().__init__(address, handler)
         self._watchdog = threading.Thread(target=self._watch, name="http-guard-watchdog", daemon=True)
         self._watchdog.start()
+
+    def wrap_streams(self, connection: socket.socket, rfile: Any, wfile: Any) -> tuple[Any, Any]:
+        """The handler's input and output for ``connection`` (a TLS server wraps them)."""
+        return rfile, wfile
 
     # -- admission ----------------------------------------------------------------------
 
