@@ -42,6 +42,7 @@ from http import HTTPStatus
 from typing import Any
 
 from attestation.errors import AttestationError, NonceMismatch, PolicyDenied
+from attestation.ratls import RatlsIdentity, RatlsVerifier
 from kms_adapters.errors import PolicyDenied as ReleaseDenied
 from rekey.agent_auth import (
     BODY_HASH,
@@ -55,7 +56,6 @@ from rekey.agent_auth import (
     request_mac,
     response_mac,
 )
-from attestation.ratls import RatlsIdentity, RatlsVerifier
 from rekey.http_guard import (
     MAX_BODY,
     GuardedHandler,

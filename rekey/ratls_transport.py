@@ -288,7 +288,7 @@ class _TlsIO(io.RawIOBase):
             except SSL.SysCallError as exc:
                 if exc.args and exc.args[0] == -1:  # the peer closed without close_notify
                     return 0
-                raise ConnectionResetError(errno.ECONNRESET, f"the TLS connection was reset") from None
+                raise ConnectionResetError(errno.ECONNRESET, "the TLS connection was reset") from None
             except SSL.Error as exc:
                 raise RatlsRefused(f"the peer ended the TLS connection: {_ssl_reason(exc)}") from None
 
@@ -369,7 +369,7 @@ class RatlsHTTPServer(GuardedHTTPServer):
         """The verified claims of the client certificate on ``connection`` (None: none shown)."""
         with self._streams_lock:
             stream = self._streams.get(connection)
-        state = stream._tls.get_app_data() if stream is not None else None  # noqa: SLF001 - own class
+        state = stream._tls.get_app_data() if stream is not None else None
         return state.claims if isinstance(state, _Handshake) else None
 
 
