@@ -209,7 +209,7 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         if victim is not None:
             _drop(victim)
         if not admitted:
-            self._refuse_busy(request)
+            self.refuse_busy(request)
             return
         try:
             threading.Thread(
@@ -220,7 +220,8 @@ class GuardedHTTPServer(ThreadingHTTPServer):
             self.shutdown_request(request)
             raise
 
-    def _refuse_busy(self, request: socket.socket) -> None:
+    def refuse_busy(self, request: socket.socket) -> None:
+        """Answer ``busy`` and close, never blocking the accept loop."""
         try:  # best effort, never blocking the accept loop
             request.setblocking(False)
             with contextlib.suppress(OSError):

@@ -63,6 +63,8 @@ __all__ = [
     "RatlsHTTPConnection",
     "RatlsHTTPServer",
     "RatlsRefused",
+    "RatlsSocket",
+    "open_socket",
     "peer_policy",
     "peer_verifier",
     "server_expectation",
@@ -319,7 +321,9 @@ class RatlsHTTPServer(GuardedHTTPServer):
     """`GuardedHTTPServer` over attested TLS with ``identity``; ``peer_verifier``: the check of
     an optional client certificate (None: no client certificate is asked for)."""
 
-    busy = b""  # a plain-text 503 means nothing to a TLS client: a busy server just closes
+    max_busy_answers = 4
+    """Busy answers (503) in flight at once, each in its own short-lived thread with a one-second
+    handshake deadline; past that a newcomer is just closed (the accept loop never waits)."""
 
     def __init__(
         self,
@@ -332,8 +336,10 @@ class RatlsHTTPServer(GuardedHTTPServer):
     ) -> None:
         self.identity = identity
         self._tls_context = _context(server=True, verifier=peer_verifier, identity=identity)
+        self._busy_context = _context(server=True, verifier=None, identity=identity)
         self._streams: dict[socket.socket, _TlsIO] = {}
         self._streams_lock = threading.Lock()
+        self._busy_answers = threading.BoundedSemaphore(self.max_busy_answers)
         self.handshakes_refused = 0
         super().__init__(address, handler, limits)
 
@@ -358,6 +364,36 @@ class RatlsHTTPServer(GuardedHTTPServer):
                 self._streams.pop(request, None)
             stream.shutdown_tls()
 
+    def refuse_busy(self, request: socket.socket) -> None:
+        """Answer 503 over TLS in a thread of its own (at most `max_busy_answers` at once)."""
+        if not self._busy_answers.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            threading.Thread(
+                target=self._answer_busy, args=(request,), name="ratls-busy", daemon=True
+            ).start()
+        except BaseException:
+            self._busy_answers.release()
+            self.shutdown_request(request)
+            raise
+
+    def _answer_busy(self, request: socket.socket) -> None:
+        try:
+            request.settimeout(1.0)
+            tls = SSL.Connection(self._busy_context, request)
+            tls.set_accept_state()
+            tls.set_app_data(_Handshake())
+            _handshake(tls, request, time.monotonic() + 1.0)
+            stream = _TlsIO(tls, request, 1.0)
+            stream.write(self.busy)
+            stream.shutdown_tls()
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+            self._busy_answers.release()
+
     def wrap_streams(self, connection: Any, rfile: Any, wfile: Any) -> tuple[Any, Any]:
         with self._streams_lock:
             stream = self._streams.get(connection)
@@ -379,7 +415,7 @@ class RatlsHTTPServer(GuardedHTTPServer):
 class _ClientStream(_TlsIO):
     """The response's stream: closing it releases its hold on the connection."""
 
-    def __init__(self, owner: _TlsSocket) -> None:
+    def __init__(self, owner: RatlsSocket) -> None:
         super().__init__(owner.tls, owner.raw, owner.timeout)
         self._owner = owner
 
@@ -389,10 +425,13 @@ class _ClientStream(_TlsIO):
             self._owner.release()
 
 
-class _TlsSocket:
-    """What ``http.client`` uses of a socket, over a handshaken TLS connection. As with a
-    socket, the connection stays open until it and every file made from it are closed
-    (``http.client`` closes its socket before the response body is read)."""
+class RatlsSocket:
+    """A handshaken client TLS connection with what ``http.client`` uses of a socket (and
+    ``recv``/``shutdown`` for raw use). As with a socket, the connection stays open until it and
+    every file made from it are closed (``http.client`` closes its socket before the response
+    body is read). ``peer_claims``: the server's verified claims."""
+
+    peer_claims: Claims | None = None
 
     def __init__(self, tls: SSL.Connection, sock: socket.socket, timeout: float) -> None:
         self.tls, self.raw, self.timeout = tls, sock, timeout
@@ -403,6 +442,23 @@ class _TlsSocket:
 
     def sendall(self, data: Any) -> None:
         self._stream.write(data)
+
+    def recv(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        return bytes(buffer[: self._stream.readinto(buffer)])
+
+    def shutdown(self, _how: int) -> None:
+        """Send TLS close_notify (the peer reads end of stream); the socket stays open."""
+        self._stream.shutdown_tls()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def __enter__(self) -> RatlsSocket:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def makefile(self, mode: str = "rb", *_args: Any, **_kwargs: Any) -> io.BufferedReader:
         if "r" not in mode:
@@ -449,18 +505,34 @@ class RatlsHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         timeout = self.timeout if isinstance(self.timeout, int | float) else 30.0
-        sock = socket.create_connection((self.host, self.port), timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = SSL.Connection(
-                _context(server=False, verifier=self._verifier, identity=self._identity), sock
-            )
-            tls.set_connect_state()
-            state = _Handshake()
-            tls.set_app_data(state)
-            _handshake(tls, sock, time.monotonic() + timeout)
-        except BaseException:
-            sock.close()
-            raise
-        self.peer_claims = state.claims
-        self.sock = _TlsSocket(tls, sock, timeout)
+        sock = open_socket(
+            self.host, self.port, verifier=self._verifier, identity=self._identity, timeout=timeout
+        )
+        self.peer_claims = sock.peer_claims
+        self.sock = sock
+
+
+def open_socket(
+    host: str,
+    port: int,
+    *,
+    verifier: RatlsVerifier,
+    identity: RatlsIdentity | None = None,
+    timeout: float = 30.0,
+) -> RatlsSocket:
+    """Connect and run the attested TLS handshake; `RatlsRefused` when the server's certificate
+    does not pass ``verifier`` (or the handshake fails otherwise)."""
+    sock = socket.create_connection((host, port), timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = SSL.Connection(_context(server=False, verifier=verifier, identity=identity), sock)
+        tls.set_connect_state()
+        state = _Handshake()
+        tls.set_app_data(state)
+        _handshake(tls, sock, time.monotonic() + timeout)
+    except BaseException:
+        sock.close()
+        raise
+    opened = RatlsSocket(tls, sock, timeout)
+    opened.peer_claims = state.claims
+    return opened
