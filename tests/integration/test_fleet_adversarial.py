@@ -38,7 +38,7 @@ class Relay:
         self.seen = bytearray()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -48,7 +48,7 @@ class Relay:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            mine = self.url.removeprefix("http://").encode()
+            mine = self.url.removeprefix("https://").encode()
             theirs = f"{self.target[0]}:{self.target[1]}".encode()
             for a, b, rewrite in ((client, upstream, (mine, theirs)), (upstream, client, None)):
                 threading.Thread(target=self._pipe, args=(a, b, rewrite), daemon=True).start()
@@ -141,7 +141,7 @@ def test_a_missing_token_or_unknown_endpoint_is_one_line_and_stores_nothing(
             assert code != 0, extra
             _one_error_line(stderr)
         code, _, stderr = _state(
-            capsys, relay_root, "put", "--agent", "http://127.0.0.1:1", "--name", "db", "--in", str(secret)
+            capsys, relay_root, "put", "--agent", "https://127.0.0.1:1", "--name", "db", "--in", str(secret)
         )
         assert code == 2 and "no registered agent" in _one_error_line(stderr)
         code, stdout, _ = _state(capsys, relay_root, "list", "--json")
