@@ -43,7 +43,7 @@ from tests.fixtures.cli import MANIFEST
 pytestmark = pytest.mark.integration
 
 GOOD = MANIFEST | {"id": "tls-v1", "svn": 2}
-BAD = {
+BAD: dict[str, dict[str, Any]] = {
     "debug": {"debug": True},
     "other signer": {"signer": "99" * 32},
     "lower svn": {"svn": 1},

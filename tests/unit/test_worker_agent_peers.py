@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ from tests.fixtures.cli import MANIFEST
 def record(agent_id: str, generation: str = "payments-v1", host_id: str = "sim-0") -> AgentRecord:
     now = datetime.now(UTC)
     fields = {f.name for f in dataclasses.fields(AgentRecord)}
-    values = {
+    values: dict[str, Any] = {
         "agent_id": agent_id,
         "host_id": host_id,
         "generation": generation,
