@@ -33,10 +33,10 @@ trust an answer the agent did not give. So (scheme ``Rekey-HMAC``):
   status, SHA-256 of the body). :class:`AgentClient` refuses any answer without a valid proof
   (:class:`AgentUnproven`), so a port squatter cannot feed it a forged blob or plaintext.
 
-What a squatter still receives is what the caller sends in a body (the plaintext of ``/v1/seal``,
-a blob for ``/v1/unseal``): the caller cannot know before sending that the listener is not the
-agent. Deleting the tokens at shutdown keeps callers that start after the agent stopped from
-sending anything.
+A squatter receives no request at all: it cannot show the agent's evidence in the attested TLS
+handshake, so the client sends nothing (before attested TLS it would have received the body: the
+plaintext of ``/v1/seal``, a blob for ``/v1/unseal``). Deleting the tokens at shutdown keeps
+callers that start after the agent stopped from sending anything.
 """
 
 from __future__ import annotations
