@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
 from attestation.claims import Claims
+from attestation.errors import AttestationError
 from attestation.platform import PlatformVerifier
 from attestation.policy import TCB_STATUSES, Policy, format_duration, parse_policy
 from attestation.ratls import CERT_LIFETIME, RatlsIdentity, RatlsVerifier
@@ -119,7 +120,7 @@ def sim_verifier_for(root_ca_pems: Iterable[bytes]) -> Callable[[str, bytes], Pl
             raise ValueError(f"no verifier for platform {platform}")
         now = datetime.now(UTC)
         for verifier in verifiers:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(AttestationError):
                 verifier.verify_chain(evidence, now)
                 return verifier
         return verifiers[0]  # its verification says why the chain fails
@@ -197,7 +198,11 @@ def _verify_callback(verifier: RatlsVerifier) -> Callable[..., bool]:
             except Exception:  # a certificate the TLS library read but cryptography cannot
                 state.decided, state.reason = False, "the peer's certificate cannot be read"
                 return False
-            state.claims, state.reason = verifier.try_verify(der)
+            try:
+                state.claims, state.reason = verifier.try_verify(der)
+            except Exception:  # a verifier bug must refuse, never escape into the TLS library
+                log.exception("verifying an attested TLS peer failed")
+                state.claims, state.reason = None, "the peer's certificate could not be verified"
             state.decided = state.claims is not None
             if not state.decided:
                 log.info("attested TLS peer refused: %s", state.reason)
