@@ -19,6 +19,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,9 @@ def test_verified_peers_are_cached_on_both_sides(sim_host: SimHost) -> None:
             with pytest.raises(OSError):
                 bad.call("/v1/identity")
         assert peers.verifications == 3
+        deadline = time.monotonic() + 10  # the server counts after it sent its alert
+        while served.server.handshakes_refused < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert served.server.handshakes_refused == 2
     finally:
         served.close()
