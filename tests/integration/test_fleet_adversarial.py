@@ -30,8 +30,10 @@ pytestmark = pytest.mark.integration
 
 class Relay:
     """A TCP relay on a free 127.0.0.1 port to ``target``, keeping every byte it forwards and
-    rewriting the ``Host`` header to the target's (the agent refuses a foreign Host; the request
-    MAC names the endpoint the caller meant, the relay's)."""
+    rewriting the ``Host`` header to the target's where it can read it (the agent refuses a
+    foreign Host; the request MAC names the endpoint the caller meant, the relay's). Over
+    attested TLS the relay passes the agent's own handshake through but sees only ciphertext, so
+    it rewrites nothing."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -111,8 +113,9 @@ def test_a_relay_registered_as_an_agent_sees_no_plaintext(
         code, out, err = _state(
             capsys, relay_root, "put", "--agent", relay.url, "--name", "db", "--in", str(secret)
         )
-        # The relay forwards the signed identity request, which names the relay's port: the agent
-        # refuses it, so the put fails before any plaintext is sent, and stores nothing.
+        # The relay forwards the signed identity request (inside the agent's own TLS session),
+        # which names the relay's port: the agent refuses it, so the put fails before any
+        # plaintext is sent, and stores nothing.
         assert code != 0 and out == "", err
         assert "the answer is not authenticated" in _one_error_line(err)
         assert bytes(relay.seen)  # the request did go through the relay
@@ -186,7 +189,7 @@ def test_an_agent_that_cannot_write_its_start_lines_cleans_up(relay_root: Path) 
     port, at an endpoint the registry still lists as live)."""
     manifest = relay_root / "v1.yaml"
     manifest.write_text(yaml.safe_dump(MANIFEST))
-    state_dir = relay_root / "home" / "agent" / MANIFEST["id"]
+    state_dir = relay_root / "home" / "agent" / str(MANIFEST["id"])
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
