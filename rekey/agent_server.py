@@ -1,4 +1,8 @@
-"""HTTP JSON transport for the enclave agent (``rekey agent serve``), on 127.0.0.1 only.
+"""HTTPS JSON transport for the enclave agent (``rekey agent serve``), on 127.0.0.1 only.
+
+HTTPS only, over attested TLS (`rekey.ratls_transport`): the agent's certificate carries its
+enclave's evidence over the certificate key, and a calling agent's optional client certificate
+must pass the agent's peer policy; the signed requests below work inside that connection.
 
 Binary values travel as base64 strings. Errors answer ``{"error": {"type", "message"[, "reasons"]}}``
 with 400 (bad request), 401 (no or wrong bearer token), 403 (policy, nonce or Origin refused),
@@ -38,6 +42,7 @@ from http import HTTPStatus
 from typing import Any
 
 from attestation.errors import AttestationError, NonceMismatch, PolicyDenied
+from attestation.ratls import RatlsIdentity, RatlsVerifier
 from kms_adapters.errors import PolicyDenied as ReleaseDenied
 from rekey.agent_auth import (
     BODY_HASH,
@@ -54,12 +59,12 @@ from rekey.agent_auth import (
 from rekey.http_guard import (
     MAX_BODY,
     GuardedHandler,
-    GuardedHTTPServer,
     GuardLimits,
     Refused,
     declared_length,
     one_header,
 )
+from rekey.ratls_transport import RatlsHTTPServer
 from sealing.agent import MAX_SEAL_VERSION, EnclaveAgent
 from sealing.errors import SealingError
 
@@ -432,8 +437,12 @@ def make_handler(
     return Handler
 
 
-class AgentHTTPServer(GuardedHTTPServer):
-    """The agent's server: ``rekey.http_guard`` limits."""
+class AgentHTTPServer(RatlsHTTPServer):
+    """The agent's server: attested TLS (`rekey.ratls_transport`) with ``rekey.http_guard`` limits."""
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server_address[1]}"
 
 
 def make_server(
@@ -443,10 +452,21 @@ def make_server(
     tokens: Mapping[str, str],
     allowed_origins: Iterable[str] = (),
     limits: ServerLimits | None = None,
+    identity: RatlsIdentity | None = None,
+    peer_verifier: RatlsVerifier | None = None,
 ) -> AgentHTTPServer:
-    """Bind 127.0.0.1:port (0 picks a free port); the caller runs ``serve_forever``.
+    """Bind 127.0.0.1:port (0 picks a free port) for HTTPS only; the caller runs ``serve_forever``.
 
-    ``tokens`` maps each accepted caller token to its caller's name (``rekey.agent_auth``)."""
+    ``tokens`` maps each accepted caller token to its caller's name (``rekey.agent_auth``).
+    ``identity``: the RA-TLS certificate and key (default: a fresh one from the agent's enclave,
+    `EnclaveAgent.ratls_identity`); ``peer_verifier``: the check of a calling agent's optional
+    client certificate (None: none is asked for)."""
     limits = limits or ServerLimits()
     handler = make_handler(AgentApi(agent), tokens, allowed_origins, limits)
-    return AgentHTTPServer(("127.0.0.1", port), handler, limits)
+    return AgentHTTPServer(
+        ("127.0.0.1", port),
+        handler,
+        limits,
+        identity=identity or agent.ratls_identity(),
+        peer_verifier=peer_verifier,
+    )
