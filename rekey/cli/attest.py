@@ -114,8 +114,9 @@ def _verify(
             decision = policy.evaluate(claims, now=at, nonce_checked=nonce is not None)
             if not decision.allowed:
                 raise PolicyDenied(decision.reasons)
-            return {"allowed": True, "policy": policy.id, "claims": claims.to_dict(), "token": None}
-        no_token = None  # no signed result without a policy
+        no_token = None  # no signed result without the evidence's public key, or without a policy
+        if policy is not None:
+            return {"allowed": True, "policy": policy.id, "claims": claims.to_dict(), "token": no_token}
         return {"allowed": True, "claims": claims.to_dict(), "token": no_token}
     policy = load_policy(policy_path)
     signer = ResultSigner.load_or_create(settings().home / "verifier" / "es256.pem")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _fuzz(harness: Path, tmp_path: Path, *args: str, timeout: float) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run(  # noqa: S603 - our own harness, fixed arguments
+    result = subprocess.run(
         [sys.executable, str(harness), *args],
         cwd=tmp_path,
         env=env,
