@@ -68,6 +68,11 @@ _TCB_STATUSES = frozenset(
     }
 )
 _JWS_RE = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_URLSAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: The last character of a segment whose length is 2 or 3 (mod 4) carries 4 or 2 unused bits,
+#: which a canonical encoding leaves zero: only these characters may end such a segment.
+_CANONICAL_LAST = {2: frozenset(_URLSAFE[::16]), 3: frozenset(_URLSAFE[::4])}
 _HEX32 = re.compile(r"[0-9a-f]{64}")
 _HEX64 = re.compile(r"[0-9a-f]{128}")
 _CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion)
@@ -142,13 +147,13 @@ def _token(evidence: bytes) -> _Token:
     # segment is not signed: a lenient decoder would accept several spellings of one token.
     decoded = []
     for segment in data.split(b"."):
-        try:
-            raw = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
-        except (binascii.Error, ValueError):
-            raise MalformedEvidence("MAA token segment is not base64url") from None
-        if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment:
+        tail = len(segment) % 4  # characters in the last, partial quantum
+        if tail == 1 or (tail and segment[-1] not in _CANONICAL_LAST[tail]):
             raise MalformedEvidence("MAA token segment is not canonical base64url")
-        decoded.append(raw)
+        try:
+            decoded.append(binascii.a2b_base64(segment.translate(_FROM_URLSAFE) + b"=" * (-tail % 4)))
+        except binascii.Error:
+            raise MalformedEvidence("MAA token segment is not base64url") from None
     return _Token(data.decode("ascii"), *decoded)
 
 
