@@ -24,9 +24,39 @@ import re
 from attestation.errors import AttestationError, MalformedEvidence
 from attestation.platform import PlatformVerifier
 
-__all__ = ["PLATFORMS", "MissingMaterial", "claims_platform", "decode_evidence_file", "make_verifier"]
+__all__ = [
+    "IDENTITY_DETAILS",
+    "PLATFORMS",
+    "MissingMaterial",
+    "claims_platform",
+    "decode_evidence_file",
+    "identity_details",
+    "make_verifier",
+]
 
 PLATFORMS = ("sim", "sgx", "tdx", "sev-snp", "nitro", "maa")
+
+#: The details that name a build (what a generation is), per platform, beside measurement and
+#: signer: on TDX the measurement is MRTD (the firmware) only, so the RTMRs (kernel, command
+#: line, application), the owner and config ids, XFAM and the TD attributes say which workload
+#: it is; on SEV-SNP the host data, family and image ids, guest policy and VMPL; on Nitro PCR1
+#: (kernel) and PCR2 (application). Never per-instance values (nonces, user data, public keys,
+#: report or chip ids, Nitro PCR3/PCR4: the instance's role and id) nor values the runtime
+#: extends (TDX RTMR3). SGX's MRENCLAVE already covers the enclave's whole image.
+IDENTITY_DETAILS: dict[str, tuple[str, ...]] = {
+    "sim": (),
+    "sgx": (),
+    "tdx": ("mrconfigid", "mrowner", "mrownerconfig", "rtmr0", "rtmr1", "rtmr2", "td_attributes", "xfam"),
+    "sev-snp": ("family_id", "host_data", "image_id", "policy", "vmpl"),
+    "nitro": ("pcr1", "pcr2"),
+}
+
+
+def identity_details(platform: str, details: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """The identity details (``IDENTITY_DETAILS``) among a claims' ``details``."""
+    wanted = IDENTITY_DETAILS.get(platform, ())
+    return {name: value for name, value in details if name in wanted}
+
 
 _HEX_TEXT = re.compile(rb"\s*(?:[0-9a-fA-F]{2}\s*)+")
 

@@ -56,6 +56,7 @@ from attestation.claims import Claims
 from attestation.errors import AttestationError
 
 __all__ = [
+    "NO_SIGNER_WHEN_ZERO",
     "TCB_STATUSES",
     "Decision",
     "Policy",
@@ -83,6 +84,10 @@ TCB_STATUSES = frozenset(
         "Revoked",
     }
 )
+
+#: Platforms whose signer field is all zeros when the build has none (SEV-SNP without an ID key,
+#: TDX without MROWNER, an unsigned Nitro image's PCR8): a signer rule there must name one.
+NO_SIGNER_WHEN_ZERO = frozenset({"sev-snp", "tdx", "nitro"})
 
 #: Evidence dated further in the future than this is refused by rules that limit evidence age.
 CLOCK_SKEW = timedelta(seconds=60)
@@ -190,6 +195,13 @@ class Rule(BaseModel):
         if self.measurements is None:
             if not given:
                 raise ValueError("needs either measurements or signer + product_id + min_svn")
+            zero_signer = self.signer is not None and not self.signer.strip("0")
+            if zero_signer and self.platform in NO_SIGNER_WHEN_ZERO:
+                raise ValueError(
+                    f"signer is all zeros: {self.platform} evidence without a signer (no ID key, no"
+                    " owner, an unsigned image) names no one, so this rule would admit any workload;"
+                    " give measurements"
+                )
             missing = [name for name in identity if name not in given]
             if missing:
                 raise ValueError(f"signer, product_id and min_svn go together; missing {', '.join(missing)}")

@@ -584,6 +584,7 @@ class AwsKmsAdapter(ReleaseGate):
                 raise InvalidRequest(
                     f"version {version} of {self.key_ref} exists but is {_STATE_TEXT[existing.state]}"
                 )
+            self._recipient_statement_on(existing.key_id)  # a retried rotation may have missed it
             return existing
         meta = self._new_key("key-per-version", version)
         key_id = str(meta["KeyId"])
@@ -601,10 +602,14 @@ class AwsKmsAdapter(ReleaseGate):
             return adopted
         entry = _Version(version, key_id, str(meta["Arn"]), "enabled", meta.get("CreationDate"))
         self._remember(entry)
+        self._recipient_statement_on(key_id)
+        return entry
+
+    def _recipient_statement_on(self, key_id: str) -> None:
+        """The release policy's ``recipient_statement`` on a version's new KMS key (idempotent)."""
         policy = self.release_store.get(self.key_ref)
         if policy is not None and recipient_statement(policy.policy) is not None:
             self._apply_recipient_statement(key_id, policy)
-        return entry
 
     def create(self, *, rotation_mode: RotationMode | None = None) -> tuple[KeyInfo, bool]:
         try:
@@ -819,23 +824,25 @@ RECIPIENT_SID = "RekeyNitroRecipientAttestation"
 
 
 def recipient_statement(policy: Policy) -> dict[str, Any] | None:
-    """The key-policy statement for the Nitro rules of ``policy``: deny ``kms:Decrypt`` to any
-    ``Recipient`` whose image (``kms:RecipientAttestation:ImageSha384``, PCR0) none of the rules
-    allows. A Deny never grants anything, so adding it cannot lock out the key's administrators
-    or the worker (their decrypts carry no attestation: the ``Null`` condition). None when no
-    rule names Nitro measurements. Rules that pin a signer instead (PCR8) or further PCRs are
-    enforced by the gate; the Allow statement for the enclave's role can pin those too
-    (``attestation.nitro.nitro_recipient_conditions``)."""
-    images = sorted(
-        {
-            m
-            for rule in policy.rules
-            if rule.platform == "nitro" and rule.measurements
-            for m in rule.measurements
-        }
-    )
-    if not images:
+    """The key-policy statement for the Nitro rules of ``policy``: deny ``kms:Decrypt`` to a
+    ``Recipient`` that no Nitro rule can admit: its image (``kms:RecipientAttestation:
+    ImageSha384``, PCR0) is none of the measurement rules' and its signing certificate
+    (``kms:RecipientAttestation:PCR8``) none of the signer rules' (IAM ANDs the two, so
+    either allowed value lets the request through to the gate). A Deny never grants anything, so
+    adding it cannot lock out the key's administrators or the worker (their decrypts carry no
+    attestation: the ``Null`` condition). None when the policy has no Nitro rule. Further PCRs
+    and details are enforced by the gate; the Allow statement for the enclave's role can pin
+    them too (``attestation.nitro.nitro_recipient_conditions``)."""
+    rules = [rule for rule in policy.rules if rule.platform == "nitro"]
+    images = sorted({m for rule in rules if rule.measurements for m in rule.measurements})
+    signers = sorted({rule.signer for rule in rules if rule.signer is not None})
+    if not rules:
         return None
+    refused: dict[str, list[str]] = {}
+    if images:
+        refused["kms:RecipientAttestation:ImageSha384"] = images
+    if signers:
+        refused["kms:RecipientAttestation:PCR8"] = signers
     return {
         "Sid": RECIPIENT_SID,
         "Effect": "Deny",
@@ -843,7 +850,7 @@ def recipient_statement(policy: Policy) -> dict[str, Any] | None:
         "Action": "kms:Decrypt",
         "Resource": "*",
         "Condition": {
-            "StringNotEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": images},
+            "StringNotEqualsIgnoreCase": refused,
             "Null": {"kms:RecipientAttestation:ImageSha384": "false"},
         },
     }

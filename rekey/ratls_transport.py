@@ -54,7 +54,7 @@ from OpenSSL import SSL
 from attestation.claims import Claims
 from attestation.errors import AttestationError
 from attestation.platform import PlatformVerifier
-from attestation.policy import TCB_STATUSES, Policy, format_duration, parse_policy
+from attestation.policy import NO_SIGNER_WHEN_ZERO, TCB_STATUSES, Policy, format_duration, parse_policy
 from attestation.ratls import CERT_LIFETIME, RatlsIdentity, RatlsVerifier
 from attestation.sim import SimVerifier
 from rekey.http_guard import GuardedHTTPServer, GuardLimits
@@ -93,17 +93,23 @@ class RatlsRefused(ConnectionError):
 
 
 def _rule(manifest: GenerationManifest, *, debug: bool) -> dict[str, Any]:
+    """Signer, product id and SVN of ``manifest`` (its measurement where its signer is all zeros:
+    evidence without a signer names no one), its details, debug as given."""
     statuses = sorted({"UpToDate", manifest.tcb} & TCB_STATUSES)
-    return {
+    rule: dict[str, Any] = {
         "platform": manifest.platform,
-        "signer": manifest.signer,
-        "product_id": manifest.product_id,
-        "min_svn": manifest.svn,
         "debug_allowed": debug,
         "tcb_statuses": statuses,
         "max_evidence_age": format_duration(MAX_EVIDENCE_AGE),
         "nonce_required": False,
     }
+    if manifest.platform in NO_SIGNER_WHEN_ZERO and not manifest.signer.strip("0"):
+        rule["measurements"] = [manifest.measurement]
+    else:
+        rule |= {"signer": manifest.signer, "product_id": manifest.product_id, "min_svn": manifest.svn}
+    if manifest.details:
+        rule["details"] = dict(manifest.details)
+    return rule
 
 
 def peer_policy(manifest: GenerationManifest) -> Policy:

@@ -7,8 +7,10 @@ what an upgrade from one generation to another changes, and flags what matters f
 state: a new measurement (MRENCLAVE-sealed data needs a handoff), a new signer (the sealing
 authority changed), a lower SVN (a downgrade) and debug switched on.
 
-``details`` holds the platform's own fields beyond those (TDX RTMRs and MRSEAM, SEV-SNP host data
-and family id, Nitro PCRs 1 to 15, SGX attributes...), by the names ``Claims.details`` uses;
+``details`` holds the platform's own fields that name a build beyond those (TDX RTMRs, owner and
+config ids; SEV-SNP host data, family and image ids, policy, VMPL; Nitro PCR1 and PCR2: see
+``attestation.platforms.IDENTITY_DETAILS``), by the names ``Claims.details`` uses; evidence of the
+generation must match each (release policies, attested TLS and migrations check them).
 ``manifest_from_claims`` builds a manifest from verified evidence, so a deploy pipeline registers
 exactly what runs. A manifest without details has the canonical form it always had.
 """
@@ -25,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from attestation.claims import Claims
+from attestation.platforms import identity_details
 
 Platform = Literal["sim", "sgx", "sev-snp", "tdx", "nitro"]
 
@@ -138,9 +141,22 @@ def manifest_from_claims(
         "svn": claims.svn,
         "debug": claims.debug,
         "tcb": claims.tcb_status,
-        "details": dict(claims.details),
+        "details": identity_details(claims.platform, claims.details),
     }
     return parse_manifest(document, source)
+
+
+def details_reasons(manifest: GenerationManifest, claims: Claims) -> list[str]:
+    """Why ``claims`` are not of ``manifest``'s build as far as its details go (each detail the
+    manifest names must be the evidence's); empty when they all match."""
+    reasons = []
+    for name, want in sorted(manifest.details.items()):
+        got = claims.detail(name)
+        if got is None:
+            reasons.append(f"the evidence has no {name} but {manifest.id} names one")
+        elif got.lower() != want.lower():
+            reasons.append(f"{name} {got[:16]}… is not {manifest.id}'s {want[:16]}…")
+    return reasons
 
 
 def _first_error(exc: ValidationError) -> str:

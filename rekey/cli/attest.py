@@ -30,7 +30,7 @@ from attestation.token import ResultSigner, verify_result
 from attestation.verifier import Verifier
 from rekey.cli.context import settings, sim_host_dir
 from rekey.cli.files import InputFileError, read_input
-from rekey.cli.output import EXIT_DENIED, CliError, emit_json, err, json_option, out, table
+from rekey.cli.output import EXIT_DENIED, CliError, emit_json, err, json_option, out, printable, table
 from sealing.handoff import report_data_for
 from sealing.tee.sim import SimHost
 
@@ -164,6 +164,9 @@ def _platform_verifier(
     jwks = read_input(jwks_path) if jwks_path is not None else None
     try:
         return make_verifier(platform, collateral=collateral, jwks=jwks, sim_root_pem=root)
+    except ValueError as exc:  # collateral or JWKS that cannot be read
+        option = "--jwks" if platform == "maa" else "--collateral"
+        raise click.UsageError(f"{option}: {printable(str(exc))}") from None
     except MissingMaterial:
         option = "--jwks FILE" if platform == "maa" else "--collateral FILE"
         what = {"maa": "the provider's JWKS", "sev-snp": "the VCEK/VLEK certificate"}.get(

@@ -7,6 +7,7 @@ import json
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import boto3
 import pytest
@@ -45,6 +46,7 @@ from sealing.handoff import HandoffKeyPair, fingerprint
 from tests.fixtures.nitro import PCR0, NitroTestCA
 from tests.fixtures.ports import free_port
 
+T = TypeVar("T")
 DER, SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 
 pytestmark = pytest.mark.integration
@@ -451,3 +453,51 @@ def test_release_for_nitro_binds_the_verified_document_to_the_result(
     if mode == "key-per-version":  # a new version's KMS key gets the statement when it is made
         key.rotate()
         assert statement() is not None
+
+
+class _FailsOnce(Governor):
+    """A governor whose first ``op`` call fails as a throttle that outlived the retries would."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(f"moto-{secrets.token_hex(4)}")
+        self.failing: str | None = op
+
+    def call(self, fn: Callable[[], T], *, op: str = "", idempotent: bool = True) -> T:
+        if op == self.failing:
+            self.failing = None
+            raise Unavailable(f"{op} failed (injected)")
+        return super().call(fn, op=op, idempotent=idempotent)
+
+
+def test_a_retried_rotation_still_puts_the_recipient_statement_on_the_new_key(moto_url: str) -> None:
+    governor = _FailsOnce("kms:put_key_policy")
+    governor.failing = None  # not yet: the first policy is set normally
+    key = AwsKmsAdapter(
+        _name(),
+        endpoint_url=moto_url,
+        region=REGION,
+        release_store=MemoryReleasePolicyStore(),
+        credentials=CREDENTIALS,
+        governor=governor,
+    )
+    key.create(rotation_mode="key-per-version")
+    rule = {"platform": "nitro", "signer": "5e" * 48, "product_id": 0, "min_svn": 0, "nonce_required": False}
+    policy = parse_policy({"id": "nitro-signed", "rules": [rule]})
+    key.set_release_policy(ReleasePolicy(policy, ResultSigner.generate().public_pem()))
+    governor.failing = "kms:put_key_policy"
+    with pytest.raises(Unavailable):
+        key.rotate()  # version 2's key and alias exist; its key policy was not written
+    assert key.rotate().primary_version == 2  # the retry adopts the key and writes it
+    client = boto3.client("kms", region_name=REGION, endpoint_url=moto_url, **CREDENTIALS)
+    for version in (1, 2):
+        key_id = client.describe_key(KeyId=key.version_alias(version))["KeyMetadata"]["KeyId"]
+        statements = json.loads(client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"])[
+            "Statement"
+        ]
+        ours = [s for s in statements if s.get("Sid") == RECIPIENT_SID]
+        assert len(ours) == 1, (version, statements)
+        # A signer rule's PCR8 lets its images through: only documents matching no rule are denied.
+        assert ours[0]["Condition"]["StringNotEqualsIgnoreCase"] == {
+            "kms:RecipientAttestation:PCR8": ["5e" * 48]
+        }
+        assert len(statements) > 1  # the default statements are kept

@@ -206,3 +206,47 @@ def test_generation_register_options_go_together(home: Path, capsys: pytest.Capt
     hostile = [*material(tdx), "--at", tdx["at"], "--id", "../../etc/passwd"]
     one_error(run_cli(capsys, "generation", "register", "--from-evidence", *hostile), 2, "id")
     assert stored_generations(home) == []
+
+
+def test_a_nitro_build_registers_with_its_identity_pcrs_only(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nitro = next(s for s in SAMPLES if s["platform"] == "nitro")
+    args = [
+        "generation",
+        "register",
+        "--from-evidence",
+        *material(nitro),
+        "--at",
+        nitro["at"],
+        "--id",
+        "enc-1",
+    ]
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    registered = json.loads(out)
+    # PCR1 (kernel) and PCR2 (application) name the build; the document's nonce, user data and
+    # public key (1 KiB each in this sample) and the instance's PCR3/PCR4 do not.
+    assert sorted(registered["details"]) == ["pcr1", "pcr2"]
+    assert registered["details"]["pcr1"].startswith("0343b056")
+
+
+@pytest.mark.parametrize("platform", ["sgx", "tdx", "sev-snp", "maa"])
+def test_unreadable_collateral_or_jwks_is_one_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], platform: str
+) -> None:
+    sample = next(s for s in SAMPLES if s["platform"] == platform)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00not collateral\xff" * 10)
+    option = "--jwks" if platform == "maa" else "--collateral"
+    code, _out, err = run_cli(
+        capsys,
+        "attest",
+        "verify",
+        str(VECTORS / sample["evidence"]),
+        "--platform",
+        platform,
+        option,
+        str(garbage),
+    )
+    one_error((code, _out, err), 2, option)
