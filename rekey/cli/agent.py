@@ -295,7 +295,8 @@ def serve(
     """Serve the agent API over attested TLS (HTTPS only) on 127.0.0.1 until stopped (SIGINT/SIGTERM).
 
     At start the agent makes a fresh TLS key and a self-signed certificate whose extension
-    carries its enclave's evidence over the key's hash (valid 24 h; a restart makes a new one).
+    carries its enclave's evidence over the key's hash (valid 24 h; every 12 h it makes a new one
+    for new connections).
     Clients check that evidence against the generation they expect; a calling agent's optional
     client certificate must show the same signer and product id, an SVN not below this one's.
 
@@ -338,7 +339,7 @@ def serve(
             tokens=tokens,
             allowed_origins=allowed_origins,
             limits=limits,
-            identity=agent.ratls_identity(),
+            # Its RA-TLS identity: made now from the enclave and renewed every RENEW_EVERY.
             # A calling agent's certificate: same signer and product, SVN not below this one.
             peer_verifier=peer_verifier(manifest, [host.root_ca_pem()]),
         )
