@@ -20,7 +20,9 @@ peer policy or the handshake fails and nothing reaches the handler. A connection
 is closed at once (a TLS client sees the handshake fail: the accept loop never runs a handshake).
 
 Client side (`RatlsHTTPConnection`): an ``http.client.HTTPConnection`` whose ``connect`` runs
-the handshake and refuses (`RatlsRefused`, an OSError) a server whose certificate does not pass.
+the handshake and refuses (`RatlsUntrusted`, a `RatlsRefused`, an OSError) a server whose
+certificate does not pass; another failed handshake (cut off, an alert from the server) is a
+plain `RatlsRefused`.
 
 Renewal: a certificate lives `attestation.ratls.CERT_LIFETIME`. A server given ``renew`` (a
 maker of fresh identities: new key, new evidence binding it, new certificate) replaces its
@@ -73,6 +75,7 @@ __all__ = [
     "RatlsHTTPServer",
     "RatlsRefused",
     "RatlsSocket",
+    "RatlsUntrusted",
     "open_socket",
     "peer_policy",
     "peer_verifier",
@@ -98,6 +101,12 @@ class RatlsRefused(ConnectionError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EPROTO, message)
+
+
+class RatlsUntrusted(RatlsRefused):
+    """The peer's certificate did not pass this side's check: the peer is not the attested
+    party expected (another build, another host, no binding). Not an outage: retrying the same
+    peer meets the same certificate."""
 
 
 # ------------------------------------------------------------------------------ policies
@@ -275,7 +284,10 @@ def _handshake(tls: SSL.Connection, sock: socket.socket, deadline: float) -> Non
         except SSL.Error as exc:
             state = tls.get_app_data()
             reason = state.reason if isinstance(state, _Handshake) and state.reason else _ssl_reason(exc)
-            raise RatlsRefused(f"attested TLS handshake failed: {reason}") from None
+            refused = (
+                RatlsUntrusted if isinstance(state, _Handshake) and state.decided is False else RatlsRefused
+            )
+            raise refused(f"attested TLS handshake failed: {reason}") from None
 
 
 class _TlsIO(io.RawIOBase):

@@ -31,7 +31,7 @@ from rekey.backends import agent_releaser, sim_root_cas
 from rekey.cli.context import settings, sim_host_dir, store
 from rekey.cli.output import EXIT_FAILED, CliError, emit_json, err, json_option, out, printable, table
 from rekey.fleet import DEFAULT_REFRESH_SECONDS, FleetMembership
-from rekey.ratls_transport import peer_verifier, server_expectation
+from rekey.ratls_transport import RatlsUntrusted, peer_verifier, server_expectation
 from sealing.agent import EnclaveAgent
 from sealing.errors import SealingError
 from sealing.generation import ManifestError, load_manifest
@@ -465,6 +465,8 @@ def call(
         result = client.call(path, payload)
     except AgentCallError as exc:
         raise AgentRefused(str(exc)) from None
+    except RatlsUntrusted as exc:
+        raise AgentRefused(f"the agent at {url} is not the attested agent expected: {exc.strerror}") from None
     except OSError as exc:
         raise AgentRefused(f"cannot reach the agent at {url}: {exc}") from None
     emit_json(result)

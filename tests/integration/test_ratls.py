@@ -10,7 +10,9 @@ counts what the server verified, an agent server in this process).
 * a good peer passes, and the second connection is served from the verifier's cache;
 * evidence copied into a certificate for another key is refused, on either side;
 * a serving agent renews its certificate (fresh key, fresh evidence) before the first one ends,
-  and a client connecting after that end still gets through; a failed renewal is tried again.
+  and a client connecting after that end still gets through; a failed renewal is tried again;
+* an agent of another generation than the one expected is a refusal (`AgentUntrusted`), not
+  an outage (`AgentDown`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import http.client
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,16 +40,21 @@ from cryptography.x509.oid import NameOID
 from attestation.ratls import OID_SIM_EVIDENCE, RatlsIdentity, RatlsVerifier, make_identity
 from attestation.sim import SimVerifier
 from rekey.agent_auth import AgentClient, AgentCredentialError, sign_request
+from rekey.agent_peer import AgentPeer
+from rekey.agent_sealer import AgentSealer
 from rekey.agent_server import AgentApi, AgentHTTPServer, ServerLimits, make_handler, make_server
 from rekey.ratls_transport import (
     RatlsHTTPConnection,
     RatlsRefused,
+    RatlsUntrusted,
     open_socket,
     peer_verifier,
     server_expectation,
 )
 from sealing.agent import EnclaveAgent
 from sealing.generation import GenerationManifest, parse_manifest
+from sealing.migration import AgentDown, AgentRefused, AgentUntrusted
+from sealing.state import EnclaveRefused
 from sealing.tee.sim import EnclaveIdentity, SimHost
 from tests.fixtures.agent import Agent, start_agents, stop_agents
 from tests.fixtures.cli import MANIFEST
@@ -379,3 +388,56 @@ def test_a_failed_renewal_keeps_the_current_certificate_and_is_tried_again(sim_h
     stopped = len(attempts)
     time.sleep(0.3)
     assert len(attempts) == stopped  # a closed server renews no more
+
+
+def test_an_agent_of_another_generation_is_a_refusal_not_an_outage(sim_host: SimHost) -> None:
+    """A client expecting generation A meets an agent of generation B (same signer and product,
+    other code): `AgentUntrusted`, an `AgentRefused` the migration treats as final, with a
+    one-line reason; a closed port stays `AgentDown` (an outage, waited for)."""
+    expected = parse_manifest(GOOD | {"id": "tls-gen-a"})
+    served = _serve(sim_host, parse_manifest(GOOD | {"id": "tls-gen-b", "measurement": "55" * 32}))
+    try:
+        expect = server_expectation(expected, [sim_host.root_ca_pem()])
+        peer = AgentPeer(AgentClient(served.server.url, "t" * 43, expect=expect))
+        with pytest.raises(AgentUntrusted) as refused:
+            peer.identity()
+        message = str(refused.value)
+        assert message.startswith(f"the agent at {served.server.url} is not the attested agent expected: ")
+        assert "measurement" in message and "\n" not in message and "Errno" not in message
+        assert isinstance(refused.value, AgentRefused) and not isinstance(refused.value, AgentDown)
+        # Through the same handshake, without AgentPeer: the transport's own type; and for
+        # `rekey state put/get --agent` (AgentSealer), a refusal too.
+        with pytest.raises(RatlsUntrusted):
+            AgentClient(served.server.url, "t" * 43, expect=expect).call("/v1/identity")
+        with pytest.raises(EnclaveRefused, match=r"^the agent at .* is not the attested agent expected: "):
+            AgentSealer.connect(AgentClient(served.server.url, "t" * 43, expect=expect))
+    finally:
+        served.close()
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"https://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(AgentDown, match="cannot reach"):
+        AgentPeer(AgentClient(closed, "t" * 43, expect=expect)).identity()
+
+
+def test_the_cli_names_an_agent_of_another_generation_in_one_line(agent: Agent, tmp_path: Path) -> None:
+    """``rekey agent call`` expecting another build than the real ``serve`` agent runs: exit 1
+    and one error line saying so (not "cannot reach"), nothing sent."""
+    other = tmp_path / "other.yaml"
+    other.write_text(json.dumps(GOOD | {"id": "tls-other", "measurement": "66" * 32}))
+    home = agent.state_dir.parents[1]
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "rekey.cli", "--home", str(home), "agent", "call", "/v1/identity"),
+            *("--url", agent.url, "--state-dir", str(agent.state_dir), "--manifest", str(other)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"the agent at {agent.url} is not the attested agent expected" in lines[0]
+    assert "measurement" in lines[0] and "cannot reach" not in lines[0]
