@@ -1,6 +1,7 @@
 """Tampered real DCAP quotes and collateral are refused with a typed error, never another exception.
 
-Byte positions, per verifiable sample (SGX v3 and TDX v4, each at a time inside its window):
+Byte positions, per verifiable sample (SGX v3 against TCB info v3 and v2 collateral, TDX v4, each
+at a time inside its window):
 * signed region (header || body): every byte, through ``verify`` and through ``verify_with_chain``
   with the chain of the untouched quote;
 * quote signature, attestation key, QE auth data: every byte;
@@ -28,7 +29,7 @@ from tests.unit.dcap_vectors import ALL, SGX_QVL, TDX_QVL, VERIFIABLE, Sample, p
 
 def _verifier(sample: Sample, collateral: str | None = None) -> SgxDcapVerifier | TdxVerifier:
     reference = SGX_QVL if sample.platform == "sgx" else TDX_QVL
-    text = collateral or reference.collateral
+    text = collateral or sample.collateral or reference.collateral
     assert text is not None
     return SgxDcapVerifier(text) if sample.platform == "sgx" else TdxVerifier(text)
 
