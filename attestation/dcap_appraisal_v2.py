@@ -11,8 +11,10 @@ keeps dcap-qvl for v3.
 
 1. the PCK chain: the leaf ("Intel SGX PCK Certificate") is signed by the PCK Platform or
    Processor CA, and that CA (a CA certificate) by the pinned Intel SGX Root CA;
-2. the CRLs: the Root CA CRL is signed by the root, the PCK CRL by the quote's PCK CA; the root
-   CRL does not list the PCK CA nor the TCB signing certificates, the PCK CRL not the leaf;
+2. the collateral's issuer chains: the TCB info's and the QE identity's are each their signer
+   and the trusted root, the PCK CRL's is the quote's PCK CA and the trusted root; the CRLs: the
+   Root CA CRL is signed by the root, the PCK CRL by the quote's PCK CA; the root CRL does not
+   list the PCK CA nor the TCB signing certificates, the PCK CRL not the leaf;
 3. the PCK leaf's Intel SGX extension (OID 1.2.840.113741.1.13.1), read with the small DER reader
    below: TCB (.2: component SVNs .2.1-.2.16, PCESVN .2.17, CPUSVN .2.18), PCE-ID (.3) and FMSPC
    (.4); FMSPC and PCE-ID must be the TCB info's;
@@ -53,6 +55,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.dcap_collateral import CERT_ERRORS, certificate_name
 from attestation.dcap_quote import Quote, parse_sgx_report
@@ -100,10 +103,11 @@ class V2Collateral:
 
     tcb_info_text: bytes
     tcb_info_signature: bytes
-    tcb_signing_cert: x509.Certificate
+    tcb_info_chain: tuple[x509.Certificate, ...]  # the TCB Signing certificate, the root
     qe_identity_text: bytes
     qe_identity_signature: bytes
-    qe_signing_cert: x509.Certificate
+    qe_identity_chain: tuple[x509.Certificate, ...]  # likewise
+    pck_crl_chain: tuple[x509.Certificate, ...]  # the PCK CA, the root
     root_crl: x509.CertificateRevocationList
     pck_crl: x509.CertificateRevocationList
 
@@ -249,9 +253,9 @@ def load_collateral(fields: Mapping[str, str]) -> V2Collateral:
         except ValueError:
             raise ValueError(f"the collateral's {key} is not hex") from None
 
-    def first_cert(key: str) -> x509.Certificate:
+    def chain(key: str) -> tuple[x509.Certificate, ...]:
         try:
-            return x509.load_pem_x509_certificates(fields[key].encode())[0]
+            return tuple(x509.load_pem_x509_certificates(fields[key].encode()))
         except CERT_ERRORS:
             raise ValueError(f"the collateral's {key} is not a PEM certificate chain") from None
 
@@ -264,10 +268,11 @@ def load_collateral(fields: Mapping[str, str]) -> V2Collateral:
     return V2Collateral(
         tcb_info_text=fields["tcb_info"].encode(),
         tcb_info_signature=signature("tcb_info_signature"),
-        tcb_signing_cert=first_cert("tcb_info_issuer_chain"),
+        tcb_info_chain=chain("tcb_info_issuer_chain"),
         qe_identity_text=fields["qe_identity"].encode(),
         qe_identity_signature=signature("qe_identity_signature"),
-        qe_signing_cert=first_cert("qe_identity_issuer_chain"),
+        qe_identity_chain=chain("qe_identity_issuer_chain"),
+        pck_crl_chain=chain("pck_crl_issuer_chain"),
         root_crl=crl("root_ca_crl"),
         pck_crl=crl("pck_crl"),
     )
@@ -293,6 +298,29 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except (x509.ExtensionNotFound, *CERT_ERRORS):
         return False
+
+
+def _check_issuer_chain(
+    chain: Sequence[x509.Certificate], first: x509.Certificate | None, root: x509.Certificate, what: str
+) -> x509.Certificate:
+    """The collateral's issuer chain ``what`` is two certificates, the second the trusted root
+    (and the first ``first``, when given); returns the first."""
+    ders = [cert.public_bytes(Encoding.DER) for cert in chain]
+    expected = [
+        first.public_bytes(Encoding.DER) if first is not None else None,
+        root.public_bytes(Encoding.DER),
+    ]
+    if len(ders) != 2 or any(
+        want is not None and not hmac.compare_digest(got, want)
+        for got, want in zip(ders, expected, strict=True)
+    ):
+        ending = (
+            "the quote's PCK CA and the trusted root"
+            if first is not None
+            else "a signer and the trusted root"
+        )
+        raise ChainInvalid(f"the collateral's {what} is not {ending}")
+    return chain[0]
 
 
 def _check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, what: str) -> None:
@@ -444,12 +472,15 @@ def appraise(
     _named(leaf, (_PCK_LEAF_NAME,), "the PCK leaf certificate")
     _issued_by(leaf, ca, "the PCK leaf certificate")
 
+    tcb_signer = _check_issuer_chain(collateral.tcb_info_chain, None, root, "TCB info issuer chain")
+    qe_signer = _check_issuer_chain(collateral.qe_identity_chain, None, root, "QE identity issuer chain")
+    _check_issuer_chain(collateral.pck_crl_chain, ca, root, "PCK CRL issuer chain")
     _check_crl(collateral.root_crl, root, "the Root CA CRL")
     _check_crl(collateral.pck_crl, ca, "the PCK CRL")
     _not_revoked(collateral.root_crl, ca, "the PCK CA certificate")
     _not_revoked(collateral.pck_crl, leaf, "the PCK leaf certificate")
-    _not_revoked(collateral.root_crl, collateral.tcb_signing_cert, "the TCB info's signing certificate")
-    _not_revoked(collateral.root_crl, collateral.qe_signing_cert, "the QE identity's signing certificate")
+    _not_revoked(collateral.root_crl, tcb_signer, "the TCB info's signing certificate")
+    _not_revoked(collateral.root_crl, qe_signer, "the QE identity's signing certificate")
 
     pck = parse_sgx_extension(leaf)
     _ecdsa(leaf.public_key(), quote.qe_report_signature, quote.qe_report, "the QE report signature")
@@ -458,7 +489,7 @@ def appraise(
         raise ChainInvalid("the QE report data is not SHA-256(attestation key || QE auth data)")
 
     tcb_info = _signed_json(
-        collateral.tcb_info_text, collateral.tcb_info_signature, collateral.tcb_signing_cert, root, "TCB info"
+        collateral.tcb_info_text, collateral.tcb_info_signature, tcb_signer, root, "TCB info"
     )
     if tcb_info.get("version") != 2:
         raise ChainInvalid("the signed TCB info is not version 2")
@@ -474,7 +505,7 @@ def appraise(
     identity = _signed_json(
         collateral.qe_identity_text,
         collateral.qe_identity_signature,
-        collateral.qe_signing_cert,
+        qe_signer,
         root,
         "QE identity",
     )

@@ -96,6 +96,7 @@ class Forge:
     extension: x509.ExtensionType | None = None  # None: the real leaf's
     tcb_text_key: Key | None = None  # who signs the TCB info text (None: the signing key)
     qe_text_key: Key | None = None  # who signs the QE identity text (None: the signing key)
+    edit: Callable[[dict[str, str]], None] | None = None  # a last change of the collateral JSON
 
     def build(self) -> tuple[SgxDcapVerifier, bytes]:
         root = _cert(
@@ -138,6 +139,8 @@ class Forge:
             "root_ca_crl": root_crl.public_bytes(Encoding.DER).hex(),
             "pck_crl": pck_crl.public_bytes(Encoding.DER).hex(),
         }
+        if self.edit is not None:
+            self.edit(collateral)
         verifier = SgxDcapVerifier(json.dumps(collateral), root_ca_der=root.public_bytes(Encoding.DER))
         return verifier, _requoted(pem(leaf, ca, root).encode() + b"\0")
 
@@ -273,7 +276,36 @@ def _attr(name: str, value: object) -> Callable[[Forge], None]:
     return lambda forge: setattr(forge, name, value)
 
 
+def _edit(change: Callable[[dict[str, str]], None]) -> Callable[[Forge], None]:
+    return _attr("edit", change)
+
+
+def _first_block(chain: str) -> str:
+    return pem_chain(chain.encode())[0].decode()
+
+
+def _other_root() -> str:
+    key = _key()
+    return pem(_cert("Intel SGX Root CA", key.public_key(), "Intel SGX Root CA", key, ca=True))
+
+
 REFUSALS: dict[str, tuple[Callable[[Forge], None], str]] = {
+    "TCB info chain without the root": (
+        _edit(lambda c: c.update(tcb_info_issuer_chain=_first_block(c["tcb_info_issuer_chain"]))),
+        "the collateral's TCB info issuer chain is not a signer and the trusted root",
+    ),
+    "QE identity chain to another root": (
+        _edit(
+            lambda c: c.update(
+                qe_identity_issuer_chain=_first_block(c["qe_identity_issuer_chain"]) + _other_root()
+            )
+        ),
+        "the collateral's QE identity issuer chain is not a signer and the trusted root",
+    ),
+    "PCK CRL chain of another CA": (
+        _edit(lambda c: c.update(pck_crl_issuer_chain=c["tcb_info_issuer_chain"])),
+        "the collateral's PCK CRL issuer chain is not the quote's PCK CA and the trusted root",
+    ),
     "leaf revoked": (_attr("revoke", ("leaf",)), "the PCK leaf certificate is revoked"),
     "PCK CA revoked": (_attr("revoke", ("ca",)), "the PCK CA certificate is revoked"),
     "TCB signing revoked": (_attr("revoke", ("signing",)), "the TCB info's signing certificate is revoked"),
