@@ -201,7 +201,8 @@ class _DcapVerifier:
 
     def __init__(self, collateral: bytes | str, *, root_ca_der: bytes | None = None) -> None:
         """``collateral``: dcap-qvl's collateral JSON (``QuoteCollateralV3.to_json``: TCB info, QE
-        identity, their signatures and issuer chains, the Root CA and PCK CRLs, hex DER).
+        identity, their signatures and issuer chains, the Root CA and PCK CRLs, hex DER); for SGX
+        the TCB info may be version 2 (appraised by ``attestation.dcap_appraisal_v2``).
         ``root_ca_der``: the trusted root (default: the pinned Intel SGX Root CA). Raises
         ``ValueError`` for collateral or a root that cannot be used."""
         self._collateral = parse_collateral(
@@ -366,7 +367,8 @@ def _aware(at: datetime) -> datetime:
 
 
 class SgxDcapVerifier(_DcapVerifier):
-    """``PlatformVerifier`` for platform ``sgx``: SGX ECDSA quotes v3 against one FMSPC's collateral."""
+    """``PlatformVerifier`` for platform ``sgx``: SGX ECDSA quotes v3 against one FMSPC's collateral
+    (TCB info v3, or v2)."""
 
     platform: str = "sgx"
     _tee_type = TEE_SGX

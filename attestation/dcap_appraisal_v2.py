@@ -3,26 +3,27 @@ API v3), done here with ``cryptography`` alone.
 
 Why not dcap-qvl: dcap-qvl 0.7 (the newest) reads only TCB info v3; v2 TCB info has no
 ``sgxtcbcomponents`` list (its components are the flat ``sgxtcbcompNNsvn`` keys), and dcap-qvl
-refuses it ("missing field sgxtcbcomponents"). Real SGX platforms' collateral is still served and
-archived as v2, so ``attestation.dcap.SgxDcapVerifier`` hands v2 collateral to ``appraise`` and
-keeps dcap-qvl for v3.
+refuses it ("missing field sgxtcbcomponents"). Intel PCS API v3 serves v2, and collateral kept
+from it (as the dcap-rs sample of vectors/sgx) is v2, so ``attestation.dcap.SgxDcapVerifier``
+hands v2 collateral to ``appraise`` and keeps dcap-qvl for v3.
 
 ``appraise`` checks, in this order, and raises a one-line typed error for the first failure:
 
 1. the PCK chain: the leaf ("Intel SGX PCK Certificate") is signed by the PCK Platform or
-   Processor CA, and that CA (a CA certificate) by the pinned Intel SGX Root CA;
+   Processor CA, and that CA (a CA certificate) by the trusted root (the verifier's, by default
+   the pinned Intel SGX Root CA);
 2. the collateral's issuer chains: the TCB info's and the QE identity's are each their signer
    and the trusted root, the PCK CRL's is the quote's PCK CA and the trusted root; the CRLs: the
    Root CA CRL is signed by the root, the PCK CRL by the quote's PCK CA; the root CRL does not
    list the PCK CA nor the TCB signing certificates, the PCK CRL not the leaf;
-3. the PCK leaf's Intel SGX extension (OID 1.2.840.113741.1.13.1), read with the small DER reader
-   below: TCB (.2: component SVNs .2.1-.2.16, PCESVN .2.17, CPUSVN .2.18), PCE-ID (.3) and FMSPC
-   (.4); FMSPC and PCE-ID must be the TCB info's;
+3. the PCK leaf's Intel SGX extension (OID 1.2.840.113741.1.13.1), read by the small DER reader
+   of ``attestation.dcap_pck_extension``: TCB (.2: component SVNs .2.1-.2.16, PCESVN .2.17,
+   CPUSVN .2.18), PCE-ID (.3) and FMSPC (.4); FMSPC and PCE-ID must be the TCB info's;
 4. the QE report's signature by the PCK leaf key, and QE report data = SHA-256(attestation key ||
    QE auth data) (its first 32 bytes);
 5. the TCB info and the QE identity: each is ECDSA P-256 (raw r||s) over its exact JSON text,
    by the first certificate of its issuer chain, which must be the "Intel SGX TCB Signing"
-   certificate issued by the pinned root;
+   certificate issued by the trusted root;
 6. the TCB level: the first of ``tcbLevels`` whose every ``sgxtcbcompNNsvn`` is at most the PCK's
    component SVN and whose ``pcesvn`` is at most the PCK's PCESVN gives the platform status;
 7. the QE identity ("QE", version 2): the QE report's MRSIGNER and ISVPRODID are the identity's,
@@ -33,7 +34,7 @@ keeps dcap-qvl for v3.
    and ConfigurationNeeded and ConfigurationAndSWHardeningNeeded OutOfDateConfigurationNeeded; a
    QE Revoked makes the result Revoked. TCB info v2 carries no advisories.
 
-The quote signature, the canonical PEM of the PCK chain, the quote's root being the pinned root
+The quote signature, the canonical PEM of the PCK chain, the quote's root being the trusted root
 and every validity window (each certificate, both CRLs, the TCB info and the QE identity at
 ``at``) are checked by ``attestation.dcap`` before ``appraise`` runs, for v2 and v3 alike.
 
@@ -58,43 +59,18 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.dcap_collateral import CERT_ERRORS, certificate_name
+from attestation.dcap_pck_extension import SgxExtension, parse_sgx_extension
 from attestation.dcap_quote import Quote, parse_sgx_report
 from attestation.errors import ChainInvalid, MalformedEvidence
 from attestation.policy import TCB_STATUSES
 
-__all__ = [
-    "SGX_EXTENSION_OID",
-    "Appraisal",
-    "SgxExtension",
-    "V2Collateral",
-    "appraise",
-    "load_collateral",
-    "parse_sgx_extension",
-]
+__all__ = ["Appraisal", "V2Collateral", "appraise", "load_collateral"]
 
-SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
-_SGX = SGX_EXTENSION_OID.dotted_string
-_TCB, _PCE_ID, _FMSPC = f"{_SGX}.2", f"{_SGX}.3", f"{_SGX}.4"
 _COMPONENTS = 16
-_PCE_SVN, _CPU_SVN = f"{_TCB}.17", f"{_TCB}.18"
-_INTEGER, _OCTET_STRING, _OID, _SEQUENCE = 0x02, 0x04, 0x06, 0x30
-_MAX_EXTENSION_BYTES = 4096
-
 _PCK_CA_NAMES = ("Intel SGX PCK Platform CA", "Intel SGX PCK Processor CA")
 _PCK_LEAF_NAME = "Intel SGX PCK Certificate"
 _TCB_SIGNING_NAME = "Intel SGX TCB Signing"
 _QE_STATUSES = ("UpToDate", "OutOfDate", "Revoked")
-
-
-@dataclass(frozen=True)
-class SgxExtension:
-    """What the TCB appraisal reads of a PCK certificate's Intel SGX extension."""
-
-    comp_svns: tuple[int, ...]  # SGX TCB component SVNs 1..16
-    pce_svn: int
-    cpu_svn: bytes
-    pce_id: bytes
-    fmspc: bytes
 
 
 @dataclass(frozen=True)
@@ -120,124 +96,6 @@ class Appraisal:
     platform_status: str  # the matching TCB level's
     tcb_date: str  # the matching TCB level's tcbDate, as the TCB info gives it
     qe_status: str  # the QE identity's matching level's
-
-
-# -- the Intel SGX extension (DER) ---------------------------------------------------------------
-
-
-def _malformed(what: str) -> ChainInvalid:
-    return ChainInvalid(f"the PCK leaf certificate's Intel SGX extension is malformed ({what})")
-
-
-def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
-    """The DER items of ``data`` in order: one-byte tags, minimal definite lengths."""
-    items: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        if len(data) - pos < 2:
-            raise _malformed("truncated item")
-        tag, first = data[pos], data[pos + 1]
-        pos += 2
-        if tag & 0x1F == 0x1F:
-            raise _malformed("multi-byte tag")
-        length = first
-        if first & 0x80:
-            count = first & 0x7F
-            if not 1 <= count <= 2 or len(data) - pos < count:
-                raise _malformed("bad length")
-            length = int.from_bytes(data[pos : pos + count], "big")
-            if length < 0x80 or (count == 2 and length < 0x100):
-                raise _malformed("non-minimal length")
-            pos += count
-        if length > len(data) - pos:
-            raise _malformed("item runs past its container")
-        items.append((tag, data[pos : pos + length]))
-        pos += length
-    return items
-
-
-def _oid(content: bytes) -> str:
-    if not content or content[-1] & 0x80 or len(content) > 32:
-        raise _malformed("bad object identifier")
-    arcs: list[int] = []
-    value = 0
-    for index, byte in enumerate(content):
-        if value == 0 and byte == 0x80 and (index == 0 or not content[index - 1] & 0x80):
-            raise _malformed("non-minimal object identifier")
-        value = (value << 7) | (byte & 0x7F)
-        if not byte & 0x80:
-            arcs.append(value)
-            value = 0
-    first = min(arcs[0] // 40, 2)
-    return ".".join(str(arc) for arc in (first, arcs[0] - 40 * first, *arcs[1:]))
-
-
-def _uint(tag: int, content: bytes, what: str) -> int:
-    if tag != _INTEGER or not 1 <= len(content) <= 3 or content[0] & 0x80:
-        raise _malformed(f"{what} is not a small non-negative INTEGER")
-    if len(content) > 1 and content[0] == 0 and not content[1] & 0x80:
-        raise _malformed(f"{what} is a non-minimal INTEGER")
-    return int.from_bytes(content, "big")
-
-
-def _octets(tag: int, content: bytes, size: int, what: str) -> bytes:
-    if tag != _OCTET_STRING or len(content) != size:
-        raise _malformed(f"{what} is not an OCTET STRING of {size} bytes")
-    return content
-
-
-def _pairs(content: bytes, what: str) -> dict[str, tuple[int, bytes]]:
-    """A SEQUENCE OF SEQUENCE {OID, value} as OID -> (tag, content); an OID twice is malformed."""
-    pairs: dict[str, tuple[int, bytes]] = {}
-    for tag, item in _tlvs(content):
-        parts = _tlvs(item) if tag == _SEQUENCE else []
-        if len(parts) != 2 or parts[0][0] != _OID:
-            raise _malformed(f"{what} holds something other than (OID, value) pairs")
-        oid = _oid(parts[0][1])
-        if oid in pairs:
-            raise _malformed(f"{what} names {oid} twice")
-        pairs[oid] = parts[1]
-    return pairs
-
-
-def parse_sgx_extension(cert: x509.Certificate) -> SgxExtension:
-    """The Intel SGX extension of a PCK certificate. Raises ``ChainInvalid``."""
-    try:
-        value = cert.extensions.get_extension_for_oid(SGX_EXTENSION_OID).value
-    except x509.ExtensionNotFound:
-        raise ChainInvalid("the PCK leaf certificate has no Intel SGX extension") from None
-    except CERT_ERRORS:
-        raise _malformed("the extensions cannot be read") from None
-    if not isinstance(value, x509.UnrecognizedExtension) or len(value.value) > _MAX_EXTENSION_BYTES:
-        raise _malformed("not an opaque value of a sensible size")
-    outer = _tlvs(value.value)
-    if len(outer) != 1 or outer[0][0] != _SEQUENCE:
-        raise _malformed("not one SEQUENCE")
-    fields = _pairs(outer[0][1], "the extension")
-    for oid in (_TCB, _PCE_ID, _FMSPC):
-        if oid not in fields:
-            raise _malformed(f"{oid} is missing")
-    tcb_tag, tcb_content = fields[_TCB]
-    if tcb_tag != _SEQUENCE:
-        raise _malformed("the TCB is not a SEQUENCE")
-    tcb = _pairs(tcb_content, "the TCB")
-    names = [f"{_TCB}.{index}" for index in range(1, _COMPONENTS + 1)]
-    for oid in (*names, _PCE_SVN, _CPU_SVN):
-        if oid not in tcb:
-            raise _malformed(f"the TCB lacks {oid}")
-    comp_svns = tuple(_uint(*tcb[oid], what=f"TCB component {oid}") for oid in names)
-    if any(svn > 0xFF for svn in comp_svns):
-        raise _malformed("a TCB component SVN is over 255")
-    pce_svn = _uint(*tcb[_PCE_SVN], what="the PCESVN")
-    if pce_svn > 0xFFFF:
-        raise _malformed("the PCESVN is over 65535")
-    return SgxExtension(
-        comp_svns=comp_svns,
-        pce_svn=pce_svn,
-        cpu_svn=_octets(*tcb[_CPU_SVN], size=16, what="the CPUSVN"),
-        pce_id=_octets(*fields[_PCE_ID], size=2, what="the PCE-ID"),
-        fmspc=_octets(*fields[_FMSPC], size=6, what="the FMSPC"),
-    )
 
 
 # -- collateral ----------------------------------------------------------------------------------

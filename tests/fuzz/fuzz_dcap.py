@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 with atheris.instrument_imports(include=["attestation"]):
-    from attestation import dcap_appraisal_v2
+    from attestation import dcap_pck_extension
     from attestation.dcap import SgxDcapVerifier, TdxVerifier
     from attestation.dcap_quote import parse_quote
     from attestation.errors import AttestationError
@@ -80,7 +80,7 @@ _REAL_LEAF = x509.load_pem_x509_certificate(
     DCAPRS_QUOTE[DCAPRS_QUOTE.index(b"-----BEGIN CERTIFICATE-----") :].split(b"-----END CERTIFICATE-----")[0]
     + b"-----END CERTIFICATE-----\n"
 )
-_EXTENSION = _REAL_LEAF.extensions.get_extension_for_oid(dcap_appraisal_v2.SGX_EXTENSION_OID).value
+_EXTENSION = _REAL_LEAF.extensions.get_extension_for_oid(dcap_pck_extension.SGX_EXTENSION_OID).value
 assert isinstance(_EXTENSION, x509.UnrecognizedExtension)
 EXTENSION = _EXTENSION.value
 
@@ -116,11 +116,11 @@ def _pck_leaf_edited(fdp: atheris.FuzzedDataProvider) -> None:
         real[start : start + 8] = value[:8]
         value = bytes(real)
     with contextlib.suppress(AttestationError):
-        dcap_appraisal_v2.parse_sgx_extension(_leaf_with(value))
+        dcap_pck_extension.parse_sgx_extension(_leaf_with(value))
 
 
 def _leaf_with(value: bytes) -> x509.Certificate:
-    extension = x509.UnrecognizedExtension(dcap_appraisal_v2.SGX_EXTENSION_OID, value)
+    extension = x509.UnrecognizedExtension(dcap_pck_extension.SGX_EXTENSION_OID, value)
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Intel SGX PCK Certificate")])
     builder = (
         x509.CertificateBuilder()

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from attestation import dcap_appraisal_v2
+from attestation import dcap_appraisal_v2, dcap_pck_extension
 from attestation.dcap import DcapChain, SgxDcapVerifier
 from attestation.dcap_quote import parse_quote
 from attestation.errors import ChainInvalid, EvidenceSignatureInvalid, PolicyDenied
@@ -104,7 +104,7 @@ def test_the_appraisal_picks_the_provenance_tcb_level_and_qe_status(
 ) -> None:
     assert sample.collateral is not None
     certs = [x509.load_pem_x509_certificate(pem) for pem in pem_chain(sample.evidence)]
-    extension = dcap_appraisal_v2.parse_sgx_extension(certs[0])
+    extension = dcap_pck_extension.parse_sgx_extension(certs[0])
     assert extension.comp_svns == (*comp_svns, *([0] * 9))
     assert (extension.pce_svn, extension.pce_id, extension.fmspc.hex()) == (pce_svn, b"\0\0", "00606a000000")
     collateral = dcap_appraisal_v2.load_collateral(json.loads(sample.collateral))

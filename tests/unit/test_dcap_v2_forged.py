@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.dcap import SgxDcapVerifier
-from attestation.dcap_appraisal_v2 import SGX_EXTENSION_OID, parse_sgx_extension
+from attestation.dcap_pck_extension import SGX_EXTENSION_OID, parse_sgx_extension
 from attestation.dcap_quote import parse_quote
 from attestation.errors import ChainInvalid
 from tests.unit.dcap_vectors import SGX_DCAPRS, pem_chain
