@@ -19,7 +19,7 @@ import yaml
 from cryptography import x509
 
 from attestation import dcap_appraisal_v2, dcap_pck_extension
-from attestation.dcap import DcapChain, SgxDcapVerifier
+from attestation.dcap import DcapChain, SgxDcapVerifier, TdxVerifier
 from attestation.dcap_quote import parse_quote
 from attestation.errors import ChainInvalid, EvidenceSignatureInvalid, PolicyDenied
 from attestation.policy import parse_policy
@@ -70,6 +70,11 @@ def test_the_derived_collateral_carries_the_exact_signed_pcs_texts() -> None:
     assert document["tcb_info_issuer_chain"] == (SGX / "dcaprs_tcb_signing_chain.pem").read_text()
     tcb_info = json.loads(document["tcb_info"])
     assert (tcb_info["version"], tcb_info["fmspc"], "id" in tcb_info) == (2, "00606a000000", False)
+
+
+def test_tcb_info_v2_is_sgx_only() -> None:
+    with pytest.raises(ValueError, match="expected 'TDX' version 3"):
+        TdxVerifier(SGX_DCAPRS.collateral or "")
 
 
 # -- sample 2: the dcap-rs quote -----------------------------------------------------------------
