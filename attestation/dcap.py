@@ -1,11 +1,14 @@
 """Verifiers for Intel DCAP ECDSA quotes: SGX (quote v3, platform ``sgx``) and TDX (quote v4 and
 v5, platform ``tdx``).
 
-The cryptographic appraisal is the PyPI ``dcap-qvl`` library's (the Rust Phala-Network/dcap-qvl
-crate): QE report signature with the PCK leaf, QE report data = SHA-256(attestation key || QE auth
-data), the PCK chain to the Intel SGX Root CA, the CRLs, the TCB-info and QE-identity signatures
-and the TCB status with its advisories. The quote structure is read by ``attestation.dcap_quote``.
-On top of the library this module
+The cryptographic appraisal against TCB info v3 collateral is the PyPI ``dcap-qvl`` library's
+(the Rust Phala-Network/dcap-qvl crate): QE report signature with the PCK leaf, QE report data =
+SHA-256(attestation key || QE auth data), the PCK chain to the Intel SGX Root CA, the CRLs, the
+TCB-info and QE-identity signatures and the TCB status with its advisories. dcap-qvl does not read
+TCB info v2 (Intel PCS API v3), still what many SGX platforms' collateral is: for SGX collateral
+of version 2 the same appraisal is ``attestation.dcap_appraisal_v2`` (``cryptography`` only),
+with the same ``DcapChain`` and the same one-check ``verify_with_chain``. The quote structure is
+read by ``attestation.dcap_quote``. On top of the appraisal this module
 
 * pins the Intel SGX Root CA (``attestation/roots/intel_sgx_root_ca.der``, checked against
   ``INTEL_SGX_ROOT_CA_SHA256``) and hands it to dcap-qvl explicitly; dcap-qvl 0.7 embeds the same
@@ -53,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from attestation import dcap_appraisal_v2
 from attestation.claims import Claims
 from attestation.dcap_collateral import (
     CERT_ERRORS,
@@ -197,7 +201,8 @@ class _DcapVerifier:
 
     def __init__(self, collateral: bytes | str, *, root_ca_der: bytes | None = None) -> None:
         """``collateral``: dcap-qvl's collateral JSON (``QuoteCollateralV3.to_json``: TCB info, QE
-        identity, their signatures and issuer chains, the Root CA and PCK CRLs, hex DER).
+        identity, their signatures and issuer chains, the Root CA and PCK CRLs, hex DER); for SGX
+        the TCB info may be version 2 (appraised by ``attestation.dcap_appraisal_v2``).
         ``root_ca_der``: the trusted root (default: the pinned Intel SGX Root CA). Raises
         ``ValueError`` for collateral or a root that cannot be used."""
         self._collateral = parse_collateral(
@@ -210,6 +215,12 @@ class _DcapVerifier:
         except (*CERT_ERRORS, InvalidSignature):
             raise ValueError("root_ca_der is not a self-signed certificate") from None
         self._root_der = der
+        self._root = root
+        self._v2 = (
+            dcap_appraisal_v2.load_collateral(self._collateral.fields)
+            if self._collateral.tcb_info_version == 2
+            else None
+        )
         self._root_window = cert_window(root, f"the trusted root {certificate_name(root)!r}")
 
     # -- PlatformVerifier ---------------------------------------------------------------------
@@ -223,7 +234,8 @@ class _DcapVerifier:
     # -- CachingPlatformVerifier ----------------------------------------------------------------
 
     def verify_chain(self, evidence: bytes, at: datetime) -> DcapChain:
-        """The whole appraisal (dcap-qvl) at ``at``; returns what every quote of this platform shares."""
+        """The whole appraisal at ``at`` (dcap-qvl, or for TCB info v2 ``dcap_appraisal_v2``);
+        returns what every quote of this platform shares."""
         at = _aware(at)
         quote = self._parse(evidence)
         certs = _pck_chain(quote)
@@ -241,6 +253,27 @@ class _DcapVerifier:
         if not hmac.compare_digest(certs[-1].public_bytes(Encoding.DER), self._root_der):
             # dcap-qvl anchors at the root it is given and would ignore the quote's copy.
             raise ChainInvalid("the DCAP quote's PCK chain does not end at the trusted root")
+        if self._v2 is not None:
+            appraisal = dcap_appraisal_v2.appraise(quote, certs, self._root, self._v2)
+            fmspc, tcb_status, advisories = appraisal.fmspc, appraisal.tcb_status, appraisal.advisories
+        else:
+            fmspc, tcb_status, advisories = self._appraise_v3(quote, certs, at)
+        return DcapChain(
+            platform=self.platform,
+            key_digest=hashlib.sha256(self._cache_key(quote)).digest(),
+            attestation_key=quote.attestation_key,
+            public_key=key,
+            tcb_status=tcb_status,
+            advisories=advisories,
+            fmspc=fmspc,
+            not_before=max(window.not_before for window in windows),
+            not_after=min(window.not_after for window in windows),
+        )
+
+    def _appraise_v3(
+        self, quote: Quote, certs: list[x509.Certificate], at: datetime
+    ) -> tuple[str, str, tuple[str, ...]]:
+        """dcap-qvl's appraisal: the FMSPC, the TCB status and the advisories."""
         try:
             fmspc = bytes(
                 dcap_qvl.parse_pck_extension_from_pem(certs[0].public_bytes(Encoding.PEM)).fmspc
@@ -253,10 +286,11 @@ class _DcapVerifier:
             raise ChainInvalid(
                 f"the quote's platform FMSPC {fmspc} is not the collateral's {self._collateral.fmspc}"
             )
+        native = self._collateral.native
+        if native is None:  # pragma: no cover - only v2 collateral has none, and it is appraised above
+            raise ChainInvalid("the DCAP collateral cannot be appraised by dcap-qvl")
         try:
-            report = dcap_qvl.verify_with_root_ca(
-                quote.raw, self._collateral.native, self._root_der, int(at.timestamp())
-            )
+            report = dcap_qvl.verify_with_root_ca(quote.raw, native, self._root_der, int(at.timestamp()))
             status = str(report.status)
             advisories = tuple(sorted(str(item) for item in report.advisory_ids))
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -266,17 +300,7 @@ class _DcapVerifier:
         tcb_status = _STATUS_NAMES.get(status)
         if tcb_status is None:
             raise ChainInvalid(f"dcap-qvl reported an unknown TCB status {status[:60]!r}")
-        return DcapChain(
-            platform=self.platform,
-            key_digest=hashlib.sha256(self._cache_key(quote)).digest(),
-            attestation_key=quote.attestation_key,
-            public_key=key,
-            tcb_status=tcb_status,
-            advisories=advisories,
-            fmspc=fmspc,
-            not_before=max(window.not_before for window in windows),
-            not_after=min(window.not_after for window in windows),
-        )
+        return fmspc, tcb_status, advisories
 
     def verify_with_chain(self, evidence: bytes, chain: object, at: datetime) -> Claims:
         """Only the quote signature, with the attestation key of the given verified chain."""
@@ -343,7 +367,8 @@ def _aware(at: datetime) -> datetime:
 
 
 class SgxDcapVerifier(_DcapVerifier):
-    """``PlatformVerifier`` for platform ``sgx``: SGX ECDSA quotes v3 against one FMSPC's collateral."""
+    """``PlatformVerifier`` for platform ``sgx``: SGX ECDSA quotes v3 against one FMSPC's collateral
+    (TCB info v3, or v2)."""
 
     platform: str = "sgx"
     _tee_type = TEE_SGX

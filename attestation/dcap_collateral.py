@@ -2,15 +2,18 @@
 a verifier is built, and the validity windows of everything in it.
 
 The collateral is configuration, not evidence: what cannot be used is a ``ValueError`` when the
-verifier is built. Its signatures are checked per appraisal, by dcap-qvl.
+verifier is built. Its signatures are checked per appraisal: by dcap-qvl for TCB info v3, by
+``attestation.dcap_appraisal_v2`` for SGX TCB info v2 (which dcap-qvl does not read).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import dcap_qvl
@@ -57,10 +60,13 @@ class Window:
 
 @dataclass(frozen=True)
 class DcapCollateral:
-    native: dcap_qvl.QuoteCollateralV3
+    native: dcap_qvl.QuoteCollateralV3 | None  # None for TCB info v2, which dcap-qvl cannot read
     digest: bytes  # SHA-256 of the collateral JSON text
     fmspc: str  # the TCB info's FMSPC, lowercase hex
     windows: tuple[Window, ...]
+    tcb_info_version: int  # 3, or 2 (SGX only)
+    #: The collateral JSON's string fields (``COLLATERAL_KEYS``), read-only.
+    fields: Mapping[str, str] = field(repr=False, compare=False)
 
 
 def cert_window(cert: x509.Certificate, what: str) -> Window:
@@ -143,7 +149,8 @@ def _windows(data: dict[str, Any], tcb_info: dict[str, Any], qe_identity: dict[s
 
 def parse_collateral(collateral: bytes | str, *, tcb_info_id: str, qe_identity_id: str) -> DcapCollateral:
     """Read dcap-qvl's collateral JSON (``QuoteCollateralV3.to_json``). ``tcb_info_id`` is "SGX" or
-    "TDX", ``qe_identity_id`` "QE" or "TD_QE". Raises ``ValueError``."""
+    "TDX", ``qe_identity_id`` "QE" or "TD_QE". The TCB info is version 3 (Intel PCS API v4), or for
+    SGX version 2 (PCS API v3, which has no ``id``). Raises ``ValueError``."""
     try:
         text = collateral.decode() if isinstance(collateral, bytes) else collateral
         data = json.loads(text)
@@ -158,23 +165,32 @@ def parse_collateral(collateral: bytes | str, *, tcb_info_id: str, qe_identity_i
         raise ValueError("the DCAP collateral's tcb_info or qe_identity is not JSON") from None
     if not isinstance(tcb_info, dict) or not isinstance(qe_identity, dict):
         raise ValueError("the DCAP collateral's tcb_info and qe_identity must be JSON objects")
-    if tcb_info.get("version") != 3 or tcb_info.get("id") != tcb_info_id:
+    version = tcb_info.get("version")
+    v2 = tcb_info_id == "SGX" and version == 2 and tcb_info.get("id", "SGX") == "SGX"
+    if not v2 and (version != 3 or tcb_info.get("id") != tcb_info_id):
+        also = " or version 2 (PCS API v3)" if tcb_info_id == "SGX" else ""
         raise ValueError(
-            f"the DCAP collateral's TCB info is {tcb_info.get('id')!r} version {tcb_info.get('version')!r};"
-            f" expected {tcb_info_id!r} version 3 (Intel PCS API v4), the one dcap-qvl reads"
+            f"the DCAP collateral's TCB info is {tcb_info.get('id')!r} version {version!r};"
+            f" expected {tcb_info_id!r} version 3 (Intel PCS API v4){also}"
         )
     if qe_identity.get("id") != qe_identity_id:
         raise ValueError(
             f"the DCAP collateral's QE identity is {qe_identity.get('id')!r}, not {qe_identity_id!r}"
         )
     windows = _windows(data, tcb_info, qe_identity)
-    try:
-        native = dcap_qvl.QuoteCollateralV3.from_json(text)
-    except Exception as exc:  # the extension raises ValueError; be sure nothing else escapes
-        raise ValueError(f"dcap-qvl cannot read the collateral: {str(exc).splitlines()[0][:200]}") from None
+    native = None
+    if not v2:
+        try:
+            native = dcap_qvl.QuoteCollateralV3.from_json(text)
+        except Exception as exc:  # the extension raises ValueError; be sure nothing else escapes
+            raise ValueError(
+                f"dcap-qvl cannot read the collateral: {str(exc).splitlines()[0][:200]}"
+            ) from None
     return DcapCollateral(
         native=native,
         digest=hashlib.sha256(text.encode()).digest(),
         fmspc=str(tcb_info.get("fmspc", "")).lower(),
         windows=tuple(windows),
+        tcb_info_version=2 if v2 else 3,
+        fields=MappingProxyType({key: data[key] for key in COLLATERAL_KEYS}),
     )

@@ -43,6 +43,7 @@ __all__ = [
     "SgxReport",
     "TdReport",
     "parse_quote",
+    "parse_sgx_report",
 ]
 
 HEADER_SIZE = 48
@@ -167,6 +168,13 @@ def _sgx_report(body: bytes) -> SgxReport:
         _SGX_REPORT.unpack(body)
     )
     return SgxReport(cpu_svn, misc, attributes, mr_enclave, mr_signer, prod, svn, report_data)
+
+
+def parse_sgx_report(body: bytes) -> SgxReport:
+    """An SGX report of 384 bytes (an enclave's or the QE's). Raises ``MalformedEvidence``."""
+    if len(body) != SGX_REPORT_SIZE:
+        raise MalformedEvidence(f"an SGX report is {SGX_REPORT_SIZE} bytes, not {len(body)}")
+    return _sgx_report(body)
 
 
 def _td_report(body: bytes) -> TdReport:

@@ -3,7 +3,8 @@ attestation, export and import over `rekey.agent_auth.AgentClient` (signed reque
 answers), over attested TLS: the agent's certificate must carry evidence of its registered
 generation (`registered_expectations`). Failures are one line: `sealing.migration.AgentDown`
 when the agent cannot be reached or does not prove its answer (or fails),
-`sealing.migration.AgentRefused` when it refuses."""
+`sealing.migration.AgentRefused` when it refuses, `sealing.migration.AgentUntrusted` (a refusal)
+when its certificate does not show the attested agent expected."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from typing import Any
 
 from attestation.ratls import RatlsVerifier
 from rekey.agent_auth import AgentCallError, AgentClient, AgentCredentialError, AgentUnproven, read_token
-from rekey.ratls_transport import server_expectation
+from rekey.ratls_transport import RatlsUntrusted, server_expectation
 from sealing.errors import SealingError
-from sealing.migration import AgentDown, AgentRefused, manifest_of
+from sealing.migration import AgentDown, AgentRefused, AgentUntrusted, manifest_of
 from sealing.store import AgentRecord, SealedStateStore
 
 __all__ = ["AgentPeer", "peers_from_state_dirs", "registered_expectations"]
@@ -41,6 +42,10 @@ class AgentPeer:
                 raise AgentDown(f"the agent at {self._client.url} failed: {exc}") from None
             reasons = f" ({'; '.join(exc.reasons)})" if exc.reasons else ""
             raise AgentRefused(f"the agent at {self._client.url} refused: {exc}{reasons}") from None
+        except RatlsUntrusted as exc:  # before OSError: another build or an impostor, not an outage
+            raise AgentUntrusted(
+                f"the agent at {self._client.url} is not the attested agent expected: {exc.strerror}"
+            ) from None
         except OSError as exc:
             raise AgentDown(
                 f"cannot reach the agent at {self._client.url}: {exc.strerror or type(exc).__name__}"

@@ -38,11 +38,13 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
 from attestation.errors import AttestationError, NonceMismatch, PolicyDenied
-from attestation.ratls import RatlsIdentity, RatlsVerifier
+from attestation.ratls import CERT_LIFETIME, RatlsIdentity, RatlsVerifier
 from kms_adapters.errors import PolicyDenied as ReleaseDenied
 from rekey.agent_auth import (
     BODY_HASH,
@@ -454,19 +456,28 @@ def make_server(
     limits: ServerLimits | None = None,
     identity: RatlsIdentity | None = None,
     peer_verifier: RatlsVerifier | None = None,
+    cert_lifetime: timedelta = CERT_LIFETIME,
+    renew_every: float | None = None,
 ) -> AgentHTTPServer:
     """Bind 127.0.0.1:port (0 picks a free port) for HTTPS only; the caller runs ``serve_forever``.
 
     ``tokens`` maps each accepted caller token to its caller's name (``rekey.agent_auth``).
-    ``identity``: the RA-TLS certificate and key (default: a fresh one from the agent's enclave,
-    `EnclaveAgent.ratls_identity`); ``peer_verifier``: the check of a calling agent's optional
-    client certificate (None: none is asked for)."""
+    ``identity``: a fixed RA-TLS certificate and key; by default a fresh one from the agent's
+    enclave (`EnclaveAgent.ratls_identity`, valid ``cert_lifetime``), renewed the same way every
+    ``renew_every`` seconds (default: half the lifetime, `rekey.ratls_transport.RENEW_EVERY` for
+    the default lifetime), so a new handshake never meets an ended certificate; ``peer_verifier``:
+    the check of a calling agent's optional client certificate (None: none is asked for)."""
+    every = cert_lifetime.total_seconds() / 2 if renew_every is None else renew_every
+    if identity is None and not 0 < every < cert_lifetime.total_seconds():
+        raise ValueError("renew_every must be positive and shorter than the certificate's lifetime")
     limits = limits or ServerLimits()
     handler = make_handler(AgentApi(agent), tokens, allowed_origins, limits)
     return AgentHTTPServer(
         ("127.0.0.1", port),
         handler,
         limits,
-        identity=identity or agent.ratls_identity(),
+        identity=identity or agent.ratls_identity(cert_lifetime),
         peer_verifier=peer_verifier,
+        renew=partial(agent.ratls_identity, cert_lifetime) if identity is None else None,
+        renew_every=every,
     )

@@ -20,7 +20,16 @@ peer policy or the handshake fails and nothing reaches the handler. A connection
 is closed at once (a TLS client sees the handshake fail: the accept loop never runs a handshake).
 
 Client side (`RatlsHTTPConnection`): an ``http.client.HTTPConnection`` whose ``connect`` runs
-the handshake and refuses (`RatlsRefused`, an OSError) a server whose certificate does not pass.
+the handshake and refuses (`RatlsUntrusted`, a `RatlsRefused`, an OSError) a server whose
+certificate does not pass; another failed handshake (cut off, an alert from the server) is a
+plain `RatlsRefused`.
+
+Renewal: a certificate lives `attestation.ratls.CERT_LIFETIME`. A server given ``renew`` (a
+maker of fresh identities: new key, new evidence binding it, new certificate) replaces its
+identity every ``renew_every`` seconds (default `RENEW_EVERY`, half the lifetime) in a thread of
+its own; new handshakes use the new certificate, connections already open keep theirs. Clients
+cache verified certificates by digest, so a new certificate is simply verified once. A failed
+renewal keeps the current identity and is tried again within a minute.
 
 Policies from generation manifests: `server_expectation` (a client that expects the agent of one
 registered generation: its signer, product id, at least its SVN, its debug flag and exactly its
@@ -61,10 +70,12 @@ from rekey.http_guard import GuardedHTTPServer, GuardLimits
 from sealing.generation import GenerationManifest
 
 __all__ = [
+    "RENEW_EVERY",
     "RatlsHTTPConnection",
     "RatlsHTTPServer",
     "RatlsRefused",
     "RatlsSocket",
+    "RatlsUntrusted",
     "open_socket",
     "peer_policy",
     "peer_verifier",
@@ -78,7 +89,10 @@ log = logging.getLogger("rekey.ratls")
 # decision stands in for them. Any other error (expired, malformed, ...) refuses.
 _SELF_SIGNED_ERRORS = frozenset({0, 18, 20, 21})  # ok, DEPTH_ZERO_SELF_SIGNED, NO_ISSUER, LEAF_SIG
 MAX_EVIDENCE_AGE = CERT_LIFETIME + timedelta(minutes=5)
-"""The certificate's evidence is made at start-up and lives as long as the certificate."""
+"""The certificate's evidence is made with it and lives as long as the certificate."""
+RENEW_EVERY = CERT_LIFETIME / 2
+"""How often a serving agent replaces its RA-TLS identity: well before the certificate ends."""
+_RENEW_RETRY_SECONDS = 60.0
 
 
 class RatlsRefused(ConnectionError):
@@ -87,6 +101,12 @@ class RatlsRefused(ConnectionError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EPROTO, message)
+
+
+class RatlsUntrusted(RatlsRefused):
+    """The peer's certificate did not pass this side's check: the peer is not the attested
+    party expected (another build, another host, no binding). Not an outage: retrying the same
+    peer meets the same certificate."""
 
 
 # ------------------------------------------------------------------------------ policies
@@ -270,7 +290,10 @@ def _handshake(tls: SSL.Connection, sock: socket.socket, deadline: float) -> Non
         except SSL.Error as exc:
             state = tls.get_app_data()
             reason = state.reason if isinstance(state, _Handshake) and state.reason else _ssl_reason(exc)
-            raise RatlsRefused(f"attested TLS handshake failed: {reason}") from None
+            refused = (
+                RatlsUntrusted if isinstance(state, _Handshake) and state.decided is False else RatlsRefused
+            )
+            raise refused(f"attested TLS handshake failed: {reason}") from None
 
 
 class _TlsIO(io.RawIOBase):
@@ -344,19 +367,85 @@ class RatlsHTTPServer(GuardedHTTPServer):
         *,
         identity: RatlsIdentity,
         peer_verifier: RatlsVerifier | None = None,
+        renew: Callable[[], RatlsIdentity] | None = None,
+        renew_every: float = RENEW_EVERY.total_seconds(),
     ) -> None:
-        self.identity = identity
-        self._tls_context = _context(server=True, verifier=peer_verifier, identity=identity)
-        self._busy_context = _context(server=True, verifier=None, identity=identity)
+        if renew is not None and not renew_every > 0:
+            raise ValueError("renew_every must be a positive number of seconds")
+        self._peer_verifier = peer_verifier
+        self._identity_lock = threading.Lock()
+        self._identity, self._tls_context, self._busy_context = self._contexts(identity)
+        self._renew, self._renew_every = renew, renew_every
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self.renewals = 0
+        """Identities installed by `renew_identity` since the server started."""
         self._streams: dict[socket.socket, _TlsIO] = {}
         self._streams_lock = threading.Lock()
         self._busy_answers = threading.BoundedSemaphore(self.max_busy_answers)
         self.handshakes_refused = 0
         super().__init__(address, handler, limits)
+        if renew is not None:
+            self._renewer = threading.Thread(target=self._renewing, name="ratls-renew", daemon=True)
+            self._renewer.start()
+
+    def _contexts(self, identity: RatlsIdentity) -> tuple[RatlsIdentity, SSL.Context, SSL.Context]:
+        return (
+            identity,
+            _context(server=True, verifier=self._peer_verifier, identity=identity),
+            _context(server=True, verifier=None, identity=identity),
+        )
+
+    @property
+    def identity(self) -> RatlsIdentity:
+        """The identity new handshakes present."""
+        with self._identity_lock:
+            return self._identity
+
+    def use_identity(self, identity: RatlsIdentity) -> None:
+        """Present ``identity`` in every handshake from now on (open connections keep theirs)."""
+        installed = self._contexts(identity)  # built outside the lock: a bad key fails here
+        with self._identity_lock:
+            self._identity, self._tls_context, self._busy_context = installed
+
+    def renew_identity(self) -> RatlsIdentity:
+        """Make a fresh identity with ``renew`` and present it from now on."""
+        if self._renew is None:
+            raise ValueError("this server was given no way to renew its identity")
+        identity = self._renew()
+        self.use_identity(identity)
+        self.renewals += 1
+        log.info("attested TLS identity renewed, valid until %s", identity.not_after.isoformat())
+        return identity
+
+    def _renewing(self) -> None:
+        wait = self._renew_every
+        while not self._stop_renewing.wait(wait):
+            try:
+                self.renew_identity()
+                wait = self._renew_every
+            except Exception as exc:  # the current identity stays; a later try may succeed
+                wait = min(self._renew_every, _RENEW_RETRY_SECONDS)
+                log.warning(
+                    "renewing the attested TLS identity failed (%s); trying again in %.0f s",
+                    type(exc).__name__,
+                    wait,
+                )
+
+    def server_close(self) -> None:
+        self._stop_renewing.set()
+        renewer = self._renewer
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join(timeout=5.0)
+        super().server_close()
+
+    def _current(self, *, busy: bool) -> SSL.Context:
+        with self._identity_lock:
+            return self._busy_context if busy else self._tls_context
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self.limits.idle_timeout)
-        tls = SSL.Connection(self._tls_context, request)
+        tls = SSL.Connection(self._current(busy=False), request)
         tls.set_accept_state()
         tls.set_app_data(_Handshake())
         try:
@@ -392,7 +481,7 @@ class RatlsHTTPServer(GuardedHTTPServer):
     def _answer_busy(self, request: socket.socket) -> None:
         try:
             request.settimeout(1.0)
-            tls = SSL.Connection(self._busy_context, request)
+            tls = SSL.Connection(self._current(busy=True), request)
             tls.set_accept_state()
             tls.set_app_data(_Handshake())
             _handshake(tls, request, time.monotonic() + 1.0)

@@ -46,6 +46,7 @@ __all__ = [
     "AgentDown",
     "AgentPort",
     "AgentRefused",
+    "AgentUntrusted",
     "BatchOutcome",
     "FleetHost",
     "FleetView",
@@ -66,6 +67,11 @@ class AgentDown(SealingError):
 
 class AgentRefused(SealingError):
     """The agent refused the request; its one-line reason (never a secret)."""
+
+
+class AgentUntrusted(AgentRefused):
+    """What answers at the agent's endpoint is not the attested agent expected (its RA-TLS
+    certificate shows another build, another host, or no binding): a refusal, not an outage."""
 
 
 class AgentPort(Protocol):

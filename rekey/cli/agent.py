@@ -31,7 +31,7 @@ from rekey.backends import agent_releaser, sim_root_cas
 from rekey.cli.context import settings, sim_host_dir, store
 from rekey.cli.output import EXIT_FAILED, CliError, emit_json, err, json_option, out, printable, table
 from rekey.fleet import DEFAULT_REFRESH_SECONDS, FleetMembership
-from rekey.ratls_transport import peer_verifier, server_expectation
+from rekey.ratls_transport import RatlsUntrusted, peer_verifier, server_expectation
 from sealing.agent import EnclaveAgent
 from sealing.errors import SealingError
 from sealing.generation import ManifestError, load_manifest
@@ -295,7 +295,8 @@ def serve(
     """Serve the agent API over attested TLS (HTTPS only) on 127.0.0.1 until stopped (SIGINT/SIGTERM).
 
     At start the agent makes a fresh TLS key and a self-signed certificate whose extension
-    carries its enclave's evidence over the key's hash (valid 24 h; a restart makes a new one).
+    carries its enclave's evidence over the key's hash (valid 24 h; every 12 h it makes a new one
+    for new connections).
     Clients check that evidence against the generation they expect; a calling agent's optional
     client certificate must show the same signer and product id, an SVN not below this one's.
 
@@ -338,7 +339,7 @@ def serve(
             tokens=tokens,
             allowed_origins=allowed_origins,
             limits=limits,
-            identity=agent.ratls_identity(),
+            # Its RA-TLS identity: made now from the enclave and renewed every RENEW_EVERY.
             # A calling agent's certificate: same signer and product, SVN not below this one.
             peer_verifier=peer_verifier(manifest, [host.root_ca_pem()]),
         )
@@ -464,6 +465,8 @@ def call(
         result = client.call(path, payload)
     except AgentCallError as exc:
         raise AgentRefused(str(exc)) from None
+    except RatlsUntrusted as exc:
+        raise AgentRefused(f"the agent at {url} is not the attested agent expected: {exc.strerror}") from None
     except OSError as exc:
         raise AgentRefused(f"cannot reach the agent at {url}: {exc}") from None
     emit_json(result)

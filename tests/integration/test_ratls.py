@@ -8,7 +8,11 @@ counts what the server verified, an agent server in this process).
   would have spent its nonce);
 * a server presenting such a certificate is refused by the client before anything is sent;
 * a good peer passes, and the second connection is served from the verifier's cache;
-* evidence copied into a certificate for another key is refused, on either side.
+* evidence copied into a certificate for another key is refused, on either side;
+* a serving agent renews its certificate (fresh key, fresh evidence) before the first one ends,
+  and a client connecting after that end still gets through; a failed renewal is tried again;
+* an agent of another generation than the one expected is a refusal (`AgentUntrusted`), not
+  an outage (`AgentDown`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import http.client
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +37,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from attestation.ratls import OID_SIM_EVIDENCE, RatlsIdentity, make_identity
+from attestation.ratls import OID_SIM_EVIDENCE, RatlsIdentity, RatlsVerifier, make_identity
 from attestation.sim import SimVerifier
 from rekey.agent_auth import AgentClient, AgentCredentialError, sign_request
-from rekey.agent_server import AgentHTTPServer, make_server
-from rekey.ratls_transport import RatlsHTTPConnection, RatlsRefused, peer_verifier, server_expectation
+from rekey.agent_peer import AgentPeer
+from rekey.agent_sealer import AgentSealer
+from rekey.agent_server import AgentApi, AgentHTTPServer, ServerLimits, make_handler, make_server
+from rekey.ratls_transport import (
+    RatlsHTTPConnection,
+    RatlsRefused,
+    RatlsUntrusted,
+    open_socket,
+    peer_verifier,
+    server_expectation,
+)
 from sealing.agent import EnclaveAgent
 from sealing.generation import GenerationManifest, parse_manifest
+from sealing.migration import AgentDown, AgentRefused, AgentUntrusted
+from sealing.state import EnclaveRefused
 from sealing.tee.sim import EnclaveIdentity, SimHost
 from tests.fixtures.agent import Agent, start_agents, stop_agents
 from tests.fixtures.cli import MANIFEST
@@ -267,3 +285,159 @@ def test_verified_peers_are_cached_on_both_sides(sim_host: SimHost) -> None:
         assert served.server.handshakes_refused == 2
     finally:
         served.close()
+
+
+# ----------------------------------------------------------------------------- renewal, impostors
+
+
+def _served_certificate(server: AgentHTTPServer, expect: RatlsVerifier) -> bytes:
+    """The DER certificate a new connection to ``server`` meets (after passing ``expect``)."""
+    opened = open_socket("127.0.0.1", server.server_address[1], verifier=expect, timeout=10)
+    try:
+        peer = opened.tls.get_peer_certificate()
+        assert peer is not None
+        return peer.to_cryptography().public_bytes(serialization.Encoding.DER)
+    finally:
+        opened.close()
+
+
+def test_a_serving_agent_renews_its_certificate_before_the_first_one_ends(sim_host: SimHost) -> None:
+    """Certificates of 3 s here (24 h in use), renewed every 0.5 s (half the lifetime by
+    default): a client connecting after the first certificate's end still gets through, and
+    meets a new certificate (fresh key, fresh evidence binding it); the first one is refused then."""
+    manifest = parse_manifest(GOOD | {"id": "tls-renew"})
+    expect = server_expectation(manifest, [sim_host.root_ca_pem()])
+    enclave_agent = EnclaveAgent(
+        manifest,
+        sim_host.enclave(EnclaveIdentity.from_manifest(manifest)),
+        SimVerifier(sim_host.root_ca_pem()),
+    )
+    served = _Served(
+        make_server(
+            enclave_agent, tokens={"t" * 43: "default"}, cert_lifetime=timedelta(seconds=3), renew_every=0.5
+        )
+    )
+    try:
+        first = served.server.identity
+        client = AgentClient(served.server.url, "t" * 43, expect=expect)
+        assert client.call("/v1/identity")["id"] == "tls-renew"
+        while datetime.now(UTC) <= first.not_after + timedelta(milliseconds=200):
+            time.sleep(0.05)
+        claims, reason = expect.try_verify(first.cert_der)
+        assert claims is None and "ChainInvalid" in reason  # the first certificate has ended
+        assert client.call("/v1/identity")["id"] == "tls-renew"
+        seen = _served_certificate(served.server, expect)
+        assert seen != first.cert_der
+        assert x509.load_der_x509_certificate(seen).not_valid_after_utc > datetime.now(UTC)
+        renewed = served.server.identity
+        assert renewed.key_der() != first.key_der() and served.server.renewals >= 2
+    finally:
+        served.close()
+
+
+def test_a_renewal_interval_not_shorter_than_the_lifetime_is_refused(sim_host: SimHost) -> None:
+    manifest = parse_manifest(GOOD | {"id": "tls-renew-late"})
+    enclave_agent = EnclaveAgent(
+        manifest,
+        sim_host.enclave(EnclaveIdentity.from_manifest(manifest)),
+        SimVerifier(sim_host.root_ca_pem()),
+    )
+    for every in (2.0, 0.0):
+        with pytest.raises(ValueError, match="renew_every"):
+            make_server(
+                enclave_agent,
+                tokens={"t" * 43: "default"},
+                cert_lifetime=timedelta(seconds=2),
+                renew_every=every,
+            )
+
+
+def test_a_failed_renewal_keeps_the_current_certificate_and_is_tried_again(sim_host: SimHost) -> None:
+    manifest = parse_manifest(GOOD | {"id": "tls-renew-fails"})
+    enclave_agent = EnclaveAgent(
+        manifest,
+        sim_host.enclave(EnclaveIdentity.from_manifest(manifest)),
+        SimVerifier(sim_host.root_ca_pem()),
+    )
+    first = enclave_agent.ratls_identity()
+    attempts: list[int] = []
+
+    def renew() -> RatlsIdentity:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("the enclave is busy")
+        return enclave_agent.ratls_identity()
+
+    handler = make_handler(AgentApi(enclave_agent), {"t" * 43: "default"}, (), ServerLimits())
+    server = AgentHTTPServer(
+        ("127.0.0.1", 0), handler, ServerLimits(), identity=first, renew=renew, renew_every=0.1
+    )
+    served = _Served(server)
+    try:
+        expect = server_expectation(manifest, [sim_host.root_ca_pem()])
+        deadline = time.monotonic() + 10
+        while server.renewals == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(attempts) >= 2 and server.renewals >= 1
+        assert _served_certificate(server, expect) != first.cert_der
+        assert (
+            AgentClient(server.url, "t" * 43, expect=expect).call("/v1/identity")["id"] == "tls-renew-fails"
+        )
+    finally:
+        served.close()
+    stopped = len(attempts)
+    time.sleep(0.3)
+    assert len(attempts) == stopped  # a closed server renews no more
+
+
+def test_an_agent_of_another_generation_is_a_refusal_not_an_outage(sim_host: SimHost) -> None:
+    """A client expecting generation A meets an agent of generation B (same signer and product,
+    other code): `AgentUntrusted`, an `AgentRefused` the migration treats as final, with a
+    one-line reason; a closed port stays `AgentDown` (an outage, waited for)."""
+    expected = parse_manifest(GOOD | {"id": "tls-gen-a"})
+    served = _serve(sim_host, parse_manifest(GOOD | {"id": "tls-gen-b", "measurement": "55" * 32}))
+    try:
+        expect = server_expectation(expected, [sim_host.root_ca_pem()])
+        peer = AgentPeer(AgentClient(served.server.url, "t" * 43, expect=expect))
+        with pytest.raises(AgentUntrusted) as refused:
+            peer.identity()
+        message = str(refused.value)
+        assert message.startswith(f"the agent at {served.server.url} is not the attested agent expected: ")
+        assert "measurement" in message and "\n" not in message and "Errno" not in message
+        assert isinstance(refused.value, AgentRefused) and not isinstance(refused.value, AgentDown)
+        # Through the same handshake, without AgentPeer: the transport's own type; and for
+        # `rekey state put/get --agent` (AgentSealer), a refusal too.
+        with pytest.raises(RatlsUntrusted):
+            AgentClient(served.server.url, "t" * 43, expect=expect).call("/v1/identity")
+        with pytest.raises(EnclaveRefused, match=r"^the agent at .* is not the attested agent expected: "):
+            AgentSealer.connect(AgentClient(served.server.url, "t" * 43, expect=expect))
+    finally:
+        served.close()
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"https://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(AgentDown, match="cannot reach"):
+        AgentPeer(AgentClient(closed, "t" * 43, expect=expect)).identity()
+
+
+def test_the_cli_names_an_agent_of_another_generation_in_one_line(agent: Agent, tmp_path: Path) -> None:
+    """``rekey agent call`` expecting another build than the real ``serve`` agent runs: exit 1
+    and one error line saying so (not "cannot reach"), nothing sent."""
+    other = tmp_path / "other.yaml"
+    other.write_text(json.dumps(GOOD | {"id": "tls-other", "measurement": "66" * 32}))
+    home = agent.state_dir.parents[1]
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "rekey.cli", "--home", str(home), "agent", "call", "/v1/identity"),
+            *("--url", agent.url, "--state-dir", str(agent.state_dir), "--manifest", str(other)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"the agent at {agent.url} is not the attested agent expected" in lines[0]
+    assert "measurement" in lines[0] and "cannot reach" not in lines[0]

@@ -1,7 +1,8 @@
 """The real SGX and TDX quotes of vectors/sgx and vectors/tdx, with what PROVENANCE.md says of each.
 
-Two samples come with dcap-qvl's collateral JSON; for the others the collateral is assembled here
-from the Intel PCS responses next to them (``pcs_collateral``).
+Three samples come with dcap-qvl's collateral JSON, and the dcap-rs one with the derived file of
+that form (``dcaprs_collateral_v2.derived.json``); for the go-tdx-guest sample the collateral is
+assembled here from the Intel PCS responses next to it (``pcs_collateral``).
 """
 
 from __future__ import annotations
@@ -70,17 +71,9 @@ def pcs_collateral(
 
 
 def dcaprs_collateral() -> str:
-    """dcap-rs's Intel PCS collateral for FMSPC 00606a000000 (TCB info v2). The PCK CRL issuer
-    chain (Platform CA, Root CA) is the tail of the quote's own PCK chain."""
-    chain = b"".join(pem_chain((SGX / "dcaprs_sgx_quote_v3.derived.bin").read_bytes())[1:]).decode()
-    return pcs_collateral(
-        SGX / "dcaprs_tcbinfo_sgx_v2_00606a000000.json",
-        SGX / "dcaprs_qeidentity_qe_v2.json",
-        (SGX / "dcaprs_tcb_signing_chain.pem").read_text(),
-        SGX / "dcaprs_pck_platform_crl.der",
-        SGX / "dcaprs_intel_root_ca_crl.der",
-        chain,
-    )
+    """dcap-rs's Intel PCS collateral for FMSPC 00606a000000 (TCB info v2), in the collateral JSON
+    form: ``dcaprs_collateral_v2.derived.json`` (scripts/derive_dcap_collateral.py)."""
+    return (SGX / "dcaprs_collateral_v2.derived.json").read_text()
 
 
 def gotdxguest_collateral() -> str:
@@ -129,20 +122,26 @@ TDX_GO = Sample(
     at("2023-07-01T01:00:00Z"),
 )
 SGX_DCAPRS = Sample(
-    "sgx-dcaprs",
+    "sgx-dcaprs-v2",
     "sgx",
     SGX / "dcaprs_sgx_quote_v3.derived.bin",
     dcaprs_collateral(),
     datetime.fromtimestamp(1739419232).astimezone(),  # dcap-rs PINNED_TIME, 2025-02-13T04:00:32Z
+    at("2025-02-13T03:40:28Z"),  # the PCK CRL's thisUpdate
+    at("2025-03-15T03:29:42Z"),  # the TCB info's nextUpdate
 )
 SGX_OCCLUM = Sample(
-    "sgx-occlum",
+    "sgx-occlum-v2",
     "sgx",
     SGX / "trustee_occlum_sgx_quote_v3.dat",
     dcaprs_collateral(),  # our own cross-source pairing (same FMSPC), not an upstream test
     SGX_DCAPRS.at,
+    SGX_DCAPRS.not_before,
+    SGX_DCAPRS.not_after,
 )
 
-#: Verifiable end to end with dcap-qvl.
-VERIFIABLE = (SGX_QVL, TDX_QVL)
+#: Verifiable end to end: with dcap-qvl (TCB info v3) or with attestation.dcap_appraisal_v2.
+VERIFIABLE = (SGX_QVL, SGX_DCAPRS, SGX_OCCLUM, TDX_QVL)
+#: The samples whose collateral is TCB info v2.
+TCB_INFO_V2 = (SGX_DCAPRS, SGX_OCCLUM)
 ALL = (SGX_QVL, SGX_DCAPRS, SGX_OCCLUM, TDX_QVL, TDX_QVL_V5, TDX_GO)

@@ -26,7 +26,7 @@ from attestation.dcap import (
     TdxVerifier,
     intel_sgx_root_ca_der,
 )
-from attestation.dcap_quote import SgxReport, TdReport, parse_quote
+from attestation.dcap_quote import TdReport, parse_quote
 from attestation.errors import (
     ChainInvalid,
     EvidenceSignatureInvalid,
@@ -39,8 +39,6 @@ from attestation.token import ResultSigner, verify_result
 from attestation.verifier import CachingPlatformVerifier, Verifier, expected_report_data
 from tests.unit.dcap_vectors import (
     SGX,
-    SGX_DCAPRS,
-    SGX_OCCLUM,
     SGX_QVL,
     TDX,
     TDX_GO,
@@ -218,51 +216,6 @@ def test_the_go_tdx_guest_sample_parses_with_its_deep_check_values() -> None:
         "6c62dec1b8191749a31dab490be532a35944dea47caef1f980863993d9899545"
         "eb7406a38d1eed313b987a467dacead6f0c87a6d766c66f6f29f8acb281f1113"
     )
-
-
-@pytest.mark.parametrize(
-    ("sample", "mrenclave", "mrsigner", "report_data", "debug"),
-    [
-        (
-            SGX_DCAPRS,
-            "a4f45c39dac622cb1dd32ddb35a52ec92db41d0fa88a1c911c49e59c534f61cd",
-            "1bda23eb3a807dfe735ddcebbfa2eac05e04a00df2804296612f770b594180ba",
-            b"",
-            False,
-        ),
-        (
-            SGX_OCCLUM,
-            "8f173e4613ff05c52aaf04162d234edae8c9977eae47eb2299ae16a553011c68",
-            "83d719e77deaca1470f6baf62a4d774303c899db69020f9c70ee1dfc08c7ce9e",
-            b"test",
-            True,
-        ),
-    ],
-    ids=["dcaprs", "occlum"],
-)
-def test_sgx_samples_with_tcb_info_v2_collateral(
-    sample: Sample, mrenclave: str, mrsigner: str, report_data: bytes, debug: bool
-) -> None:
-    """dcap-qvl reads only TCB info v3 (PCS API v4), and these two quotes' collateral is v2: the
-    verifier refuses that collateral. What can be checked: the fields, and that the quote
-    signature verifies (against the v3 collateral of another FMSPC the refusal is the FMSPC,
-    which is checked after the signature; a changed enclave report is a bad signature)."""
-    quote = parse_quote(sample.evidence)
-    report = quote.report
-    assert isinstance(report, SgxReport)
-    assert (report.mr_enclave.hex(), report.mr_signer.hex()) == (mrenclave, mrsigner)
-    assert report.report_data == report_data.ljust(64, b"\0")
-    assert report.debug is debug
-    assert sample.collateral is not None
-    with pytest.raises(ValueError, match="version 2"):
-        SgxDcapVerifier(sample.collateral)
-    other = SgxDcapVerifier(SGX_QVL.collateral or "")
-    with pytest.raises(ChainInvalid, match="FMSPC 00606a000000 is not the collateral's 00a067110000"):
-        other.verify(sample.evidence, at=SGX_QVL.at)
-    tampered = bytearray(sample.evidence)
-    tampered[48 + 64] ^= 1  # MRENCLAVE
-    with pytest.raises(EvidenceSignatureInvalid):
-        other.verify(bytes(tampered), at=SGX_QVL.at)
 
 
 def test_collateral_of_another_fmspc_is_refused() -> None:

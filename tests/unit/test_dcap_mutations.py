@@ -1,6 +1,7 @@
 """Tampered real DCAP quotes and collateral are refused with a typed error, never another exception.
 
-Byte positions, per verifiable sample (SGX v3 and TDX v4, each at a time inside its window):
+Byte positions, per verifiable sample (SGX v3 against TCB info v3 and v2 collateral, TDX v4, each
+at a time inside its window):
 * signed region (header || body): every byte, through ``verify`` and through ``verify_with_chain``
   with the chain of the untouched quote;
 * quote signature, attestation key, QE auth data: every byte;
@@ -8,6 +9,8 @@ Byte positions, per verifiable sample (SGX v3 and TDX v4, each at a time inside 
 * each certificate of the PCK chain (PEM inside the quote): every 8th byte plus the first and last;
 * the collateral's TCB-info and QE-identity signatures: every 4th hex digit (changed to another
   hex digit, so the JSON stays readable), and the signed TCB-info text itself;
+* of the SGX samples' collateral (TCB info v3 and v2): the TCB-info and QE-identity texts, the
+  TCB signing chain and both CRLs, every 8th character plus the first and last;
 * truncation, on every sample: at every structure boundary and at 16 other offsets spread over
   the quote.
 """
@@ -19,16 +22,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation.dcap import SgxDcapVerifier, TdxVerifier
 from attestation.dcap_quote import HEADER_SIZE, Quote, parse_quote
 from attestation.errors import AttestationError, ChainInvalid, EvidenceSignatureInvalid, MalformedEvidence
-from tests.unit.dcap_vectors import ALL, SGX_QVL, TDX_QVL, VERIFIABLE, Sample, pem_chain
+from tests.unit.dcap_vectors import ALL, SGX_DCAPRS, SGX_QVL, TDX_QVL, VERIFIABLE, Sample, pem_chain
 
 
 def _verifier(sample: Sample, collateral: str | None = None) -> SgxDcapVerifier | TdxVerifier:
     reference = SGX_QVL if sample.platform == "sgx" else TDX_QVL
-    text = collateral or reference.collateral
+    text = collateral or sample.collateral or reference.collateral
     assert text is not None
     return SgxDcapVerifier(text) if sample.platform == "sgx" else TdxVerifier(text)
 
@@ -149,6 +154,61 @@ def test_the_signed_tcb_info_text_is_checked(sample: Sample) -> None:
         verifier = _verifier(sample, json.dumps(tampered))
         error = _rejection(verifier.verify, sample.evidence, at=sample.at)
         assert isinstance(error, ChainInvalid), error
+
+
+def _pem_ders(text: str) -> list[bytes] | None:
+    try:
+        return [cert.public_bytes(Encoding.DER) for cert in x509.load_pem_x509_certificates(text.encode())]
+    except ValueError:
+        return None
+
+
+def _changed_character(text: str, position: int, hex_text: bool) -> str:
+    if hex_text:
+        return _other_hex_digit(text, position)
+    return text[:position] + chr(ord(text[position]) ^ 0x01) + text[position + 1 :]
+
+
+@pytest.mark.parametrize("sample", (SGX_QVL, SGX_DCAPRS), ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    ("field", "hex_text"),
+    [
+        ("tcb_info", False),
+        ("qe_identity", False),
+        ("tcb_info_issuer_chain", False),
+        ("root_ca_crl", True),
+        ("pck_crl", True),
+    ],
+)
+def test_every_changed_byte_of_the_collateral_is_refused(sample: Sample, field: str, hex_text: bool) -> None:
+    """Every 8th character of the field's text plus its first and last (hex digits changed to
+    another hex digit, other characters in their low bit; JSON escapes what that makes). Collateral
+    that can no longer be read at all is a one-line ``ValueError`` when the verifier is built (it
+    is configuration, not evidence); all other collateral reaches the appraisal, which refuses it
+    with a typed error. The v2 appraisal also requires the chain's root to be the trusted root."""
+    assert sample.collateral is not None
+    document = json.loads(sample.collateral)
+    text = document[field]
+    refused = 0
+    positions = _sampled(0, len(text), 8)
+    if field.endswith("_chain") and sample is SGX_QVL:
+        # dcap-qvl checks the TCB signing certificate against the root it is given and ignores
+        # the chain's own copy of the root: only the signing certificate is checked there.
+        positions = [p for p in positions if p < len(pem_chain(text.encode())[0])]
+    for position in positions:
+        changed = _changed_character(text, position, hex_text)
+        if field.endswith("_chain") and _pem_ders(changed) == _pem_ders(text):
+            continue  # e.g. a line break made a vertical tab: whitespace to PEM, the same certificates
+        tampered = json.dumps({**document, field: changed})
+        try:
+            verifier = _verifier(sample, tampered)
+        except ValueError as unusable:
+            assert "\n" not in str(unusable)
+            continue
+        _rejection(verifier.verify, sample.evidence, at=sample.at)
+        refused += 1
+    # Most changes leave the text readable; those must all be refused by the appraisal.
+    assert refused >= len(positions) // 2, (refused, len(positions))
 
 
 def _boundaries(quote: Quote, evidence: bytes) -> set[int]:
