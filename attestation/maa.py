@@ -42,10 +42,10 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from attestation.certs import CERT_ERRORS
 from attestation.claims import Claims
 from attestation.errors import ChainInvalid, EvidenceSignatureInvalid, MalformedEvidence
 
@@ -75,7 +75,6 @@ _URLSAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _CANONICAL_LAST = {2: frozenset(_URLSAFE[::16]), 3: frozenset(_URLSAFE[::4])}
 _HEX32 = re.compile(r"[0-9a-f]{64}")
 _HEX64 = re.compile(r"[0-9a-f]{128}")
-_CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion)
 
 
 class _Key:
@@ -119,7 +118,7 @@ def _load_jwk(entry: object) -> tuple[str, _Key | None] | None:
             n = int.from_bytes(_b64url_decode(entry["n"]), "big")
             e = int.from_bytes(_b64url_decode(entry["e"]), "big")
             key = rsa.RSAPublicNumbers(e, n).public_key()
-    except (*_CERT_ERRORS, KeyError, binascii.Error):
+    except (*CERT_ERRORS, KeyError, binascii.Error):
         raise ValueError(f"JWKS key {kid!r} cannot be read") from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise ValueError(f"JWKS key {kid!r} is not an RSA key")

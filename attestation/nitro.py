@@ -56,11 +56,12 @@ from typing import Any, NamedTuple
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from attestation.certs import CERT_ERRORS, ca_extensions, check_validity
 from attestation.claims import Claims
 from attestation.errors import ChainInvalid, EvidenceSignatureInvalid, MalformedEvidence
 
@@ -93,7 +94,6 @@ _ES384 = -35
 _COSE_TAG = 18
 
 # Errors that reading a tampered or hostile certificate can provoke.
-_CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion)
 
 
 @functools.cache
@@ -251,32 +251,13 @@ def _load_cert(der: bytes, what: str) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(der)
         signature = cert.signature
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise ChainInvalid(f"the {what} is not a DER X.509 certificate") from None
     # The parser accepts a signature BIT STRING with unused bits if they are zero, so one
     # certificate would have several encodings that all verify: accept only whole bytes.
     if len(der) <= len(signature) or der[-len(signature) - 1] != 0:
         raise ChainInvalid(f"the {what}'s signature is not a whole number of bytes")
     return cert
-
-
-def _check_validity(cert: x509.Certificate, at: datetime, what: str) -> None:
-    if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-        raise ChainInvalid(
-            f"the {what} is not valid at {at.isoformat()} (valid {cert.not_valid_before_utc.isoformat()}"
-            f" to {cert.not_valid_after_utc.isoformat()})"
-        )
-
-
-def _constraints(cert: x509.Certificate, what: str) -> tuple[x509.BasicConstraints, x509.KeyUsage]:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        raise ChainInvalid(f"the {what} lacks BasicConstraints or KeyUsage") from None
-    except _CERT_ERRORS:
-        raise ChainInvalid(f"the {what}'s extensions cannot be read") from None
-    return constraints, usage
 
 
 def _is_p384(key: object) -> bool:
@@ -306,7 +287,7 @@ class NitroVerifier:
             root = x509.load_pem_x509_certificate(pem)
             root.verify_directly_issued_by(root)
             constraints = root.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except (*_CERT_ERRORS, InvalidSignature, x509.ExtensionNotFound):
+        except (*CERT_ERRORS, InvalidSignature, x509.ExtensionNotFound):
             raise ValueError("root_pem is not a self-signed CA certificate") from None
         if not constraints.ca:
             raise ValueError("root_pem is not a CA certificate")
@@ -376,8 +357,8 @@ class NitroVerifier:
         names.append("signing certificate")
         leaf_index = len(certs) - 1
         for index, (cert, name) in enumerate(zip(certs, names, strict=True)):
-            _check_validity(cert, at, name)
-            constraints, usage = _constraints(cert, name)
+            check_validity(cert, at, name)
+            constraints, usage = ca_extensions(cert, name)
             if index < leaf_index:
                 if not constraints.ca or not usage.key_cert_sign:
                     raise ChainInvalid(f"the {name} is not a CA certificate with keyCertSign")
@@ -390,11 +371,11 @@ class NitroVerifier:
             if index:
                 try:
                     cert.verify_directly_issued_by(certs[index - 1])
-                except (*_CERT_ERRORS, InvalidSignature):
+                except (*CERT_ERRORS, InvalidSignature):
                     raise ChainInvalid(f"the {name} is not issued by the {names[index - 1]}") from None
         try:
             key = certs[-1].public_key()
-        except _CERT_ERRORS:
+        except CERT_ERRORS:
             raise ChainInvalid("the nitro signing certificate's key cannot be read") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or not _is_p384(key):
             raise ChainInvalid("the nitro signing key is not an ECDSA P-384 key")

@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from attestation.certs import CERT_ERRORS
 from attestation.claims import Claims
 from attestation.errors import (
     AttestationError,
@@ -86,7 +87,6 @@ MAX_CERT_BYTES = 256 * 1024
 MAX_EVIDENCE_BYTES = 128 * 1024
 
 # What a hostile DER certificate can provoke in the parser.
-_CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion)
 
 
 def _spki(key: ec.EllipticCurvePublicKey | object) -> bytes:
@@ -221,7 +221,7 @@ def _load(cert_der: bytes) -> x509.Certificate:
         raise MalformedEvidence("the RA-TLS certificate is empty or too large")
     try:
         return x509.load_der_x509_certificate(bytes(cert_der))
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise MalformedEvidence("the RA-TLS certificate is not DER X.509") from None
 
 
@@ -230,7 +230,7 @@ def evidence_from_certificate(cert_der: bytes) -> tuple[str, bytes]:
     cert = _load(cert_der)
     try:
         extensions = list(cert.extensions)
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise MalformedEvidence("the RA-TLS certificate's extensions cannot be read") from None
     found = [e for e in extensions if e.oid in _PLATFORM_OF or e.oid == OID_CMW]
     if not found:
@@ -264,7 +264,7 @@ def check_binding(cert_der: bytes, claims: Claims) -> None:
         cert.verify_directly_issued_by(cert)
     except InvalidSignature:
         raise EvidenceSignatureInvalid("the RA-TLS certificate's self-signature does not verify") from None
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise MalformedEvidence("the RA-TLS certificate is not a self-signed EC certificate") from None
     try:
         report_data = bytes.fromhex(claims.report_data)

@@ -52,13 +52,14 @@ from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
+from attestation.certs import CERT_ERRORS, ca_extensions, check_validity
 from attestation.claims import Claims
 from attestation.errors import ChainInvalid, EvidenceSignatureInvalid, MalformedEvidence
 from attestation.sev_snp_report import (
@@ -119,7 +120,6 @@ _CPUID_FAMILY = {"Milan": 0x19, "Genoa": 0x19, "Turin": 0x1A}
 _HWID_SIZE = {"Milan": 64, "Genoa": 64, "Turin": 8}
 
 _MAX_CERTS = 8
-_CERT_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion)
 
 
 # -- certificates -----------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _load_der(der: bytes, what: str) -> x509.Certificate:
     try:
         with _quiet():
             return x509.load_der_x509_certificate(der)
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise MalformedEvidence(f"the {what} is not a DER X.509 certificate") from None
 
 
@@ -166,7 +166,7 @@ def _split_certs(blob: bytes) -> tuple[bytes, ...]:
         try:
             with _quiet():
                 certs = x509.load_pem_x509_certificates(text)
-        except _CERT_ERRORS:
+        except CERT_ERRORS:
             raise MalformedEvidence("the certificates are not PEM X.509 certificates") from None
         ders = tuple(cert.public_bytes(Encoding.DER) for cert in certs)
     else:
@@ -191,7 +191,7 @@ def _split_certs(blob: bytes) -> tuple[bytes, ...]:
 def _common_name(name: x509.Name) -> str:
     try:
         attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         return ""
     value = attrs[0].value if len(attrs) == 1 else ""
     return value if isinstance(value, str) else ""
@@ -201,20 +201,12 @@ def _check_encoding(cert: x509.Certificate, der: bytes, what: str) -> None:
     try:
         tbs = cert.tbs_certificate_bytes
         signature = cert.signature
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise ChainInvalid(f"the {what} cannot be read") from None
     start = der.find(tbs)
     middle = der[start + len(tbs) : len(der) - len(signature)] if start > 0 else b""
     if not any(middle.startswith(algid) for algid in _PSS_ALGIDS) or not middle.endswith(b"\x00"):
         raise ChainInvalid(f"the {what} is not signed with AMD's RSA-PSS (SHA-384, salt 48) encoding")
-
-
-def _check_validity(cert: x509.Certificate, at: datetime, what: str) -> None:
-    if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-        raise ChainInvalid(
-            f"the {what} is not valid at {at.isoformat()} (valid {cert.not_valid_before_utc.isoformat()}"
-            f" to {cert.not_valid_after_utc.isoformat()})"
-        )
 
 
 def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str, by: str) -> None:
@@ -227,18 +219,12 @@ def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str
         if not isinstance(key, rsa.RSAPublicKey):
             raise ChainInvalid(f"the {by} key is not an RSA key")
         key.verify(cert.signature, cert.tbs_certificate_bytes, _PSS, hashes.SHA384())
-    except (*_CERT_ERRORS, InvalidSignature):
+    except (*CERT_ERRORS, InvalidSignature):
         raise ChainInvalid(f"the {what}'s signature does not verify with the {by} key") from None
 
 
 def _check_ca(cert: x509.Certificate, what: str) -> None:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        raise ChainInvalid(f"the {what} lacks BasicConstraints or KeyUsage") from None
-    except _CERT_ERRORS:
-        raise ChainInvalid(f"the {what}'s extensions cannot be read") from None
+    constraints, usage = ca_extensions(cert, what)
     if not constraints.ca or not usage.key_cert_sign:
         raise ChainInvalid(f"the {what} is not a CA certificate (CA:true, keyCertSign)")
 
@@ -252,7 +238,7 @@ def _load_root(data: bytes) -> x509.Certificate:
                 root = certs[-1]  # an AMD cert_chain file ends with the ARK
             else:
                 root = x509.load_der_x509_certificate(data)
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise ValueError("an SEV-SNP root is not an X.509 certificate (PEM or DER)") from None
     try:
         _check_signed_by(root, root, "ARK", "ARK")
@@ -379,7 +365,7 @@ def _leaf_extensions(cert: x509.Certificate, product: str, kind: str) -> tuple[T
         for extension in cert.extensions:
             if isinstance(extension.value, x509.UnrecognizedExtension):
                 values[extension.oid.dotted_string] = extension.value.value
-    except _CERT_ERRORS:
+    except CERT_ERRORS:
         raise ChainInvalid(f"the {kind.upper()}'s extensions cannot be read") from None
     name = values.get(_OID_PRODUCT_NAME, b"")
     if (
@@ -474,7 +460,7 @@ class SevSnpVerifier:
         with _quiet():
             try:
                 return self._verify_chain(certs, at)
-            except _CERT_ERRORS:
+            except CERT_ERRORS:
                 raise ChainInvalid("a certificate in the SEV-SNP chain cannot be read") from None
 
     def _verify_chain(self, certs: tuple[bytes, ...], at: datetime) -> SnpChain:
@@ -502,15 +488,15 @@ class SevSnpVerifier:
             if bundled is None:
                 raise ChainInvalid(f"no {ca_label} for {product} was given and none is bundled")
             intermediate = _load_der(bundled, ca_label)
-        _check_validity(root, at, f"ARK-{product}")
+        check_validity(root, at, f"ARK-{product}")
         _check_signed_by(intermediate, root, ca_label, f"ARK-{product}")
         _check_ca(intermediate, ca_label)
-        _check_validity(intermediate, at, ca_label)
+        check_validity(intermediate, at, ca_label)
         _check_signed_by(leaf, intermediate, label, ca_label)
-        _check_validity(leaf, at, label)
+        check_validity(leaf, at, label)
         try:
             key = leaf.public_key()
-        except _CERT_ERRORS:
+        except CERT_ERRORS:
             raise ChainInvalid(f"the {label}'s public key cannot be read") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
             raise ChainInvalid(f"the {label} key is not an ECDSA P-384 key")
