@@ -32,6 +32,7 @@ lint: venv
 bench: venv
 	$(BIN)/python -m loadtest.bench_sealing
 	$(BIN)/python -m loadtest.bench_attestation
+	$(BIN)/python -m loadtest.bench_evidence
 	$(BIN)/python -m loadtest.bench_throttle
 	$(BIN)/python -m loadtest.bench_rotation
 	$(BIN)/python -m loadtest.bench_rotation_quota

@@ -13,6 +13,8 @@ A policy is a YAML or JSON document::
         tcb_statuses: [UpToDate]   # default [UpToDate]
         max_evidence_age: 5m       # optional; 30s, 5m, 1h, 1d or combined (1h30m)
         nonce_required: true       # default true
+        details:                   # optional: platform fields that must equal (Claims.details)
+          rtmr1: <hex>             #   e.g. TDX RTMRs, SEV-SNP host_data, Nitro pcr1..pcr15
 
 Validation is strict: unknown fields are errors, hex values must be quoted strings (YAML would
 read ``1234`` as a number and drop leading zeros), integers and booleans must be real integers
@@ -54,6 +56,7 @@ from attestation.claims import Claims
 from attestation.errors import AttestationError
 
 __all__ = [
+    "NO_SIGNER_WHEN_ZERO",
     "TCB_STATUSES",
     "Decision",
     "Policy",
@@ -81,6 +84,10 @@ TCB_STATUSES = frozenset(
         "Revoked",
     }
 )
+
+#: Platforms whose signer field is all zeros when the build has none (SEV-SNP without an ID key,
+#: TDX without MROWNER, an unsigned Nitro image's PCR8): a signer rule there must name one.
+NO_SIGNER_WHEN_ZERO = frozenset({"sev-snp", "tdx", "nitro"})
 
 #: Evidence dated further in the future than this is refused by rules that limit evidence age.
 CLOCK_SKEW = timedelta(seconds=60)
@@ -157,6 +164,7 @@ def _tcb_status(value: object) -> object:
 Hex = Annotated[str, BeforeValidator(_hex)]
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 TcbStatus = Annotated[StrictStr, BeforeValidator(_tcb_status)]
+DetailName = Annotated[StrictStr, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 
 class Rule(BaseModel):
@@ -173,6 +181,7 @@ class Rule(BaseModel):
     tcb_statuses: tuple[TcbStatus, ...] = Field(default=("UpToDate",), min_length=1)
     max_evidence_age: Duration | None = None
     nonce_required: StrictBool = True
+    details: dict[DetailName, Hex] | None = Field(default=None, min_length=1, max_length=48)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Rule:
@@ -186,6 +195,13 @@ class Rule(BaseModel):
         if self.measurements is None:
             if not given:
                 raise ValueError("needs either measurements or signer + product_id + min_svn")
+            zero_signer = self.signer is not None and not self.signer.strip("0")
+            if zero_signer and self.platform in NO_SIGNER_WHEN_ZERO:
+                raise ValueError(
+                    f"signer is all zeros: {self.platform} evidence without a signer (no ID key, no"
+                    " owner, an unsigned image) names no one, so this rule would admit any workload;"
+                    " give measurements"
+                )
             missing = [name for name in identity if name not in given]
             if missing:
                 raise ValueError(f"signer, product_id and min_svn go together; missing {', '.join(missing)}")
@@ -207,7 +223,7 @@ class Rule(BaseModel):
             "tcb_statuses": sorted(set(self.tcb_statuses)),
             "max_evidence_age": format_duration(age) if age is not None else None,
             "nonce_required": self.nonce_required,
-        }
+        } | ({"details": dict(sorted(self.details.items()))} if self.details else {})
 
 
 class _PolicyDocument(BaseModel):
@@ -320,6 +336,12 @@ class Policy:
                     failures.append(f"evidence is {format_duration(age)} old, older than the maximum {limit}")
                 elif age < -CLOCK_SKEW:
                     failures.append(f"evidence is dated {format_duration(-age)} in the future")
+        for name, want in (rule.details or {}).items():
+            got = claims.detail(name)
+            if got is None:
+                failures.append(f"the evidence has no {name}")
+            elif got.lower() != want:
+                failures.append(f"{name} {got.lower()} is not {want}")
         if rule.nonce_required and not nonce_checked:
             failures.append("no nonce was checked but the rule requires one")
         return failures

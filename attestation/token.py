@@ -342,10 +342,12 @@ def _claims_from(data: object) -> Claims:
         "evidence_time": (str, type(None)),
         "nonce": (str, type(None)),
         "cpu_svn": (str,),
+        "advisories": (list,),
+        "details": (dict,),
     }
     for item in fields(Claims):
         if item.name not in data:
-            if item.name in ("nonce", "cpu_svn"):  # have defaults
+            if item.name in ("nonce", "cpu_svn", "advisories", "details"):  # have defaults
                 continue
             raise TokenInvalid(f"malformed token: claims.{item.name} is missing")
         value = data[item.name]
@@ -359,6 +361,15 @@ def _claims_from(data: object) -> Claims:
             values["evidence_time"] = datetime.fromisoformat(values["evidence_time"])
         except ValueError:
             raise TokenInvalid("malformed token: claims.evidence_time is not a timestamp") from None
+    if "advisories" in values:
+        if not all(isinstance(item, str) for item in values["advisories"]):
+            raise TokenInvalid("malformed token: claims.advisories has the wrong type")
+        values["advisories"] = tuple(values["advisories"])
+    if "details" in values:
+        details = values["details"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in details.items()):
+            raise TokenInvalid("malformed token: claims.details has the wrong type")
+        values["details"] = tuple(sorted(details.items()))
     return Claims(**values)
 
 

@@ -43,16 +43,24 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hmac
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import boto3
 from botocore.config import Config
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from attestation.errors import AttestationError
+from attestation.nitro import NitroVerifier, cose
+from attestation.policy import Policy
 from kms_adapters.accounting import sdk_answered, sdk_sent
 from kms_adapters.aws_errors import AlreadyExists, is_throttle_code, map_aws_error
 from kms_adapters.contract import (
@@ -68,14 +76,19 @@ from kms_adapters.errors import (
     InvalidCiphertext,
     InvalidRequest,
     KmsError,
-    NitroAttestationUnverified,
     NotFound,
+    PolicyDenied,
     Unavailable,
     VersionDisabled,
 )
 from kms_adapters.governor import Governor, governor_for
 from kms_adapters.keyref import InvalidKeyRef, check_name
-from kms_adapters.release import ReleaseGate, ReleasePolicyStore
+from kms_adapters.release import (
+    ReleaseGate,
+    ReleasePolicy,
+    ReleasePolicyStore,
+    check_release,
+)
 from sealing.errors import InvalidWrappedKey
 from sealing.keywrap import WrappedKey, parse_versioned_prefix
 
@@ -108,13 +121,13 @@ _STATE_TEXT: dict[str, str] = {
 
 @dataclass(frozen=True)
 class NitroRelease:
-    """What ``release_for_nitro`` is to return once Nitro documents are verified (it refuses
-    now). ``scheme`` says how ``ciphertext`` is encrypted:
-    ``kms-recipient`` — KMS honoured ``Recipient`` and returned ``CiphertextForRecipient`` (CMS,
-    to the RSA key in the attestation document); ``hpke`` — KMS returned plaintext (moto ignores
-    ``Recipient``) and the adapter HPKE-encrypted it to ``recipient_public_key`` as ``release`` does."""
+    """What ``release_for_nitro`` returns. ``scheme`` says how ``ciphertext`` is encrypted:
+    ``kms-recipient`` — KMS honoured ``Recipient`` and returned ``CiphertextForRecipient`` (CMS
+    EnvelopedData to the RSA key in the attestation document); ``rsa-oaep`` — KMS returned
+    plaintext (moto ignores ``Recipient``) and the adapter encrypted it to that same RSA key
+    with RSAES-OAEP-SHA-256. Either way only the enclave's private key opens it."""
 
-    scheme: Literal["kms-recipient", "hpke"]
+    scheme: Literal["kms-recipient", "rsa-oaep"]
     ciphertext: bytes
 
 
@@ -157,8 +170,12 @@ class AwsKmsAdapter(ReleaseGate):
         state_ttl: float = 5.0,
         batch_workers: int = 8,
         sdk_retries: bool = False,
+        nitro_verifier: NitroVerifier | None = None,
     ) -> None:
-        """``sdk_retries=True`` turns botocore's own ``standard`` retries back on (3 attempts,
+        """``nitro_verifier``: what ``release_for_nitro`` checks documents with (default: one
+        trusting the pinned AWS Nitro root).
+
+        ``sdk_retries=True`` turns botocore's own ``standard`` retries back on (3 attempts,
         exponential backoff): only for measuring the governor against (``rekey stress run
         --strategy sdk-default``), paired with a ``PassThroughGovernor``; each HTTP attempt is
         reported to ``governor.accounting()``."""
@@ -174,6 +191,7 @@ class AwsKmsAdapter(ReleaseGate):
         self.name = name
         self.key_ref = f"aws:{name}"
         self.release_store = release_store
+        self._nitro = nitro_verifier or NitroVerifier()
         self.alias = f"alias/rekey/{name}"
         self._endpoint = endpoint_url or f"https://kms.{region}.amazonaws.com"
         self.governor = governor or governor_for(self._endpoint)
@@ -566,6 +584,7 @@ class AwsKmsAdapter(ReleaseGate):
                 raise InvalidRequest(
                     f"version {version} of {self.key_ref} exists but is {_STATE_TEXT[existing.state]}"
                 )
+            self._recipient_statement_on(existing.key_id)  # a retried rotation may have missed it
             return existing
         meta = self._new_key("key-per-version", version)
         key_id = str(meta["KeyId"])
@@ -583,7 +602,14 @@ class AwsKmsAdapter(ReleaseGate):
             return adopted
         entry = _Version(version, key_id, str(meta["Arn"]), "enabled", meta.get("CreationDate"))
         self._remember(entry)
+        self._recipient_statement_on(key_id)
         return entry
+
+    def _recipient_statement_on(self, key_id: str) -> None:
+        """The release policy's ``recipient_statement`` on a version's new KMS key (idempotent)."""
+        policy = self.release_store.get(self.key_ref)
+        if policy is not None and recipient_statement(policy.policy) is not None:
+            self._apply_recipient_statement(key_id, policy)
 
     def create(self, *, rotation_mode: RotationMode | None = None) -> tuple[KeyInfo, bool]:
         try:
@@ -702,24 +728,132 @@ class AwsKmsAdapter(ReleaseGate):
 
     # ------------------------------------------------------------------ attestation-gated release
 
+    def set_release_policy(self, policy: ReleasePolicy) -> None:
+        """Store the policy, then bring every version key's KMS key policy in line with its Nitro
+        rules (``recipient_statement``): KMS itself then refuses to decrypt for a Nitro
+        ``Recipient`` whose image is not allowed, whatever asks it."""
+        super().set_release_policy(policy)
+        primary = self._primary(fresh=True)
+        if primary.mode == "native":
+            self._apply_recipient_statement(primary.key_id, policy)
+            return
+        for number in range(1, primary.version + 1):
+            entry = self._resolve(number, fresh=True, primary_version=primary.version)
+            if entry is not None and entry.state in ("enabled", "disabled"):
+                self._apply_recipient_statement(entry.key_id, policy)
+
+    def _apply_recipient_statement(self, key_id: str, policy: ReleasePolicy | None) -> None:
+        """Replace rekey's statement in the key's ``default`` key policy (and nothing else of it)."""
+        statement = recipient_statement(policy.policy) if policy is not None else None
+        current = json.loads(self._call("get_key_policy", KeyId=key_id, PolicyName="default")["Policy"])
+        statements = [s for s in current.get("Statement", []) if s.get("Sid") != RECIPIENT_SID]
+        if statement is not None:
+            statements.append(statement)
+        if statements == current.get("Statement", []):
+            return
+        current["Statement"] = statements
+        self._call("put_key_policy", KeyId=key_id, PolicyName="default", Policy=json.dumps(current))
+
     def release_for_nitro(
         self,
         wrapped: bytes,
         attestation_result: str,
         recipient_public_key: bytes,
         attestation_document: bytes,
+        *,
+        now: datetime | None = None,
     ) -> NitroRelease:
-        """``release`` for a Nitro Enclave that sends its attestation document: always refused with
-        ``NitroAttestationUnverified``, before any KMS call, until a Nitro verifier exists.
+        """``release`` for a Nitro Enclave that sends its attestation document.
 
-        Passing the document as ``Recipient`` makes KMS encrypt the DEK to the RSA key inside
-        *whatever* document the caller sends, while the gate only checks the token's ``cnf``
-        against a key the caller also supplies: a valid token for any allowed enclave plus a
-        document from any Nitro enclave (a debug one included) would yield the DEK. Enabling this
-        needs: the document verified (COSE signature, AWS Nitro root, freshness), ``cnf`` equal
-        to the hash of the document's public key, its PCRs satisfying the policy, and
-        ``kms:RecipientAttestation:*`` conditions in the key policy."""
-        raise NitroAttestationUnverified()
+        Passing the document as ``Recipient`` makes KMS encrypt the DEK to the key inside it, so
+        the gate binds that document to the attestation result before any KMS call: the result
+        passes the key's release policy with ``recipient_public_key`` as its ``cnf``; the
+        document verifies (COSE signature, chain to the pinned AWS Nitro root, valid now); it is
+        the very document the result was issued for (same evidence digest); its public key is
+        ``recipient_public_key``; and its claims (PCR0, PCRs, debug) satisfy the policy too. KMS
+        then answers ``CiphertextForRecipient`` (CMS to the document's key, ``kms-recipient``)
+        and also enforces ``recipient_statement`` in the key policy; a KMS that ignores
+        ``Recipient`` (moto) answers plaintext, which the adapter encrypts to the document's RSA
+        key with RSAES-OAEP-SHA-256 itself (``rsa-oaep``), as KMS would have."""
+        when = now or datetime.now(UTC)
+        policy = self.release_store.get(self.key_ref)
+        result = check_release(policy, attestation_result, recipient_public_key, now=when)
+        assert policy is not None  # check_release refuses a key without one  # nosec B101
+        try:
+            document = self._nitro.verify(attestation_document, at=when)
+        except AttestationError as exc:
+            raise PolicyDenied([f"the attestation document does not verify: {exc}"]) from None
+        reasons = []
+        if result.claims.platform != "nitro":
+            reasons.append(f"the attestation result is for a {result.claims.platform} enclave, not Nitro")
+        if not hmac.compare_digest(document.evidence_digest, result.claims.evidence_digest):
+            reasons.append("the attestation document is not the one the attestation result was issued for")
+        if not hmac.compare_digest(document.detail("public_key") or "", recipient_public_key.hex()):
+            reasons.append("the attestation document's public key is not the recipient key")
+        if reasons:
+            raise PolicyDenied(reasons)
+        decision = policy.policy.evaluate(document, now=when, nonce_checked=result.claims.nonce is not None)
+        if not decision.allowed:
+            raise PolicyDenied(decision.reasons)
+        response = self._decrypt(
+            wrapped,
+            Recipient={
+                "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+                "AttestationDocument": cose(attestation_document),
+            },
+        )
+        sealed = response.get("CiphertextForRecipient")
+        if isinstance(sealed, bytes | bytearray) and sealed:
+            return NitroRelease("kms-recipient", bytes(sealed))
+        plaintext = response.get("Plaintext")
+        if not isinstance(plaintext, bytes | bytearray):
+            raise Unavailable("AWS KMS returned neither CiphertextForRecipient nor plaintext")
+        try:
+            key = serialization.load_der_public_key(recipient_public_key)
+        except (ValueError, UnsupportedAlgorithm):
+            key = None
+        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
+            raise PolicyDenied(
+                ["the attestation document's public key is not an RSA key of 2048 bits or more"]
+            )
+        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        return NitroRelease("rsa-oaep", key.encrypt(bytes(plaintext), oaep))
+
+
+RECIPIENT_SID = "RekeyNitroRecipientAttestation"
+
+
+def recipient_statement(policy: Policy) -> dict[str, Any] | None:
+    """The key-policy statement for the Nitro rules of ``policy``: deny ``kms:Decrypt`` to a
+    ``Recipient`` that no Nitro rule can admit: its image (``kms:RecipientAttestation:
+    ImageSha384``, PCR0) is none of the measurement rules' and its signing certificate
+    (``kms:RecipientAttestation:PCR8``) none of the signer rules' (IAM ANDs the two, so
+    either allowed value lets the request through to the gate). A Deny never grants anything, so
+    adding it cannot lock out the key's administrators or the worker (their decrypts carry no
+    attestation: the ``Null`` condition). None when the policy has no Nitro rule. Further PCRs
+    and details are enforced by the gate; the Allow statement for the enclave's role can pin
+    them too (``attestation.nitro.nitro_recipient_conditions``)."""
+    rules = [rule for rule in policy.rules if rule.platform == "nitro"]
+    images = sorted({m for rule in rules if rule.measurements for m in rule.measurements})
+    signers = sorted({rule.signer for rule in rules if rule.signer is not None})
+    if not rules:
+        return None
+    refused: dict[str, list[str]] = {}
+    if images:
+        refused["kms:RecipientAttestation:ImageSha384"] = images
+    if signers:
+        refused["kms:RecipientAttestation:PCR8"] = signers
+    return {
+        "Sid": RECIPIENT_SID,
+        "Effect": "Deny",
+        "Principal": {"AWS": "*"},
+        "Action": "kms:Decrypt",
+        "Resource": "*",
+        "Condition": {
+            "StringNotEqualsIgnoreCase": refused,
+            "Null": {"kms:RecipientAttestation:ImageSha384": "false"},
+        },
+    }
 
 
 def _sdk_sent(**_kwargs: Any) -> None:

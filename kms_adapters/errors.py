@@ -70,20 +70,6 @@ class PolicyDenied(KmsError):
         super().__init__("release denied: " + "; ".join(self.reasons))
 
 
-class NitroAttestationUnverified(PolicyDenied):
-    """Release to a Nitro Enclave is refused: rekey does not verify Nitro attestation documents
-    yet, so nothing binds the document KMS would encrypt to (its RSA key, its PCRs) to the
-    attestation result that passed the gate."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            [
-                "Nitro attestation documents are not verified yet: release_for_nitro is disabled"
-                " until a Nitro verifier binds the document's public key and PCRs to the token"
-            ]
-        )
-
-
 class InvalidCiphertext(KmsError, InvalidWrappedKey):
     """Not a ciphertext of this key (garbage, altered, or naming a version that never existed)."""
 

@@ -88,6 +88,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 
 from activities.migration_types import DEFAULT_HANDOFF_BATCH, MAX_HANDOFF_BATCH
+from attestation.ratls import RatlsVerifier
 from attestation.sim import SimVerifier
 from attestation.token import ResultSigner
 from emulators.servers import OpenBao, openbao_dev
@@ -99,6 +100,7 @@ from rekey.client.release_policies import set_release_policy
 from rekey.codec import data_converter
 from rekey.config import Settings, load_settings
 from rekey.devstack.temporal import start_dev_server
+from rekey.ratls_transport import server_expectation
 from rekey.worker import build_worker, tune_gc
 from sealing import envelope
 from sealing.generation import parse_manifest
@@ -168,6 +170,12 @@ class Fleet:
 
     def verifier(self, host_id: str) -> SimVerifier:
         return SimVerifier(SimHost.load(self.root / "hosts" / self.host_of(host_id)).root_ca_pem())
+
+    def expect(self, record: AgentRecord) -> RatlsVerifier:
+        """What a registered agent's RA-TLS certificate must show: its generation on its host."""
+        manifest = next(m for m in (OLD, NEW) if m["id"] == record.generation)
+        root = SimHost.load(self.root / "hosts" / self.host_of(record.host_id)).root_ca_pem()
+        return server_expectation(parse_manifest(manifest, record.generation), [root])
 
     def agent_pids(self) -> list[int]:
         return [a.process.pid for a in self.agents]
@@ -331,7 +339,7 @@ def shares_of(fleet: Fleet) -> dict[str, Share]:
 
 def _new_agent(store: SealedStateStore, fleet: Fleet, host_id: str) -> tuple[AgentRecord, AgentPeer]:
     record = next(a for a in store.list_agents(generation=V2) if a.host_id == host_id)
-    return record, peers_from_state_dirs(fleet.state_dir)(record)
+    return record, peers_from_state_dirs(fleet.state_dir, fleet.expect)(record)
 
 
 def _loop(batch: Callable[[str | None], BatchOutcome]) -> BatchOutcome:
@@ -358,7 +366,7 @@ def hand_off_host(
     """Every v1 hardware-sealed blob of ``host_id`` handed off to its v2 agent (see the module)."""
     old_record = next(a for a in store.list_agents(generation=V1) if a.host_id == host_id)
     new_record, new_port = _new_agent(store, fleet, host_id)
-    old_port: AgentPeer = peers_from_state_dirs(fleet.state_dir)(old_record)
+    old_port: AgentPeer = peers_from_state_dirs(fleet.state_dir, fleet.expect)(old_record)
     admit = partial(
         new_agent_reasons,
         verifier=fleet.verifier(host_id),
@@ -553,7 +561,7 @@ async def workflow_run(
         stack.settings,
         task_queue=task_queue,
         store=stack.store,
-        peers=peers_from_state_dirs(stack.fleet.state_dir),
+        peers=peers_from_state_dirs(stack.fleet.state_dir, stack.fleet.expect),
         verifiers=stack.fleet.verifier,
         witness=stack.witness,
     )

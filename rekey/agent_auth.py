@@ -3,10 +3,14 @@
 Every ``rekey agent serve`` creates fresh tokens when it starts, one per caller, in its state
 directory (``<home>/agent/<generation id>`` unless ``--state-dir``): the directory is mode 0700,
 each token file 0600, owned by the workload's user; a clean shutdown deletes them. A Unix socket
-with a peer-credential check was the alternative; tokens were chosen because the agent stays
-plain HTTP on 127.0.0.1 (every HTTP client works, on every OS), and because distinct named callers
+with a peer-credential check was the alternative; tokens were chosen because every
+HTTP client can sign (on every OS), and because distinct named callers
 get distinct tokens (nonces are bounded per caller), whereas ``SO_PEERCRED`` only tells users
 apart and is Linux-specific.
+
+The agent serves HTTPS only, over attested TLS (`rekey.ratls_transport`): before anything is
+sent the client checks that the agent's certificate carries evidence, binding the certificate's
+key, of the generation it expects. The tokens still say which caller is calling.
 
 The token itself never travels. Whoever listens on the agent's port (another local process can
 bind it once the agent has stopped) must learn nothing it can reuse, and the caller must not
@@ -29,10 +33,10 @@ trust an answer the agent did not give. So (scheme ``Rekey-HMAC``):
   status, SHA-256 of the body). :class:`AgentClient` refuses any answer without a valid proof
   (:class:`AgentUnproven`), so a port squatter cannot feed it a forged blob or plaintext.
 
-What a squatter still receives is what the caller sends in a body (the plaintext of ``/v1/seal``,
-a blob for ``/v1/unseal``): the caller cannot know before sending that the listener is not the
-agent. Deleting the tokens at shutdown keeps callers that start after the agent stopped from
-sending anything.
+A squatter receives no request at all: it cannot show the agent's evidence in the attested TLS
+handshake, so the client sends nothing (before attested TLS it would have received the body: the
+plaintext of ``/v1/seal``, a blob for ``/v1/unseal``). Deleting the tokens at shutdown keeps
+callers that start after the agent stopped from sending anything.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import http.client
 import json
 import os
 import re
@@ -53,6 +56,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from attestation.ratls import RatlsIdentity, RatlsVerifier
+from rekey.ratls_transport import RatlsHTTPConnection
 from sealing.private_file import PrivateFileError, read_private
 
 DEFAULT_CALLER = "default"
@@ -214,19 +219,45 @@ class AgentUnproven(AgentCallError):
         )
 
 
-class AgentClient:
-    """JSON calls to an agent at ``url`` (``http://127.0.0.1:PORT``), signed with ``token``;
-    only answers the agent proves are trusted (see the module)."""
+AGENT_URL_FORM = "https://127.0.0.1:PORT or https://localhost:PORT"
 
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost") or not parts.port:
-            raise AgentCredentialError("the agent URL must be http://127.0.0.1:PORT or http://localhost:PORT")
-        if parts.path.strip("/") or parts.query or parts.username:
-            raise AgentCredentialError("the agent URL must be http://127.0.0.1:PORT or http://localhost:PORT")
+
+def check_agent_url(url: str) -> tuple[str, int]:
+    """(host, port) of an agent URL, which must be https://127.0.0.1:PORT or https://localhost:PORT
+    (`AgentCredentialError` otherwise: plain HTTP to an agent is gone)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "https" or parts.hostname not in ("127.0.0.1", "localhost") or not port:
+        raise AgentCredentialError(f"the agent URL must be {AGENT_URL_FORM}")
+    if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+        raise AgentCredentialError(f"the agent URL must be {AGENT_URL_FORM}")
+    return str(parts.hostname), port
+
+
+class AgentClient:
+    """JSON calls to an agent at ``url`` (``https://127.0.0.1:PORT``), signed with ``token``,
+    over attested TLS: the agent's certificate must pass ``expect`` (the expectation of the
+    generation registered for it, `rekey.ratls_transport.server_expectation`) or nothing is
+    sent; ``identity``: a calling agent's own RA-TLS certificate, presented to the agent. Only
+    answers the agent proves are trusted (see the module)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        expect: RatlsVerifier,
+        identity: RatlsIdentity | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self._host, self._port = check_agent_url(url)
         self.url = url.rstrip("/")
-        self._host, self._port = parts.hostname, parts.port
         self._token = token
+        self._expect = expect
+        self._identity = identity
         self.timeout = timeout
 
     def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -237,7 +268,9 @@ class AgentClient:
         nonce = headers[NONCE_HEADER]
         if body is not None:
             headers["Content-Type"] = "application/json"
-        connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        connection = RatlsHTTPConnection(
+            self._host, self._port, verifier=self._expect, identity=self._identity, timeout=self.timeout
+        )
         try:
             connection.request(method, path, body=data if body is not None else None, headers=headers)
             response = connection.getresponse()

@@ -1,7 +1,10 @@
 """An enclave agent as a generation migration uses it (`sealing.migration.AgentPort`): nonces,
 attestation, export and import over `rekey.agent_auth.AgentClient` (signed requests, proven
-answers). Failures are one line: `sealing.migration.AgentDown` when the agent cannot be reached
-or does not prove its answer (or fails), `sealing.migration.AgentRefused` when it refuses."""
+answers), over attested TLS: the agent's certificate must carry evidence of its registered
+generation (`registered_expectations`). Failures are one line: `sealing.migration.AgentDown`
+when the agent cannot be reached or does not prove its answer (or fails),
+`sealing.migration.AgentRefused` when it refuses, `sealing.migration.AgentUntrusted` (a refusal)
+when its certificate does not show the attested agent expected."""
 
 from __future__ import annotations
 
@@ -11,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attestation.ratls import RatlsVerifier
 from rekey.agent_auth import AgentCallError, AgentClient, AgentCredentialError, AgentUnproven, read_token
-from sealing.migration import AgentDown, AgentRefused
-from sealing.store import AgentRecord
+from rekey.ratls_transport import RatlsUntrusted, server_expectation
+from sealing.errors import SealingError
+from sealing.migration import AgentDown, AgentRefused, AgentUntrusted, manifest_of
+from sealing.store import AgentRecord, SealedStateStore
 
-__all__ = ["AgentPeer", "peers_from_state_dirs"]
+__all__ = ["AgentPeer", "peers_from_state_dirs", "registered_expectations"]
 
 
 def _b64(data: bytes) -> str:
@@ -36,6 +42,10 @@ class AgentPeer:
                 raise AgentDown(f"the agent at {self._client.url} failed: {exc}") from None
             reasons = f" ({'; '.join(exc.reasons)})" if exc.reasons else ""
             raise AgentRefused(f"the agent at {self._client.url} refused: {exc}{reasons}") from None
+        except RatlsUntrusted as exc:  # before OSError: another build or an impostor, not an outage
+            raise AgentUntrusted(
+                f"the agent at {self._client.url} is not the attested agent expected: {exc.strerror}"
+            ) from None
         except OSError as exc:
             raise AgentDown(
                 f"cannot reach the agent at {self._client.url}: {exc.strerror or type(exc).__name__}"
@@ -117,16 +127,37 @@ class AgentPeer:
         return [self._bytes({"blob": item}, "blob") for item in items]
 
 
+def registered_expectations(
+    store: SealedStateStore, roots_for: Callable[[str], list[bytes]]
+) -> Callable[[AgentRecord], RatlsVerifier]:
+    """What a registered agent's RA-TLS certificate must show: the evidence of its registered
+    generation (the manifest in ``store``) on its host, whose sim root CAs ``roots_for(host_id)``
+    answers. A generation that is not registered, or an unknown host: `AgentDown`."""
+
+    def expect(record: AgentRecord) -> RatlsVerifier:
+        try:
+            manifest = manifest_of(store, record.generation)
+            return server_expectation(manifest, roots_for(record.host_id))
+        except (SealingError, ValueError) as exc:
+            raise AgentDown(f"agent {record.agent_id}: its certificate cannot be checked: {exc}") from None
+
+    return expect
+
+
 def peers_from_state_dirs(
-    state_dir_for: Callable[[AgentRecord], Path], caller: str = "default", timeout: float = 60.0
+    state_dir_for: Callable[[AgentRecord], Path],
+    expect_for: Callable[[AgentRecord], RatlsVerifier],
+    caller: str = "default",
+    timeout: float = 60.0,
 ) -> Callable[[AgentRecord], AgentPeer]:
-    """Agents reached at their registered endpoint, with ``caller``'s token read from the
-    directory ``state_dir_for(record)`` names (an unreadable token: `AgentDown`)."""
+    """Agents reached at their registered endpoint over attested TLS (the certificate must pass
+    ``expect_for(record)``), with ``caller``'s token read from the directory
+    ``state_dir_for(record)`` names (an unreadable token: `AgentDown`)."""
 
     def peer(record: AgentRecord) -> AgentPeer:
         try:
             token = read_token(state_dir_for(record), caller)
-            return AgentPeer(AgentClient(record.endpoint, token, timeout=timeout))
+            return AgentPeer(AgentClient(record.endpoint, token, expect=expect_for(record), timeout=timeout))
         except AgentCredentialError as exc:
             raise AgentDown(f"agent {record.agent_id}: {exc}") from None
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rekey.agent_auth import AgentCallError, AgentClient, AgentUnproven
+from rekey.ratls_transport import RatlsUntrusted
 from sealing.names import InvalidName, check_generation_id, check_host_id
 from sealing.state import EnclaveRefused, EnclaveUnavailable, SealPolicy
 from sealing.tee.platform import tee_key_ref
@@ -88,6 +89,10 @@ class AgentSealer:
             if exc.status >= 500:
                 raise EnclaveUnavailable(f"the agent at {client.url} failed: {exc}") from None
             raise EnclaveRefused(f"the agent at {client.url} refused: {exc}") from None
+        except RatlsUntrusted as exc:  # before OSError: another build or an impostor, not an outage
+            raise EnclaveRefused(
+                f"the agent at {client.url} is not the attested agent expected: {exc.strerror}"
+            ) from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise EnclaveUnavailable(f"cannot reach the agent at {client.url}: {reason}") from None

@@ -1,4 +1,8 @@
-"""HTTP JSON transport for the enclave agent (``rekey agent serve``), on 127.0.0.1 only.
+"""HTTPS JSON transport for the enclave agent (``rekey agent serve``), on 127.0.0.1 only.
+
+HTTPS only, over attested TLS (`rekey.ratls_transport`): the agent's certificate carries its
+enclave's evidence over the certificate key, and a calling agent's optional client certificate
+must pass the agent's peer policy; the signed requests below work inside that connection.
 
 Binary values travel as base64 strings. Errors answer ``{"error": {"type", "message"[, "reasons"]}}``
 with 400 (bad request), 401 (no or wrong bearer token), 403 (policy, nonce or Origin refused),
@@ -34,10 +38,13 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
 from attestation.errors import AttestationError, NonceMismatch, PolicyDenied
+from attestation.ratls import CERT_LIFETIME, RatlsIdentity, RatlsVerifier
 from kms_adapters.errors import PolicyDenied as ReleaseDenied
 from rekey.agent_auth import (
     BODY_HASH,
@@ -54,12 +61,12 @@ from rekey.agent_auth import (
 from rekey.http_guard import (
     MAX_BODY,
     GuardedHandler,
-    GuardedHTTPServer,
     GuardLimits,
     Refused,
     declared_length,
     one_header,
 )
+from rekey.ratls_transport import RatlsHTTPServer
 from sealing.agent import MAX_SEAL_VERSION, EnclaveAgent
 from sealing.errors import SealingError
 
@@ -432,8 +439,12 @@ def make_handler(
     return Handler
 
 
-class AgentHTTPServer(GuardedHTTPServer):
-    """The agent's server: ``rekey.http_guard`` limits."""
+class AgentHTTPServer(RatlsHTTPServer):
+    """The agent's server: attested TLS (`rekey.ratls_transport`) with ``rekey.http_guard`` limits."""
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server_address[1]}"
 
 
 def make_server(
@@ -443,10 +454,30 @@ def make_server(
     tokens: Mapping[str, str],
     allowed_origins: Iterable[str] = (),
     limits: ServerLimits | None = None,
+    identity: RatlsIdentity | None = None,
+    peer_verifier: RatlsVerifier | None = None,
+    cert_lifetime: timedelta = CERT_LIFETIME,
+    renew_every: float | None = None,
 ) -> AgentHTTPServer:
-    """Bind 127.0.0.1:port (0 picks a free port); the caller runs ``serve_forever``.
+    """Bind 127.0.0.1:port (0 picks a free port) for HTTPS only; the caller runs ``serve_forever``.
 
-    ``tokens`` maps each accepted caller token to its caller's name (``rekey.agent_auth``)."""
+    ``tokens`` maps each accepted caller token to its caller's name (``rekey.agent_auth``).
+    ``identity``: a fixed RA-TLS certificate and key; by default a fresh one from the agent's
+    enclave (`EnclaveAgent.ratls_identity`, valid ``cert_lifetime``), renewed the same way every
+    ``renew_every`` seconds (default: half the lifetime, `rekey.ratls_transport.RENEW_EVERY` for
+    the default lifetime), so a new handshake never meets an ended certificate; ``peer_verifier``:
+    the check of a calling agent's optional client certificate (None: none is asked for)."""
+    every = cert_lifetime.total_seconds() / 2 if renew_every is None else renew_every
+    if identity is None and not 0 < every < cert_lifetime.total_seconds():
+        raise ValueError("renew_every must be positive and shorter than the certificate's lifetime")
     limits = limits or ServerLimits()
     handler = make_handler(AgentApi(agent), tokens, allowed_origins, limits)
-    return AgentHTTPServer(("127.0.0.1", port), handler, limits)
+    return AgentHTTPServer(
+        ("127.0.0.1", port),
+        handler,
+        limits,
+        identity=identity or agent.ratls_identity(cert_lifetime),
+        peer_verifier=peer_verifier,
+        renew=partial(agent.ratls_identity, cert_lifetime) if identity is None else None,
+        renew_every=every,
+    )

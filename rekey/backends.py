@@ -92,22 +92,39 @@ def agent_releaser(settings: Settings) -> Callable[[str], KeyReleaser]:
     return releaser
 
 
+def sim_root_cas(settings: Settings) -> dict[str, bytes]:
+    """The root CAs of the simulated hosts this installation can read, by host id:
+    ``<home>/sim-host`` and every ``<home>/hosts/*`` (root CAs only, nothing secret)."""
+    found: dict[str, bytes] = {}
+    for directory in [settings.home / "sim-host", *sorted((settings.home / "hosts").glob("*"))]:
+        try:
+            root = (directory / ROOT_CA_CERT_FILE).read_bytes()
+            found.setdefault(host_id_of(root), root)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def sim_root_ca(settings: Settings) -> Callable[[str], list[bytes]]:
+    """The root CA of a simulated host by its id (`sim_root_cas`), as a one-item list; an
+    unknown host raises ValueError."""
+
+    def roots(host_id: str) -> list[bytes]:
+        root = sim_root_cas(settings).get(host_id)
+        if root is None:
+            raise ValueError(f"no simulated host with id {host_id} under {settings.home} (sim-host, hosts/*)")
+        return [root]
+
+    return roots
+
+
 def sim_verifiers(settings: Settings) -> Callable[[str], PlatformVerifier]:
     """Verifiers of sim evidence by host id, from the simulated hosts this worker can read:
     ``<home>/sim-host`` and every ``<home>/hosts/*`` (their root CAs, nothing secret). An
     unknown host raises ValueError (the migration names it)."""
 
     def verifier(host_id: str) -> PlatformVerifier:
-        candidates = [settings.home / "sim-host", *sorted((settings.home / "hosts").glob("*"))]
-        for directory in candidates:
-            try:
-                root = (directory / ROOT_CA_CERT_FILE).read_bytes()
-                found = host_id_of(root)
-            except (OSError, ValueError):
-                continue
-            if found == host_id:
-                return SimVerifier(root)
-        raise ValueError(f"no simulated host with id {host_id} under {settings.home} (sim-host, hosts/*)")
+        return SimVerifier(sim_root_ca(settings)(host_id)[0])
 
     return verifier
 

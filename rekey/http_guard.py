@@ -126,6 +126,7 @@ class GuardedHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.limits.idle_timeout)
+        self.rfile, self.wfile = self.server.wrap_streams(self.connection, self.rfile, self.wfile)
         self.rfile = _HeaderBudget(self.rfile, self.server.limits)  # type: ignore[assignment]
 
     def handle_one_request(self) -> None:
@@ -186,6 +187,10 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         self._watchdog = threading.Thread(target=self._watch, name="http-guard-watchdog", daemon=True)
         self._watchdog.start()
 
+    def wrap_streams(self, connection: socket.socket, rfile: Any, wfile: Any) -> tuple[Any, Any]:
+        """The handler's input and output for ``connection`` (a TLS server wraps them)."""
+        return rfile, wfile
+
     # -- admission ----------------------------------------------------------------------
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -204,7 +209,7 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         if victim is not None:
             _drop(victim)
         if not admitted:
-            self._refuse_busy(request)
+            self.refuse_busy(request)
             return
         try:
             threading.Thread(
@@ -215,7 +220,8 @@ class GuardedHTTPServer(ThreadingHTTPServer):
             self.shutdown_request(request)
             raise
 
-    def _refuse_busy(self, request: socket.socket) -> None:
+    def refuse_busy(self, request: socket.socket) -> None:
+        """Answer ``busy`` and close, never blocking the accept loop."""
         try:  # best effort, never blocking the accept loop
             request.setblocking(False)
             with contextlib.suppress(OSError):

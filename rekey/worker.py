@@ -22,16 +22,18 @@ from activities.migration_types import migration_task_queue
 from activities.rotation import AuditSink, RotationActivities
 from activities.types import TASK_QUEUE
 from attestation.platform import PlatformVerifier
+from attestation.ratls import RatlsVerifier
 from attestation.token import ResultSigner
 from audit import AuditLog, default_actor
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.release import ReleasePolicyStore
-from rekey.agent_peer import peers_from_state_dirs
+from rekey.agent_peer import peers_from_state_dirs, registered_expectations
 from rekey.backends import (
     adapter_for,
     release_store,
     release_token_signer,
     signer_for,
+    sim_root_ca,
     sim_verifiers,
     witness_for,
 )
@@ -71,7 +73,7 @@ def audit_sink(settings: Settings) -> AuditSink:
     return sink
 
 
-def agent_peers(settings: Settings) -> PeerFor:
+def agent_peers(settings: Settings, store: SealedStateStore | None = None) -> PeerFor:
     """Registered agents reached with the default caller's token from ``<home>/agent/<agent id>``
     if that directory exists (one state directory per agent: the same generation on several
     hosts), else ``<home>/agent/<generation>`` (the state directory ``rekey agent serve`` uses
@@ -81,7 +83,16 @@ def agent_peers(settings: Settings) -> PeerFor:
         own = settings.home / "agent" / record.agent_id
         return own if own.is_dir() else settings.home / "agent" / record.generation
 
-    return peers_from_state_dirs(state_dir)
+    roots = sim_root_ca(settings)
+
+    def expect(record: AgentRecord) -> RatlsVerifier:
+        # The certificate must show the agent's registered generation on its host.
+        if store is not None:
+            return registered_expectations(store, roots)(record)
+        with SealedStateStore(settings.store_url) as opened:
+            return registered_expectations(opened, roots)(record)
+
+    return peers_from_state_dirs(state_dir, expect)
 
 
 def worker_client(client: Client) -> Client:
@@ -147,7 +158,7 @@ def build_worker(
     activities = RotationActivities(adapters or (lambda ref: adapter_for(settings, ref)), store, sink)
     migration = MigrationActivities(
         store,
-        peers or agent_peers(settings),
+        peers or agent_peers(settings, store),
         verifiers or sim_verifiers(settings),
         # Hand-offs keep the freshness checkpoints naming the blobs the store holds.
         witness if witness is not None else witness_for(settings, signer=signer_for(settings)),

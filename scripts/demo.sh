@@ -163,6 +163,20 @@ done
 stop_agents
 agent_pids=()
 
+step "Real hardware evidence: one published sample per platform, verified offline against pinned roots"
+# Their certificates and collateral have expired, so each is verified at a time inside its
+# validity (vectors/samples.json; provenance in vectors/<platform>/PROVENANCE.md).
+v=vectors
+rekey attest verify $v/sgx/dcapqvl_sgx_quote_v3.dat --platform sgx \
+  --collateral $v/sgx/dcapqvl_sgx_quote_v3_collateral.json --at 2025-07-19T10:01:17Z
+rekey attest verify $v/tdx/dcapqvl_tdx_quote_v4.dat --platform tdx \
+  --collateral $v/tdx/dcapqvl_tdx_quote_v4_collateral.json --at 2025-07-19T10:00:34Z
+rekey attest verify $v/sev-snp/gosevguest_milan_attestation.bin --platform sev-snp \
+  --collateral $v/sev-snp/gosevguest_milan_vcek.der --at 2024-06-01T00:00:00Z
+rekey attest verify $v/nitro/blocky_nitro_attestation.b64 --platform nitro --at 2024-09-07T15:00:00Z
+rekey attest verify $v/maa/teaclave_maa_sgx_token.derived.jwt --platform maa \
+  --jwks $v/maa/teaclave_maa_jwks.derived.json --at 2023-09-26T15:00:00Z
+
 step "Verifying the signed audit log"
 rekey audit verify
 

@@ -34,6 +34,7 @@ from attestation.claims import Claims
 from attestation.errors import NonceMismatch, PolicyDenied
 from attestation.platform import PlatformVerifier
 from attestation.policy import CLOCK_SKEW
+from attestation.ratls import CERT_LIFETIME, RatlsIdentity, make_identity
 from sealing import envelope
 from sealing.envelope import SealingPolicy
 from sealing.errors import InvalidWrappedKey, SealingError, TamperedBlob
@@ -219,7 +220,7 @@ class EnclaveAgent:
         return self._keys.public_bytes
 
     def identity(self) -> dict[str, Any]:
-        return self.manifest.model_dump() | {
+        return self.manifest.to_dict() | {
             "handoff_key_sha256": fingerprint(self.public_key),
             "handoff_suite": SUITE_NAME,
             "host_id": self._enclave.host_id,
@@ -245,6 +246,13 @@ class EnclaveAgent:
         if not 1 <= len(nonce) <= 64:
             raise HandoffError("nonce must be 1-64 bytes")
         return Attestation(self._enclave.report(report_data_for(nonce, self.public_key)), self.public_key)
+
+    def ratls_identity(self, lifetime: timedelta = CERT_LIFETIME) -> RatlsIdentity:
+        """A fresh TLS key and its RA-TLS certificate: this enclave's evidence binds the key's
+        hash (`attestation.ratls`); valid from now for ``lifetime``."""
+        return make_identity(
+            self.manifest.platform, self._enclave.report, now=self._clock(), lifetime=lifetime
+        )
 
     def _verify_peer(self, evidence: bytes, expected_report_data: bytes) -> Claims:
         now = self._clock()

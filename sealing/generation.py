@@ -6,11 +6,19 @@ digest / PCR8), product id, security version (SVN), debug flag and TCB level. ``
 what an upgrade from one generation to another changes, and flags what matters for sealed
 state: a new measurement (MRENCLAVE-sealed data needs a handoff), a new signer (the sealing
 authority changed), a lower SVN (a downgrade) and debug switched on.
+
+``details`` holds the platform's own fields that name a build beyond those (TDX RTMRs, owner and
+config ids; SEV-SNP host data, family and image ids, policy, VMPL; Nitro PCR1 and PCR2: see
+``attestation.platforms.IDENTITY_DETAILS``), by the names ``Claims.details`` uses; evidence of the
+generation must match each (release policies, attested TLS and migrations check them).
+``manifest_from_claims`` builds a manifest from verified evidence, so a deploy pipeline registers
+exactly what runs. A manifest without details has the canonical form it always had.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +26,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from attestation.claims import Claims
+from attestation.platforms import identity_details
+
 Platform = Literal["sim", "sgx", "sev-snp", "tdx", "nitro"]
+
+_DETAIL_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_DETAIL_VALUE = re.compile(r"[A-Za-z0-9._:/+=-]{0,256}")
+MAX_DETAILS = 48
 
 # Bytes of measurement per platform: SGX MRENCLAVE is SHA-256; SNP, TDX and Nitro use SHA-384.
 _MEASUREMENT_BYTES: dict[str, int] = {"sim": 32, "sgx": 32, "sev-snp": 48, "tdx": 48, "nitro": 48}
@@ -41,6 +56,21 @@ class GenerationManifest(BaseModel):
     svn: int = Field(ge=0, le=0xFFFF)
     debug: bool = False
     tcb: str = Field(default="UpToDate", min_length=1, max_length=64)
+    details: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("details", mode="before")
+    @classmethod
+    def _details(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of names to strings")
+        if len(value) > MAX_DETAILS:
+            raise ValueError(f"at most {MAX_DETAILS} details")
+        for name, item in value.items():
+            if not isinstance(name, str) or not _DETAIL_NAME.fullmatch(name):
+                raise ValueError("names are lowercase letters, digits and _ (at most 32)")
+            if not isinstance(item, str) or not _DETAIL_VALUE.fullmatch(item):
+                raise ValueError(f"{name}: must be a string of at most 256 plain characters (hex for bytes)")
+        return {name: item.lower() if _is_hex(item) else item for name, item in value.items()}
 
     @field_validator("measurement", "signer", mode="before")
     @classmethod
@@ -81,8 +111,52 @@ class GenerationManifest(BaseModel):
             raise ValueError("signer: must be 32 or 48 bytes (64 or 96 hex digits)")
         return self
 
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's fields; ``details`` only when there are some (the form manifests had
+        before details existed, so registered manifests keep comparing equal)."""
+        data = self.model_dump()
+        if not data["details"]:
+            del data["details"]
+        return data
+
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _is_hex(text: str) -> bool:
+    return bool(text) and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def manifest_from_claims(
+    claims: Claims, generation_id: str, *, source: str = "evidence"
+) -> GenerationManifest:
+    """The manifest of the build whose verified evidence gave ``claims``. Raises ``ManifestError``
+    when the evidence's identity does not make a valid manifest (a sim-sized measurement, say)."""
+    document = {
+        "id": generation_id,
+        "platform": claims.platform,
+        "measurement": claims.measurement,
+        "signer": claims.signer,
+        "product_id": claims.product_id,
+        "svn": claims.svn,
+        "debug": claims.debug,
+        "tcb": claims.tcb_status,
+        "details": identity_details(claims.platform, claims.details),
+    }
+    return parse_manifest(document, source)
+
+
+def details_reasons(manifest: GenerationManifest, claims: Claims) -> list[str]:
+    """Why ``claims`` are not of ``manifest``'s build as far as its details go (each detail the
+    manifest names must be the evidence's); empty when they all match."""
+    reasons = []
+    for name, want in sorted(manifest.details.items()):
+        got = claims.detail(name)
+        if got is None:
+            reasons.append(f"the evidence has no {name} but {manifest.id} names one")
+        elif got.lower() != want.lower():
+            reasons.append(f"{name} {got[:16]}… is not {manifest.id}'s {want[:16]}…")
+    return reasons
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -208,5 +282,9 @@ _DIFF_FIELDS = ("platform", "measurement", "signer", "product_id", "svn", "debug
 
 
 def diff(old: GenerationManifest, new: GenerationManifest) -> GenerationDiff:
-    changes = tuple(FieldChange(name, getattr(old, name), getattr(new, name)) for name in _DIFF_FIELDS)
-    return GenerationDiff(old, new, changes)
+    """Field by field; each detail either side has is one more field, ``details.NAME`` (None where
+    a side lacks it), so two real builds compare RTMR by RTMR or PCR by PCR."""
+    changes = [FieldChange(name, getattr(old, name), getattr(new, name)) for name in _DIFF_FIELDS]
+    for name in sorted(set(old.details) | set(new.details)):
+        changes.append(FieldChange(f"details.{name}", old.details.get(name), new.details.get(name)))
+    return GenerationDiff(old, new, tuple(changes))

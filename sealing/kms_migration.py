@@ -80,16 +80,20 @@ class KmsAgentPort(Protocol):
 
 
 def generation_rule(manifest: GenerationManifest) -> dict[str, Any]:
-    """A release-policy rule that admits exactly ``manifest``'s build: its measurement, its
-    debug flag and its TCB level (an unknown level admits UpToDate only), a fresh nonce."""
+    """A release-policy rule that admits exactly ``manifest``'s build: its measurement and
+    details, its debug flag and its TCB level (an unknown level admits UpToDate only), a fresh
+    nonce."""
     tcb = manifest.tcb if manifest.tcb in TCB_STATUSES else "UpToDate"
-    return {
+    rule: dict[str, Any] = {
         "platform": manifest.platform,
         "measurements": [manifest.measurement],
         "debug_allowed": manifest.debug,
         "tcb_statuses": [tcb],
         "nonce_required": True,
     }
+    if manifest.details:  # the rest of the build's identity (TDX RTMRs, Nitro PCR1/2, ...)
+        rule["details"] = dict(manifest.details)
+    return rule
 
 
 def generation_policy(manifest: GenerationManifest) -> Policy:
@@ -106,6 +110,8 @@ def rule_admits(rule: Rule, manifest: GenerationManifest) -> bool:
     if manifest.debug and not rule.debug_allowed:
         return False
     if manifest.tcb not in rule.tcb_statuses:
+        return False
+    if any(manifest.details.get(name) != value for name, value in (rule.details or {}).items()):
         return False
     if rule.measurements is not None:
         return manifest.measurement in rule.measurements

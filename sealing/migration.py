@@ -35,7 +35,7 @@ from attestation.policy import CLOCK_SKEW
 from sealing import envelope
 from sealing.agent import migration_reasons
 from sealing.errors import SealedBlobError, SealingError
-from sealing.generation import GenerationManifest, diff, parse_manifest
+from sealing.generation import GenerationManifest, details_reasons, diff, parse_manifest
 from sealing.handoff import fingerprint, report_data_for
 from sealing.state import BLOB_KIND, blob_subject
 from sealing.store import AgentRecord, RecordNotFound, SealedStateStore
@@ -46,6 +46,7 @@ __all__ = [
     "AgentDown",
     "AgentPort",
     "AgentRefused",
+    "AgentUntrusted",
     "BatchOutcome",
     "FleetHost",
     "FleetView",
@@ -66,6 +67,11 @@ class AgentDown(SealingError):
 
 class AgentRefused(SealingError):
     """The agent refused the request; its one-line reason (never a secret)."""
+
+
+class AgentUntrusted(AgentRefused):
+    """What answers at the agent's endpoint is not the attested agent expected (its RA-TLS
+    certificate shows another build, another host, or no binding): a refusal, not an outage."""
 
 
 class AgentPort(Protocol):
@@ -282,6 +288,7 @@ def new_agent_reasons(
         reasons.append("handoff key is not the one the fleet registry recorded for this agent")
     if claims.measurement != new.measurement:
         reasons.append(f"measurement {claims.measurement[:16]}… is not {new.id}'s {new.measurement[:16]}…")
+    reasons += details_reasons(new, claims)
     reasons += migration_reasons(old, claims, peer_is_newer=True)
     if claims.svn == old.svn and not allow_same_svn:
         reasons.append(

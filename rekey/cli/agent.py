@@ -12,6 +12,7 @@ from typing import Any
 import click
 from rich.text import Text
 
+from attestation.ratls import RatlsVerifier
 from attestation.sim import SimVerifier
 from rekey.agent_auth import (
     CALLER_NAME,
@@ -19,18 +20,22 @@ from rekey.agent_auth import (
     AgentCallError,
     AgentClient,
     AgentCredentialError,
+    check_agent_url,
     create_tokens,
     read_token,
     remove_tokens,
     token_path,
 )
 from rekey.agent_server import ServerLimits, make_server
-from rekey.backends import agent_releaser
+from rekey.backends import agent_releaser, sim_root_cas
 from rekey.cli.context import settings, sim_host_dir, store
 from rekey.cli.output import EXIT_FAILED, CliError, emit_json, err, json_option, out, printable, table
 from rekey.fleet import DEFAULT_REFRESH_SECONDS, FleetMembership
+from rekey.ratls_transport import RatlsUntrusted, peer_verifier, server_expectation
 from sealing.agent import EnclaveAgent
+from sealing.errors import SealingError
 from sealing.generation import ManifestError, load_manifest
+from sealing.migration import manifest_of
 from sealing.names import InvalidName, check_agent_id, check_generation_id
 from sealing.store import MAX_REFRESH_SECONDS, AgentRecord, SealedStateStore
 from sealing.tee.sim import EnclaveIdentity, SimHost
@@ -42,6 +47,10 @@ class PortUnavailable(CliError):
 
 class AgentCredentialProblem(CliError):
     """The agent's state directory or token file is missing or unsafe."""
+
+
+class AgentUntrusted(CliError):
+    """What the agent's certificate must show is unknown (no registered generation, no host root)."""
 
 
 class AgentRefused(CliError):
@@ -84,14 +93,57 @@ state_dir_option = click.option(
 
 
 def url_option_check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
-    """A click callback refusing an agent URL that is not http://127.0.0.1:PORT (exit 2)."""
+    """A click callback refusing an agent URL that is not https://127.0.0.1:PORT (exit 2)."""
     if value is None:
         return None
     try:
-        AgentClient(value, "unused")
+        check_agent_url(value)
     except AgentCredentialError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
+
+
+def expectation_for(
+    generation: str | None,
+    *,
+    record: AgentRecord | None,
+    sealed_store: SealedStateStore | None,
+    manifest_path: Path | None = None,
+) -> RatlsVerifier:
+    """What the agent's RA-TLS certificate must show: the evidence of ``manifest_path``'s
+    generation, else of ``generation`` as the store registers it, on the agent's host (the
+    registry's record of it) or, for an unregistered agent, any simulated host this home knows
+    (``<home>/sim-host``, ``<home>/hosts/*``)."""
+    roots = sim_root_cas(settings())
+    if record is not None and record.host_id in roots:
+        trusted = [roots[record.host_id]]
+    else:
+        trusted = list(roots.values())
+    if not trusted:
+        raise AgentUntrusted(
+            f"no simulated host root CA under {settings().home} (sim-host, hosts/*): the agent's"
+            " certificate cannot be checked"
+        )
+    if manifest_path is not None:
+        manifest = load_manifest(manifest_path)
+    elif generation is None or sealed_store is None:
+        raise AgentUntrusted("the agent's generation is unknown: give --manifest or register it")
+    else:
+        try:
+            manifest = manifest_of(sealed_store, generation)
+        except SealingError as exc:
+            raise AgentUntrusted(
+                f"{exc}: the agent's certificate cannot be checked (give --manifest)"
+            ) from None
+    return server_expectation(manifest, trusted)
+
+
+def _registered(sealed_store: SealedStateStore | None, url: str) -> AgentRecord | None:
+    if sealed_store is None:
+        return None
+    endpoint = url.rstrip("/")
+    found = [a for a in sealed_store.list_agents() if a.endpoint == endpoint]
+    return max(found, key=lambda a: a.started_at) if found else None
 
 
 def client_for(
@@ -101,24 +153,28 @@ def client_for(
     state_dir: Path | None,
     caller: str,
     sealed_store: SealedStateStore | None = None,
+    manifest_path: Path | None = None,
 ) -> AgentClient:
     """A client of the agent at ``url`` with ``caller``'s token from the agent's state directory:
     ``state_dir``, else ``<home>/agent/<generation>`` for ``generation``, else for the generation
-    the fleet registry records for an agent at ``url`` (the most recently started)."""
-    if state_dir is None and generation is None and sealed_store is not None:
-        endpoint = url.rstrip("/")
-        found = [a for a in sealed_store.list_agents() if a.endpoint == endpoint]
-        if found:
-            generation = max(found, key=lambda a: a.started_at).generation
+    the fleet registry records for an agent at ``url`` (the most recently started). The agent's
+    certificate must show that generation (`expectation_for`)."""
+    record = _registered(sealed_store, url)
+    if generation is None and record is not None:
+        generation = record.generation
     if state_dir is None and generation is None:
         raise click.UsageError(
             f"no registered agent at {url}: give --generation ID or --state-dir DIR (where the"
             " agent's token is), or start it with --register"
         )
     try:
-        return AgentClient(url, read_token(_state_dir(state_dir, generation or ""), caller))
+        token = read_token(_state_dir(state_dir, generation or ""), caller)
     except AgentCredentialError as exc:
         raise AgentCredentialProblem(str(exc)) from None
+    expect = expectation_for(
+        generation, record=record, sealed_store=sealed_store, manifest_path=manifest_path
+    )
+    return AgentClient(url, token, expect=expect)
 
 
 @click.group("agent")
@@ -236,7 +292,13 @@ def serve(
     agent_id: str | None,
     refresh_every: int,
 ) -> None:
-    """Serve the agent API on 127.0.0.1 until stopped (SIGINT/SIGTERM).
+    """Serve the agent API over attested TLS (HTTPS only) on 127.0.0.1 until stopped (SIGINT/SIGTERM).
+
+    At start the agent makes a fresh TLS key and a self-signed certificate whose extension
+    carries its enclave's evidence over the key's hash (valid 24 h; every 12 h it makes a new one
+    for new connections).
+    Clients check that evidence against the generation they expect; a calling agent's optional
+    client certificate must show the same signer and product id, an SVN not below this one's.
 
     Fresh caller tokens are written at every start to the state directory (0700, files 0600)
     and deleted at a clean stop: callers read theirs and sign their requests with it
@@ -271,7 +333,16 @@ def serve(
         auth_timeout=auth_timeout,
     )
     try:
-        server = make_server(agent, port, tokens=tokens, allowed_origins=allowed_origins, limits=limits)
+        server = make_server(
+            agent,
+            port,
+            tokens=tokens,
+            allowed_origins=allowed_origins,
+            limits=limits,
+            # Its RA-TLS identity: made now from the enclave and renewed every RENEW_EVERY.
+            # A calling agent's certificate: same signer and product, SVN not below this one.
+            peer_verifier=peer_verifier(manifest, [host.root_ca_pem()]),
+        )
     except OSError as exc:
         remove_tokens(directory, tokens)
         raise PortUnavailable(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
@@ -280,7 +351,7 @@ def serve(
         raise KeyboardInterrupt
 
     bound = server.server_address[1]
-    endpoint = f"http://127.0.0.1:{bound}"
+    endpoint = f"https://127.0.0.1:{bound}"
     membership: FleetMembership | None = None
     # From here on every way out (a refused registration, a stop at any point, a failed write to
     # stdout before serving) closes the server, deletes the tokens and marks the registration
@@ -331,7 +402,7 @@ def _register(
 
 @cli.command("call")
 @click.argument("path", metavar="PATH")
-@click.option("--url", required=True, metavar="URL", help="The agent, http://127.0.0.1:PORT.")
+@click.option("--url", required=True, metavar="URL", help="The agent, https://127.0.0.1:PORT.")
 @click.option(
     "--generation", default=None, metavar="ID", help="The agent's generation id (finds its state dir)."
 )
@@ -344,10 +415,26 @@ def _register(
     help="Whose token to present.",
 )
 @click.option("--body", default=None, metavar="JSON", help="POST this JSON object (without it: GET).")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    metavar="GEN_MANIFEST",
+    help="The generation the agent must attest to (default: its generation as the store registers it).",
+)
 def call(
-    path: str, url: str, generation: str | None, state_dir: Path | None, caller: str, body: str | None
+    path: str,
+    url: str,
+    generation: str | None,
+    state_dir: Path | None,
+    caller: str,
+    body: str | None,
+    manifest_path: Path | None,
 ) -> None:
-    """Call the agent at URL, signing with the caller's token, and print the JSON answer."""
+    """Call the agent at URL over attested TLS, signing with the caller's token, and print the
+    JSON answer. The agent's certificate must carry evidence of its generation (--manifest, or
+    the registered one) on a simulated host this home knows, or nothing is sent."""
     if state_dir is None and generation is None:
         raise click.UsageError("give --generation ID or --state-dir DIR (where the agent's token is)")
     directory = _state_dir(state_dir, generation or "")
@@ -360,13 +447,26 @@ def call(
         if not isinstance(payload, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--body")
     try:
-        client = AgentClient(url, read_token(directory, caller))
+        token = read_token(directory, caller)
     except AgentCredentialError as exc:
         raise AgentCredentialProblem(str(exc)) from None
+    if manifest_path is not None:
+        expect = expectation_for(generation, record=None, sealed_store=None, manifest_path=manifest_path)
+    else:
+        with store() as sealed_store:
+            record = _registered(sealed_store, url)
+            expect = expectation_for(
+                generation or (record.generation if record else None),
+                record=record,
+                sealed_store=sealed_store,
+            )
+    client = AgentClient(url, token, expect=expect)
     try:
         result = client.call(path, payload)
     except AgentCallError as exc:
         raise AgentRefused(str(exc)) from None
+    except RatlsUntrusted as exc:
+        raise AgentRefused(f"the agent at {url} is not the attested agent expected: {exc.strerror}") from None
     except OSError as exc:
         raise AgentRefused(f"cannot reach the agent at {url}: {exc}") from None
     emit_json(result)

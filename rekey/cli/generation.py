@@ -10,10 +10,18 @@ from typing import Any
 
 import click
 
+from attestation.platforms import PLATFORMS
 from rekey.cli.context import store
 from rekey.cli.migration_options import NAMES, MigrationOptions, migration_options
 from rekey.cli.output import EXIT_DOWNGRADE, EXIT_FAILED, emit_json, error_line, json_option, out, table
-from sealing.generation import GenerationManifest, ManifestError, diff, load_manifest, parse_manifest
+from sealing.generation import (
+    GenerationManifest,
+    ManifestError,
+    diff,
+    load_manifest,
+    manifest_from_claims,
+    parse_manifest,
+)
 from sealing.store import RecordNotFound, SealedStateStore
 
 
@@ -30,12 +38,85 @@ def _registered(sealed_store: SealedStateStore, generation_id: str) -> Generatio
     return parse_manifest(json.loads(document), f"generation {generation_id}")
 
 
+def _manifest(
+    manifest: Path | None,
+    evidence_path: Path | None,
+    platform: str | None,
+    generation_id: str | None,
+    collateral_path: Path | None,
+    jwks_path: Path | None,
+    at_text: str | None,
+) -> GenerationManifest:
+    """The manifest to register: read from MANIFEST, or built from verified evidence."""
+    evidence_only = {
+        "--platform": platform,
+        "--id": generation_id,
+        "--collateral": collateral_path,
+        "--jwks": jwks_path,
+        "--at": at_text,
+    }
+    if evidence_path is None:
+        if manifest is None:
+            raise click.UsageError("give a MANIFEST, or --from-evidence FILE --platform P --id ID")
+        stray = [name for name, value in evidence_only.items() if value is not None]
+        if stray:
+            raise click.UsageError(f"{', '.join(stray)}: only with --from-evidence")
+        return load_manifest(manifest)
+    if manifest is not None:
+        raise click.UsageError("give a MANIFEST or --from-evidence FILE, not both")
+    if platform is None or generation_id is None:
+        raise click.UsageError("--from-evidence needs --platform P and --id ID")
+    from rekey.cli.attest import parse_at, verified_claims  # the platform verifiers: only for this
+
+    claims = verified_claims(
+        evidence_path, platform, collateral_path=collateral_path, jwks_path=jwks_path, at=parse_at(at_text)
+    )
+    return manifest_from_claims(claims, generation_id, source=f"{evidence_path}")
+
+
 def _option_names(names: tuple[str, ...]) -> str:
     return ", ".join("--" + name.replace("_", "-") for name in names)
 
 
 @cli.command("register")
-@click.argument("manifest", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.argument("manifest", metavar="[MANIFEST]", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--from-evidence",
+    "evidence_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Build the manifest from this verified evidence instead (with --platform and --id).",
+)
+@click.option(
+    "--platform", type=click.Choice(PLATFORMS), default=None, help="With --from-evidence: its platform."
+)
+@click.option(
+    "--id", "generation_id", default=None, metavar="ID", help="With --from-evidence: the generation id."
+)
+@click.option(
+    "--collateral",
+    "collateral_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="With --from-evidence: as for attest verify (sgx/tdx collateral, sev-snp VCEK).",
+)
+@click.option(
+    "--jwks",
+    "jwks_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="With --from-evidence --platform maa: the provider's JWKS.",
+)
+@click.option(
+    "--at",
+    "at_text",
+    default=None,
+    metavar="TIME",
+    help="With --from-evidence: verify as of this ISO 8601 time (default now).",
+)
 @click.option(
     "--supersedes",
     default=None,
@@ -52,7 +133,13 @@ def _option_names(names: tuple[str, ...]) -> str:
 @click.pass_context
 def register(
     ctx: click.Context,
-    manifest: Path,
+    manifest: Path | None,
+    evidence_path: Path | None,
+    platform: str | None,
+    generation_id: str | None,
+    collateral_path: Path | None,
+    jwks_path: Path | None,
+    at_text: str | None,
     supersedes: str | None,
     auto_migrate: bool,
     migration: MigrationOptions,
@@ -63,13 +150,17 @@ def register(
     With --supersedes OLD the succession is stored with it (refused, nothing stored, if OLD is
     not registered, is this generation, is superseded by another one already, or it would make
     a cycle). With --auto-migrate the migration of OLD's state to it starts next: if that start
-    fails the registration stays, the command exits 1, and `rekey migrate start` starts it."""
+    fails the registration stays, the command exits 1, and `rekey migrate start` starts it.
+
+    With --from-evidence FILE --platform P --id ID instead of MANIFEST, the manifest is what the
+    evidence proves (verified as `rekey attest verify` does): a deploy pipeline registers exactly
+    what runs. Evidence that does not verify registers nothing (exit 2)."""
     given = [n for n in NAMES if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
     if auto_migrate and supersedes is None:
         raise click.UsageError("--auto-migrate needs --supersedes OLD")
     if given and not auto_migrate:
         raise click.UsageError(f"{_option_names(tuple(given))}: only with --auto-migrate")
-    parsed = load_manifest(manifest)
+    parsed = _manifest(manifest, evidence_path, platform, generation_id, collateral_path, jwks_path, at_text)
     request = None
     if auto_migrate and supersedes is not None:
         from rekey.cli.migrate import checked_request  # loads the Temporal SDK: only for this
@@ -164,7 +255,8 @@ def show(generation_id: str, json_out: bool) -> None:
         emit_json(item)
         return
     fields = table("field", "value")
-    for name, value in item.items():
+    details = item.pop("details", {})
+    for name, value in [*item.items(), *((f"details.{k}", v) for k, v in sorted(details.items()))]:
         fields.add_row(
             name, "-" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
         )

@@ -91,7 +91,7 @@ agent_option = click.option(
     default=None,
     metavar="URL",
     callback=url_option_check,
-    help="Seal or open through the enclave agent at http://127.0.0.1:PORT (hardware-sealed state;"
+    help="Seal or open through the enclave agent at https://127.0.0.1:PORT (hardware-sealed state;"
     " with get, KMS-wrapped state too, through the attested release gate).",
 )
 state_dir_option = click.option(

@@ -19,13 +19,13 @@ from sqlalchemy import MetaData, create_engine, select
 from temporalio.client import Client, WorkflowHandle
 
 from attestation.platform import PlatformVerifier
+from attestation.ratls import RatlsVerifier
 from attestation.sim import SimVerifier
-from rekey.agent_auth import AgentClient
 from rekey.agent_sealer import AgentSealer
 from rekey.cli import main
 from sealing.store import AgentRecord
 from sealing.tee.sim import ROOT_CA_CERT_FILE, host_id_of
-from tests.fixtures.agent import Agent, start_agents, stop_agents
+from tests.fixtures.agent import Agent, expectations, start_agents, stop_agents
 from tests.fixtures.cli import MANIFEST
 from workflows.migration import MigrateGenerationWorkflow, MigrateInput, MigrationProgress, migration_id
 
@@ -83,7 +83,7 @@ class Fleet:
 
     def sealer(self, host: str, name: str) -> AgentSealer:
         agent = self.agents[(host, name)]
-        return AgentSealer.connect(AgentClient(agent.url, agent.token))
+        return AgentSealer.connect(agent.client())
 
     def host_of(self, host_id: str) -> str:
         return next(h for h, i in self.host_ids.items() if i == host_id)
@@ -91,6 +91,10 @@ class Fleet:
     def state_dir(self, record: AgentRecord) -> Path:
         host = self.host_of(record.host_id)
         return self.root / "home" / ("agent" if host == "host" else f"agent-{host}") / record.generation
+
+    def expect(self, record: AgentRecord) -> RatlsVerifier:
+        """What a registered agent's certificate must show (its generation on its host)."""
+        return expectations(self.root, self.generations.values())(record)
 
     def verifier(self, host_id: str) -> PlatformVerifier:
         return SimVerifier((self.root / self.host_of(host_id) / ROOT_CA_CERT_FILE).read_bytes())

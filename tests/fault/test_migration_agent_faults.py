@@ -138,7 +138,7 @@ async def running(
         adapters=lambda _ref: None,  # type: ignore[arg-type,return-value]
         store=migration.store,
         audit=lambda event, _subject, details, _who: migration.audit.append((event, details)),
-        peers=peers_from_state_dirs(fleet.state_dir),
+        peers=peers_from_state_dirs(fleet.state_dir, fleet.expect),
         verifiers=fleet.verifier,
     )
     try:

@@ -51,7 +51,7 @@ class TamperingPorts:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.real = peers_from_state_dirs(fleet.state_dir)
+        self.real = peers_from_state_dirs(fleet.state_dir, fleet.expect)
         self.mode = ""
         self.earlier: dict[str, tuple[bytes, bytes]] = {}
         self.tampered = 0

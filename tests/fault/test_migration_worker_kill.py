@@ -74,7 +74,7 @@ async def test_a_worker_sigkilled_mid_hand_off_is_replaced_and_the_migration_com
     worker: subprocess.Popen[bytes] | None = None
     try:
         fleet.start("host", "v1", "v2")
-        (home / "hosts" / "host").mkdir(parents=True)
+        (home / "hosts" / "host").mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp_path / "host" / ROOT_CA_CERT_FILE, home / "hosts" / "host" / ROOT_CA_CERT_FILE)
         settings = load_settings(home, environ={})
         store = SealedStateStore(settings.store_url)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.client
 import json
 import socket
 import threading
@@ -17,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from rekey.agent_auth import AgentClient, AgentUnproven, sign_request, token_path
+from rekey.agent_auth import AgentClient, sign_request, token_path
+from rekey.ratls_transport import RatlsRefused, RatlsSocket, server_expectation
 from tests.fixtures.agent import Agent, start_agents, stop_agents
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
 def test_anonymous_connections_cannot_keep_an_authenticated_caller_out(agent: Agent) -> None:
     """64 anonymous connections against 32 slots, each kept busy with a byte every 0.5 s (so no
     idle timeout ends them): the workload still seals and unseals."""
-    idle: list[socket.socket] = []
+    idle: list[RatlsSocket] = []
     stop = threading.Event()
 
     def trickle() -> None:
@@ -56,7 +56,7 @@ def test_anonymous_connections_cannot_keep_an_authenticated_caller_out(agent: Ag
     trickler.start()
     try:
         for index in range(64):
-            sock = socket.create_connection(("127.0.0.1", agent.port), timeout=30)
+            sock = agent.tls_socket()  # past the handshake: anonymous until a signed request
             if index % 2:
                 sock.sendall(b"POST /v1/unseal HTTP/1.1\r\n")  # and then a byte at a time
             idle.append(sock)
@@ -69,8 +69,8 @@ def test_anonymous_connections_cannot_keep_an_authenticated_caller_out(agent: Ag
             sock.close()
 
 
-def _send(port: int, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def _send(agent: Agent, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    connection = agent.connection()
     try:
         connection.request(
             method, path, body=body or None, headers={"Content-Type": "application/json"} | headers
@@ -85,9 +85,9 @@ def test_a_replayed_request_is_refused(agent: Agent) -> None:
     blob = agent.call("/v1/seal", {"name": "replayed", "data": b64(b"seen once")})["blob"]
     body = json.dumps({"blob": blob}).encode()
     signed = sign_request(agent.token, "POST", "/v1/unseal", body, endpoint=f"127.0.0.1:{agent.port}")
-    status, answer = _send(agent.port, "POST", "/v1/unseal", body, signed)
+    status, answer = _send(agent, "POST", "/v1/unseal", body, signed)
     assert status == 200 and base64.b64decode(answer["data"]) == b"seen once"
-    status, answer = _send(agent.port, "POST", "/v1/unseal", body, signed)  # recorded and sent again
+    status, answer = _send(agent, "POST", "/v1/unseal", body, signed)  # recorded and sent again
     assert status == 401 and "data" not in answer
 
 
@@ -99,19 +99,19 @@ def test_stale_and_rebodied_requests_are_refused(agent: Agent) -> None:
     stale = sign_request(
         agent.token, "POST", "/v1/unseal", body, endpoint=f"127.0.0.1:{agent.port}", now=time.time() - 600
     )
-    assert _send(agent.port, "POST", "/v1/unseal", body, stale)[0] == 401
+    assert _send(agent, "POST", "/v1/unseal", body, stale)[0] == 401
     other = json.dumps({"blob": blob[:-4] + "AAA="}).encode()
     mine = f"127.0.0.1:{agent.port}"
     signed = sign_request(agent.token, "POST", "/v1/unseal", other, endpoint=mine)  # another body
-    assert _send(agent.port, "POST", "/v1/unseal", body, signed)[0] == 401
+    assert _send(agent, "POST", "/v1/unseal", body, signed)[0] == 401
     wrong_path = sign_request(agent.token, "POST", "/v1/seal", body, endpoint=mine)
-    assert _send(agent.port, "POST", "/v1/unseal", body, wrong_path)[0] == 401
+    assert _send(agent, "POST", "/v1/unseal", body, wrong_path)[0] == 401
     # Signed for another endpoint (a relay's port), delivered with the agent's own Host.
     elsewhere = sign_request(agent.token, "POST", "/v1/unseal", body, endpoint=f"127.0.0.1:{agent.port + 1}")
-    assert _send(agent.port, "POST", "/v1/unseal", body, elsewhere)[0] == 401
+    assert _send(agent, "POST", "/v1/unseal", body, elsewhere)[0] == 401
     assert (
         _send(
-            agent.port,
+            agent,
             "POST",
             "/v1/unseal",
             body,
@@ -172,7 +172,7 @@ class _Squatter:
 def test_a_port_squatter_gets_no_token_and_cannot_forge_answers(tmp_path: Path) -> None:
     started = start_agents(tmp_path, {"squat": SQUAT}, Agent)
     victim = started["squat"]
-    client = AgentClient(victim.url, victim.token)  # a workload that read its token while the agent ran
+    client = victim.client()  # a workload that read its token while the agent ran
     blob = client.call("/v1/seal", {"name": "db-key", "data": b64(b"sealed before")})["blob"]
     stop_agents(started)  # a clean stop (SIGTERM)
     assert victim.process.returncode == 0
@@ -181,15 +181,18 @@ def test_a_port_squatter_gets_no_token_and_cannot_forge_answers(tmp_path: Path) 
 
     squatter = _Squatter(victim.port, {"data": b64(b"forged plaintext"), "blob": b64(b"forged blob")})
     try:
-        with pytest.raises(AgentUnproven):
+        # The squatter cannot show the agent's evidence: the attested TLS handshake fails before
+        # any request is sent.
+        with pytest.raises(RatlsRefused):
             client.call("/v1/unseal", {"blob": blob})
-        with pytest.raises(AgentUnproven):
+        with pytest.raises(RatlsRefused):
             client.call("/v1/seal", {"name": "new", "data": b64(b"x")})
-        with pytest.raises(AgentUnproven):
+        with pytest.raises(RatlsRefused):
             client.call("/v1/identity")
     finally:
         squatter.close()
-    assert squatter.received.count(b"HTTP/1.1") == 3
+    assert squatter.received.count(b"HTTP/1.1") == 0, "a request went to a squatter"
+    assert blob.encode() not in squatter.received
     assert victim.token.encode() not in squatter.received, "the caller sent its token to a squatter"
 
 
@@ -215,8 +218,10 @@ def test_one_caller_filling_its_replay_window_does_not_refuse_another(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        noisy, workload = AgentClient(url, "n" * 43), AgentClient(url, "w" * 43)
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        expect = server_expectation(manifest, [host.root_ca_pem()])
+        noisy = AgentClient(url, "n" * 43, expect=expect)
+        workload = AgentClient(url, "w" * 43, expect=expect)
         statuses = []
         for _ in range(8):
             try:

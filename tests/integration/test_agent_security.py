@@ -9,7 +9,6 @@ nonces from one caller against another caller's handoff.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import socket
@@ -69,7 +68,7 @@ def raw(
         token = headers.pop("Authorization").removeprefix("sign:")
         host = next((v for k, v in headers.items() if k.lower() == "host"), f"127.0.0.1:{agent.port}")
         headers |= sign_request(token, method, path, body, endpoint=host)
-    connection = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
+    connection = agent.connection()
     try:
         connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
         given = {name.lower() for name in (headers or {})}
@@ -186,7 +185,7 @@ def test_missing_content_length_and_chunked_bodies_are_refused(agents: dict[str,
         f"{k}: {v}\r\n"
         for k, v in sign_request(agent.token, "POST", "/v1/nonce", endpoint=f"127.0.0.1:{agent.port}").items()
     )
-    with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as sock:
+    with agent.tls_socket() as sock:
         sock.sendall(
             f"POST /v1/nonce HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n{signed}"
             "Content-Type: application/json\r\n\r\n".encode()
@@ -200,7 +199,7 @@ def _flood_body(agent: Agent, length: str, size: int) -> tuple[bytes, int]:
     """Declare ``length`` and try to push ``size`` bytes; (the answer's first bytes, bytes sent)."""
     sent = 0
     chunk = b"x" * (1024 * 1024)
-    with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as sock:
+    with agent.tls_socket() as sock:
         sock.sendall(
             f"POST /v1/unseal HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\n"
             f"Authorization: Bearer {agent.token}\r\n"
@@ -232,10 +231,10 @@ def test_bodies_past_the_limit_are_not_read(agents: dict[str, Agent], length: st
 def test_slowloris_client_is_dropped(agents: dict[str, Agent]) -> None:
     agent = agents["v1"]  # idle timeout 1 s, whole request 2 s
     request = f"POST /v1/nonce HTTP/1.1\r\nHost: 127.0.0.1:{agent.port}\r\nX-Padding: {'a' * 400}".encode()
-    assert trickle_until_dropped(agent.port, request), (
+    assert trickle_until_dropped(agent.port, request, connect=agent.tls_socket), (
         "a client trickling one header byte at a time kept its connection"
     )
-    with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as sock:
+    with agent.tls_socket() as sock:
         assert sock.recv(1) == b""  # a silent client is dropped at the idle timeout (recv would time out)
 
 
@@ -244,7 +243,7 @@ def test_excess_connections_get_503(agents: dict[str, Agent]) -> None:
     connection gets 503 at once. (Anonymous connections give their slots away instead:
     test_agent_connections.py.)"""
     agent = agents["busy"]  # at most 2 connections at once
-    held = [socket.create_connection(("127.0.0.1", agent.port), timeout=30) for _ in range(2)]
+    held = [agent.tls_socket() for _ in range(2)]
     try:
         for sock in held:
             signed = sign_request(agent.token, "POST", "/v1/nonce", b"{}", endpoint=f"127.0.0.1:{agent.port}")
@@ -254,7 +253,7 @@ def test_excess_connections_get_503(agents: dict[str, Agent]) -> None:
                 "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n".encode()
             )  # and no body
         time.sleep(0.5)  # let the agent read and authenticate both (a newcomer evicts anonymous ones)
-        with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as extra:
+        with agent.tls_socket() as extra:
             answer = extra.recv(65536)
         assert answer.startswith(b"HTTP/1.0 503") and b"Busy" in answer
     finally:
@@ -326,14 +325,27 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_call_presents_the_agents_token(agents: dict[str, Agent]) -> None:
     agent = agents["v1"]
     home = agent.state_dir.parent.parent
-    result = _cli(home, "/v1/identity", "--url", agent.url, "--generation", "sec-v1")
+    expected = ("--manifest", str(home.parent / "v1.yaml"))  # no store here: the generation it must attest
+    result = _cli(home, "/v1/identity", "--url", agent.url, "--generation", "sec-v1", *expected)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["id"] == "sec-v1"
     result = _cli(
-        home, "/v1/nonce", "--url", agent.url, "--generation", "sec-v1", "--caller", "flood", "--body", "{}"
+        home,
+        "/v1/nonce",
+        "--url",
+        agent.url,
+        "--generation",
+        "sec-v1",
+        "--caller",
+        "flood",
+        "--body",
+        "{}",
+        *expected,
     )
     assert result.returncode == 0 and len(base64.b64decode(json.loads(result.stdout)["nonce"])) == 32
-    wrong = _cli(home, "/v1/identity", "--url", agent.url, "--state-dir", str(agents["busy"].state_dir))
+    wrong = _cli(
+        home, "/v1/identity", "--url", agent.url, "--state-dir", str(agents["busy"].state_dir), *expected
+    )
     assert wrong.returncode == 1 and "401" in wrong.stderr and agents["busy"].token not in wrong.stderr
     missing = _cli(home, "/v1/identity", "--url", agent.url, "--generation", "no-such-agent")
     assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read the agent token")

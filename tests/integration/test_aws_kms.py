@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
+import boto3
 import pytest
 from botocore.exceptions import (
     ClientError,
@@ -16,18 +19,20 @@ from botocore.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from attestation.claims import Claims
+from attestation.nitro import NitroVerifier
 from attestation.policy import parse_policy
 from attestation.token import ResultSigner
 from kms_adapters.aws_errors import map_aws_error
-from kms_adapters.aws_kms import NATIVE_NOTE, AwsKmsAdapter
+from kms_adapters.aws_kms import NATIVE_NOTE, RECIPIENT_SID, AwsKmsAdapter
 from kms_adapters.contract import KmsAdapter, RotationMode
 from kms_adapters.errors import (
     AnswerLost,
     InvalidCiphertext,
     InvalidRequest,
-    NitroAttestationUnverified,
     NotFound,
     PermissionDenied,
     PolicyDenied,
@@ -38,7 +43,11 @@ from kms_adapters.errors import (
 from kms_adapters.governor import Governor
 from kms_adapters.release import MemoryReleasePolicyStore, ReleasePolicy, open_released
 from sealing.handoff import HandoffKeyPair, fingerprint
+from tests.fixtures.nitro import PCR0, NitroTestCA
 from tests.fixtures.ports import free_port
+
+T = TypeVar("T")
+DER, SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 
 pytestmark = pytest.mark.integration
 
@@ -331,15 +340,164 @@ def test_release_and_release_for_nitro_refused(make: Callable[..., AwsKmsAdapter
     released = key.release(wrapped, token(2), recipient.public_bytes)
     assert dek not in released and open_released(released, recipient, key.key_ref) == dek
 
-    # Issue 12 finding 3: a valid token for an allowed enclave plus an attestation document
-    # from any Nitro enclave (nothing binds the two) must not yield the DEK, so until Nitro
-    # documents are verified the path refuses every request, with a typed error that says why.
-    for svn, document in ((2, b"attestation document of some other (debug) enclave"), (1, b"doc"), (2, b"")):
-        with pytest.raises(NitroAttestationUnverified, match="not verified yet") as refused:
-            key.release_for_nitro(wrapped, token(svn), recipient.public_bytes, document)
-        assert isinstance(refused.value, PolicyDenied) and not refused.value.retryable
-        assert dek.hex() not in str(refused.value)
+    # A Nitro document never rides along with a token for another enclave (see the test below).
+    with pytest.raises(PolicyDenied, match="does not verify") as refused:
+        key.release_for_nitro(
+            wrapped, token(2), recipient.public_bytes, b"attestation document of some enclave"
+        )
+    assert not refused.value.retryable and dek.hex() not in str(refused.value)
     # The verified path still releases.
     assert (
         open_released(key.release(wrapped, token(2), recipient.public_bytes), recipient, key.key_ref) == dek
     )
+
+
+class Recipient:
+    def __init__(self, public_bytes: bytes) -> None:
+        self.public_bytes = public_bytes
+
+
+@pytest.mark.parametrize("mode", ["key-per-version", "native"])
+def test_release_for_nitro_binds_the_verified_document_to_the_result(
+    make: Callable[..., AwsKmsAdapter], moto_url: str, mode: RotationMode
+) -> None:
+    """The document KMS would encrypt to must verify, be the one the result was issued for, carry
+    the recipient key and satisfy the policy; the key policy denies other images to KMS itself."""
+    now = datetime.now(UTC)
+    ca = NitroTestCA.create(now - timedelta(minutes=1))
+    nitro = NitroVerifier(root_pem=ca.root_pem)
+    key = make(_name(), nitro_verifier=nitro)
+    key.create(rotation_mode=mode)
+    signer = ResultSigner.generate()
+    rule = {
+        "platform": "nitro",
+        "measurements": [PCR0.hex()],
+        "nonce_required": False,
+        "details": {"pcr1": "01" * 48},
+    }
+    policy = parse_policy({"id": "nitro-release", "rules": [rule]})
+    key.set_release_policy(ReleasePolicy(policy, signer.public_pem()))
+    enclave_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    recipient = Recipient(enclave_key.public_key().public_bytes(DER, SPKI))
+    other = Recipient(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(DER, SPKI)
+    )
+
+    def document(public_key: bytes, **fields: object) -> bytes:
+        return ca.sign(ca.payload(now, public_key=public_key, **fields))
+
+    def token_for(doc: bytes, cnf: bytes) -> str:
+        return signer.issue(
+            nitro.verify(doc, at=now),
+            policy_id=policy.id,
+            policy_digest=policy.digest,
+            cnf_key_hash=fingerprint(cnf),
+            audience="rekey-kms",
+            now=now,
+        )
+
+    def statement() -> dict[str, object] | None:
+        """rekey's statement in the key policy of the primary version's KMS key."""
+        client = boto3.client("kms", region_name=REGION, endpoint_url=moto_url, **CREDENTIALS)
+        key_id = client.describe_key(KeyId=key.alias)["KeyMetadata"]["KeyId"]
+        raw = client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
+        found = [s for s in json.loads(raw)["Statement"] if s.get("Sid") == RECIPIENT_SID]
+        return found[0] if found else None
+
+    dek = secrets.token_bytes(32)
+    wrapped = key.wrap(dek).ciphertext
+    good = document(recipient.public_bytes)
+    released = key.release_for_nitro(
+        wrapped, token_for(good, recipient.public_bytes), recipient.public_bytes, good
+    )
+    assert released.scheme == "rsa-oaep"  # moto ignores Recipient: the adapter did what KMS would
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    assert enclave_key.decrypt(released.ciphertext, oaep) == dek
+
+    denied = statement()
+    assert denied is not None and denied["Effect"] == "Deny"
+    assert denied["Condition"]["StringNotEqualsIgnoreCase"] == {  # type: ignore[index]
+        "kms:RecipientAttestation:ImageSha384": [PCR0.hex()]
+    }
+    zero = bytes(48)
+    debug = document(recipient.public_bytes, pcrs={i: zero for i in range(16)})
+    foreign_ca = NitroTestCA.create(now - timedelta(minutes=1))
+    other_pcr1 = {0: PCR0, 1: b"\x07" * 48}
+    refusals = [
+        # a good token with another (debug) enclave's document
+        (token_for(good, recipient.public_bytes), debug, "not the one"),
+        # the document names another key than the recipient's
+        (
+            token_for(document(other.public_bytes), recipient.public_bytes),
+            document(other.public_bytes),
+            "public key",
+        ),
+        # a document from another root
+        (
+            token_for(good, recipient.public_bytes),
+            foreign_ca.sign(foreign_ca.payload(now, public_key=recipient.public_bytes)),
+            "does not verify",
+        ),
+        # PCR1 not the policy's: refused even with a token for that very document
+        (
+            token_for(document(recipient.public_bytes, pcrs=other_pcr1), recipient.public_bytes),
+            document(recipient.public_bytes, pcrs=other_pcr1),
+            "pcr1",
+        ),
+        (token_for(good, recipient.public_bytes), good[:-5], "does not verify"),
+    ]
+    for token, doc, reason in refusals:
+        with pytest.raises(PolicyDenied, match=reason) as refused:
+            key.release_for_nitro(wrapped, token, recipient.public_bytes, doc)
+        assert dek.hex() not in str(refused.value)
+    if mode == "key-per-version":  # a new version's KMS key gets the statement when it is made
+        key.rotate()
+        assert statement() is not None
+
+
+class _FailsOnce(Governor):
+    """A governor whose first ``op`` call fails as a throttle that outlived the retries would."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(f"moto-{secrets.token_hex(4)}")
+        self.failing: str | None = op
+
+    def call(self, fn: Callable[[], T], *, op: str = "", idempotent: bool = True) -> T:
+        if op == self.failing:
+            self.failing = None
+            raise Unavailable(f"{op} failed (injected)")
+        return super().call(fn, op=op, idempotent=idempotent)
+
+
+def test_a_retried_rotation_still_puts_the_recipient_statement_on_the_new_key(moto_url: str) -> None:
+    governor = _FailsOnce("kms:put_key_policy")
+    governor.failing = None  # not yet: the first policy is set normally
+    key = AwsKmsAdapter(
+        _name(),
+        endpoint_url=moto_url,
+        region=REGION,
+        release_store=MemoryReleasePolicyStore(),
+        credentials=CREDENTIALS,
+        governor=governor,
+    )
+    key.create(rotation_mode="key-per-version")
+    rule = {"platform": "nitro", "signer": "5e" * 48, "product_id": 0, "min_svn": 0, "nonce_required": False}
+    policy = parse_policy({"id": "nitro-signed", "rules": [rule]})
+    key.set_release_policy(ReleasePolicy(policy, ResultSigner.generate().public_pem()))
+    governor.failing = "kms:put_key_policy"
+    with pytest.raises(Unavailable):
+        key.rotate()  # version 2's key and alias exist; its key policy was not written
+    assert key.rotate().primary_version == 2  # the retry adopts the key and writes it
+    client = boto3.client("kms", region_name=REGION, endpoint_url=moto_url, **CREDENTIALS)
+    for version in (1, 2):
+        key_id = client.describe_key(KeyId=key.version_alias(version))["KeyMetadata"]["KeyId"]
+        statements = json.loads(client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"])[
+            "Statement"
+        ]
+        ours = [s for s in statements if s.get("Sid") == RECIPIENT_SID]
+        assert len(ours) == 1, (version, statements)
+        # A signer rule's PCR8 lets its images through: only documents matching no rule are denied.
+        assert ours[0]["Condition"]["StringNotEqualsIgnoreCase"] == {
+            "kms:RecipientAttestation:PCR8": ["5e" * 48]
+        }
+        assert len(statements) > 1  # the default statements are kept

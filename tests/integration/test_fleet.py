@@ -296,7 +296,8 @@ def test_a_put_to_a_down_or_hostile_agent_stores_nothing(
     assert code == 2 and "cannot read the agent token" in _one_error_line(stderr)
     for hostile in (
         "http://evil.example:80",
-        "http://127.0.0.1:1/v1/seal",
+        "https://127.0.0.1:1/v1/seal",
+        "http://127.0.0.1:1",  # plain HTTP to an agent is gone
         "file:///etc/passwd",
         "127.0.0.1:1",
     ):
@@ -307,7 +308,7 @@ def test_a_put_to_a_down_or_hostile_agent_stores_nothing(
         root,
         "put",
         "--agent",
-        "http://127.0.0.1:1",
+        "https://127.0.0.1:1",
         "--key",
         "vault:k",
         "--name",

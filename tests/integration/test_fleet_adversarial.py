@@ -30,15 +30,17 @@ pytestmark = pytest.mark.integration
 
 class Relay:
     """A TCP relay on a free 127.0.0.1 port to ``target``, keeping every byte it forwards and
-    rewriting the ``Host`` header to the target's (the agent refuses a foreign Host; the request
-    MAC names the endpoint the caller meant, the relay's)."""
+    rewriting the ``Host`` header to the target's where it can read it (the agent refuses a
+    foreign Host; the request MAC names the endpoint the caller meant, the relay's). Over
+    attested TLS the relay passes the agent's own handshake through but sees only ciphertext, so
+    it rewrites nothing."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.seen = bytearray()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -48,7 +50,7 @@ class Relay:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            mine = self.url.removeprefix("http://").encode()
+            mine = self.url.removeprefix("https://").encode()
             theirs = f"{self.target[0]}:{self.target[1]}".encode()
             for a, b, rewrite in ((client, upstream, (mine, theirs)), (upstream, client, None)):
                 threading.Thread(target=self._pipe, args=(a, b, rewrite), daemon=True).start()
@@ -111,8 +113,9 @@ def test_a_relay_registered_as_an_agent_sees_no_plaintext(
         code, out, err = _state(
             capsys, relay_root, "put", "--agent", relay.url, "--name", "db", "--in", str(secret)
         )
-        # The relay forwards the signed identity request, which names the relay's port: the agent
-        # refuses it, so the put fails before any plaintext is sent, and stores nothing.
+        # The relay forwards the signed identity request (inside the agent's own TLS session),
+        # which names the relay's port: the agent refuses it, so the put fails before any
+        # plaintext is sent, and stores nothing.
         assert code != 0 and out == "", err
         assert "the answer is not authenticated" in _one_error_line(err)
         assert bytes(relay.seen)  # the request did go through the relay
@@ -141,7 +144,7 @@ def test_a_missing_token_or_unknown_endpoint_is_one_line_and_stores_nothing(
             assert code != 0, extra
             _one_error_line(stderr)
         code, _, stderr = _state(
-            capsys, relay_root, "put", "--agent", "http://127.0.0.1:1", "--name", "db", "--in", str(secret)
+            capsys, relay_root, "put", "--agent", "https://127.0.0.1:1", "--name", "db", "--in", str(secret)
         )
         assert code == 2 and "no registered agent" in _one_error_line(stderr)
         code, stdout, _ = _state(capsys, relay_root, "list", "--json")
@@ -186,7 +189,7 @@ def test_an_agent_that_cannot_write_its_start_lines_cleans_up(relay_root: Path) 
     port, at an endpoint the registry still lists as live)."""
     manifest = relay_root / "v1.yaml"
     manifest.write_text(yaml.safe_dump(MANIFEST))
-    state_dir = relay_root / "home" / "agent" / MANIFEST["id"]
+    state_dir = relay_root / "home" / "agent" / str(MANIFEST["id"])
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:

@@ -18,8 +18,8 @@ import yaml
 from temporalio.testing import WorkflowEnvironment
 
 from attestation.platform import PlatformVerifier
+from attestation.ratls import RatlsVerifier
 from attestation.sim import SimVerifier
-from rekey.agent_auth import AgentClient
 from rekey.agent_peer import peers_from_state_dirs
 from rekey.agent_sealer import AgentSealer
 from rekey.client.migrations import start_migration
@@ -28,7 +28,7 @@ from rekey.worker import build_worker
 from sealing.state import EnclaveRefused, SealedState
 from sealing.store import AgentRecord, SealedStateStore
 from sealing.tee.sim import ROOT_CA_CERT_FILE, host_id_of
-from tests.fixtures.agent import Agent, start_agents, stop_agents
+from tests.fixtures.agent import Agent, expectations, start_agents, stop_agents
 from tests.fixtures.cli import MANIFEST, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -63,7 +63,11 @@ class Fleet:
 
     def sealer(self, host: str, name: str) -> AgentSealer:
         agent = self.agents[(host, name)]
-        return AgentSealer.connect(AgentClient(agent.url, agent.token))
+        return AgentSealer.connect(agent.client())
+
+    def expect(self, record: AgentRecord) -> RatlsVerifier:
+        """What a registered agent's certificate must show (its generation on its host)."""
+        return expectations(self.root, [a.manifest for a in self.agents.values()])(record)
 
     def state_dir(self, record: AgentRecord) -> Path:
         host = next(h for h, i in self.host_ids.items() if i == record.host_id)
@@ -112,7 +116,7 @@ async def test_hardware_sealed_state_moves_to_v2_in_waves(
         adapters=lambda _ref: None,  # type: ignore[arg-type,return-value]
         store=store,
         audit=lambda event, _subject, details, _who: audit.append((event, details)),
-        peers=peers_from_state_dirs(fleet.state_dir),
+        peers=peers_from_state_dirs(fleet.state_dir, fleet.expect),
         verifiers=fleet.verifier,
     )
     async with worker:

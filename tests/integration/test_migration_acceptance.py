@@ -46,6 +46,7 @@ from rekey.backends import adapter_for, release_token_signer, sim_verifiers, wit
 from rekey.client import connect
 from rekey.client.release_policies import agent_release_token
 from rekey.config import Settings, load_settings
+from rekey.ratls_transport import server_expectation
 from sealing import envelope
 from sealing.kms_migration import attested_token
 from sealing.migration import manifest_of
@@ -142,7 +143,13 @@ class Stack:
         """The client API's view of an agent (as ``rekey state get --agent`` builds it): signed
         requests with its default caller's token, release tokens made for it on demand."""
         agent = self.agents[(host, generation)]
-        client = AgentClient(agent.url, read_token(agent.state_dir))
+        record = self.store.get_agent(f"{generation}.{host}")
+        expect = server_expectation(
+            manifest_of(self.store, generation),
+            [(self.home / "hosts" / host / ROOT_CA_CERT_FILE).read_bytes()],
+        )
+        assert record.generation == generation
+        client = AgentClient(agent.url, read_token(agent.state_dir), expect=expect)
         return AgentSealer.connect(client, agent_release_token(self.settings, self.store))
 
     def stop(self) -> None:

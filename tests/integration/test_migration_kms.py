@@ -22,9 +22,9 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from attestation.platform import PlatformVerifier
+from attestation.ratls import RatlsVerifier
 from attestation.sim import SimVerifier
 from emulators.servers import OpenBao
-from rekey.agent_auth import AgentClient
 from rekey.agent_peer import peers_from_state_dirs
 from rekey.agent_sealer import AgentSealer
 from rekey.backends import adapter_for
@@ -35,7 +35,7 @@ from rekey.worker import build_worker
 from sealing.state import SealedState
 from sealing.store import AgentRecord, SealedStateStore
 from sealing.tee.sim import ROOT_CA_CERT_FILE, host_id_of
-from tests.fixtures.agent import Agent, start_agents, stop_agents
+from tests.fixtures.agent import Agent, expectations, start_agents, stop_agents
 from tests.fixtures.cli import MANIFEST, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -57,7 +57,11 @@ class Fleet:
 
     def sealer(self, host: str, generation: str) -> AgentSealer:
         agent = self.agents[(host, generation)]
-        return AgentSealer.connect(AgentClient(agent.url, agent.token))
+        return AgentSealer.connect(agent.client())
+
+    def expect(self, record: AgentRecord) -> RatlsVerifier:
+        """What a registered agent's certificate must show (its generation on its host)."""
+        return expectations(self.root, [a.manifest for a in self.agents.values()])(record)
 
     def state_dir(self, record: AgentRecord) -> Path:
         host = next(h for h, i in self.host_ids.items() if i == record.host_id)
@@ -106,7 +110,7 @@ def fleet(tmp_path: Path, capsys: pytest.CaptureFixture[str], openbao: OpenBao) 
             root_ca = (tmp_path / host / ROOT_CA_CERT_FILE).read_bytes()
             fleet.host_ids[host] = host_id_of(root_ca)
             # What the CLI verifies a host's evidence against (<home>/hosts/*: root CAs only).
-            (fleet.home / "hosts" / host).mkdir(parents=True)
+            (fleet.home / "hosts" / host).mkdir(parents=True, exist_ok=True)
             (fleet.home / "hosts" / host / ROOT_CA_CERT_FILE).write_bytes(root_ca)
         yield fleet
     finally:
@@ -169,7 +173,7 @@ async def test_kms_and_tee_state_migrate_abort_restores_and_v1_is_refused_after_
         task_queue=task_queue,
         store=store,
         audit=lambda *_: None,
-        peers=peers_from_state_dirs(fleet.state_dir),
+        peers=peers_from_state_dirs(fleet.state_dir, fleet.expect),
         verifiers=fleet.verifier,
     )
     histories: list[str] = []

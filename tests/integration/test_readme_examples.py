@@ -221,6 +221,7 @@ async def stack(
     workdir.mkdir()
     monkeypatch.chdir(workdir)
     (workdir / "creds.json").write_text('{"user": "app", "password": "example"}')
+    (workdir / "vectors").symlink_to(README.parent / "vectors")  # the real samples the examples verify
     (workdir / "payments-v1.yaml").write_text(yaml.safe_dump(MANIFEST))
     settings = load_settings(home, environ=env)
     client = await RekeyClient.connect(settings)
