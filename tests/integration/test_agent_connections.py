@@ -140,7 +140,9 @@ class _Squatter:
             except OSError:
                 return
             with client:
-                client.settimeout(5)
+                # A TLS client sends a ClientHello, never a request: give up on it soon (each
+                # refused call waits for this, as a client would for any silent listener).
+                client.settimeout(1)
                 data = b""
                 try:
                     while b"\r\n\r\n" not in data:
