@@ -520,12 +520,12 @@ async def test_temporal_cli_decodes_with_codec_auth(
     def has_secret(out: str) -> bool:  # JSON output: payload data stays base64
         return any(needle in out.encode() for needle in _needles(SECRET.encode()))
 
-    authorized = await show("--codec-auth", _auth(home)["Authorization"])
+    authorized, anonymous, wrong = await asyncio.gather(  # three CLI processes at once
+        show("--codec-auth", _auth(home)["Authorization"]), show(), show("--codec-auth", "Bearer " + "x" * 43)
+    )
     assert has_secret(authorized)
     assert '"anNvbi9wbGFpbg=="' in authorized  # metadata encoding "json/plain": decoded
-    anonymous = await show()
     assert not has_secret(anonymous)
-    wrong = await show("--codec-auth", "Bearer " + "x" * 43)
     assert not has_secret(wrong)
 
 
