@@ -212,19 +212,31 @@ def _with_succession(item: dict[str, Any], successions: dict[str, str]) -> dict[
 @cli.command("list")
 @json_option
 def list_(json_out: bool) -> None:
-    """List registered generations (with which supersedes which)."""
+    """List registered generations (with which supersedes which) and how many stored blobs each
+    holds."""
     with store() as sealed_store:
         rows = sealed_store.list_generations()
         successions = sealed_store.list_successions()
+        blobs = sealed_store.census().by_generation
     items: list[dict[str, Any]] = [
         _with_succession(json.loads(doc) | {"registered_at": at.isoformat()}, successions)
-        for _, doc, at in rows
+        | {"blobs": blobs.get(gid, 0)}
+        for gid, doc, at in rows
     ]
     if json_out:
         emit_json(items)
         return
     listing = table(
-        "id", "platform", "svn", "product", "debug", "tcb", "measurement", "supersedes", "superseded by"
+        "id",
+        "platform",
+        "svn",
+        "product",
+        "debug",
+        "tcb",
+        "measurement",
+        "supersedes",
+        "superseded by",
+        "blobs",
     )
     for i in items:
         listing.add_row(
@@ -237,6 +249,7 @@ def list_(json_out: bool) -> None:
             i["measurement"][:16] + "…",
             i["supersedes"] or "-",
             i["superseded_by"] or "-",
+            str(i["blobs"]),
         )
     out.print(listing if items else "no generations registered")
 

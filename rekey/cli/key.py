@@ -13,6 +13,7 @@ from rekey.cli.context import settings, store
 from rekey.cli.output import emit_json, json_option, out, table
 from rekey.client.release_policies import admitted_generations, release_policy, set_release_policy
 from rekey.config import ConfigError
+from sealing.store import StoreError, StoreMissing
 
 
 @click.group("key")
@@ -25,10 +26,11 @@ def _print_key(data: dict[str, Any]) -> None:
         f"{data['key_ref']}  type {data['type']}  rotation {data['rotation_mode']}"
         f"  primary version {data['primary_version']}  release policy {data['release_policy'] or '-'}"
     )
-    versions = table("version", "state", "created")
+    versions = table("version", "state", "created", "blobs")
     for v in data["versions"]:
         primary = " (primary)" if v["primary"] else ""
-        versions.add_row(str(v["version"]), v["state"] + primary, (v["created_at"] or "")[:19])
+        blobs = "-" if v.get("blobs") is None else str(v["blobs"])
+        versions.add_row(str(v["version"]), v["state"] + primary, (v["created_at"] or "")[:19], blobs)
     out.print(versions)
     for note in data["notes"]:
         out.print(f"note: {note}")
@@ -58,9 +60,33 @@ def create(key_ref: str, rotation_mode: str | None, json_out: bool) -> None:
 @click.argument("key_ref", metavar="KEYREF")
 @json_option
 def show(key_ref: str, json_out: bool) -> None:
-    """Show a key's versions, their state, the primary and the rotation mode."""
-    data = adapter_for(settings(), key_ref).describe().to_dict()
+    """Show a key's versions, their state, the primary and the rotation mode, and how many stored
+    blobs each version still wraps (what disabling it would leave unreadable)."""
+    data = _with_blobs(adapter_for(settings(), key_ref).describe().to_dict())
     emit_json(data) if json_out else _print_key(data)
+
+
+def _with_blobs(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``blobs`` per version: the stored blobs it still wraps (0 where none, and
+    when there is no store yet: none is created). A store that cannot be read gives None and a
+    note; blobs under a version the key does not list get a note too."""
+    try:
+        with store() as sealed_store:
+            counts: dict[int, int] | None = sealed_store.census().of_key(data["key_ref"])
+    except StoreMissing:
+        counts = {}
+    except StoreError as exc:
+        counts = None
+        data["notes"] = [*data["notes"], f"blob counts unavailable: {exc}"]
+    listed = {v["version"] for v in data["versions"]}
+    data["versions"] = [
+        v | {"blobs": None if counts is None else counts.get(v["version"], 0)} for v in data["versions"]
+    ]
+    unlisted = {version: n for version, n in (counts or {}).items() if version not in listed}
+    if unlisted:
+        where = ", ".join(f"{n} under version {version}" for version, n in sorted(unlisted.items()))
+        data["notes"] = [*data["notes"], f"stored blobs under versions the key does not list: {where}"]
+    return data
 
 
 @cli.command("list")

@@ -33,6 +33,10 @@ Every blob a re-wrap sweep fails is a row of ``rewrap_failures`` (schema version
 and `count_rewrap_failures` show only blobs still of that key and below the target version (a
 blob re-wrapped or deleted since drops out); `clear_rewrap_failures` forgets one key version's.
 
+`SealedStateStore.census` counts, in one grouped statement, the blobs each KMS key version
+still wraps and each generation holds (``tee`` blobs under their generation only): what
+``rekey key show`` and ``rekey generation list`` print, and what a census metric reuses.
+
 Timestamps are timezone-aware UTC datetimes with microsecond precision: ``timestamptz`` on
 PostgreSQL, naive UTC text on SQLite; both come back as aware UTC.
 """
@@ -58,6 +62,7 @@ from sealing.store.migrations import MigrationClaim, ReleaseRecord
 from sealing.store.records import (
     STALE_AFTER_REFRESHES,
     AgentRecord,
+    BlobCensus,
     BlobHandover,
     BlobRecord,
     BlobSummary,
@@ -98,6 +103,7 @@ __all__ = [
     "AgentConflict",
     "AgentRecord",
     "AgentSuperseded",
+    "BlobCensus",
     "BlobHandover",
     "BlobRecord",
     "BlobSummary",

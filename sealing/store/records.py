@@ -3,6 +3,7 @@ state, and the checks of their fields."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, NamedTuple
@@ -13,6 +14,7 @@ __all__ = [
     "BLOB_KINDS",
     "STALE_AFTER_REFRESHES",
     "AgentRecord",
+    "BlobCensus",
     "BlobHandover",
     "BlobRecord",
     "BlobSummary",
@@ -156,6 +158,24 @@ class BlobSummary:
     updated_at: datetime
     kind: str = "kms"
     host: str | None = None
+
+
+@dataclass(frozen=True)
+class BlobCensus:
+    """How many stored blobs each KMS key version still wraps and each generation holds, as of
+    one read (`SealedStateStore.census`).
+
+    ``by_key_version`` maps (key ref, key version) to the number of KMS-wrapped (``kms``) blobs;
+    hardware-sealed (``tee``) blobs have no KMS key version and are counted under their
+    generation only. ``by_generation`` maps a generation to the number of blobs it holds, of
+    either kind. Keys with no blob are absent (read them as 0)."""
+
+    by_key_version: Mapping[tuple[str, int], int]
+    by_generation: Mapping[str, int]
+
+    def of_key(self, key_ref: str) -> dict[int, int]:
+        """The blobs of ``key_ref`` per key version (versions without blobs absent)."""
+        return {version: n for (ref, version), n in self.by_key_version.items() if ref == key_ref}
 
 
 @dataclass(frozen=True)
