@@ -3,11 +3,16 @@
 A worker interceptor (:class:`ActivityLogInterceptor`) wraps every activity the worker runs:
 when the activity returns or fails it logs, on logger ``rekey.activity``, the outcome
 (``ok``, ``failed``, ``cancelled``) with the fields of ``temporalio.activity.info()``
-(``workflow_id``, ``run_id``, ``activity``, ``attempt``) and the identifiers of its input:
+(``workflow_id``, ``run_id``, ``activity``, ``attempt``), its ``step`` (the activity's name
+without its ``migration_`` prefix: ``rewrap``, ``verify_sample``, ``handoff``, ``gate``...)
+and the identifiers of its input:
 ``key_ref``, ``generation`` / ``from_generation`` / ``to_generation``, ``migration_id``,
 ``host_id``, agent ids, version numbers. The workflows record each phase change through their
 ``audit`` activity (events ``phase.changed`` and ``migration.phase``): that activity's success
-is also logged as ``phase changed`` with ``phase`` (the new one) and ``previous_phase``.
+is also logged as ``phase changed`` with ``phase`` (the new one: ``REWRAPPING``, ``DONE``...)
+and ``previous_phase``. (An activity does not know its workflow's phase: the worker running it
+may not be the one that ran the last phase change, so activity events carry their step, not a
+phase that could be stale.)
 
 Only those named identifiers and counts are copied; never an input or a result as a whole (no
 nonce, token, sealed blob or key material can reach a log that way). A failure is logged as its
@@ -51,7 +56,7 @@ PHASE_EVENTS: Final = frozenset({"phase.changed", "migration.phase"})
 MIGRATION_PREFIX: Final = "migration_"
 
 
-def phase_of(activity_type: str) -> str:
+def step_of(activity_type: str) -> str:
     """The step an activity is: ``rewrap_batch`` -> ``rewrap``, ``migration_handoff`` -> ``handoff``."""
     name = activity_type.removeprefix(MIGRATION_PREFIX)
     return {"rewrap_batch": "rewrap", "rotate_key": "rotate", "retire_versions": "retire"}.get(name, name)
@@ -78,25 +83,25 @@ def _counts(result: Any) -> dict[str, int]:
     return found
 
 
-def _phase_event(arg: Any) -> dict[str, Any] | None:
-    """The fields of a phase-change audit event, or None for any other audit event."""
-    event = getattr(arg, "event", None)
-    if event not in PHASE_EVENTS:
-        return None
-    details = getattr(arg, "details", None) or {}
-    subject = str(getattr(arg, "subject", ""))
-    fields: dict[str, Any] = {
-        "phase": str(details.get("to", "")),
-        "previous_phase": str(details.get("from", "")),
-    }
+def _subject_fields(subject: str) -> dict[str, Any]:
+    """A migration id (``migrate:<from>:<to>``) names both generations; an audit event's other
+    subjects are key refs."""
     parts = subject.split(":")
-    if event == "migration.phase" and len(parts) == 3 and parts[0] == "migrate":
-        fields |= {"migration_id": subject, "from_generation": parts[1], "to_generation": parts[2]}
-        fields["generation"] = parts[2]
-    else:
-        fields["key_ref"] = subject
-    if isinstance(details.get("rewrapped"), int):
-        fields["rewrapped"] = details["rewrapped"]
+    if len(parts) == 3 and parts[0] == "migrate":
+        return {"migration_id": subject, "from_generation": parts[1], "to_generation": parts[2]}
+    return {"key_ref": subject}
+
+
+def _audit_fields(arg: Any) -> dict[str, Any]:
+    """The ids of an audit activity's event; for a phase change also ``phase`` (the new one)
+    and ``previous_phase``. The event's other details are not copied."""
+    event = str(getattr(arg, "event", ""))
+    fields: dict[str, Any] = {"audit_event": event, **_subject_fields(str(getattr(arg, "subject", "")))}
+    details = getattr(arg, "details", None)
+    if event in PHASE_EVENTS and isinstance(details, dict):
+        fields |= {"phase": str(details.get("to", "")), "previous_phase": str(details.get("from", ""))}
+        if isinstance(details.get("rewrapped"), int):
+            fields["rewrapped"] = details["rewrapped"]
     return fields
 
 
@@ -109,9 +114,14 @@ class _Inbound(ActivityInboundInterceptor):
             "activity": info.activity_type,
             "activity_id": info.activity_id,
             "attempt": info.attempt,
-            "phase": phase_of(info.activity_type),
+            "step": step_of(info.activity_type),
             **_identifiers(input.args),
         }
+        if info.workflow_id and info.workflow_id.startswith("migrate:"):
+            # A migration's workflow id is its migration id: it names both generations.
+            fields = {k: v for k, v in _subject_fields(info.workflow_id).items() if k != "key_ref"} | fields
+        if info.activity_type == "audit" and input.args:
+            fields |= _audit_fields(input.args[0])
         started = time.monotonic()
         try:
             result = await self.next.execute_activity(input)
@@ -130,9 +140,8 @@ class _Inbound(ActivityInboundInterceptor):
             "duration_s": round(time.monotonic() - started, 3),
             **_counts(result),
         }
-        phase = _phase_event(input.args[0]) if info.activity_type == "audit" and input.args else None
-        if phase is not None:
-            log.info("phase changed to %s", phase["phase"], extra=extra | phase)
+        if "phase" in extra:
+            log.info("phase changed to %s", extra["phase"], extra=extra)
         else:
             log.info("activity %s ok", info.activity_type, extra=extra)
         return result

@@ -258,7 +258,7 @@ async def run_worker(
             "rekey worker: %s, stopping: no new tasks; running activities have %.0fs to finish",
             received[0],
             shutdown_timeout,
-            extra={"signal": received[0], "phase": "shutdown", "shutdown_timeout_s": shutdown_timeout},
+            extra={"signal": received[0], "shutdown_timeout_s": shutdown_timeout},
         )
         await worker.shutdown()
         await running
