@@ -62,7 +62,7 @@ def step_of(activity_type: str) -> str:
     return {"rewrap_batch": "rewrap", "rotate_key": "rotate", "retire_versions": "retire"}.get(name, name)
 
 
-def _identifiers(args: Sequence[Any]) -> dict[str, Any]:
+def identifiers(args: Sequence[Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for arg in args[:1]:
         for name in IDENTIFIERS:
@@ -72,7 +72,7 @@ def _identifiers(args: Sequence[Any]) -> dict[str, Any]:
     return fields
 
 
-def _counts(result: Any) -> dict[str, int]:
+def counts(result: Any) -> dict[str, int]:
     if isinstance(result, int) and not isinstance(result, bool):
         return {"result": result}
     found = {}
@@ -83,7 +83,7 @@ def _counts(result: Any) -> dict[str, int]:
     return found
 
 
-def _subject_fields(subject: str) -> dict[str, Any]:
+def subject_fields(subject: str) -> dict[str, Any]:
     """A migration id (``migrate:<from>:<to>``) names both generations; an audit event's other
     subjects are key refs."""
     parts = subject.split(":")
@@ -92,11 +92,11 @@ def _subject_fields(subject: str) -> dict[str, Any]:
     return {"key_ref": subject}
 
 
-def _audit_fields(arg: Any) -> dict[str, Any]:
+def audit_fields(arg: Any) -> dict[str, Any]:
     """The ids of an audit activity's event; for a phase change also ``phase`` (the new one)
     and ``previous_phase``. The event's other details are not copied."""
     event = str(getattr(arg, "event", ""))
-    fields: dict[str, Any] = {"audit_event": event, **_subject_fields(str(getattr(arg, "subject", "")))}
+    fields: dict[str, Any] = {"audit_event": event, **subject_fields(str(getattr(arg, "subject", "")))}
     details = getattr(arg, "details", None)
     if event in PHASE_EVENTS and isinstance(details, dict):
         fields |= {"phase": str(details.get("to", "")), "previous_phase": str(details.get("from", ""))}
@@ -115,13 +115,13 @@ class _Inbound(ActivityInboundInterceptor):
             "activity_id": info.activity_id,
             "attempt": info.attempt,
             "step": step_of(info.activity_type),
-            **_identifiers(input.args),
+            **identifiers(input.args),
         }
         if info.workflow_id and info.workflow_id.startswith("migrate:"):
             # A migration's workflow id is its migration id: it names both generations.
-            fields = {k: v for k, v in _subject_fields(info.workflow_id).items() if k != "key_ref"} | fields
+            fields = {k: v for k, v in subject_fields(info.workflow_id).items() if k != "key_ref"} | fields
         if info.activity_type == "audit" and input.args:
-            fields |= _audit_fields(input.args[0])
+            fields |= audit_fields(input.args[0])
         started = time.monotonic()
         try:
             result = await self.next.execute_activity(input)
@@ -138,7 +138,7 @@ class _Inbound(ActivityInboundInterceptor):
         extra = fields | {
             "outcome": "ok",
             "duration_s": round(time.monotonic() - started, 3),
-            **_counts(result),
+            **counts(result),
         }
         if "phase" in extra:
             log.info("phase changed to %s", extra["phase"], extra=extra)
