@@ -33,6 +33,8 @@ from temporalio.worker import (
     Interceptor,
 )
 
+from rekey.logs import event_context
+
 log = logging.getLogger("rekey.activity")
 
 IDENTIFIERS: Final = (
@@ -52,6 +54,16 @@ IDENTIFIERS: Final = (
 """Input fields copied into the event: ids, names and versions only."""
 COUNTS: Final = ("rewrapped", "conflicts", "failed", "moved", "remaining", "total", "retired")
 """Result fields (integers only) copied into the event."""
+CONTEXT: Final = (
+    "workflow_id",
+    "run_id",
+    "activity",
+    "key_ref",
+    "from_generation",
+    "to_generation",
+    "host_id",
+)
+"""What every event logged while the activity runs carries (`rekey.logs.event_context`)."""
 PHASE_EVENTS: Final = frozenset({"phase.changed", "migration.phase"})
 MIGRATION_PREFIX: Final = "migration_"
 
@@ -124,7 +136,8 @@ class _Inbound(ActivityInboundInterceptor):
             fields |= audit_fields(input.args[0])
         started = time.monotonic()
         try:
-            result = await self.next.execute_activity(input)
+            with event_context(**{k: fields[k] for k in CONTEXT if k in fields}):
+                result = await self.next.execute_activity(input)
         except BaseException as exc:
             outcome = "cancelled" if isinstance(exc, CancelledError) else "failed"
             extra = fields | {"outcome": outcome, "duration_s": round(time.monotonic() - started, 3)}

@@ -4,10 +4,12 @@
 JSON: one object per line, ``time`` (ISO 8601, UTC, milliseconds), ``level``, ``logger``,
 ``message``, then the fields the event carries, taken from ``extra=`` on the log call
 (``workflow_id``, ``run_id``, ``key_ref``, ``phase``, ``outcome``, ``activity``,
-``generation``, ``agent_id``, ...; inside an activity :mod:`rekey.activity_logs` adds them
-from ``temporalio.activity.info()``). An exception is logged as its type and the first line of
-its message (the project's exceptions are one line and secret-free), never a traceback, so an
-event stays one line and carries no source or local values.
+``generation``, ``agent_id``, ...) and from the fields of the context the event is logged in
+(:func:`event_context`: inside an activity :mod:`rekey.activity_logs` sets those of
+``temporalio.activity.info()`` and of the activity's input, so that any event logged while it
+runs, a refused attested TLS peer say, names its workflow and key). An exception is logged as
+its type and the first line of its message (the project's exceptions are one line and
+secret-free), never a traceback, so an event stays one line and carries no source or locals.
 
 The stdlib ``logging`` with a small formatter: a JSON logging library (python-json-logger,
 structlog) would bring a dependency for what is forty lines here.
@@ -23,13 +25,15 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import contextvars
 import json
 import logging
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Final, Literal, TextIO
 
 LogFormat = Literal["text", "json"]
@@ -48,8 +52,22 @@ _SECRET_NAME: Final = re.compile(
     r"(token|passw|secret|credential|authorization|cookie|\bdek\b|_dek$|^dek|plaintext|private_key|key_material)",
     re.IGNORECASE,
 )
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "rekey_log_context", default=MappingProxyType({})
+)
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def event_context(**fields: Any) -> Iterator[None]:
+    """Every event logged inside (this task or thread, and the threads it starts with its
+    context) also carries ``fields``, unless the event sets them itself."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
 
 
 def register_secret(value: str | bytes | None) -> None:
@@ -129,6 +147,8 @@ class JsonFormatter(logging.Formatter):
                     event.setdefault(_TEMPORAL_KEYS.get(str(key), str(key)), item)
                 continue
             event.setdefault(name, value)
+        for name, value in _context.get().items():
+            event.setdefault(name, _scrub_value(name, value))
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             event["error_type"] = type(exc).__name__

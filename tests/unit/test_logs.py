@@ -19,7 +19,15 @@ from click.testing import CliRunner
 
 from rekey.activity_logs import audit_fields, counts, identifiers, step_of
 from rekey.cli import agent, codec, worker
-from rekey.logs import REDACTED, JsonFormatter, Redactor, configured, json_handler, register_secret
+from rekey.logs import (
+    REDACTED,
+    JsonFormatter,
+    Redactor,
+    configured,
+    event_context,
+    json_handler,
+    register_secret,
+)
 
 
 def _emit(logger: logging.Logger, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
@@ -191,3 +199,12 @@ def test_phase_changes_and_migration_subjects() -> None:
         "HANDING_OFF",
     )
     assert "phase" not in audit_fields(_Audit("blob.moved", "vault:k", {"to": "x"}))
+
+
+def test_events_inside_an_event_context_carry_its_fields() -> None:
+    logger = logging.getLogger("rekey.test.context")
+    with event_context(workflow_id="w1", key_ref="vault:k", token="t0ps3cret"):
+        (inside,) = _emit(logger, "refused", extra={"key_ref": "own"})
+    (outside,) = _emit(logger, "later")
+    assert (inside["workflow_id"], inside["key_ref"], inside["token"]) == ("w1", "own", REDACTED)
+    assert "workflow_id" not in outside
