@@ -57,6 +57,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from attestation.ratls import RatlsIdentity, RatlsVerifier
+from rekey.logs import register_secret
 from rekey.ratls_transport import RatlsHTTPConnection
 from sealing.private_file import PrivateFileError, read_private
 
@@ -99,6 +100,7 @@ def create_tokens(state_dir: Path, callers: list[str]) -> dict[str, str]:
     for caller in dict.fromkeys([DEFAULT_CALLER, *callers]):
         path = token_path(state_dir, caller)
         token = secrets.token_urlsafe(TOKEN_BYTES)
+        register_secret(token)  # never in a log line of this process
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
@@ -120,6 +122,7 @@ def read_token(state_dir: Path, caller: str = DEFAULT_CALLER) -> str:
         raise AgentCredentialError(f"cannot read the agent token: {exc}") from None
     if not token:
         raise AgentCredentialError(f"agent token {path} is empty")
+    register_secret(token)
     return token
 
 

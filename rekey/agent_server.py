@@ -265,7 +265,10 @@ def make_handler(
         """This agent's own address as the request's ``Host`` named it (``HOST:PORT``)."""
 
         def log_message(self, format: str, *args: Any) -> None:  # request line only; bodies never logged
-            log.info("%s %s", self.address_string(), format % args)
+            extra = {"generation": api.agent.manifest.id, "client": self.address_string()}
+            if format == '"%s" %s %s' and len(args) == 3:  # a request's line, status and size
+                extra["request"], extra["status"] = str(args[0]), str(args[1])
+            log.info("%s %s", self.address_string(), format % args, extra=extra)
 
         def _reply(
             self, status: HTTPStatus, payload: dict[str, Any], headers: dict[str, str] | None = None

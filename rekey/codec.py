@@ -134,6 +134,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 from temporalio.api.common.v1 import Payload
 
+from rekey.logs import register_secret
 from sealing.private_file import PrivateFileError, read_private
 
 MAX_KEYRING_BYTES = 4 * 1024 * 1024  # a keyring of ~50,000 keys
@@ -201,6 +202,7 @@ class Keyring:
                 raise CodecError(f"codec key {key_id!r} is {len(key)} bytes, expected {KEY_BYTES}")
             if key_id_for(key) != key_id:
                 raise CodecError(f"codec key {key_id!r} does not match its id (corrupt keyring?)")
+            register_secret(key)  # never in a log line of this process
         object.__setattr__(self, "keys", dict(self.keys))
 
     @classmethod

@@ -88,6 +88,7 @@ from rekey.http_guard import (
     busy_answer,
     declared_length,
 )
+from rekey.logs import register_secret
 from sealing.private_file import PrivateFileError, read_private
 
 log = logging.getLogger(__name__)
@@ -356,6 +357,7 @@ def serve_codec(
     """
     keyring = load_or_create_codec_keys(home)
     token = new_server_token()
+    register_secret(token)
     handler = make_codec_app(
         keyring,
         token,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.migration import MigrationActivities, PeerFor
@@ -27,6 +28,7 @@ from attestation.token import ResultSigner
 from audit import AuditLog, default_actor
 from kms_adapters.contract import KmsAdapter
 from kms_adapters.release import ReleasePolicyStore
+from rekey.activity_logs import ActivityLogInterceptor
 from rekey.agent_peer import peers_from_state_dirs, registered_expectations
 from rekey.backends import (
     adapter_for,
@@ -178,6 +180,7 @@ def build_worker(
             # After shutdown() activities get this long before they are cancelled; the re-wrap
             # batch stops on the worker-shutdown notice already, at a chunk boundary.
             graceful_shutdown_timeout=timedelta(seconds=shutdown_timeout),
+            interceptors=[ActivityLogInterceptor()],  # one log event per activity outcome
             **options,
         )
 
@@ -201,10 +204,27 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def run_worker(settings: Settings, *, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+def forward_core_logs() -> None:
+    """The Temporal SDK core's log lines (warnings and up) through Python's ``logging`` (logger
+    ``temporalio.core``) instead of its own format on stderr: with ``--log-format json`` every
+    line the worker writes is then a JSON event. Replaces the process's default runtime, so it
+    must run before the first client connects."""
+    forwarding = LogForwardingConfig(logger=logging.getLogger("temporalio.core"))
+    telemetry = TelemetryConfig(
+        logging=LoggingConfig(filter=LoggingConfig.default.filter, forwarding=forwarding)
+    )
+    Runtime.set_default(Runtime(telemetry=telemetry), error_if_already_set=False)
+
+
+async def run_worker(
+    settings: Settings, *, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, log_format: str = "text"
+) -> None:
     """Poll until SIGTERM or SIGINT, then shut down gracefully: stop polling, let running
     activities finish (a re-wrap batch stops at its next chunk boundary and is retried on
-    another worker from its heartbeat) for up to ``shutdown_timeout`` seconds, then return."""
+    another worker from its heartbeat) for up to ``shutdown_timeout`` seconds, then return.
+    ``log_format`` ``json``: the SDK core's lines too go through ``logging`` (`forward_core_logs`)."""
+    if log_format == "json":
+        forward_core_logs()
     client = await connect(settings)
     await check_namespace(client)  # a rotation could not even record its phase without them
     worker = build_worker(client, settings, shutdown_timeout=shutdown_timeout)
@@ -238,6 +258,7 @@ async def run_worker(settings: Settings, *, shutdown_timeout: float = DEFAULT_SH
             "rekey worker: %s, stopping: no new tasks; running activities have %.0fs to finish",
             received[0],
             shutdown_timeout,
+            extra={"signal": received[0], "shutdown_timeout_s": shutdown_timeout},
         )
         await worker.shutdown()
         await running

@@ -29,7 +29,17 @@ from rekey.agent_auth import (
 from rekey.agent_server import ServerLimits, make_server
 from rekey.backends import agent_releaser, sim_root_cas
 from rekey.cli.context import settings, sim_host_dir, store
-from rekey.cli.output import EXIT_FAILED, CliError, emit_json, err, json_option, out, printable, table
+from rekey.cli.output import (
+    EXIT_FAILED,
+    CliError,
+    emit_json,
+    err,
+    json_option,
+    log_format_option,
+    out,
+    printable,
+    table,
+)
 from rekey.fleet import DEFAULT_REFRESH_SECONDS, FleetMembership
 from rekey.ratls_transport import RatlsUntrusted, peer_verifier, server_expectation
 from sealing.agent import EnclaveAgent
@@ -276,6 +286,7 @@ def cli() -> None:
     metavar="SECONDS",
     help="How often a registered agent refreshes its last-seen time.",
 )
+@log_format_option()
 def serve(
     manifest_path: Path,
     platform: str,

@@ -7,6 +7,7 @@ import sys
 import click
 
 from rekey.cli.context import settings
+from rekey.cli.output import log_format_option
 from rekey.codec_server import run_codec_server
 
 
@@ -18,6 +19,7 @@ from rekey.codec_server import run_codec_server
     help="Also serve POST /encode (off by default: the UI needs only /decode; "
     "`temporal workflow start --codec-endpoint` needs /encode).",
 )
+@log_format_option()
 def cli(port: int, allow_encode: bool) -> None:
     """Serve /decode (and, with --allow-encode, /encode) for the Temporal UI and CLI.
 

@@ -11,12 +11,15 @@ import json
 import re
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
 import click
+from click.decorators import FC
 from rich.console import Console
 from rich.table import Table
+
+from rekey.logs import configured
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -31,6 +34,27 @@ EXIT_INTERRUPTED: Final = 130
 
 CONTEXT: Final = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 json_option = click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+LOG_FORMAT_HELP: Final = "Logs on stderr as text, or as JSON, one event per line (rekey.logs)."
+
+
+def _configure_logs(ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    ctx.with_resource(configured(value))  # undone when the command ends
+    return value
+
+
+def log_format_option(*, configure: bool = True) -> Callable[[FC], FC]:
+    """``--log-format text|json``; with ``configure`` the logs are set up for the command's run
+    (`rekey.logs.configured`) and the value is not passed to it."""
+    return click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help=LOG_FORMAT_HELP,
+        expose_value=not configure,
+        callback=_configure_logs if configure else None,
+    )
+
 
 # Piped output is not cut to 80 columns: scripts and logs get whole key refs and paths.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
