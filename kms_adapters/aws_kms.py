@@ -43,26 +43,27 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hmac
-import json
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import boto3
 from botocore.config import Config
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from attestation.errors import AttestationError
-from attestation.nitro import NitroVerifier, cose
-from attestation.policy import Policy
+from attestation.nitro import NitroVerifier
 from kms_adapters.accounting import sdk_answered, sdk_sent
 from kms_adapters.aws_errors import AlreadyExists, is_throttle_code, map_aws_error
+from kms_adapters.aws_nitro import (
+    NitroRelease,
+    check_document,
+    recipient_parameter,
+    recipient_statement,
+    release_from_answer,
+    with_recipient_statement,
+)
 from kms_adapters.contract import (
     KeyInfo,
     KeyVersionInfo,
@@ -77,7 +78,6 @@ from kms_adapters.errors import (
     InvalidRequest,
     KmsError,
     NotFound,
-    PolicyDenied,
     Unavailable,
     VersionDisabled,
 )
@@ -117,18 +117,6 @@ _STATE_TEXT: dict[str, str] = {
     "pending_deletion": "scheduled for deletion",
     "destroyed": "destroyed",
 }
-
-
-@dataclass(frozen=True)
-class NitroRelease:
-    """What ``release_for_nitro`` returns. ``scheme`` says how ``ciphertext`` is encrypted:
-    ``kms-recipient`` — KMS honoured ``Recipient`` and returned ``CiphertextForRecipient`` (CMS
-    EnvelopedData to the RSA key in the attestation document); ``rsa-oaep`` — KMS returned
-    plaintext (moto ignores ``Recipient``) and the adapter encrypted it to that same RSA key
-    with RSAES-OAEP-SHA-256. Either way only the enclave's private key opens it."""
-
-    scheme: Literal["kms-recipient", "rsa-oaep"]
-    ciphertext: bytes
 
 
 @dataclass(frozen=True)
@@ -744,15 +732,10 @@ class AwsKmsAdapter(ReleaseGate):
 
     def _apply_recipient_statement(self, key_id: str, policy: ReleasePolicy | None) -> None:
         """Replace rekey's statement in the key's ``default`` key policy (and nothing else of it)."""
-        statement = recipient_statement(policy.policy) if policy is not None else None
-        current = json.loads(self._call("get_key_policy", KeyId=key_id, PolicyName="default")["Policy"])
-        statements = [s for s in current.get("Statement", []) if s.get("Sid") != RECIPIENT_SID]
-        if statement is not None:
-            statements.append(statement)
-        if statements == current.get("Statement", []):
-            return
-        current["Statement"] = statements
-        self._call("put_key_policy", KeyId=key_id, PolicyName="default", Policy=json.dumps(current))
+        current = self._call("get_key_policy", KeyId=key_id, PolicyName="default")["Policy"]
+        updated = with_recipient_statement(current, policy)
+        if updated is not None:
+            self._call("put_key_policy", KeyId=key_id, PolicyName="default", Policy=updated)
 
     def release_for_nitro(
         self,
@@ -763,97 +746,16 @@ class AwsKmsAdapter(ReleaseGate):
         *,
         now: datetime | None = None,
     ) -> NitroRelease:
-        """``release`` for a Nitro Enclave that sends its attestation document.
-
-        Passing the document as ``Recipient`` makes KMS encrypt the DEK to the key inside it, so
-        the gate binds that document to the attestation result before any KMS call: the result
-        passes the key's release policy with ``recipient_public_key`` as its ``cnf``; the
-        document verifies (COSE signature, chain to the pinned AWS Nitro root, valid now); it is
-        the very document the result was issued for (same evidence digest); its public key is
-        ``recipient_public_key``; and its claims (PCR0, PCRs, debug) satisfy the policy too. KMS
-        then answers ``CiphertextForRecipient`` (CMS to the document's key, ``kms-recipient``)
-        and also enforces ``recipient_statement`` in the key policy; a KMS that ignores
-        ``Recipient`` (moto) answers plaintext, which the adapter encrypts to the document's RSA
-        key with RSAES-OAEP-SHA-256 itself (``rsa-oaep``), as KMS would have."""
+        """``release`` for a Nitro Enclave that sends its attestation document: the document is
+        bound to the result before any KMS call (`kms_adapters.aws_nitro.check_document`), then
+        KMS decrypts with it as ``Recipient`` (and enforces ``recipient_statement`` itself)."""
         when = now or datetime.now(UTC)
         policy = self.release_store.get(self.key_ref)
         result = check_release(policy, attestation_result, recipient_public_key, now=when)
         assert policy is not None  # check_release refuses a key without one  # nosec B101
-        try:
-            document = self._nitro.verify(attestation_document, at=when)
-        except AttestationError as exc:
-            raise PolicyDenied([f"the attestation document does not verify: {exc}"]) from None
-        reasons = []
-        if result.claims.platform != "nitro":
-            reasons.append(f"the attestation result is for a {result.claims.platform} enclave, not Nitro")
-        if not hmac.compare_digest(document.evidence_digest, result.claims.evidence_digest):
-            reasons.append("the attestation document is not the one the attestation result was issued for")
-        if not hmac.compare_digest(document.detail("public_key") or "", recipient_public_key.hex()):
-            reasons.append("the attestation document's public key is not the recipient key")
-        if reasons:
-            raise PolicyDenied(reasons)
-        decision = policy.policy.evaluate(document, now=when, nonce_checked=result.claims.nonce is not None)
-        if not decision.allowed:
-            raise PolicyDenied(decision.reasons)
-        response = self._decrypt(
-            wrapped,
-            Recipient={
-                "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
-                "AttestationDocument": cose(attestation_document),
-            },
-        )
-        sealed = response.get("CiphertextForRecipient")
-        if isinstance(sealed, bytes | bytearray) and sealed:
-            return NitroRelease("kms-recipient", bytes(sealed))
-        plaintext = response.get("Plaintext")
-        if not isinstance(plaintext, bytes | bytearray):
-            raise Unavailable("AWS KMS returned neither CiphertextForRecipient nor plaintext")
-        try:
-            key = serialization.load_der_public_key(recipient_public_key)
-        except (ValueError, UnsupportedAlgorithm):
-            key = None
-        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
-            raise PolicyDenied(
-                ["the attestation document's public key is not an RSA key of 2048 bits or more"]
-            )
-        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-        return NitroRelease("rsa-oaep", key.encrypt(bytes(plaintext), oaep))
-
-
-RECIPIENT_SID = "RekeyNitroRecipientAttestation"
-
-
-def recipient_statement(policy: Policy) -> dict[str, Any] | None:
-    """The key-policy statement for the Nitro rules of ``policy``: deny ``kms:Decrypt`` to a
-    ``Recipient`` that no Nitro rule can admit: its image (``kms:RecipientAttestation:
-    ImageSha384``, PCR0) is none of the measurement rules' and its signing certificate
-    (``kms:RecipientAttestation:PCR8``) none of the signer rules' (IAM ANDs the two, so
-    either allowed value lets the request through to the gate). A Deny never grants anything, so
-    adding it cannot lock out the key's administrators or the worker (their decrypts carry no
-    attestation: the ``Null`` condition). None when the policy has no Nitro rule. Further PCRs
-    and details are enforced by the gate; the Allow statement for the enclave's role can pin
-    them too (``attestation.nitro.nitro_recipient_conditions``)."""
-    rules = [rule for rule in policy.rules if rule.platform == "nitro"]
-    images = sorted({m for rule in rules if rule.measurements for m in rule.measurements})
-    signers = sorted({rule.signer for rule in rules if rule.signer is not None})
-    if not rules:
-        return None
-    refused: dict[str, list[str]] = {}
-    if images:
-        refused["kms:RecipientAttestation:ImageSha384"] = images
-    if signers:
-        refused["kms:RecipientAttestation:PCR8"] = signers
-    return {
-        "Sid": RECIPIENT_SID,
-        "Effect": "Deny",
-        "Principal": {"AWS": "*"},
-        "Action": "kms:Decrypt",
-        "Resource": "*",
-        "Condition": {
-            "StringNotEqualsIgnoreCase": refused,
-            "Null": {"kms:RecipientAttestation:ImageSha384": "false"},
-        },
-    }
+        check_document(policy, result, recipient_public_key, attestation_document, self._nitro, when)
+        response = self._decrypt(wrapped, Recipient=recipient_parameter(attestation_document))
+        return release_from_answer(response, recipient_public_key)
 
 
 def _sdk_sent(**_kwargs: Any) -> None:

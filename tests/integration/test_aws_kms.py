@@ -27,7 +27,8 @@ from attestation.nitro import NitroVerifier
 from attestation.policy import parse_policy
 from attestation.token import ResultSigner
 from kms_adapters.aws_errors import map_aws_error
-from kms_adapters.aws_kms import NATIVE_NOTE, RECIPIENT_SID, AwsKmsAdapter
+from kms_adapters.aws_kms import NATIVE_NOTE, AwsKmsAdapter
+from kms_adapters.aws_nitro import RECIPIENT_SID
 from kms_adapters.contract import KmsAdapter, RotationMode
 from kms_adapters.errors import (
     AnswerLost,
